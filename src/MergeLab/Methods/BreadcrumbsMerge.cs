@@ -1,0 +1,93 @@
+using MergeLab.Stages;
+
+namespace MergeLab.Methods;
+
+/// <summary>Options of <see cref="BreadcrumbsMerge"/>.</summary>
+public sealed record BreadcrumbsOptions
+{
+    private readonly double _density = 0.2;
+    private readonly double _gamma = 0.1;
+    private readonly double _lambda = 1.0;
+
+    /// <summary>Per row (<see cref="BreadcrumbsVariant.Paper"/>, default) or per tensor (mergekit).</summary>
+    public BreadcrumbsVariant Variant { get; init; } = BreadcrumbsVariant.Paper;
+
+    /// <summary>β (paper) / <c>density</c> (mergekit): the fraction kept, in [0, 1]. Default 0.2, the
+    /// reference README's example.</summary>
+    public double Density
+    {
+        get => _density;
+        init
+        {
+            MergeLab.Options.RequireInRange(value, nameof(Density), 0, 1);
+            _density = value;
+        }
+    }
+
+    /// <summary>γ: the fraction of largest magnitudes removed, in [0, 1]. Default 0.1, the reference
+    /// README's example (mergekit's default is 0.01). 0 removes nothing.</summary>
+    public double Gamma
+    {
+        get => _gamma;
+        init
+        {
+            MergeLab.Options.RequireInRange(value, nameof(Gamma), 0, 1);
+            _gamma = value;
+        }
+    }
+
+    /// <summary>Per-expert (density, gamma) pairs overriding the shared ones; null (default) uses them.</summary>
+    public IReadOnlyList<(double Density, double Gamma)>? PerExpert { get; init; }
+
+    /// <summary>Linear (default; mergekit <c>breadcrumbs</c>) or TIES consensus (<c>breadcrumbs_ties</c>).</summary>
+    public Combination Combination { get; init; } = Combination.Linear;
+
+    /// <summary>For the TIES combination: whose consensus. Default <see cref="TiesPreset.Mergekit"/>.</summary>
+    public TiesPreset ConsensusPreset { get; init; } = TiesPreset.Mergekit;
+
+    /// <summary>The aggregation; null (default) is <see cref="Aggregation.Sum"/> for the linear
+    /// combination (the paper's sum) and for mergekit's consensus (its <c>normalize: false</c> default),
+    /// and the preset's aggregation for the Paper and PEFT consensus.</summary>
+    public Aggregation? Aggregation { get; init; }
+
+    /// <summary>Per-expert weights; null (default) means 1 each.</summary>
+    public IReadOnlyList<double>? Weights { get; init; }
+
+    /// <summary>λ (the paper's α). Default 1; the paper tunes it (0.2–0.4 typical for many tasks).</summary>
+    public double Lambda
+    {
+        get => _lambda;
+        init
+        {
+            MergeLab.Options.RequireFinite(value, nameof(Lambda));
+            _lambda = value;
+        }
+    }
+}
+
+/// <summary>
+/// Model Breadcrumbs (Davari &amp; Belilovsky, 2024, "Model Breadcrumbs: Scaling Multi-Task Model
+/// Merging with Sparse Masks"): per layer, mask out the largest-magnitude outliers (top γ) and the
+/// smallest perturbations, keeping a β fraction, then combine. See <see cref="BreadcrumbsVariant"/>.
+/// </summary>
+public sealed class BreadcrumbsMerge : PipelineMerge
+{
+    /// <summary>Creates the method; default options are the paper's per-row mask with β = 0.2, γ = 0.1.</summary>
+    public BreadcrumbsMerge(BreadcrumbsOptions? options = null)
+        : base((options ?? new BreadcrumbsOptions()).Combination == Combination.Ties ? "breadcrumbs_ties" : "breadcrumbs",
+            Build(options ?? new BreadcrumbsOptions()))
+    {
+        Options = options ?? new BreadcrumbsOptions();
+    }
+
+    /// <summary>The options this method was created with.</summary>
+    public BreadcrumbsOptions Options { get; }
+
+    private static TaskVectorPipeline Build(BreadcrumbsOptions o)
+    {
+        var pairs = o.PerExpert ?? [(o.Density, o.Gamma)];
+        var sparsifiers = pairs.Select(p => (Sparsifier)new BreadcrumbsMask(p.Density, p.Gamma, o.Variant)).ToArray();
+        return DareMerge.Combine(sparsifiers, o.Combination, o.ConsensusPreset,
+            o.Aggregation, o.Weights, o.Lambda);
+    }
+}

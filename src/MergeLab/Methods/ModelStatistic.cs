@@ -1,0 +1,31 @@
+namespace MergeLab.Methods;
+
+/// <summary>
+/// A statistic over the whole model that a method needs before it can merge any tensor, such as the
+/// global top-k magnitude threshold of the TIES paper. It is computed by one or more passes over all
+/// tensor groups, streaming: the driver (the in-memory <see cref="MergeMethod.Merge"/> or the
+/// checkpoint engine) calls <see cref="Observe"/> for every group, then <see cref="EndPass"/>, and
+/// repeats while <see cref="IsComplete"/> is false. Each pass holds only a bounded summary (a
+/// histogram, counters), never the tensors themselves.
+/// </summary>
+public abstract class ModelStatistic
+{
+    /// <summary>True when no further pass is needed.</summary>
+    public abstract bool IsComplete { get; }
+
+    /// <summary>Number of passes completed so far.</summary>
+    public int PassesDone { get; private set; }
+
+    /// <summary>Accumulates one tensor group into the current pass.</summary>
+    public abstract void Observe(TensorGroup group);
+
+    /// <summary>Finishes the current pass (all groups observed).</summary>
+    public void EndPass()
+    {
+        CompletePass();
+        PassesDone++;
+    }
+
+    /// <summary>Derives what the pass found; may start a further pass.</summary>
+    protected abstract void CompletePass();
+}

@@ -1,0 +1,244 @@
+using MergeLab.Selection;
+using MergeLab.Stages;
+using static TorchSharp.torch;
+
+namespace MergeLab.Methods;
+
+/// <summary>Options of <see cref="PcbMerge"/>.</summary>
+public sealed record PcbOptions
+{
+    private readonly double _ratio = 0.1;
+    private readonly double _clampLow = 1e-4;
+    private readonly double _clampHigh = 1e-4;
+    private readonly double _lambda = 1.0;
+
+    /// <summary>The fraction of each task's parameters kept by score, in (0, 1]. Default 0.1 (the
+    /// reference's <c>pcb_ratio</c>).</summary>
+    public double Ratio
+    {
+        get => _ratio;
+        init
+        {
+            MergeLab.Options.RequireInRange(value, nameof(Ratio), 0, 1, minInclusive: false);
+            _ratio = value;
+        }
+    }
+
+    /// <summary>The low quantile |τ| is clamped to, in [0, 0.5). Default 1e-4 (the reference's main file;
+    /// its NLP and vision scripts use 0.01).</summary>
+    public double ClampLow
+    {
+        get => _clampLow;
+        init
+        {
+            MergeLab.Options.RequireInRange(value, nameof(ClampLow), 0, 0.5, maxInclusive: false);
+            _clampLow = value;
+        }
+    }
+
+    /// <summary>The fraction above the high quantile |τ| is clamped to, in [0, 0.5). Default 1e-4.</summary>
+    public double ClampHigh
+    {
+        get => _clampHigh;
+        init
+        {
+            MergeLab.Options.RequireInRange(value, nameof(ClampHigh), 0, 0.5, maxInclusive: false);
+            _clampHigh = value;
+        }
+    }
+
+    /// <summary>λ: θ = θ_base + λ·merged. Default 1 (the reference sweeps it on validation data).</summary>
+    public double Lambda
+    {
+        get => _lambda;
+        init
+        {
+            MergeLab.Options.RequireFinite(value, nameof(Lambda));
+            _lambda = value;
+        }
+    }
+
+    /// <summary>Whether quantiles and score thresholds are taken per tensor or over the whole model
+    /// (the reference, default).</summary>
+    public SelectionScope Scope { get; init; } = SelectionScope.WholeModel;
+}
+
+/// <summary>
+/// PCB-Merging (Du et al., 2024, "Parameter Competition Balancing for Model Merging"), following the
+/// authors' <c>pcb-merging.py</c> (<c>PCB_merge</c>, <c>normalize</c>, <c>clamp</c>). With n tasks and
+/// each task's d entries as one row:
+/// <list type="number">
+/// <item>|τ̂_i| = |τ_i| clamped to its sorted entries at ⌊d·low⌋ and ⌊d·(1 − high) − 1⌋; τ̂_i = sign(τ_i)·|τ̂_i|;</item>
+/// <item>intra-balancing: exp(n·minmax(|τ̂_i|)²); inter-balancing: tanh(τ_i ⊙ Σ_j τ_j);</item>
+/// <item>score s_i = intra ⊙ inter, clamped below at its sorted entry ⌊d·(1 − ratio)⌋ and min-max
+/// rescaled, so about the top <c>ratio</c> keep a weight in (0, 1] and the rest 0;</item>
+/// <item>merged = Σ_i τ̂_i·s_i / max(Σ_i s_i, 1e-12); θ = θ_base + λ·merged.</item>
+/// </list>
+/// A constant row, where the reference divides 0 by 0, min-max rescales to 0 instead of NaN.
+/// </summary>
+public sealed class PcbMerge : MergeMethod
+{
+    /// <summary>Creates the method; default options are the reference's (ratio 0.1, clamp 1e-4, whole model).</summary>
+    public PcbMerge(PcbOptions? options = null) => Options = options ?? new PcbOptions();
+
+    /// <summary>The options this method was created with.</summary>
+    public PcbOptions Options { get; }
+
+    /// <inheritdoc />
+    public override string Name => "pcb";
+
+    /// <inheritdoc />
+    public override ModelStatistic? CreateStatistic(int expertCount) =>
+        Options.Scope == SelectionScope.WholeModel ? new PcbStatistic(this, expertCount) : null;
+
+    /// <inheritdoc />
+    protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic)
+    {
+        var x = group.StackedTaskVectors().view(group.ExpertCount, -1);
+        Tensor low, high, threshold, top;
+        if (Options.Scope == SelectionScope.WholeModel)
+        {
+            var whole = statistic as PcbStatistic ?? throw new MergeException(group.Name,
+                "PCB with whole-model scope needs its statistic: merge whole state dicts with Merge or the checkpoint engine, or use SelectionScope.PerTensor.");
+            (low, high, threshold, top) = whole.Bounds(x.device);
+        }
+        else
+        {
+            long d = x.shape[1];
+            var magnitudes = x.abs();
+            low = magnitudes.kthvalue(LowRank(d), 1, true).values;
+            high = magnitudes.kthvalue(HighRank(d), 1, true).values;
+            var score = Score(x, low, high);
+            threshold = score.kthvalue(ThresholdRank(d), 1, true).values;
+            top = score.amax([1], keepdim: true);
+        }
+
+        var clamped = x.sign() * x.abs().clamp(low, high);
+        var s = MinMax(Score(x, low, high).clamp(threshold, top), threshold, top);
+        var merged = (clamped * s).sum(0).div_(s.sum(0).clamp_min(1e-12));
+        if (Options.Lambda != 1.0)
+        {
+            merged.mul_(Options.Lambda);
+        }
+
+        using var base32 = group.Base!.to(ScalarType.Float32);
+        return base32 + merged.view(group.Base.shape);
+    }
+
+    /// <summary>intra ⊙ inter for rows x [n, d] given each row's clamp bounds [n, 1].</summary>
+    internal static Tensor Score(Tensor x, Tensor low, Tensor high)
+    {
+        long n = x.shape[0];
+        var clampedAbs = x.abs().clamp(low, high);
+        var intra = MinMax(clampedAbs, low, high).pow_(2).mul_(n).exp_();
+        var inter = (x * x.sum(0, keepdim: true)).tanh_();
+        return intra.mul_(inter);
+    }
+
+    /// <summary>(x − min)/(max − min) with the row's known min and max; a constant row gives 0.</summary>
+    private static Tensor MinMax(Tensor x, Tensor min, Tensor max)
+    {
+        var range = max - min;
+        var safe = where(range.eq(0), ones_like(range), range);
+        return (x - min).div_(safe).masked_fill_(range.eq(0).expand_as(x), 0);
+    }
+
+    // The reference's indices into an ascending sort (Python int() truncates toward zero), as 1-based ranks.
+    internal long LowRank(long d) => (long)(d * Options.ClampLow) + 1;
+
+    internal long HighRank(long d) => Math.Max((long)(d * (1 - Options.ClampHigh) - 1), 0) + 1;
+
+    internal long ThresholdRank(long d) => Math.Min((long)(d * (1 - Options.Ratio)), d - 1) + 1;
+}
+
+/// <summary>
+/// The whole-model bounds of <see cref="PcbMerge"/> in four streaming passes: the clamp quantiles of
+/// each task's |τ| (two radix passes), then each task's score threshold and maximum (two more, over the
+/// signed scores, which depend on the first two).
+/// </summary>
+internal sealed class PcbStatistic(PcbMerge method, int expertCount) : ModelStatistic
+{
+    private readonly RadixSelect[] _magnitudes = NewSelects(expertCount, signed: false);
+    private readonly RadixSelect[] _scores = NewSelects(expertCount, signed: true);
+    private float[] _low = [], _high = [], _threshold = [], _top = [];
+    private long _entries;
+    private int _pass;
+
+    public override bool IsComplete => _pass == 4;
+
+    /// <summary>Each task's (low, high, threshold, top) as [n, 1] tensors on <paramref name="device"/>.</summary>
+    public (Tensor Low, Tensor High, Tensor Threshold, Tensor Top) Bounds(Device device) =>
+        (Column(_low, device), Column(_high, device), Column(_threshold, device), Column(_top, device));
+
+    public override void Observe(TensorGroup group)
+    {
+        if (!group.Reference.is_floating_point())
+        {
+            return;
+        }
+
+        using var scope = NewDisposeScope();
+        var x = group.StackedTaskVectors().view(group.ExpertCount, -1);
+        if (_pass == 0)
+        {
+            _entries += x.shape[1];
+        }
+
+        var source = _pass < 2 ? x : PcbMerge.Score(x, Column(_low, x.device), Column(_high, x.device));
+        var selects = _pass < 2 ? _magnitudes : _scores;
+        for (int i = 0; i < selects.Length; i++)
+        {
+            if (_pass % 2 == 0)
+            {
+                selects[i].ObserveCoarse(source[i]);
+            }
+            else
+            {
+                selects[i].ObserveFine(source[i]);
+            }
+        }
+    }
+
+    protected override void CompletePass()
+    {
+        if (_entries == 0)
+        {
+            throw new MergeException("PCB found no floating-point tensors to merge.");
+        }
+
+        long d = _entries;
+        switch (_pass)
+        {
+            case 0:
+                foreach (var s in _magnitudes)
+                {
+                    s.EndCoarse([method.LowRank(d), method.HighRank(d)]);
+                }
+
+                break;
+            case 1:
+                var bounds = _magnitudes.Select(s => s.EndFine()).ToArray();
+                (_low, _high) = (bounds.Select(b => b[0]).ToArray(), bounds.Select(b => b[1]).ToArray());
+                break;
+            case 2:
+                foreach (var s in _scores)
+                {
+                    s.EndCoarse([method.ThresholdRank(d), d]);
+                }
+
+                break;
+            case 3:
+                var scores = _scores.Select(s => s.EndFine()).ToArray();
+                (_threshold, _top) = (scores.Select(b => b[0]).ToArray(), scores.Select(b => b[1]).ToArray());
+                break;
+        }
+
+        _pass++;
+    }
+
+    private static RadixSelect[] NewSelects(int n, bool signed) =>
+        Enumerable.Range(0, n).Select(_ => new RadixSelect(signed)).ToArray();
+
+    private static Tensor Column(float[] values, Device device) =>
+        tensor(values, ScalarType.Float32, device).view(-1, 1);
+}

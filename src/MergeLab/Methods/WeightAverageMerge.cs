@@ -1,0 +1,59 @@
+using static TorchSharp.torch;
+
+namespace MergeLab.Methods;
+
+/// <summary>Options of <see cref="WeightAverageMerge"/>.</summary>
+public sealed record WeightAverageOptions
+{
+    /// <summary>Per-expert weights w_k; null (default) means 1 each (a plain mean).</summary>
+    public IReadOnlyList<double>? Weights { get; init; }
+
+    /// <summary>Divide by Σ w_k (mergekit <c>linear</c>'s <c>normalize</c>). Default true.</summary>
+    public bool Normalize { get; init; } = true;
+}
+
+/// <summary>
+/// Weight averaging ("model soups", Wortsman et al., 2022; mergekit <c>linear</c>):
+/// θ = Σ_k w_k·θ_k / Σ_k w_k (no division when <see cref="WeightAverageOptions.Normalize"/> is off).
+/// Needs no base model; with a base it equals task arithmetic with λ = 1/N.
+/// </summary>
+public sealed class WeightAverageMerge : MergeMethod
+{
+    /// <summary>Creates the method; default options give the plain mean of the experts.</summary>
+    /// <exception cref="ArgumentException">A weight is not finite, or the weights sum to 0 with
+    /// normalization on.</exception>
+    public WeightAverageMerge(WeightAverageOptions? options = null)
+    {
+        Options = options ?? new WeightAverageOptions();
+        if (Options.Weights is { } w)
+        {
+            var checkedWeights = MergeLab.Options.Weights(w, w.Count);
+            if (Options.Normalize && checkedWeights.Sum() == 0)
+            {
+                throw new ArgumentException("The weights sum to 0, so they cannot be normalized.", nameof(options));
+            }
+        }
+    }
+
+    /// <summary>The options this method was created with.</summary>
+    public WeightAverageOptions Options { get; }
+
+    /// <inheritdoc />
+    public override string Name => "linear";
+
+    /// <inheritdoc />
+    public override bool RequiresBase => false;
+
+    /// <inheritdoc />
+    protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic)
+    {
+        var w = MergeLab.Options.Weights(Options.Weights, group.ExpertCount);
+        var sum = group.Experts[0].to(ScalarType.Float32).mul(w[0]);
+        for (int k = 1; k < w.Length; k++)
+        {
+            sum.add_(group.Experts[k].to(ScalarType.Float32), alpha: w[k]);
+        }
+
+        return Options.Normalize ? sum.div_(w.Sum()) : sum;
+    }
+}

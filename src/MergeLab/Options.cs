@@ -1,0 +1,51 @@
+using System.Globalization;
+
+namespace MergeLab;
+
+/// <summary>Validation helpers shared by the option records: every check names the option and the value.</summary>
+internal static class Options
+{
+    public static void RequireFinite(double value, string name)
+    {
+        if (!double.IsFinite(value))
+        {
+            throw new ArgumentOutOfRangeException(name, value, $"{name} must be a finite number, but was {Format(value)}.");
+        }
+    }
+
+    /// <summary>Requires <paramref name="value"/> in [min, max] (or (min, max] etc. per the flags); NaN fails.</summary>
+    public static void RequireInRange(double value, string name, double min, double max, bool minInclusive = true, bool maxInclusive = true)
+    {
+        bool ok = !double.IsNaN(value)
+            && (minInclusive ? value >= min : value > min)
+            && (maxInclusive ? value <= max : value < max);
+        if (!ok)
+        {
+            string range = $"{(minInclusive ? '[' : '(')}{Format(min)}, {Format(max)}{(maxInclusive ? ']' : ')')}";
+            throw new ArgumentOutOfRangeException(name, value, $"{name} must be in {range}, but was {Format(value)}.");
+        }
+    }
+
+    /// <summary>Validates per-expert weights and returns them as an array (all 1 when null).</summary>
+    public static double[] Weights(IReadOnlyList<double>? weights, int expertCount, string name = "Weights")
+    {
+        if (weights is null)
+        {
+            return Enumerable.Repeat(1.0, expertCount).ToArray();
+        }
+
+        if (weights.Count != expertCount)
+        {
+            throw new ArgumentException($"{name} has {weights.Count} values but there are {expertCount} experts.", name);
+        }
+
+        for (int k = 0; k < weights.Count; k++)
+        {
+            RequireFinite(weights[k], $"{name}[{k}]");
+        }
+
+        return weights.ToArray();
+    }
+
+    private static string Format(double v) => v.ToString("R", CultureInfo.InvariantCulture);
+}

@@ -1,0 +1,290 @@
+using MergeLab.Selection;
+using static TorchSharp.torch;
+
+namespace MergeLab.Stages;
+
+/// <summary>Where a magnitude threshold is computed.</summary>
+public enum SelectionScope
+{
+    /// <summary>Each tensor on its own (mergekit, PEFT).</summary>
+    PerTensor,
+
+    /// <summary>Over the whole model, every tensor of one expert flattened together (the TIES and PCB
+    /// authors' code). A streaming merge makes extra passes to compute it.</summary>
+    WholeModel,
+}
+
+/// <summary>How a sparsifier rescales the entries it keeps.</summary>
+public enum RescaleNorm
+{
+    /// <summary>Kept entries are left as they are.</summary>
+    None,
+
+    /// <summary>Kept entries are divided by the keep probability 1 − p (the DARE paper, PEFT).</summary>
+    InverseKeepProbability,
+
+    /// <summary>Kept entries are multiplied by ‖τ‖₁ / ‖masked τ‖₁ so the tensor keeps its L1 norm
+    /// (mergekit's <c>rescale</c>); left unscaled when either norm is below 1e-7.</summary>
+    L1,
+}
+
+/// <summary>What a sparsifier is told about the tensor it works on.</summary>
+/// <param name="TensorName">The parameter name.</param>
+/// <param name="ExpertIndex">Which expert's task vector this is (0-based).</param>
+/// <param name="WholeModelThreshold">For whole-model scope: the expert's global magnitude threshold,
+/// or null when everything is kept.</param>
+public readonly record struct SparsifyContext(string TensorName, int ExpertIndex, float? WholeModelThreshold = null);
+
+/// <summary>
+/// The first stage of the task-vector pipeline: zeroes some entries of one expert's task vector τ_k
+/// (before weighting). Implementations are immutable records whose options are validated on creation.
+/// </summary>
+public abstract record Sparsifier
+{
+    /// <summary>Whether the sparsifier needs a whole-model threshold before any tensor is merged.</summary>
+    public virtual bool NeedsWholeModelThreshold => false;
+
+    /// <summary>Returns the sparsified task vector as a new float32 tensor on τ's device.</summary>
+    /// <param name="taskVector">τ_k in float32; not modified.</param>
+    /// <param name="context">The tensor name, expert index and any whole-model threshold.</param>
+    public abstract Tensor Apply(Tensor taskVector, SparsifyContext context);
+
+    /// <summary>Scales the masked tensor by ‖τ‖₁ / ‖masked‖₁ (mergekit's <c>rescaled_masked_tensor</c>).</summary>
+    private protected static Tensor Rescale(Tensor taskVector, Tensor mask, RescaleNorm norm, double keepProbability = 1)
+    {
+        var masked = taskVector * mask;
+        switch (norm)
+        {
+            case RescaleNorm.InverseKeepProbability:
+                return masked.div_(keepProbability);
+            case RescaleNorm.L1:
+                double before = taskVector.abs().sum().item<float>();
+                double after = masked.abs().sum().item<float>();
+                return before < 1e-7 || after < 1e-7 ? masked : masked.mul_(before / after);
+            default:
+                return masked;
+        }
+    }
+
+    /// <summary>⌊n·fraction⌋ computed in double as Python's <c>int(n * fraction)</c> does.</summary>
+    private protected static long FloorCount(long n, double fraction) => (long)Math.Floor(n * fraction);
+}
+
+/// <summary>
+/// Keeps exactly ⌊density·n⌋ entries of largest |τ| per tensor (mergekit's and PEFT's
+/// <c>magnitude</c> pruning); ties at the boundary go to the lowest flat positions. Density 1 keeps
+/// everything; a density giving zero entries zeroes the tensor (mergekit asserts there instead).
+/// </summary>
+public sealed record TopKMagnitude : Sparsifier
+{
+    /// <summary>Creates the sparsifier.</summary>
+    /// <param name="density">Fraction of entries kept, in [0, 1].</param>
+    /// <param name="rescale">How kept entries are rescaled; default none.</param>
+    public TopKMagnitude(double density, RescaleNorm rescale = RescaleNorm.None)
+    {
+        Options.RequireInRange(density, nameof(density), 0, 1);
+        if (rescale == RescaleNorm.InverseKeepProbability)
+        {
+            throw new ArgumentOutOfRangeException(nameof(rescale), "Magnitude pruning has no keep probability; use None or L1.");
+        }
+
+        Density = density;
+        RescaleNorm = rescale;
+    }
+
+    /// <summary>Fraction of entries kept, in [0, 1].</summary>
+    public double Density { get; }
+
+    /// <summary>How kept entries are rescaled.</summary>
+    public RescaleNorm RescaleNorm { get; }
+
+    /// <inheritdoc />
+    public override Tensor Apply(Tensor taskVector, SparsifyContext context)
+    {
+        if (Density >= 1)
+        {
+            return taskVector.clone();
+        }
+
+        using var scope = NewDisposeScope();
+        using var magnitudes = taskVector.abs();
+        var mask = MagnitudeThreshold.TopKMask(magnitudes, FloorCount(taskVector.numel(), Density));
+        return Rescale(taskVector, mask, RescaleNorm).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>
+/// The TIES authors' trim (<c>topk_values_mask</c>): with n entries and k = n − ⌊n·density⌋, keeps every
+/// entry with |τ| ≥ the k-th smallest |τ|, so ⌊n·density⌋ + 1 entries plus any ties are kept. With
+/// k = 0 (density 1) everything is kept, where the authors' code fails. The threshold is per tensor
+/// or over the whole model (the authors' default).
+/// </summary>
+public sealed record KthMagnitudeThreshold : Sparsifier
+{
+    /// <summary>Creates the sparsifier.</summary>
+    /// <param name="density">Fraction of entries kept, in [0, 1].</param>
+    /// <param name="scope">Per tensor, or over the whole model.</param>
+    public KthMagnitudeThreshold(double density, SelectionScope scope)
+    {
+        Options.RequireInRange(density, nameof(density), 0, 1);
+        Density = density;
+        Scope = scope;
+    }
+
+    /// <summary>Fraction of entries kept, in [0, 1].</summary>
+    public double Density { get; }
+
+    /// <summary>Where the threshold is computed.</summary>
+    public SelectionScope Scope { get; }
+
+    /// <inheritdoc />
+    public override bool NeedsWholeModelThreshold => Scope == SelectionScope.WholeModel;
+
+    /// <summary>The 1-based rank k = n − ⌊n·density⌋ of the threshold among n magnitudes; 0 keeps all.</summary>
+    internal long ThresholdRank(long n) => n - FloorCount(n, Density);
+
+    /// <inheritdoc />
+    public override Tensor Apply(Tensor taskVector, SparsifyContext context)
+    {
+        using var scope = NewDisposeScope();
+        float? threshold;
+        if (Scope == SelectionScope.WholeModel)
+        {
+            threshold = context.WholeModelThreshold;
+        }
+        else
+        {
+            long k = ThresholdRank(taskVector.numel());
+            threshold = k == 0 ? null : MagnitudeThreshold.KthSmallest(taskVector.abs(), k);
+        }
+
+        if (threshold is null)
+        {
+            return taskVector.clone().MoveToOuterDisposeScope();
+        }
+        var keep = taskVector.abs().ge(threshold.Value);
+        return (taskVector * keep).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>
+/// DARE (Yu et al., 2024, "Language Models are Super Mario"): drops each entry with probability
+/// <see cref="DropRate"/> and rescales the survivors. The mask comes from a generator seeded by
+/// (seed, tensor name, expert index), so the result does not depend on the order tensors are merged
+/// in, on streaming, or on the thread count.
+/// </summary>
+public sealed record RandomDrop : Sparsifier
+{
+    /// <summary>Creates the sparsifier.</summary>
+    /// <param name="dropRate">p, the probability of dropping an entry, in [0, 1).</param>
+    /// <param name="rescale">1/(1−p) (the paper, default), L1 (mergekit), or none.</param>
+    /// <param name="seed">The random seed.</param>
+    public RandomDrop(double dropRate, RescaleNorm rescale = RescaleNorm.InverseKeepProbability, long seed = 0)
+    {
+        Options.RequireInRange(dropRate, nameof(dropRate), 0, 1, maxInclusive: false);
+        DropRate = dropRate;
+        RescaleNorm = rescale;
+        Seed = seed;
+    }
+
+    /// <summary>p, the probability of dropping an entry, in [0, 1).</summary>
+    public double DropRate { get; }
+
+    /// <summary>How survivors are rescaled.</summary>
+    public RescaleNorm RescaleNorm { get; }
+
+    /// <summary>The random seed.</summary>
+    public long Seed { get; }
+
+    /// <inheritdoc />
+    public override Tensor Apply(Tensor taskVector, SparsifyContext context)
+    {
+        if (DropRate == 0)
+        {
+            return taskVector.clone();
+        }
+
+        using var scope = NewDisposeScope();
+        var keep = DropMask.Keep(taskVector, DropRate, DropMask.StreamSeed(Seed, context.TensorName, context.ExpertIndex));
+        return Rescale(taskVector, keep, RescaleNorm, 1 - DropRate).MoveToOuterDisposeScope();
+    }
+}
+
+/// <summary>Which reference the Breadcrumbs mask follows.</summary>
+public enum BreadcrumbsVariant
+{
+    /// <summary>The authors' code: per row (last dimension) of width c, remove the ⌊c·γ⌋ largest
+    /// |τ|, then keep the next ⌊c·β⌋ largest. β = 0 keeps nothing; 0-d tensors are unchanged.</summary>
+    Paper,
+
+    /// <summary>mergekit's <c>magnitude_outliers</c>: per tensor of n entries, remove the ⌊n·γ⌋
+    /// largest, keep the next ⌊n·density⌋ (fewer removed when both do not fit); density 1 keeps all.
+    /// Unlike mergekit, γ = 0 removes nothing instead of zeroing the tensor.</summary>
+    Mergekit,
+}
+
+/// <summary>
+/// Model Breadcrumbs (Davari &amp; Belilovsky, 2024): masks out the largest-magnitude outliers and the
+/// smallest perturbations of each task vector. Ties at a boundary are broken by position.
+/// </summary>
+public sealed record BreadcrumbsMask : Sparsifier
+{
+    /// <summary>Creates the sparsifier.</summary>
+    /// <param name="density">β: the fraction kept, in [0, 1].</param>
+    /// <param name="gamma">γ: the fraction of largest magnitudes removed, in [0, 1].</param>
+    /// <param name="variant">Per row (paper) or per tensor (mergekit).</param>
+    public BreadcrumbsMask(double density, double gamma, BreadcrumbsVariant variant = BreadcrumbsVariant.Paper)
+    {
+        Options.RequireInRange(density, nameof(density), 0, 1);
+        Options.RequireInRange(gamma, nameof(gamma), 0, 1);
+        Density = density;
+        Gamma = gamma;
+        Variant = variant;
+    }
+
+    /// <summary>β: the fraction kept.</summary>
+    public double Density { get; }
+
+    /// <summary>γ: the fraction of largest magnitudes removed.</summary>
+    public double Gamma { get; }
+
+    /// <summary>Per row (paper) or per tensor (mergekit).</summary>
+    public BreadcrumbsVariant Variant { get; }
+
+    /// <inheritdoc />
+    public override Tensor Apply(Tensor taskVector, SparsifyContext context)
+    {
+        using var scope = NewDisposeScope();
+        long low, high;
+        Tensor magnitudes;
+        if (Variant == BreadcrumbsVariant.Paper)
+        {
+            if (taskVector.dim() == 0)
+            {
+                return taskVector.clone().MoveToOuterDisposeScope();
+            }
+
+            long c = taskVector.shape[^1];
+            high = c - FloorCount(c, Gamma);
+            low = Math.Max(0, high - FloorCount(c, Density));
+            magnitudes = taskVector.abs();
+        }
+        else
+        {
+            if (Density >= 1)
+            {
+                return taskVector.clone().MoveToOuterDisposeScope();
+            }
+
+            long n = taskVector.numel();
+            long target = FloorCount(n, Density);
+            long top = Math.Min(FloorCount(n, Gamma), n - target);
+            high = n - top;
+            low = high - target;
+            magnitudes = taskVector.abs().flatten();
+        }
+
+        var mask = MagnitudeThreshold.RankWindowMask(magnitudes, low, high).view(taskVector.shape);
+        return (taskVector * mask).MoveToOuterDisposeScope();
+    }
+}

@@ -1,0 +1,52 @@
+namespace MergeLab.Tensors;
+
+/// <summary>Compatibility checks between the state dicts of a merge, run before any work starts.</summary>
+internal static class StateDictChecks
+{
+    /// <summary>
+    /// Checks that every expert has exactly the reference's tensor names, with equal shapes, and
+    /// returns the names in the reference's order. The reference is the base when given, otherwise
+    /// the first expert.
+    /// </summary>
+    public static IReadOnlyList<string> CheckCompatible(StateDict? baseModel, IReadOnlyList<StateDict> experts, bool requiresBase)
+    {
+        ArgumentNullException.ThrowIfNull(experts);
+        if (experts.Count == 0)
+        {
+            throw new MergeException("The expert list is empty; a merge needs at least one expert model.");
+        }
+
+        if (requiresBase && baseModel is null)
+        {
+            throw new MergeException("This method needs a base (pretrained) model, and none was given.");
+        }
+
+        var reference = baseModel ?? experts[0];
+        string referenceLabel = baseModel is null ? "expert 0" : "the base model";
+        for (int k = 0; k < experts.Count; k++)
+        {
+            var expert = experts[k] ?? throw new MergeException($"Expert {k} is null.");
+            foreach (var (name, tensor) in reference)
+            {
+                if (!expert.TryGetValue(name, out var other))
+                {
+                    throw new MergeException(name, $"expert {k} has no tensor of this name, which {referenceLabel} has.");
+                }
+
+                if (!other.shape.SequenceEqual(tensor.shape))
+                {
+                    throw new MergeException(name,
+                        $"expert {k} has shape [{string.Join(", ", other.shape)}] but {referenceLabel} has [{string.Join(", ", tensor.shape)}].");
+                }
+            }
+
+            if (expert.Count != reference.Count)
+            {
+                var extra = expert.Names.First(n => !reference.ContainsKey(n));
+                throw new MergeException(extra, $"expert {k} has this tensor but {referenceLabel} does not.");
+            }
+        }
+
+        return reference.Names;
+    }
+}

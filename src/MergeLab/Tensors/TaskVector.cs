@@ -1,0 +1,163 @@
+using static TorchSharp.torch;
+
+namespace MergeLab.Tensors;
+
+/// <summary>
+/// A task vector τ = θ_expert − θ_base: the per-tensor difference a fine-tune made to its pretrained
+/// model, stored in float32. Task vectors add, scale, combine and apply back onto a base
+/// (Ilharco et al., "Editing Models with Task Arithmetic", 2023).
+/// </summary>
+/// <remarks>Owns its tensors; dispose it. Operations return new task vectors and never modify their
+/// operands. Not thread-safe for concurrent disposal; concurrent reads are safe.</remarks>
+public sealed class TaskVector : IDisposable
+{
+    private TaskVector(StateDict deltas) => Deltas = deltas;
+
+    /// <summary>The per-tensor deltas (float32), in the base model's name order.</summary>
+    public StateDict Deltas { get; }
+
+    /// <summary>The tensor names.</summary>
+    public IReadOnlyList<string> Names => Deltas.Names;
+
+    /// <summary>The delta of the tensor named <paramref name="name"/>.</summary>
+    public Tensor this[string name] => Deltas[name];
+
+    /// <summary>Wraps existing deltas as a task vector and takes ownership of them.</summary>
+    public static TaskVector FromDeltas(StateDict deltas)
+    {
+        ArgumentNullException.ThrowIfNull(deltas);
+        return new TaskVector(deltas);
+    }
+
+    /// <summary>τ = <paramref name="expert"/> − <paramref name="baseModel"/>, per tensor, in float32.
+    /// Integer and boolean tensors (buffers) are skipped.</summary>
+    /// <exception cref="MergeException">A name is missing on one side or the shapes differ; the message
+    /// names the tensor.</exception>
+    public static TaskVector Between(StateDict expert, StateDict baseModel)
+    {
+        ArgumentNullException.ThrowIfNull(expert);
+        ArgumentNullException.ThrowIfNull(baseModel);
+        StateDictChecks.CheckCompatible(baseModel, [expert], requiresBase: true);
+        var deltas = new StateDict();
+        try
+        {
+            foreach (var (name, b) in baseModel)
+            {
+                if (!b.is_floating_point())
+                {
+                    continue;
+                }
+
+                using var e32 = expert[name].to(ScalarType.Float32);
+                using var b32 = b.to(ScalarType.Float32);
+                deltas.Add(name, e32 - b32);
+            }
+        }
+        catch
+        {
+            deltas.Dispose();
+            throw;
+        }
+
+        return new TaskVector(deltas);
+    }
+
+    /// <summary>λ·τ, a new task vector.</summary>
+    /// <exception cref="ArgumentOutOfRangeException">λ is NaN or infinite.</exception>
+    public TaskVector Scale(double lambda)
+    {
+        Options.RequireFinite(lambda, nameof(lambda));
+        return new TaskVector(Deltas.Map(t => t * lambda));
+    }
+
+    /// <summary>τ + <paramref name="other"/>, a new task vector.</summary>
+    /// <exception cref="MergeException">Names or shapes disagree; the message names the tensor.</exception>
+    public TaskVector Add(TaskVector other)
+    {
+        ArgumentNullException.ThrowIfNull(other);
+        return Combine([this, other]);
+    }
+
+    /// <summary>Σ_k w_k·τ_k over several task vectors (w_k = 1 when <paramref name="weights"/> is null).</summary>
+    /// <exception cref="MergeException">The list is empty, or names or shapes disagree.</exception>
+    /// <exception cref="ArgumentException">The weight count differs from the vector count, or a weight
+    /// is not finite.</exception>
+    public static TaskVector Combine(IReadOnlyList<TaskVector> vectors, IReadOnlyList<double>? weights = null)
+    {
+        ArgumentNullException.ThrowIfNull(vectors);
+        var deltas = vectors.Select(v => v.Deltas).ToArray();
+        StateDictChecks.CheckCompatible(null, deltas, requiresBase: false);
+        var w = Options.Weights(weights, vectors.Count);
+        var sum = new StateDict();
+        try
+        {
+            foreach (var name in deltas[0].Names)
+            {
+                using var scope = NewDisposeScope();
+                var acc = deltas[0][name] * w[0];
+                for (int k = 1; k < deltas.Length; k++)
+                {
+                    acc.add_(deltas[k][name], alpha: w[k]);
+                }
+
+                sum.Add(name, acc.MoveToOuterDisposeScope());
+            }
+        }
+        catch
+        {
+            sum.Dispose();
+            throw;
+        }
+
+        return new TaskVector(sum);
+    }
+
+    /// <summary>θ = θ_base + λ·τ, a new state dict in the base's dtypes. Base tensors the task vector
+    /// does not cover (integer buffers) are copied.</summary>
+    /// <exception cref="MergeException">The task vector names a tensor the base lacks, or shapes differ.</exception>
+    public StateDict ApplyTo(StateDict baseModel, double lambda = 1.0)
+    {
+        ArgumentNullException.ThrowIfNull(baseModel);
+        Options.RequireFinite(lambda, nameof(lambda));
+        foreach (var (name, delta) in Deltas)
+        {
+            if (!baseModel.TryGetValue(name, out var b))
+            {
+                throw new MergeException(name, "the task vector has this tensor but the base model does not.");
+            }
+
+            if (!b.shape.SequenceEqual(delta.shape))
+            {
+                throw new MergeException(name,
+                    $"the task vector has shape [{string.Join(", ", delta.shape)}] but the base has [{string.Join(", ", b.shape)}].");
+            }
+        }
+
+        var result = new StateDict();
+        try
+        {
+            foreach (var (name, b) in baseModel)
+            {
+                if (!Deltas.TryGetValue(name, out var delta))
+                {
+                    result.Add(name, b.clone());
+                    continue;
+                }
+
+                using var scope = NewDisposeScope();
+                var merged = b.to(ScalarType.Float32).add(delta, alpha: lambda);
+                result.Add(name, merged.to(b.dtype).MoveToOuterDisposeScope());
+            }
+        }
+        catch
+        {
+            result.Dispose();
+            throw;
+        }
+
+        return result;
+    }
+
+    /// <summary>Disposes the deltas.</summary>
+    public void Dispose() => Deltas.Dispose();
+}
