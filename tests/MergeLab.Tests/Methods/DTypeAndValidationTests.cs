@@ -1,0 +1,160 @@
+using MergeLab.Methods;
+using MergeLab.Stages;
+using MergeLab.Tensors;
+using NUnit.Framework;
+using static TorchSharp.torch;
+
+namespace MergeLab.Tests.Methods;
+
+public class DTypeTests
+{
+    private static IEnumerable<MergeMethod> Methods() =>
+    [
+        new WeightAverageMerge(),
+        new TaskArithmeticMerge(new TaskArithmeticOptions { Lambda = .7 }),
+        new TiesMerge(),
+        new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .5 }),
+        new DareMerge(new DareOptions { DropRate = .5, Seed = 3 }),
+        new BreadcrumbsMerge(),
+        new PcbMerge(),
+    ];
+
+    [TestCaseSource(nameof(Methods))]
+    public void Half_precision_inputs_merge_in_float32_and_come_back_in_their_dtype(MergeMethod method)
+    {
+        foreach (var dtype in new[] { ScalarType.BFloat16, ScalarType.Float16 })
+        {
+            using var baseModel = T.RandomModel(60, dtype);
+            using var e1 = T.Expert(baseModel, 61);
+            using var e2 = T.Expert(baseModel, 62);
+            using var merged = method.Merge(baseModel, [e1, e2]);
+
+            // The same inputs widened to float32 first, merged, then narrowed: must be identical.
+            using var b32 = baseModel.To(ScalarType.Float32);
+            using var e1f = e1.To(ScalarType.Float32);
+            using var e2f = e2.To(ScalarType.Float32);
+            using var reference = method.Merge(b32, [e1f, e2f]);
+            foreach (var name in baseModel.Names)
+            {
+                Assert.That(merged[name].dtype, Is.EqualTo(dtype), name);
+                using var narrowed = reference[name].to(dtype);
+                T.BitEqual(merged[name], narrowed);
+            }
+        }
+    }
+
+    [Test]
+    public void Output_dtype_can_be_requested()
+    {
+        using var baseModel = T.RandomModel(63, ScalarType.BFloat16);
+        using var e1 = T.Expert(baseModel, 64);
+        using var merged = new TaskArithmeticMerge().Merge(baseModel, [e1], ScalarType.Float32);
+        Assert.That(merged.Select(kv => kv.Value.dtype), Is.All.EqualTo(ScalarType.Float32));
+    }
+
+    [Test]
+    public void Integer_buffers_are_copied_from_the_base()
+    {
+        using var b = tensor(new long[] { 0, 1, 2 });
+        using var e = tensor(new long[] { 5, 5, 5 });
+        using var merged = new TaskArithmeticMerge().MergeTensor(new TensorGroup("position_ids", b, [e]));
+        Assert.That(merged.dtype, Is.EqualTo(ScalarType.Int64));
+        Assert.That(merged.data<long>().ToArray(), Is.EqualTo(new long[] { 0, 1, 2 }));
+    }
+}
+
+public class ValidationTests
+{
+    [Test]
+    public void Empty_expert_list_is_refused()
+    {
+        using var baseModel = T.RandomModel(70);
+        var ex = Assert.Throws<MergeException>(() => new TaskArithmeticMerge().Merge(baseModel, []));
+        Assert.That(ex!.Message, Does.Contain("empty"));
+    }
+
+    [Test]
+    public void Missing_base_is_refused_by_methods_that_need_it()
+    {
+        using var expert = T.RandomModel(71);
+        var ex = Assert.Throws<MergeException>(() => new TiesMerge().Merge(null, [expert]));
+        Assert.That(ex!.Message, Does.Contain("base"));
+    }
+
+    [Test]
+    public void Missing_tensor_is_named()
+    {
+        using var baseModel = T.RandomModel(72);
+        using var expert = T.Expert(baseModel, 73);
+        expert.Detach("layers.0.bias").Dispose();
+        var ex = Assert.Throws<MergeException>(() => new TaskArithmeticMerge().Merge(baseModel, [expert]));
+        Assert.That(ex!.Message, Does.Contain("layers.0.bias").And.Contain("expert 0"));
+        Assert.That(ex.TensorName, Is.EqualTo("layers.0.bias"));
+    }
+
+    [Test]
+    public void Extra_tensor_in_an_expert_is_named()
+    {
+        using var baseModel = T.RandomModel(74);
+        using var expert = T.Expert(baseModel, 75);
+        expert.Add("lm_head.weight", zeros(2, 2));
+        var ex = Assert.Throws<MergeException>(() => new TaskArithmeticMerge().Merge(baseModel, [expert]));
+        Assert.That(ex!.Message, Does.Contain("lm_head.weight"));
+    }
+
+    [Test]
+    public void Shape_mismatch_is_named_with_both_shapes()
+    {
+        using var b = zeros(2, 3);
+        using var e = zeros(3, 2);
+        var ex = Assert.Throws<MergeException>(() => new TaskArithmeticMerge().MergeTensor(new TensorGroup("mlp.w", b, [e])));
+        Assert.That(ex!.Message, Does.Contain("mlp.w").And.Contain("[3, 2]").And.Contain("[2, 3]"));
+    }
+
+    [Test]
+    public void Empty_expert_group_is_named()
+    {
+        using var b = zeros(2);
+        var ex = Assert.Throws<MergeException>(() => new TaskArithmeticMerge().MergeTensor(new TensorGroup("w", b, [])));
+        Assert.That(ex!.Message, Does.Contain("'w'"));
+    }
+
+    private static IEnumerable<TestCaseData> BadOptions()
+    {
+        yield return new TestCaseData(new TestDelegate(() => _ = new TiesOptions { Density = 1.5 }), "Density").SetName("TIES density above 1");
+        yield return new TestCaseData(new TestDelegate(() => _ = new TiesOptions { Density = -.1 }), "Density").SetName("TIES density below 0");
+        yield return new TestCaseData(new TestDelegate(() => _ = new TiesOptions { Density = double.NaN }), "Density").SetName("TIES density NaN");
+        yield return new TestCaseData(new TestDelegate(() => _ = new TiesMerge(new TiesOptions { Densities = [.5, 2] })), "Densities[1]").SetName("TIES per-expert density");
+        yield return new TestCaseData(new TestDelegate(() => _ = new TiesOptions { Lambda = double.NaN }), "Lambda").SetName("TIES lambda NaN");
+        yield return new TestCaseData(new TestDelegate(() => _ = new DareOptions { DropRate = 1 }), "DropRate").SetName("DARE p = 1");
+        yield return new TestCaseData(new TestDelegate(() => _ = new DareOptions { DropRate = double.NaN }), "DropRate").SetName("DARE p NaN");
+        yield return new TestCaseData(new TestDelegate(() => _ = new BreadcrumbsOptions { Density = 2 }), "Density").SetName("Breadcrumbs beta above 1");
+        yield return new TestCaseData(new TestDelegate(() => _ = new BreadcrumbsOptions { Gamma = -1 }), "Gamma").SetName("Breadcrumbs gamma below 0");
+        yield return new TestCaseData(new TestDelegate(() => _ = new BreadcrumbsOptions { Gamma = double.NaN }), "Gamma").SetName("Breadcrumbs gamma NaN");
+        yield return new TestCaseData(new TestDelegate(() => _ = new PcbOptions { Ratio = 0 }), "Ratio").SetName("PCB ratio 0");
+        yield return new TestCaseData(new TestDelegate(() => _ = new PcbOptions { ClampLow = double.NaN }), "ClampLow").SetName("PCB clamp NaN");
+        yield return new TestCaseData(new TestDelegate(() => _ = new TaskArithmeticOptions { Lambda = double.PositiveInfinity }), "Lambda").SetName("Task arithmetic lambda infinite");
+        yield return new TestCaseData(new TestDelegate(() => _ = new RandomDrop(1.2)), "dropRate").SetName("RandomDrop p above 1");
+    }
+
+    [TestCaseSource(nameof(BadOptions))]
+    public void Out_of_range_option_is_refused_with_its_name(TestDelegate create, string option)
+    {
+        var ex = Assert.Throws<ArgumentOutOfRangeException>(create);
+        Assert.That(ex!.Message, Does.Contain(option));
+    }
+
+    [Test]
+    public void Weight_count_must_match_the_experts()
+    {
+        var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Weights = [1, 2, 3] });
+        var ex = Assert.Throws<ArgumentException>(() => T.MergeDeltas(ties, [1, 2], [3, 4]));
+        Assert.That(ex!.Message, Does.Contain("3 values").And.Contain("2 experts"));
+    }
+
+    [Test]
+    public void Mean_of_agreeing_without_consensus_is_refused()
+    {
+        Assert.Throws<ArgumentException>(() => _ = new PipelineMerge("x", new TaskVectorPipeline { Aggregation = Aggregation.MeanOfAgreeing }));
+    }
+}

@@ -1,0 +1,174 @@
+using MergeLab.Methods;
+using MergeLab.Stages;
+using MergeLab.Tensors;
+using NUnit.Framework;
+using static TorchSharp.torch;
+
+namespace MergeLab.Tests.Methods;
+
+public class TiesTests
+{
+    [Test]
+    public void Paper_trim_keeps_floor_n_density_plus_one_entries()
+    {
+        // n = 5, density .4: k = 5 − 2 = 3, the 3rd smallest |τ| is 2, so |τ| ≥ 2 survives (3 entries).
+        var trim = new KthMagnitudeThreshold(.4, SelectionScope.PerTensor);
+        using var tau = T.Vec(4, -3, 2, 1, .5f);
+        using var trimmed = trim.Apply(tau, new SparsifyContext("w", 0));
+        T.Near(trimmed, [4, -3, 2, 0, 0]);
+    }
+
+    [Test]
+    public void Paper_trim_keeps_every_tie_at_the_threshold()
+    {
+        // k = 4 − 2 = 2: the 2nd smallest |τ| is 1, and all three entries of magnitude 1 survive.
+        var trim = new KthMagnitudeThreshold(.5, SelectionScope.PerTensor);
+        using var tau = T.Vec(1, -1, 1, .5f);
+        using var trimmed = trim.Apply(tau, new SparsifyContext("w", 0));
+        T.Near(trimmed, [1, -1, 1, 0]);
+    }
+
+    [Test]
+    public void Paper_zero_sum_takes_the_majority_of_elected_signs()
+    {
+        // Sums [−1, 1, 0, −1]: signs [−, +, 0, −], majority sign(−1) = −, so entry 2 elects − and keeps τ2's −1.
+        var paper = new TiesMerge(new TiesOptions { Density = 1, Scope = SelectionScope.PerTensor });
+        using var merged = T.MergeDeltas(paper, [-3, -1, 1, -2], [2, 2, -1, 1]);
+        T.Near(merged, [-3, 2, -1, -2]);
+
+        // mergekit breaks the same tie towards +: entry 2 keeps τ1's +1.
+        var mergekit = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 1 });
+        using var mk = T.MergeDeltas(mergekit, [-3, -1, 1, -2], [2, 2, -1, 1]);
+        T.Near(mk, [-3, 2, 1, -2]);
+    }
+
+    [Test]
+    public void Paper_dis_sum_adds_instead_of_averaging()
+    {
+        var paper = new TiesMerge(new TiesOptions { Density = 1, Scope = SelectionScope.PerTensor, Aggregation = Aggregation.Sum });
+        using var merged = T.MergeDeltas(paper, [1, 2], [3, -1], [2, -4]);
+        // Signs: [+, −]; entry 0: 1 + 3 + 2; entry 1: −1 − 4.
+        T.Near(merged, [6, -5]);
+    }
+
+    [Test]
+    public void Lambda_scales_the_merged_task_vector()
+    {
+        var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Density = 1, Lambda = .5 });
+        using var merged = T.MergeDeltas(ties, [2, -4], [4, 2]);
+        T.Near(merged, [1.5, -2]); // means of agreeing entries: [3, −4] (entry 1: sum −2 → −), times .5
+    }
+
+    [Test]
+    public void Whole_model_threshold_is_taken_over_all_tensors_of_an_expert()
+    {
+        using var baseModel = Model(a: [0, 0, 0], b: [0, 0, 0]);
+        using var expert = Model(a: [10, 9, 8], b: [1, 2, 3]);
+        // n = 6, density .5: k = 3, the 3rd smallest |τ| over the model is 3.
+        var global = new TiesMerge(new TiesOptions { Density = .5 });
+        using var merged = global.Merge(baseModel, [expert]);
+        T.Near(merged["a"], [10, 9, 8]);
+        T.Near(merged["b"], [0, 0, 3]);
+
+        // Per tensor: k = 3 − 1 = 2 in each tensor.
+        var local = new TiesMerge(new TiesOptions { Density = .5, Scope = SelectionScope.PerTensor });
+        using var perTensor = local.Merge(baseModel, [expert]);
+        T.Near(perTensor["a"], [10, 9, 0]);
+        T.Near(perTensor["b"], [0, 2, 3]);
+    }
+
+    [Test]
+    public void Whole_model_majority_sign_comes_from_every_tensor()
+    {
+        // Tensor a ties (1 vs −1); tensor b elects + twice, so the model's majority is + and a keeps +1.
+        using var baseModel = Model(a: [0], b: [0, 0]);
+        using var e1 = Model(a: [1], b: [5, 5]);
+        using var e2 = Model(a: [-1], b: [1, 1]);
+        var global = new TiesMerge(new TiesOptions { Density = 1 });
+        using var merged = global.Merge(baseModel, [e1, e2]);
+        T.Near(merged["a"], [1]);
+
+        // Per tensor the majority of a alone is 0, so (as the authors' where(sign > 0, …)) the negative side survives.
+        var local = new TiesMerge(new TiesOptions { Density = 1, Scope = SelectionScope.PerTensor });
+        using var perTensor = local.Merge(baseModel, [e1, e2]);
+        T.Near(perTensor["a"], [-1]);
+    }
+
+    [Test]
+    public void Whole_model_statistic_matches_kthvalue_over_the_concatenated_model()
+    {
+        using var baseModel = T.RandomModel(1);
+        using var expert = T.Expert(baseModel, 2);
+        var method = new TiesMerge(new TiesOptions { Density = .3 });
+        using var merged = method.Merge(baseModel, [expert]);
+
+        using var tv = TaskVector.Between(expert, baseModel);
+        using var all = cat(tv.Deltas.Select(kv => kv.Value.flatten()).ToArray()).abs();
+        long n = all.numel();
+        long k = n - (long)Math.Floor(n * .3);
+        float threshold = all.kthvalue(k, 0, false).values.item<float>();
+        foreach (var (name, delta) in tv.Deltas)
+        {
+            using var expected = baseModel[name] + delta * delta.abs().ge(threshold);
+            T.Near(merged[name], expected, 1e-6);
+        }
+    }
+
+    [TestCase(TiesPreset.Paper)]
+    [TestCase(TiesPreset.Mergekit)]
+    [TestCase(TiesPreset.Peft)]
+    public void Density_one_with_one_expert_equals_task_arithmetic(TiesPreset preset)
+    {
+        using var baseModel = T.RandomModel(3);
+        using var expert = T.Expert(baseModel, 4);
+        using var ties = new TiesMerge(new TiesOptions { Preset = preset, Density = 1 }).Merge(baseModel, [expert]);
+        using var ta = new TaskArithmeticMerge().Merge(baseModel, [expert]);
+        foreach (var name in ta.Names)
+        {
+            T.BitEqual(ties[name], ta[name]);
+        }
+    }
+
+    [TestCase(TiesPreset.Paper)]
+    [TestCase(TiesPreset.Mergekit)]
+    [TestCase(TiesPreset.Peft)]
+    public void Identical_experts_merge_to_that_expert(TiesPreset preset)
+    {
+        using var baseModel = T.RandomModel(5);
+        using var expert = T.Expert(baseModel, 6);
+        using var merged = new TiesMerge(new TiesOptions { Preset = preset, Density = 1 }).Merge(baseModel, [expert, expert, expert]);
+        foreach (var name in expert.Names)
+        {
+            T.Near(merged[name], expert[name], 1e-6);
+        }
+    }
+
+    [Test]
+    public void Density_zero_keeps_only_the_base_for_exact_count_presets()
+    {
+        var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 0 });
+        using var merged = T.MergeDeltas(ties, [1, -2, 3], [2, 2, 2]);
+        T.Near(merged, [0, 0, 0]);
+    }
+
+    [Test]
+    public void Per_expert_densities_apply_to_their_own_expert()
+    {
+        var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Densities = [.25, 1] });
+        // τ1 keeps its one largest entry (4); τ2 keeps all.
+        using var merged = T.MergeDeltas(ties, [1, 1, 4, 1], [1, 1, 2, 1]);
+        T.Near(merged, [1, 1, 3, 1]);
+    }
+
+    [Test]
+    public void Whole_model_method_refuses_a_lone_tensor_without_its_statistic()
+    {
+        var ties = new TiesMerge();
+        using var b = zeros(3);
+        using var e = ones(3);
+        var ex = Assert.Throws<MergeException>(() => ties.MergeTensor(new("layer.w", b, [e])));
+        Assert.That(ex!.Message, Does.Contain("layer.w").And.Contain("whole model"));
+    }
+
+    private static StateDict Model(float[] a, float[] b) => new() { { "a", tensor(a) }, { "b", tensor(b) } };
+}

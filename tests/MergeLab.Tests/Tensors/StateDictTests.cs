@@ -1,0 +1,120 @@
+using MergeLab.Tensors;
+using NUnit.Framework;
+using static TorchSharp.torch;
+
+namespace MergeLab.Tests.Tensors;
+
+public class StateDictTests
+{
+    [Test]
+    public void Keeps_insertion_order_and_answers_shape_and_dtype_queries()
+    {
+        using var sd = new StateDict { { "z", zeros(2, 3) }, { "a", ones(4, dtype: ScalarType.BFloat16) } };
+        Assert.That(sd.Names, Is.EqualTo(new[] { "z", "a" }));
+        Assert.That(sd.Shape("z"), Is.EqualTo(new long[] { 2, 3 }));
+        Assert.That(sd.DType("a"), Is.EqualTo(ScalarType.BFloat16));
+        Assert.That(sd.ElementCount, Is.EqualTo(10));
+        Assert.That(sd.Device.type, Is.EqualTo(TorchSharp.DeviceType.CPU));
+    }
+
+    [Test]
+    public void Duplicate_and_missing_names_are_reported()
+    {
+        using var sd = new StateDict { { "w", zeros(1) } };
+        var dup = Assert.Throws<ArgumentException>(() => sd.Add("w", zeros(1)));
+        Assert.That(dup!.Message, Does.Contain("'w'"));
+        var missing = Assert.Throws<KeyNotFoundException>(() => _ = sd["v"]);
+        Assert.That(missing!.Message, Does.Contain("'v'"));
+    }
+
+    [Test]
+    public void Clone_is_independent_of_the_original()
+    {
+        using var sd = new StateDict { { "w", zeros(3) } };
+        using var copy = sd.Clone();
+        copy["w"].add_(1);
+        Assert.That(sd["w"].sum().item<float>(), Is.EqualTo(0));
+        Assert.That(copy["w"].sum().item<float>(), Is.EqualTo(3));
+    }
+
+    [Test]
+    public void To_dtype_converts_floats_and_keeps_integers()
+    {
+        using var sd = new StateDict { { "w", ones(2) }, { "ids", arange(3) } };
+        using var half = sd.To(ScalarType.Float16);
+        Assert.That(half.DType("w"), Is.EqualTo(ScalarType.Float16));
+        Assert.That(half.DType("ids"), Is.EqualTo(ScalarType.Int64));
+    }
+
+    [Test]
+    public void To_device_copies_every_tensor()
+    {
+        using var sd = new StateDict { { "w", ones(2) } };
+        using var moved = sd.To(CPU);
+        moved["w"].add_(1);
+        Assert.That(sd["w"].sum().item<float>(), Is.EqualTo(2));
+    }
+
+    [Test]
+    public void Dispose_releases_the_owned_tensors_and_survives_outer_scopes()
+    {
+        Tensor kept;
+        StateDict sd;
+        using (var scope = NewDisposeScope())
+        {
+            kept = ones(2);
+            sd = new StateDict { { "w", kept } };
+        }
+
+        Assert.That(kept.IsInvalid, Is.False, "the dict owns the tensor, not the scope");
+        sd.Dispose();
+        Assert.That(kept.IsInvalid, Is.True);
+        Assert.Throws<ObjectDisposedException>(() => _ = sd["w"]);
+    }
+}
+
+public class TaskVectorTests
+{
+    [Test]
+    public void Task_vector_is_expert_minus_base_and_applies_back()
+    {
+        using var b = new StateDict { { "w", T.Vec(1, 2) }, { "ids", arange(2) } };
+        using var e = new StateDict { { "w", T.Vec(4, 0) }, { "ids", arange(2) } };
+        using var tv = TaskVector.Between(e, b);
+        T.Near(tv["w"], [3, -2]);
+        Assert.That(tv.Names, Is.EqualTo(new[] { "w" }), "integer buffers have no task vector");
+        using var back = tv.ApplyTo(b, .5);
+        T.Near(back["w"], [2.5, 1]);
+        Assert.That(back.ContainsKey("ids"), Is.True);
+    }
+
+    [Test]
+    public void Add_scale_and_combine()
+    {
+        using var b = new StateDict { { "w", T.Vec(0, 0) } };
+        using var e1 = new StateDict { { "w", T.Vec(1, 2) } };
+        using var e2 = new StateDict { { "w", T.Vec(3, -1) } };
+        using var t1 = TaskVector.Between(e1, b);
+        using var t2 = TaskVector.Between(e2, b);
+        using var sum = t1.Add(t2);
+        T.Near(sum["w"], [4, 1]);
+        using var scaled = t1.Scale(-2);
+        T.Near(scaled["w"], [-2, -4]);
+        using var combined = TaskVector.Combine([t1, t2], [2, .5]);
+        T.Near(combined["w"], [3.5, 3.5]);
+    }
+
+    [Test]
+    public void Disagreeing_names_and_shapes_are_named()
+    {
+        using var b = new StateDict { { "w", zeros(2) } };
+        using var e = new StateDict { { "w", zeros(3) } };
+        var shape = Assert.Throws<MergeException>(() => TaskVector.Between(e, b));
+        Assert.That(shape!.Message, Does.Contain("'w'").And.Contain("[3]"));
+
+        using var other = new StateDict { { "v", zeros(2) } };
+        using var tv = TaskVector.Between(b, b);
+        var missing = Assert.Throws<MergeException>(() => tv.ApplyTo(other));
+        Assert.That(missing!.Message, Does.Contain("'w'"));
+    }
+}
