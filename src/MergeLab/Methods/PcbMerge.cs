@@ -115,7 +115,7 @@ public sealed class PcbMerge : MergeMethod
 
         var clamped = x.sign() * x.abs().clamp(low, high);
         var s = MinMax(Score(x, low, high).clamp(threshold, top), threshold, top);
-        var merged = (clamped * s).sum(0).div_(s.sum(0).clamp_min(1e-12));
+        var merged = (clamped * s).sum(dim: 0).div_(s.sum(dim: 0).clamp_min(1e-12));
         if (Options.Lambda != 1.0)
         {
             merged.mul_(Options.Lambda);
@@ -131,7 +131,7 @@ public sealed class PcbMerge : MergeMethod
         long n = x.shape[0];
         var clampedAbs = x.abs().clamp(low, high);
         var intra = MinMax(clampedAbs, low, high).pow_(2).mul_(n).exp_();
-        var inter = (x * x.sum(0, keepdim: true)).tanh_();
+        var inter = (x * x.sum(dim: 0, keepdim: true)).tanh_();
         return intra.mul_(inter);
     }
 

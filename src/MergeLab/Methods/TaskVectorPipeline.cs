@@ -115,21 +115,21 @@ public sealed record TaskVectorPipeline
             var electorate = consensus.ElectOnWeighted ? weighted : stacked;
             var sign = consensus.ResolveZeros(consensus.RawSign(electorate), statistic?.MajoritySign);
             var agree = SignConsensus.Agreement(electorate, sign).to(ScalarType.Float32);
-            merged = (weighted * agree).sum(0);
+            merged = (weighted * agree).sum(dim: 0);
             switch (Aggregation)
             {
                 case Aggregation.MeanOfAgreeing:
-                    merged.div_(agree.sum(0).clamp_min(1));
+                    merged.div_(agree.sum(dim: 0).clamp_min(1));
                     break;
                 case Aggregation.WeightNormalized:
-                    var divisor = (weights * agree).sum(0);
+                    var divisor = (weights * agree).sum(dim: 0);
                     merged.div_(divisor.masked_fill_(divisor.eq(0), 1));
                     break;
             }
         }
         else
         {
-            merged = weighted.sum(0);
+            merged = weighted.sum(dim: 0);
             if (Aggregation == Aggregation.WeightNormalized)
             {
                 double divisor = Options.Weights(Weights, group.ExpertCount).Sum();

@@ -50,7 +50,7 @@ public sealed record SignConsensus(
     public Tensor RawSign(Tensor electorate)
     {
         using var scope = NewDisposeScope();
-        var score = Election == SignElection.Sum ? electorate.sum(0) : electorate.sign().sum(0);
+        var score = Election == SignElection.Sum ? electorate.sum(dim: 0) : electorate.sign().sum(dim: 0);
         return score.sign().MoveToOuterDisposeScope();
     }
 
