@@ -1,0 +1,62 @@
+using Microsoft.Win32.SafeHandles;
+using static TorchSharp.torch;
+
+namespace MergeLab.IO;
+
+/// <summary>
+/// Moves the raw bytes of a contiguous CPU tensor between its storage and a file, in chunks, because
+/// TorchSharp exposes tensor memory as a <see cref="Span{T}"/>, which holds at most 2^31-1 bytes
+/// while one embedding matrix can hold more.
+/// </summary>
+internal static class TensorBytes
+{
+    /// <summary>1 GiB: large enough that per-chunk overhead vanishes, well under the span limit.</summary>
+    public const int DefaultChunkBytes = 1 << 30;
+
+    /// <summary>Fills the contiguous CPU tensor <paramref name="destination"/> with the bytes at
+    /// <paramref name="fileOffset"/>, using positioned reads (safe to run from several threads on one handle).</summary>
+    public static void Read(SafeFileHandle file, long fileOffset, Tensor destination, string path, string name, int chunkBytes)
+    {
+        ForEachChunk(destination, chunkBytes, (span, byteOffset) =>
+        {
+            long offset = fileOffset + byteOffset;
+            while (!span.IsEmpty)
+            {
+                int read = RandomAccess.Read(file, span, offset);
+                if (read == 0)
+                {
+                    throw new SafetensorsFormatException(path,
+                        $"the file ended at byte {offset} while reading tensor '{name}': it was truncated after it was opened.");
+                }
+
+                span = span[read..];
+                offset += read;
+            }
+        });
+    }
+
+    /// <summary>Writes the bytes of the contiguous CPU tensor <paramref name="source"/> to <paramref name="stream"/>.</summary>
+    public static void Write(Stream stream, Tensor source, int chunkBytes) =>
+        ForEachChunk(source, chunkBytes, (span, _) => stream.Write(span));
+
+    private delegate void ChunkAction(Span<byte> chunk, long byteOffset);
+
+    private static void ForEachChunk(Tensor tensor, int chunkBytes, ChunkAction action)
+    {
+        long elementCount = tensor.numel();
+        if (elementCount == 0)
+        {
+            return;
+        }
+
+        long elementSize = tensor.element_size();
+        long perChunk = Math.Max(1, chunkBytes / elementSize);
+        using var flat = tensor.view(-1);
+        for (long start = 0; start < elementCount; start += perChunk)
+        {
+            long count = Math.Min(perChunk, elementCount - start);
+            using var part = flat.narrow(0, start, count);
+            action(part.bytes, start * elementSize);
+        }
+    }
+}

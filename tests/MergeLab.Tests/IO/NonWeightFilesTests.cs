@@ -1,0 +1,59 @@
+using MergeLab.IO;
+using NUnit.Framework;
+
+namespace MergeLab.Tests.IO;
+
+public class NonWeightFilesTests
+{
+    [Test]
+    public void Copies_config_and_tokenizer_files_but_not_weights_indexes_or_code()
+    {
+        using var source = new TempDirectory();
+        using var destination = new TempDirectory();
+        string[] wanted =
+        [
+            "added_tokens.json", "chat_template.jinja", "config.json", "generation_config.json", "merges.txt",
+            "special_tokens_map.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json",
+        ];
+        string[] unwanted =
+        [
+            "model.safetensors", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+            "pytorch_model.bin", "pytorch_model.bin.index.json", "README.md", "modeling_custom.py", ".gitattributes",
+        ];
+        foreach (var name in wanted.Concat(unwanted))
+        {
+            File.WriteAllText(source.File(name), name);
+        }
+
+        Directory.CreateDirectory(Path.Combine(source.Path, "sub"));
+        File.WriteAllText(Path.Combine(source.Path, "sub", "config.json"), "nested");
+
+        var copied = NonWeightFiles.Copy(source.Path, destination.Path);
+
+        Assert.That(copied, Is.EqualTo(wanted.Order(StringComparer.Ordinal)));
+        Assert.That(destination.FileNames(), Is.EqualTo(wanted.Order(StringComparer.Ordinal)));
+        Assert.That(File.ReadAllText(destination.File("tokenizer.model")), Is.EqualTo("tokenizer.model"));
+    }
+
+    [Test]
+    public void Existing_files_in_the_destination_are_kept_unless_overwrite_is_asked()
+    {
+        using var source = new TempDirectory();
+        using var destination = new TempDirectory();
+        File.WriteAllText(source.File("config.json"), "source");
+        File.WriteAllText(destination.File("config.json"), "merged");
+
+        Assert.That(NonWeightFiles.Copy(source.Path, destination.Path), Is.Empty);
+        Assert.That(File.ReadAllText(destination.File("config.json")), Is.EqualTo("merged"));
+
+        Assert.That(NonWeightFiles.Copy(source.Path, destination.Path, overwrite: true), Is.EqualTo(new[] { "config.json" }));
+        Assert.That(File.ReadAllText(destination.File("config.json")), Is.EqualTo("source"));
+    }
+
+    [Test]
+    public void A_missing_directory_is_reported()
+    {
+        using var dir = new TempDirectory();
+        Assert.Throws<DirectoryNotFoundException>(() => NonWeightFiles.Copy(Path.Combine(dir.Path, "missing"), dir.Path));
+    }
+}
