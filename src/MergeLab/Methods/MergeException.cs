@@ -11,6 +11,14 @@ public class MergeException : Exception
         TensorName = tensorName;
     }
 
+    /// <summary>Creates an exception about the tensor named <paramref name="tensorName"/>, caused by
+    /// <paramref name="innerException"/>.</summary>
+    public MergeException(string? tensorName, string problem, Exception innerException)
+        : base(tensorName is null ? problem : $"Tensor '{tensorName}': {problem}", innerException)
+    {
+        TensorName = tensorName;
+    }
+
     /// <summary>Creates an exception with a message.</summary>
     public MergeException(string message) : base(message)
     {

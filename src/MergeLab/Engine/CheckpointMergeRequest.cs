@@ -1,0 +1,69 @@
+using MergeLab.IO;
+using MergeLab.Methods;
+using static TorchSharp.torch;
+
+namespace MergeLab.Engine;
+
+/// <summary>What <see cref="CheckpointMerger"/> merges and where the result goes.</summary>
+public sealed record CheckpointMergeRequest
+{
+    /// <summary>The base (pretrained) checkpoint: a directory with <c>model.safetensors</c> or a sharded
+    /// index, or a single <c>.safetensors</c> file. Null for base-free methods such as weight averaging.</summary>
+    public string? BaseModel { get; init; }
+
+    /// <summary>The expert checkpoints, in the order the method's per-expert options refer to.</summary>
+    public required IReadOnlyList<string> Experts { get; init; }
+
+    /// <summary>The method that merges every tensor.</summary>
+    public required MergeMethod Method { get; init; }
+
+    /// <summary>Optional per-tensor methods (a config's gradients and filters give each tensor its own
+    /// options); null uses <see cref="Method"/> for every tensor. Whole-model statistics always come from
+    /// <see cref="Method"/>.</summary>
+    public Func<string, MergeMethod>? MethodForTensor { get; init; }
+
+    /// <summary>The output directory. It must not exist (unless <see cref="Overwrite"/>); its parent must.</summary>
+    public required string OutputDirectory { get; init; }
+
+    /// <summary>Replace an existing output directory once the new one is complete. Default false.</summary>
+    public bool Overwrite { get; init; }
+
+    /// <summary>The dtype of every floating-point output tensor; null keeps each base tensor's dtype.</summary>
+    public ScalarType? OutputDType { get; init; }
+
+    /// <summary>The most tensor bytes per output shard. Default 5,000,000,000 (transformers' "5GB").</summary>
+    public long MaxShardBytes { get; init; } = ShardedCheckpointWriter.DefaultMaxShardBytes;
+
+    /// <summary>The model directory whose non-weight files (config.json, tokenizer files,
+    /// generation_config.json) are copied into the output; null means the base model's directory (or the
+    /// first expert's for base-free methods). Set it to an empty string to copy nothing.</summary>
+    public string? CopyFilesFrom { get; init; }
+
+    /// <summary>The device tensors are merged on; null means the CPU.</summary>
+    public Device? Device { get; init; }
+
+    /// <summary>How many tensor groups are read ahead while the current one merges. Default 2, at least 1.
+    /// Peak memory is about (ReadAhead + 2) × (N + 1) × the largest tensor.</summary>
+    public int ReadAhead { get; init; } = 2;
+
+    /// <summary>Options for reading the input safetensors headers.</summary>
+    public SafetensorsReadOptions? ReadOptions { get; init; }
+}
+
+/// <summary>Progress of a checkpoint merge.</summary>
+/// <param name="Stage">"statistics" for a whole-model pass, "merge" for the merge pass.</param>
+/// <param name="Pass">The pass number within the stage (1-based).</param>
+/// <param name="TensorsDone">Tensors finished in this pass.</param>
+/// <param name="TensorCount">Tensors in the model.</param>
+/// <param name="BytesDone">Input bytes read in this pass.</param>
+/// <param name="BytesTotal">Input bytes one pass reads.</param>
+/// <param name="Tensor">The tensor just finished.</param>
+public readonly record struct CheckpointMergeProgress(string Stage, int Pass, int TensorsDone, int TensorCount, long BytesDone, long BytesTotal, string Tensor);
+
+/// <summary>What a completed checkpoint merge wrote.</summary>
+/// <param name="OutputDirectory">The final output directory.</param>
+/// <param name="TensorCount">Tensors written.</param>
+/// <param name="BytesWritten">Tensor bytes written.</param>
+/// <param name="Files">The files in the output directory, by name.</param>
+/// <param name="StatisticPasses">Whole-model passes made before merging.</param>
+public sealed record CheckpointMergeResult(string OutputDirectory, int TensorCount, long BytesWritten, IReadOnlyList<string> Files, int StatisticPasses);

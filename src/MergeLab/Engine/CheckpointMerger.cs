@@ -1,0 +1,243 @@
+using System.Collections.Concurrent;
+using MergeLab.IO;
+using MergeLab.Methods;
+using static TorchSharp.torch;
+
+namespace MergeLab.Engine;
+
+/// <summary>
+/// Merges safetensors checkpoints tensor by tensor with bounded memory. At any moment it holds only the
+/// tensors of the names in flight (the group being merged and <see cref="CheckpointMergeRequest.ReadAhead"/>
+/// groups being read), so peak memory does not grow with the model. Reading the next tensors overlaps
+/// the merge of the current one. Methods with a whole-model statistic get their passes first, streamed
+/// the same way. The result is bit-identical to <see cref="MergeMethod.Merge"/> on the same inputs.
+/// </summary>
+/// <remarks>
+/// Everything is checked before any work starts: the inputs open, every expert has the reference's
+/// tensor names and shapes, the output does not exist. Output is written to a hidden temporary directory
+/// beside the target and renamed into place only when complete; a failure or cancellation removes it
+/// and never touches the inputs. Thread-safe: independent merges may run concurrently.
+/// </remarks>
+public static class CheckpointMerger
+{
+    /// <summary>Runs the merge described by <paramref name="request"/>.</summary>
+    /// <exception cref="MergeException">Inputs are inconsistent (the message names the file and tensor)
+    /// or the output directory exists.</exception>
+    /// <exception cref="SafetensorsFormatException">An input file is malformed.</exception>
+    /// <exception cref="OperationCanceledException">Cancelled; nothing was written.</exception>
+    public static CheckpointMergeResult Merge(CheckpointMergeRequest request, IProgress<CheckpointMergeProgress>? progress = null,
+        CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(request);
+        var output = Path.GetFullPath(request.OutputDirectory);
+        CheckOutput(request, output);
+        if (request.ReadAhead < 1)
+        {
+            throw new ArgumentOutOfRangeException(nameof(request), request.ReadAhead, "ReadAhead must be at least 1.");
+        }
+
+        var inputs = new List<SafetensorsCheckpoint>();
+        try
+        {
+            var baseCheckpoint = request.BaseModel is null ? null : Open(request.BaseModel, request, inputs);
+            var experts = request.Experts.Select(p => Open(p, request, inputs)).ToArray();
+            var model = new CheckpointSet(baseCheckpoint, experts, request.Method.RequiresBase);
+            var methods = model.Names.ToDictionary(n => n, n => request.MethodForTensor?.Invoke(n) ?? request.Method, StringComparer.Ordinal);
+            return Run(request, model, methods, output, progress, cancellationToken);
+        }
+        finally
+        {
+            foreach (var c in inputs)
+            {
+                c.Dispose();
+            }
+        }
+    }
+
+    private static CheckpointMergeResult Run(CheckpointMergeRequest request, CheckpointSet model, Dictionary<string, MergeMethod> methods,
+        string output, IProgress<CheckpointMergeProgress>? progress, CancellationToken ct)
+    {
+        var device = request.Device ?? CPU;
+        string temp = Path.Combine(Path.GetDirectoryName(output)!, $".{Path.GetFileName(output)}.mergelab-{Guid.NewGuid():N}");
+        Directory.CreateDirectory(temp);
+        try
+        {
+            var statistic = request.Method.CreateStatistic(model.Experts.Count);
+            int passes = 0;
+            while (statistic is { IsComplete: false })
+            {
+                passes++;
+                Stream(model, device, request.ReadAhead, "statistics", passes, progress, statistic.Observe, ct);
+                statistic.EndPass();
+            }
+
+            long written;
+            using (var writer = new ShardedCheckpointWriter(temp, request.MaxShardBytes))
+            {
+                Stream(model, device, request.ReadAhead, "merge", 1, progress, group =>
+                {
+                    // The writer takes ownership of the merged tensor.
+                    writer.Add(group.Name, methods[group.Name].MergeTensor(group, statistic, request.OutputDType));
+                }, ct);
+                ct.ThrowIfCancellationRequested();
+                writer.Complete();
+                written = writer.TotalSize;
+            }
+
+            string? copyFrom = request.CopyFilesFrom ?? model.Reference.Path;
+            if (!string.IsNullOrEmpty(copyFrom))
+            {
+                string dir = Directory.Exists(copyFrom) ? copyFrom : Path.GetDirectoryName(Path.GetFullPath(copyFrom))!;
+                NonWeightFiles.Copy(dir, temp);
+            }
+
+            ct.ThrowIfCancellationRequested();
+            MoveIntoPlace(temp, output, request.Overwrite);
+            var files = Directory.GetFiles(output).Select(Path.GetFileName).Order(StringComparer.Ordinal).ToArray();
+            return new CheckpointMergeResult(output, model.Names.Count, written, files!, passes);
+        }
+        catch
+        {
+            TryDelete(temp);
+            throw;
+        }
+    }
+
+    /// <summary>Reads every tensor group in name order on a background reader, <paramref name="readAhead"/>
+    /// groups ahead, and hands each to <paramref name="consume"/>, disposing it afterwards.</summary>
+    private static void Stream(CheckpointSet model, Device device, int readAhead, string stage, int pass,
+        IProgress<CheckpointMergeProgress>? progress, Action<TensorGroup> consume, CancellationToken ct)
+    {
+        using var queue = new BlockingCollection<LoadedGroup>(readAhead);
+        using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+        var reader = Task.Run(() =>
+        {
+            try
+            {
+                foreach (var name in model.Names)
+                {
+                    var group = model.Load(name, device);
+                    try
+                    {
+                        queue.Add(group, stop.Token);
+                    }
+                    catch
+                    {
+                        group.Dispose();
+                        throw;
+                    }
+                }
+            }
+            finally
+            {
+                queue.CompleteAdding();
+            }
+        }, stop.Token);
+
+        long bytesTotal = model.BytesPerPass, bytesDone = 0;
+        int done = 0;
+        try
+        {
+            foreach (var loaded in queue.GetConsumingEnumerable(stop.Token))
+            {
+                using (loaded)
+                {
+                    try
+                    {
+                        consume(loaded.Group);
+                    }
+                    catch (Exception e) when (e is not OperationCanceledException and not MergeException)
+                    {
+                        throw new MergeException(loaded.Group.Name, $"merging failed: {e.Message}", e);
+                    }
+                }
+
+                bytesDone += model.Bytes(loaded.Group.Name);
+                progress?.Report(new CheckpointMergeProgress(stage, pass, ++done, model.Names.Count, bytesDone, bytesTotal, loaded.Group.Name));
+                ct.ThrowIfCancellationRequested();
+            }
+
+            reader.GetAwaiter().GetResult(); // surfaces a read error
+        }
+        finally
+        {
+            stop.Cancel();
+            try
+            {
+                reader.Wait(CancellationToken.None);
+            }
+            catch (AggregateException)
+            {
+                // The reader's own error (or its cancellation) is secondary to the one being thrown.
+            }
+
+            while (queue.TryTake(out var left))
+            {
+                left.Dispose();
+            }
+        }
+    }
+
+    private static SafetensorsCheckpoint Open(string path, CheckpointMergeRequest request, List<SafetensorsCheckpoint> opened)
+    {
+        var c = SafetensorsCheckpoint.Open(path, request.ReadOptions);
+        opened.Add(c);
+        return c;
+    }
+
+    private static void CheckOutput(CheckpointMergeRequest request, string output)
+    {
+        var parent = Path.GetDirectoryName(output);
+        if (parent is null || !Directory.Exists(parent))
+        {
+            throw new MergeException($"The output directory's parent '{parent}' does not exist.");
+        }
+
+        if (!request.Overwrite && (Directory.Exists(output) || File.Exists(output)))
+        {
+            throw new MergeException($"The output '{output}' already exists; choose a new directory or allow overwriting.");
+        }
+
+        foreach (var input in request.Experts.Append(request.BaseModel).OfType<string>())
+        {
+            var full = Path.GetFullPath(input);
+            if (string.Equals(full.TrimEnd(Path.DirectorySeparatorChar), output.TrimEnd(Path.DirectorySeparatorChar), StringComparison.Ordinal))
+            {
+                throw new MergeException($"The output '{output}' is one of the inputs; MergeLab never writes over its inputs.");
+            }
+        }
+    }
+
+    private static void MoveIntoPlace(string temp, string output, bool overwrite)
+    {
+        if (overwrite && Directory.Exists(output))
+        {
+            string old = temp + ".old";
+            Directory.Move(output, old);
+            Directory.Move(temp, output);
+            TryDelete(old);
+        }
+        else
+        {
+            Directory.Move(temp, output);
+        }
+    }
+
+    private static void TryDelete(string dir)
+    {
+        try
+        {
+            if (Directory.Exists(dir))
+            {
+                Directory.Delete(dir, recursive: true);
+            }
+        }
+        catch (IOException)
+        {
+            // Best effort: a leftover hidden temp directory is harmless and named as ours.
+        }
+        catch (UnauthorizedAccessException)
+        {
+        }
+    }
+}

@@ -1,0 +1,121 @@
+using MergeLab.IO;
+using MergeLab.Methods;
+using static TorchSharp.torch;
+
+namespace MergeLab.Engine;
+
+/// <summary>The opened inputs of a merge, checked for compatibility from their headers alone.</summary>
+internal sealed class CheckpointSet
+{
+    private readonly Dictionary<string, long> _bytes = new(StringComparer.Ordinal);
+
+    public CheckpointSet(SafetensorsCheckpoint? baseModel, IReadOnlyList<SafetensorsCheckpoint> experts, bool requiresBase)
+    {
+        if (experts.Count == 0)
+        {
+            throw new MergeException("The expert list is empty; a merge needs at least one expert model.");
+        }
+
+        if (requiresBase && baseModel is null)
+        {
+            throw new MergeException("This method needs a base (pretrained) model, and none was given.");
+        }
+
+        Base = requiresBase ? baseModel : null;
+        Experts = experts;
+        Reference = baseModel ?? experts[0];
+        Names = Reference.TensorNames;
+        var all = Base is null ? experts : experts.Prepend(Base).ToArray();
+        foreach (var name in Names)
+        {
+            var shape = Reference.GetInfo(name).Shape;
+            long bytes = 0;
+            foreach (var c in all)
+            {
+                if (!c.TryGetInfo(name, out var info))
+                {
+                    throw new MergeException(name, $"'{c.Path}' has no tensor of this name, which '{Reference.Path}' has.");
+                }
+
+                if (!info.Shape.SequenceEqual(shape))
+                {
+                    throw new MergeException(name,
+                        $"'{c.Path}' has shape [{string.Join(", ", info.Shape)}] but '{Reference.Path}' has [{string.Join(", ", shape)}].");
+                }
+
+                bytes += info.ByteLength;
+            }
+
+            _bytes[name] = bytes;
+            BytesPerPass += bytes;
+        }
+
+        foreach (var c in all)
+        {
+            if (c.Count != Names.Count)
+            {
+                var extra = c.TensorNames.First(n => !_bytes.ContainsKey(n));
+                throw new MergeException(extra, $"'{c.Path}' has this tensor but '{Reference.Path}' does not; the architectures differ.");
+            }
+        }
+    }
+
+    public SafetensorsCheckpoint? Base { get; }
+
+    public IReadOnlyList<SafetensorsCheckpoint> Experts { get; }
+
+    /// <summary>The checkpoint whose names, order and dtypes the output follows.</summary>
+    public SafetensorsCheckpoint Reference { get; }
+
+    public IReadOnlyList<string> Names { get; }
+
+    public long BytesPerPass { get; }
+
+    public long Bytes(string name) => _bytes[name];
+
+    /// <summary>Reads one name's tensors from every input onto <paramref name="device"/>.</summary>
+    public LoadedGroup Load(string name, Device device)
+    {
+        var tensors = new List<Tensor>();
+        try
+        {
+            var b = Base?.ReadTensor(name, device);
+            if (b is not null)
+            {
+                tensors.Add(b);
+            }
+
+            var experts = new Tensor[Experts.Count];
+            for (int k = 0; k < experts.Length; k++)
+            {
+                experts[k] = Experts[k].ReadTensor(name, device);
+                tensors.Add(experts[k]);
+            }
+
+            return new LoadedGroup(new TensorGroup(name, b, experts), tensors);
+        }
+        catch
+        {
+            foreach (var t in tensors)
+            {
+                t.Dispose();
+            }
+
+            throw;
+        }
+    }
+}
+
+/// <summary>A tensor group read from disk; disposing it releases its tensors.</summary>
+internal sealed class LoadedGroup(TensorGroup group, List<Tensor> tensors) : IDisposable
+{
+    public TensorGroup Group { get; } = group;
+
+    public void Dispose()
+    {
+        foreach (var t in tensors)
+        {
+            t.Dispose();
+        }
+    }
+}
