@@ -71,20 +71,21 @@ public static class CheckpointMerger
                 statistic.EndPass();
             }
 
+            var layout = model.Names.Select(n => model.OutputLayout(n, request.OutputDType)).ToArray();
             long written;
-            using (var writer = new ShardedCheckpointWriter(temp, request.MaxShardBytes))
+            using (var writer = new PlannedCheckpointWriter(temp, layout, request.MaxShardBytes))
             {
                 Stream(model, device, request.ReadAhead, "merge", 1, progress, group =>
                 {
-                    // The writer takes ownership of the merged tensor.
-                    writer.Add(group.Name, methods[group.Name].MergeTensor(group, statistic, request.OutputDType));
+                    using var merged = methods[group.Name].MergeTensor(group, statistic, request.OutputDType);
+                    writer.Write(group.Name, merged);
                 }, ct);
                 ct.ThrowIfCancellationRequested();
                 writer.Complete();
                 written = writer.TotalSize;
             }
 
-            string? copyFrom = request.CopyFilesFrom ?? model.Reference.Path;
+            string? copyFrom = request.CopyFilesFrom ?? request.BaseModel ?? model.Reference.Path;
             if (!string.IsNullOrEmpty(copyFrom))
             {
                 string dir = Directory.Exists(copyFrom) ? copyFrom : Path.GetDirectoryName(Path.GetFullPath(copyFrom))!;

@@ -23,7 +23,7 @@ internal sealed class CheckpointSet
 
         Base = requiresBase ? baseModel : null;
         Experts = experts;
-        Reference = baseModel ?? experts[0];
+        Reference = Base ?? experts[0];
         Names = Reference.TensorNames;
         var all = Base is null ? experts : experts.Prepend(Base).ToArray();
         foreach (var name in Names)
@@ -72,6 +72,15 @@ internal sealed class CheckpointSet
     public long BytesPerPass { get; }
 
     public long Bytes(string name) => _bytes[name];
+
+    /// <summary>What the merge writes for <paramref name="name"/>: floating-point tensors in the requested
+    /// dtype (default the reference's), other tensors as the reference has them (they are copied).</summary>
+    public PlannedTensor OutputLayout(string name, ScalarType? outputType)
+    {
+        var info = Reference.GetInfo(name);
+        bool floating = info.DType is ScalarType.Float64 or ScalarType.Float32 or ScalarType.Float16 or ScalarType.BFloat16;
+        return new PlannedTensor(name, floating ? outputType ?? info.DType : info.DType, info.Shape);
+    }
 
     /// <summary>Reads one name's tensors from every input onto <paramref name="device"/>.</summary>
     public LoadedGroup Load(string name, Device device)

@@ -39,6 +39,11 @@ internal static class TensorBytes
     public static void Write(Stream stream, Tensor source, int chunkBytes) =>
         ForEachChunk(source, chunkBytes, (span, _) => stream.Write(span));
 
+    /// <summary>Writes the bytes of the contiguous CPU tensor <paramref name="source"/> at
+    /// <paramref name="fileOffset"/> with positioned writes (safe from several threads on one handle).</summary>
+    public static void WriteAt(SafeFileHandle file, long fileOffset, Tensor source, int chunkBytes) =>
+        ForEachChunk(source, chunkBytes, (span, byteOffset) => RandomAccess.Write(file, span, fileOffset + byteOffset));
+
     private delegate void ChunkAction(Span<byte> chunk, long byteOffset);
 
     private static void ForEachChunk(Tensor tensor, int chunkBytes, ChunkAction action)

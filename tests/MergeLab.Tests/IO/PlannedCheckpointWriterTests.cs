@@ -1,0 +1,90 @@
+using MergeLab.IO;
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MergeLab.Tests.IO;
+
+public class PlannedCheckpointWriterTests
+{
+    private static List<KeyValuePair<string, Tensor>> Tensors()
+    {
+        using var g = new Generator(5);
+        return
+        [
+            new("b.weight", randn([4, 6], generator: g)),
+            new("a.bias", randn([6], generator: g).to(ScalarType.BFloat16)),
+            new("big", randn([40], generator: g)), // 160 bytes: larger than a shard, alone in its own
+            new("ids", arange(5)),
+            new("c.weight", randn([3, 3], generator: g).to(ScalarType.Float16)),
+        ];
+    }
+
+    [TestCase(100L)]
+    [TestCase(10_000L)]
+    public void Files_are_byte_identical_to_the_buffering_writer_whatever_the_write_order(long maxShard)
+    {
+        using var dir = new TempDirectory();
+        var tensors = Tensors();
+        try
+        {
+            string buffered = Directory.CreateDirectory(dir.File("buffered")).FullName;
+            using (var writer = new ShardedCheckpointWriter(buffered, maxShard))
+            {
+                foreach (var (name, t) in tensors)
+                {
+                    writer.Add(name, t.clone());
+                }
+
+                writer.Complete();
+            }
+
+            string planned = Directory.CreateDirectory(dir.File("planned")).FullName;
+            var plan = tensors.Select(kv => new PlannedTensor(kv.Key, kv.Value.dtype, kv.Value.shape)).ToArray();
+            IReadOnlyList<string> files;
+            using (var writer = new PlannedCheckpointWriter(planned, plan, maxShard))
+            {
+                foreach (var (name, t) in Enumerable.Reverse(tensors))
+                {
+                    writer.Write(name, t);
+                }
+
+                files = writer.Complete();
+            }
+
+            var expected = Directory.GetFiles(buffered).Select(Path.GetFileName).Order(StringComparer.Ordinal).ToArray();
+            Assert.That(Directory.GetFiles(planned).Select(Path.GetFileName).Order(StringComparer.Ordinal), Is.EqualTo(expected));
+            Assert.That(files.Order(StringComparer.Ordinal), Is.EqualTo(expected));
+            foreach (var name in expected)
+            {
+                Assert.That(File.ReadAllBytes(Path.Combine(planned, name!)), Is.EqualTo(File.ReadAllBytes(Path.Combine(buffered, name!))), name);
+            }
+        }
+        finally
+        {
+            tensors.ForEach(kv => kv.Value.Dispose());
+        }
+    }
+
+    [Test]
+    public void Missing_or_mismatched_tensors_are_refused_and_nothing_is_left()
+    {
+        using var dir = new TempDirectory();
+        using var w = ones(2, 2);
+        var writer = new PlannedCheckpointWriter(dir.Path, [new("w", ScalarType.Float32, [2, 2]), new("v", ScalarType.Float32, [3])]);
+        using (writer)
+        {
+            using var wrongShape = ones(2);
+            Assert.Throws<ArgumentException>(() => writer.Write("w", wrongShape));
+            using var wrongType = ones(2, 2, dtype: ScalarType.Float16);
+            Assert.Throws<ArgumentException>(() => writer.Write("w", wrongType));
+            Assert.Throws<ArgumentException>(() => writer.Write("unplanned", w));
+            writer.Write("w", w);
+            Assert.Throws<ArgumentException>(() => writer.Write("w", w));
+            var ex = Assert.Throws<InvalidOperationException>(() => writer.Complete());
+            Assert.That(ex!.Message, Does.Contain("'v'"));
+        }
+
+        Assert.That(dir.FileNames(), Is.Empty);
+    }
+}
