@@ -1,0 +1,23 @@
+using static TorchSharp.torch;
+
+namespace MergeLab.Config;
+
+/// <summary>dtype names in configs: mergekit's <c>dtype_from_name</c> names (<c>float32</c>,
+/// <c>float16</c>, <c>bfloat16</c>, optionally prefixed <c>torch.</c>) plus the usual short forms.</summary>
+internal static class DTypeNames
+{
+    public const string Accepted = "float32 (fp32), float16 (fp16, half), bfloat16 (bf16), float64 (fp64), optionally prefixed 'torch.'";
+
+    public static ScalarType? Parse(string name)
+    {
+        var n = name.StartsWith("torch.", StringComparison.Ordinal) ? name["torch.".Length..] : name;
+        return n switch
+        {
+            "float32" or "fp32" or "float" => ScalarType.Float32,
+            "float16" or "fp16" or "half" => ScalarType.Float16,
+            "bfloat16" or "bf16" => ScalarType.BFloat16,
+            "float64" or "fp64" or "double" => ScalarType.Float64,
+            _ => null,
+        };
+    }
+}

@@ -1,0 +1,357 @@
+using System.Globalization;
+using YamlDotNet.Core;
+using YamlDotNet.RepresentationModel;
+
+namespace MergeLab.Config;
+
+/// <summary>
+/// Turns YAML into a <see cref="MergeConfig"/> with YamlDotNet's representation model, so every key can
+/// be checked and every error can name its line. Scalars are typed as PyYAML (YAML 1.1, which mergekit
+/// uses) types them: <c>true/false/yes/no/on/off</c> in any of their three casings are booleans, and
+/// <c>null</c>, <c>~</c> or nothing is null; numbers are parsed with the invariant culture (so
+/// <c>1e-3</c> is a number, as pydantic makes it in mergekit).
+/// </summary>
+internal sealed class MergeConfigParser(string? sourcePath)
+{
+    private static readonly HashSet<string> TrueWords = ["true", "True", "TRUE", "yes", "Yes", "YES", "on", "On", "ON"];
+    private static readonly HashSet<string> FalseWords = ["false", "False", "FALSE", "no", "No", "NO", "off", "Off", "OFF"];
+    private static readonly HashSet<string> NullWords = ["", "~", "null", "Null", "NULL"];
+
+    private static readonly Dictionary<string, string> UnsupportedTopLevel = new(StringComparer.Ordinal)
+    {
+        ["slices"] = "MergeLab merges whole models: list them under 'models' (mergekit's 'slices' layer ranges are not supported)",
+        ["modules"] = "MergeLab merges whole models: list them under 'models' (mergekit's 'modules' are not supported)",
+        ["tokenizer"] = "MergeLab copies one model's tokenizer and does not build vocabularies or permute embeddings; use 'tokenizer_source: base' or a model path instead of mergekit's 'tokenizer' section",
+        ["chat_template"] = "MergeLab copies the tokenizer files as they are and does not set chat templates",
+    };
+
+    private readonly Dictionary<string, int> _lines = new(StringComparer.Ordinal);
+
+    public MergeConfig Parse(string yaml)
+    {
+        var root = LoadRoot(yaml);
+        var keys = ReadKeys(root, null);
+        foreach (var (key, _) in keys)
+        {
+            if (UnsupportedTopLevel.TryGetValue(key, out var why))
+            {
+                throw Error(key, $"'{key}' is not supported: {why}.");
+            }
+
+            if (key is not ("models" or "base_model" or "merge_method" or "parameters" or "dtype" or "out_dtype" or "tokenizer_source"))
+            {
+                throw Error(key, $"unknown key '{key}'; accepted: models, base_model, merge_method, parameters, dtype, out_dtype, tokenizer_source.");
+            }
+        }
+
+        string method = keys.TryGetValue("merge_method", out var m) && !IsNull(m)
+            ? RequireString(m, "merge_method")
+            : throw Error(null, "'merge_method' is required.", Line(root));
+        if (!keys.TryGetValue("models", out var modelsNode) || IsNull(modelsNode))
+        {
+            throw Error(null, "'models' is required: the list of models to merge.", Line(root));
+        }
+
+        return new MergeConfig
+        {
+            MergeMethod = method,
+            Models = ReadModels(modelsNode),
+            BaseModel = Optional(keys, "base_model", ReadModelPath),
+            Parameters = keys.TryGetValue("parameters", out var p) && !IsNull(p) ? ReadParameters(p, "parameters") : new Dictionary<string, ParameterValue>(),
+            DType = Optional(keys, "dtype", RequireString),
+            OutDType = Optional(keys, "out_dtype", RequireString),
+            TokenizerSource = Optional(keys, "tokenizer_source", ReadModelPath),
+            SourcePath = sourcePath,
+            Lines = _lines,
+        };
+    }
+
+    private YamlNode LoadRoot(string yaml)
+    {
+        var stream = new YamlStream();
+        try
+        {
+            stream.Load(new StringReader(yaml));
+        }
+        catch (YamlException e)
+        {
+            // YamlDotNet reports a repeated key as a YamlException too, with the key's position.
+            int? line = e.Start.Line > 0 ? (int)e.Start.Line : null;
+            throw new MergeConfigException(sourcePath, line, null, $"invalid YAML: {e.Message}", e);
+        }
+        catch (InvalidOperationException e)
+        {
+            // YamlDotNet's scanner throws this on some malformed input (e.g. an unclosed flow sequence).
+            throw new MergeConfigException(sourcePath, null, null, $"invalid YAML ({e.Message}); check brackets, quotes and indentation.", e);
+        }
+
+        if (stream.Documents.Count == 0 || IsNull(stream.Documents[0].RootNode))
+        {
+            throw Error(null, "the config is empty.");
+        }
+
+        if (stream.Documents.Count > 1)
+        {
+            throw Error(null, "the file holds more than one YAML document; a merge config is one mapping.", Line(stream.Documents[1].RootNode));
+        }
+
+        var root = stream.Documents[0].RootNode;
+        if (root is not YamlMappingNode)
+        {
+            throw Error(null, "a merge config must be a mapping (models:, merge_method:, …).", Line(root));
+        }
+
+        return root;
+    }
+
+    private List<ModelReference> ReadModels(YamlNode node)
+    {
+        if (node is not YamlSequenceNode list)
+        {
+            throw Error("models", "'models' must be a list of '- model: path' entries.", Line(node));
+        }
+
+        if (list.Children.Count == 0)
+        {
+            throw Error("models", "'models' is empty; list at least one model.", Line(node));
+        }
+
+        var models = new List<ModelReference>();
+        for (int i = 0; i < list.Children.Count; i++)
+        {
+            string path = $"models[{i}]";
+            var item = list.Children[i];
+            Remember(path, item);
+            if (item is not YamlMappingNode)
+            {
+                throw Error(path, "each entry of 'models' must be a mapping such as '- model: path/to/model'.", Line(item));
+            }
+
+            var keys = ReadKeys(item, path);
+            foreach (var (key, _) in keys)
+            {
+                if (key is not ("model" or "parameters"))
+                {
+                    throw Error($"{path}.{key}", $"unknown key '{key}' in a model entry; accepted: model, parameters.");
+                }
+            }
+
+            if (!keys.TryGetValue("model", out var modelNode) || IsNull(modelNode))
+            {
+                throw Error(path, "the entry has no 'model' path.", Line(item));
+            }
+
+            var parameters = keys.TryGetValue("parameters", out var p) && !IsNull(p)
+                ? ReadParameters(p, $"{path}.parameters")
+                : new Dictionary<string, ParameterValue>();
+            models.Add(new ModelReference(ReadModelPath(modelNode, $"{path}.model"), parameters) { Line = Line(item) });
+        }
+
+        return models;
+    }
+
+    /// <summary>A model reference: a path string, or mergekit's <c>{model: path}</c> /
+    /// <c>{model: {path: path}}</c> (its <c>ModelReference</c> and <c>ModelPath</c>).</summary>
+    private string ReadModelPath(YamlNode node, string path)
+    {
+        if (node is YamlScalarNode)
+        {
+            return RequireString(node, path);
+        }
+
+        if (node is not YamlMappingNode)
+        {
+            throw Error(path, "a model must be a path, or a mapping {model: path}.", Line(node));
+        }
+
+        var keys = ReadKeys(node, path);
+        foreach (var (key, _) in keys)
+        {
+            if (key is "lora" or "override_architecture")
+            {
+                throw Error($"{path}.{key}", $"'{key}' is not supported: MergeLab merges local checkpoints as they are; merge adapters into their model first.");
+            }
+
+            if (key != "model")
+            {
+                throw Error($"{path}.{key}", $"unknown key '{key}' in a model reference; write a path, {{model: path}} or {{model: {{path: path}}}}.");
+            }
+        }
+
+        var inner = keys.TryGetValue("model", out var n) && !IsNull(n) ? n : throw Error(path, "the model reference has no 'model' path.", Line(node));
+        if (inner is YamlScalarNode)
+        {
+            return RequireString(inner, $"{path}.model");
+        }
+
+        var innerKeys = inner is YamlMappingNode ? ReadKeys(inner, $"{path}.model") : throw Error($"{path}.model", "expected a path or {path: ...}.", Line(inner));
+        foreach (var (key, _) in innerKeys)
+        {
+            if (key == "revision")
+            {
+                throw Error($"{path}.model.revision", "'revision' is not supported: MergeLab reads local checkpoints, not Hugging Face hub revisions.");
+            }
+
+            if (key != "path")
+            {
+                throw Error($"{path}.model.{key}", $"unknown key '{key}'; a model path mapping has only 'path'.");
+            }
+        }
+
+        return innerKeys.TryGetValue("path", out var pathNode) && !IsNull(pathNode)
+            ? RequireString(pathNode, $"{path}.model.path")
+            : throw Error($"{path}.model", "the mapping has no 'path'.", Line(inner));
+    }
+
+    private Dictionary<string, ParameterValue> ReadParameters(YamlNode node, string path)
+    {
+        if (node is not YamlMappingNode)
+        {
+            throw Error(path, "'parameters' must be a mapping of parameter names to values.", Line(node));
+        }
+
+        var result = new Dictionary<string, ParameterValue>(StringComparer.Ordinal);
+        foreach (var (name, value) in ReadKeys(node, path))
+        {
+            result[name] = ReadValue(value, $"{path}.{name}", allowConditions: true);
+        }
+
+        return result;
+    }
+
+    /// <summary>mergekit's <c>ParameterSetting</c>: a scalar, a list of numbers (gradient), or a list of
+    /// <c>{filter, value}</c> (a single such mapping is taken as a one-entry list).</summary>
+    private ParameterValue ReadValue(YamlNode node, string path, bool allowConditions)
+    {
+        Remember(path, node);
+        const string Expected = "expected a number, true/false, a list of numbers (a gradient) or a list of {filter, value}";
+        switch (node)
+        {
+            case YamlScalarNode scalar:
+                if (IsNull(scalar))
+                {
+                    throw Error(path, "the parameter has no value; " + Expected + ".", Line(node));
+                }
+
+                if (Boolean(scalar) is bool b)
+                {
+                    return new BooleanParameter(b) { Line = Line(node) };
+                }
+
+                return Number(scalar) is double d
+                    ? new NumberParameter(d) { Line = Line(node) }
+                    : throw Error(path, $"'{scalar.Value}' is not a finite number or a boolean; {Expected}.", Line(node));
+
+            case YamlSequenceNode list when list.Children.Count == 0:
+                throw Error(path, "the list is empty; " + Expected + ".", Line(node));
+
+            case YamlSequenceNode list when list.Children.All(c => c is YamlScalarNode):
+                var points = new double[list.Children.Count];
+                for (int i = 0; i < points.Length; i++)
+                {
+                    var item = (YamlScalarNode)list.Children[i];
+                    points[i] = Number(item) ?? throw Error($"{path}[{i}]",
+                        $"'{item.Value}' is not a finite number; a gradient is a list of numbers.", Line(item));
+                }
+
+                return new GradientParameter(points) { Line = Line(node) };
+
+            case YamlSequenceNode list when allowConditions && list.Children.All(c => c is YamlMappingNode):
+                var conditions = list.Children.Select((c, i) => ReadCondition(c, $"{path}[{i}]")).ToArray();
+                return new ConditionalParameter(conditions) { Line = Line(node) };
+
+            case YamlMappingNode when allowConditions:
+                return new ConditionalParameter([ReadCondition(node, path)]) { Line = Line(node) };
+
+            default:
+                throw Error(path, allowConditions ? Expected + "." : "a condition's value must be a number, true/false or a list of numbers.", Line(node));
+        }
+    }
+
+    private ParameterCondition ReadCondition(YamlNode node, string path)
+    {
+        Remember(path, node);
+        var keys = ReadKeys(node, path);
+        foreach (var (key, _) in keys)
+        {
+            if (key is not ("filter" or "value"))
+            {
+                throw Error($"{path}.{key}", $"unknown key '{key}' in a condition; accepted: filter, value.");
+            }
+        }
+
+        string? filter = keys.TryGetValue("filter", out var f) && !IsNull(f) ? RequireString(f, $"{path}.filter") : null;
+        var value = keys.TryGetValue("value", out var v) && !IsNull(v)
+            ? ReadValue(v, $"{path}.value", allowConditions: false)
+            : throw Error(path, "the condition has no 'value'.", Line(node));
+        return new ParameterCondition(filter, value);
+    }
+
+    /// <summary>A mapping's entries by key, in order; keys must be plain strings.</summary>
+    private Dictionary<string, YamlNode> ReadKeys(YamlNode node, string? path)
+    {
+        var result = new Dictionary<string, YamlNode>(StringComparer.Ordinal);
+        foreach (var (keyNode, value) in ((YamlMappingNode)node).Children)
+        {
+            if (keyNode is not YamlScalarNode { Value: { } key } || IsNull(keyNode))
+            {
+                throw Error(path, "a key must be a name.", Line(keyNode));
+            }
+
+            string keyPath = path is null ? key : $"{path}.{key}";
+            if (!result.TryAdd(key, value))
+            {
+                throw Error(keyPath, $"'{key}' is given twice.", Line(keyNode));
+            }
+
+            Remember(keyPath, keyNode);
+        }
+
+        return result;
+    }
+
+    private static T? Optional<T>(Dictionary<string, YamlNode> keys, string key, Func<YamlNode, string, T> read)
+        where T : class =>
+        keys.TryGetValue(key, out var node) && !IsNull(node) ? read(node, key) : null;
+
+    private string RequireString(YamlNode node, string path)
+    {
+        if (node is not YamlScalarNode { Value: { } value } || IsNull(node) || value.Length == 0)
+        {
+            throw Error(path, "expected a string.", Line(node));
+        }
+
+        return value;
+    }
+
+    private static bool IsNull(YamlNode node) =>
+        node is YamlScalarNode { Style: ScalarStyle.Plain or ScalarStyle.Any } s && NullWords.Contains(s.Value ?? "");
+
+    private static bool? Boolean(YamlScalarNode s)
+    {
+        if (s.Style is not (ScalarStyle.Plain or ScalarStyle.Any) || s.Value is null)
+        {
+            return null;
+        }
+
+        return TrueWords.Contains(s.Value) ? true : FalseWords.Contains(s.Value) ? false : null;
+    }
+
+    private static double? Number(YamlScalarNode s) =>
+        s.Value is { } text
+        && double.TryParse(text, NumberStyles.Float, CultureInfo.InvariantCulture, out double d)
+        && double.IsFinite(d) ? d : null;
+
+    private void Remember(string path, YamlNode node)
+    {
+        if (Line(node) is int line)
+        {
+            _lines.TryAdd(path, line);
+        }
+    }
+
+    private static int? Line(YamlNode node) => node.Start.Line > 0 ? (int)node.Start.Line : null;
+
+    private MergeConfigException Error(string? keyPath, string problem, int? line = null) =>
+        new(sourcePath, line ?? (keyPath is not null && _lines.TryGetValue(keyPath, out int l) ? l : null), keyPath, problem);
+}
