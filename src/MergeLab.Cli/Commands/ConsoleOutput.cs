@@ -1,0 +1,73 @@
+using System.Globalization;
+using MergeLab.Config;
+using MergeLab.IO;
+using Spectre.Console;
+
+namespace MergeLab.Cli.Commands;
+
+/// <summary>Console helpers: whether to draw live widgets, byte formatting, and the error contract.</summary>
+internal static class ConsoleOutput
+{
+    /// <summary>True when standard output is a terminal; redirected output gets plain lines.</summary>
+    public static bool Interactive => !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
+
+    public static string Bytes(long bytes)
+    {
+        string[] units = ["B", "KB", "MB", "GB", "TB"];
+        double v = bytes;
+        int u = 0;
+        while (v >= 1000 && u < units.Length - 1)
+        {
+            v /= 1000;
+            u++;
+        }
+
+        return u == 0 ? $"{bytes} B" : v.ToString("0.00", CultureInfo.InvariantCulture) + " " + units[u];
+    }
+
+    /// <summary>Parses sizes such as <c>5GB</c>, <c>500MB</c>, <c>2GiB</c> or a plain byte count.</summary>
+    public static long ParseSize(string text)
+    {
+        var t = text.Trim();
+        (string Suffix, long Factor)[] units =
+        [
+            ("KIB", 1L << 10), ("MIB", 1L << 20), ("GIB", 1L << 30), ("TIB", 1L << 40),
+            ("KB", 1_000), ("MB", 1_000_000), ("GB", 1_000_000_000), ("TB", 1_000_000_000_000), ("B", 1),
+        ];
+        foreach (var (suffix, factor) in units)
+        {
+            if (t.EndsWith(suffix, StringComparison.OrdinalIgnoreCase)
+                && double.TryParse(t[..^suffix.Length], NumberStyles.Float, CultureInfo.InvariantCulture, out var n) && n > 0)
+            {
+                return checked((long)(n * factor));
+            }
+        }
+
+        return long.TryParse(t, NumberStyles.Integer, CultureInfo.InvariantCulture, out var plain) && plain > 0
+            ? plain
+            : throw new FormatException($"'{text}' is not a size; use e.g. 5GB, 500MB or 2GiB.");
+    }
+}
+
+/// <summary>The exit-code contract: 0 on success; otherwise a one-line reason on standard error.</summary>
+internal static class ConsoleErrors
+{
+    public static int Run(Func<int> action)
+    {
+        try
+        {
+            return action();
+        }
+        catch (OperationCanceledException)
+        {
+            Console.Error.WriteLine("mergelab: cancelled; nothing was written.");
+            return 130;
+        }
+        catch (Exception e) when (e is MergeException or MergeConfigException or SafetensorsFormatException
+                                       or IOException or UnauthorizedAccessException or ArgumentException or FormatException)
+        {
+            Console.Error.WriteLine("mergelab: " + e.Message.ReplaceLineEndings(" "));
+            return 1;
+        }
+    }
+}

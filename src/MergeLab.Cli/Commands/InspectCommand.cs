@@ -1,0 +1,49 @@
+using System.CommandLine;
+using System.Globalization;
+using MergeLab.IO;
+using Spectre.Console;
+
+namespace MergeLab.Cli.Commands;
+
+/// <summary><c>mergelab inspect PATH</c>: tensor names, dtypes, shapes and sizes of a checkpoint.</summary>
+internal static class InspectCommand
+{
+    public static Command Create()
+    {
+        var path = new Argument<string>("PATH") { Description = "A .safetensors file, a checkpoint directory, or a model.safetensors.index.json." };
+        var command = new Command("inspect", "List the tensors of a safetensors file or checkpoint directory, with totals.") { path };
+        command.SetAction(parse => ConsoleErrors.Run(() => Inspect(parse.GetValue(path)!)));
+        return command;
+    }
+
+    private static int Inspect(string path)
+    {
+        using var checkpoint = SafetensorsCheckpoint.Open(path);
+        var infos = checkpoint.TensorNames.Select(checkpoint.GetInfo).ToArray();
+        long elements = infos.Sum(i => i.ElementCount);
+        if (ConsoleOutput.Interactive)
+        {
+            var table = new Table().AddColumns("tensor", "dtype", "shape", "size");
+            foreach (var i in infos)
+            {
+                table.AddRow(Markup.Escape(i.Name), i.DTypeName, Shape(i.Shape), ConsoleOutput.Bytes(i.ByteLength));
+            }
+
+            AnsiConsole.Write(table);
+        }
+        else
+        {
+            foreach (var i in infos)
+            {
+                Console.WriteLine($"{i.Name}\t{i.DTypeName}\t{Shape(i.Shape)}\t{i.ByteLength}");
+            }
+        }
+
+        var dtypes = string.Join(", ", infos.GroupBy(i => i.DTypeName).Select(g => $"{g.Count()} {g.Key}"));
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"{infos.Length} tensors ({dtypes}), {elements:N0} parameters, {ConsoleOutput.Bytes(checkpoint.TotalSize)} in {checkpoint.Shards.Count} file(s)"));
+        return 0;
+    }
+
+    private static string Shape(long[] shape) => "[" + string.Join(", ", shape) + "]";
+}

@@ -1,0 +1,127 @@
+using System.CommandLine;
+using System.Diagnostics;
+using System.Globalization;
+using MergeLab.Config;
+using MergeLab.Engine;
+using MergeLab.IO;
+using Spectre.Console;
+using TorchSharp;
+
+namespace MergeLab.Cli.Commands;
+
+/// <summary><c>mergelab merge CONFIG.yaml OUT_DIR</c>: runs a mergekit-style config through the streaming engine.</summary>
+internal static class MergeCommand
+{
+    public static Command Create()
+    {
+        var config = new Argument<string>("CONFIG") { Description = "A mergekit-style YAML merge config." };
+        var output = new Argument<string>("OUT_DIR") { Description = "The output directory; must not exist." };
+        var device = new Option<string>("--device") { Description = "cpu, cuda or cuda:N.", DefaultValueFactory = _ => "cpu" };
+        var seed = new Option<long>("--seed") { Description = "Seed for random methods (DARE).", DefaultValueFactory = _ => 0 };
+        var shardSize = new Option<string>("--shard-size") { Description = "Maximum output shard size, e.g. 5GB or 500MB.", DefaultValueFactory = _ => "5GB" };
+        var overwrite = new Option<bool>("--overwrite") { Description = "Replace OUT_DIR if it exists, once the new merge is complete." };
+        var command = new Command("merge", "Merge the models of a YAML config into OUT_DIR (safetensors shards, index, config and tokenizer files).")
+        {
+            config, output, device, seed, shardSize, overwrite,
+        };
+        command.SetAction((parse, ct) => Task.FromResult(ConsoleErrors.Run(() => Merge(
+            parse.GetValue(config)!, parse.GetValue(output)!, parse.GetValue(device)!, parse.GetValue(seed),
+            parse.GetValue(shardSize)!, parse.GetValue(overwrite), ct))));
+        return command;
+    }
+
+    private static int Merge(string configPath, string output, string deviceName, long seed, string shardSize, bool overwrite, CancellationToken ct)
+    {
+        long maxShard = ConsoleOutput.ParseSize(shardSize);
+        var device = ParseDevice(deviceName);
+        var config = MergeConfig.Load(configPath);
+        var plan = MergePlan.Create(config, seed);
+        var request = new CheckpointMergeRequest
+        {
+            BaseModel = plan.BaseModelPath,
+            Experts = plan.ExpertPaths,
+            Method = plan.Method,
+            MethodForTensor = plan.MethodFor,
+            OutputDirectory = output,
+            Overwrite = overwrite,
+            OutputDType = plan.OutputDType,
+            MaxShardBytes = maxShard,
+            CopyFilesFrom = plan.TokenizerSource,
+            Device = device,
+        };
+
+        var clock = Stopwatch.StartNew();
+        CheckpointMergeResult result = ConsoleOutput.Interactive
+            ? AnsiConsole.Progress()
+                .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new TransferSpeedColumn(), new RemainingTimeColumn())
+                .Start(ctx => CheckpointMerger.Merge(request, new LiveProgress(ctx), ct))
+            : CheckpointMerger.Merge(request, new LineProgress(), ct);
+        Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+            $"Merged {result.TensorCount} tensors ({ConsoleOutput.Bytes(result.BytesWritten)}) into {result.OutputDirectory} in {clock.Elapsed.TotalSeconds:0.0} s."));
+        return 0;
+    }
+
+    private static torch.Device ParseDevice(string name)
+    {
+        var device = new torch.Device(name);
+        if (device.type == DeviceType.CUDA && !torch.cuda.is_available())
+        {
+            throw new ArgumentException($"--device {name}: CUDA is not available (this build references TorchSharp-cpu, or no GPU is present).");
+        }
+
+        return device;
+    }
+
+    /// <summary>A Spectre progress bar per pass: bytes read of the pass, speed, ETA.</summary>
+    private sealed class LiveProgress(ProgressContext context) : IProgress<CheckpointMergeProgress>
+    {
+        private ProgressTask? _task;
+        private (string, int) _pass;
+
+        public void Report(CheckpointMergeProgress p)
+        {
+            if (_task is null || _pass != (p.Stage, p.Pass))
+            {
+                _task?.StopTask();
+                _pass = (p.Stage, p.Pass);
+                _task = context.AddTask(Label(p), maxValue: Math.Max(p.BytesTotal, 1));
+            }
+
+            _task.Description = Label(p);
+            _task.Value = p.BytesDone;
+        }
+
+        private static string Label(CheckpointMergeProgress p) =>
+            p.Stage == "merge" ? $"merge {p.TensorsDone}/{p.TensorCount} tensors" : $"statistics pass {p.Pass} {p.TensorsDone}/{p.TensorCount}";
+    }
+
+    /// <summary>Plain progress lines for redirected output: one per tenth of each pass.</summary>
+    private sealed class LineProgress : IProgress<CheckpointMergeProgress>
+    {
+        private readonly Stopwatch _clock = Stopwatch.StartNew();
+        private (string, int) _pass;
+        private int _nextTenth;
+
+        public void Report(CheckpointMergeProgress p)
+        {
+            if (_pass != (p.Stage, p.Pass))
+            {
+                _pass = (p.Stage, p.Pass);
+                _nextTenth = 1;
+                _clock.Restart();
+            }
+
+            if (p.TensorsDone * 10 < _nextTenth * p.TensorCount && p.TensorsDone != p.TensorCount)
+            {
+                return;
+            }
+
+            _nextTenth = p.TensorsDone * 10 / p.TensorCount + 1;
+            double seconds = Math.Max(_clock.Elapsed.TotalSeconds, 1e-9);
+            double rate = p.BytesDone / seconds;
+            double eta = rate > 0 ? (p.BytesTotal - p.BytesDone) / rate : 0;
+            Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
+                $"{p.Stage} pass {p.Pass}: {p.TensorsDone}/{p.TensorCount} tensors, {rate / 1e9:0.00} GB/s, ETA {TimeSpan.FromSeconds(Math.Round(eta)):c}"));
+        }
+    }
+}

@@ -1,0 +1,126 @@
+using MergeLab.IO;
+using MergeLab.Methods;
+using MergeLab.Tensors;
+using MergeLab.Tests.IO;
+using NUnit.Framework;
+
+namespace MergeLab.Tests.Cli;
+
+/// <summary>Runs the mergelab command line in process, with its output captured.</summary>
+[NonParallelizable]
+public class CliTests
+{
+    private static (int Exit, string Out, string Err) Run(params string[] args)
+    {
+        var (stdout, stderr) = (Console.Out, Console.Error);
+        using var o = new StringWriter();
+        using var e = new StringWriter();
+        Console.SetOut(o);
+        Console.SetError(e);
+        try
+        {
+            int exit = MergeLab.Cli.Program.Main(args);
+            return (exit, o.ToString(), e.ToString());
+        }
+        finally
+        {
+            Console.SetOut(stdout);
+            Console.SetError(stderr);
+        }
+    }
+
+    private static string Save(TempDirectory dir, string name, StateDict model)
+    {
+        string path = Directory.CreateDirectory(Path.Combine(dir.Path, name)).FullName;
+        SafetensorsWriter.Write(Path.Combine(path, SafetensorsCheckpoint.SingleFileName), model);
+        File.WriteAllText(Path.Combine(path, "config.json"), "{\"model_type\": \"toy\"}");
+        return path;
+    }
+
+    [Test]
+    public void Merge_runs_a_yaml_config_and_matches_the_library()
+    {
+        using var dir = new TempDirectory();
+        using var baseModel = T.RandomModel(120);
+        using var e1 = T.Expert(baseModel, 121);
+        using var e2 = T.Expert(baseModel, 122);
+        Save(dir, "base", baseModel);
+        Save(dir, "math", e1);
+        Save(dir, "code", e2);
+        string config = dir.File("ties.yaml");
+        File.WriteAllText(config, """
+            merge_method: ties
+            base_model: base
+            models:
+              - model: math
+                parameters: {weight: 1.0, density: 0.5}
+              - model: code
+                parameters: {weight: 0.5, density: 0.7}
+            dtype: float32
+            """);
+        string output = dir.File("merged");
+
+        var (exit, stdout, stderr) = Run("merge", config, output, "--shard-size", "400B");
+
+        Assert.That(exit, Is.EqualTo(0), stderr);
+        Assert.That(stdout, Does.Contain("Merged 4 tensors"));
+        Assert.That(stdout, Does.Contain("merge pass 1: 4/4 tensors"), "redirected output gets plain progress lines");
+        Assert.That(File.Exists(Path.Combine(output, SafetensorsCheckpoint.IndexFileName)), Is.True);
+        Assert.That(File.Exists(Path.Combine(output, "config.json")), Is.True);
+
+        var expected = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Densities = [.5, .7], Weights = [1, .5] });
+        using var reference = expected.Merge(baseModel, [e1, e2]);
+        using var merged = SafetensorsCheckpoint.Open(output);
+        foreach (var name in reference.Names)
+        {
+            using var actual = merged.ReadTensor(name);
+            T.BitEqual(actual, reference[name]);
+        }
+    }
+
+    [Test]
+    public void Inspect_lists_tensors_and_totals()
+    {
+        using var dir = new TempDirectory();
+        using var model = T.RandomModel(123);
+        string path = Save(dir, "m", model);
+        var (exit, stdout, _) = Run("inspect", path);
+        Assert.That(exit, Is.EqualTo(0));
+        Assert.That(stdout, Does.Contain("layers.0.weight\tF32\t[8, 8]\t256"));
+        Assert.That(stdout, Does.Contain("4 tensors (4 F32), 232 parameters"));
+    }
+
+    [Test]
+    public void A_bad_config_fails_with_one_line_naming_the_key()
+    {
+        using var dir = new TempDirectory();
+        using var model = T.RandomModel(124);
+        Save(dir, "base", model);
+        string config = dir.File("bad.yaml");
+        File.WriteAllText(config, "merge_method: ties\nbase_model: base\nmodels:\n  - model: base\n    parameters: {densty: 0.5}\n");
+        var (exit, stdout, stderr) = Run("merge", config, dir.File("out"));
+        Assert.That(exit, Is.EqualTo(1));
+        Assert.That(stderr.TrimEnd().Split('\n'), Has.Length.EqualTo(1));
+        Assert.That(stderr, Does.StartWith("mergelab: ").And.Contain("densty"));
+        Assert.That(Directory.Exists(dir.File("out")), Is.False);
+    }
+
+    [Test]
+    public void Inspecting_a_malformed_file_fails_cleanly()
+    {
+        using var dir = new TempDirectory();
+        string path = dir.File("broken.safetensors");
+        File.WriteAllBytes(path, [1, 2, 3]);
+        var (exit, _, stderr) = Run("inspect", path);
+        Assert.That(exit, Is.EqualTo(1));
+        Assert.That(stderr, Does.StartWith("mergelab: ").And.Contain("broken.safetensors"));
+    }
+
+    [Test]
+    public void A_bad_shard_size_is_refused()
+    {
+        var (exit, _, stderr) = Run("merge", "x.yaml", "out", "--shard-size", "lots");
+        Assert.That(exit, Is.EqualTo(1));
+        Assert.That(stderr, Does.Contain("'lots' is not a size"));
+    }
+}
