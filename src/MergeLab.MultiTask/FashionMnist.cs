@@ -1,0 +1,182 @@
+using System.Buffers.Binary;
+using System.IO.Compression;
+
+namespace MergeLab.MultiTask;
+
+/// <summary>Fashion-MNIST's IDX files are not where they were looked for.</summary>
+public sealed class FashionMnistNotFoundException : Exception
+{
+    /// <summary>Creates the exception with the standard explanation.</summary>
+    public FashionMnistNotFoundException()
+        : base(Explain(FashionMnist.DefaultDirectory, FashionMnist.TrainImages))
+    {
+    }
+
+    /// <summary>Creates the exception with a message.</summary>
+    public FashionMnistNotFoundException(string message)
+        : base(message)
+    {
+    }
+
+    /// <summary>Creates the exception with a message and the cause.</summary>
+    public FashionMnistNotFoundException(string message, Exception innerException)
+        : base(message, innerException)
+    {
+    }
+
+    internal static string Explain(string directory, string missing) =>
+        $"Fashion-MNIST was not found: '{missing}' (or '{missing}.gz') is missing in '{directory}'. " +
+        "Install Debian's package (apt-get install dataset-fashion-mnist, which puts the IDX files in " +
+        $"{FashionMnist.DefaultDirectory}), or point --data or the {FashionMnist.EnvironmentVariable} environment " +
+        "variable at a directory holding train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte " +
+        "and t10k-labels-idx1-ubyte (gzipped or not). Nothing is downloaded.";
+}
+
+/// <summary>
+/// Fashion-MNIST (Xiao et al., 2017): 60,000 training and 10,000 test 28×28 grey-scale images of 10
+/// clothing classes, read from the IDX files of Debian's <c>dataset-fashion-mnist</c> package.
+/// </summary>
+public sealed class FashionMnist
+{
+    /// <summary>Where Debian's <c>dataset-fashion-mnist</c> installs the files.</summary>
+    public const string DefaultDirectory = "/usr/share/datasets/fashion-mnist";
+
+    /// <summary>The environment variable that overrides <see cref="DefaultDirectory"/>.</summary>
+    public const string EnvironmentVariable = "MERGELAB_FASHION_MNIST";
+
+    /// <summary>Image side length in pixels.</summary>
+    public const int Side = 28;
+
+    /// <summary>Pixels per image.</summary>
+    public const int Pixels = Side * Side;
+
+    /// <summary>The class names, in label order.</summary>
+    public static readonly IReadOnlyList<string> ClassNames =
+        ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"];
+
+    internal const string TrainImages = "train-images-idx3-ubyte";
+    internal const string TrainLabels = "train-labels-idx1-ubyte";
+    internal const string TestImages = "t10k-images-idx3-ubyte";
+    internal const string TestLabels = "t10k-labels-idx1-ubyte";
+
+    private FashionMnist(byte[] trainImages, byte[] trainLabels, byte[] testImages, byte[] testLabels, string directory)
+    {
+        TrainImagesBytes = trainImages;
+        TrainLabelsBytes = trainLabels;
+        TestImagesBytes = testImages;
+        TestLabelsBytes = testLabels;
+        Directory = directory;
+    }
+
+    /// <summary>The directory the files were read from.</summary>
+    public string Directory { get; }
+
+    /// <summary>Training images, row-major, <see cref="Pixels"/> bytes each (0 = background).</summary>
+    public byte[] TrainImagesBytes { get; }
+
+    /// <summary>Training labels, 0–9.</summary>
+    public byte[] TrainLabelsBytes { get; }
+
+    /// <summary>Test images, row-major.</summary>
+    public byte[] TestImagesBytes { get; }
+
+    /// <summary>Test labels, 0–9.</summary>
+    public byte[] TestLabelsBytes { get; }
+
+    /// <summary>The number of training images.</summary>
+    public int TrainCount => TrainLabelsBytes.Length;
+
+    /// <summary>The number of test images.</summary>
+    public int TestCount => TestLabelsBytes.Length;
+
+    /// <summary>The directory to read: <paramref name="directory"/> when given, else the
+    /// <see cref="EnvironmentVariable"/>, else <see cref="DefaultDirectory"/>.</summary>
+    public static string ResolveDirectory(string? directory = null)
+    {
+        if (!string.IsNullOrEmpty(directory))
+        {
+            return directory;
+        }
+
+        var fromEnvironment = Environment.GetEnvironmentVariable(EnvironmentVariable);
+        return string.IsNullOrEmpty(fromEnvironment) ? DefaultDirectory : fromEnvironment;
+    }
+
+    /// <summary>Whether all four files are present in the resolved directory.</summary>
+    public static bool IsAvailable(string? directory = null)
+    {
+        var dir = ResolveDirectory(directory);
+        return new[] { TrainImages, TrainLabels, TestImages, TestLabels }.All(f => Find(dir, f) is not null);
+    }
+
+    /// <summary>Reads the four IDX files (each plain or gzipped) from the resolved directory.</summary>
+    /// <exception cref="FashionMnistNotFoundException">A file is missing; the message says how to install it.</exception>
+    /// <exception cref="InvalidDataException">A file is not a valid IDX file of the expected shape.</exception>
+    public static FashionMnist Load(string? directory = null)
+    {
+        var dir = ResolveDirectory(directory);
+        var trainImages = ReadIdx(dir, TrainImages, 0x0803, [Side, Side]);
+        var trainLabels = ReadIdx(dir, TrainLabels, 0x0801, []);
+        var testImages = ReadIdx(dir, TestImages, 0x0803, [Side, Side]);
+        var testLabels = ReadIdx(dir, TestLabels, 0x0801, []);
+        if (trainImages.Length != trainLabels.Length * Pixels || testImages.Length != testLabels.Length * Pixels)
+        {
+            throw new InvalidDataException($"The image and label counts of Fashion-MNIST in '{dir}' disagree.");
+        }
+
+        return new FashionMnist(trainImages, trainLabels, testImages, testLabels, dir);
+    }
+
+    private static string? Find(string directory, string name)
+    {
+        foreach (var candidate in new[] { name, name + ".gz" })
+        {
+            var path = Path.Combine(directory, candidate);
+            if (File.Exists(path))
+            {
+                return path;
+            }
+        }
+
+        return null;
+    }
+
+    /// <summary>Reads an IDX file: magic (0x00 0x00 type rank), big-endian dimensions, then the bytes.</summary>
+    internal static byte[] ReadIdx(string directory, string name, int magic, int[] itemShape)
+    {
+        var path = Find(directory, name) ?? throw new FashionMnistNotFoundException(FashionMnistNotFoundException.Explain(directory, name));
+        using var file = File.OpenRead(path);
+        using Stream stream = path.EndsWith(".gz", StringComparison.Ordinal) ? new GZipStream(file, CompressionMode.Decompress) : file;
+        Span<byte> word = stackalloc byte[4];
+        stream.ReadExactly(word);
+        int actualMagic = BinaryPrimitives.ReadInt32BigEndian(word);
+        if (actualMagic != magic)
+        {
+            throw new InvalidDataException($"'{path}' is not an IDX file of the expected kind (magic 0x{actualMagic:x8}, expected 0x{magic:x8}).");
+        }
+
+        stream.ReadExactly(word);
+        int count = BinaryPrimitives.ReadInt32BigEndian(word);
+        long itemSize = 1;
+        foreach (int expected in itemShape)
+        {
+            stream.ReadExactly(word);
+            int dim = BinaryPrimitives.ReadInt32BigEndian(word);
+            if (dim != expected)
+            {
+                throw new InvalidDataException($"'{path}' has items of side {dim}, expected {expected}.");
+            }
+
+            itemSize *= dim;
+        }
+
+        if (count <= 0 || count * itemSize > int.MaxValue)
+        {
+            throw new InvalidDataException($"'{path}' declares {count} items.");
+        }
+
+        var data = new byte[count * itemSize];
+        stream.ReadExactly(data);
+        return data;
+    }
+}

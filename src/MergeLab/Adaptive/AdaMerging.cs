@@ -1,0 +1,621 @@
+using MergeLab.Tensors;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace MergeLab.Adaptive;
+
+/// <summary>Whether AdaMerging learns one coefficient per task or one per task per layer.</summary>
+public enum AdaMergingGranularity
+{
+    /// <summary>One λ_t per task for every parameter (the paper's task-wise AdaMerging, Eq. 4).</summary>
+    TaskWise,
+
+    /// <summary>One λ_{t,l} per task per layer (the paper's layer-wise AdaMerging, Eq. 5), where a
+    /// layer is a group of parameter names (<see cref="AdaMergingOptions.LayerOf"/>).</summary>
+    LayerWise,
+}
+
+/// <summary>Options of <see cref="AdaMerging"/>. The defaults are the paper's and its reference code's
+/// (<c>EnnengYang/AdaMerging</c>, <c>src/main_layer_wise_adamerging.py</c>).</summary>
+public sealed record AdaMergingOptions
+{
+    private readonly double _initial = 0.3;
+    private readonly double _learningRate = 1e-3;
+    private readonly double _beta1 = 0.9;
+    private readonly double _beta2 = 0.999;
+    private readonly double _epsilon = 1e-8;
+    private readonly int _steps = 500;
+    private readonly double _clampMin;
+    private readonly double _clampMax = 1.0;
+
+    /// <summary>Task-wise or layer-wise. Default <see cref="AdaMergingGranularity.LayerWise"/> (the
+    /// paper's better variant).</summary>
+    public AdaMergingGranularity Granularity { get; init; } = AdaMergingGranularity.LayerWise;
+
+    /// <summary>The initial λ of every task and layer (the reference's <c>prior</c>). Default 0.3; finite.</summary>
+    public double InitialCoefficient
+    {
+        get => _initial;
+        init
+        {
+            MergeLab.Options.RequireFinite(value, nameof(InitialCoefficient));
+            _initial = value;
+        }
+    }
+
+    /// <summary>Adam's learning rate. Default 1e-3; in (0, ∞).</summary>
+    public double LearningRate
+    {
+        get => _learningRate;
+        init
+        {
+            MergeLab.Options.RequireInRange(value, nameof(LearningRate), 0, double.MaxValue, minInclusive: false);
+            _learningRate = value;
+        }
+    }
+
+    /// <summary>Adam's β₁. Default 0.9; in [0, 1).</summary>
+    public double Beta1
+    {
+        get => _beta1;
+        init
+        {
+            MergeLab.Options.RequireInRange(value, nameof(Beta1), 0, 1, maxInclusive: false);
+            _beta1 = value;
+        }
+    }
+
+    /// <summary>Adam's β₂. Default 0.999; in [0, 1).</summary>
+    public double Beta2
+    {
+        get => _beta2;
+        init
+        {
+            MergeLab.Options.RequireInRange(value, nameof(Beta2), 0, 1, maxInclusive: false);
+            _beta2 = value;
+        }
+    }
+
+    /// <summary>Adam's ε. Default 1e-8 (PyTorch's); in (0, 1].</summary>
+    public double Epsilon
+    {
+        get => _epsilon;
+        init
+        {
+            MergeLab.Options.RequireInRange(value, nameof(Epsilon), 0, 1, minInclusive: false);
+            _epsilon = value;
+        }
+    }
+
+    /// <summary>The number of Adam steps. Default 500 (the paper); ≥ 0. Each step takes one batch of
+    /// every task.</summary>
+    public int Steps
+    {
+        get => _steps;
+        init
+        {
+            MergeLab.Options.RequireInRange(value, nameof(Steps), 0, int.MaxValue);
+            _steps = value;
+        }
+    }
+
+    /// <summary>The lower bound λ is clamped to in the forward pass. Default 0.</summary>
+    public double ClampMin
+    {
+        get => _clampMin;
+        init
+        {
+            MergeLab.Options.RequireFinite(value, nameof(ClampMin));
+            _clampMin = value;
+        }
+    }
+
+    /// <summary>The upper bound λ is clamped to in the forward pass. Default 1; at least
+    /// <see cref="ClampMin"/>.</summary>
+    public double ClampMax
+    {
+        get => _clampMax;
+        init
+        {
+            MergeLab.Options.RequireFinite(value, nameof(ClampMax));
+            _clampMax = value;
+        }
+    }
+
+    /// <summary>For layer-wise merging: the layer of a parameter name. Null (default):
+    /// <see cref="ParameterLayers.ModulePrefix"/>, so a module's weight and bias share one λ (the
+    /// reference has one λ per parameter tensor; pass <c>name =&gt; name</c> for that).</summary>
+    public Func<string, string>? LayerOf { get; init; }
+
+    /// <summary>Seeds the order in which each task's batches are visited (reshuffled after each pass,
+    /// as the reference's shuffled loader). Default 0. Results are identical for identical inputs, seed
+    /// and thread count.</summary>
+    public int Seed { get; init; }
+}
+
+/// <summary>Progress of <see cref="AdaMerging.Learn"/>: the step just finished and the summed entropy
+/// it measured (before its update).</summary>
+/// <param name="Step">Steps done, 1-based.</param>
+/// <param name="Steps">Steps in all.</param>
+/// <param name="Entropy">Σ_t mean entropy of task t's predictions at this step.</param>
+public readonly record struct AdaMergingProgress(int Step, int Steps, double Entropy);
+
+/// <summary>What <see cref="AdaMerging.Learn"/> returns: the coefficients, the merged weights and the
+/// entropy at every step. Owns <see cref="Merged"/>; dispose it.</summary>
+public sealed class AdaMergingResult : IDisposable
+{
+    internal AdaMergingResult(LayerCoefficients coefficients, LayerCoefficients initial, StateDict merged, IReadOnlyList<double> entropy)
+    {
+        Coefficients = coefficients;
+        InitialCoefficients = initial;
+        Merged = merged;
+        EntropyHistory = entropy;
+    }
+
+    /// <summary>The learned λ as used in the forward pass (clamped to [ClampMin, ClampMax]).</summary>
+    public LayerCoefficients Coefficients { get; }
+
+    /// <summary>The coefficients the optimisation started from.</summary>
+    public LayerCoefficients InitialCoefficients { get; }
+
+    /// <summary>The module's full state dict with the merged parameters θ0 + Σ_t λ_t·τ_t (every
+    /// tensor the task vectors do not cover is the module's own).</summary>
+    public StateDict Merged { get; }
+
+    /// <summary>Σ_t mean entropy at each step, measured before that step's update.</summary>
+    public IReadOnlyList<double> EntropyHistory { get; }
+
+    /// <summary>Disposes <see cref="Merged"/>.</summary>
+    public void Dispose() => Merged.Dispose();
+}
+
+/// <summary>
+/// AdaMerging (Yang et al., ICLR 2024, "AdaMerging: Adaptive Model Merging for Multi-Task Learning"):
+/// learns the task-arithmetic coefficients of θ = θ0 + Σ_t λ_t·τ_t, task-wise or layer-wise, by
+/// minimising the Shannon entropy of the merged model's predictions on unlabeled test batches, with
+/// Adam. AdaMerging++ is the same over TIES-selected task vectors (<see cref="TiesSelection"/>).
+/// </summary>
+/// <remarks>
+/// <para>Follows the reference code: λ starts at 0.3, is clamped to [0, 1] in the forward pass only
+/// (the raw value is what Adam updates, and a raw value outside the bounds gets no gradient, as
+/// <c>torch.clamp</c>'s backward), the loss is Σ_t mean_batch H(softmax(logits_t)) with each task's own
+/// head, Adam(lr 1e-3, β = (0.9, 0.999)), 500 steps. The reference takes two batches of 16 per task per
+/// step; here each step takes the next of the caller's batches for every task, so the batch size is
+/// the caller's.</para>
+/// <para>No functional rewrite of the module is needed: the merged parameters are linear in λ, so
+/// ∂L/∂λ_{t,l} = Σ_{p ∈ l} ⟨∂L/∂θ_p, τ_{t,p}⟩. Each step copies θ(λ) into the module's parameters,
+/// runs the forward and backward passes for the parameter gradients, and takes those inner products.
+/// Adam runs in double precision on the coefficients (PyTorch's update rule).</para>
+/// </remarks>
+public sealed class AdaMerging
+{
+    /// <summary>The layer name used for the single coefficient column of task-wise merging.</summary>
+    public const string AllParametersLayer = "*";
+
+    /// <summary>Creates the method; default options are the paper's (layer-wise).</summary>
+    /// <exception cref="ArgumentException">ClampMin exceeds ClampMax.</exception>
+    public AdaMerging(AdaMergingOptions? options = null)
+    {
+        Options = options ?? new AdaMergingOptions();
+        if (Options.ClampMin > Options.ClampMax)
+        {
+            throw new ArgumentException($"ClampMin ({Options.ClampMin}) exceeds ClampMax ({Options.ClampMax}).", nameof(options));
+        }
+    }
+
+    /// <summary>The options this instance was created with.</summary>
+    public AdaMergingOptions Options { get; }
+
+    /// <summary>
+    /// Learns the coefficients. The module must hold the pretrained weights θ0 when called; it is put
+    /// in evaluation mode for the run and left with its original weights, training mode and
+    /// <c>requires_grad</c> flags afterwards.
+    /// </summary>
+    /// <param name="module">The model whose parameters are merged (e.g. a shared backbone). Every name in
+    /// the task vectors must be one of its parameters or floating-point buffers (buffers are merged with
+    /// their layer's λ but give no gradient).</param>
+    /// <param name="taskVectors">τ_t = θ_t − θ0 per task, all with the same names and shapes.</param>
+    /// <param name="unlabeledBatches">For each task, its unlabeled input batches (on the module's
+    /// device). Each step uses the next batch of every task; each pass over a task's batches visits them
+    /// in a freshly seeded order.</param>
+    /// <param name="taskLogits">Maps the module's output for a batch of task t to task t's logits
+    /// [batch, classes] (e.g. applies task t's classification head). Its own parameters are not learned.</param>
+    /// <param name="progress">Receives each finished step and its entropy.</param>
+    /// <param name="cancellationToken">Checked before each step.</param>
+    /// <returns>The learned coefficients and the merged state dict.</returns>
+    /// <exception cref="ArgumentException">The counts disagree, a task has no batches, or a task-vector
+    /// name is not a parameter or buffer of the module (the message names it).</exception>
+    public AdaMergingResult Learn(nn.Module<Tensor, Tensor> module, IReadOnlyList<TaskVector> taskVectors,
+        IReadOnlyList<IReadOnlyList<Tensor>> unlabeledBatches, Func<Tensor, int, Tensor> taskLogits,
+        IProgress<AdaMergingProgress>? progress = null, CancellationToken cancellationToken = default)
+    {
+        ArgumentNullException.ThrowIfNull(module);
+        ArgumentNullException.ThrowIfNull(taskVectors);
+        ArgumentNullException.ThrowIfNull(unlabeledBatches);
+        ArgumentNullException.ThrowIfNull(taskLogits);
+        int taskCount = taskVectors.Count;
+        if (taskCount == 0)
+        {
+            throw new ArgumentException("AdaMerging needs at least one task vector.", nameof(taskVectors));
+        }
+
+        if (unlabeledBatches.Count != taskCount)
+        {
+            throw new ArgumentException($"There are {taskCount} task vectors but batches for {unlabeledBatches.Count} tasks.", nameof(unlabeledBatches));
+        }
+
+        for (int t = 0; t < taskCount; t++)
+        {
+            if (unlabeledBatches[t] is not { Count: > 0 })
+            {
+                throw new ArgumentException($"Task {t} has no unlabeled batches.", nameof(unlabeledBatches));
+            }
+        }
+
+        StateDictChecks.CheckCompatible(null, taskVectors.Select(v => v.Deltas).ToArray(), requiresBase: false);
+        var names = taskVectors[0].Names;
+        if (names.Count == 0)
+        {
+            throw new ArgumentException("The task vectors have no tensors.", nameof(taskVectors));
+        }
+
+        Func<string, string> layerOf = Options.Granularity == AdaMergingGranularity.TaskWise
+            ? _ => AllParametersLayer
+            : Options.LayerOf ?? ParameterLayers.ModulePrefix;
+        var (layers, layerOfName) = ParameterLayers.Group(names, layerOf);
+
+        using var run = new Run(module, taskVectors, names);
+        var raw = new double[taskCount, layers.Count];
+        for (int t = 0; t < taskCount; t++)
+        {
+            for (int l = 0; l < layers.Count; l++)
+            {
+                raw[t, l] = Options.InitialCoefficient;
+            }
+        }
+
+        var initial = new LayerCoefficients(layers, raw, layerOf);
+        var adam = new AdamState(raw.Length);
+        var order = new BatchOrder(unlabeledBatches, Options.Seed);
+        var history = new List<double>(Options.Steps);
+        for (int step = 0; step < Options.Steps; step++)
+        {
+            cancellationToken.ThrowIfCancellationRequested();
+            var clamped = Clamp(raw);
+            run.Load(clamped, layerOfName);
+            var (entropy, grad) = run.EntropyAndGradient(order, taskLogits, layerOfName, layers.Count);
+            for (int t = 0; t < taskCount; t++)
+            {
+                for (int l = 0; l < layers.Count; l++)
+                {
+                    // torch.clamp's backward passes the gradient only where min <= x <= max.
+                    if (raw[t, l] < Options.ClampMin || raw[t, l] > Options.ClampMax)
+                    {
+                        grad[t, l] = 0;
+                    }
+                }
+            }
+
+            adam.Step(raw, grad, Options);
+            history.Add(entropy);
+            progress?.Report(new AdaMergingProgress(step + 1, Options.Steps, entropy));
+        }
+
+        var learned = new LayerCoefficients(layers, Clamp(raw), layerOf);
+        var merged = run.MergedStateDict(learned, taskVectors);
+        return new AdaMergingResult(learned, initial, merged, history);
+    }
+
+    /// <summary>
+    /// The loss and its gradient at given coefficients, for one batch per task: Σ_t mean entropy and
+    /// ∂/∂λ[t, layer] (before any clamp mask). The module is restored afterwards. For tests.
+    /// </summary>
+    internal static (double Entropy, double[,] Gradient) EntropyAndGradient(nn.Module<Tensor, Tensor> module,
+        IReadOnlyList<TaskVector> taskVectors, IReadOnlyList<Tensor> batches, Func<Tensor, int, Tensor> taskLogits,
+        LayerCoefficients coefficients)
+    {
+        var names = taskVectors[0].Names;
+        var (layers, layerOfName) = ParameterLayers.Group(names, coefficients.LayerOf);
+        if (!layers.SequenceEqual(coefficients.Layers))
+        {
+            throw new ArgumentException("The coefficients' layers are not the names' layers in order of appearance.", nameof(coefficients));
+        }
+
+        using var run = new Run(module, taskVectors, names);
+        run.Load(coefficients.ToArray(), layerOfName);
+        var order = new BatchOrder(batches.Select(b => (IReadOnlyList<Tensor>)[b]).ToArray(), 0);
+        return run.EntropyAndGradient(order, taskLogits, layerOfName, layers.Count);
+    }
+
+    /// <summary>Mean over the batch of the Shannon entropy of softmax(<paramref name="logits"/>) over
+    /// the last dimension: mean_i −Σ_c p_ic·log p_ic (the reference's <c>softmax_entropy(x).mean(0)</c>).</summary>
+    public static Tensor MeanEntropy(Tensor logits)
+    {
+        ArgumentNullException.ThrowIfNull(logits);
+        using var scope = NewDisposeScope();
+        var logp = nn.functional.log_softmax(logits, -1);
+        return (-(logp.exp() * logp).sum(-1)).mean().MoveToOuterDisposeScope();
+    }
+
+    private double[,] Clamp(double[,] raw)
+    {
+        var c = (double[,])raw.Clone();
+        for (int t = 0; t < c.GetLength(0); t++)
+        {
+            for (int l = 0; l < c.GetLength(1); l++)
+            {
+                c[t, l] = Math.Clamp(c[t, l], Options.ClampMin, Options.ClampMax);
+            }
+        }
+
+        return c;
+    }
+
+    /// <summary>The module, its original state and the stacked task vectors for one run.</summary>
+    private sealed class Run : IDisposable
+    {
+        private readonly nn.Module<Tensor, Tensor> _module;
+        private readonly IReadOnlyList<string> _names;
+        private readonly Tensor[] _targets;        // the module's parameter or buffer per name
+        private readonly bool[] _isParameter;
+        private readonly Tensor[] _base;           // θ0 per name, float32
+        private readonly Tensor[] _stacked;        // [T, numel] float32 per name
+        private readonly bool[] _requiredGrad;
+        private readonly bool _wasTraining;
+        private readonly Dictionary<string, Tensor> _originalState;
+
+        public Run(nn.Module<Tensor, Tensor> module, IReadOnlyList<TaskVector> taskVectors, IReadOnlyList<string> names)
+        {
+            _module = module;
+            _names = names;
+            var parameters = module.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter, StringComparer.Ordinal);
+            var buffers = module.named_buffers().ToDictionary(b => b.name, b => b.buffer, StringComparer.Ordinal);
+            int n = names.Count;
+            _targets = new Tensor[n];
+            _isParameter = new bool[n];
+            _base = new Tensor[n];
+            _stacked = new Tensor[n];
+            _requiredGrad = new bool[n];
+            for (int i = 0; i < n; i++)
+            {
+                var name = names[i];
+                if (parameters.TryGetValue(name, out var p))
+                {
+                    _targets[i] = p;
+                    _isParameter[i] = true;
+                }
+                else if (buffers.TryGetValue(name, out var b) && b.is_floating_point())
+                {
+                    _targets[i] = b;
+                }
+                else
+                {
+                    throw new ArgumentException($"The task vectors have a tensor '{name}' that is not a parameter or floating-point buffer of the module.", nameof(taskVectors));
+                }
+
+                if (!_targets[i].shape.SequenceEqual(taskVectors[0][name].shape))
+                {
+                    throw new ArgumentException(
+                        $"The task vectors' '{name}' has shape [{string.Join(", ", taskVectors[0][name].shape)}] but the module's has [{string.Join(", ", _targets[i].shape)}].",
+                        nameof(taskVectors));
+                }
+            }
+
+            _wasTraining = module.training;
+            _originalState = module.state_dict().ToDictionary(kv => kv.Key, kv => Copy(kv.Value), StringComparer.Ordinal);
+            for (int i = 0; i < n; i++)
+            {
+                var device = _targets[i].device;
+                // Float32 arithmetic, or float64 for a float64 module.
+                var dtype = _targets[i].dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
+                using (var detached = _targets[i].detach())
+                {
+                    _base[i] = detached.to(dtype, copy: true).DetachFromDisposeScope();
+                }
+
+                using var scope = NewDisposeScope();
+                _stacked[i] = stack(taskVectors.Select(v => v[names[i]].to(device).to(dtype).flatten()).ToArray())
+                    .MoveToOuterDisposeScope().DetachFromDisposeScope();
+                _requiredGrad[i] = _targets[i].requires_grad;
+            }
+
+            module.eval();
+            for (int i = 0; i < n; i++)
+            {
+                if (_isParameter[i])
+                {
+                    _targets[i].requires_grad_(true);
+                }
+            }
+        }
+
+        private static Tensor Copy(Tensor t)
+        {
+            using var detached = t.detach();
+            return detached.clone().DetachFromDisposeScope();
+        }
+
+        /// <summary>Copies θ0 + λ·τ into the module (no autograd history).</summary>
+        public void Load(double[,] coefficients, int[] layerOfName)
+        {
+            using var noGrad = no_grad();
+            using var scope = NewDisposeScope();
+            int taskCount = coefficients.GetLength(0);
+            for (int i = 0; i < _names.Count; i++)
+            {
+                var lambda = new double[taskCount];
+                for (int t = 0; t < taskCount; t++)
+                {
+                    lambda[t] = coefficients[t, layerOfName[i]];
+                }
+
+                var l = tensor(lambda, ScalarType.Float64, _stacked[i].device).to(_stacked[i].dtype);
+                var merged = _base[i] + l.matmul(_stacked[i]).view(_base[i].shape);
+                _targets[i].copy_(merged);
+            }
+        }
+
+        /// <summary>Runs every task's next batch; returns Σ_t mean entropy and ∂/∂λ[t, layer].</summary>
+        public (double Entropy, double[,] Gradient) EntropyAndGradient(BatchOrder order, Func<Tensor, int, Tensor> taskLogits,
+            int[] layerOfName, int layerCount)
+        {
+            int taskCount = (int)_stacked[0].shape[0];
+            var paramIndex = Enumerable.Range(0, _names.Count).Where(i => _isParameter[i]).ToArray();
+            var inputs = paramIndex.Select(i => _targets[i]).ToArray();
+            var total = new Tensor?[paramIndex.Length];
+            double entropy = 0;
+            var gradient = new double[taskCount, layerCount];
+            using var scope = NewDisposeScope();
+            for (int t = 0; t < taskCount; t++)
+            {
+                using var taskScope = NewDisposeScope();
+                var batch = order.Next(t);
+                var output = _module.call(batch);
+                var h = MeanEntropy(taskLogits(output, t));
+                var grads = autograd.grad([h], inputs, allow_unused: true);
+                for (int j = 0; j < grads.Count; j++)
+                {
+                    var g = grads[j];
+                    if (g is null || g.IsInvalid)
+                    {
+                        continue;
+                    }
+
+                    if (total[j] is null)
+                    {
+                        total[j] = g.detach().clone().MoveToOuterDisposeScope();
+                    }
+                    else
+                    {
+                        total[j]!.add_(g);
+                    }
+                }
+
+                entropy += h.to(ScalarType.Float64).item<double>();
+            }
+
+            for (int j = 0; j < paramIndex.Length; j++)
+            {
+                if (total[j] is not { } g)
+                {
+                    continue;
+                }
+
+                int i = paramIndex[j];
+                // ⟨∂L/∂θ_p, τ_{t,p}⟩ for every task at once: [T, n] @ [n] in float64.
+                var inner = _stacked[i].to(ScalarType.Float64).matmul(g.flatten().to(ScalarType.Float64)).cpu();
+                var values = inner.data<double>().ToArray();
+                for (int t = 0; t < taskCount; t++)
+                {
+                    gradient[t, layerOfName[i]] += values[t];
+                }
+            }
+
+            return (entropy, gradient);
+        }
+
+        /// <summary>The module's state dict with the merged tensors replaced, in state-dict order.</summary>
+        public StateDict MergedStateDict(LayerCoefficients coefficients, IReadOnlyList<TaskVector> taskVectors)
+        {
+            using var baseModel = new StateDict();
+            foreach (var (name, value) in _originalState)
+            {
+                baseModel.Add(name, value.clone());
+            }
+
+            return coefficients.ApplyTo(baseModel, taskVectors);
+        }
+
+        public void Dispose()
+        {
+            using (no_grad())
+            {
+                for (int i = 0; i < _names.Count; i++)
+                {
+                    _targets[i].copy_(_originalState.TryGetValue(_names[i], out var o) ? o : _base[i]);
+                    if (_isParameter[i])
+                    {
+                        _targets[i].requires_grad_(_requiredGrad[i]);
+                    }
+                }
+            }
+
+            _module.train(_wasTraining);
+            foreach (var t in _base.Concat(_stacked).Concat(_originalState.Values))
+            {
+                t?.Dispose();
+            }
+        }
+    }
+
+    /// <summary>Which batch each task uses next: passes over each task's batches in seeded orders.</summary>
+    private sealed class BatchOrder
+    {
+        private readonly IReadOnlyList<IReadOnlyList<Tensor>> _batches;
+        private readonly Random[] _random;
+        private readonly int[][] _order;
+        private readonly int[] _position;
+
+        public BatchOrder(IReadOnlyList<IReadOnlyList<Tensor>> batches, int seed)
+        {
+            _batches = batches;
+            _random = new Random[batches.Count];
+            _order = new int[batches.Count][];
+            _position = new int[batches.Count];
+            for (int t = 0; t < batches.Count; t++)
+            {
+#pragma warning disable CA5394 // Reproducible shuffling, not security.
+                // Not HashCode.Combine: it is randomised per process, and the order must not be.
+                _random[t] = new Random((int)(((uint)seed * 2654435761u) ^ (uint)(t * 40503)) & int.MaxValue);
+#pragma warning restore CA5394
+                _order[t] = Enumerable.Range(0, batches[t].Count).ToArray();
+                Shuffle(t);
+            }
+        }
+
+        public Tensor Next(int task)
+        {
+            if (_position[task] == _order[task].Length)
+            {
+                Shuffle(task);
+            }
+
+            return _batches[task][_order[task][_position[task]++]];
+        }
+
+        private void Shuffle(int task)
+        {
+#pragma warning disable CA5394
+            _random[task].Shuffle(_order[task]);
+#pragma warning restore CA5394
+            _position[task] = 0;
+        }
+    }
+
+    /// <summary>Adam on a flat array of doubles, as <c>torch.optim.Adam</c> (no weight decay, no amsgrad).</summary>
+    private sealed class AdamState(int size)
+    {
+        private readonly double[] _m = new double[size];
+        private readonly double[] _v = new double[size];
+        private int _step;
+
+        public void Step(double[,] parameters, double[,] gradient, AdaMergingOptions o)
+        {
+            _step++;
+            double bias1 = 1 - Math.Pow(o.Beta1, _step);
+            double bias2 = 1 - Math.Pow(o.Beta2, _step);
+            double stepSize = o.LearningRate / bias1;
+            int cols = parameters.GetLength(1);
+            for (int k = 0; k < _m.Length; k++)
+            {
+                int r = k / cols, c = k % cols;
+                double g = gradient[r, c];
+                _m[k] = o.Beta1 * _m[k] + (1 - o.Beta1) * g;
+                _v[k] = o.Beta2 * _v[k] + (1 - o.Beta2) * g * g;
+                double denom = Math.Sqrt(_v[k]) / Math.Sqrt(bias2) + o.Epsilon;
+                parameters[r, c] -= stepSize * _m[k] / denom;
+            }
+        }
+    }
+}

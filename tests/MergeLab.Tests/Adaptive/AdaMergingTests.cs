@@ -1,0 +1,300 @@
+using MergeLab.Adaptive;
+using MergeLab.Tensors;
+using NUnit.Framework;
+using TorchSharp;
+using TorchSharp.Modules;
+using static TorchSharp.torch;
+
+namespace MergeLab.Tests.Adaptive;
+
+public class AdaMergingTests
+{
+    /// <summary>A 4 → 5 → 3 MLP whose parameters are named like a real backbone's.</summary>
+    private sealed class TinyNet : nn.Module<Tensor, Tensor>
+    {
+        private readonly Linear first;
+        private readonly Linear second;
+
+        public TinyNet(long seed, ScalarType dtype = ScalarType.Float32)
+            : base(nameof(TinyNet))
+        {
+            manual_seed(seed);
+            first = nn.Linear(4, 5);
+            second = nn.Linear(5, 3);
+            RegisterComponents();
+            this.to(dtype);
+        }
+
+        public override Tensor forward(Tensor input)
+        {
+            using var hidden = nn.functional.tanh(first.call(input));
+            return second.call(hidden);
+        }
+    }
+
+    private sealed record Problem(TinyNet Net, TaskVector[] Vectors, Tensor[][] Batches, Linear[] Heads) : IDisposable
+    {
+        public Tensor Logits(Tensor output, int task) => Heads[task].call(output);
+
+        public void Dispose()
+        {
+            Net.Dispose();
+            foreach (var v in Vectors)
+            {
+                v.Dispose();
+            }
+
+            foreach (var b in Batches.SelectMany(b => b))
+            {
+                b.Dispose();
+            }
+
+            foreach (var h in Heads)
+            {
+                h.Dispose();
+            }
+        }
+    }
+
+    /// <summary>Two tasks: random task vectors of the net's shapes, random batches, per-task heads.</summary>
+    private static Problem MakeProblem(ScalarType dtype = ScalarType.Float32, int batchesPerTask = 2)
+    {
+        var net = new TinyNet(1, dtype);
+        using var g = new Generator(7);
+        var vectors = new TaskVector[2];
+        for (int t = 0; t < 2; t++)
+        {
+            var deltas = new StateDict();
+            foreach (var (name, p) in net.named_parameters())
+            {
+                deltas.Add(name, (randn(p.shape, generator: g) * 0.5).to(dtype));
+            }
+
+            vectors[t] = TaskVector.FromDeltas(deltas);
+        }
+
+        var batches = Enumerable.Range(0, 2)
+            .Select(_ => Enumerable.Range(0, batchesPerTask).Select(_ => randn([6, 4], generator: g).to(dtype)).ToArray())
+            .ToArray();
+        manual_seed(3);
+        var heads = Enumerable.Range(0, 2).Select(t => nn.Linear(3, t == 0 ? 3 : 2)).ToArray();
+        foreach (var h in heads)
+        {
+            h.to(dtype);
+        }
+
+        return new Problem(net, vectors, batches, heads);
+    }
+
+    /// <summary>Σ_t mean entropy of the net loaded with <paramref name="coefficients"/>, computed directly.</summary>
+    private static double DirectEntropy(Problem p, LayerCoefficients coefficients, int batch = 0)
+    {
+        using var scope = NewDisposeScope();
+        using var baseModel = new StateDict();
+        foreach (var (name, value) in p.Net.state_dict())
+        {
+            baseModel.Add(name, value.detach().clone());
+        }
+
+        using var merged = coefficients.ApplyTo(baseModel, p.Vectors);
+        using var copy = new TinyNet(1, merged[merged.Names[0]].dtype);
+        using (no_grad())
+        {
+            foreach (var (name, value) in copy.state_dict())
+            {
+                value.copy_(merged[name]);
+            }
+        }
+
+        double total = 0;
+        for (int t = 0; t < 2; t++)
+        {
+            total += AdaMerging.MeanEntropy(p.Logits(copy.call(p.Batches[t][batch]), t)).to(ScalarType.Float64).item<double>();
+        }
+
+        return total;
+    }
+
+    [Test]
+    public void MeanEntropy_matches_the_formula()
+    {
+        using var logits = tensor(new float[] { 0, 0, 0, 0, 1, 2 }, [2, 3]);
+        var p = new[] { Math.Exp(0), Math.Exp(1), Math.Exp(2) };
+        double z = p.Sum();
+        double h2 = -p.Select(v => v / z * Math.Log(v / z)).Sum();
+        double expected = (Math.Log(3) + h2) / 2;
+        using var h = AdaMerging.MeanEntropy(logits);
+        Assert.That(h.item<float>(), Is.EqualTo(expected).Within(1e-6));
+    }
+
+    [TestCase(AdaMergingGranularity.LayerWise)]
+    [TestCase(AdaMergingGranularity.TaskWise)]
+    public void Coefficient_gradient_equals_central_finite_differences(AdaMergingGranularity granularity)
+    {
+        using var p = MakeProblem(ScalarType.Float64);
+        Func<string, string> layerOf = granularity == AdaMergingGranularity.TaskWise ? _ => AdaMerging.AllParametersLayer : ParameterLayers.ModulePrefix;
+        var (layers, _) = ParameterLayers.Group(p.Vectors[0].Names, layerOf);
+        Assert.That(layers, Is.EqualTo(granularity == AdaMergingGranularity.TaskWise ? new[] { "*" } : new[] { "first", "second" }));
+        var values = new double[2, layers.Count];
+        for (int t = 0; t < 2; t++)
+        {
+            for (int l = 0; l < layers.Count; l++)
+            {
+                values[t, l] = 0.2 + 0.15 * t + 0.1 * l;
+            }
+        }
+
+        var at = new LayerCoefficients(layers, values, layerOf);
+        var (entropy, gradient) = AdaMerging.EntropyAndGradient(p.Net, p.Vectors, [p.Batches[0][0], p.Batches[1][0]], p.Logits, at);
+        Assert.That(entropy, Is.EqualTo(DirectEntropy(p, at)).Within(1e-12), "the loss at the coefficients");
+
+        const double h = 1e-5;
+        for (int t = 0; t < 2; t++)
+        {
+            for (int l = 0; l < layers.Count; l++)
+            {
+                var plus = (double[,])values.Clone();
+                var minus = (double[,])values.Clone();
+                plus[t, l] += h;
+                minus[t, l] -= h;
+                double numeric = (DirectEntropy(p, new LayerCoefficients(layers, plus, layerOf))
+                    - DirectEntropy(p, new LayerCoefficients(layers, minus, layerOf))) / (2 * h);
+                Assert.That(gradient[t, l], Is.EqualTo(numeric).Within(1e-7 + 1e-6 * Math.Abs(numeric)), $"∂/∂λ[{t}, {layers[l]}]");
+            }
+        }
+    }
+
+    [Test]
+    public void Learn_lowers_the_entropy_and_moves_the_coefficients()
+    {
+        using var p = MakeProblem(batchesPerTask: 1);
+        var ada = new AdaMerging(new AdaMergingOptions { Steps = 40, LearningRate = 1e-2 });
+        var reports = new List<AdaMergingProgress>();
+        using var result = ada.Learn(p.Net, p.Vectors, p.Batches, p.Logits, new SyncProgress<AdaMergingProgress>(reports.Add));
+
+        Assert.That(result.EntropyHistory, Has.Count.EqualTo(40));
+        Assert.That(reports.Select(r => r.Step), Is.EqualTo(Enumerable.Range(1, 40)));
+        // One batch per task, so every step measures the same loss.
+        Assert.That(result.EntropyHistory[^1], Is.LessThan(result.EntropyHistory[0] - 0.01));
+        var learned = result.Coefficients.ToArray().Cast<double>().ToArray();
+        Assert.That(result.InitialCoefficients.ToArray().Cast<double>(), Is.All.EqualTo(0.3));
+        Assert.That(learned.Max(v => Math.Abs(v - 0.3)), Is.GreaterThan(0.05), "the coefficients moved");
+        Assert.That(learned, Is.All.InRange(0.0, 1.0), "clamped to [0, 1]");
+        Assert.That(result.Coefficients.Layers, Is.EqualTo(new[] { "first", "second" }));
+    }
+
+    [Test]
+    public void Learn_returns_the_merge_of_its_coefficients_and_restores_the_module()
+    {
+        using var p = MakeProblem();
+        var before = p.Net.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+        p.Net.train();
+        p.Net.named_parameters().First().parameter.requires_grad_(false);
+        using var result = new AdaMerging(new AdaMergingOptions { Steps = 5, LearningRate = 0.05 })
+            .Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+
+        foreach (var (name, value) in p.Net.state_dict())
+        {
+            T.BitEqual(value.detach(), before[name]);
+        }
+
+        Assert.That(p.Net.training, Is.True, "training mode restored");
+        Assert.That(p.Net.named_parameters().First().parameter.requires_grad, Is.False, "requires_grad restored");
+
+        using var baseModel = new StateDict(before);
+        using var expected = result.Coefficients.ApplyTo(baseModel, p.Vectors);
+        Assert.That(result.Merged.Names, Is.EqualTo(expected.Names));
+        foreach (var name in expected.Names)
+        {
+            T.BitEqual(result.Merged[name], expected[name]);
+        }
+
+        // θ = θ0 + Σ_t λ_t τ_t by hand for one tensor.
+        var w = before["second.weight"].clone();
+        for (int t = 0; t < 2; t++)
+        {
+            w.add_(p.Vectors[t]["second.weight"], alpha: result.Coefficients.For(t, "second.weight"));
+        }
+
+        T.Near(result.Merged["second.weight"], w, 1e-6);
+    }
+
+    [Test]
+    public void Learn_is_deterministic_for_a_seed()
+    {
+        using var p = MakeProblem(batchesPerTask: 3);
+        var options = new AdaMergingOptions { Steps = 12, LearningRate = 0.02, Seed = 5 };
+        using var a = new AdaMerging(options).Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+        using var b = new AdaMerging(options).Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+        Assert.That(b.Coefficients.ToArray(), Is.EqualTo(a.Coefficients.ToArray()));
+        Assert.That(b.EntropyHistory, Is.EqualTo(a.EntropyHistory));
+    }
+
+    [Test]
+    public void Task_wise_learns_one_coefficient_per_task_and_a_custom_grouping_is_honoured()
+    {
+        using var p = MakeProblem();
+        using var taskWise = new AdaMerging(new AdaMergingOptions { Granularity = AdaMergingGranularity.TaskWise, Steps = 3 })
+            .Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+        Assert.That(taskWise.Coefficients.Layers, Is.EqualTo(new[] { AdaMerging.AllParametersLayer }));
+        Assert.That(taskWise.Coefficients.TaskCount, Is.EqualTo(2));
+
+        using var perTensor = new AdaMerging(new AdaMergingOptions { LayerOf = name => name, Steps = 3 })
+            .Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+        Assert.That(perTensor.Coefficients.Layers, Is.EqualTo(new[] { "first.weight", "first.bias", "second.weight", "second.bias" }));
+    }
+
+    [Test]
+    public void Zero_steps_merge_with_the_initial_coefficient()
+    {
+        using var p = MakeProblem();
+        using var result = new AdaMerging(new AdaMergingOptions { Steps = 0, InitialCoefficient = 0.5 })
+            .Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+        Assert.That(result.EntropyHistory, Is.Empty);
+        var expected = p.Net.state_dict()["first.bias"].detach() + 0.5 * (p.Vectors[0]["first.bias"] + p.Vectors[1]["first.bias"]);
+        T.Near(result.Merged["first.bias"], expected, 1e-6);
+    }
+
+    [Test]
+    public void Clamping_stops_a_coefficient_at_its_bound()
+    {
+        using var p = MakeProblem();
+        // A huge learning rate throws some raw λ outside [0, 1]; the merge uses the clamped value, and a
+        // raw value outside gets no gradient (torch.clamp's backward), so it stays there.
+        using var result = new AdaMerging(new AdaMergingOptions { Steps = 10, LearningRate = 5 })
+            .Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+        var values = result.Coefficients.ToArray().Cast<double>().ToArray();
+        Assert.That(values, Is.All.InRange(0.0, 1.0));
+        Assert.That(values.Any(v => v is 0.0 or 1.0), Is.True, $"some coefficient at a bound: [{string.Join(", ", values)}]");
+    }
+
+    [Test]
+    public void Unknown_names_and_mismatched_counts_are_rejected()
+    {
+        using var p = MakeProblem();
+        var ada = new AdaMerging(new AdaMergingOptions { Steps = 1 });
+        using var stray = TaskVector.FromDeltas(new StateDict { { "third.weight", zeros(2) } });
+        var ex = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, [stray], [p.Batches[0]], p.Logits));
+        Assert.That(ex!.Message, Does.Contain("third.weight"));
+        Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, [p.Batches[0]], p.Logits));
+        Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, [p.Batches[0], []], p.Logits));
+        Assert.Throws<ArgumentException>(() => _ = new AdaMerging(new AdaMergingOptions { ClampMin = 1, ClampMax = 0 }));
+        Assert.Throws<ArgumentOutOfRangeException>(() => _ = new AdaMergingOptions { LearningRate = 0 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => _ = new AdaMergingOptions { InitialCoefficient = double.NaN });
+    }
+
+    [Test]
+    public void Cancellation_is_honoured_between_steps()
+    {
+        using var p = MakeProblem();
+        using var cts = new CancellationTokenSource();
+        cts.Cancel();
+        Assert.Throws<OperationCanceledException>(() =>
+            new AdaMerging(new AdaMergingOptions { Steps = 3 }).Learn(p.Net, p.Vectors, p.Batches, p.Logits, cancellationToken: cts.Token));
+    }
+
+    private sealed class SyncProgress<TValue>(Action<TValue> report) : IProgress<TValue>
+    {
+        public void Report(TValue value) => report(value);
+    }
+}

@@ -1,0 +1,64 @@
+using MergeLab.Adaptive;
+using MergeLab.Methods;
+using MergeLab.Stages;
+using MergeLab.Tensors;
+using NUnit.Framework;
+using static TorchSharp.torch;
+
+namespace MergeLab.Tests.Adaptive;
+
+public class TiesSelectionTests
+{
+    [Test]
+    public void The_selected_vectors_sum_to_the_ties_dis_sum_merge()
+    {
+        using var baseModel = T.RandomModel(1);
+        StateDict[] experts = [T.Expert(baseModel, 2), T.Expert(baseModel, 3), T.Expert(baseModel, 4)];
+        var taus = experts.Select(e => TaskVector.Between(e, baseModel)).ToArray();
+        try
+        {
+            var selected = TiesSelection.Select(taus, density: 0.3);
+            using var sum = TaskVector.Combine(selected);
+            using var ties = new TiesMerge(new TiesOptions { Density = 0.3, Aggregation = Aggregation.Sum }).Merge(baseModel, experts);
+            using var tiesTau = TaskVector.Between(ties, baseModel);
+            foreach (var name in baseModel.Names)
+            {
+                T.Near(sum[name], tiesTau[name], 1e-5);
+            }
+
+            foreach (var s in selected)
+            {
+                s.Dispose();
+            }
+        }
+        finally
+        {
+            foreach (var e in experts)
+            {
+                e.Dispose();
+            }
+
+            foreach (var t in taus)
+            {
+                t.Dispose();
+            }
+        }
+    }
+
+    [Test]
+    public void Each_task_keeps_its_trimmed_entries_that_agree_with_the_elected_sign()
+    {
+        // Density 0.5 of 4 entries over the whole model keeps ⌊4·0.5⌋ + 1 = 3 largest (the paper's
+        // k-th smallest threshold, k = 4 − 2).
+        using var a = TaskVector.FromDeltas(new StateDict { { "w", tensor(new float[] { 4, -3, 0.5f, 2 }) } });
+        using var b = TaskVector.FromDeltas(new StateDict { { "w", tensor(new float[] { -1, -5, 3, 0.1f }) } });
+        var selected = TiesSelection.Select([a, b], density: 0.5);
+        // a trimmed: [4, -3, 0, 2]; b trimmed: [-1, -5, 3, 0]; sums [3, -8, 3, 2] → signs [+, -, +, +].
+        T.Near(selected[0]["w"], [4, -3, 0, 2]);
+        T.Near(selected[1]["w"], [0, -5, 3, 0]);
+        foreach (var s in selected)
+        {
+            s.Dispose();
+        }
+    }
+}
