@@ -49,7 +49,8 @@ internal static class ConsoleOutput
     }
 }
 
-/// <summary>The exit-code contract: 0 on success; otherwise a one-line reason on standard error.</summary>
+/// <summary>The exit-code contract: 0 on success; 1 for a bad input, config or environment, 2 for an
+/// internal error, 130 when cancelled; otherwise a one-line reason on standard error.</summary>
 internal static class ConsoleErrors
 {
     public static int Run(Func<int> action)
@@ -68,6 +69,13 @@ internal static class ConsoleErrors
         {
             Console.Error.WriteLine("mergelab: " + e.Message.ReplaceLineEndings(" "));
             return 1;
+        }
+        catch (Exception e)
+        {
+            // A bug rather than a bad input: still one line (the contract), with the stack on request.
+            Console.Error.WriteLine($"mergelab: internal error ({e.GetType().Name}): {e.Message.ReplaceLineEndings(" ")}" +
+                (Environment.GetEnvironmentVariable("MERGELAB_DEBUG") is "1" ? Environment.NewLine + e : " (set MERGELAB_DEBUG=1 for details)"));
+            return 2;
         }
     }
 }

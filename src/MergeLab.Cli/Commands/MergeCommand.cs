@@ -20,17 +20,25 @@ internal static class MergeCommand
         var seed = new Option<long>("--seed") { Description = "Seed for random methods (DARE).", DefaultValueFactory = _ => 0 };
         var shardSize = new Option<string>("--shard-size") { Description = "Maximum output shard size, e.g. 5GB or 500MB.", DefaultValueFactory = _ => "5GB" };
         var overwrite = new Option<bool>("--overwrite") { Description = "Replace OUT_DIR if it exists, once the new merge is complete." };
+        var nonFinite = new Option<string>("--nonfinite")
+        {
+            Description = "Input tensors holding NaN or Inf: fail (stop, naming the tensor and file) or pass (merge them as they are).",
+            DefaultValueFactory = _ => "fail",
+        };
+        nonFinite.AcceptOnlyFromAmong("fail", "pass");
         var command = new Command("merge", "Merge the models of a YAML config into OUT_DIR (safetensors shards, index, config and tokenizer files).")
         {
-            config, output, device, seed, shardSize, overwrite,
+            config, output, device, seed, shardSize, overwrite, nonFinite,
         };
         command.SetAction((parse, ct) => Task.FromResult(ConsoleErrors.Run(() => Merge(
             parse.GetValue(config)!, parse.GetValue(output)!, parse.GetValue(device)!, parse.GetValue(seed),
-            parse.GetValue(shardSize)!, parse.GetValue(overwrite), ct))));
+            parse.GetValue(shardSize)!, parse.GetValue(overwrite),
+            parse.GetValue(nonFinite) == "pass" ? NonFiniteInputs.Pass : NonFiniteInputs.Fail, ct))));
         return command;
     }
 
-    private static int Merge(string configPath, string output, string deviceName, long seed, string shardSize, bool overwrite, CancellationToken ct)
+    private static int Merge(string configPath, string output, string deviceName, long seed, string shardSize, bool overwrite,
+        NonFiniteInputs nonFinite, CancellationToken ct)
     {
         long maxShard = ConsoleOutput.ParseSize(shardSize);
         var device = ParseDevice(deviceName);
@@ -48,6 +56,7 @@ internal static class MergeCommand
             MaxShardBytes = maxShard,
             CopyFilesFrom = plan.TokenizerSource,
             Device = device,
+            NonFinite = nonFinite,
         };
 
         var clock = Stopwatch.StartNew();

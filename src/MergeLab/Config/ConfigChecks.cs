@@ -1,7 +1,7 @@
 namespace MergeLab.Config;
 
 /// <summary>The checks that need no tensor names and no file system: method, parameter names and
-/// types, dtype names, tokenizer source. Run by <see cref="MergeConfig.Parse"/> and again by
+/// types, dtype names, tokenizer source. Run by <see cref="MergeConfig.Parse(string, string?)"/> and again by
 /// <see cref="MergePlan.Create(MergeConfig, IReadOnlyList{string}, long)"/> (for configs built in code).</summary>
 internal static class ConfigChecks
 {

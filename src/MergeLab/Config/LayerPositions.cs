@@ -17,6 +17,7 @@ namespace MergeLab.Config;
 /// counted per stack, the part of the name up to that match, so a vision tower and a language model in
 /// one checkpoint each run from t = 0 to 1, as mergekit's per-module layer counts do; in a model with
 /// one stack n is the largest index + 1.
+/// <para>Immutable and thread-safe.</para>
 /// </summary>
 public sealed partial class LayerPositions
 {

@@ -5,6 +5,7 @@ namespace MergeLab.Config;
 /// to the config file's directory (see <see cref="MergeConfig.ResolvePath"/>).</param>
 /// <param name="Parameters">The model's own parameters (e.g. <c>weight</c>, <c>density</c>), which take
 /// precedence over the global ones.</param>
+/// <remarks>Immutable and thread-safe (the parser never modifies a dictionary once it has given it out).</remarks>
 public sealed record ModelReference(string Path, IReadOnlyDictionary<string, ParameterValue> Parameters)
 {
     /// <summary>The 1-based line of the entry in the YAML, when it was parsed from one.</summary>
@@ -13,7 +14,7 @@ public sealed record ModelReference(string Path, IReadOnlyDictionary<string, Par
 
 /// <summary>
 /// A parsed mergekit-style merge config (the <c>models:</c> form of mergekit's
-/// <c>MergeConfiguration</c>). Immutable; <see cref="Load"/> and <see cref="Parse"/> check its keys,
+/// <c>MergeConfiguration</c>). Immutable; <see cref="Load(string)"/> and <see cref="Parse(string, string?)"/> check its keys,
 /// method name, parameter names and value types, and dtype names, reporting every problem as a
 /// <see cref="MergeConfigException"/> with the file, line and key path. Values that depend on the
 /// tensor (gradients, filters) are checked by <see cref="MergePlan.Create(MergeConfig, IReadOnlyList{string}, long)"/>.
@@ -24,6 +25,9 @@ public sealed record ModelReference(string Path, IReadOnlyDictionary<string, Par
 /// <c>modules</c>, <c>tokenizer</c> and <c>chat_template</c> are refused with a message saying so, and any
 /// other key is an error. A model is a path string, or mergekit's mapping forms <c>{model: path}</c> and
 /// <c>{model: {path: path}}</c>; LoRA adapters and hub revisions are not supported.
+/// <para>YAML is read as data only (no tag can make the parser build an object of some type), within the
+/// size, depth and alias-expansion limits of <see cref="MergeConfigReadOptions"/>. A config is immutable
+/// and thread-safe; <see cref="Load(string)"/> and <see cref="Parse(string, string?)"/> may run on several threads at once.</para>
 /// </remarks>
 public sealed record MergeConfig
 {
@@ -58,14 +62,34 @@ public sealed record MergeConfig
     /// <summary>Key path → 1-based YAML line, for error messages.</summary>
     internal IReadOnlyDictionary<string, int> Lines { get; init; } = new Dictionary<string, int>();
 
-    /// <summary>Reads and checks the config file at <paramref name="path"/>.</summary>
+    /// <summary>Reads and checks the config file at <paramref name="path"/>, with the default limits.</summary>
     /// <exception cref="MergeConfigException">The file cannot be read or the config is invalid.</exception>
-    public static MergeConfig Load(string path)
+    public static MergeConfig Load(string path) => Load(path, MergeConfigReadOptions.Default);
+
+    /// <summary>Reads and checks the config file at <paramref name="path"/>. A file larger than
+    /// <see cref="MergeConfigReadOptions.MaxLength"/> bytes is refused before it is read.</summary>
+    /// <exception cref="MergeConfigException">The file cannot be read, is beyond a limit, or the config is invalid.</exception>
+    public static MergeConfig Load(string path, MergeConfigReadOptions options)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
+        ArgumentNullException.ThrowIfNull(options);
+        options.Validate();
         string yaml;
         try
         {
+            long length = new FileInfo(path).Length;
+            if (length > options.MaxLength)
+            {
+                throw new MergeConfigException(path, null, null,
+                    $"the file is {length} bytes, above the limit of {options.MaxLength} ({nameof(MergeConfigReadOptions)}.{nameof(MergeConfigReadOptions.MaxLength)}); a merge config is a few kilobytes.");
+            }
+
+            if (length == 0)
+            {
+                // Also what a FIFO or a device reports; reading one could block forever.
+                throw new MergeConfigException(path, null, null, "the config is empty.");
+            }
+
             yaml = File.ReadAllText(path);
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException or NotSupportedException or ArgumentException)
@@ -73,18 +97,29 @@ public sealed record MergeConfig
             throw new MergeConfigException(path, null, null, $"cannot read the file: {e.Message}", e);
         }
 
-        return Parse(yaml, path);
+        return Parse(yaml, path, options);
     }
 
-    /// <summary>Parses and checks a config.</summary>
+    /// <summary>Parses and checks a config, with the default limits.</summary>
     /// <param name="yaml">The YAML text.</param>
     /// <param name="sourcePath">The file it came from, for messages and for resolving relative paths;
     /// null resolves them against the current directory.</param>
     /// <exception cref="MergeConfigException">The config is invalid.</exception>
-    public static MergeConfig Parse(string yaml, string? sourcePath = null)
+    public static MergeConfig Parse(string yaml, string? sourcePath = null) => Parse(yaml, sourcePath, MergeConfigReadOptions.Default);
+
+    /// <summary>Parses and checks a config. YAML is read as data only: no tag can make the parser build
+    /// an object of some type (tags other than the core schema's <c>!!str</c>, <c>!!int</c>, … are refused).</summary>
+    /// <param name="yaml">The YAML text.</param>
+    /// <param name="sourcePath">The file it came from, for messages and for resolving relative paths;
+    /// null resolves them against the current directory.</param>
+    /// <param name="options">Size, depth and node-count limits.</param>
+    /// <exception cref="MergeConfigException">The config is invalid or beyond a limit.</exception>
+    public static MergeConfig Parse(string yaml, string? sourcePath, MergeConfigReadOptions options)
     {
         ArgumentNullException.ThrowIfNull(yaml);
-        var config = new MergeConfigParser(sourcePath).Parse(yaml);
+        ArgumentNullException.ThrowIfNull(options);
+        options.Validate();
+        var config = new MergeConfigParser(sourcePath, options).Parse(yaml);
         ConfigChecks.CheckStatic(config);
         return config;
     }

@@ -4,7 +4,7 @@ namespace MergeLab.Config;
 
 /// <summary>
 /// A merge config is invalid: bad YAML, an unknown key or parameter, a value out of range for some
-/// tensor, a missing model. Raised by <see cref="MergeConfig.Load"/>, <see cref="MergeConfig.Parse"/>
+/// tensor, a missing model. Raised by <see cref="MergeConfig.Load(string)"/>, <see cref="MergeConfig.Parse(string, string?)"/>
 /// and <see cref="MergePlan.Create(MergeConfig, IReadOnlyList{string}, long)"/>, before any tensor is merged. The message names the file, the
 /// line (where the YAML gives one) and the key path, e.g.
 /// <c>merge.yml, line 7, models[1].parameters.densty: unknown parameter …</c>.

@@ -1,5 +1,6 @@
 using System.Globalization;
 using YamlDotNet.Core;
+using YamlDotNet.Core.Events;
 using YamlDotNet.RepresentationModel;
 
 namespace MergeLab.Config;
@@ -11,8 +12,14 @@ namespace MergeLab.Config;
 /// <c>null</c>, <c>~</c> or nothing is null; numbers are parsed with the invariant culture (so
 /// <c>1e-3</c> is a number, as pydantic makes it in mergekit).
 /// </summary>
-internal sealed class MergeConfigParser(string? sourcePath)
+internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptions options)
 {
+    /// <summary>The tag prefix of the YAML core schema; <c>!!str</c> is <c>tag:yaml.org,2002:str</c>.</summary>
+    private const string CoreTagPrefix = "tag:yaml.org,2002:";
+
+    /// <summary>The core-schema tags a merge config may carry: plain data, nothing that names a type to build.</summary>
+    private static readonly HashSet<string> AllowedTags = ["str", "int", "float", "bool", "null", "map", "seq"];
+
     private static readonly HashSet<string> TrueWords = ["true", "True", "TRUE", "yes", "Yes", "YES", "on", "On", "ON"];
     private static readonly HashSet<string> FalseWords = ["false", "False", "FALSE", "no", "No", "NO", "off", "Off", "OFF"];
     private static readonly HashSet<string> NullWords = ["", "~", "null", "Null", "NULL"];
@@ -68,9 +75,17 @@ internal sealed class MergeConfigParser(string? sourcePath)
 
     private YamlNode LoadRoot(string yaml)
     {
+        if (yaml.Length > options.MaxLength)
+        {
+            throw Error(null,
+                $"the config is {yaml.Length} characters long, above the limit of {options.MaxLength} ({nameof(MergeConfigReadOptions)}.{nameof(MergeConfigReadOptions.MaxLength)}).");
+        }
+
         var stream = new YamlStream();
         try
         {
+            // Building the document recurses once per nesting level, so the limits are checked first.
+            CheckLimits(yaml);
             stream.Load(new StringReader(yaml));
         }
         catch (YamlException e)
@@ -79,9 +94,11 @@ internal sealed class MergeConfigParser(string? sourcePath)
             int? line = e.Start.Line > 0 ? (int)e.Start.Line : null;
             throw new MergeConfigException(sourcePath, line, null, $"invalid YAML: {e.Message}", e);
         }
-        catch (InvalidOperationException e)
+        catch (Exception e) when (e is InvalidOperationException or ArgumentException)
         {
-            // YamlDotNet's scanner throws this on some malformed input (e.g. an unclosed flow sequence).
+            // YamlDotNet's scanner throws InvalidOperationException on some malformed input (e.g. an
+            // unclosed flow sequence), and its loader an ArgumentException on others (a mapping entry with
+            // an empty key, "- : x").
             throw new MergeConfigException(sourcePath, null, null, $"invalid YAML ({e.Message}); check brackets, quotes and indentation.", e);
         }
 
@@ -102,6 +119,93 @@ internal sealed class MergeConfigParser(string? sourcePath)
         }
 
         return root;
+    }
+
+    /// <summary>
+    /// Walks the YAML event stream (no recursion, nothing built) and refuses nesting deeper than
+    /// <see cref="MergeConfigReadOptions.MaxDepth"/>, more than <see cref="MergeConfigReadOptions.MaxNodes"/>
+    /// nodes counting each alias as the nodes it stands for (an alias bomb), an alias inside the node it
+    /// names, and tags other than the core schema's plain-data ones (a config never names a type to build).
+    /// </summary>
+    private void CheckLimits(string yaml)
+    {
+        var parser = new Parser(new StringReader(yaml));
+        var anchorSizes = new Dictionary<string, long>(StringComparer.Ordinal);
+        // The collections open around the current event: anchor (if any) and the node count at their start.
+        var open = new Stack<(string? Anchor, long Start)>();
+        long nodes = 0;
+        while (parser.MoveNext())
+        {
+            var e = parser.Current!;
+            int? line = e.Start.Line > 0 ? (int)e.Start.Line : null;
+            if (e is NodeEvent node)
+            {
+                CheckTag(node, line);
+            }
+
+            switch (e)
+            {
+                case AnchorAlias alias:
+                    string name = alias.Value.Value;
+                    if (open.Any(o => o.Anchor == name))
+                    {
+                        throw Error(null, $"the alias *{name} refers to the node that contains it; a merge config cannot be recursive.", line);
+                    }
+
+                    // An undefined alias is reported by the loader, with its own message.
+                    nodes += anchorSizes.GetValueOrDefault(name, 1);
+                    break;
+                case Scalar scalar:
+                    nodes++;
+                    if (!scalar.Anchor.IsEmpty)
+                    {
+                        anchorSizes[scalar.Anchor.Value] = 1;
+                    }
+
+                    break;
+                case SequenceStart or MappingStart:
+                    nodes++;
+                    var anchor = ((NodeEvent)e).Anchor;
+                    open.Push((anchor.IsEmpty ? null : anchor.Value, nodes - 1));
+                    if (open.Count > options.MaxDepth)
+                    {
+                        throw Error(null,
+                            $"the config nests mappings and lists more than {options.MaxDepth} levels deep ({nameof(MergeConfigReadOptions)}.{nameof(MergeConfigReadOptions.MaxDepth)}).", line);
+                    }
+
+                    break;
+                case SequenceEnd or MappingEnd:
+                    var (closed, start) = open.Pop();
+                    if (closed is not null)
+                    {
+                        anchorSizes[closed] = nodes - start;
+                    }
+
+                    break;
+            }
+
+            if (nodes > options.MaxNodes)
+            {
+                throw Error(null,
+                    $"the config has more than {options.MaxNodes} YAML nodes, counting each alias as the nodes it repeats ({nameof(MergeConfigReadOptions)}.{nameof(MergeConfigReadOptions.MaxNodes)}); " +
+                    "an alias bomb or a corrupt file?", line);
+            }
+        }
+    }
+
+    private void CheckTag(NodeEvent node, int? line)
+    {
+        if (node.Tag.IsEmpty || node.Tag.IsNonSpecific)
+        {
+            return;
+        }
+
+        string tag = node.Tag.Value;
+        if (!tag.StartsWith(CoreTagPrefix, StringComparison.Ordinal) || !AllowedTags.Contains(tag[CoreTagPrefix.Length..]))
+        {
+            // mergekit reads configs with yaml.safe_load, which refuses such tags too.
+            throw Error(null, $"the tag '{tag}' is not supported: a merge config holds plain strings, numbers, booleans, lists and mappings.", line);
+        }
     }
 
     private List<ModelReference> ReadModels(YamlNode node)

@@ -40,6 +40,8 @@ namespace MergeLab.Config;
 /// i/(n − 1), all other tensors (embeddings, final norm, lm_head) at 0, as mergekit does.</para>
 /// <para><b>Dtypes.</b> MergeLab computes in float32 whatever <c>dtype</c> says (mergekit computes in
 /// <c>dtype</c>) and casts the result to <see cref="OutputDType"/>.</para>
+/// <para><b>Threads.</b> Thread-safe once created: <see cref="MethodFor"/> may be called from several
+/// threads at once (as the engine's per-tensor methods are), and the methods it returns are thread-safe.</para>
 /// </remarks>
 public sealed class MergePlan
 {
@@ -158,8 +160,8 @@ public sealed class MergePlan
         ArgumentNullException.ThrowIfNull(config);
         var spec = ConfigChecks.CheckStatic(config);
 
-        string? basePath = config.BaseModel is null ? null : config.ResolvePath(config.BaseModel);
-        var models = config.Models.Select((m, i) => new Input(config.ResolvePath(m.Path), m, $"models[{i}]")).ToList();
+        string? basePath = config.BaseModel is null ? null : Resolve(config, "base_model", config.BaseModel);
+        var models = config.Models.Select((m, i) => new Input(Resolve(config, $"models[{i}].model", m.Path), m, $"models[{i}]")).ToList();
         for (int i = 0; i < models.Count; i++)
         {
             int first = models.FindIndex(m => PathComparer.Equals(m.Path, models[i].Path));
@@ -194,7 +196,7 @@ public sealed class MergePlan
         string tokenizer = config.TokenizerSource switch
         {
             null or "base" => basePath ?? models[0].Path,
-            var path => config.ResolvePath(path),
+            var path => Resolve(config, "tokenizer_source", path),
         };
 
         RequireExists(config, "base_model", basePath);
@@ -346,6 +348,20 @@ public sealed class MergePlan
         }
 
         return result;
+    }
+
+    /// <summary><see cref="MergeConfig.ResolvePath"/>, with a path the system cannot represent (a NUL
+    /// character, say) reported as a config error.</summary>
+    private static string Resolve(MergeConfig config, string keyPath, string path)
+    {
+        try
+        {
+            return config.ResolvePath(path);
+        }
+        catch (Exception e) when (e is ArgumentException or NotSupportedException or PathTooLongException)
+        {
+            throw config.Error(keyPath, $"'{path}' is not a valid path: {e.Message}");
+        }
     }
 
     private static void RequireExists(MergeConfig config, string keyPath, string? path)

@@ -4,7 +4,8 @@ namespace MergeLab.Config;
 /// The value of one merge parameter as written in a mergekit-style config (mergekit's
 /// <c>ParameterSetting</c>): a number or boolean, a gradient (a list of numbers interpolated over the
 /// layers), or a list of <c>{filter, value}</c> conditions. <see cref="Resolve"/> gives its value for
-/// one tensor, following mergekit's <c>evaluate_setting</c> (<c>mergekit/config.py</c>).
+/// one tensor, following mergekit's <c>evaluate_setting</c> (<c>mergekit/config.py</c>). Values are
+/// immutable and thread-safe.
 /// </summary>
 public abstract record ParameterValue
 {
@@ -183,7 +184,7 @@ public sealed record ConditionalParameter : ParameterValue
     }
 }
 
-/// <summary>One entry of a <see cref="ConditionalParameter"/>.</summary>
+/// <summary>One entry of a <see cref="ConditionalParameter"/>. Immutable and thread-safe.</summary>
 /// <param name="Filter">A substring of the tensor names it applies to; null or <c>*</c> matches every tensor.</param>
 /// <param name="Value">A number, boolean or gradient.</param>
 public sealed record ParameterCondition(string? Filter, ParameterValue Value)

@@ -5,6 +5,9 @@ using static TorchSharp.torch;
 namespace MergeLab.Engine;
 
 /// <summary>What <see cref="CheckpointMerger"/> merges and where the result goes.</summary>
+/// <remarks>Immutable, and so thread-safe to share between merges, as long as the <see cref="Experts"/>
+/// list is not modified. <see cref="MethodForTensor"/> is called on the thread that calls
+/// <see cref="CheckpointMerger.Merge"/>, once per tensor, before any tensor is read.</remarks>
 public sealed record CheckpointMergeRequest
 {
     /// <summary>The base (pretrained) checkpoint: a directory with <c>model.safetensors</c> or a sharded
@@ -48,9 +51,20 @@ public sealed record CheckpointMergeRequest
 
     /// <summary>Options for reading the input safetensors headers.</summary>
     public SafetensorsReadOptions? ReadOptions { get; init; }
+
+    /// <summary>What to do when an input tensor holds NaN or ±∞. Default <see cref="NonFiniteInputs.Fail"/>:
+    /// every floating-point input tensor is checked as it is first read (on the reader thread, so the
+    /// check overlaps the merge), and the first bad one stops the merge with a
+    /// <see cref="NonFiniteInputException"/> naming the tensor and its file.</summary>
+    public NonFiniteInputs NonFinite { get; init; } = NonFiniteInputs.Fail;
+
+    /// <summary>Test seam: the output writes fail, as on a full disk, once this many tensor bytes have
+    /// been written. Null (the default) in real use.</summary>
+    internal long? SimulatedDiskSpace { get; init; }
 }
 
-/// <summary>Progress of a checkpoint merge.</summary>
+/// <summary>Progress of a checkpoint merge, reported on the thread that called
+/// <see cref="CheckpointMerger.Merge"/> (so a synchronous <see cref="IProgress{T}"/> needs no locking). Immutable.</summary>
 /// <param name="Stage">"statistics" for a whole-model pass, "merge" for the merge pass.</param>
 /// <param name="Pass">The pass number within the stage (1-based).</param>
 /// <param name="TensorsDone">Tensors finished in this pass.</param>
@@ -60,7 +74,7 @@ public sealed record CheckpointMergeRequest
 /// <param name="Tensor">The tensor just finished.</param>
 public readonly record struct CheckpointMergeProgress(string Stage, int Pass, int TensorsDone, int TensorCount, long BytesDone, long BytesTotal, string Tensor);
 
-/// <summary>What a completed checkpoint merge wrote.</summary>
+/// <summary>What a completed checkpoint merge wrote. Immutable.</summary>
 /// <param name="OutputDirectory">The final output directory.</param>
 /// <param name="TensorCount">Tensors written.</param>
 /// <param name="BytesWritten">Tensor bytes written.</param>

@@ -13,17 +13,31 @@ namespace MergeLab.Engine;
 /// the same way. The result is bit-identical to <see cref="MergeMethod.Merge"/> on the same inputs.
 /// </summary>
 /// <remarks>
-/// Everything is checked before any work starts: the inputs open, every expert has the reference's
-/// tensor names and shapes, the output does not exist. Output is written to a hidden temporary directory
-/// beside the target and renamed into place only when complete; a failure or cancellation removes it
-/// and never touches the inputs. Thread-safe: independent merges may run concurrently.
+/// <para>Everything is checked before any work starts: the inputs open, every expert has the reference's
+/// tensor names and shapes, the output does not exist, and (where the file system supports it) the
+/// output's full size is reserved on disk. Output is written to a hidden temporary directory beside the
+/// target and renamed into place only when complete; a failure or cancellation removes it, releases
+/// every tensor it read or made, and never touches the inputs. Input tensors holding NaN or ±∞ stop the
+/// merge unless <see cref="CheckpointMergeRequest.NonFinite"/> says otherwise.</para>
+/// <para>Thread-safe: independent merges (different outputs) may run concurrently in one process, and give
+/// the same bytes as run alone; each uses one reader thread beside the caller's. Inputs are opened with
+/// sharing for reading, so merges may share inputs. The inputs must not be modified in place during a
+/// merge: a change of size is detected (a <see cref="SafetensorsFormatException"/>), a rewrite of the same
+/// size is not. Deleting or replacing an input file is harmless where the system keeps open files
+/// readable (Linux, macOS; Windows with the sharing MergeLab requests).</para>
 /// </remarks>
 public static class CheckpointMerger
 {
     /// <summary>Runs the merge described by <paramref name="request"/>.</summary>
-    /// <exception cref="MergeException">Inputs are inconsistent (the message names the file and tensor)
-    /// or the output directory exists.</exception>
-    /// <exception cref="SafetensorsFormatException">An input file is malformed.</exception>
+    /// <exception cref="MergeException">Inputs are inconsistent, the method failed on a tensor, writing a
+    /// tensor failed (a full disk), or reading one failed for a reason other than its format; the message
+    /// and <see cref="MergeException.TensorName"/> name the tensor. Or the output directory exists.</exception>
+    /// <exception cref="NonFiniteInputException">An input tensor holds NaN or ±∞ and
+    /// <see cref="CheckpointMergeRequest.NonFinite"/> is <see cref="NonFiniteInputs.Fail"/> (the default).</exception>
+    /// <exception cref="SafetensorsFormatException">An input file is malformed, or was truncated or changed
+    /// size during the merge (then <see cref="SafetensorsFormatException.TensorName"/> says which tensor was being read).</exception>
+    /// <exception cref="IOException">The output cannot be created (e.g. the disk has no room for the whole
+    /// checkpoint, which is reserved before merging where the file system supports it) or completed.</exception>
     /// <exception cref="OperationCanceledException">Cancelled; nothing was written.</exception>
     public static CheckpointMergeResult Merge(CheckpointMergeRequest request, IProgress<CheckpointMergeProgress>? progress = null,
         CancellationToken cancellationToken = default)
@@ -62,34 +76,47 @@ public static class CheckpointMerger
         Directory.CreateDirectory(temp);
         try
         {
-            var statistic = request.Method.CreateStatistic(model.Experts.Count);
-            int passes = 0;
-            while (statistic is { IsComplete: false })
-            {
-                passes++;
-                Stream(model, device, request.ReadAhead, "statistics", passes, progress, statistic.Observe, ct);
-                statistic.EndPass();
-            }
-
-            var layout = model.Names.Select(n => model.OutputLayout(n, request.OutputDType)).ToArray();
-            long written;
-            using (var writer = new PlannedCheckpointWriter(temp, layout, request.MaxShardBytes))
-            {
-                Stream(model, device, request.ReadAhead, "merge", 1, progress, group =>
-                {
-                    using var merged = methods[group.Name].MergeTensor(group, statistic, request.OutputDType);
-                    writer.Write(group.Name, merged);
-                }, ct);
-                ct.ThrowIfCancellationRequested();
-                writer.Complete();
-                written = writer.TotalSize;
-            }
-
+            // The small non-weight files go first, so a problem with them (a link out of the model folder)
+            // stops the merge before the long part rather than after it. The merge writes only weights,
+            // which are never among them.
             string? copyFrom = request.CopyFilesFrom ?? request.BaseModel ?? model.Reference.Path;
             if (!string.IsNullOrEmpty(copyFrom))
             {
                 string dir = Directory.Exists(copyFrom) ? copyFrom : Path.GetDirectoryName(Path.GetFullPath(copyFrom))!;
                 NonWeightFiles.Copy(dir, temp);
+            }
+
+            // The inputs are checked for NaN and ±∞ on the first pass over them, whichever it is.
+            bool checkFinite = request.NonFinite == NonFiniteInputs.Fail;
+            var statistic = request.Method.CreateStatistic(model.Experts.Count);
+            int passes = 0;
+            while (statistic is { IsComplete: false })
+            {
+                passes++;
+                Stream(model, device, request.ReadAhead, "statistics", passes, checkFinite, progress, statistic.Observe, ct);
+                checkFinite = false;
+                statistic.EndPass();
+            }
+
+            var layout = model.Names.Select(n => model.OutputLayout(n, request.OutputDType)).ToArray();
+            long written;
+            using (var writer = new PlannedCheckpointWriter(temp, layout, request.MaxShardBytes) { SimulatedDiskSpace = request.SimulatedDiskSpace })
+            {
+                Stream(model, device, request.ReadAhead, "merge", 1, checkFinite, progress, group =>
+                {
+                    using var merged = methods[group.Name].MergeTensor(group, statistic, request.OutputDType);
+                    try
+                    {
+                        writer.Write(group.Name, merged);
+                    }
+                    catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                    {
+                        throw new MergeException(group.Name, $"writing the merged tensor to '{temp}' failed: {e.Message}", e);
+                    }
+                }, ct);
+                ct.ThrowIfCancellationRequested();
+                writer.Complete();
+                written = writer.TotalSize;
             }
 
             ct.ThrowIfCancellationRequested();
@@ -105,8 +132,10 @@ public static class CheckpointMerger
     }
 
     /// <summary>Reads every tensor group in name order on a background reader, <paramref name="readAhead"/>
-    /// groups ahead, and hands each to <paramref name="consume"/>, disposing it afterwards.</summary>
-    private static void Stream(CheckpointSet model, Device device, int readAhead, string stage, int pass,
+    /// groups ahead (checking them for NaN and ±∞ when <paramref name="checkFinite"/>), and hands each to
+    /// <paramref name="consume"/>, disposing it afterwards. An error on either side stops both at once and
+    /// is thrown naming the tensor it happened on.</summary>
+    private static void Stream(CheckpointSet model, Device device, int readAhead, string stage, int pass, bool checkFinite,
         IProgress<CheckpointMergeProgress>? progress, Action<TensorGroup> consume, CancellationToken ct)
     {
         using var queue = new BlockingCollection<LoadedGroup>(readAhead);
@@ -117,7 +146,7 @@ public static class CheckpointMerger
             {
                 foreach (var name in model.Names)
                 {
-                    var group = model.Load(name, device);
+                    var group = Read(model, name, device, checkFinite);
                     try
                     {
                         queue.Add(group, stop.Token);
@@ -128,6 +157,12 @@ public static class CheckpointMerger
                         throw;
                     }
                 }
+            }
+            catch (Exception e) when (e is not OperationCanceledException)
+            {
+                // Stop the consumer now rather than after it has merged the groups already queued.
+                stop.Cancel();
+                throw;
             }
             finally
             {
@@ -149,7 +184,8 @@ public static class CheckpointMerger
                     }
                     catch (Exception e) when (e is not OperationCanceledException and not MergeException)
                     {
-                        throw new MergeException(loaded.Group.Name, $"merging failed: {e.Message}", e);
+                        string what = stage == "merge" ? "merging" : "computing the whole-model statistic";
+                        throw new MergeException(loaded.Group.Name, $"{what} failed: {e.Message}", e);
                     }
                 }
 
@@ -159,6 +195,20 @@ public static class CheckpointMerger
             }
 
             reader.GetAwaiter().GetResult(); // surfaces a read error
+        }
+        catch (OperationCanceledException) when (!ct.IsCancellationRequested)
+        {
+            // Not the caller's cancellation: the reader failed and stopped the pass. Throw its error.
+            try
+            {
+                reader.Wait(CancellationToken.None);
+            }
+            catch (AggregateException)
+            {
+            }
+
+            reader.GetAwaiter().GetResult();
+            throw;
         }
         finally
         {
@@ -177,6 +227,36 @@ public static class CheckpointMerger
                 left.Dispose();
             }
         }
+    }
+
+    /// <summary>Reads one group (and checks it), reporting an unexpected read error with the tensor's name.
+    /// Format errors (a file truncated since it was opened) already name the file and the tensor.</summary>
+    private static LoadedGroup Read(CheckpointSet model, string name, Device device, bool checkFinite)
+    {
+        LoadedGroup group;
+        try
+        {
+            group = model.Load(name, device);
+        }
+        catch (Exception e) when (e is not (OperationCanceledException or SafetensorsFormatException or MergeException))
+        {
+            throw new MergeException(name, $"reading the inputs failed: {e.Message}", e);
+        }
+
+        if (checkFinite)
+        {
+            try
+            {
+                FiniteCheck.Require(model, group);
+            }
+            catch
+            {
+                group.Dispose();
+                throw;
+            }
+        }
+
+        return group;
     }
 
     private static SafetensorsCheckpoint Open(string path, CheckpointMergeRequest request, List<SafetensorsCheckpoint> opened)

@@ -115,6 +115,59 @@ internal sealed class CheckpointSet
     }
 }
 
+/// <summary>Finds NaN and ±∞ in the tensors of a loaded group.</summary>
+internal static class FiniteCheck
+{
+    /// <summary>Elements checked at a time, so the check's temporary (one byte per element) stays small
+    /// next to the tensor however large the tensor is.</summary>
+    private const long ChunkElements = 1 << 24;
+
+    /// <summary>Throws a <see cref="NonFiniteInputException"/> for the first tensor of
+    /// <paramref name="loaded"/> (base first, then the experts in order) that holds NaN or ±∞.</summary>
+    public static void Require(CheckpointSet model, LoadedGroup loaded)
+    {
+        var group = loaded.Group;
+        if (group.Base is not null)
+        {
+            Require(group.Base, group.Name, model.Base!);
+        }
+
+        for (int k = 0; k < group.Experts.Count; k++)
+        {
+            Require(group.Experts[k], group.Name, model.Experts[k]);
+        }
+    }
+
+    private static void Require(Tensor tensor, string name, SafetensorsCheckpoint source)
+    {
+        if (!tensor.is_floating_point() || AllFinite(tensor))
+        {
+            return;
+        }
+
+        using var scope = NewDisposeScope();
+        long nan = tensor.isnan().sum().item<long>();
+        long inf = tensor.isinf().sum().item<long>();
+        throw new NonFiniteInputException(name, source.GetShard(name).Path, nan, inf);
+    }
+
+    private static bool AllFinite(Tensor tensor)
+    {
+        using var scope = NewDisposeScope();
+        var flat = tensor.reshape(-1);
+        long n = flat.shape[0];
+        for (long start = 0; start < n; start += ChunkElements)
+        {
+            if (!flat.narrow(0, start, Math.Min(ChunkElements, n - start)).isfinite().all().item<bool>())
+            {
+                return false;
+            }
+        }
+
+        return true;
+    }
+}
+
 /// <summary>A tensor group read from disk; disposing it releases its tensors.</summary>
 internal sealed class LoadedGroup(TensorGroup group, List<Tensor> tensors) : IDisposable
 {

@@ -6,6 +6,16 @@ namespace MergeLab.IO;
 /// special_tokens_map.json, vocab/merges files, chat templates — which a merged model needs beside its
 /// new weights to be loadable.
 /// </summary>
+/// <remarks>
+/// <para>A model folder is not trusted: a repository can hold symbolic links (git stores them), and a
+/// <c>tokenizer.json</c> that links to, say, <c>~/.aws/credentials</c> would otherwise be copied into
+/// the merged model, which its owner may then publish. So a link is followed only when its final target
+/// lies inside the source folder, or, for a Hugging Face cache snapshot
+/// (<c>…/models--org--name/snapshots/REV/</c>), inside that repository's <c>blobs/</c> folder; any
+/// other link is refused with an <see cref="IOException"/> before anything is copied. An empty file is
+/// recreated rather than read, so a FIFO or device (which report a size of 0) is never opened.</para>
+/// <para>Stateless and thread-safe.</para>
+/// </remarks>
 public static class NonWeightFiles
 {
     // Tokenizer and configuration assets; .jinja is the chat template file newer transformers writes,
@@ -39,6 +49,8 @@ public static class NonWeightFiles
     /// </summary>
     /// <returns>The names of the files copied, in ordinal order.</returns>
     /// <exception cref="DirectoryNotFoundException">Either directory does not exist.</exception>
+    /// <exception cref="IOException">A file to copy is a symbolic link to a file outside the source folder
+    /// (see the remarks); nothing was copied.</exception>
     public static IReadOnlyList<string> Copy(string sourceDirectory, string destinationDirectory, bool overwrite = false)
     {
         ArgumentException.ThrowIfNullOrEmpty(sourceDirectory);
@@ -51,25 +63,73 @@ public static class NonWeightFiles
             }
         }
 
+        var sources = Directory.EnumerateFiles(sourceDirectory).Where(f => IsNonWeightFile(Path.GetFileName(f)))
+            .Order(StringComparer.Ordinal).ToArray();
+        foreach (var source in sources)
+        {
+            // Every link is checked before the first file is copied, so a refusal copies nothing.
+            RequireLinkInside(sourceDirectory, source);
+        }
+
         var copied = new List<string>();
-        foreach (var source in Directory.EnumerateFiles(sourceDirectory).Order(StringComparer.Ordinal))
+        foreach (var source in sources)
         {
             string name = Path.GetFileName(source);
-            if (!IsNonWeightFile(name))
-            {
-                continue;
-            }
-
             string destination = Path.Combine(destinationDirectory, name);
             if (!overwrite && File.Exists(destination))
             {
                 continue;
             }
 
-            File.Copy(source, destination, overwrite);
+            if (new FileInfo(source).Length == 0)
+            {
+                File.WriteAllBytes(destination, []);
+            }
+            else
+            {
+                File.Copy(source, destination, overwrite);
+            }
+
             copied.Add(name);
         }
 
         return copied;
     }
+
+    /// <summary>Refuses a symbolic link whose final target is outside <paramref name="directory"/> (or, for a
+    /// Hugging Face cache snapshot, outside its repository's <c>blobs/</c> folder).</summary>
+    private static void RequireLinkInside(string directory, string file)
+    {
+        var info = new FileInfo(file);
+        if (info.LinkTarget is null)
+        {
+            return;
+        }
+
+        var target = info.ResolveLinkTarget(returnFinalTarget: true)
+            ?? throw new IOException($"'{file}' is a symbolic link that cannot be resolved; MergeLab does not copy it.");
+        string full = Path.GetFullPath(target.FullName);
+        string dir = Path.TrimEndingDirectorySeparator(Path.GetFullPath(directory));
+        if (IsInside(full, dir))
+        {
+            return;
+        }
+
+        // A cache snapshot: <cache>/models--org--name/snapshots/<revision>/file -> ../../blobs/<hash>.
+        var snapshots = Path.GetDirectoryName(dir);
+        var repository = snapshots is null ? null : Path.GetDirectoryName(snapshots);
+        if (snapshots is not null && repository is not null && Path.GetFileName(snapshots) == "snapshots"
+            && IsInside(full, Path.Combine(repository, "blobs")))
+        {
+            return;
+        }
+
+        throw new IOException(
+            $"'{file}' is a symbolic link to '{full}', outside the model folder '{dir}'. MergeLab does not copy files from " +
+            "elsewhere into a merged model (a downloaded model could otherwise make it copy your own files); replace the link with the file.");
+    }
+
+    private static bool IsInside(string path, string directory) =>
+        path.StartsWith(Path.TrimEndingDirectorySeparator(directory) + Path.DirectorySeparatorChar,
+            OperatingSystem.IsLinux() ? StringComparison.Ordinal : StringComparison.OrdinalIgnoreCase);
 }

@@ -11,6 +11,7 @@ namespace MergeLab.IO;
 /// <param name="Name">The tensor name.</param>
 /// <param name="DType">Its element type.</param>
 /// <param name="Shape">Its shape.</param>
+/// <remarks>Immutable, and so thread-safe, as long as the <paramref name="Shape"/> array is not modified.</remarks>
 public sealed record PlannedTensor(string Name, ScalarType DType, long[] Shape)
 {
     /// <summary>Bytes of tensor data.</summary>
@@ -29,7 +30,8 @@ public sealed record PlannedTensor(string Name, ScalarType DType, long[] Shape)
 /// same order: the same shard split (huggingface_hub's), the reference writer's order and header inside
 /// each shard, the same names and index. Shards are written under hidden temporary names and renamed by
 /// <see cref="Complete"/>; disposing without completing deletes them. Tensors may be written in any
-/// order, each once. Not thread-safe.
+/// order, each once. Not thread-safe: one thread writes at a time (writers of different directories,
+/// or of different checkpoints in one directory, are independent).
 /// </remarks>
 public sealed class PlannedCheckpointWriter : IDisposable
 {
@@ -37,14 +39,16 @@ public sealed class PlannedCheckpointWriter : IDisposable
     private readonly Dictionary<string, (Shard Shard, SafetensorsHeader.Entry Entry)> _places = new(StringComparer.Ordinal);
     private readonly HashSet<string> _written = new(StringComparer.Ordinal);
     private bool _completed, _disposed;
+    private long _bytesWritten;
 
     /// <summary>Plans the shards of <paramref name="tensors"/> in <paramref name="directory"/> and creates
-    /// their (sparse) temporary files with headers written.</summary>
+    /// their temporary files, full size (space reserved where the file system supports it), with headers written.</summary>
     /// <param name="directory">An existing directory.</param>
     /// <param name="tensors">Every tensor to be written, in checkpoint order (which decides the shard split).</param>
     /// <param name="maxShardBytes">The most tensor bytes per shard; a larger tensor gets a shard of its own.</param>
     /// <param name="shardMetadata">Each shard's <c>__metadata__</c>; null means <c>{"format": "pt"}</c>.</param>
     /// <exception cref="ArgumentException">A name repeats or a dtype has no safetensors name.</exception>
+    /// <exception cref="IOException">The disk has no room for the shards (where space can be reserved).</exception>
     public PlannedCheckpointWriter(string directory, IReadOnlyList<PlannedTensor> tensors,
         long maxShardBytes = ShardedCheckpointWriter.DefaultMaxShardBytes, IReadOnlyDictionary<string, string>? shardMetadata = null)
     {
@@ -82,6 +86,10 @@ public sealed class PlannedCheckpointWriter : IDisposable
     /// <summary>The bytes of all planned tensors: the index's <c>metadata.total_size</c>.</summary>
     public long TotalSize { get; }
 
+    /// <summary>Test seam: <see cref="Write"/> fails as on a full disk (an <see cref="IOException"/>,
+    /// nothing of the tensor written) once the tensor bytes written would pass this. Null in real use.</summary>
+    internal long? SimulatedDiskSpace { get; init; }
+
     /// <summary>Writes <paramref name="tensor"/>'s bytes into its planned place. The caller keeps ownership.</summary>
     /// <exception cref="ArgumentException">The name was not planned or was already written, or the dtype
     /// or shape differs from the plan.</exception>
@@ -106,10 +114,17 @@ public sealed class PlannedCheckpointWriter : IDisposable
             throw new ArgumentException($"Tensor '{name}' was already written.", nameof(name));
         }
 
+        if (SimulatedDiskSpace is long space && _bytesWritten + place.Entry.ByteLength > space)
+        {
+            _written.Remove(name);
+            throw new IOException($"No space left on device : '{place.Shard.TempPath}' (simulated: {space} bytes)");
+        }
+
         using var scope = torch.NewDisposeScope();
         var cpu = tensor.device_type == DeviceType.CPU ? tensor : tensor.to(CPU);
         var contiguous = cpu.is_contiguous() ? cpu : cpu.contiguous();
         TensorBytes.WriteAt(place.Shard.Handle!, place.Shard.DataStart + place.Entry.Begin, contiguous, TensorBytes.DefaultChunkBytes);
+        _bytesWritten += place.Entry.ByteLength;
     }
 
     /// <summary>Checks every planned tensor was written, flushes the shards to disk and gives them their
@@ -265,7 +280,11 @@ public sealed class PlannedCheckpointWriter : IDisposable
             Names.AddRange(tensors.Select(t => t.Name));
             byte[] header = SafetensorsHeader.Serialize(metadata, entries);
             DataStart = SafetensorsHeader.SizePrefixBytes + header.Length;
-            Handle = File.OpenHandle(TempPath, FileMode.CreateNew, FileAccess.ReadWrite, FileShare.None);
+            // Reserving the whole shard up front (fallocate, where the file system supports it) makes a
+            // disk that is too small fail here, before any tensor is merged, rather than hours later.
+            // Where it is not supported the file is sparse and a full disk fails a later Write.
+            Handle = File.OpenHandle(TempPath, FileMode.CreateNew, FileAccess.ReadWrite, FileShare.None, FileOptions.None,
+                preallocationSize: DataStart + offset);
             RandomAccess.SetLength(Handle, DataStart + offset);
             Span<byte> prefix = stackalloc byte[SafetensorsHeader.SizePrefixBytes];
             BinaryPrimitives.WriteUInt64LittleEndian(prefix, (ulong)header.Length);

@@ -1,5 +1,6 @@
 using System.Diagnostics.CodeAnalysis;
 using System.Text.Json;
+using System.Text.Unicode;
 using MergeLab.Tensors;
 using static TorchSharp.torch;
 
@@ -19,7 +20,8 @@ namespace MergeLab.IO;
 /// when the checkpoint is opened, so a missing shard or a tensor missing from its shard is reported
 /// before any work starts; no tensor data is read until asked for.
 /// </para>
-/// <para><see cref="ReadTensor"/> may be called from several threads at once.</para>
+/// <para>Thread-safe once opened: every member, <see cref="ReadTensor"/> included, may be called from
+/// several threads at once, except <see cref="Dispose"/>, which must not race with them.</para>
 /// </remarks>
 public sealed class SafetensorsCheckpoint : IDisposable
 {
@@ -234,54 +236,84 @@ public sealed class SafetensorsCheckpoint : IDisposable
                 $"the index is {length} bytes, above the limit of {options.MaxHeaderBytes} bytes ({nameof(SafetensorsReadOptions)}.{nameof(SafetensorsReadOptions.MaxHeaderBytes)}).");
         }
 
+        if (length == 0)
+        {
+            // Also what a FIFO or device reports: refused before opening it, which could block forever.
+            throw new SafetensorsFormatException(indexPath, "the index is empty (0 bytes); it must be a JSON object with a weight_map.");
+        }
+
+        byte[] bytes = File.ReadAllBytes(indexPath);
+
+        if (!Utf8.IsValid(bytes))
+        {
+            // JsonDocument checks the UTF-8 of a string only when it is read, with an InvalidOperationException.
+            throw new SafetensorsFormatException(indexPath, "the index is not valid UTF-8.");
+        }
+
         JsonDocument document;
         try
         {
-            document = JsonDocument.Parse(File.ReadAllBytes(indexPath), new JsonDocumentOptions { MaxDepth = 128 });
+            document = JsonDocument.Parse(bytes, new JsonDocumentOptions { MaxDepth = 128 });
         }
         catch (JsonException ex)
         {
             throw new SafetensorsFormatException(indexPath, $"the index is not valid JSON: {ex.Message}", ex);
         }
 
-        using (document)
+        try
         {
-            var root = document.RootElement;
-            if (root.ValueKind != JsonValueKind.Object)
-            {
-                throw new SafetensorsFormatException(indexPath, $"the index is a JSON {root.ValueKind}, but must be an object with a weight_map.");
-            }
-
-            if (!root.TryGetProperty("weight_map", out var map) || map.ValueKind != JsonValueKind.Object)
-            {
-                throw new SafetensorsFormatException(indexPath, "the index has no weight_map object mapping tensor names to shard files.");
-            }
-
-            var weightMap = new Dictionary<string, string>(StringComparer.Ordinal);
-            foreach (var entry in map.EnumerateObject())
-            {
-                if (entry.Value.ValueKind != JsonValueKind.String)
-                {
-                    throw new SafetensorsFormatException(indexPath,
-                        $"weight_map entry '{entry.Name}' is a JSON {entry.Value.ValueKind}, but must be a shard file name.");
-                }
-
-                string shard = entry.Value.GetString()!;
-                if (shard.Length == 0 || shard is "." or ".." || System.IO.Path.GetFileName(shard) != shard
-                    || shard.Contains('/', StringComparison.Ordinal) || shard.Contains('\\', StringComparison.Ordinal))
-                {
-                    // Shards live next to the index; a path could point anywhere on disk.
-                    throw new SafetensorsFormatException(indexPath,
-                        $"weight_map entry '{entry.Name}' names the shard '{shard}', which is not a file name in the index's directory.");
-                }
-
-                if (!weightMap.TryAdd(entry.Name, shard))
-                {
-                    throw new SafetensorsFormatException(indexPath, $"weight_map lists tensor '{entry.Name}' twice.");
-                }
-            }
-
-            return weightMap;
+            return ParseWeightMap(document, indexPath);
         }
+        catch (InvalidOperationException ex)
+        {
+            // GetString and the property names refuse an escaped lone surrogate ("\ud800"), as serde_json does.
+            throw new SafetensorsFormatException(indexPath, $"the index is not valid JSON: {ex.Message}", ex);
+        }
+        finally
+        {
+            document.Dispose();
+        }
+    }
+
+    private static Dictionary<string, string> ParseWeightMap(JsonDocument document, string indexPath)
+    {
+        var root = document.RootElement;
+        if (root.ValueKind != JsonValueKind.Object)
+        {
+            throw new SafetensorsFormatException(indexPath, $"the index is a JSON {root.ValueKind}, but must be an object with a weight_map.");
+        }
+
+        if (!root.TryGetProperty("weight_map", out var map) || map.ValueKind != JsonValueKind.Object)
+        {
+            throw new SafetensorsFormatException(indexPath, "the index has no weight_map object mapping tensor names to shard files.");
+        }
+
+        var weightMap = new Dictionary<string, string>(StringComparer.Ordinal);
+        foreach (var entry in map.EnumerateObject())
+        {
+            if (entry.Value.ValueKind != JsonValueKind.String)
+            {
+                throw new SafetensorsFormatException(indexPath,
+                    $"weight_map entry '{entry.Name}' is a JSON {entry.Value.ValueKind}, but must be a shard file name.");
+            }
+
+            string shard = entry.Value.GetString()!;
+            if (shard.Length == 0 || shard is "." or ".." || System.IO.Path.GetFileName(shard) != shard
+                || shard.Contains('/', StringComparison.Ordinal) || shard.Contains('\\', StringComparison.Ordinal)
+                || shard.AsSpan().IndexOfAny(System.IO.Path.GetInvalidFileNameChars()) >= 0)
+            {
+                // Shards live next to the index; a path could point anywhere on disk. Both separators are
+                // refused on every system, so an index means the same everywhere.
+                throw new SafetensorsFormatException(indexPath,
+                    $"weight_map entry '{entry.Name}' names the shard '{shard}', which is not a file name in the index's directory.");
+            }
+
+            if (!weightMap.TryAdd(entry.Name, shard))
+            {
+                throw new SafetensorsFormatException(indexPath, $"weight_map lists tensor '{entry.Name}' twice.");
+            }
+        }
+
+        return weightMap;
     }
 }

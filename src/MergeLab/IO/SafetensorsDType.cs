@@ -9,7 +9,7 @@ namespace MergeLab.IO;
 /// <remarks>
 /// The format also defines F8_*, F6_*, F4, U16, U32, U64 and C64; TorchSharp 0.107 has no matching
 /// <see cref="ScalarType"/> for most of them, so a file using one is refused with a message that says
-/// the dtype is valid but unsupported (rather than unknown).
+/// the dtype is valid but unsupported (rather than unknown). Stateless and thread-safe.
 /// </remarks>
 public static class SafetensorsDType
 {

@@ -27,7 +27,11 @@ namespace MergeLab.IO;
 /// the reference, a name that appears twice is refused (the reference keeps the last silently).
 /// Every violation is a <see cref="SafetensorsFormatException"/>.
 /// </para>
-/// <para><see cref="ReadTensor(string, Device?)"/> may be called from several threads at once.</para>
+/// <para>Thread-safe once opened: every member, <see cref="ReadTensor(string, Device?)"/> included (it uses
+/// positioned reads), may be called from several threads at once, except <see cref="Dispose"/>, which
+/// must not race with them. The file must not be modified in place while it is open: a change of size
+/// is detected and reported as a <see cref="SafetensorsFormatException"/> naming the tensor being read;
+/// a rewrite that keeps the size cannot be detected.</para>
 /// </remarks>
 public sealed class SafetensorsFile : IDisposable
 {
@@ -95,6 +99,15 @@ public sealed class SafetensorsFile : IDisposable
         options ??= SafetensorsReadOptions.Default;
         options.Validate();
         RequireLittleEndian();
+
+        var preview = new FileInfo(path);
+        if (preview.Exists && preview.Length < SafetensorsHeader.SizePrefixBytes)
+        {
+            // Checked before opening as well as after: a FIFO or a device reports a size of 0, and opening
+            // one could block forever or read without end.
+            throw new SafetensorsFormatException(path,
+                $"the file is {preview.Length} bytes, shorter than the 8-byte header size that starts every safetensors file.");
+        }
 
         // FileShare.Delete lets a writer rename a new file over this path while it is open, which is
         // how SafetensorsWriter replaces files.
@@ -164,7 +177,8 @@ public sealed class SafetensorsFile : IDisposable
     /// (CPU when null). Only that tensor's bytes are read. The caller owns the result.
     /// </summary>
     /// <exception cref="KeyNotFoundException">The file has no such tensor.</exception>
-    /// <exception cref="SafetensorsFormatException">The file was truncated after it was opened.</exception>
+    /// <exception cref="SafetensorsFormatException">The file was truncated (or otherwise changed size)
+    /// after it was opened; <see cref="SafetensorsFormatException.TensorName"/> is <paramref name="name"/>.</exception>
     public Tensor ReadTensor(string name, Device? device = null) =>
         ReadTensor(name, device, TensorBytes.DefaultChunkBytes);
 
@@ -197,6 +211,22 @@ public sealed class SafetensorsFile : IDisposable
     {
         ObjectDisposedException.ThrowIf(_handle.IsClosed, this);
         var info = GetInfo(name);
+
+        // A file that changed size since it was opened was truncated, or rewritten in place, by someone
+        // else: its bytes can no longer be trusted to be the tensors the header describes. (A truncation
+        // during the read itself ends the read early and is reported by TensorBytes.Read.)
+        long length = RandomAccess.GetLength(_handle);
+        if (length != FileLength)
+        {
+            throw new SafetensorsFormatException(Path,
+                $"the file is {length} bytes but was {FileLength} when it was opened; it was truncated or rewritten before tensor '{name}' could be read.")
+            {
+                TensorName = name,
+            };
+        }
+
+        // The header check guarantees info.ByteLength fits in the file, so this allocation is never
+        // larger than the file.
         var tensor = torch.empty(info.Shape, info.DType, CPU);
         try
         {

@@ -46,4 +46,8 @@ public class SafetensorsFormatException : Exception
 
     /// <summary>What is wrong, without the path.</summary>
     public string Problem { get; }
+
+    /// <summary>The tensor being read when the problem was found (e.g. a file truncated after it was
+    /// opened), when there is one; the message names it too.</summary>
+    public string? TensorName { get; init; }
 }

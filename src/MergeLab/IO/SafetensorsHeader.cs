@@ -352,6 +352,23 @@ internal sealed class SafetensorsHeader
                 $"tensor '{name}': shape {shapeText} of {dtypeName} has more bytes than a 64-bit size can count.");
         }
 
+        // Beyond the reference: a tensor with a zero dimension holds no elements, but torch still lays
+        // out its strides from the other dimensions (each at least 1), and refuses (with an error that is
+        // not ours) when their product overflows. Such a shape describes no real tensor.
+        try
+        {
+            long layout = 1;
+            foreach (ulong d in shape)
+            {
+                layout = checked(layout * Math.Max(1, (long)d));
+            }
+        }
+        catch (OverflowException)
+        {
+            throw new SafetensorsFormatException(path,
+                $"tensor '{name}': shape {shapeText} has no elements, but its non-zero dimensions multiply to more than a 64-bit size can count, so no tensor can have it.");
+        }
+
         if (end - begin != (ulong)bytes)
         {
             throw new SafetensorsFormatException(path,

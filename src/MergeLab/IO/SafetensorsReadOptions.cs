@@ -1,6 +1,8 @@
 namespace MergeLab.IO;
 
-/// <summary>Limits applied when opening a safetensors file.</summary>
+/// <summary>Limits applied when opening a safetensors file (and a checkpoint's index). Immutable and thread-safe.</summary>
+/// <remarks>Tensor sizes need no limit of their own: every tensor's byte range is checked against the
+/// file's size before anything is allocated, so a tensor is never larger than its file.</remarks>
 public sealed record SafetensorsReadOptions
 {
     /// <summary>The reference implementation's limit on the JSON header: 100,000,000 bytes

@@ -9,6 +9,7 @@ namespace MergeLab.IO;
 /// <param name="DataOffset">The absolute byte offset of the first element in the file
 /// (8 + header size + the header's <c>data_offsets[0]</c>).</param>
 /// <param name="ByteLength">The number of bytes: element count × element size.</param>
+/// <remarks>Immutable, and so thread-safe, as long as the <paramref name="Shape"/> array is not modified.</remarks>
 public sealed record SafetensorsTensorInfo(string Name, ScalarType DType, long[] Shape, long DataOffset, long ByteLength)
 {
     /// <summary>The number of elements: the product of <see cref="Shape"/> (1 for a scalar).</summary>

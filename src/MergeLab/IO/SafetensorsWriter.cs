@@ -26,6 +26,8 @@ namespace MergeLab.IO;
 /// whole file is never in memory. The bytes go to a hidden temporary file in the same directory, which
 /// is renamed over <c>path</c> only once complete: a failure leaves no partial file behind.
 /// </para>
+/// <para>Stateless and thread-safe: several files may be written at once (two writes of one path each
+/// complete, and the last rename wins). The tensors being written must not be modified meanwhile.</para>
 /// </remarks>
 public static class SafetensorsWriter
 {

@@ -30,6 +30,7 @@ namespace MergeLab.IO;
 /// <c>{"format": "pt"}</c> as transformers writes: transformers refuses to load a shard whose metadata
 /// exists but lacks a "format" of pt, tf, flax or mlx.
 /// </para>
+/// <para>Not thread-safe: one thread adds tensors at a time.</para>
 /// </remarks>
 public sealed class ShardedCheckpointWriter : IDisposable
 {

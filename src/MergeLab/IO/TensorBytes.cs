@@ -26,7 +26,10 @@ internal static class TensorBytes
                 if (read == 0)
                 {
                     throw new SafetensorsFormatException(path,
-                        $"the file ended at byte {offset} while reading tensor '{name}': it was truncated after it was opened.");
+                        $"the file ended at byte {offset} while reading tensor '{name}': it was truncated after it was opened.")
+                    {
+                        TensorName = name,
+                    };
                 }
 
                 span = span[read..];

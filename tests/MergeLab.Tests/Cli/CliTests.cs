@@ -117,6 +117,39 @@ public class CliTests
     }
 
     [Test]
+    public void Non_finite_inputs_fail_by_default_and_pass_with_the_flag()
+    {
+        using var dir = new TempDirectory();
+        using var baseModel = T.RandomModel(125);
+        using var expert = T.Expert(baseModel, 126);
+        using (var flat = expert["layers.0.bias"].view(-1))
+        {
+            flat[3] = TorchSharp.torch.tensor(float.NaN);
+        }
+
+        Save(dir, "base", baseModel);
+        Save(dir, "math", expert);
+        string config = dir.File("ta.yaml");
+        File.WriteAllText(config, "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: math\n    parameters: {weight: 1}\n");
+
+        var (exit, _, stderr) = Run("merge", config, dir.File("out"));
+        Assert.That(exit, Is.EqualTo(1));
+        Assert.That(stderr.TrimEnd().Split('\n'), Has.Length.EqualTo(1));
+        Assert.That(stderr, Does.Contain("layers.0.bias").And.Contain("1 NaN").And.Contain(Path.Combine(dir.Path, "math")).And.Contain("--nonfinite pass"));
+        Assert.That(Directory.Exists(dir.File("out")), Is.False);
+
+        (exit, _, stderr) = Run("merge", config, dir.File("out"), "--nonfinite", "pass");
+        Assert.That(exit, Is.EqualTo(0), stderr);
+        using var merged = SafetensorsCheckpoint.Open(dir.File("out"));
+        using var bias = merged.ReadTensor("layers.0.bias");
+        Assert.That(float.IsNaN(T.Values(bias)[3]), Is.True);
+
+        (exit, _, stderr) = Run("merge", config, dir.File("out2"), "--nonfinite", "maybe");
+        Assert.That(exit, Is.Not.EqualTo(0));
+        Assert.That(stderr, Does.Contain("maybe"));
+    }
+
+    [Test]
     public void A_bad_shard_size_is_refused()
     {
         var (exit, _, stderr) = Run("merge", "x.yaml", "out", "--shard-size", "lots");
