@@ -1,83 +1,156 @@
 using BenchmarkDotNet.Attributes;
 using MergeLab.Methods;
+using MergeLab.Stages;
 using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MergeLab.Benchmarks;
 
 /// <summary>
-/// Per-tensor merge kernels on one 4096×4096 float32 parameter (64 MiB) with N experts, against a
-/// baseline that only copies the same input bytes (base + N experts) into a preallocated tensor: the
-/// memory-traffic floor of any method that reads every input once.
+/// Per-tensor merge kernels on one parameter of <see cref="Rows"/>×<see cref="Columns"/> with N experts,
+/// against a baseline that copies the same input bytes (base + N experts) into a preallocated tensor:
+/// the memory-traffic floor of any method that reads every input once. Each shape and dtype is its own
+/// class so a filter picks it (<c>--filter '*Kernels_BF16_4096x11008*'</c>).
 /// </summary>
-public class MergeKernelBenchmarks
+/// <remarks>Every method is the per-tensor form: TIES is the mergekit preset (exact top-k per
+/// tensor), Breadcrumbs the paper's per-row mask, PCB with per-tensor quantiles, DARE-linear with the
+/// paper's 1/(1−p) rescale. Results are disposed inside the timed call, so pooled memory is reused as
+/// it is in a streaming merge.</remarks>
+public abstract class MergeKernelBenchmarks : IMovesBytes
 {
-    private const int Size = 4096;
-
-    private Tensor _base = null!;
-    private Tensor[] _experts = [];
     private Tensor _inputs = null!;
     private Tensor _copyDestination = null!;
     private TensorGroup _group = null!;
 
     private readonly TaskArithmeticMerge _taskArithmetic = new(new TaskArithmeticOptions { Lambda = 0.5 });
+    private readonly WeightAverageMerge _linear = new();
     private readonly TiesMerge _ties = new(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 0.2 });
+    private readonly DareMerge _dare = new(new DareOptions { DropRate = 0.9, Seed = 1 });
+    private readonly DareMerge _dareTies = new(new DareOptions { DropRate = 0.9, Seed = 1, Combination = Combination.Ties });
+    private readonly BreadcrumbsMerge _breadcrumbs = new(new BreadcrumbsOptions { Density = 0.2, Gamma = 0.1 });
+    private readonly PcbMerge _pcb = new(new PcbOptions { Scope = SelectionScope.PerTensor });
 
     /// <summary>The number of experts.</summary>
-    [Params(3)]
+    [Params(2, 4, 8)]
     public int N { get; set; }
+
+    protected abstract long Rows { get; }
+
+    protected abstract long Columns { get; }
+
+    protected abstract ScalarType DType { get; }
+
+    public long BytesMoved(string method, int experts)
+    {
+        long tensorBytes = Rows * Columns * (DType == ScalarType.Float32 ? 4 : 2);
+        long inputs = (experts + 1) * tensorBytes;
+        return method == nameof(Copy) ? 2 * inputs : inputs + tensorBytes;
+    }
 
     [GlobalSetup]
     public void Setup()
     {
-        torch.set_num_threads(2); // the default (all cores) makes timings noisy on shared machines
+        BenchmarkDevice.Initialize();
         torch.manual_seed(0);
 
-        // The inputs live in one [N + 1, Size, Size] tensor: row 0 is the base, rows 1..N the experts
-        // (the base plus a small dense fine-tuning delta each).
+        // One [N + 1, rows, columns] tensor: row 0 is the base, rows 1..N the experts (the base plus a
+        // small dense fine-tuning delta each), in the benchmark's dtype on the benchmark's device.
         using (var scope = NewDisposeScope())
         {
             var rows = new Tensor[N + 1];
-            rows[0] = randn(Size, Size);
+            rows[0] = randn(Rows, Columns);
             for (int k = 1; k <= N; k++)
             {
-                rows[k] = rows[0] + 0.01 * randn(Size, Size);
+                rows[k] = rows[0] + 0.01 * randn(Rows, Columns);
             }
 
-            _inputs = stack(rows).MoveToOuterDisposeScope();
+            _inputs = stack(rows).to(DType).to(BenchmarkDevice.Device).MoveToOuterDisposeScope();
         }
 
-        _base = _inputs[0];
-        _experts = Enumerable.Range(1, N).Select(k => _inputs[k]).ToArray();
-        _group = new TensorGroup("layer.weight", _base, _experts);
+        _group = new TensorGroup("model.layers.0.mlp.up_proj.weight", _inputs[0], Enumerable.Range(1, N).Select(k => _inputs[k]).ToArray());
         _copyDestination = empty_like(_inputs);
     }
 
     [GlobalCleanup]
     public void Cleanup()
     {
-        foreach (var t in _experts)
+        _group.Base!.Dispose();
+        foreach (var t in _group.Experts)
         {
             t.Dispose();
         }
 
-        _base.Dispose();
         _inputs.Dispose();
         _copyDestination.Dispose();
     }
 
-    [Benchmark(Baseline = true, Description = "copy_ (inputs)")]
-    public void CopyInputs() => _copyDestination.copy_(_inputs);
+    [Benchmark(Baseline = true, Description = "copy (inputs)")]
+    public void Copy()
+    {
+        _copyDestination.copy_(_inputs);
+        BenchmarkDevice.Synchronize();
+    }
 
     [Benchmark(Description = "task arithmetic")]
-    public void TaskArithmetic()
-    {
-        using var merged = _taskArithmetic.MergeTensor(_group);
-    }
+    public void TaskArithmetic() => Run(_taskArithmetic);
 
-    [Benchmark(Description = "TIES (mergekit)")]
-    public void TiesMergekit()
+    [Benchmark(Description = "linear")]
+    public void Linear() => Run(_linear);
+
+    [Benchmark(Description = "TIES")]
+    public void Ties() => Run(_ties);
+
+    [Benchmark(Description = "DARE")]
+    public void Dare() => Run(_dare);
+
+    [Benchmark(Description = "DARE-TIES")]
+    public void DareTies() => Run(_dareTies);
+
+    [Benchmark(Description = "Breadcrumbs")]
+    public void Breadcrumbs() => Run(_breadcrumbs);
+
+    [Benchmark(Description = "PCB")]
+    public void Pcb() => Run(_pcb);
+
+    private void Run(MergeMethod method)
     {
-        using var merged = _ties.MergeTensor(_group);
+        using var merged = method.MergeTensor(_group);
+        BenchmarkDevice.Synchronize();
     }
+}
+
+public class Kernels_F32_4096x4096 : MergeKernelBenchmarks
+{
+    protected override long Rows => 4096;
+
+    protected override long Columns => 4096;
+
+    protected override ScalarType DType => ScalarType.Float32;
+}
+
+public class Kernels_BF16_4096x4096 : MergeKernelBenchmarks
+{
+    protected override long Rows => 4096;
+
+    protected override long Columns => 4096;
+
+    protected override ScalarType DType => ScalarType.BFloat16;
+}
+
+public class Kernels_F32_4096x11008 : MergeKernelBenchmarks
+{
+    protected override long Rows => 4096;
+
+    protected override long Columns => 11008;
+
+    protected override ScalarType DType => ScalarType.Float32;
+}
+
+public class Kernels_BF16_4096x11008 : MergeKernelBenchmarks
+{
+    protected override long Rows => 4096;
+
+    protected override long Columns => 11008;
+
+    protected override ScalarType DType => ScalarType.BFloat16;
 }

@@ -1,18 +1,63 @@
 // MergeLab benchmarks. From the repository root:
-//   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- --filter '*'              (full run)
-//   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- --filter '*' --job short  (quicker)
-//   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- --filter '*' --job dry    (smoke test)
+//   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- --filter '*'                          (everything)
+//   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- --filter '*Kernels_BF16_4096x4096*'   (one shape and dtype)
+//   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- --filter '*Kernels_*.Ties' '*Kernels_*.Copy'
+//   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- --filter '*Threshold*'                (k-th magnitude alone)
+//   ... -- --filter '*' --device cuda            (tensors on the GPU; needs a TorchSharp-cuda build)
+//   ... -- --filter '*' --job short | dry        (BenchmarkDotNet's jobs instead of the default below)
+//   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- generate --out DIR --params 1B --models 4 --seed 1
+//   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- e2e --dir DIR --params 1B --models 4
 using BenchmarkDotNet.Configs;
 using BenchmarkDotNet.Jobs;
 using BenchmarkDotNet.Running;
 using BenchmarkDotNet.Toolchains.InProcess.Emit;
+using MergeLab.Benchmarks;
+
+if (args.Length > 0 && args[0] == "generate")
+{
+    return SyntheticCheckpoints.Run(args[1..]);
+}
+
+if (args.Length > 0 && args[0] == "e2e")
+{
+    return EndToEnd.Run(args[1..]);
+}
+
+// --device cpu|cuda is ours; everything else goes to BenchmarkDotNet.
+var rest = new List<string>();
+for (int i = 0; i < args.Length; i++)
+{
+    if (args[i] == "--device" && i + 1 < args.Length)
+    {
+        BenchmarkDevice.Name = args[++i].ToLowerInvariant() switch
+        {
+            "cpu" => "cpu",
+            "cuda" => "cuda",
+            var other => throw new ArgumentException($"--device must be cpu or cuda, not '{other}'."),
+        };
+    }
+    else
+    {
+        rest.Add(args[i]);
+    }
+}
 
 // Every job runs in this process. BenchmarkDotNet's default toolchain builds a generated project that
 // skips Directory.Build.targets, so it would load TorchSharp's unpatched native library, which fails
 // on Debian 12 (GLIBCXX_3.4.32). A mutator job is applied to every job, including those picked on the
 // command line with --job short / --job dry, so they all get the in-process toolchain.
 var config = DefaultConfig.Instance
-    .AddJob(Job.Default.WithToolchain(InProcessEmitToolchain.Instance).AsMutator());
+    .AddJob(Job.Default.WithToolchain(InProcessEmitToolchain.Instance).AsMutator())
+    .AddColumn(new BandwidthColumn(fractionOfCopy: false), new BandwidthColumn(fractionOfCopy: true));
 
-var summaries = BenchmarkSwitcher.FromAssembly(typeof(Program).Assembly).Run(args, config);
+// Without a job on the command line, a compact one: each operation reads gigabytes and takes
+// milliseconds to seconds, so 2 warm-ups and 7 measured calls give stable medians in reasonable time.
+bool jobGiven = rest.Any(a => a is "--job" or "-j" || a.StartsWith("--iterationCount", StringComparison.Ordinal) || a.StartsWith("--warmupCount", StringComparison.Ordinal));
+if (!jobGiven)
+{
+    config = config.AddJob(Job.Default.WithWarmupCount(2).WithIterationCount(7).WithInvocationCount(1).WithUnrollFactor(1)
+        .WithToolchain(InProcessEmitToolchain.Instance).WithId("MergeLab"));
+}
+
+var summaries = BenchmarkSwitcher.FromAssembly(typeof(BenchmarkDevice).Assembly).Run(rest.ToArray(), config);
 return summaries.Any(s => s.HasCriticalValidationErrors || s.Reports.Any(r => !r.Success)) ? 1 : 0;

@@ -54,9 +54,20 @@ public abstract class MergeMethod
         }
 
         using var scope = NewDisposeScope();
+        var type = outputType ?? reference.dtype;
+        var direct = MergeDirect(group, statistic, type);
+        if (direct is not null)
+        {
+            return direct.MoveToOuterDisposeScope();
+        }
+
         var merged = MergeFloat32(group, statistic);
-        return merged.to(outputType ?? reference.dtype).MoveToOuterDisposeScope();
+        return merged.to(type).MoveToOuterDisposeScope();
     }
+
+    /// <summary>Merges straight into <paramref name="outputType"/> with a fused CPU kernel, or returns
+    /// null to take <see cref="MergeFloat32"/>. The result must equal that path's, cast.</summary>
+    private protected virtual Tensor? MergeDirect(TensorGroup group, ModelStatistic? statistic, ScalarType outputType) => null;
 
     /// <summary>Computes the merged tensor in float32 on the inputs' device. Temporaries may be left
     /// to the caller's dispose scope.</summary>

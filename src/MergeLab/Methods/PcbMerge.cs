@@ -94,8 +94,12 @@ public sealed class PcbMerge : MergeMethod
     /// <inheritdoc />
     protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic)
     {
-        var x = group.StackedTaskVectors().view(group.ExpertCount, -1);
+        // Every n×d intermediate lives in a pooled workspace and is updated in place; the libtorch
+        // operations are the reference's own, so the values are the same as out-of-place.
+        var x = StackedTaskVectors(group);
+        long d = x.shape[1];
         Tensor low, high, threshold, top;
+        Tensor? score = null;
         if (Options.Scope == SelectionScope.WholeModel)
         {
             var whole = statistic as PcbStatistic ?? throw new MergeException(group.Name,
@@ -104,18 +108,17 @@ public sealed class PcbMerge : MergeMethod
         }
         else
         {
-            long d = x.shape[1];
-            var magnitudes = x.abs();
-            low = magnitudes.kthvalue(LowRank(d), 1, true).values;
-            high = magnitudes.kthvalue(HighRank(d), 1, true).values;
-            var score = Score(x, low, high);
-            threshold = score.kthvalue(ThresholdRank(d), 1, true).values;
+            low = RowKthSmallest(x, LowRank(d), magnitudes: true);
+            high = RowKthSmallest(x, HighRank(d), magnitudes: true);
+            score = Score(x, low, high);
+            threshold = RowKthSmallest(score, ThresholdRank(d), magnitudes: false);
             top = score.amax([1], keepdim: true);
         }
 
-        var clamped = x.sign() * x.abs().clamp(low, high);
-        var s = MinMax(Score(x, low, high).clamp(threshold, top), threshold, top);
-        var merged = (clamped * s).sum(dim: 0).div_(s.sum(dim: 0).clamp_min(1e-12));
+        score ??= Score(x, low, high);
+        var clamped = Workspace(x).copy_(x).abs_().clamp_(low, high).mul_(x.sign_());
+        var s = MinMaxInPlace(score.clamp_(threshold, top), threshold, top);
+        var merged = clamped.mul_(s).sum(dim: 0).div_(s.sum(dim: 0).clamp_min(1e-12));
         if (Options.Lambda != 1.0)
         {
             merged.mul_(Options.Lambda);
@@ -125,23 +128,59 @@ public sealed class PcbMerge : MergeMethod
         return base32 + merged.view(group.Base.shape);
     }
 
-    /// <summary>intra ⊙ inter for rows x [n, d] given each row's clamp bounds [n, 1].</summary>
+    /// <summary>The task vectors as rows [n, d] in float32, in pooled memory on the CPU.</summary>
+    internal static Tensor StackedTaskVectors(TensorGroup group) =>
+        FusedPipeline.TryStackedTaskVectors(group) ?? group.StackedTaskVectors().view(group.ExpertCount, -1);
+
+    /// <summary>intra ⊙ inter for rows x [n, d] given each row's clamp bounds [n, 1] (a new workspace).</summary>
     internal static Tensor Score(Tensor x, Tensor low, Tensor high)
     {
         long n = x.shape[0];
-        var clampedAbs = x.abs().clamp(low, high);
-        var intra = MinMax(clampedAbs, low, high).pow_(2).mul_(n).exp_();
-        var inter = (x * x.sum(dim: 0, keepdim: true)).tanh_();
+        var intra = MinMaxInPlace(Workspace(x).copy_(x).abs_().clamp_(low, high), low, high).pow_(2).mul_(n).exp_();
+        using var total = x.sum(dim: 0, keepdim: true);
+        using var inter = Workspace(x).copy_(x).mul_(total).tanh_();
         return intra.mul_(inter);
     }
 
-    /// <summary>(x − min)/(max − min) with the row's known min and max; a constant row gives 0.</summary>
-    private static Tensor MinMax(Tensor x, Tensor min, Tensor max)
+    /// <summary>Each row's k-th smallest value (or magnitude) as an [n, 1] column, by the exact CPU
+    /// selection (all rows in one pass) or libtorch's <c>kthvalue</c>.</summary>
+    internal static Tensor RowKthSmallest(Tensor rows, long k, bool magnitudes)
     {
+        long n = rows.shape[0], d = rows.shape[1];
+        if (MagnitudeThreshold.UseCpuKernels(rows) && rows.is_contiguous() && rows.dtype == ScalarType.Float32)
+        {
+            var floats = CpuTensors.Floats(rows, out _);
+            var queries = new SelectionQuery[n];
+            for (long i = 0; i < n; i++)
+            {
+                unsafe
+                {
+                    var row = new CpuFloats((float*)floats.Pointer + i * d, d, bfloat16: false);
+                    queries[i] = new SelectionQuery(magnitudes ? new MagnitudeKeys(row) : new SignedKeys(row), k - 1);
+                }
+            }
+
+            ExactSelector.Solve(queries);
+            var values = queries.Select(q => FloatKeys.Value(q.Key, signed: !magnitudes)).ToArray();
+            return tensor(values, ScalarType.Float32, rows.device).view(-1, 1);
+        }
+
+        using var source = magnitudes ? rows.abs() : rows.alias();
+        return source.kthvalue(k, 1, true).values;
+    }
+
+    /// <summary>(x − min)/(max − min) in place with the row's known min and max; a constant row gives 0.</summary>
+    private static Tensor MinMaxInPlace(Tensor x, Tensor min, Tensor max)
+    {
+        using var scope = NewDisposeScope();
         var range = max - min;
         var safe = where(range.eq(0), ones_like(range), range);
-        return (x - min).div_(safe).masked_fill_(range.eq(0).expand_as(x), 0);
+        return x.sub_(min).div_(safe).masked_fill_(range.eq(0).expand_as(x), 0);
     }
+
+    /// <summary>An uninitialized tensor like <paramref name="x"/>, from the buffer pool on the CPU.</summary>
+    private static Tensor Workspace(Tensor x) =>
+        CpuTensors.OnCpu(x) ? NativeBufferPool.Empty(x.shape, x.dtype) : empty_like(x);
 
     // The reference's indices into an ascending sort (Python int() truncates toward zero), as 1-based ranks.
     internal long LowRank(long d) => (long)(d * Options.ClampLow) + 1;
@@ -178,12 +217,33 @@ internal sealed class PcbStatistic(PcbMerge method, int expertCount) : ModelStat
         }
 
         using var scope = NewDisposeScope();
-        var x = group.StackedTaskVectors().view(group.ExpertCount, -1);
         if (_pass == 0)
         {
-            _entries += x.shape[1];
+            _entries += group.Reference.numel();
         }
 
+        if (_pass < 2 && FusedPipeline.TryTaskVectorKeys(group) is { } keys)
+        {
+            // The clamp quantiles are over |τ_i|: read it straight from the inputs' memory.
+            using (keys)
+            {
+                for (int i = 0; i < _magnitudes.Length; i++)
+                {
+                    if (_pass == 0)
+                    {
+                        _magnitudes[i].ObserveCoarse(keys[i]);
+                    }
+                    else
+                    {
+                        _magnitudes[i].ObserveFine(keys[i]);
+                    }
+                }
+            }
+
+            return;
+        }
+
+        var x = PcbMerge.StackedTaskVectors(group);
         var source = _pass < 2 ? x : PcbMerge.Score(x, Column(_low, x.device), Column(_high, x.device));
         var selects = _pass < 2 ? _magnitudes : _scores;
         for (int i = 0; i < selects.Length; i++)

@@ -60,13 +60,24 @@ internal sealed class PipelineStatistic : ModelStatistic
         }
 
         using var scope = NewDisposeScope();
+        using var keys = _phase is Phase.Coarse or Phase.Fine ? FusedPipeline.TryTaskVectorKeys(group) : null;
         switch (_phase)
         {
             case Phase.Coarse:
                 _entries += group.Reference.numel();
                 for (int k = 0; k < _selects.Length; k++)
                 {
-                    _selects[k]?.ObserveCoarse(group.TaskVector(k));
+                    if (_selects[k] is { } select)
+                    {
+                        if (keys is not null)
+                        {
+                            select.ObserveCoarse(keys[k]);
+                        }
+                        else
+                        {
+                            select.ObserveCoarse(group.TaskVector(k));
+                        }
+                    }
                 }
 
                 break;
@@ -75,12 +86,25 @@ internal sealed class PipelineStatistic : ModelStatistic
                 {
                     if (_selects[k] is { InFinePass: true } select)
                     {
-                        select.ObserveFine(group.TaskVector(k));
+                        if (keys is not null)
+                        {
+                            select.ObserveFine(keys[k]);
+                        }
+                        else
+                        {
+                            select.ObserveFine(group.TaskVector(k));
+                        }
                     }
                 }
 
                 break;
             case Phase.Majority:
+                if (FusedPipeline.TrySignSum(_pipeline, group, this) is long sum)
+                {
+                    _signSum += sum;
+                    break;
+                }
+
                 var consensus = _pipeline.Consensus!;
                 var stacked = _pipeline.SparseTaskVectors(group, this);
                 var electorate = consensus.ElectOnWeighted ? stacked * _pipeline.WeightTensor(stacked) : stacked;

@@ -177,17 +177,22 @@ public class PipelineMerge : MergeMethod
     }
 
     /// <inheritdoc />
-    protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic)
+    protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic) =>
+        Pipeline.Merge(group, Prepare(group, statistic));
+
+    private protected override Tensor? MergeDirect(TensorGroup group, ModelStatistic? statistic, ScalarType outputType) =>
+        FusedPipeline.TryMerge(Pipeline, group, Prepare(group, statistic), outputType);
+
+    private PipelineStatistic? Prepare(TensorGroup group, ModelStatistic? statistic)
     {
         Pipeline.Validate(group.ExpertCount);
-        PipelineStatistic? whole = null;
-        if (Pipeline.NeedsWholeModelStatistic)
+        if (!Pipeline.NeedsWholeModelStatistic)
         {
-            whole = statistic as PipelineStatistic ?? throw new MergeException(group.Name,
-                $"'{Name}' works over the whole model (global threshold or majority sign): merge whole state dicts " +
-                "with Merge or the checkpoint engine, or pass the statistic from CreateStatistic after its passes.");
+            return null;
         }
 
-        return Pipeline.Merge(group, whole);
+        return statistic as PipelineStatistic ?? throw new MergeException(group.Name,
+            $"'{Name}' works over the whole model (global threshold or majority sign): merge whole state dicts " +
+            "with Merge or the checkpoint engine, or pass the statistic from CreateStatistic after its passes.");
     }
 }

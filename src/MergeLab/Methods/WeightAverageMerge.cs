@@ -44,6 +44,9 @@ public sealed class WeightAverageMerge : MergeMethod
     /// <inheritdoc />
     public override bool RequiresBase => false;
 
+    private protected override Tensor? MergeDirect(TensorGroup group, ModelStatistic? statistic, ScalarType outputType) =>
+        FusedPipeline.TryAverage(group, MergeLab.Options.Weights(Options.Weights, group.ExpertCount), Options.Normalize, outputType);
+
     /// <inheritdoc />
     protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic)
     {

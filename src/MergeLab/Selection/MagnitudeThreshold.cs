@@ -7,11 +7,15 @@ namespace MergeLab.Selection;
 /// exact (no sampling, no approximation) and ties at a boundary are broken by position, so two runs
 /// on the same input always select the same entries.
 /// </summary>
+/// <remarks>On the CPU these run an O(n) selection over the float bits (<see cref="ExactSelector"/>,
+/// <see cref="RowSelector"/>), vectorized and multi-threaded; on other devices they use libtorch
+/// (<c>kthvalue</c>, <c>sort</c>). Both give identical answers.</remarks>
 public static class MagnitudeThreshold
 {
     /// <summary>
     /// The <paramref name="k"/>-th smallest value (1-based) of <paramref name="values"/> over all
-    /// entries, as <c>torch.kthvalue(values.flatten(), k)</c> gives it.
+    /// entries, as <c>torch.kthvalue(values.flatten(), k)</c> gives it (−0 and +0 are equal; a zero
+    /// answer is +0).
     /// </summary>
     /// <exception cref="ArgumentOutOfRangeException">k is not in [1, numel].</exception>
     public static float KthSmallest(Tensor values, long k)
@@ -21,6 +25,17 @@ public static class MagnitudeThreshold
         if (k < 1 || k > n)
         {
             throw new ArgumentOutOfRangeException(nameof(k), k, $"k must be in [1, {n}].");
+        }
+
+        if (UseCpuKernels(values))
+        {
+            var floats = CpuTensors.Floats(values, out var copy);
+            using (copy)
+            {
+                var query = new SelectionQuery(new SignedKeys(floats), k - 1);
+                ExactSelector.Solve([query]);
+                return FloatKeys.Value(query.Key, signed: true);
+            }
         }
 
         using var scope = NewDisposeScope();
@@ -50,6 +65,18 @@ public static class MagnitudeThreshold
             return ones_like(magnitudes, ScalarType.Bool);
         }
 
+        if (UseCpuKernels(magnitudes))
+        {
+            var floats = CpuTensors.Floats(magnitudes, out var copy);
+            using (copy)
+            {
+                var source = new SignedKeys(floats);
+                var query = new SelectionQuery(source, n - keep, indexDescending: true);
+                ExactSelector.Solve([query]);
+                return MaskFromSource(source, magnitudes.shape, query.Composite);
+            }
+        }
+
         using var scope = NewDisposeScope();
         // The keep-th largest is the (n - keep + 1)-th smallest.
         float boundary = KthSmallest(magnitudes, n - keep + 1);
@@ -68,12 +95,150 @@ public static class MagnitudeThreshold
     public static Tensor RankWindowMask(Tensor magnitudes, long low, long high)
     {
         ArgumentNullException.ThrowIfNull(magnitudes);
-        using var scope = NewDisposeScope();
         long d = magnitudes.shape.Length == 0 ? 1 : magnitudes.shape[^1];
+        if (UseCpuKernels(magnitudes) && d <= ExactSelector.MaxLength)
+        {
+            var floats = CpuTensors.Floats(magnitudes, out var copy);
+            using (copy)
+            {
+                return CpuRankWindowMask(floats, magnitudes.shape, d, low, high);
+            }
+        }
+
+        using var scope = NewDisposeScope();
         var rows = magnitudes.reshape(-1, d);
         var (_, order) = rows.sort(dim: 1, descending: false, stable: true);
         var ranks = empty_like(order).scatter_(1, order, arange(d, ScalarType.Int64, rows.device).expand(rows.shape[0], d));
         var mask = ranks.ge(low).logical_and_(ranks.lt(high));
         return mask.view(magnitudes.shape).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Whether the CPU kernels handle <paramref name="t"/> (switched off to test them against libtorch).</summary>
+    internal static bool UseCpuKernels(Tensor t) =>
+        CpuKernelsEnabled && CpuTensors.OnCpu(t) && t.is_floating_point() && t.numel() > 0 && t.numel() <= ExactSelector.MaxLength;
+
+    /// <summary>Whether CPU tensors use the hand-written kernels (true) or libtorch (false, for tests).</summary>
+    internal static bool CpuKernelsEnabled { get; set; } = true;
+
+    /// <summary>The bool mask "composite (key, ~index) ≥ <paramref name="boundary"/>" over a whole source.</summary>
+    private static unsafe Tensor MaskFromSource(KeySource source, long[] shape, ulong boundary)
+    {
+        long n = source.Length;
+        var mask = NativeBufferPool.Empty(shape, ScalarType.Bool);
+        var output = (byte*)CpuTensors.Pointer(mask);
+        uint key = (uint)(boundary >> 32);
+        long lastIndex = uint.MaxValue - (uint)boundary; // ties at the boundary key: indices ≤ this are kept
+        long blocks = CpuParallel.BlockCount(n, ExactSelector.BlockSize);
+        CpuParallel.For(blocks, block =>
+        {
+            long start = block * ExactSelector.BlockSize;
+            int count = (int)Math.Min(ExactSelector.BlockSize, n - start);
+            var scratch = ThreadScratch.Get(ExactSelector.BlockSize * 12L);
+            var keys = (uint*)scratch;
+            source.Fill(start, count, keys, (float*)(scratch + ExactSelector.BlockSize * 4L));
+            for (int i = 0; i < count; i++)
+            {
+                uint k = keys[i];
+                output[start + i] = (byte)(k > key || (k == key && start + i <= lastIndex) ? 1 : 0);
+            }
+        });
+
+        return mask;
+    }
+
+    private static unsafe Tensor CpuRankWindowMask(CpuFloats floats, long[] shape, long d, long low, long high)
+    {
+        long n = floats.Length;
+        long rows = n / d;
+        var mask = NativeBufferPool.Empty(shape, ScalarType.Bool);
+        var output = (byte*)CpuTensors.Pointer(mask);
+        low = Math.Clamp(low, 0, d);
+        high = Math.Clamp(high, 0, d);
+        if (high <= low)
+        {
+            System.Runtime.InteropServices.NativeMemory.Clear(output, (nuint)n);
+            return mask;
+        }
+
+        if (d > 1 << 20)
+        {
+            // Few long rows: select within each row with the whole-tensor selector (multi-threaded).
+            for (long r = 0; r < rows; r++)
+            {
+                var row = new CpuFloats((byte*)floats.Pointer + r * d * (floats.IsBFloat16 ? 2 : 4), d, floats.IsBFloat16);
+                var source = new SignedKeys(row);
+                var (lower, upper) = WindowBounds(source, low, high);
+                WindowMaskOfSource(source, output + r * d, lower, upper);
+            }
+
+            return mask;
+        }
+
+        int width = (int)d;
+        CpuParallel.For(rows, r =>
+        {
+            var scratch = ThreadScratch.Get(width * 4L + width * 8L + RowSelector.ScratchBytes(width));
+            var keys = (uint*)scratch;
+            var floatsScratch = (float*)(scratch + width * 4L);
+            var rowScratch = scratch + width * 12L;
+            new SignedKeys(floats).Fill(r * d, width, keys, floatsScratch);
+            Span<int> positions = stackalloc int[2];
+            Span<ulong> results = stackalloc ulong[2];
+            int count = 0;
+            if (low > 0)
+            {
+                positions[count++] = (int)low - 1;
+            }
+
+            positions[count++] = (int)high - 1;
+            RowSelector.Select(keys, width, positions[..count], results[..count], rowScratch);
+            ulong lower = low > 0 ? results[0] : 0;
+            ulong upper = results[count - 1];
+            var rowOut = output + r * d;
+            for (int i = 0; i < width; i++)
+            {
+                ulong c = ((ulong)keys[i] << 32) | (uint)i;
+                rowOut[i] = (byte)(c <= upper && (low == 0 || c > lower) ? 1 : 0);
+            }
+        });
+
+        return mask;
+    }
+
+    private static (ulong Lower, ulong Upper) WindowBounds(KeySource source, long low, long high)
+    {
+        var upper = new SelectionQuery(source, high - 1);
+        var queries = new List<SelectionQuery> { upper };
+        SelectionQuery? lower = null;
+        if (low > 0)
+        {
+            lower = new SelectionQuery(source, low - 1);
+            queries.Add(lower);
+        }
+
+        ExactSelector.Solve(queries);
+        // With no lower bound every composite is above "0 − 1"; ulong 0 with the strict test excludes
+        // only composite 0 itself, so encode "no lower bound" as a flag instead.
+        return (lower?.Composite ?? ulong.MaxValue, upper.Composite);
+    }
+
+    private static unsafe void WindowMaskOfSource(KeySource source, byte* output, ulong lower, ulong upper)
+    {
+        long n = source.Length;
+        bool hasLower = lower != ulong.MaxValue;
+        long blocks = CpuParallel.BlockCount(n, ExactSelector.BlockSize);
+        CpuParallel.For(blocks, block =>
+        {
+            long start = block * ExactSelector.BlockSize;
+            int count = (int)Math.Min(ExactSelector.BlockSize, n - start);
+            var scratch = ThreadScratch.Get(ExactSelector.BlockSize * 12L);
+            var keys = (uint*)scratch;
+            source.Fill(start, count, keys, (float*)(scratch + ExactSelector.BlockSize * 4L));
+            for (int i = 0; i < count; i++)
+            {
+                ulong c = ((ulong)keys[i] << 32) | (uint)(start + i);
+                output[start + i] = (byte)(c <= upper && (!hasLower || c > lower) ? 1 : 0);
+            }
+        });
     }
 }

@@ -1,24 +1,29 @@
+using System.Buffers;
 using static TorchSharp.torch;
-
 
 namespace MergeLab.Selection;
 
 /// <summary>
 /// Exact k-th smallest value (or magnitude) over a stream of tensors too large to hold at once (a
 /// whole model), in two passes with bounded memory. Each float32 is mapped to a 32-bit key whose
-/// unsigned order is the order of the values (for magnitudes the bits with the sign cleared; for
-/// signed values the sign bit flipped, and all bits flipped for negatives). A histogram of the high 16
-/// key bits (pass 1) locates the bin holding the k-th value and a histogram of the low 16 bits inside
-/// that bin (pass 2) pins it exactly. Several ranks can be asked of the same stream at once.
+/// unsigned order is the order of the values (<see cref="FloatKeys"/>: for magnitudes the bits with the
+/// sign cleared; for signed values the sign bit flipped, and all bits flipped for negatives). A
+/// histogram of the high 16 key bits (pass 1) locates the bin holding the k-th value and a histogram of
+/// the low 16 bits inside that bin (pass 2) pins it exactly. Several ranks can be asked of the same
+/// stream at once. Each observation is counted on all CPU threads into per-thread histograms, so the
+/// counts (integers) do not depend on the thread count.
 /// </summary>
 /// <param name="signed">Select among the signed values rather than their magnitudes.</param>
 internal sealed class RadixSelect(bool signed = false)
 {
     private const int Bins = 1 << 16;
+    private const int ParallelThreshold = 1 << 16;
     private readonly long[] _coarse = new long[Bins];
-    private readonly Dictionary<int, long[]> _fine = [];
+    private readonly object _gate = new();
     private long[]? _ranks;
     private int[]? _rankBins;
+    private int[] _fineBins = [];
+    private long[][] _fine = [];
     private float[]? _results;
 
     /// <summary>Entries seen in the first pass.</summary>
@@ -27,18 +32,18 @@ internal sealed class RadixSelect(bool signed = false)
     /// <summary>True after the coarse pass, before the fine one.</summary>
     public bool InFinePass => _rankBins is not null && _results is null;
 
-    /// <summary>Pass 1: adds the magnitudes of <paramref name="values"/> (any float tensor) to the coarse histogram.</summary>
+    /// <summary>Pass 1: adds the keys of <paramref name="values"/> (any float tensor) to the coarse histogram.</summary>
     public void ObserveCoarse(Tensor values)
     {
-        using var scope = NewDisposeScope();
-        var bits = Bits(values);
-        var coarse = _coarse;
-        foreach (uint u in bits)
-        {
-            coarse[Key(u) >> 16]++;
-        }
+        using var source = Source(values);
+        ObserveCoarse(source.Keys);
+    }
 
-        Count += values.numel();
+    /// <summary>Pass 1 over a key source (its keys must be of this selection's kind).</summary>
+    public void ObserveCoarse(KeySource keys)
+    {
+        Accumulate(keys, coarse: true);
+        Count += keys.Length;
     }
 
     /// <summary>Ends pass 1 and fixes the ranks (1-based, each in [1, Count]) to select.</summary>
@@ -61,26 +66,23 @@ internal sealed class RadixSelect(bool signed = false)
             }
 
             _rankBins[r] = bin;
-            _fine.TryAdd(bin, new long[Bins]);
         }
+
+        _fineBins = _rankBins.Distinct().Order().ToArray();
+        _fine = _fineBins.Select(_ => new long[Bins]).ToArray();
     }
 
-    /// <summary>Pass 2: adds the low 16 bits of the magnitudes that fall in a wanted bin.</summary>
+    /// <summary>Pass 2: adds the low 16 bits of the keys that fall in a wanted bin.</summary>
     public void ObserveFine(Tensor values)
     {
-        using var scope = NewDisposeScope();
-        var bits = Bits(values);
-        foreach (uint u in bits)
-        {
-            uint m = Key(u);
-            if (_fine.TryGetValue((int)(m >> 16), out var histogram))
-            {
-                histogram[m & 0xFFFF]++;
-            }
-        }
+        using var source = Source(values);
+        ObserveFine(source.Keys);
     }
 
-    /// <summary>Ends pass 2 and returns the k-th smallest magnitude for each rank given to <see cref="EndCoarse"/>.</summary>
+    /// <summary>Pass 2 over a key source.</summary>
+    public void ObserveFine(KeySource keys) => Accumulate(keys, coarse: false);
+
+    /// <summary>Ends pass 2 and returns the k-th smallest for each rank given to <see cref="EndCoarse"/>.</summary>
     public float[] EndFine()
     {
         var ranks = _ranks ?? throw new InvalidOperationException("The coarse pass has not ended.");
@@ -94,30 +96,111 @@ internal sealed class RadixSelect(bool signed = false)
                 seen += _coarse[b];
             }
 
-            var fine = _fine[bin];
+            var fine = _fine[Array.IndexOf(_fineBins, bin)];
             int low = 0;
             while (seen + fine[low] < ranks[r])
             {
                 seen += fine[low++];
             }
 
-            _results[r] = BitConverter.UInt32BitsToSingle(Value(((uint)bin << 16) | (uint)low));
+            _results[r] = FloatKeys.Value(((uint)bin << 16) | (uint)low, signed);
         }
 
         return _results;
     }
 
-    private uint Key(uint bits) =>
-        !signed ? bits & 0x7FFF_FFFF : (bits & 0x8000_0000) != 0 ? ~bits : bits | 0x8000_0000;
-
-    private uint Value(uint key) =>
-        !signed ? key : (key & 0x8000_0000) != 0 ? key & 0x7FFF_FFFF : ~key;
-
-    /// <summary>The float32 bit patterns of <paramref name="values"/>, read from CPU memory (copied
-    /// there first when the tensor lives on another device; the copy belongs to the caller's scope).</summary>
-    private static Span<uint> Bits(Tensor values)
+    private unsafe void Accumulate(KeySource keys, bool coarse)
     {
-        var cpu = values.to(ScalarType.Float32).cpu().contiguous();
-        return System.Runtime.InteropServices.MemoryMarshal.Cast<byte, uint>(cpu.bytes);
+        long n = keys.Length;
+        if (n == 0)
+        {
+            return;
+        }
+
+        int tables = coarse ? 1 : _fineBins.Length;
+        var wanted = _fineBins;
+        int threads = n < ParallelThreshold ? 1 : CpuParallel.Threads;
+        const int block = ExactSelector.BlockSize;
+        long blocks = CpuParallel.BlockCount(n, block);
+        long perThread = CpuParallel.BlockCount(blocks, threads);
+        CpuParallel.For(threads, t =>
+        {
+            var counts = ArrayPool<uint>.Shared.Rent(tables * Bins);
+            try
+            {
+                Array.Clear(counts, 0, tables * Bins);
+                var scratch = ThreadScratch.Get(block * 12L);
+                var k = (uint*)scratch;
+                var floats = (float*)(scratch + block * 4L);
+                fixed (uint* c = counts)
+                {
+                    for (long b = t * perThread; b < Math.Min(blocks, (t + 1) * perThread); b++)
+                    {
+                        long start = b * block;
+                        int count = (int)Math.Min(block, n - start);
+                        keys.Fill(start, count, k, floats);
+                        if (coarse)
+                        {
+                            for (int i = 0; i < count; i++)
+                            {
+                                c[k[i] >> 16]++;
+                            }
+                        }
+                        else
+                        {
+                            for (int i = 0; i < count; i++)
+                            {
+                                int high = (int)(k[i] >> 16);
+                                for (int table = 0; table < wanted.Length; table++)
+                                {
+                                    if (wanted[table] == high)
+                                    {
+                                        c[table * Bins + (int)(k[i] & 0xFFFF)]++;
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+
+                lock (_gate)
+                {
+                    for (int table = 0; table < tables; table++)
+                    {
+                        var target = coarse ? _coarse : _fine[table];
+                        for (int i = 0; i < Bins; i++)
+                        {
+                            target[i] += counts[table * Bins + i];
+                        }
+                    }
+                }
+            }
+            finally
+            {
+                ArrayPool<uint>.Shared.Return(counts);
+            }
+        });
+    }
+
+    /// <summary>The keys of <paramref name="values"/> read from CPU memory (copied there first when the
+    /// tensor lives on another device).</summary>
+    private TensorKeys Source(Tensor values)
+    {
+        var cpu = CpuTensors.OnCpu(values) ? null : values.cpu();
+        var floats = CpuTensors.Floats(cpu ?? values, out var copy);
+        KeySource keys = signed ? new SignedKeys(floats) : new MagnitudeKeys(floats);
+        return new TensorKeys(keys, cpu, copy);
+    }
+
+    private readonly struct TensorKeys(KeySource keys, Tensor? cpu, Tensor? copy) : IDisposable
+    {
+        public KeySource Keys { get; } = keys;
+
+        public void Dispose()
+        {
+            copy?.Dispose();
+            cpu?.Dispose();
+        }
     }
 }

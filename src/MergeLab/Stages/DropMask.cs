@@ -1,12 +1,27 @@
+using System.Numerics;
+using System.Runtime.CompilerServices;
 using System.Text;
-using TorchSharp;
+using MergeLab.Selection;
 using static TorchSharp.torch;
 
 namespace MergeLab.Stages;
 
-/// <summary>Seeded random keep-masks for DARE-style dropping.</summary>
-internal static class DropMask
+/// <summary>
+/// Seeded random keep-masks for DARE-style dropping, from a counter-based generator: the uniform number of
+/// entry i of a stream is a pure function of (stream seed, i), so a mask can be computed in any order, on
+/// any number of threads, block by block, vectorized, and is always the same.
+/// </summary>
+/// <remarks>
+/// The generator is SplitMix64 (Steele, Lea &amp; Flood, 2014) read as a counter-based one: word c of
+/// stream s is mix(s + (c + 1)·0x9E3779B97F4A7C15), and each 64-bit word gives two entries (its low 32
+/// bits to entry 2c, its high 32 bits to entry 2c + 1). Entry i's uniform is u_i = (bits &gt;&gt; 8)·2⁻²⁴ in
+/// [0, 1), and it is kept when u_i ≥ p, i.e. when bits &gt;&gt; 8 ≥ ⌈p·2²⁴⌉ (exact: p·2²⁴ is exact in
+/// double).
+/// </remarks>
+internal static unsafe class DropMask
 {
+    private const ulong Gamma = 0x9E3779B97F4A7C15UL;
+
     /// <summary>
     /// A 64-bit seed for one (seed, tensor, expert) stream: FNV-1a of the UTF-8 name mixed with the
     /// seed and index by SplitMix64, so each tensor's mask is independent of merge order.
@@ -22,21 +37,184 @@ internal static class DropMask
         return (long)(SplitMix(SplitMix((ulong)seed ^ h) + (ulong)expertIndex) >> 1);
     }
 
+    /// <summary>⌈p·2²⁴⌉: an entry is kept when its 24-bit uniform is at least this.</summary>
+    public static uint KeepThreshold(double dropRate) => (uint)Math.Ceiling(dropRate * 16777216.0);
+
+    /// <summary>Whether entry <paramref name="index"/> of stream <paramref name="streamSeed"/> is kept.</summary>
+    public static bool IsKept(long streamSeed, long index, uint threshold)
+    {
+        ulong word = SplitMix((ulong)streamSeed + (ulong)(index >> 1) * Gamma);
+        uint half = (index & 1) == 0 ? (uint)word : (uint)(word >> 32);
+        return half >> 8 >= threshold;
+    }
+
     /// <summary>
-    /// A float mask (1 keep, 0 drop) of <paramref name="like"/>'s shape: entry i is kept when
-    /// u_i ≥ p for u_i uniform in [0, 1). The CPU uniform generator is sequential, so the mask does
-    /// not depend on the thread count.
+    /// Multiplies <paramref name="values"/>[0..count) by their keep mask (1 or 0, as
+    /// <c>τ * mask</c> does) for entries [start, start + count) of the stream.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static void Apply(long streamSeed, uint threshold, long start, int count, float* values)
+    {
+        int i = 0;
+        if ((start & 1) != 0)
+        {
+            values[0] *= IsKept(streamSeed, start, threshold) ? 1f : 0f;
+            i = 1;
+        }
+
+        int words = Vector<ulong>.Count;
+        int step = 2 * words; // entries per vector of words
+        if (Vector.IsHardwareAccelerated)
+        {
+            var lanes = Vector<ulong>.Indices;
+            var gamma = new Vector<ulong>(Gamma);
+            var one = new Vector<float>(1f);
+            var t = new Vector<uint>(threshold);
+            for (; i <= count - step; i += step)
+            {
+                ulong counter = (ulong)((start + i) >> 1);
+                var z = new Vector<ulong>((ulong)streamSeed) + (new Vector<ulong>(counter) + lanes + Vector<ulong>.One) * gamma;
+                z = (z ^ Vector.ShiftRightLogical(z, 30)) * new Vector<ulong>(0xBF58476D1CE4E5B9UL);
+                z = (z ^ Vector.ShiftRightLogical(z, 27)) * new Vector<ulong>(0x94D049BB133111EBUL);
+                z ^= Vector.ShiftRightLogical(z, 31);
+                var keep = Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(Vector.AsVectorUInt32(z), 8), t);
+                var mask = Vector.ConditionalSelect(Vector.AsVectorInt32(keep), one, Vector<float>.Zero);
+                Vector.Store(Vector.Load(values + i) * mask, values + i);
+            }
+        }
+
+        for (; i < count; i++)
+        {
+            values[i] *= IsKept(streamSeed, start + i, threshold) ? 1f : 0f;
+        }
+    }
+
+    /// <summary>Keep masks (all bits set = keep) of the 2·lanes entries starting at <paramref name="index"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static (Vector<uint> Low, Vector<uint> High) KeepMasks(long streamSeed, uint threshold, long index)
+    {
+        if ((index & 1) != 0 || !Vector.IsHardwareAccelerated)
+        {
+            return (ScalarMask(streamSeed, threshold, index), ScalarMask(streamSeed, threshold, index + Vector<uint>.Count));
+        }
+
+        var t = new Vector<uint>(threshold);
+        var counter = new Vector<ulong>((ulong)(index >> 1)) + Vector<ulong>.Indices + Vector<ulong>.One;
+        var low = Words(streamSeed, counter);
+        var high = Words(streamSeed, counter + new Vector<ulong>((ulong)Vector<ulong>.Count));
+        return (Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(low, 8), t), Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(high, 8), t));
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector<uint> Words(long streamSeed, Vector<ulong> counterPlusOne)
+    {
+        var z = new Vector<ulong>((ulong)streamSeed) + counterPlusOne * new Vector<ulong>(Gamma);
+        z = (z ^ Vector.ShiftRightLogical(z, 30)) * new Vector<ulong>(0xBF58476D1CE4E5B9UL);
+        z = (z ^ Vector.ShiftRightLogical(z, 27)) * new Vector<ulong>(0x94D049BB133111EBUL);
+        z ^= Vector.ShiftRightLogical(z, 31);
+        return Vector.AsVectorUInt32(z);
+    }
+
+    private static Vector<uint> ScalarMask(long streamSeed, uint threshold, long index)
+    {
+        Span<uint> lanes = stackalloc uint[Vector<uint>.Count];
+        for (int i = 0; i < lanes.Length; i++)
+        {
+            lanes[i] = IsKept(streamSeed, index + i, threshold) ? uint.MaxValue : 0;
+        }
+
+        return new Vector<uint>(lanes);
+    }
+
+    /// <summary>
+    /// A float mask (1 keep, 0 drop) of <paramref name="like"/>'s shape on its device: entry i (flat) is
+    /// kept when u_i ≥ p. Computed on the CPU, so it is the same on every device and thread count.
     /// </summary>
     public static Tensor Keep(Tensor like, double dropRate, long streamSeed)
     {
-        using var generator = new Generator((ulong)streamSeed, like.device);
-        using var u = rand(like.shape, ScalarType.Float32, like.device, generator: generator);
-        return u.ge(dropRate).to(ScalarType.Float32);
+        long n = like.numel();
+        var mask = NativeBufferPool.Empty(like.shape, ScalarType.Float32);
+        if (n > 0)
+        {
+            var p = (float*)CpuTensors.Pointer(mask);
+            uint threshold = KeepThreshold(dropRate);
+            const int block = 1 << 16;
+            CpuParallel.For(CpuParallel.BlockCount(n, block), b =>
+            {
+                long start = b * block;
+                int count = (int)Math.Min(block, n - start);
+                new Span<float>(p + start, count).Fill(1f);
+                Apply(streamSeed, threshold, start, count, p + start);
+            });
+        }
+
+        if (CpuTensors.OnCpu(like))
+        {
+            return mask;
+        }
+
+        using (mask)
+        {
+            return mask.to(like.device);
+        }
     }
 
+    /// <summary>The block size of the L1 norms: each block is summed in float64 in index order, then the
+    /// blocks in order, so the norms do not depend on the thread count.</summary>
+    public const int NormBlock = 16384;
+
+    /// <summary>Σ|τ| and Σ|masked τ| over one block, in float64, in index order.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static (double Before, double After) BlockNorms(float* tau, float* masked, int count)
+    {
+        double before = 0, after = 0;
+        for (int i = 0; i < count; i++)
+        {
+            before += Math.Abs(tau[i]);
+            after += Math.Abs(masked[i]);
+        }
+
+        return (before, after);
+    }
+
+    /// <summary>The block norms summed in block order.</summary>
+    public static (double Before, double After) SumNorms(ReadOnlySpan<(double Before, double After)> blocks)
+    {
+        double before = 0, after = 0;
+        foreach (var (b, a) in blocks)
+        {
+            before += b;
+            after += a;
+        }
+
+        return (before, after);
+    }
+
+    /// <summary>mergekit leaves the masked tensor unscaled when either norm is below 1e-7.</summary>
+    public static bool KeepsNorm(double before, double after) => before < 1e-7 || after < 1e-7;
+
+    /// <summary>x / factor (<paramref name="divide"/>) or x · factor, in place, in float32.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static void Rescale(float* values, int count, float factor, bool divide)
+    {
+        int i = 0;
+        var f = new Vector<float>(factor);
+        for (; i <= count - Vector<float>.Count; i += Vector<float>.Count)
+        {
+            var v = Vector.Load(values + i);
+            Vector.Store(divide ? v / f : v * f, values + i);
+        }
+
+        for (; i < count; i++)
+        {
+            values[i] = divide ? values[i] / factor : values[i] * factor;
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static ulong SplitMix(ulong x)
     {
-        x += 0x9E3779B97F4A7C15UL;
+        x += Gamma;
         x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9UL;
         x = (x ^ (x >> 27)) * 0x94D049BB133111EBUL;
         return x ^ (x >> 31);

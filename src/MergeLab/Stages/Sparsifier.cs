@@ -204,9 +204,87 @@ public sealed record RandomDrop : Sparsifier
             return taskVector.clone();
         }
 
+        long stream = DropMask.StreamSeed(Seed, context.TensorName, context.ExpertIndex);
+        if (MagnitudeThreshold.UseCpuKernels(taskVector))
+        {
+            return ApplyOnCpu(taskVector, stream);
+        }
+
         using var scope = NewDisposeScope();
-        var keep = DropMask.Keep(taskVector, DropRate, DropMask.StreamSeed(Seed, context.TensorName, context.ExpertIndex));
-        return Rescale(taskVector, keep, RescaleNorm, 1 - DropRate).MoveToOuterDisposeScope();
+        var keep = DropMask.Keep(taskVector, DropRate, stream);
+        var masked = taskVector.to(ScalarType.Float32) * keep;
+        switch (RescaleNorm)
+        {
+            case RescaleNorm.InverseKeepProbability:
+                masked.div_(1 - DropRate);
+                break;
+            case RescaleNorm.L1:
+                double before = taskVector.abs().sum(ScalarType.Float64).item<double>();
+                double after = masked.abs().sum(ScalarType.Float64).item<double>();
+                if (!DropMask.KeepsNorm(before, after))
+                {
+                    masked.mul_(before / after);
+                }
+
+                break;
+        }
+
+        return masked.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The CPU kernel: the same mask, rescaled in the same float32 operations, with the L1
+    /// norms summed in float64 block by block (<see cref="DropMask.NormBlock"/>) in index order.</summary>
+    private unsafe Tensor ApplyOnCpu(Tensor taskVector, long stream)
+    {
+        var tau = CpuTensors.Floats(taskVector, out var copy);
+        using (copy)
+        {
+            long n = tau.Length;
+            var result = NativeBufferPool.Empty(taskVector.shape, ScalarType.Float32);
+            var output = (float*)CpuTensors.Pointer(result);
+            uint threshold = DropMask.KeepThreshold(DropRate);
+            long blocks = CpuParallel.BlockCount(n, DropMask.NormBlock);
+            var norms = new (double Before, double After)[blocks];
+            CpuParallel.For(blocks, b =>
+            {
+                long start = b * DropMask.NormBlock;
+                int count = (int)Math.Min(DropMask.NormBlock, n - start);
+                var scratch = (float*)ThreadScratch.Get(DropMask.NormBlock * 4L);
+                var source = tau.Block(start, count, scratch);
+                var target = output + start;
+                Buffer.MemoryCopy(source, target, count * 4L, count * 4L);
+                DropMask.Apply(stream, threshold, start, count, target);
+                if (RescaleNorm == RescaleNorm.L1)
+                {
+                    norms[b] = DropMask.BlockNorms(source, target, count);
+                }
+            });
+
+            float factor = 1f;
+            bool divide = false;
+            if (RescaleNorm == RescaleNorm.InverseKeepProbability)
+            {
+                factor = (float)(1 - DropRate);
+                divide = true;
+            }
+            else if (RescaleNorm == RescaleNorm.L1)
+            {
+                var (before, after) = DropMask.SumNorms(norms);
+                factor = DropMask.KeepsNorm(before, after) ? 1f : (float)(before / after);
+            }
+
+            if (divide || factor != 1f)
+            {
+                CpuParallel.For(blocks, b =>
+                {
+                    long start = b * DropMask.NormBlock;
+                    int count = (int)Math.Min(DropMask.NormBlock, n - start);
+                    DropMask.Rescale(output + start, count, factor, divide);
+                });
+            }
+
+            return result;
+        }
     }
 }
 

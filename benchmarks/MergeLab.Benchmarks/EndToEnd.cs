@@ -1,0 +1,208 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text;
+using MergeLab.IO;
+using TorchSharp;
+
+namespace MergeLab.Benchmarks;
+
+/// <summary>
+/// <c>e2e --dir DIR [--params 1B] [--models 4] [--seed 1] [--method ties] [--keep]</c>: the end-to-end
+/// streaming merge. Generates the synthetic checkpoints into DIR unless they are there, then measures,
+/// on the same files:
+/// <list type="number">
+/// <item>reading them alone: the raw files (sequential reads into a reused buffer) and every tensor through
+/// MergeLab's reader in the engine's order (base and experts per name), one group in memory at a time;</item>
+/// <item>the CLI merging them (<c>MergeLab.Cli merge</c> with a YAML config) under <c>/usr/bin/time -v</c>:
+/// wall time, input throughput (input bytes over wall time) and peak RSS.</item>
+/// </list>
+/// The output (and, without --keep, the generated checkpoints) is deleted at the end.
+/// </summary>
+public static class EndToEnd
+{
+    public static int Run(string[] args)
+    {
+        var options = Args.Parse(args);
+        string dir = Path.GetFullPath(options.Get("dir") ?? throw new ArgumentException("e2e needs --dir DIR."));
+        string method = options.Get("method") ?? "ties";
+        int experts = int.Parse(options.Get("models") ?? "4", CultureInfo.InvariantCulture);
+        bool generated = false;
+        if (!Directory.Exists(Path.Combine(dir, "base")))
+        {
+            var shape = LlamaShape.Known.First(s => s.Name.Equals(options.Get("params") ?? "1B", StringComparison.OrdinalIgnoreCase));
+            Console.WriteLine($"Generating {experts} experts and a base ({shape.Name}) in {dir} ...");
+            var sw = Stopwatch.StartNew();
+            SyntheticCheckpoints.Generate(dir, shape, experts, long.Parse(options.Get("seed") ?? "1", CultureInfo.InvariantCulture), 1_000_000_000);
+            Console.WriteLine($"  generated in {sw.Elapsed.TotalSeconds:F1} s");
+            generated = true;
+        }
+
+        var models = new[] { Path.Combine(dir, "base") }.Concat(Enumerable.Range(1, experts).Select(k => Path.Combine(dir, $"expert-{k}"))).ToArray();
+        var files = models.SelectMany(m => Directory.GetFiles(m, "*.safetensors")).ToArray();
+        long inputBytes = files.Sum(f => new FileInfo(f).Length);
+        string output = Path.Combine(dir, "merged");
+        string config = Path.Combine(dir, $"{method}.yaml");
+        File.WriteAllText(config, Config(method, models));
+
+        try
+        {
+            torch.set_num_threads(2);
+            var raw = ReadRawFiles(files);
+            var tensors = ReadTensors(models);
+            var (wall, peakKb, exit) = RunCli(config, output);
+            Console.WriteLine();
+            Console.WriteLine($"Inputs: {models.Length} checkpoints, {inputBytes / 1e9:F2} GB ({files.Length} shards), bfloat16; method {method}; {Environment.ProcessorCount} cores");
+            Console.WriteLine("| Step | Time (s) | Input GB/s | Peak RSS |");
+            Console.WriteLine("|---|---|---|---|");
+            Console.WriteLine($"| read the files alone (raw) | {raw:F2} | {inputBytes / raw / 1e9:F2} | - |");
+            Console.WriteLine($"| read every tensor alone (MergeLab reader) | {tensors:F2} | {inputBytes / tensors / 1e9:F2} | - |");
+            Console.WriteLine($"| mergelab merge ({method}) | {wall:F2} | {inputBytes / wall / 1e9:F2} | {(peakKb > 0 ? $"{peakKb / 1024.0 / 1024.0:F2} GiB" : "n/a")} |");
+            Console.WriteLine($"Merge throughput / tensor-read throughput: {tensors / wall:P0}; CLI exit code {exit}.");
+            return exit;
+        }
+        finally
+        {
+            if (Directory.Exists(output))
+            {
+                Directory.Delete(output, recursive: true);
+            }
+
+            if (!options.Has("keep") && (generated || options.Has("clean")))
+            {
+                foreach (var m in models)
+                {
+                    Directory.Delete(m, recursive: true);
+                }
+
+                File.Delete(config);
+            }
+        }
+    }
+
+    private static string Config(string method, string[] models)
+    {
+        var yaml = new StringBuilder();
+        yaml.AppendLine(CultureInfo.InvariantCulture, $"merge_method: {method}");
+        yaml.AppendLine(CultureInfo.InvariantCulture, $"base_model: {models[0]}");
+        yaml.AppendLine("models:");
+        foreach (var m in models.Skip(1))
+        {
+            yaml.AppendLine(CultureInfo.InvariantCulture, $"  - model: {m}");
+            yaml.AppendLine("    parameters: {weight: 1.0, density: 0.2}");
+        }
+
+        yaml.AppendLine("dtype: bfloat16");
+        return yaml.ToString();
+    }
+
+    /// <summary>Every shard read sequentially into one reused 16 MiB buffer: the file-system floor.</summary>
+    private static double ReadRawFiles(string[] files)
+    {
+        var buffer = new byte[16 << 20];
+        var sw = Stopwatch.StartNew();
+        foreach (var f in files)
+        {
+            using var stream = new FileStream(f, FileMode.Open, FileAccess.Read, FileShare.Read, 1, FileOptions.SequentialScan);
+            while (stream.Read(buffer, 0, buffer.Length) > 0)
+            {
+            }
+        }
+
+        double seconds = sw.Elapsed.TotalSeconds;
+        Console.WriteLine($"  raw read: {seconds:F2} s");
+        return seconds;
+    }
+
+    /// <summary>Every tensor through SafetensorsCheckpoint.ReadTensor, group by group as the engine reads.</summary>
+    private static double ReadTensors(string[] models)
+    {
+        var checkpoints = models.Select(m => SafetensorsCheckpoint.Open(m)).ToArray();
+        try
+        {
+            var sw = Stopwatch.StartNew();
+            foreach (var name in checkpoints[0].TensorNames)
+            {
+                var group = checkpoints.Select(c => c.ReadTensor(name)).ToArray();
+                foreach (var t in group)
+                {
+                    t.Dispose();
+                }
+            }
+
+            double seconds = sw.Elapsed.TotalSeconds;
+            Console.WriteLine($"  tensor read: {seconds:F2} s");
+            return seconds;
+        }
+        finally
+        {
+            foreach (var c in checkpoints)
+            {
+                c.Dispose();
+            }
+        }
+    }
+
+    /// <summary>Runs the built CLI under /usr/bin/time -v (when present); returns wall seconds, peak RSS
+    /// in KiB (0 when unknown) and the exit code.</summary>
+    private static (double Wall, long PeakKb, int Exit) RunCli(string config, string output)
+    {
+        string cli = FindCli();
+        bool timeTool = File.Exists("/usr/bin/time");
+        var start = new ProcessStartInfo(timeTool ? "/usr/bin/time" : "dotnet")
+        {
+            RedirectStandardError = true,
+            RedirectStandardOutput = true,
+            UseShellExecute = false,
+        };
+        if (timeTool)
+        {
+            start.ArgumentList.Add("-v");
+            start.ArgumentList.Add("dotnet");
+        }
+
+        foreach (var a in new[] { cli, "merge", config, output, "--overwrite" })
+        {
+            start.ArgumentList.Add(a);
+        }
+
+        var sw = Stopwatch.StartNew();
+        using var process = Process.Start(start)!;
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        string stderr = process.StandardError.ReadToEnd();
+        process.WaitForExit();
+        double wall = sw.Elapsed.TotalSeconds;
+        long peak = 0;
+        foreach (var line in stderr.Split('\n'))
+        {
+            var t = line.Trim();
+            if (t.StartsWith("Maximum resident set size (kbytes):", StringComparison.Ordinal))
+            {
+                peak = long.Parse(t[(t.IndexOf(':', StringComparison.Ordinal) + 1)..].Trim(), CultureInfo.InvariantCulture);
+            }
+        }
+
+        Console.WriteLine($"  merge: {wall:F2} s (exit {process.ExitCode})");
+        if (process.ExitCode != 0)
+        {
+            Console.WriteLine(stdout.Result);
+            Console.WriteLine(stderr);
+        }
+
+        return (wall, peak, process.ExitCode);
+    }
+
+    /// <summary>src/MergeLab.Cli/bin/Release/net10.0/MergeLab.Cli.dll above this program (build it first).</summary>
+    private static string FindCli()
+    {
+        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d is not null; d = d.Parent)
+        {
+            string candidate = Path.Combine(d.FullName, "src", "MergeLab.Cli", "bin", "Release", "net10.0", "MergeLab.Cli.dll");
+            if (File.Exists(candidate))
+            {
+                return candidate;
+            }
+        }
+
+        throw new FileNotFoundException("MergeLab.Cli.dll not found: run `dotnet build -c Release src/MergeLab.Cli` first.");
+    }
+}

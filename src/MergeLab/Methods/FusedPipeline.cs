@@ -1,0 +1,1182 @@
+using System.Runtime.CompilerServices;
+using System.Numerics;
+using MergeLab.Selection;
+using MergeLab.Stages;
+using static TorchSharp.torch;
+
+namespace MergeLab.Methods;
+
+/// <summary>
+/// The CPU kernel of <see cref="TaskVectorPipeline"/> and <see cref="WeightAverageMerge"/>: every stage
+/// fused into one pass over the inputs' memory, block by block, on all threads, writing the result in
+/// its output dtype into pooled memory. Nothing of size N·n is materialized: τ_k = θ_k − θ_base is formed
+/// in a small per-thread block, masked, weighted, elected and summed there.
+/// </summary>
+/// <remarks>
+/// <para>Each float32 operation is the one the libtorch formulation performs, in the same order
+/// (τ = e − b; τ·mask with mask 1 or 0; ·w_k; Σ over experts from +0 in expert order; sign; agreement;
+/// division; ·λ; b + merged; round to the output dtype), so the result is the libtorch result. The only
+/// freedom libtorch takes that this kernel does not is its summation order over the expert dimension:
+/// <c>sum(dim: 0)</c> adds in expert order except in the last few columns of each of its thread chunks,
+/// where with four or more experts it pairs them (ILP-4); there the two can differ in the last bit. The
+/// kernel always adds in expert order, so its result never depends on the thread count.</para>
+/// <para>Selections (top-k, k-th magnitude, Breadcrumbs windows) run first, exact, over the same memory
+/// (<see cref="ExactSelector"/>, <see cref="RowSelector"/>). Methods fall back to libtorch off the CPU,
+/// for unknown sparsifiers, for mergekit's L1 rescale of top-k, and beyond 64 experts.</para>
+/// </remarks>
+internal static unsafe class FusedPipeline
+{
+    /// <summary>Elements per block: the inputs' block and N float32 task-vector blocks stay in L2.</summary>
+    public const int Block = 4096;
+
+    /// <summary>The most experts the kernel handles (its per-thread scratch grows with N).</summary>
+    public const int MaxExperts = 64;
+
+    private enum RuleKind
+    {
+        KeepAll,
+        DropAll,
+        KeyAtLeast,
+        Top,
+        Window,
+        RowWindow,
+        Random,
+    }
+
+    /// <summary>Merges with the fused kernel, or returns null when it does not apply.</summary>
+    public static Tensor? TryMerge(TaskVectorPipeline pipeline, TensorGroup group, PipelineStatistic? statistic, ScalarType outputType)
+    {
+        using var inputs = Inputs.Acquire(group, needsBase: true);
+        if (inputs is null)
+        {
+            return null;
+        }
+
+        var rules = Plan(pipeline, group, inputs, statistic);
+        if (rules is null)
+        {
+            return null;
+        }
+
+        var kernel = new Kernel(pipeline, inputs, rules);
+        if (pipeline.Consensus is { } consensus)
+        {
+            kernel.Fill = consensus.ZeroRule == ZeroSignRule.Positive ? 1f
+                : consensus.MajorityScope == SelectionScope.WholeModel
+                    ? statistic?.MajoritySign ?? throw new InvalidOperationException("The whole-model majority sign was not computed.")
+                    : Math.Sign(kernel.SignSum());
+        }
+
+        return kernel.Run(outputType, group.Reference.shape);
+    }
+
+    /// <summary>Σ of the elected signs before the zero rule (the TIES authors' majority), or null when
+    /// the kernel does not apply.</summary>
+    public static long? TrySignSum(TaskVectorPipeline pipeline, TensorGroup group, PipelineStatistic? statistic)
+    {
+        using var inputs = Inputs.Acquire(group, needsBase: true);
+        if (inputs is null || pipeline.Consensus is null)
+        {
+            return null;
+        }
+
+        var rules = Plan(pipeline, group, inputs, statistic);
+        return rules is null ? null : new Kernel(pipeline, inputs, rules).SignSum();
+    }
+
+    /// <summary>Weight averaging Σ_k w_k·θ_k (/ Σ_k w_k) as libtorch computes it (θ_0·w_0, then fused
+    /// multiply-adds, as its vectorized <c>add_(x, alpha)</c> does), or null when the kernel does not apply.</summary>
+    public static Tensor? TryAverage(TensorGroup group, double[] weights, bool normalize, ScalarType outputType)
+    {
+        using var inputs = Inputs.Acquire(group, needsBase: false);
+        if (inputs is null)
+        {
+            return null;
+        }
+
+        var wf = weights.Select(w => (float)w).ToArray();
+        var loop = new StreamLoop(null, inputs.Experts, wf, average: true)
+        {
+            Divisor = (float)weights.Sum(),
+            Normalize = normalize,
+        };
+        return loop.Run(inputs.Length, group.Reference.shape, outputType);
+    }
+
+    /// <summary>τ_k = θ_k − θ_base (float32) as the rows of a pooled [N, n] tensor, or null when the
+    /// kernels do not apply.</summary>
+    public static Tensor? TryStackedTaskVectors(TensorGroup group)
+    {
+        using var inputs = Inputs.Acquire(group, needsBase: true);
+        if (inputs is null)
+        {
+            return null;
+        }
+
+        long n = inputs.Length;
+        int experts = group.ExpertCount;
+        var result = NativeBufferPool.Empty([experts, n], ScalarType.Float32);
+        var output = (float*)CpuTensors.Pointer(result);
+        long blocks = CpuParallel.BlockCount(n, Block);
+        CpuParallel.For(blocks, b =>
+        {
+            long start = b * Block;
+            int count = (int)Math.Min(Block, n - start);
+            var scratch = (float*)ThreadScratch.Get(2L * Block * 4);
+            var bse = inputs.Base.Block(start, count, scratch);
+            for (int k = 0; k < experts; k++)
+            {
+                Subtract(inputs.Experts[k].Block(start, count, scratch + Block), bse, output + k * n + start, count);
+            }
+        });
+
+        return result;
+    }
+
+    /// <summary>Keys of |τ_k| read straight from the group's CPU memory (for the whole-model radix
+    /// passes), or null when the kernels do not apply. Dispose after use.</summary>
+    public static TaskVectorKeys? TryTaskVectorKeys(TensorGroup group)
+    {
+        var inputs = Inputs.Acquire(group, needsBase: true);
+        return inputs is null ? null : new TaskVectorKeys(inputs);
+    }
+
+    /// <summary>The |τ_k| key sources of one tensor group; owns any converted copies of the inputs.</summary>
+    internal sealed class TaskVectorKeys : IDisposable
+    {
+        private readonly Inputs _inputs;
+        private readonly KeySource[] _keys;
+
+        internal TaskVectorKeys(Inputs inputs)
+        {
+            _inputs = inputs;
+            _keys = inputs.Experts.Select(e => (KeySource)new DifferenceMagnitudeKeys(e, inputs.Base)).ToArray();
+        }
+
+        public KeySource this[int expert] => _keys[expert];
+
+        public void Dispose() => _inputs.Dispose();
+    }
+
+    // ---- Inputs ------------------------------------------------------------------------------------
+
+    internal sealed class Inputs : IDisposable
+    {
+        private readonly List<Tensor> _copies = [];
+
+        private Inputs(long length) => Length = length;
+
+        public long Length { get; }
+
+        public CpuFloats Base { get; private set; }
+
+        public CpuFloats[] Experts { get; private set; } = [];
+
+        public static Inputs? Acquire(TensorGroup group, bool needsBase)
+        {
+            if (!MagnitudeThreshold.CpuKernelsEnabled || group.ExpertCount > MaxExperts || (needsBase && group.Base is null))
+            {
+                return null;
+            }
+
+            long n = group.Reference.numel();
+            if (n == 0 || n > ExactSelector.MaxLength)
+            {
+                return null;
+            }
+
+            var all = needsBase ? group.Experts.Prepend(group.Base!) : group.Experts;
+            if (!all.All(t => CpuTensors.OnCpu(t) && t.is_floating_point()))
+            {
+                return null;
+            }
+
+            var inputs = new Inputs(n);
+            try
+            {
+                if (needsBase)
+                {
+                    inputs.Base = inputs.Read(group.Base!);
+                }
+
+                inputs.Experts = group.Experts.Select(inputs.Read).ToArray();
+                return inputs;
+            }
+            catch
+            {
+                inputs.Dispose();
+                throw;
+            }
+        }
+
+        private CpuFloats Read(Tensor t)
+        {
+            var floats = CpuTensors.Floats(t, out var copy);
+            if (copy is not null)
+            {
+                _copies.Add(copy);
+            }
+
+            return floats;
+        }
+
+        public void Dispose()
+        {
+            foreach (var c in _copies)
+            {
+                c.Dispose();
+            }
+        }
+    }
+
+    // ---- Sparsifier plans --------------------------------------------------------------------------
+
+    private sealed class Rule
+    {
+        public RuleKind Kind;
+        public uint Key;
+        public ulong Upper, Lower;
+        public bool HasLower;
+        public long Low, High, Width;
+        public ulong[]? RowLower, RowUpper;
+        public long Stream;
+        public uint Threshold;
+        public RescaleNorm Rescale;
+        public float Factor = 1f;
+        public bool Divide;
+        public SelectionQuery? UpperQuery, LowerQuery;
+
+        public static Rule Of(RuleKind kind) => new() { Kind = kind };
+    }
+
+    private static Rule[]? Plan(TaskVectorPipeline pipeline, TensorGroup group, Inputs inputs, PipelineStatistic? statistic)
+    {
+        int experts = group.ExpertCount;
+        long n = inputs.Length;
+        var rules = new Rule[experts];
+        var queries = new List<SelectionQuery>();
+        for (int k = 0; k < experts; k++)
+        {
+            var sparsifier = pipeline.SparsifierFor(k, experts);
+            KeySource Keys() => new DifferenceMagnitudeKeys(inputs.Experts[k], inputs.Base);
+            switch (sparsifier)
+            {
+                case null:
+                    rules[k] = Rule.Of(RuleKind.KeepAll);
+                    break;
+                case TopKMagnitude top:
+                {
+                    if (top.RescaleNorm != RescaleNorm.None)
+                    {
+                        return null;
+                    }
+
+                    long keep = top.Density >= 1 ? n : (long)Math.Floor(n * top.Density);
+                    if (keep <= 0)
+                    {
+                        rules[k] = Rule.Of(RuleKind.DropAll);
+                    }
+                    else if (keep >= n)
+                    {
+                        rules[k] = Rule.Of(RuleKind.KeepAll);
+                    }
+                    else
+                    {
+                        var q = new SelectionQuery(Keys(), n - keep, indexDescending: true);
+                        queries.Add(q);
+                        rules[k] = new Rule { Kind = RuleKind.Top, UpperQuery = q };
+                    }
+
+                    break;
+                }
+
+                case KthMagnitudeThreshold kth:
+                {
+                    if (kth.Scope == SelectionScope.WholeModel)
+                    {
+                        float? threshold = statistic?.Threshold(k);
+                        rules[k] = threshold is { } t ? new Rule { Kind = RuleKind.KeyAtLeast, Key = FloatKeys.Magnitude(t) } : Rule.Of(RuleKind.KeepAll);
+                        break;
+                    }
+
+                    long rank = kth.ThresholdRank(n);
+                    if (rank == 0)
+                    {
+                        rules[k] = Rule.Of(RuleKind.KeepAll);
+                        break;
+                    }
+
+                    var q = new SelectionQuery(Keys(), rank - 1);
+                    queries.Add(q);
+                    rules[k] = new Rule { Kind = RuleKind.KeyAtLeast, UpperQuery = q };
+                    break;
+                }
+
+                case RandomDrop drop:
+                {
+                    if (drop.DropRate == 0)
+                    {
+                        rules[k] = Rule.Of(RuleKind.KeepAll);
+                        break;
+                    }
+
+                    rules[k] = new Rule
+                    {
+                        Kind = RuleKind.Random,
+                        Stream = DropMask.StreamSeed(drop.Seed, group.Name, k),
+                        Threshold = DropMask.KeepThreshold(drop.DropRate),
+                        Rescale = drop.RescaleNorm,
+                        Factor = drop.RescaleNorm == RescaleNorm.InverseKeepProbability ? (float)(1 - drop.DropRate) : 1f,
+                        Divide = drop.RescaleNorm == RescaleNorm.InverseKeepProbability,
+                    };
+                    break;
+                }
+
+                case BreadcrumbsMask crumbs:
+                {
+                    var shape = group.Reference.shape;
+                    if (crumbs.Variant == BreadcrumbsVariant.Paper)
+                    {
+                        if (shape.Length == 0)
+                        {
+                            rules[k] = Rule.Of(RuleKind.KeepAll);
+                            break;
+                        }
+
+                        long c = shape[^1];
+                        long high = c - (long)Math.Floor(c * crumbs.Gamma);
+                        long low = Math.Max(0, high - (long)Math.Floor(c * crumbs.Density));
+                        rules[k] = WindowRule(low, high, c) ?? new Rule { Kind = RuleKind.RowWindow, Low = low, High = high, Width = c };
+                        break;
+                    }
+
+                    if (crumbs.Density >= 1)
+                    {
+                        rules[k] = Rule.Of(RuleKind.KeepAll);
+                        break;
+                    }
+
+                    long target = (long)Math.Floor(n * crumbs.Density);
+                    long topCount = Math.Min((long)Math.Floor(n * crumbs.Gamma), n - target);
+                    long hi = n - topCount;
+                    long lo = hi - target;
+                    var rule = WindowRule(lo, hi, n);
+                    if (rule is null)
+                    {
+                        var source = Keys();
+                        rule = new Rule { Kind = RuleKind.Window, UpperQuery = new SelectionQuery(source, hi - 1), HasLower = lo > 0 };
+                        queries.Add(rule.UpperQuery);
+                        if (lo > 0)
+                        {
+                            rule.LowerQuery = new SelectionQuery(source, lo - 1);
+                            queries.Add(rule.LowerQuery);
+                        }
+                    }
+
+                    rules[k] = rule;
+                    break;
+                }
+
+                default:
+                    return null;
+            }
+        }
+
+        ExactSelector.Solve(queries);
+        foreach (var rule in rules)
+        {
+            if (rule.UpperQuery is { } upper)
+            {
+                rule.Upper = upper.Composite;
+                rule.Key = upper.Key;
+            }
+
+            if (rule.LowerQuery is { } lower)
+            {
+                rule.Lower = lower.Composite;
+            }
+        }
+
+        SelectRowWindows(rules, inputs);
+        ComputeL1Factors(rules, inputs);
+        return rules;
+    }
+
+    /// <summary>The rule of a rank window that keeps all or nothing, or null for a real window.</summary>
+    private static Rule? WindowRule(long low, long high, long width) =>
+        high <= low ? Rule.Of(RuleKind.DropAll) : low == 0 && high == width ? Rule.Of(RuleKind.KeepAll) : null;
+
+    /// <summary>Each row's window bounds for the Breadcrumbs paper variant, rows in parallel.</summary>
+    private static void SelectRowWindows(Rule[] rules, Inputs inputs)
+    {
+        var rowRules = Enumerable.Range(0, rules.Length).Where(k => rules[k].Kind == RuleKind.RowWindow).ToArray();
+        if (rowRules.Length == 0)
+        {
+            return;
+        }
+
+        long width = rules[rowRules[0]].Width;
+        long rows = inputs.Length / width;
+        foreach (int k in rowRules)
+        {
+            rules[k].RowLower = new ulong[rows];
+            rules[k].RowUpper = new ulong[rows];
+        }
+
+        if (width > 1 << 20)
+        {
+            // Few long rows: each row with the whole-buffer selector, which is itself multi-threaded.
+            foreach (int k in rowRules)
+            {
+                var r = rules[k];
+                for (long row = 0; row < rows; row++)
+                {
+                    var source = new DifferenceMagnitudeKeys(Slice(inputs.Experts[k], row * width, width), Slice(inputs.Base, row * width, width));
+                    var upper = new SelectionQuery(source, r.High - 1);
+                    var lower = r.Low > 0 ? new SelectionQuery(source, r.Low - 1) : null;
+                    ExactSelector.Solve(lower is null ? [upper] : [upper, lower]);
+                    r.RowUpper![row] = upper.Composite;
+                    r.RowLower![row] = lower?.Composite ?? 0;
+                }
+            }
+
+            return;
+        }
+
+        int w = (int)width;
+        var sources = rowRules.Select(k => new DifferenceMagnitudeKeys(inputs.Experts[k], inputs.Base)).ToArray();
+        long rowsPerTask = Math.Max(1, Math.Min(64, rows / (4 * CpuParallel.Threads)));
+        CpuParallel.For(CpuParallel.BlockCount(rows, rowsPerTask), task =>
+        {
+            var scratch = ThreadScratch.Get(w * 12L + RowSelector.ScratchBytes(w));
+            var keys = (uint*)scratch;
+            var floats = (float*)(scratch + w * 4L);
+            var rowScratch = scratch + w * 12L;
+            Span<int> positions = stackalloc int[2];
+            Span<ulong> results = stackalloc ulong[2];
+            for (long row = task * rowsPerTask; row < Math.Min(rows, (task + 1) * rowsPerTask); row++)
+            {
+                for (int j = 0; j < rowRules.Length; j++)
+                {
+                    var r = rules[rowRules[j]];
+                    sources[j].Fill(row * width, w, keys, floats);
+                    int count = 0;
+                    if (r.Low > 0)
+                    {
+                        positions[count++] = (int)r.Low - 1;
+                    }
+
+                    positions[count++] = (int)r.High - 1;
+                    RowSelector.Select(keys, w, positions[..count], results[..count], rowScratch);
+                    r.RowLower![row] = r.Low > 0 ? results[0] : 0;
+                    r.RowUpper![row] = results[count - 1];
+                }
+            }
+        });
+    }
+
+    private static CpuFloats Slice(CpuFloats x, long start, long length) =>
+        new((byte*)x.Pointer + start * (x.IsBFloat16 ? 2 : 4), length, x.IsBFloat16);
+
+    /// <summary>mergekit's L1 rescale for DARE: ‖τ‖₁ / ‖masked τ‖₁ per expert, summed as
+    /// <see cref="RandomDrop"/> does on a materialized τ (float64, fixed blocks, block order).</summary>
+    private static void ComputeL1Factors(Rule[] rules, Inputs inputs)
+    {
+        for (int k = 0; k < rules.Length; k++)
+        {
+            var r = rules[k];
+            if (r.Kind != RuleKind.Random || r.Rescale != RescaleNorm.L1)
+            {
+                continue;
+            }
+
+            long n = inputs.Length;
+            var expert = inputs.Experts[k];
+            long blocks = CpuParallel.BlockCount(n, DropMask.NormBlock);
+            var norms = new (double Before, double After)[blocks];
+            CpuParallel.For(blocks, b =>
+            {
+                long start = b * DropMask.NormBlock;
+                int count = (int)Math.Min(DropMask.NormBlock, n - start);
+                var scratch = (float*)ThreadScratch.Get(DropMask.NormBlock * 16L);
+                var tau = scratch;
+                var masked = scratch + DropMask.NormBlock;
+                var tmp = scratch + 2 * DropMask.NormBlock;
+                var e = expert.Block(start, count, tmp);
+                var bse = inputs.Base.Block(start, count, tmp + DropMask.NormBlock);
+                Subtract(e, bse, tau, count);
+                Buffer.MemoryCopy(tau, masked, count * 4L, count * 4L);
+                DropMask.Apply(r.Stream, r.Threshold, start, count, masked);
+                norms[b] = DropMask.BlockNorms(tau, masked, count);
+            });
+
+            var (before, after) = DropMask.SumNorms(norms);
+            r.Factor = DropMask.KeepsNorm(before, after) ? 1f : (float)(before / after);
+            r.Divide = false;
+        }
+    }
+
+    // ---- The kernel ---------------------------------------------------------------------------------
+
+    private sealed class Kernel
+    {
+        private const int Chunk = 1 << 15;
+        private readonly Inputs _inputs;
+        private readonly Rule[] _rules;
+        private readonly float[] _weights;
+        private readonly SignConsensus? _consensus;
+        private readonly Aggregation _aggregation;
+        private readonly float _lambda;
+        private readonly bool _scale;
+        private readonly float _plainDivisor;
+        private readonly bool _plainNormalize;
+        private readonly bool _plain;
+        private readonly long _rowWidth;
+
+        public Kernel(TaskVectorPipeline pipeline, Inputs inputs, Rule[] rules)
+        {
+            _inputs = inputs;
+            _rules = rules;
+            var weights = Options.Weights(pipeline.Weights, rules.Length);
+            _weights = weights.Select(w => (float)w).ToArray();
+            _consensus = pipeline.Consensus;
+            _aggregation = pipeline.Aggregation;
+            _lambda = (float)pipeline.Lambda;
+            _scale = pipeline.Lambda != 1.0;
+            if (_consensus is null && _aggregation == Aggregation.WeightNormalized)
+            {
+                double divisor = weights.Sum();
+                _plainDivisor = (float)(Math.Abs(divisor) < 1e-8 ? 1.0 : divisor);
+                _plainNormalize = true;
+            }
+
+            _plain = _consensus is null && rules.All(r => r.Kind == RuleKind.KeepAll);
+            _rowWidth = rules.FirstOrDefault(r => r.Kind == RuleKind.RowWindow)?.Width ?? 0;
+        }
+
+        /// <summary>The sign a parameter takes when its election sums to 0.</summary>
+        public float Fill { get; set; } = 1f;
+
+        private int Experts => _rules.Length;
+
+        public Tensor Run(ScalarType outputType, long[] shape)
+        {
+            if (_plain)
+            {
+                // Task arithmetic: every input streamed once, the sum kept in registers.
+                var loop = new StreamLoop(_inputs.Base, _inputs.Experts, _weights, average: false)
+                {
+                    Divisor = _plainDivisor,
+                    Normalize = _plainNormalize,
+                    Lambda = _lambda,
+                    Scale = _scale,
+                };
+                return loop.Run(_inputs.Length, shape, outputType);
+            }
+
+            bool direct = outputType is ScalarType.Float32 or ScalarType.BFloat16;
+            var result = NativeBufferPool.Empty(shape, direct ? outputType : ScalarType.Float32);
+            var output = CpuTensors.Pointer(result);
+            bool bf16 = outputType == ScalarType.BFloat16;
+            long n = _inputs.Length;
+            CpuParallel.For(CpuParallel.BlockCount(n, Chunk), b =>
+            {
+                long start = b * Chunk;
+                Chunked(start, Math.Min(n, start + Chunk), output, bf16, null);
+            });
+
+            if (direct)
+            {
+                return result;
+            }
+
+            using (result)
+            {
+                return result.to(outputType);
+            }
+        }
+
+        /// <summary>Σ over all entries of the elected sign before the zero rule.</summary>
+        public long SignSum()
+        {
+            long n = _inputs.Length;
+            long blocks = CpuParallel.BlockCount(n, Chunk);
+            var sums = new long[blocks];
+            CpuParallel.For(blocks, b =>
+            {
+                long start = b * Chunk;
+                long sum = 0;
+                Chunked(start, Math.Min(n, start + Chunk), null, false, &sum);
+                sums[b] = sum;
+            });
+
+            return sums.Sum();
+        }
+
+        /// <summary>Splits a chunk at row boundaries when a rule works per row, and runs each piece.</summary>
+        private void Chunked(long start, long end, void* output, bool outBf16, long* signSum)
+        {
+            int experts = Experts;
+            var pointers = stackalloc nint[experts];
+            var narrow = stackalloc bool[experts];
+            for (int k = 0; k < experts; k++)
+            {
+                pointers[k] = (nint)_inputs.Experts[k].Pointer;
+                narrow[k] = _inputs.Experts[k].IsBFloat16;
+            }
+
+            var inputs = new Streams(pointers, narrow, (nint)_inputs.Base.Pointer, _inputs.Base.IsBFloat16);
+            var tau = stackalloc Vector<float>[2 * experts];
+            var weights = stackalloc Vector<float>[experts];
+            for (int k = 0; k < experts; k++)
+            {
+                weights[k] = new Vector<float>(_weights[k]);
+            }
+
+            var setup = new Setup
+            {
+                Experts = experts,
+                Weights = weights,
+                Consensus = _consensus is not null,
+                OnWeighted = _consensus?.ElectOnWeighted ?? false,
+                BySum = _consensus?.Election != SignElection.Count,
+                MeanOfAgreeing = _aggregation == Aggregation.MeanOfAgreeing,
+                WeightNormalized = _aggregation == Aggregation.WeightNormalized,
+                PlainNormalize = _plainNormalize,
+                PlainDivisor = new Vector<float>(_plainDivisor),
+                Scale = _scale,
+                Lambda = new Vector<float>(_lambda),
+                Fill = new Vector<float>(Fill),
+            };
+            for (long i = start; i < end;)
+            {
+                long row = _rowWidth > 0 ? i / _rowWidth : 0;
+                long pieceEnd = _rowWidth > 0 ? Math.Min(end, (row + 1) * _rowWidth) : end;
+                Piece(&setup, inputs, i, pieceEnd, row, tau, output, outBf16, signSum);
+                i = pieceEnd;
+            }
+        }
+
+        /// <summary>Entries [start, end) (within one row when rules are per row), 2·lanes at a time; the
+        /// last few go through a zero-padded copy so every entry takes the same vector code.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private void Piece(Setup* setup, Streams inputs, long start, long end, long row, Vector<float>* tau, void* output, bool outBf16, long* signSum)
+        {
+            int w = Vector<float>.Count;
+            int experts = setup->Experts;
+            var rules = _rules;
+            long i = start;
+            var signs = Vector<float>.Zero;
+            for (; i + 2 * w <= end; i += 2 * w)
+            {
+                Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+                for (int k = 0; k < experts; k++)
+                {
+                    Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
+                    tau[2 * k] = e0 - b0;
+                    tau[2 * k + 1] = e1 - b1;
+                    if (rules[k].Kind != RuleKind.KeepAll)
+                    {
+                        Sparsify(rules[k], ref tau[2 * k], ref tau[2 * k + 1], i, row);
+                    }
+                }
+
+                if (signSum != null)
+                {
+                    signs += RawSign(setup, tau, 0) + RawSign(setup, tau, 1);
+                    continue;
+                }
+
+                StreamLoop.Store(output, outBf16, i, b0 + Merged(setup, tau, 0), b1 + Merged(setup, tau, 1));
+            }
+
+            if (signSum != null)
+            {
+                *signSum += (long)Vector.Sum(signs); // at most Chunk per lane: exact in float32
+            }
+
+            if (i < end)
+            {
+                Tail(setup, inputs, i, (int)(end - i), row, tau, output, outBf16, signSum);
+            }
+        }
+
+        /// <summary>The last entries of a piece, copied into zero-padded float32 blocks of 2·lanes.</summary>
+        private void Tail(Setup* setup, Streams inputs, long start, int count, long row, Vector<float>* tau, void* output, bool outBf16, long* signSum)
+        {
+            int w = Vector<float>.Count;
+            int experts = Experts;
+            var padded = stackalloc float[2 * w * (experts + 2)];
+            new Span<float>(padded, 2 * w * (experts + 2)).Clear();
+            var pointers = stackalloc nint[experts];
+            var narrow = stackalloc bool[experts];
+            for (int j = 0; j < count; j++)
+            {
+                padded[j] = At(inputs.Base, inputs.BaseIsBf16, start + j);
+            }
+
+            for (int k = 0; k < experts; k++)
+            {
+                var e = padded + 2 * w * (k + 1);
+                for (int j = 0; j < count; j++)
+                {
+                    e[j] = At(inputs.Experts[k], inputs.ExpertIsBf16[k], start + j);
+                }
+
+                // Pointers offset so that entry `start` is read from the padded block.
+                pointers[k] = (nint)(e - start);
+            }
+
+            var basePointer = (nint)(padded - start);
+            Load(basePointer, false, start, out var b0, out var b1);
+            for (int k = 0; k < experts; k++)
+            {
+                Load(pointers[k], false, start, out var e0, out var e1);
+                tau[2 * k] = e0 - b0;
+                tau[2 * k + 1] = e1 - b1;
+                Sparsify(_rules[k], ref tau[2 * k], ref tau[2 * k + 1], start, row);
+            }
+
+            if (signSum != null)
+            {
+                var raw = stackalloc float[2 * w];
+                Vector.Store(RawSign(setup, tau, 0), raw);
+                Vector.Store(RawSign(setup, tau, 1), raw + w);
+                for (int j = 0; j < count; j++)
+                {
+                    *signSum += (long)raw[j];
+                }
+
+                return;
+            }
+
+            var result = padded + 2 * w * (experts + 1);
+            Vector.Store(b0 + Merged(setup, tau, 0), result);
+            Vector.Store(b1 + Merged(setup, tau, 1), result + w);
+            for (int j = 0; j < count; j++)
+            {
+                if (outBf16)
+                {
+                    ((ushort*)output)[start + j] = Kernels.ToBFloat16(result[j]);
+                }
+                else
+                {
+                    ((float*)output)[start + j] = result[j];
+                }
+            }
+        }
+
+        /// <summary>τ·mask for 2·lanes entries starting at flat index <paramref name="index"/>, then the rescale.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void Sparsify(Rule r, ref Vector<float> t0, ref Vector<float> t1, long index, long row)
+        {
+            int w = Vector<float>.Count;
+            Vector<uint> keep0, keep1;
+            switch (r.Kind)
+            {
+                case RuleKind.KeepAll:
+                    return;
+                case RuleKind.DropAll:
+                    t0 *= Vector<float>.Zero;
+                    t1 *= Vector<float>.Zero;
+                    return;
+                case RuleKind.KeyAtLeast:
+                {
+                    var limit = new Vector<uint>(r.Key);
+                    keep0 = Vector.GreaterThanOrEqual(Magnitude(t0), limit);
+                    keep1 = Vector.GreaterThanOrEqual(Magnitude(t1), limit);
+                    break;
+                }
+
+                case RuleKind.Top:
+                {
+                    var key = new Vector<uint>((uint)(r.Upper >> 32));
+                    var last = new Vector<uint>(uint.MaxValue - (uint)r.Upper);
+                    var i0 = new Vector<uint>((uint)index) + Vector<uint>.Indices;
+                    var i1 = i0 + new Vector<uint>((uint)w);
+                    var k0 = Magnitude(t0);
+                    var k1 = Magnitude(t1);
+                    keep0 = Vector.GreaterThan(k0, key) | (Vector.Equals(k0, key) & Vector.LessThanOrEqual(i0, last));
+                    keep1 = Vector.GreaterThan(k1, key) | (Vector.Equals(k1, key) & Vector.LessThanOrEqual(i1, last));
+                    break;
+                }
+
+                case RuleKind.Window:
+                case RuleKind.RowWindow:
+                {
+                    bool perRow = r.Kind == RuleKind.RowWindow;
+                    ulong upper = perRow ? r.RowUpper![row] : r.Upper;
+                    ulong lower = perRow ? r.RowLower![row] : r.Lower;
+                    bool hasLower = perRow ? r.Low > 0 : r.HasLower;
+                    uint first = (uint)(perRow ? index - row * r.Width : index);
+                    var i0 = new Vector<uint>(first) + Vector<uint>.Indices;
+                    var i1 = i0 + new Vector<uint>((uint)w);
+                    keep0 = InWindow(Magnitude(t0), i0, upper, hasLower, lower);
+                    keep1 = InWindow(Magnitude(t1), i1, upper, hasLower, lower);
+                    break;
+                }
+
+                case RuleKind.Random:
+                    (keep0, keep1) = DropMask.KeepMasks(r.Stream, r.Threshold, index);
+                    break;
+                default:
+                    throw new InvalidOperationException($"Unknown rule {r.Kind}.");
+            }
+
+            t0 *= Vector.ConditionalSelect(Vector.AsVectorInt32(keep0), Vector<float>.One, Vector<float>.Zero);
+            t1 *= Vector.ConditionalSelect(Vector.AsVectorInt32(keep1), Vector<float>.One, Vector<float>.Zero);
+            if (r.Divide)
+            {
+                var f = new Vector<float>(r.Factor);
+                t0 /= f;
+                t1 /= f;
+            }
+            else if (r.Factor != 1f)
+            {
+                var f = new Vector<float>(r.Factor);
+                t0 *= f;
+                t1 *= f;
+            }
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static Vector<uint> Magnitude(Vector<float> t) => Vector.AsVectorUInt32(t) & new Vector<uint>(FloatKeys.MagnitudeMask);
+
+        /// <summary>lower &lt; (key, index) ≤ upper, composites compared as (key, index) pairs.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static Vector<uint> InWindow(Vector<uint> key, Vector<uint> index, ulong upper, bool hasLower, ulong lower)
+        {
+            var uKey = new Vector<uint>((uint)(upper >> 32));
+            var keep = Vector.LessThan(key, uKey) | (Vector.Equals(key, uKey) & Vector.LessThanOrEqual(index, new Vector<uint>((uint)upper)));
+            if (hasLower)
+            {
+                var lKey = new Vector<uint>((uint)(lower >> 32));
+                keep &= Vector.GreaterThan(key, lKey) | (Vector.Equals(key, lKey) & Vector.GreaterThan(index, new Vector<uint>((uint)lower)));
+            }
+
+            return keep;
+        }
+
+        /// <summary>The elected sign before the zero rule, for half <paramref name="half"/> of the entries.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static Vector<float> RawSign(Setup* setup, Vector<float>* tau, int half)
+        {
+            var one = Vector<float>.One;
+            var zero = Vector<float>.Zero;
+            var score = zero;
+            for (int k = 0; k < setup->Experts; k++)
+            {
+                var s = tau[2 * k + half];
+                var elect = setup->OnWeighted ? s * setup->Weights[k] : s;
+                score += setup->BySum ? elect : Sign(elect, one, zero);
+            }
+
+            return Sign(score, one, zero);
+        }
+
+        /// <summary>Weights, sign consensus and aggregation, then λ: the merged task vector for half
+        /// <paramref name="half"/> of 2·lanes entries.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static Vector<float> Merged(Setup* setup, Vector<float>* tau, int half)
+        {
+            var zero = Vector<float>.Zero;
+            var one = Vector<float>.One;
+            var merged = zero;
+            int experts = setup->Experts;
+            if (!setup->Consensus)
+            {
+                for (int k = 0; k < experts; k++)
+                {
+                    merged += tau[2 * k + half] * setup->Weights[k];
+                }
+
+                if (setup->PlainNormalize)
+                {
+                    merged /= setup->PlainDivisor;
+                }
+            }
+            else
+            {
+                var sign = RawSign(setup, tau, half);
+                sign = Vector.ConditionalSelect(Vector.Equals(sign, zero), setup->Fill, sign);
+                var positive = Vector.GreaterThan(sign, zero);
+                var agreeing = zero;
+                var divisor = zero;
+                for (int k = 0; k < experts; k++)
+                {
+                    var s = tau[2 * k + half];
+                    var w = setup->Weights[k];
+                    var weighted = s * w;
+                    var elect = setup->OnWeighted ? weighted : s;
+                    var agree = Vector.ConditionalSelect(positive, Vector.GreaterThan(elect, zero), Vector.LessThan(elect, zero));
+                    var a = Vector.ConditionalSelect(agree, one, zero);
+                    merged += weighted * a;
+                    agreeing += a;
+                    divisor += w * a;
+                }
+
+                if (setup->MeanOfAgreeing)
+                {
+                    merged /= Vector.Max(agreeing, one);
+                }
+                else if (setup->WeightNormalized)
+                {
+                    merged /= Vector.ConditionalSelect(Vector.Equals(divisor, zero), one, divisor);
+                }
+            }
+
+            if (setup->Scale)
+            {
+                merged *= setup->Lambda;
+            }
+
+            return merged;
+        }
+    }
+
+    /// <summary>What one kernel call needs in the inner loop, hoisted out of the pipeline's objects.</summary>
+    private struct Setup
+    {
+        public int Experts;
+        public Vector<float>* Weights;
+        public bool Consensus, OnWeighted, BySum, MeanOfAgreeing, WeightNormalized, PlainNormalize, Scale;
+        public Vector<float> PlainDivisor, Lambda, Fill;
+    }
+
+    /// <summary>The raw input pointers of one kernel call: the base and each expert, float32 or bfloat16.</summary>
+    private readonly struct Streams(nint* experts, bool* expertIsBf16, nint bse, bool baseIsBf16)
+    {
+        public nint* Experts { get; } = experts;
+
+        public bool* ExpertIsBf16 { get; } = expertIsBf16;
+
+        public nint Base { get; } = bse;
+
+        public bool BaseIsBf16 { get; } = baseIsBf16;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Load(nint p, bool bf16, long i, out Vector<float> low, out Vector<float> high)
+    {
+        if (bf16)
+        {
+            Vector.Widen(Vector.Load((ushort*)p + i), out Vector<uint> a, out Vector<uint> b);
+            low = Vector.AsVectorSingle(Vector.ShiftLeft(a, 16));
+            high = Vector.AsVectorSingle(Vector.ShiftLeft(b, 16));
+        }
+        else
+        {
+            low = Vector.Load((float*)p + i);
+            high = Vector.Load((float*)p + i + Vector<float>.Count);
+        }
+    }
+
+    private static float At(nint p, bool bf16, long i) =>
+        bf16 ? BitConverter.UInt32BitsToSingle((uint)((ushort*)p)[i] << 16) : ((float*)p)[i];
+
+    /// <summary>torch.sign: 1, −1, or 0 (for ±0 and NaN).</summary>
+    private static float Sign(float x) => (x > 0 ? 1f : 0f) - (x < 0 ? 1f : 0f);
+
+    private static Vector<float> Sign(Vector<float> x, Vector<float> one, Vector<float> zero) =>
+        Vector.ConditionalSelect(Vector.GreaterThan(x, zero), one, zero) - Vector.ConditionalSelect(Vector.LessThan(x, zero), one, zero);
+
+    /// <summary>
+    /// Task arithmetic (Σ_k (θ_k − θ_base)·w_k, ÷ divisor, ·λ, + θ_base) and weight averaging (θ_0·w_0,
+    /// then fused multiply-adds of θ_k·w_k, ÷ divisor) as one streaming pass: each input is read once,
+    /// 16 entries at a time, the sum stays in registers, and the result is stored in the output dtype.
+    /// </summary>
+    private sealed class StreamLoop(CpuFloats? bse, CpuFloats[] experts, float[] weights, bool average)
+    {
+        private const int Chunk = 1 << 16;
+
+        public float Divisor { get; init; } = 1f;
+
+        public bool Normalize { get; init; }
+
+        public float Lambda { get; init; } = 1f;
+
+        public bool Scale { get; init; }
+
+        public Tensor Run(long n, long[] shape, ScalarType outputType)
+        {
+            bool direct = outputType is ScalarType.Float32 or ScalarType.BFloat16;
+            var result = NativeBufferPool.Empty(shape, direct ? outputType : ScalarType.Float32);
+            var output = CpuTensors.Pointer(result);
+            bool bf16 = outputType == ScalarType.BFloat16;
+            int count = experts.Length;
+            var pointers = experts.Select(e => (nint)e.Pointer).ToArray();
+            var narrow = experts.Select(e => e.IsBFloat16).ToArray();
+            CpuParallel.For(CpuParallel.BlockCount(n, Chunk), b =>
+            {
+                long start = b * Chunk;
+                long end = Math.Min(n, start + Chunk);
+                fixed (nint* p = pointers)
+                fixed (bool* isBf16 = narrow)
+                fixed (float* w = weights)
+                {
+                    Loop(p, isBf16, w, count, start, end, output, bf16);
+                }
+            });
+
+            if (direct)
+            {
+                return result;
+            }
+
+            using (result)
+            {
+                return result.to(outputType);
+            }
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private void Loop(nint* p, bool* isBf16, float* w, int count, long start, long end, void* output, bool outBf16)
+        {
+            int width = Vector<float>.Count;
+            var divisor = new Vector<float>(Divisor);
+            var lambda = new Vector<float>(Lambda);
+            bool hasBase = bse is not null;
+            var b = bse.GetValueOrDefault();
+            long i = start;
+            for (; i + 2 * width <= end; i += 2 * width)
+            {
+                Vector<float> b0 = default, b1 = default, acc0, acc1;
+                if (hasBase)
+                {
+                    Load((nint)b.Pointer, b.IsBFloat16, i, out b0, out b1);
+                }
+
+                if (average)
+                {
+                    Load(p[0], isBf16[0], i, out var e0, out var e1);
+                    var w0 = new Vector<float>(w[0]);
+                    acc0 = e0 * w0;
+                    acc1 = e1 * w0;
+                    for (int k = 1; k < count; k++)
+                    {
+                        Load(p[k], isBf16[k], i, out e0, out e1);
+                        var wk = new Vector<float>(w[k]);
+                        acc0 = Vector.FusedMultiplyAdd(e0, wk, acc0);
+                        acc1 = Vector.FusedMultiplyAdd(e1, wk, acc1);
+                    }
+                }
+                else
+                {
+                    acc0 = acc1 = Vector<float>.Zero;
+                    for (int k = 0; k < count; k++)
+                    {
+                        Load(p[k], isBf16[k], i, out var e0, out var e1);
+                        var wk = new Vector<float>(w[k]);
+                        acc0 += (e0 - b0) * wk;
+                        acc1 += (e1 - b1) * wk;
+                    }
+                }
+
+                if (Normalize)
+                {
+                    acc0 /= divisor;
+                    acc1 /= divisor;
+                }
+
+                if (Scale)
+                {
+                    acc0 *= lambda;
+                    acc1 *= lambda;
+                }
+
+                if (hasBase)
+                {
+                    acc0 = b0 + acc0;
+                    acc1 = b1 + acc1;
+                }
+
+                Store(output, outBf16, i, acc0, acc1);
+            }
+
+            for (; i < end; i++)
+            {
+                float bi = hasBase ? b.At(i) : 0f, acc;
+                if (average)
+                {
+                    acc = At(p[0], isBf16[0], i) * w[0];
+                    for (int k = 1; k < count; k++)
+                    {
+                        acc = MathF.FusedMultiplyAdd(At(p[k], isBf16[k], i), w[k], acc);
+                    }
+                }
+                else
+                {
+                    acc = 0f;
+                    for (int k = 0; k < count; k++)
+                    {
+                        acc += (At(p[k], isBf16[k], i) - bi) * w[k];
+                    }
+                }
+
+                if (Normalize)
+                {
+                    acc /= Divisor;
+                }
+
+                if (Scale)
+                {
+                    acc *= Lambda;
+                }
+
+                if (hasBase)
+                {
+                    acc = bi + acc;
+                }
+
+                if (outBf16)
+                {
+                    ((ushort*)output)[i] = Kernels.ToBFloat16(acc);
+                }
+                else
+                {
+                    ((float*)output)[i] = acc;
+                }
+            }
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static void Store(void* output, bool bf16, long i, Vector<float> low, Vector<float> high)
+        {
+            if (!bf16)
+            {
+                Vector.Store(low, (float*)output + i);
+                Vector.Store(high, (float*)output + i + Vector<float>.Count);
+                return;
+            }
+
+            var one = Vector<uint>.One;
+            var bias = new Vector<uint>(0x7FFF);
+            var nan = new Vector<uint>(0x7FC0);
+            var ua = Vector.AsVectorUInt32(low);
+            var ub = Vector.AsVectorUInt32(high);
+            ua = Vector.ShiftRightLogical(ua + (Vector.ShiftRightLogical(ua, 16) & one) + bias, 16);
+            ub = Vector.ShiftRightLogical(ub + (Vector.ShiftRightLogical(ub, 16) & one) + bias, 16);
+            ua = Vector.ConditionalSelect(Vector.AsVectorUInt32(Vector.Equals(low, low)), ua, nan);
+            ub = Vector.ConditionalSelect(Vector.AsVectorUInt32(Vector.Equals(high, high)), ub, nan);
+            Vector.Store(Vector.Narrow(ua, ub), (ushort*)output + i);
+        }
+    }
+
+    // ---- Element loops ----------------------------------------------------------------------------
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Subtract(float* a, float* b, float* result, int count)
+    {
+        int i = 0;
+        for (; i <= count - Vector<float>.Count; i += Vector<float>.Count)
+        {
+            Vector.Store(Vector.Load(a + i) - Vector.Load(b + i), result + i);
+        }
+
+        for (; i < count; i++)
+        {
+            result[i] = a[i] - b[i];
+        }
+    }
+
+}

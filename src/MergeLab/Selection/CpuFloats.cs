@@ -1,0 +1,214 @@
+using System.Numerics;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MergeLab.Selection;
+
+/// <summary>
+/// A contiguous float32 or bfloat16 buffer in CPU memory, read as float32 (bfloat16 widens exactly).
+/// The tensor it came from must outlive it.
+/// </summary>
+internal readonly unsafe struct CpuFloats
+{
+    public CpuFloats(void* pointer, long length, bool bfloat16)
+    {
+        Pointer = pointer;
+        Length = length;
+        IsBFloat16 = bfloat16;
+    }
+
+    public void* Pointer { get; }
+
+    public long Length { get; }
+
+    public bool IsBFloat16 { get; }
+
+    /// <summary>Entry <paramref name="i"/> as float32.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public float At(long i) => IsBFloat16
+        ? BitConverter.UInt32BitsToSingle((uint)((ushort*)Pointer)[i] << 16)
+        : ((float*)Pointer)[i];
+
+    /// <summary>A float32 pointer to entries [start, start + count): the data itself for float32, else
+    /// <paramref name="scratch"/> filled with the widened values.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public float* Block(long start, int count, float* scratch)
+    {
+        if (!IsBFloat16)
+        {
+            return (float*)Pointer + start;
+        }
+
+        Kernels.WidenBFloat16((ushort*)Pointer + start, scratch, count);
+        return scratch;
+    }
+}
+
+/// <summary>Entry points for reading and writing tensor memory from hand-written CPU loops.</summary>
+internal static unsafe class CpuTensors
+{
+    /// <summary>Whether <paramref name="t"/> lives in CPU memory.</summary>
+    public static bool OnCpu(Tensor t) => t.device_type == DeviceType.CPU;
+
+    /// <summary>Whether the kernels read <paramref name="t"/> in place: CPU, contiguous, float32 or bfloat16.</summary>
+    public static bool IsDirect(Tensor t) =>
+        OnCpu(t) && t.dtype is ScalarType.Float32 or ScalarType.BFloat16 && t.is_contiguous();
+
+    /// <summary>The address of the first element of a contiguous CPU tensor (null when it is empty).</summary>
+    public static void* Pointer(Tensor t)
+    {
+        if (t.numel() == 0)
+        {
+            return null;
+        }
+
+        // Tensor.bytes is a Span (at most 2^31 - 1 bytes); a one-element view gives the start of any size.
+        using var flat = t.reshape(-1);
+        using var first = flat.narrow(0, 0, 1);
+        return Unsafe.AsPointer(ref MemoryMarshal.GetReference(first.bytes));
+    }
+
+    /// <summary>
+    /// <paramref name="t"/> (a CPU floating tensor) as float32/bfloat16 memory. Tensors in other dtypes or
+    /// layouts are converted into a pooled float32 copy, returned in <paramref name="copy"/> for the
+    /// caller to dispose when done.
+    /// </summary>
+    public static CpuFloats Floats(Tensor t, out Tensor? copy)
+    {
+        if (IsDirect(t))
+        {
+            copy = null;
+            return new CpuFloats(Pointer(t), t.numel(), t.dtype == ScalarType.BFloat16);
+        }
+
+        copy = NativeBufferPool.Empty(t.shape, ScalarType.Float32);
+        copy.copy_(t);
+        return new CpuFloats(Pointer(copy), copy.numel(), bfloat16: false);
+    }
+}
+
+/// <summary>Vectorized element loops shared by the CPU kernels.</summary>
+internal static unsafe class Kernels
+{
+    /// <summary>The most significant bit of each lane of <paramref name="mask"/>, lane 0 in bit 0.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static ulong LaneBits(Vector<uint> mask) => Vector<uint>.Count switch
+    {
+        4 => Vector128.ExtractMostSignificantBits(mask.AsVector128()),
+        8 => Vector256.ExtractMostSignificantBits(mask.AsVector256()),
+        16 => Vector512.ExtractMostSignificantBits(mask.AsVector512()),
+        _ => Fallback(mask),
+    };
+
+    private static ulong Fallback(Vector<uint> mask)
+    {
+        ulong bits = 0;
+        for (int i = 0; i < Vector<uint>.Count; i++)
+        {
+            bits |= (ulong)(mask[i] >> 31) << i;
+        }
+
+        return bits;
+    }
+
+    /// <summary>bfloat16 → float32 (exact: the bits move to the high half).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static void WidenBFloat16(ushort* source, float* destination, int count)
+    {
+        int i = 0;
+        int step = Vector<ushort>.Count;
+        for (; i <= count - step; i += step)
+        {
+            var v = Vector.Load(source + i);
+            Vector.Widen(v, out Vector<uint> low, out Vector<uint> high);
+            Vector.Store(Vector.AsVectorSingle(Vector.ShiftLeft(low, 16)), destination + i);
+            Vector.Store(Vector.AsVectorSingle(Vector.ShiftLeft(high, 16)), destination + i + step / 2);
+        }
+
+        for (; i < count; i++)
+        {
+            destination[i] = BitConverter.UInt32BitsToSingle((uint)source[i] << 16);
+        }
+    }
+
+    /// <summary>float32 → bfloat16, rounding to nearest even as libtorch does (NaN becomes 0x7FC0).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static void NarrowToBFloat16(float* source, ushort* destination, int count)
+    {
+        int i = 0;
+        int step = Vector<ushort>.Count;
+        var one = Vector<uint>.One;
+        var bias = new Vector<uint>(0x7FFF);
+        var nan = new Vector<uint>(0x7FC0);
+        for (; i <= count - step; i += step)
+        {
+            var a = Vector.Load(source + i);
+            var b = Vector.Load(source + i + step / 2);
+            var ua = Vector.AsVectorUInt32(a);
+            var ub = Vector.AsVectorUInt32(b);
+            ua = Vector.ShiftRightLogical(ua + (Vector.ShiftRightLogical(ua, 16) & one) + bias, 16);
+            ub = Vector.ShiftRightLogical(ub + (Vector.ShiftRightLogical(ub, 16) & one) + bias, 16);
+            ua = Vector.ConditionalSelect(Vector.AsVectorUInt32(Vector.Equals(a, a)), ua, nan);
+            ub = Vector.ConditionalSelect(Vector.AsVectorUInt32(Vector.Equals(b, b)), ub, nan);
+            Vector.Store(Vector.Narrow(ua, ub), destination + i);
+        }
+
+        for (; i < count; i++)
+        {
+            destination[i] = ToBFloat16(source[i]);
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static ushort ToBFloat16(float value)
+    {
+        if (float.IsNaN(value))
+        {
+            return 0x7FC0;
+        }
+
+        uint u = BitConverter.SingleToUInt32Bits(value);
+        return (ushort)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+    }
+}
+
+/// <summary>Deterministic multi-threading: work is cut into fixed blocks whose results never depend on
+/// which thread ran them or how many threads there are.</summary>
+internal static class CpuParallel
+{
+    /// <summary>Threads used: torch's intra-op thread count, so <c>torch.set_num_threads</c> governs both.</summary>
+    public static int Threads => Math.Max(1, torch.get_num_threads());
+
+    /// <summary>Runs <paramref name="body"/> for every block index in [0, <paramref name="blocks"/>).</summary>
+    public static void For(long blocks, Action<long> body)
+    {
+        int threads = Threads;
+        if (threads == 1 || blocks <= 1)
+        {
+            for (long i = 0; i < blocks; i++)
+            {
+                body(i);
+            }
+
+            return;
+        }
+
+        // A few contiguous runs of blocks per thread: enough to balance the load on a busy machine,
+        // few enough that scheduling costs nothing next to the blocks themselves.
+        long runs = Math.Min(blocks, threads * 8L);
+        Parallel.For(0L, runs, new ParallelOptions { MaxDegreeOfParallelism = threads }, run =>
+        {
+            long end = (run + 1) * blocks / runs;
+            for (long i = run * blocks / runs; i < end; i++)
+            {
+                body(i);
+            }
+        });
+    }
+
+    /// <summary>The number of blocks of <paramref name="blockSize"/> covering <paramref name="length"/>.</summary>
+    public static long BlockCount(long length, long blockSize) => (length + blockSize - 1) / blockSize;
+}

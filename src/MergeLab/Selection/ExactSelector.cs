@@ -1,0 +1,753 @@
+using System.Numerics;
+using System.Runtime.CompilerServices;
+
+namespace MergeLab.Selection;
+
+/// <summary>
+/// One order statistic to find: the entry at 0-based <see cref="Position"/> when the entries of
+/// <see cref="Source"/> are sorted by (key, index), index ascending (a stable ascending sort) or
+/// descending (so that, among equal keys, the lowest positions rank highest — "keep the largest k,
+/// ties to the lowest positions"). The answer is the entry's composite (key &lt;&lt; 32 | index), or
+/// (key &lt;&lt; 32 | ~index) for descending, which are unique, so a mask is one comparison per entry.
+/// </summary>
+internal sealed class SelectionQuery(KeySource source, long position, bool indexDescending = false)
+{
+    public KeySource Source { get; } = source;
+
+    public long Position { get; } = position;
+
+    public bool IndexDescending { get; } = indexDescending;
+
+    /// <summary>The composite of the selected entry, set by <see cref="ExactSelector.Solve"/>.</summary>
+    public ulong Composite { get; internal set; }
+
+    /// <summary>The key of the selected entry.</summary>
+    public uint Key => (uint)(Composite >> 32);
+
+    /// <summary>The index of the selected entry.</summary>
+    public long Index => IndexDescending ? uint.MaxValue - (uint)Composite : (uint)Composite;
+
+    // Bracket-pass state: the key bracket, the count below it, and the keys inside it, stored block by
+    // block (each block's keys contiguous, at an offset recorded per block).
+    internal uint Low, High;
+    internal long Less, Count, Capacity;
+    internal nint Candidates;
+    internal long[] SegmentStart = [];
+    internal int[] SegmentCount = [];
+    internal int[] LowTies = [], HighTies = [];
+    internal long LowTieCount, HighTieCount;
+    internal int Overflow;
+}
+
+/// <summary>
+/// Exact selection over the CPU memory of large tensors in O(n), vectorized and multi-threaded.
+/// </summary>
+/// <remarks>
+/// <para>The common case is one pass. A deterministic sample of the keys gives a bracket [lo, hi] that
+/// holds the wanted rank with overwhelming probability; the pass counts, per block, the keys below lo,
+/// equal to lo and equal to hi, and keeps the keys strictly inside. (Task vectors of bfloat16 models take
+/// few distinct values, so the keys at the ends of the bracket can be a large share of all: they are
+/// only counted.) A radix select among the kept keys gives the exact key v and how many entries lie below
+/// it; the per-block counts say which block holds the wanted occurrence of v (ties are broken by
+/// position), and re-reading that one block gives its index.</para>
+/// <para>When the sample was unlucky (the rank lies outside the bracket) or the bracket holds too many
+/// entries (vast ties), an exact radix select over all keys answers instead: the 16 high key bits, the
+/// 16 low ones, then the tie's position (three passes). Either way the answer depends neither on the
+/// thread count nor on timing; only the time does.</para>
+/// </remarks>
+internal static unsafe class ExactSelector
+{
+    public const int BlockSize = 16384;
+    private const long SmallLimit = 1 << 17;
+    private const int SampleRun = 16;
+
+    /// <summary>The largest number of entries a source may have (indices must fit in 32 bits).</summary>
+    public const long MaxLength = 1L << 32;
+
+    /// <summary>Forces the histogram path (for tests).</summary>
+    internal static bool ForceHistogram { get; set; }
+
+    /// <summary>Answers every query; all sources must have the same length.</summary>
+    public static void Solve(IReadOnlyList<SelectionQuery> queries)
+    {
+        if (queries.Count == 0)
+        {
+            return;
+        }
+
+        long n = queries[0].Source.Length;
+        foreach (var q in queries)
+        {
+            if (q.Source.Length != n || n > MaxLength || q.Position < 0 || q.Position >= n)
+            {
+                throw new ArgumentOutOfRangeException(nameof(queries), "Selection queries must share one source length and ask for a position inside it.");
+            }
+        }
+
+        if (n <= SmallLimit)
+        {
+            SolveSmall(queries);
+            return;
+        }
+
+        var pending = ForceHistogram ? queries.ToList() : SolveByBracket(queries, n);
+        foreach (var q in pending)
+        {
+            SolveByHistogram(q, n);
+        }
+    }
+
+    private static ulong Composite(uint key, long index, bool descending) =>
+        ((ulong)key << 32) | (descending ? uint.MaxValue - (uint)index : (uint)index);
+
+    // ---- Small inputs: materialize every composite and quickselect. --------------------------------
+
+    private static void SolveSmall(IReadOnlyList<SelectionQuery> queries)
+    {
+        long n = queries[0].Source.Length;
+        var buffer = NativeBufferPool.Rent(n * 8 + BlockSize * 12L);
+        try
+        {
+            var composites = new Span<ulong>((void*)buffer, (int)n);
+            var keys = (uint*)(buffer + n * 8);
+            var scratch = (float*)(keys + BlockSize);
+            foreach (var group in queries.GroupBy(q => (q.Source, q.IndexDescending)))
+            {
+                var source = group.Key.Source;
+                for (long start = 0; start < n; start += BlockSize)
+                {
+                    int count = (int)Math.Min(BlockSize, n - start);
+                    source.Fill(start, count, keys, scratch);
+                    for (int i = 0; i < count; i++)
+                    {
+                        composites[(int)(start + i)] = Composite(keys[i], start + i, group.Key.IndexDescending);
+                    }
+                }
+
+                var positions = group.Select(q => q.Position).Distinct().Order().ToArray();
+                var values = Quickselect.SelectMany(composites, positions);
+                foreach (var q in group)
+                {
+                    q.Composite = values[Array.IndexOf(positions, q.Position)];
+                }
+            }
+        }
+        finally
+        {
+            NativeBufferPool.Return(buffer);
+        }
+    }
+
+    // ---- The bracket pass. ------------------------------------------------------------------------
+
+    private static List<SelectionQuery> SolveByBracket(IReadOnlyList<SelectionQuery> queries, long n)
+    {
+        var sources = queries.Select(q => q.Source).Distinct().ToArray();
+        var bySource = sources.Select(s => queries.Where(q => q.Source == s).ToArray()).ToArray();
+        CpuParallel.For(sources.Length, s => SetBrackets(sources[s], bySource[s], n));
+
+        long blocks = CpuParallel.BlockCount(n, BlockSize);
+        var pending = new List<SelectionQuery>();
+        try
+        {
+            foreach (var q in queries)
+            {
+                // Room for the bracket (about 1.5% of n for smooth data) plus whole tie classes at its
+                // edges (bfloat16 task vectors take few distinct values); beyond it, the exact fallback.
+                q.Capacity = Math.Max(1L << 16, n / 8);
+                q.Candidates = NativeBufferPool.Rent(q.Capacity * 4);
+                q.Less = q.Count = q.LowTieCount = q.HighTieCount = 0;
+                q.Overflow = 0;
+                q.SegmentStart = new long[blocks];
+                q.SegmentCount = new int[blocks];
+                q.LowTies = new int[blocks];
+                q.HighTies = new int[blocks];
+            }
+
+            // Task vectors of one base (TIES: one query per expert) are scanned straight from the inputs'
+            // memory, the base block widened once for all of them; other sources fill a key block first.
+            var differences = sources.OfType<DifferenceMagnitudeKeys>().ToArray();
+            bool fused = differences.Length == sources.Length && bySource.All(g => g.Length == 1)
+                && differences.All(d => d.Base.Pointer == differences[0].Base.Pointer);
+            CpuParallel.For(blocks, block =>
+            {
+                long start = block * BlockSize;
+                int count = (int)Math.Min(BlockSize, n - start);
+                var scratch = ThreadScratch.Get(BlockSize * 16L);
+                var keys = (uint*)scratch;
+                var local = (uint*)(scratch + BlockSize * 4L);
+                var floats = (float*)(scratch + BlockSize * 8L);
+                if (fused)
+                {
+                    var bse = differences[0].Base.Block(start, count, floats);
+                    for (int s = 0; s < sources.Length; s++)
+                    {
+                        ScanDifference(bySource[s][0], block, differences[s].Expert, bse, start, count, local);
+                    }
+
+                    return;
+                }
+
+                for (int s = 0; s < sources.Length; s++)
+                {
+                    sources[s].Fill(start, count, keys, floats);
+                    foreach (var q in bySource[s])
+                    {
+                        Scan(q, block, keys, count, local);
+                    }
+                }
+            });
+
+            var resolved = new bool[queries.Count];
+            CpuParallel.For(queries.Count, i =>
+            {
+                var q = queries[(int)i];
+                long rank = q.Position - q.Less;
+                if (q.Overflow == 0 && rank >= 0 && rank < q.LowTieCount + q.Count + q.HighTieCount)
+                {
+                    Resolve(q, n, rank);
+                    resolved[i] = true;
+                }
+            });
+
+            for (int i = 0; i < queries.Count; i++)
+            {
+                if (!resolved[i])
+                {
+                    pending.Add(queries[i]);
+                }
+            }
+        }
+        finally
+        {
+            foreach (var q in queries)
+            {
+                if (q.Candidates != 0)
+                {
+                    NativeBufferPool.Return(q.Candidates);
+                    q.Candidates = 0;
+                }
+
+                q.SegmentStart = [];
+                q.SegmentCount = [];
+                q.LowTies = q.HighTies = [];
+            }
+        }
+
+        return pending;
+    }
+
+    /// <summary>Counts the keys below the bracket and at its two ends, and keeps those strictly inside
+    /// it as this block's segment.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Scan(SelectionQuery q, long block, uint* keys, int count, uint* local)
+    {
+        uint lo = q.Low, hi = q.High;
+        bool wide = hi > lo;
+        var vlo = new Vector<uint>(lo);
+        var vhi = new Vector<uint>(hi);
+        var highMask = wide ? Vector<uint>.AllBitsSet : Vector<uint>.Zero;
+        Vector<uint> below = Vector<uint>.Zero, atLow = Vector<uint>.Zero, atHigh = Vector<uint>.Zero;
+        int found = 0;
+        int i = 0;
+        int w = Vector<uint>.Count;
+        for (; i <= count - w; i += w)
+        {
+            var k = Vector.Load(keys + i);
+            below -= Vector.LessThan(k, vlo);
+            atLow -= Vector.Equals(k, vlo);
+            atHigh -= Vector.Equals(k, vhi) & highMask;
+            var inside = Vector.GreaterThan(k, vlo) & Vector.LessThan(k, vhi);
+            if (inside != Vector<uint>.Zero)
+            {
+                ulong bits = Kernels.LaneBits(inside);
+                while (bits != 0)
+                {
+                    int lane = BitOperations.TrailingZeroCount(bits);
+                    bits &= bits - 1;
+                    local[found++] = keys[i + lane];
+                }
+            }
+        }
+
+        long lessCount = Vector.Sum(below);
+        int lowTies = (int)Vector.Sum(atLow), highTies = (int)Vector.Sum(atHigh);
+        for (; i < count; i++)
+        {
+            uint k = keys[i];
+            if (k < lo)
+            {
+                lessCount++;
+            }
+            else if (k == lo)
+            {
+                lowTies++;
+            }
+            else if (k < hi)
+            {
+                local[found++] = k;
+            }
+            else if (k == hi)
+            {
+                highTies++;
+            }
+        }
+
+        Record(q, block, lessCount, lowTies, highTies, local, found);
+    }
+
+    /// <summary><see cref="Scan"/> of the keys |θ − θ_base| computed in registers as they are read.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void ScanDifference(SelectionQuery q, long block, CpuFloats expert, float* bse, long start, int count, uint* local)
+    {
+        uint lo = q.Low, hi = q.High;
+        int w = Vector<float>.Count;
+        var mask = new Vector<uint>(FloatKeys.MagnitudeMask);
+        var vlo = new Vector<uint>(lo);
+        var vhi = new Vector<uint>(hi);
+        var highMask = hi > lo ? Vector<uint>.AllBitsSet : Vector<uint>.Zero;
+        // Strictly inside ⟺ k − (lo + 1) < hi − lo − 1, unsigned.
+        var insideFrom = new Vector<uint>(lo + 1);
+        var insideSpan = new Vector<uint>(hi > lo ? hi - lo - 1 : 0);
+        Vector<uint> below = Vector<uint>.Zero, atLow = Vector<uint>.Zero, atHigh = Vector<uint>.Zero;
+        var pair = stackalloc uint[2 * w];
+        int found = 0;
+        int i = 0;
+        for (; i <= count - 2 * w; i += 2 * w)
+        {
+            DifferenceMagnitudeKeys.Load(expert, start + i, out var e0, out var e1);
+            var k0 = Vector.AsVectorUInt32(e0 - Vector.Load(bse + i)) & mask;
+            var k1 = Vector.AsVectorUInt32(e1 - Vector.Load(bse + i + w)) & mask;
+            below -= Vector.LessThan(k0, vlo) + Vector.LessThan(k1, vlo);
+            atLow -= Vector.Equals(k0, vlo) + Vector.Equals(k1, vlo);
+            atHigh -= (Vector.Equals(k0, vhi) + Vector.Equals(k1, vhi)) & highMask;
+            var in0 = Vector.LessThan(k0 - insideFrom, insideSpan);
+            var in1 = Vector.LessThan(k1 - insideFrom, insideSpan);
+            if ((in0 | in1) != Vector<uint>.Zero)
+            {
+                Vector.Store(k0, pair);
+                Vector.Store(k1, pair + w);
+                ulong bits = Kernels.LaneBits(in0) | (Kernels.LaneBits(in1) << w);
+                while (bits != 0)
+                {
+                    int lane = BitOperations.TrailingZeroCount(bits);
+                    bits &= bits - 1;
+                    local[found++] = pair[lane];
+                }
+            }
+        }
+
+        // Each equality mask lane is all ones (−1), so two of them add up to −2 per lane: the sums above
+        // subtract 0, 1 or 2 per lane, as wanted.
+        long lessCount = Vector.Sum(below);
+        int lowTies = (int)Vector.Sum(atLow), highTies = (int)Vector.Sum(atHigh);
+        for (; i < count; i++)
+        {
+            uint k = FloatKeys.Magnitude(expert.At(start + i) - bse[i]);
+            if (k < lo)
+            {
+                lessCount++;
+            }
+            else if (k == lo)
+            {
+                lowTies++;
+            }
+            else if (k < hi)
+            {
+                local[found++] = k;
+            }
+            else if (k == hi)
+            {
+                highTies++;
+            }
+        }
+
+        Record(q, block, lessCount, lowTies, highTies, local, found);
+    }
+
+    /// <summary>Adds one block's counts and kept keys to the query.</summary>
+    private static void Record(SelectionQuery q, long block, long lessCount, int lowTies, int highTies, uint* local, int found)
+    {
+        Interlocked.Add(ref q.Less, lessCount);
+        Interlocked.Add(ref q.LowTieCount, lowTies);
+        Interlocked.Add(ref q.HighTieCount, highTies);
+        q.LowTies[block] = lowTies;
+        q.HighTies[block] = highTies;
+        if (found == 0 || Volatile.Read(ref q.Overflow) != 0)
+        {
+            return;
+        }
+
+        long end = Interlocked.Add(ref q.Count, found);
+        if (end > q.Capacity)
+        {
+            Volatile.Write(ref q.Overflow, 1);
+            return;
+        }
+
+        q.SegmentStart[block] = end - found;
+        q.SegmentCount[block] = found;
+        Buffer.MemoryCopy(local, (uint*)q.Candidates + (end - found), found * 4L, found * 4L);
+    }
+
+    /// <summary>The exact key (the bracket's low end, a kept key, or its high end), then the block and
+    /// index of the wanted tie.</summary>
+    private static void Resolve(SelectionQuery q, long n, long rank)
+    {
+        long blocks = q.SegmentCount.Length;
+        var perBlock = new long[blocks];
+        uint key;
+        long tie; // which occurrence of the key, in composite order
+        if (rank < q.LowTieCount)
+        {
+            (key, tie) = (q.Low, rank);
+            for (long b = 0; b < blocks; b++)
+            {
+                perBlock[b] = q.LowTies[b];
+            }
+        }
+        else if (rank < q.LowTieCount + q.Count)
+        {
+            var keys = (uint*)q.Candidates;
+            (key, long below) = SelectKey(keys, q.Count, rank - q.LowTieCount, q.Low);
+            tie = rank - q.LowTieCount - below;
+            for (long b = 0; b < blocks; b++)
+            {
+                perBlock[b] = new ReadOnlySpan<uint>(keys + q.SegmentStart[b], q.SegmentCount[b]).Count(key);
+            }
+        }
+        else
+        {
+            (key, tie) = (q.High, rank - q.LowTieCount - q.Count);
+            for (long b = 0; b < blocks; b++)
+            {
+                perBlock[b] = q.HighTies[b];
+            }
+        }
+
+        long total = perBlock.Sum();
+        q.Composite = Composite(key, LocateTie(q.Source, n, key, q.IndexDescending ? total - 1 - tie : tie, perBlock), q.IndexDescending);
+    }
+
+    /// <summary>The <paramref name="rank"/>-th smallest of <paramref name="count"/> keys (all ≥ <paramref name="low"/>)
+    /// by a two-step radix select on key − low, and how many keys are below it.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static (uint Key, long Below) SelectKey(uint* keys, long count, long rank, uint low)
+    {
+        var counts = new long[1 << 16];
+        for (long i = 0; i < count; i++)
+        {
+            counts[(keys[i] - low) >> 16]++;
+        }
+
+        long below = 0;
+        uint high = 0;
+        while (below + counts[high] <= rank)
+        {
+            below += counts[high++];
+        }
+
+        Array.Clear(counts);
+        for (long i = 0; i < count; i++)
+        {
+            uint r = keys[i] - low;
+            if (r >> 16 == high)
+            {
+                counts[r & 0xFFFF]++;
+            }
+        }
+
+        uint lowBits = 0;
+        while (below + counts[lowBits] <= rank)
+        {
+            below += counts[lowBits++];
+        }
+
+        return (low + ((high << 16) | lowBits), below);
+    }
+
+    /// <summary>The index of occurrence <paramref name="ascending"/> (0-based, in index order) of
+    /// <paramref name="key"/>, given its count in each block: re-reads the one block that holds it.</summary>
+    private static long LocateTie(KeySource source, long n, uint key, long ascending, long[] perBlock)
+    {
+        long b = 0;
+        while (ascending >= perBlock[b])
+        {
+            ascending -= perBlock[b++];
+        }
+
+        long begin = b * BlockSize;
+        int length = (int)Math.Min(BlockSize, n - begin);
+        var buffer = ThreadScratch.Get(BlockSize * 12L);
+        var blockKeys = (uint*)buffer;
+        source.Fill(begin, length, blockKeys, (float*)(buffer + BlockSize * 4L));
+        for (int i = 0; i < length; i++)
+        {
+            if (blockKeys[i] == key && ascending-- == 0)
+            {
+                return begin + i;
+            }
+        }
+
+        throw new InvalidOperationException("Selection lost a tie: the source changed while it was read.");
+    }
+
+    /// <summary>Picks each query's key bracket from a deterministic sample of its source: one run of
+    /// <see cref="SampleRun"/> consecutive entries (a cache line) from each of equal strata, at a
+    /// pseudo-random offset within the stratum so periodic structure (rows, heads) cannot alias.</summary>
+    private static void SetBrackets(KeySource source, SelectionQuery[] queries, long n)
+    {
+        int runs = (int)Math.Clamp(n / (SampleRun * 16), 256, 4096);
+        int sampleCount = runs * SampleRun;
+        var sample = new uint[sampleCount];
+        long stride = n / runs;
+        var floats = stackalloc float[2 * SampleRun];
+        fixed (uint* s = sample)
+        {
+            for (int j = 0; j < runs; j++)
+            {
+                long offset = (long)(Mix((ulong)j) % (ulong)(stride - SampleRun + 1));
+                source.Fill(j * stride + offset, SampleRun, s + j * SampleRun, floats);
+            }
+        }
+
+        var wanted = new List<long>();
+        var bounds = new (long Lo, long Hi)[queries.Length];
+        for (int i = 0; i < queries.Length; i++)
+        {
+            // Five standard deviations of the sample quantile (a little more than four for runs of
+            // neighbours that may be correlated), plus a run.
+            double q = (queries[i].Position + 0.5) / n;
+            double center = q * sampleCount;
+            double margin = 5 * Math.Sqrt(sampleCount * q * (1 - q)) + SampleRun;
+            long lo = (long)Math.Floor(center - margin);
+            long hi = (long)Math.Ceiling(center + margin);
+            bounds[i] = (lo, hi);
+            if (lo >= 0)
+            {
+                wanted.Add(lo);
+            }
+
+            if (hi < sampleCount)
+            {
+                wanted.Add(hi);
+            }
+        }
+
+        var positions = wanted.Distinct().Order().ToArray();
+        var values = Quickselect.SelectMany<uint>(sample, positions);
+        for (int i = 0; i < queries.Length; i++)
+        {
+            var (lo, hi) = bounds[i];
+            queries[i].Low = lo < 0 ? 0 : values[Array.IndexOf(positions, lo)];
+            queries[i].High = hi >= sampleCount ? uint.MaxValue : values[Array.IndexOf(positions, hi)];
+        }
+    }
+
+    private static ulong Mix(ulong x)
+    {
+        x += 0x9E3779B97F4A7C15UL;
+        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9UL;
+        x = (x ^ (x >> 27)) * 0x94D049BB133111EBUL;
+        return x ^ (x >> 31);
+    }
+
+    // ---- The exact fallback: radix select over the key bits, then the tie's position. -------------
+
+    private static void SolveByHistogram(SelectionQuery q, long n)
+    {
+        var source = q.Source;
+        long blocks = CpuParallel.BlockCount(n, BlockSize);
+
+        // Pass 1: the 16 high key bits.
+        var high = Histogram(source, n, blocks, -1);
+        long seen = 0;
+        int bin = 0;
+        while (seen + high[bin] <= q.Position)
+        {
+            seen += high[bin++];
+        }
+
+        // Pass 2: the 16 low bits inside that bin pin the key.
+        var low = Histogram(source, n, blocks, bin);
+        int lowBits = 0;
+        while (seen + low[lowBits] <= q.Position)
+        {
+            seen += low[lowBits++];
+        }
+
+        uint key = ((uint)bin << 16) | (uint)lowBits;
+        long tie = q.Position - seen; // which occurrence of the key, in composite order
+
+        // Pass 3: occurrences of the key per block, then the tie's index.
+        var perBlock = new long[blocks];
+        CpuParallel.For(blocks, block =>
+        {
+            long start = block * BlockSize;
+            int count = (int)Math.Min(BlockSize, n - start);
+            var scratch = ThreadScratch.Get(BlockSize * 12L);
+            var keys = (uint*)scratch;
+            source.Fill(start, count, keys, (float*)(scratch + BlockSize * 4L));
+            perBlock[block] = new ReadOnlySpan<uint>(keys, count).Count(key);
+        });
+
+        long total = perBlock.Sum();
+        q.Composite = Composite(key, LocateTie(source, n, key, q.IndexDescending ? total - 1 - tie : tie, perBlock), q.IndexDescending);
+    }
+
+    /// <summary>A histogram of the high 16 key bits (<paramref name="highBin"/> −1) or of the low 16 bits
+    /// of the keys whose high bits are <paramref name="highBin"/>, counted per thread and summed.</summary>
+    private static long[] Histogram(KeySource source, long n, long blocks, int highBin)
+    {
+        var total = new long[1 << 16];
+        var gate = new object();
+        int threads = CpuParallel.Threads;
+        long perThread = CpuParallel.BlockCount(blocks, threads);
+        CpuParallel.For(threads, t =>
+        {
+            var counts = new uint[1 << 16];
+            var scratch = ThreadScratch.Get(BlockSize * 12L);
+            var keys = (uint*)scratch;
+            var floats = (float*)(scratch + BlockSize * 4L);
+            for (long block = t * perThread; block < Math.Min(blocks, (t + 1) * perThread); block++)
+            {
+                long start = block * BlockSize;
+                int count = (int)Math.Min(BlockSize, n - start);
+                source.Fill(start, count, keys, floats);
+                Count(keys, count, highBin, counts);
+            }
+
+            lock (gate)
+            {
+                for (int i = 0; i < counts.Length; i++)
+                {
+                    total[i] += counts[i];
+                }
+            }
+        });
+
+        return total;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void Count(uint* keys, int count, int highBin, uint[] counts)
+    {
+        fixed (uint* c = counts)
+        {
+            if (highBin < 0)
+            {
+                for (int i = 0; i < count; i++)
+                {
+                    c[keys[i] >> 16]++;
+                }
+            }
+            else
+            {
+                for (int i = 0; i < count; i++)
+                {
+                    if (keys[i] >> 16 == (uint)highBin)
+                    {
+                        c[keys[i] & 0xFFFF]++;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// <summary>Hoare quickselect with median-of-three pivots: O(n) expected, in place.</summary>
+internal static class Quickselect
+{
+    /// <summary>Reorders <paramref name="values"/> so that entry <paramref name="k"/> is the k-th smallest
+    /// (0-based), everything before it ≤ and everything after ≥, and returns it.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    public static T Select<T>(Span<T> values, int k)
+        where T : unmanaged, IBinaryInteger<T>
+    {
+        int lo = 0, hi = values.Length - 1;
+        while (hi - lo > 16)
+        {
+            int mid = lo + ((hi - lo) >> 1);
+            if (values[mid] < values[lo])
+            {
+                (values[mid], values[lo]) = (values[lo], values[mid]);
+            }
+
+            if (values[hi] < values[lo])
+            {
+                (values[hi], values[lo]) = (values[lo], values[hi]);
+            }
+
+            if (values[hi] < values[mid])
+            {
+                (values[hi], values[mid]) = (values[mid], values[hi]);
+            }
+
+            T pivot = values[mid];
+            int i = lo, j = hi;
+            while (i <= j)
+            {
+                while (values[i] < pivot)
+                {
+                    i++;
+                }
+
+                while (values[j] > pivot)
+                {
+                    j--;
+                }
+
+                if (i <= j)
+                {
+                    (values[i], values[j]) = (values[j], values[i]);
+                    i++;
+                    j--;
+                }
+            }
+
+            if (k <= j)
+            {
+                hi = j;
+            }
+            else if (k >= i)
+            {
+                lo = i;
+            }
+            else
+            {
+                return values[k];
+            }
+        }
+
+        for (int a = lo + 1; a <= hi; a++)
+        {
+            T v = values[a];
+            int b = a - 1;
+            while (b >= lo && values[b] > v)
+            {
+                values[b + 1] = values[b];
+                b--;
+            }
+
+            values[b + 1] = v;
+        }
+
+        return values[k];
+    }
+
+    /// <summary>The values at several sorted 0-based <paramref name="positions"/> (ascending, distinct).</summary>
+    public static T[] SelectMany<T>(Span<T> values, IReadOnlyList<long> positions)
+        where T : unmanaged, IBinaryInteger<T>
+    {
+        var result = new T[positions.Count];
+        int start = 0;
+        for (int p = 0; p < positions.Count; p++)
+        {
+            int k = (int)positions[p];
+            result[p] = Select(values[start..], k - start);
+            start = k + 1;
+        }
+
+        return result;
+    }
+}

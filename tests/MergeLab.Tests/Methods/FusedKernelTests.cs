@@ -1,0 +1,512 @@
+using MergeLab.Methods;
+using MergeLab.Selection;
+using MergeLab.Stages;
+using MergeLab.Tensors;
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MergeLab.Tests.Methods;
+
+/// <summary>
+/// The fused CPU kernel of every task-vector method against (a) the libtorch formulation it replaces and
+/// (b) a plain scalar reference written out here, bit for bit.
+/// </summary>
+/// <remarks>
+/// libtorch's <c>sum(dim: 0)</c> adds the experts in order except in the last columns of each of its
+/// thread chunks, where with four or more experts it pairs them; the kernel always adds in order. So the
+/// libtorch comparison uses one to three experts on any shape, and more experts on shapes whose rows
+/// are multiples of 128 entries (where libtorch adds in order too); the plain reference covers the rest.
+/// </remarks>
+public class FusedKernelTests
+{
+    private static T Libtorch<T>(Func<T> f)
+    {
+        MagnitudeThreshold.CpuKernelsEnabled = false;
+        try
+        {
+            return f();
+        }
+        finally
+        {
+            MagnitudeThreshold.CpuKernelsEnabled = true;
+        }
+    }
+
+    private static IEnumerable<TestCaseData> Methods()
+    {
+        yield return Case("task arithmetic", new TaskArithmeticMerge(new TaskArithmeticOptions { Lambda = .7 }));
+        yield return Case("task arithmetic normalized", new TaskArithmeticMerge(new TaskArithmeticOptions { Normalize = true, Lambda = 1.3 }));
+        yield return Case("linear", new WeightAverageMerge());
+        yield return Case("linear unnormalized", new WeightAverageMerge(new WeightAverageOptions { Normalize = false }));
+        yield return Case("ties paper", new TiesMerge(new TiesOptions { Density = .3 }));
+        yield return Case("ties paper per tensor", new TiesMerge(new TiesOptions { Density = .3, Scope = SelectionScope.PerTensor }));
+        yield return Case("ties paper dis-sum", new TiesMerge(new TiesOptions { Density = .25, Aggregation = Aggregation.Sum, Lambda = .9 }));
+        yield return Case("ties mergekit", new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .2 }));
+        yield return Case("ties mergekit sum", new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .5, Aggregation = Aggregation.Sum }));
+        yield return Case("ties peft total", new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Density = .4, Lambda = .6 }));
+        yield return Case("ties peft frequency", new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Density = .4, Election = SignElection.Count }));
+        yield return Case("dare linear", new DareMerge(new DareOptions { DropRate = .7, Seed = 3 }));
+        yield return Case("dare linear l1", new DareMerge(new DareOptions { DropRate = .6, Seed = 4, Rescale = RescaleNorm.L1 }));
+        yield return Case("dare ties", new DareMerge(new DareOptions { DropRate = .5, Seed = 5, Combination = Combination.Ties }));
+        yield return Case("dare ties peft", new DareMerge(new DareOptions { DropRate = .5, Seed = 6, Combination = Combination.Ties, ConsensusPreset = TiesPreset.Peft, Rescale = RescaleNorm.None }));
+        yield return Case("breadcrumbs paper", new BreadcrumbsMerge(new BreadcrumbsOptions { Density = .3, Gamma = .1 }));
+        yield return Case("breadcrumbs mergekit", new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit, Density = .3, Gamma = .05 }));
+        yield return Case("breadcrumbs ties", new BreadcrumbsMerge(new BreadcrumbsOptions { Combination = Combination.Ties, ConsensusPreset = TiesPreset.Paper }));
+        yield return Case("magnitude prune", new PipelineMerge("prune", new TaskVectorPipeline { Sparsifiers = [new TopKMagnitude(.3)], Lambda = 1.1 }));
+    }
+
+    private static TestCaseData Case(string name, MergeMethod method) => new TestCaseData(method).SetArgDisplayNames(name);
+
+    /// <summary>Weights for n experts, unequal and with one negative when there are several.</summary>
+    private static double[] Weights(int n) => Enumerable.Range(0, n).Select(k => k == 2 ? -.4 : 1 + .3 * k).ToArray();
+
+    private static MergeMethod Weighted(MergeMethod method, int n) => method switch
+    {
+        TaskArithmeticMerge ta => new TaskArithmeticMerge(ta.Options with { Weights = Weights(n) }),
+        WeightAverageMerge avg => new WeightAverageMerge(avg.Options with { Weights = Weights(n).Select(Math.Abs).ToArray() }),
+        TiesMerge ties => new TiesMerge(ties.Options with { Weights = Weights(n) }),
+        DareMerge dare => new DareMerge(dare.Options with { Weights = Weights(n) }),
+        BreadcrumbsMerge crumbs => new BreadcrumbsMerge(crumbs.Options with { Weights = Weights(n) }),
+        PipelineMerge p => new PipelineMerge(p.Name, p.Pipeline with { Weights = Weights(n) }),
+        _ => method,
+    };
+
+    /// <summary>A model of a few shapes (2-D with odd widths, 1-D, 3-D, 0-d) and experts with ties and
+    /// exact zeros in their task vectors.</summary>
+    private static (StateDict Base, StateDict[] Experts) Model(int experts, ScalarType dtype, long[][] shapes, long seed)
+    {
+        using var g = new Generator((ulong)seed);
+        var b = new StateDict();
+        for (int i = 0; i < shapes.Length; i++)
+        {
+            b.Add($"t{i}", randn(shapes[i], generator: g).to(dtype));
+        }
+
+        var list = new StateDict[experts];
+        for (int k = 0; k < experts; k++)
+        {
+            list[k] = b.Map(t =>
+            {
+                using var scope = NewDisposeScope();
+                var delta = randn(t.shape, generator: g) * 0.02;
+                var u = rand(t.shape, generator: g);
+                delta = where(u < .1, zeros_like(delta), delta);                       // unchanged entries
+                delta = where((u >= .1) & (u < .2), (delta * 200).round() / 200, delta); // ties
+                return (t.to(ScalarType.Float32) + delta).to(dtype).MoveToOuterDisposeScope();
+            });
+        }
+
+        return (b, list);
+    }
+
+    private static void Check(MergeMethod method, int experts, ScalarType dtype, long[][] shapes, long seed)
+    {
+        var (b, list) = Model(experts, dtype, shapes, seed);
+        try
+        {
+            var weighted = Weighted(method, experts);
+            using var fast = weighted.Merge(b, list);
+            using var reference = Libtorch(() => weighted.Merge(b, list));
+            foreach (var name in b.Names)
+            {
+                Assert.That(T.Same(fast[name], reference[name]) && SameZeros(fast[name], reference[name]), Is.True, $"{name} {string.Join("x", b[name].shape)}, {experts} experts, {dtype}");
+            }
+        }
+        finally
+        {
+            b.Dispose();
+            foreach (var e in list)
+            {
+                e.Dispose();
+            }
+        }
+    }
+
+    /// <summary>eq() calls −0 and +0 equal; the kernel must also reproduce the sign of zeros.</summary>
+    private static bool SameZeros(Tensor a, Tensor b)
+    {
+        using var za = a.eq(0).logical_and_(a.to(ScalarType.Float32).signbit());
+        using var zb = b.eq(0).logical_and_(b.to(ScalarType.Float32).signbit());
+        using var same = za.eq(zb).all();
+        return same.item<bool>();
+    }
+
+    private static readonly long[][] OddShapes = [[37, 129], [5003], [3, 4, 5], [], [1, 1]];
+
+    private static readonly long[][] AlignedShapes = [[48, 256], [8192], [2, 3, 128]];
+
+    [TestCaseSource(nameof(Methods))]
+    public void Fused_kernel_equals_libtorch_for_up_to_three_experts_on_any_shape(MergeMethod method)
+    {
+        foreach (int n in new[] { 1, 2, 3 })
+        {
+            Check(method, n, ScalarType.Float32, OddShapes, 10 + n);
+        }
+
+        Check(method, 3, ScalarType.BFloat16, OddShapes, 20);
+        Check(method, 2, ScalarType.Float16, OddShapes, 21);
+    }
+
+    [TestCaseSource(nameof(Methods))]
+    public void Fused_kernel_equals_libtorch_for_many_experts_on_aligned_shapes(MergeMethod method)
+    {
+        foreach (int n in new[] { 4, 5, 8 })
+        {
+            Check(method, n, ScalarType.Float32, AlignedShapes, 30 + n);
+        }
+
+        Check(method, 6, ScalarType.BFloat16, AlignedShapes, 40);
+    }
+
+    [TestCaseSource(nameof(Methods))]
+    public void Fused_kernel_does_not_depend_on_the_thread_count(MergeMethod method)
+    {
+        var (b, list) = Model(5, ScalarType.BFloat16, [[300, 1100], [77_777]], 50);
+        int threads = torch.get_num_threads();
+        try
+        {
+            torch.set_num_threads(1);
+            using var one = method.Merge(b, list);
+            torch.set_num_threads(2);
+            using var two = method.Merge(b, list);
+            foreach (var name in b.Names)
+            {
+                T.BitEqual(two[name], one[name]);
+            }
+        }
+        finally
+        {
+            torch.set_num_threads(threads);
+            b.Dispose();
+            foreach (var e in list)
+            {
+                e.Dispose();
+            }
+        }
+    }
+
+    [Test]
+    public void Large_tensors_take_the_bracket_selection_and_still_equal_libtorch()
+    {
+        foreach (var method in new MergeMethod[]
+        {
+            new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .2 }),
+            new TiesMerge(new TiesOptions { Density = .1, Scope = SelectionScope.PerTensor }),
+            new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit }),
+            new BreadcrumbsMerge(),
+        })
+        {
+            Check(method, 3, ScalarType.BFloat16, [[512, 700]], 60);
+        }
+    }
+
+    // ---- The plain reference -------------------------------------------------------------------
+
+    /// <summary>The pipeline written out per entry, in the order the README states it.</summary>
+    private static float[] Plain(float[] b, float[][] e, long[] shape, TaskVectorPipeline p, string name)
+    {
+        int n = e.Length, m = b.Length;
+        var w = (p.Weights ?? Enumerable.Repeat(1.0, n).ToArray()).Select(x => (float)x).ToArray();
+        var s = new float[n][];
+        for (int k = 0; k < n; k++)
+        {
+            var tau = e[k].Select((v, i) => v - b[i]).ToArray();
+            var keep = Keep(p.SparsifierFor(k, n), tau, shape, name, k, out float rescale, out bool divide);
+            s[k] = tau.Select((t, i) => t * (keep[i] ? 1f : 0f)).Select(v => divide ? v / rescale : v * rescale).ToArray();
+        }
+
+        var result = new float[m];
+        float fill = 1f;
+        if (p.Consensus is { ZeroRule: ZeroSignRule.Majority })
+        {
+            fill = Math.Sign(Enumerable.Range(0, m).Sum(i => (long)RawSign(p.Consensus, s, w, i)));
+        }
+
+        for (int i = 0; i < m; i++)
+        {
+            float merged = 0f;
+            if (p.Consensus is { } c)
+            {
+                float sign = RawSign(c, s, w, i);
+                sign = sign == 0 ? fill : sign;
+                float agreeing = 0f, divisor = 0f;
+                for (int k = 0; k < n; k++)
+                {
+                    float weighted = s[k][i] * w[k];
+                    float elect = c.ElectOnWeighted ? weighted : s[k][i];
+                    float a = (sign > 0 ? elect > 0 : elect < 0) ? 1f : 0f;
+                    merged += weighted * a;
+                    agreeing += a;
+                    divisor += w[k] * a;
+                }
+
+                merged = p.Aggregation switch
+                {
+                    Aggregation.MeanOfAgreeing => merged / Math.Max(agreeing, 1f),
+                    Aggregation.WeightNormalized => merged / (divisor == 0 ? 1f : divisor),
+                    _ => merged,
+                };
+            }
+            else
+            {
+                for (int k = 0; k < n; k++)
+                {
+                    merged += s[k][i] * w[k];
+                }
+
+                if (p.Aggregation == Aggregation.WeightNormalized)
+                {
+                    double d = w.Select((_, k) => p.Weights?[k] ?? 1.0).Sum();
+                    merged /= (float)(Math.Abs(d) < 1e-8 ? 1.0 : d);
+                }
+            }
+
+            if (p.Lambda != 1.0)
+            {
+                merged *= (float)p.Lambda;
+            }
+
+            result[i] = b[i] + merged;
+        }
+
+        return result;
+    }
+
+    private static float Sign(float x) => (x > 0 ? 1f : 0f) - (x < 0 ? 1f : 0f);
+
+    private static float RawSign(SignConsensus c, float[][] s, float[] w, int i)
+    {
+        float score = 0f;
+        for (int k = 0; k < s.Length; k++)
+        {
+            float elect = c.ElectOnWeighted ? s[k][i] * w[k] : s[k][i];
+            score += c.Election == SignElection.Sum ? elect : Sign(elect);
+        }
+
+        return Sign(score);
+    }
+
+    private static bool[] Keep(Sparsifier? sparsifier, float[] tau, long[] shape, string name, int k, out float rescale, out bool divide)
+    {
+        int m = tau.Length;
+        rescale = 1f;
+        divide = false;
+        var magnitude = tau.Select(MathF.Abs).ToArray();
+        switch (sparsifier)
+        {
+            case null:
+                return Enumerable.Repeat(true, m).ToArray();
+            case TopKMagnitude top:
+            {
+                long keep = top.Density >= 1 ? m : (long)Math.Floor(m * top.Density);
+                var order = Enumerable.Range(0, m).OrderByDescending(i => magnitude[i]).ThenBy(i => i).Take((int)keep).ToHashSet();
+                return Enumerable.Range(0, m).Select(order.Contains).ToArray();
+            }
+
+            case KthMagnitudeThreshold kth:
+            {
+                long rank = kth.ThresholdRank(m);
+                if (rank == 0)
+                {
+                    return Enumerable.Repeat(true, m).ToArray();
+                }
+
+                float threshold = magnitude.Order().ElementAt((int)rank - 1);
+                return magnitude.Select(v => v >= threshold).ToArray();
+            }
+
+            case RandomDrop drop:
+            {
+                long stream = DropMask.StreamSeed(drop.Seed, name, k);
+                uint t = DropMask.KeepThreshold(drop.DropRate);
+                var keep = Enumerable.Range(0, m).Select(i => drop.DropRate == 0 || DropMask.IsKept(stream, i, t)).ToArray();
+                if (drop.DropRate > 0 && drop.RescaleNorm == RescaleNorm.InverseKeepProbability)
+                {
+                    rescale = (float)(1 - drop.DropRate);
+                    divide = true;
+                }
+
+                return keep;
+            }
+
+            case BreadcrumbsMask crumbs:
+            {
+                long width = crumbs.Variant == BreadcrumbsVariant.Paper ? (shape.Length == 0 ? m : shape[^1]) : m;
+                long high, low;
+                if (crumbs.Variant == BreadcrumbsVariant.Paper)
+                {
+                    if (shape.Length == 0)
+                    {
+                        return [true];
+                    }
+
+                    high = width - (long)Math.Floor(width * crumbs.Gamma);
+                    low = Math.Max(0, high - (long)Math.Floor(width * crumbs.Density));
+                }
+                else
+                {
+                    if (crumbs.Density >= 1)
+                    {
+                        return Enumerable.Repeat(true, m).ToArray();
+                    }
+
+                    long target = (long)Math.Floor(m * crumbs.Density);
+                    long topCount = Math.Min((long)Math.Floor(m * crumbs.Gamma), m - target);
+                    high = m - topCount;
+                    low = high - target;
+                }
+
+                var keep = new bool[m];
+                for (long row = 0; row < m / width; row++)
+                {
+                    var ranked = Enumerable.Range((int)(row * width), (int)width).OrderBy(i => magnitude[i]).ThenBy(i => i).ToArray();
+                    for (int r = 0; r < ranked.Length; r++)
+                    {
+                        keep[ranked[r]] = r >= low && r < high;
+                    }
+                }
+
+                return keep;
+            }
+
+            default:
+                throw new NotSupportedException(sparsifier.GetType().Name);
+        }
+    }
+
+    private static IEnumerable<TestCaseData> PlainCases()
+    {
+        foreach (var data in Methods())
+        {
+            if (data.Arguments[0] is PipelineMerge p && !p.Pipeline.NeedsWholeModelStatistic
+                && !p.Pipeline.Sparsifiers.Any(s => s is RandomDrop { RescaleNorm: RescaleNorm.L1 }))
+            {
+                yield return data;
+            }
+        }
+    }
+
+    [TestCaseSource(nameof(PlainCases))]
+    public void Fused_kernel_equals_the_plain_reference_for_many_experts_on_odd_shapes(MergeMethod method)
+    {
+        var pipeline = ((PipelineMerge)Weighted(method, 7)).Pipeline;
+        var merge = new PipelineMerge("under test", pipeline);
+        var (b, list) = Model(7, ScalarType.Float32, [[37, 129], [1001]], 70);
+        try
+        {
+            foreach (var name in b.Names)
+            {
+                using var merged = merge.MergeTensor(new TensorGroup(name, b[name], list.Select(e => e[name]).ToArray()));
+                var expected = Plain(T.Values(b[name]), list.Select(e => T.Values(e[name])).ToArray(), b[name].shape, pipeline, name);
+                var actual = T.Values(merged);
+                for (int i = 0; i < expected.Length; i++)
+                {
+                    Assert.That(BitConverter.SingleToInt32Bits(actual[i]), Is.EqualTo(BitConverter.SingleToInt32Bits(expected[i])),
+                        $"{name}[{i}]: {actual[i]} vs {expected[i]}");
+                }
+            }
+        }
+        finally
+        {
+            b.Dispose();
+            foreach (var e in list)
+            {
+                e.Dispose();
+            }
+        }
+    }
+
+    [Test]
+    public void Bfloat16_results_are_the_float32_results_rounded()
+    {
+        var (b, list) = Model(3, ScalarType.BFloat16, [[129, 77]], 80);
+        try
+        {
+            foreach (var method in new MergeMethod[] { new TaskArithmeticMerge(), new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit }), new DareMerge() })
+            {
+                var group = new TensorGroup("t0", b["t0"], list.Select(e => e["t0"]).ToArray());
+                using var wide = method.MergeTensor(group, outputType: ScalarType.Float32);
+                using var narrow = method.MergeTensor(group);
+                using var rounded = wide.to(ScalarType.BFloat16);
+                T.BitEqual(narrow, rounded);
+            }
+        }
+        finally
+        {
+            b.Dispose();
+            foreach (var e in list)
+            {
+                e.Dispose();
+            }
+        }
+    }
+}
+
+/// <summary>PCB with pooled, in-place workspaces and the CPU quantile selection against the formulation
+/// it replaced (out-of-place libtorch operations and <c>kthvalue</c>), bit for bit.</summary>
+public class PcbKernelTests
+{
+    /// <summary>The previous implementation of PcbMerge's per-tensor merge, kept verbatim as the reference.</summary>
+    private static Tensor Original(PcbMerge pcb, Tensor b, Tensor[] experts)
+    {
+        using var scope = NewDisposeScope();
+        var x = stack(experts.Select(e => e.to(ScalarType.Float32) - b.to(ScalarType.Float32)).ToArray()).view(experts.Length, -1);
+        long d = x.shape[1];
+        var magnitudes = x.abs();
+        var low = magnitudes.kthvalue(pcb.LowRank(d), 1, true).values;
+        var high = magnitudes.kthvalue(pcb.HighRank(d), 1, true).values;
+        var score = Score(x, low, high);
+        var threshold = score.kthvalue(pcb.ThresholdRank(d), 1, true).values;
+        var top = score.amax([1], keepdim: true);
+        var clamped = x.sign() * x.abs().clamp(low, high);
+        var s = MinMax(Score(x, low, high).clamp(threshold, top), threshold, top);
+        var merged = (clamped * s).sum(dim: 0).div_(s.sum(dim: 0).clamp_min(1e-12));
+        if (pcb.Options.Lambda != 1.0)
+        {
+            merged.mul_(pcb.Options.Lambda);
+        }
+
+        return (b.to(ScalarType.Float32) + merged.view(b.shape)).to(b.dtype).MoveToOuterDisposeScope();
+
+        static Tensor Score(Tensor x, Tensor low, Tensor high)
+        {
+            long n = x.shape[0];
+            var clampedAbs = x.abs().clamp(low, high);
+            var intra = MinMax(clampedAbs, low, high).pow_(2).mul_(n).exp_();
+            var inter = (x * x.sum(dim: 0, keepdim: true)).tanh_();
+            return intra.mul_(inter);
+        }
+
+        static Tensor MinMax(Tensor x, Tensor min, Tensor max)
+        {
+            var range = max - min;
+            var safe = where(range.eq(0), ones_like(range), range);
+            return (x - min).div_(safe).masked_fill_(range.eq(0).expand_as(x), 0);
+        }
+    }
+
+    [TestCase(ScalarType.Float32, 3, 0.1, 1e-4)]
+    [TestCase(ScalarType.BFloat16, 4, 0.2, 0.01)]
+    [TestCase(ScalarType.Float32, 2, 1.0, 0.0)]
+    public void Per_tensor_pcb_equals_the_original_formulation(ScalarType dtype, int experts, double ratio, double clamp)
+    {
+        using var g = new Generator(90);
+        using var b = randn([300, 700], generator: g).to(dtype);
+        var list = Enumerable.Range(0, experts).Select(_ => (b.to(ScalarType.Float32) + randn([300, 700], generator: g) * 0.01).to(dtype)).ToArray();
+        try
+        {
+            var pcb = new PcbMerge(new PcbOptions { Ratio = ratio, ClampLow = clamp, ClampHigh = clamp, Lambda = .8, Scope = SelectionScope.PerTensor });
+            using var fast = pcb.MergeTensor(new TensorGroup("w", b, list));
+            using var reference = Original(pcb, b, list);
+            T.BitEqual(fast, reference);
+        }
+        finally
+        {
+            foreach (var e in list)
+            {
+                e.Dispose();
+            }
+        }
+    }
+}

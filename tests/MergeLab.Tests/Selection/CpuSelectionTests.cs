@@ -1,0 +1,269 @@
+using MergeLab.Selection;
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MergeLab.Tests.Selection;
+
+/// <summary>
+/// The CPU selection kernels against the libtorch formulations they replace (<c>kthvalue</c>, the
+/// cumsum top-k mask, the stable-sort rank window), on inputs built to break them: heavy ties, zeros of
+/// both signs, tiny and huge magnitudes, bfloat16, sizes on both sides of the small/bracket threshold,
+/// the exact histogram fallback, and one and two threads.
+/// </summary>
+public class CpuSelectionTests
+{
+    /// <summary>Random values with every awkward feature: ±0, ties, subnormal-adjacent tiny values.</summary>
+    private static Tensor Awkward(long n, long seed)
+    {
+        using var scope = NewDisposeScope();
+        using var g = new Generator((ulong)seed);
+        var x = randn([n], generator: g);
+        var u = rand([n], generator: g);
+        x = where(u < 0.1, zeros_like(x), x);                                // +0
+        x = where((u >= 0.1) & (u < 0.15), -zeros_like(x), x);             // −0
+        x = where((u >= 0.15) & (u < 0.35), x.round(), x);                 // heavy ties at small integers
+        x = where((u >= 0.35) & (u < 0.37), x * 1e-38, x);                 // tiny and subnormal
+        return x.MoveToOuterDisposeScope();
+    }
+
+    private static T Libtorch<T>(Func<T> f)
+    {
+        MagnitudeThreshold.CpuKernelsEnabled = false;
+        try
+        {
+            return f();
+        }
+        finally
+        {
+            MagnitudeThreshold.CpuKernelsEnabled = true;
+        }
+    }
+
+    private static IEnumerable<long> Sizes() => [1, 7, 1000, 300_001];
+
+    [Test]
+    public void Kth_smallest_equals_kthvalue_for_signed_and_magnitude_values([ValueSource(nameof(Sizes))] long n)
+    {
+        using var x = Awkward(n, 100 + n);
+        using var magnitudes = x.abs();
+        foreach (var values in new[] { x, magnitudes })
+        {
+            foreach (long k in new[] { 1, Math.Max(1, n / 3), Math.Max(1, n / 2), Math.Max(1, n - n / 5), n })
+            {
+                float expected = values.kthvalue(k, 0, false).values.item<float>();
+                Assert.That(MagnitudeThreshold.KthSmallest(values, k), Is.EqualTo(expected), $"n = {n}, k = {k}");
+            }
+        }
+    }
+
+    [Test]
+    public void Kth_smallest_reads_bfloat16_and_float16_exactly()
+    {
+        using var x = Awkward(200_003, 5);
+        foreach (var dtype in new[] { ScalarType.BFloat16, ScalarType.Float16 })
+        {
+            using var narrow = x.abs().to(dtype);
+            using var wide = narrow.to(ScalarType.Float32);
+            foreach (long k in new long[] { 1, 50_000, 160_000, 200_003 })
+            {
+                float expected = wide.kthvalue(k, 0, false).values.item<float>();
+                Assert.That(MagnitudeThreshold.KthSmallest(narrow, k), Is.EqualTo(expected), $"{dtype}, k = {k}");
+            }
+        }
+    }
+
+    [Test]
+    public void Top_k_mask_equals_the_libtorch_mask([ValueSource(nameof(Sizes))] long n)
+    {
+        using var x = Awkward(n, 200 + n);
+        using var m = x.abs().view(n == 300_001 ? [300_001] : [n]);
+        foreach (long keep in new[] { 1, Math.Max(1, n / 5), Math.Max(1, n / 2), n - 1 })
+        {
+            if (keep < 1 || keep >= n)
+            {
+                continue;
+            }
+
+            using var fast = MagnitudeThreshold.TopKMask(m, keep);
+            using var reference = Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
+            Assert.That(fast.sum().item<long>(), Is.EqualTo(keep), $"n = {n}, keep = {keep}");
+            T.BitEqual(fast, reference);
+        }
+    }
+
+    [Test]
+    public void Top_k_mask_keeps_the_lowest_positions_among_ties_in_many_dimensions()
+    {
+        using var g = new Generator(7);
+        using var m = randint(0, 5, [40, 50, 70], generator: g).to(ScalarType.Float32); // 140k entries, five values
+        foreach (long keep in new long[] { 1, 27_999, 70_000, 139_999 })
+        {
+            using var fast = MagnitudeThreshold.TopKMask(m, keep);
+            using var reference = Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
+            T.BitEqual(fast, reference);
+        }
+    }
+
+    [Test]
+    public void Rank_window_equals_the_stable_sort_ranks()
+    {
+        using var x = Awkward(96 * 1000, 9);
+        foreach (var shape in new long[][] { [96, 1000], [1000, 96], [96_000], [4, 24, 1000] })
+        {
+            using var m = x.abs().reshape(shape);
+            long d = shape[^1];
+            foreach (var (low, high) in new[] { (0L, d), (0L, d / 2), (d / 3, d - d / 10), (d - 1, d), (5L, 5L), (-3L, d + 7) })
+            {
+                using var fast = MagnitudeThreshold.RankWindowMask(m, low, high);
+                using var reference = Libtorch(() => MagnitudeThreshold.RankWindowMask(m, low, high));
+                T.BitEqual(fast, reference);
+            }
+        }
+    }
+
+    [Test]
+    public void Rank_window_of_a_row_longer_than_the_row_kernel_uses_the_whole_buffer_selector()
+    {
+        using var x = Awkward((1 << 20) + 17, 10).abs().view(1, -1);
+        long d = x.shape[1];
+        using var fast = MagnitudeThreshold.RankWindowMask(x, d / 4, d - d / 8);
+        using var reference = Libtorch(() => MagnitudeThreshold.RankWindowMask(x, d / 4, d - d / 8));
+        T.BitEqual(fast, reference);
+    }
+
+    [Test]
+    public void Bracket_and_histogram_paths_select_the_same_entries_in_both_tie_orders()
+    {
+        using var x = Awkward(500_000, 11);
+        unsafe
+        {
+            var floats = CpuTensors.Floats(x, out var copy);
+            using (copy)
+            {
+                var source = new MagnitudeKeys(floats);
+                foreach (bool descending in new[] { false, true })
+                {
+                    foreach (long position in new long[] { 0, 1, 123_456, 250_000, 400_000, 499_999 })
+                    {
+                        var bracket = new SelectionQuery(source, position, descending);
+                        ExactSelector.Solve([bracket]);
+                        var histogram = new SelectionQuery(source, position, descending);
+                        ExactSelector.ForceHistogram = true;
+                        try
+                        {
+                            ExactSelector.Solve([histogram]);
+                        }
+                        finally
+                        {
+                            ExactSelector.ForceHistogram = false;
+                        }
+
+                        Assert.That(histogram.Composite, Is.EqualTo(bracket.Composite), $"position {position}, descending {descending}");
+                    }
+                }
+            }
+        }
+    }
+
+    [Test]
+    public void Sorted_and_constant_inputs_still_select_exactly()
+    {
+        // A sorted input makes the strata of the sample correlated with position; a constant one makes
+        // every entry a tie. Both must still give kthvalue's answer.
+        using var sorted = linspace(-5, 5, 400_000);
+        using var constant = full(300_000, 0.25f);
+        foreach (var values in new[] { sorted, constant })
+        {
+            long n = values.numel();
+            foreach (long k in new[] { 1, n / 7, n / 2, n })
+            {
+                Assert.That(MagnitudeThreshold.KthSmallest(values, k), Is.EqualTo(values.kthvalue(k, 0, false).values.item<float>()));
+            }
+        }
+
+        using var mask = MagnitudeThreshold.TopKMask(constant, 1000);
+        Assert.That(mask[..1000].all().item<bool>() && !mask[1000..].any().item<bool>(), Is.True, "ties go to the lowest positions");
+    }
+
+    [Test]
+    public void Results_do_not_depend_on_the_thread_count()
+    {
+        using var x = Awkward(700_000, 12).abs();
+        int threads = torch.get_num_threads();
+        try
+        {
+            torch.set_num_threads(1);
+            using var one = MagnitudeThreshold.TopKMask(x, 140_000);
+            using var oneWindow = MagnitudeThreshold.RankWindowMask(x.view(700, 1000), 600, 900);
+            float oneKth = MagnitudeThreshold.KthSmallest(x, 560_000);
+            torch.set_num_threads(2);
+            using var two = MagnitudeThreshold.TopKMask(x, 140_000);
+            using var twoWindow = MagnitudeThreshold.RankWindowMask(x.view(700, 1000), 600, 900);
+            T.BitEqual(two, one);
+            T.BitEqual(twoWindow, oneWindow);
+            Assert.That(MagnitudeThreshold.KthSmallest(x, 560_000), Is.EqualTo(oneKth));
+        }
+        finally
+        {
+            torch.set_num_threads(threads);
+        }
+    }
+
+    [TestCase(false)]
+    [TestCase(true)]
+    public void Radix_select_over_large_bfloat16_chunks_equals_kthvalue(bool signedValues)
+    {
+        var chunks = new[] { Awkward(300_000, 13).to(ScalarType.BFloat16), Awkward(70_000, 14), Awkward(5, 15) };
+        try
+        {
+            using var all = cat(chunks.Select(c => c.to(ScalarType.Float32)).ToArray());
+            using var values = signedValues ? all.clone() : all.abs();
+            long n = values.numel();
+            var ranks = new long[] { 1, n / 10, n / 2, n - 3, n };
+            var select = new RadixSelect(signedValues);
+            foreach (var c in chunks)
+            {
+                select.ObserveCoarse(c);
+            }
+
+            select.EndCoarse(ranks);
+            foreach (var c in chunks)
+            {
+                select.ObserveFine(c);
+            }
+
+            var result = select.EndFine();
+            for (int r = 0; r < ranks.Length; r++)
+            {
+                Assert.That(result[r], Is.EqualTo(values.kthvalue(ranks[r], 0, false).values.item<float>()), $"rank {ranks[r]}");
+            }
+        }
+        finally
+        {
+            foreach (var c in chunks)
+            {
+                c.Dispose();
+            }
+        }
+    }
+
+    [Test]
+    public void Pooled_tensors_return_their_memory_when_freed()
+    {
+        NativeBufferPool.Trim();
+        var shape = new long[] { 1000, 1000 };
+        var t = NativeBufferPool.Empty(shape, ScalarType.Float32);
+        t.fill_(3);
+        Assert.That(t.sum().item<float>(), Is.EqualTo(3e6f));
+        using (var view = t.view(-1))
+        {
+            t.Dispose();
+            Assert.That(NativeBufferPool.IdleBytes, Is.EqualTo(0), "a view still holds the memory");
+        }
+
+        Assert.That(NativeBufferPool.IdleBytes, Is.GreaterThanOrEqualTo(4_000_000));
+        using var again = NativeBufferPool.Empty(shape, ScalarType.Float32);
+        Assert.That(NativeBufferPool.IdleBytes, Is.EqualTo(0), "the buffer is reused");
+    }
+}
