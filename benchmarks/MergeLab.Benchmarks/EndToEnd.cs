@@ -7,7 +7,8 @@ using TorchSharp;
 namespace MergeLab.Benchmarks;
 
 /// <summary>
-/// <c>e2e --dir DIR [--params 1B] [--models 4] [--seed 1] [--method ties] [--keep]</c>: the end-to-end
+/// <c>e2e --dir DIR [--params 1B] [--models 4] [--seed 1] [--method ties] [--nonfinite fail|pass]
+/// [--omp-passive] [--keep]</c>: the end-to-end
 /// streaming merge. Generates the synthetic checkpoints into DIR unless they are there, then measures,
 /// on the same files:
 /// <list type="number">
@@ -16,6 +17,9 @@ namespace MergeLab.Benchmarks;
 /// <item>the CLI merging them (<c>MergeLab.Cli merge</c> with a YAML config) under <c>/usr/bin/time -v</c>:
 /// wall time, input throughput (input bytes over wall time) and peak RSS.</item>
 /// </list>
+/// <c>--nonfinite pass</c> is handed to the CLI (it then skips its NaN/∞ scan of the inputs);
+/// <c>--omp-passive</c> runs it with <c>OMP_WAIT_POLICY=PASSIVE</c> (libtorch's OpenMP threads sleep
+/// instead of spinning between operations, which on two cores steals time from the merge).
 /// The output (and, without --keep, the generated checkpoints) is deleted at the end.
 /// </summary>
 public static class EndToEnd
@@ -47,16 +51,24 @@ public static class EndToEnd
         try
         {
             torch.set_num_threads(2);
+            ReadRawFiles(files); // once to warm the page cache, as the merge will find it
             var raw = ReadRawFiles(files);
             var tensors = ReadTensors(models);
-            var (wall, peakKb, exit) = RunCli(config, output);
+            var extra = new List<string>();
+            if (options.Get("nonfinite") is { } nonFinite)
+            {
+                extra.AddRange(["--nonfinite", nonFinite]);
+            }
+
+            var (wall, peakKb, exit) = RunCli(config, output, extra, options.Has("omp-passive"));
             Console.WriteLine();
             Console.WriteLine($"Inputs: {models.Length} checkpoints, {inputBytes / 1e9:F2} GB ({files.Length} shards), bfloat16; method {method}; {Environment.ProcessorCount} cores");
             Console.WriteLine("| Step | Time (s) | Input GB/s | Peak RSS |");
             Console.WriteLine("|---|---|---|---|");
             Console.WriteLine($"| read the files alone (raw) | {raw:F2} | {inputBytes / raw / 1e9:F2} | - |");
             Console.WriteLine($"| read every tensor alone (MergeLab reader) | {tensors:F2} | {inputBytes / tensors / 1e9:F2} | - |");
-            Console.WriteLine($"| mergelab merge ({method}) | {wall:F2} | {inputBytes / wall / 1e9:F2} | {(peakKb > 0 ? $"{peakKb / 1024.0 / 1024.0:F2} GiB" : "n/a")} |");
+            string flags = string.Join(' ', extra) + (options.Has("omp-passive") ? " OMP_WAIT_POLICY=PASSIVE" : "");
+            Console.WriteLine($"| mergelab merge ({method}{(flags.Length > 0 ? ", " + flags.Trim() : "")}) | {wall:F2} | {inputBytes / wall / 1e9:F2} | {(peakKb > 0 ? $"{peakKb / 1024.0 / 1024.0:F2} GiB" : "n/a")} |");
             Console.WriteLine($"Merge throughput / tensor-read throughput: {tensors / wall:P0}; CLI exit code {exit}.");
             return exit;
         }
@@ -144,7 +156,7 @@ public static class EndToEnd
 
     /// <summary>Runs the built CLI under /usr/bin/time -v (when present); returns wall seconds, peak RSS
     /// in KiB (0 when unknown) and the exit code.</summary>
-    private static (double Wall, long PeakKb, int Exit) RunCli(string config, string output)
+    private static (double Wall, long PeakKb, int Exit) RunCli(string config, string output, List<string> extra, bool ompPassive)
     {
         string cli = FindCli();
         bool timeTool = File.Exists("/usr/bin/time");
@@ -160,9 +172,14 @@ public static class EndToEnd
             start.ArgumentList.Add("dotnet");
         }
 
-        foreach (var a in new[] { cli, "merge", config, output, "--overwrite" })
+        foreach (var a in new[] { cli, "merge", config, output, "--overwrite" }.Concat(extra))
         {
             start.ArgumentList.Add(a);
+        }
+
+        if (ompPassive)
+        {
+            start.Environment["OMP_WAIT_POLICY"] = "PASSIVE";
         }
 
         var sw = Stopwatch.StartNew();

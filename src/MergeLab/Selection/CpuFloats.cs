@@ -90,6 +90,91 @@ internal static unsafe class CpuTensors
     }
 }
 
+/// <summary>NaN and ±∞ detection straight from tensor memory (no temporaries, no libtorch ops).</summary>
+internal static unsafe class FiniteValues
+{
+    /// <summary>Whether every entry of <paramref name="t"/> is finite, read from its CPU memory, or null when
+    /// the tensor is not a contiguous float32/bfloat16 CPU tensor (use <c>isfinite()</c> then).</summary>
+    /// <remarks>An entry is non-finite exactly when its exponent bits are all ones; the test is an OR of
+    /// the exponent fields over blocks, vectorized and split over torch's thread count.</remarks>
+    public static bool? AllFinite(Tensor t)
+    {
+        if (!CpuTensors.IsDirect(t))
+        {
+            return null;
+        }
+
+        long n = t.numel();
+        if (n == 0)
+        {
+            return true;
+        }
+
+        bool bf16 = t.dtype == ScalarType.BFloat16;
+        var p = (byte*)CpuTensors.Pointer(t);
+        long bytes = n * (bf16 ? 2 : 4);
+        const long block = 1 << 20;
+        int found = 0;
+        CpuParallel.For(CpuParallel.BlockCount(bytes, block), b =>
+        {
+            if (Volatile.Read(ref found) != 0)
+            {
+                return;
+            }
+
+            long start = b * block;
+            if (!BlockFinite(p + start, (int)Math.Min(block, bytes - start), bf16))
+            {
+                Volatile.Write(ref found, 1);
+            }
+        });
+
+        return found == 0;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static bool BlockFinite(byte* p, int bytes, bool bf16)
+    {
+        // Each 32-bit word holds one float32 or two bfloat16 values; the exponent masks pick every value's.
+        uint exponent = bf16 ? 0x7F80_7F80u : 0x7F80_0000u;
+        var mask = new Vector<uint>(exponent);
+        var bad = Vector<uint>.Zero;
+        int i = 0;
+        int step = Vector<byte>.Count;
+        for (; i <= bytes - step; i += step)
+        {
+            var words = Vector.AsVectorUInt32(Vector.Load(p + i));
+            if (bf16)
+            {
+                var hi = words & new Vector<uint>(0x7F80_0000u);
+                var lo = words & new Vector<uint>(0x0000_7F80u);
+                bad |= Vector.Equals(hi, new Vector<uint>(0x7F80_0000u)) | Vector.Equals(lo, new Vector<uint>(0x0000_7F80u));
+            }
+            else
+            {
+                bad |= Vector.Equals(words & mask, mask);
+            }
+        }
+
+        if (bad != Vector<uint>.Zero)
+        {
+            return false;
+        }
+
+        int unit = bf16 ? 2 : 4;
+        for (; i + unit <= bytes; i += unit)
+        {
+            uint v = bf16 ? ((ushort*)(p + i))[0] & 0x7F80u : ((uint*)(p + i))[0] & 0x7F80_0000u;
+            if (v == (bf16 ? 0x7F80u : 0x7F80_0000u))
+            {
+                return false;
+            }
+        }
+
+        return true;
+    }
+}
+
 /// <summary>Vectorized element loops shared by the CPU kernels.</summary>
 internal static unsafe class Kernels
 {

@@ -249,6 +249,33 @@ public class CpuSelectionTests
     }
 
     [Test]
+    public void All_finite_equals_isfinite_all_for_every_position_of_a_bad_value()
+    {
+        foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
+        {
+            foreach (long n in new long[] { 1, 33, 70_001, (1 << 20) + 3 })
+            {
+                using var clean = Awkward(n, 16).to(dtype);
+                Assert.That(FiniteValues.AllFinite(clean), Is.True, $"{dtype}, n = {n}");
+                foreach (long at in new[] { 0, n / 2, n - 1 })
+                {
+                    foreach (float bad in new[] { float.NaN, float.PositiveInfinity, float.NegativeInfinity })
+                    {
+                        using var t = clean.clone();
+                        t[at] = tensor(bad).to(dtype);
+                        bool expected = t.isfinite().all().item<bool>();
+                        Assert.That(expected, Is.False);
+                        Assert.That(FiniteValues.AllFinite(t), Is.EqualTo(expected), $"{dtype}, n = {n}, {bad} at {at}");
+                    }
+                }
+            }
+        }
+
+        using var half = ones(10, ScalarType.Float16);
+        Assert.That(FiniteValues.AllFinite(half), Is.Null, "float16 is left to libtorch");
+    }
+
+    [Test]
     public void Pooled_tensors_return_their_memory_when_freed()
     {
         NativeBufferPool.Trim();
