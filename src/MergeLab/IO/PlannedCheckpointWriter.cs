@@ -151,32 +151,7 @@ public sealed class PlannedCheckpointWriter : IDisposable
             shard.Handle!.Dispose();
         }
 
-        var written = new List<string>();
-        int n = _shards.Count;
-        if (n == 1)
-        {
-            File.Move(_shards[0].TempPath, Path.Combine(Directory, SafetensorsCheckpoint.SingleFileName), overwrite: true);
-            written.Add(SafetensorsCheckpoint.SingleFileName);
-        }
-        else
-        {
-            var weightMap = new Dictionary<string, string>(StringComparer.Ordinal);
-            for (int k = 0; k < n; k++)
-            {
-                string fileName = string.Create(CultureInfo.InvariantCulture, $"model-{k + 1:D5}-of-{n:D5}.safetensors");
-                File.Move(_shards[k].TempPath, Path.Combine(Directory, fileName), overwrite: true);
-                written.Add(fileName);
-                foreach (var name in _shards[k].Names)
-                {
-                    weightMap.Add(name, fileName);
-                }
-            }
-
-            byte[] index = Encoding.ASCII.GetBytes(ShardedCheckpointWriter.IndexJson(TotalSize, weightMap));
-            SafetensorsWriter.WriteAtomically(Path.Combine(Directory, SafetensorsCheckpoint.IndexFileName), index.Length, s => s.Write(index));
-            written.Add(SafetensorsCheckpoint.IndexFileName);
-        }
-
+        var written = ShardLayout.Finish(Directory, _shards.Select(s => (s.TempPath, (IReadOnlyList<string>)s.Names)).ToList(), TotalSize);
         _completed = true;
         return written;
     }

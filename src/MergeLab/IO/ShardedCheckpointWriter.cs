@@ -144,38 +144,7 @@ public sealed class ShardedCheckpointWriter : IDisposable
             FlushPending();
         }
 
-        int n = _shards.Count;
-        if (n > 99_999)
-        {
-            throw new InvalidOperationException($"{n} shards do not fit the 5-digit shard names; raise the maximum shard size.");
-        }
-
-        var written = new List<string>();
-        if (n == 1)
-        {
-            Rename(0, SafetensorsCheckpoint.SingleFileName, written);
-            DeleteIfPresent(SafetensorsCheckpoint.IndexFileName);
-        }
-        else
-        {
-            var weightMap = new Dictionary<string, string>(StringComparer.Ordinal);
-            for (int k = 0; k < n; k++)
-            {
-                string fileName = string.Create(CultureInfo.InvariantCulture, $"model-{k + 1:D5}-of-{n:D5}.safetensors");
-                Rename(k, fileName, written);
-                foreach (var name in _shards[k].Names)
-                {
-                    weightMap.Add(name, fileName);
-                }
-            }
-
-            DeleteIfPresent(SafetensorsCheckpoint.SingleFileName);
-            byte[] index = Encoding.ASCII.GetBytes(IndexJson(TotalSize, weightMap));
-            string indexPath = Path.Combine(Directory, SafetensorsCheckpoint.IndexFileName);
-            SafetensorsWriter.WriteAtomically(indexPath, index.Length, stream => stream.Write(index));
-            written.Add(SafetensorsCheckpoint.IndexFileName);
-        }
-
+        var written = ShardLayout.Finish(Directory, _shards.Select(s => (s.TempPath, (IReadOnlyList<string>)s.Names)).ToList(), TotalSize);
         _shards.Clear();
         _completed = true;
         return written;
@@ -202,30 +171,6 @@ public sealed class ShardedCheckpointWriter : IDisposable
         }
 
         _shards.Clear();
-    }
-
-    /// <summary>
-    /// The index as transformers writes it: <c>json.dumps(index, indent=2, sort_keys=True) + "\n"</c>,
-    /// i.e. keys in code-point order, two-space indent, <c>": "</c> after keys, non-ASCII escaped.
-    /// </summary>
-    internal static string IndexJson(long totalSize, IReadOnlyDictionary<string, string> weightMap)
-    {
-        var sb = new StringBuilder();
-        sb.Append("{\n  \"metadata\": {\n    \"total_size\": ")
-            .Append(totalSize.ToString(CultureInfo.InvariantCulture))
-            .Append("\n  },\n  \"weight_map\": {");
-        bool first = true;
-        foreach (var name in weightMap.Keys.Order(CodePointComparer.Instance))
-        {
-            sb.Append(first ? "\n    " : ",\n    ");
-            first = false;
-            JsonText.AppendPythonString(sb, name);
-            sb.Append(": ");
-            JsonText.AppendPythonString(sb, weightMap[name]);
-        }
-
-        sb.Append(first ? "}\n}\n" : "\n  }\n}\n");
-        return sb.ToString();
     }
 
     private static Tensor ToContiguousCpu(Tensor owned)
@@ -270,21 +215,6 @@ public sealed class ShardedCheckpointWriter : IDisposable
             {
                 tensor.Dispose();
             }
-        }
-    }
-
-    private void Rename(int shard, string fileName, List<string> written)
-    {
-        File.Move(_shards[shard].TempPath, Path.Combine(Directory, fileName), overwrite: true);
-        written.Add(fileName);
-    }
-
-    private void DeleteIfPresent(string fileName)
-    {
-        string path = Path.Combine(Directory, fileName);
-        if (File.Exists(path))
-        {
-            File.Delete(path);
         }
     }
 
