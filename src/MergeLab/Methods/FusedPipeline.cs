@@ -667,6 +667,32 @@ internal static unsafe class FusedPipeline
             var rules = _rules;
             long i = start;
             var signs = Vector<float>.Zero;
+            if (!setup->Consensus && signSum == null)
+            {
+                // No sign election: the weighted sum accumulates as each expert is read (DARE-linear,
+                // Breadcrumbs, magnitude pruning), in expert order as in Merged.
+                for (; i + 2 * w <= end; i += 2 * w)
+                {
+                    Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+                    Vector<float> acc0 = Vector<float>.Zero, acc1 = Vector<float>.Zero;
+                    for (int k = 0; k < experts; k++)
+                    {
+                        Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
+                        var t0 = e0 - b0;
+                        var t1 = e1 - b1;
+                        if (rules[k].Kind != RuleKind.KeepAll)
+                        {
+                            Sparsify(rules[k], ref t0, ref t1, i, row);
+                        }
+
+                        acc0 += t0 * setup->Weights[k];
+                        acc1 += t1 * setup->Weights[k];
+                    }
+
+                    StreamLoop.Store(output, outBf16, i, b0 + Finish(setup, acc0), b1 + Finish(setup, acc1));
+                }
+            }
+
             for (; i + 2 * w <= end; i += 2 * w)
             {
                 Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
@@ -872,6 +898,18 @@ internal static unsafe class FusedPipeline
             }
 
             return Sign(score, one, zero);
+        }
+
+        /// <summary>The plain weighted sum's divisor and λ.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static Vector<float> Finish(Setup* setup, Vector<float> merged)
+        {
+            if (setup->PlainNormalize)
+            {
+                merged /= setup->PlainDivisor;
+            }
+
+            return setup->Scale ? merged * setup->Lambda : merged;
         }
 
         /// <summary>Weights, sign consensus and aggregation, then λ: the merged task vector for half
