@@ -705,6 +705,12 @@ internal static unsafe class FusedPipeline
                     {
                         Sparsify(rules[k], ref tau[2 * k], ref tau[2 * k + 1], i, row);
                     }
+
+                    if (setup->OnWeighted)
+                    {
+                        tau[2 * k] *= setup->Weights[k];
+                        tau[2 * k + 1] *= setup->Weights[k];
+                    }
                 }
 
                 if (signSum != null)
@@ -761,6 +767,11 @@ internal static unsafe class FusedPipeline
                 tau[2 * k] = e0 - b0;
                 tau[2 * k + 1] = e1 - b1;
                 Sparsify(_rules[k], ref tau[2 * k], ref tau[2 * k + 1], start, row);
+                if (setup->OnWeighted)
+                {
+                    tau[2 * k] *= setup->Weights[k];
+                    tau[2 * k + 1] *= setup->Weights[k];
+                }
             }
 
             if (signSum != null)
@@ -816,7 +827,19 @@ internal static unsafe class FusedPipeline
 
                 case RuleKind.Top:
                 {
-                    var key = new Vector<uint>((uint)(r.Upper >> 32));
+                    // Kept: key > K, or key = K at an index ≤ last. Away from `last` that is key ≥ K (before
+                    // it) or key ≥ K + 1 (after it; K is a magnitude, below 2^31, so K + 1 does not wrap).
+                    uint k = (uint)(r.Upper >> 32);
+                    long lastIndex = uint.MaxValue - (uint)r.Upper;
+                    if (index + 2 * w - 1 <= lastIndex || index > lastIndex)
+                    {
+                        var limit = new Vector<uint>(index > lastIndex ? k + 1 : k);
+                        keep0 = Vector.GreaterThanOrEqual(Magnitude(t0), limit);
+                        keep1 = Vector.GreaterThanOrEqual(Magnitude(t1), limit);
+                        break;
+                    }
+
+                    var key = new Vector<uint>(k);
                     var last = new Vector<uint>(uint.MaxValue - (uint)r.Upper);
                     var i0 = new Vector<uint>((uint)index) + Vector<uint>.Indices;
                     var i1 = i0 + new Vector<uint>((uint)w);
@@ -892,8 +915,8 @@ internal static unsafe class FusedPipeline
             var score = zero;
             for (int k = 0; k < setup->Experts; k++)
             {
-                var s = tau[2 * k + half];
-                var elect = setup->OnWeighted ? s * setup->Weights[k] : s;
+                // With an election on weighted task vectors, tau already holds τ·w.
+                var elect = tau[2 * k + half];
                 score += setup->BySum ? elect : Sign(elect, one, zero);
             }
 
@@ -944,8 +967,8 @@ internal static unsafe class FusedPipeline
                 {
                     var s = tau[2 * k + half];
                     var w = setup->Weights[k];
-                    var weighted = s * w;
-                    var elect = setup->OnWeighted ? weighted : s;
+                    var weighted = setup->OnWeighted ? s : s * w;
+                    var elect = s;
                     var agree = Vector.ConditionalSelect(positive, Vector.GreaterThan(elect, zero), Vector.LessThan(elect, zero));
                     var a = Vector.ConditionalSelect(agree, one, zero);
                     merged += weighted * a;
