@@ -153,6 +153,12 @@ internal static class FiniteCheck
 
     private static bool AllFinite(Tensor tensor)
     {
+        // Contiguous float32/bfloat16 CPU tensors: one vectorized pass over their memory.
+        if (MergeLab.Selection.FiniteValues.AllFinite(tensor) is bool known)
+        {
+            return known;
+        }
+
         using var scope = NewDisposeScope();
         var flat = tensor.reshape(-1);
         long n = flat.shape[0];

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Diagnostics.CodeAnalysis;
+using MergeLab.Selection;
 using MergeLab.Tensors;
 using Microsoft.Win32.SafeHandles;
 using TorchSharp;
@@ -226,8 +227,10 @@ public sealed class SafetensorsFile : IDisposable
         }
 
         // The header check guarantees info.ByteLength fits in the file, so this allocation is never
-        // larger than the file.
-        var tensor = torch.empty(info.Shape, info.DType, CPU);
+        // larger than the file. Pooled memory: a fresh allocation page-faults on every 4 KiB page as it
+        // is filled. The pool hands a buffer out again only after libtorch has freed the last tensor
+        // viewing it, so nothing still referenced is ever reused.
+        var tensor = NativeBufferPool.Empty(info.Shape, info.DType);
         try
         {
             TensorBytes.Read(_handle, info.DataOffset, tensor, Path, name, chunkBytes);

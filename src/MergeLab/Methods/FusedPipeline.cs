@@ -667,6 +667,32 @@ internal static unsafe class FusedPipeline
             var rules = _rules;
             long i = start;
             var signs = Vector<float>.Zero;
+            if (!setup->Consensus && signSum == null)
+            {
+                // No sign election: the weighted sum accumulates as each expert is read (DARE-linear,
+                // Breadcrumbs, magnitude pruning), in expert order as in Merged.
+                for (; i + 2 * w <= end; i += 2 * w)
+                {
+                    Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+                    Vector<float> acc0 = Vector<float>.Zero, acc1 = Vector<float>.Zero;
+                    for (int k = 0; k < experts; k++)
+                    {
+                        Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
+                        var t0 = e0 - b0;
+                        var t1 = e1 - b1;
+                        if (rules[k].Kind != RuleKind.KeepAll)
+                        {
+                            Sparsify(rules[k], ref t0, ref t1, i, row);
+                        }
+
+                        acc0 += t0 * setup->Weights[k];
+                        acc1 += t1 * setup->Weights[k];
+                    }
+
+                    StreamLoop.Store(output, outBf16, i, b0 + Finish(setup, acc0), b1 + Finish(setup, acc1));
+                }
+            }
+
             for (; i + 2 * w <= end; i += 2 * w)
             {
                 Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
@@ -678,6 +704,12 @@ internal static unsafe class FusedPipeline
                     if (rules[k].Kind != RuleKind.KeepAll)
                     {
                         Sparsify(rules[k], ref tau[2 * k], ref tau[2 * k + 1], i, row);
+                    }
+
+                    if (setup->OnWeighted)
+                    {
+                        tau[2 * k] *= setup->Weights[k];
+                        tau[2 * k + 1] *= setup->Weights[k];
                     }
                 }
 
@@ -735,6 +767,11 @@ internal static unsafe class FusedPipeline
                 tau[2 * k] = e0 - b0;
                 tau[2 * k + 1] = e1 - b1;
                 Sparsify(_rules[k], ref tau[2 * k], ref tau[2 * k + 1], start, row);
+                if (setup->OnWeighted)
+                {
+                    tau[2 * k] *= setup->Weights[k];
+                    tau[2 * k + 1] *= setup->Weights[k];
+                }
             }
 
             if (signSum != null)
@@ -790,7 +827,19 @@ internal static unsafe class FusedPipeline
 
                 case RuleKind.Top:
                 {
-                    var key = new Vector<uint>((uint)(r.Upper >> 32));
+                    // Kept: key > K, or key = K at an index ≤ last. Away from `last` that is key ≥ K (before
+                    // it) or key ≥ K + 1 (after it; K is a magnitude, below 2^31, so K + 1 does not wrap).
+                    uint k = (uint)(r.Upper >> 32);
+                    long lastIndex = uint.MaxValue - (uint)r.Upper;
+                    if (index + 2 * w - 1 <= lastIndex || index > lastIndex)
+                    {
+                        var limit = new Vector<uint>(index > lastIndex ? k + 1 : k);
+                        keep0 = Vector.GreaterThanOrEqual(Magnitude(t0), limit);
+                        keep1 = Vector.GreaterThanOrEqual(Magnitude(t1), limit);
+                        break;
+                    }
+
+                    var key = new Vector<uint>(k);
                     var last = new Vector<uint>(uint.MaxValue - (uint)r.Upper);
                     var i0 = new Vector<uint>((uint)index) + Vector<uint>.Indices;
                     var i1 = i0 + new Vector<uint>((uint)w);
@@ -866,12 +915,24 @@ internal static unsafe class FusedPipeline
             var score = zero;
             for (int k = 0; k < setup->Experts; k++)
             {
-                var s = tau[2 * k + half];
-                var elect = setup->OnWeighted ? s * setup->Weights[k] : s;
+                // With an election on weighted task vectors, tau already holds τ·w.
+                var elect = tau[2 * k + half];
                 score += setup->BySum ? elect : Sign(elect, one, zero);
             }
 
             return Sign(score, one, zero);
+        }
+
+        /// <summary>The plain weighted sum's divisor and λ.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static Vector<float> Finish(Setup* setup, Vector<float> merged)
+        {
+            if (setup->PlainNormalize)
+            {
+                merged /= setup->PlainDivisor;
+            }
+
+            return setup->Scale ? merged * setup->Lambda : merged;
         }
 
         /// <summary>Weights, sign consensus and aggregation, then λ: the merged task vector for half
@@ -906,8 +967,8 @@ internal static unsafe class FusedPipeline
                 {
                     var s = tau[2 * k + half];
                     var w = setup->Weights[k];
-                    var weighted = s * w;
-                    var elect = setup->OnWeighted ? weighted : s;
+                    var weighted = setup->OnWeighted ? s : s * w;
+                    var elect = s;
                     var agree = Vector.ConditionalSelect(positive, Vector.GreaterThan(elect, zero), Vector.LessThan(elect, zero));
                     var a = Vector.ConditionalSelect(agree, one, zero);
                     merged += weighted * a;

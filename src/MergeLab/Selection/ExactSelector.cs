@@ -409,7 +409,7 @@ internal static unsafe class ExactSelector
         else if (rank < q.LowTieCount + q.Count)
         {
             var keys = (uint*)q.Candidates;
-            (key, long below) = SelectKey(keys, q.Count, rank - q.LowTieCount, q.Low);
+            (key, long below) = SelectKey(keys, q.Count, rank - q.LowTieCount, q.Low, q.High);
             tie = rank - q.LowTieCount - below;
             for (long b = 0; b < blocks; b++)
             {
@@ -429,31 +429,38 @@ internal static unsafe class ExactSelector
         q.Composite = Composite(key, LocateTie(q.Source, n, key, q.IndexDescending ? total - 1 - tie : tie, perBlock), q.IndexDescending);
     }
 
-    /// <summary>The <paramref name="rank"/>-th smallest of <paramref name="count"/> keys (all ≥ <paramref name="low"/>)
-    /// by a two-step radix select on key − low, and how many keys are below it.</summary>
+    /// <summary>The <paramref name="rank"/>-th smallest of <paramref name="count"/> keys (all in
+    /// [<paramref name="low"/>, <paramref name="high"/>]) by a two-step radix select on key − low, and how
+    /// many keys are below it. The first step's bins are sized so that the bracket spans at most 2^16 of
+    /// them, so the second step looks at one narrow bin; the counts live in reused thread scratch.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static (uint Key, long Below) SelectKey(uint* keys, long count, long rank, uint low)
+    private static (uint Key, long Below) SelectKey(uint* keys, long count, long rank, uint low, uint high)
     {
-        var counts = new long[1 << 16];
+        uint span = high - low;
+        int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(span) - 16);
+        int bins = (int)(span >> shift) + 1;
+        var counts = (long*)ThreadScratch.Get((1L << 16) * 8 + 64);
+        new Span<long>(counts, bins).Clear();
         for (long i = 0; i < count; i++)
         {
-            counts[(keys[i] - low) >> 16]++;
+            counts[(keys[i] - low) >> shift]++;
         }
 
         long below = 0;
-        uint high = 0;
-        while (below + counts[high] <= rank)
+        uint top = 0;
+        while (below + counts[top] <= rank)
         {
-            below += counts[high++];
+            below += counts[top++];
         }
 
-        Array.Clear(counts);
+        uint mask = (uint)((1L << shift) - 1);
+        new Span<long>(counts, (int)mask + 1).Clear();
         for (long i = 0; i < count; i++)
         {
             uint r = keys[i] - low;
-            if (r >> 16 == high)
+            if (r >> shift == top)
             {
-                counts[r & 0xFFFF]++;
+                counts[r & mask]++;
             }
         }
 
@@ -463,7 +470,7 @@ internal static unsafe class ExactSelector
             below += counts[lowBits++];
         }
 
-        return (low + ((high << 16) | lowBits), below);
+        return (low + ((top << shift) | lowBits), below);
     }
 
     /// <summary>The index of occurrence <paramref name="ascending"/> (0-based, in index order) of
