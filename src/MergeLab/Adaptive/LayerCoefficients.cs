@@ -9,6 +9,7 @@ namespace MergeLab.Adaptive;
 /// its layer. The merged model is θ_p = θ0_p + Σ_t λ_{t,l(p)}·τ_{t,p} (AdaMerging, Yang et al., 2024,
 /// Eq. 4 task-wise with one layer, Eq. 5 layer-wise).
 /// </summary>
+/// <remarks>Immutable and thread-safe.</remarks>
 public sealed class LayerCoefficients
 {
     private readonly double[,] _values;

@@ -68,6 +68,7 @@ public sealed record LinesOptions
 /// <c>wang-kee/LiNeS</c> <c>src/eval/eval.py</c>. Applies to one fine-tuned model (single-task editing,
 /// α = c, β = 1 − c) and to a merged multi-task vector (α from <see cref="MultiTaskAlpha"/>, β tuned).
 /// </summary>
+/// <remarks>Stateless and thread-safe; the caller owns the tensors each call returns.</remarks>
 public static class Lines
 {
     /// <summary>λ(l) = α + β·l/(L − 1) for block <paramref name="block"/> of <paramref name="blockCount"/>.</summary>

@@ -8,6 +8,7 @@ namespace MergeLab.Methods;
 /// repeats while <see cref="IsComplete"/> is false. Each pass holds only a bounded summary (a
 /// histogram, counters), never the tensors themselves.
 /// </summary>
+/// <remarks>Not thread-safe: one statistic is fed by one merge, one tensor group at a time.</remarks>
 public abstract class ModelStatistic
 {
     /// <summary>True when no further pass is needed.</summary>

@@ -10,7 +10,8 @@ namespace MergeLab.Methods;
 /// θ = θ_base + λ · aggregate_k(w_k · sparsify(τ_k) · m_k).
 /// </summary>
 /// <remarks>Build one directly for a custom combination, or use the method classes
-/// (<see cref="TiesMerge"/>, <see cref="DareMerge"/>, …) whose presets reproduce the references.</remarks>
+/// (<see cref="TiesMerge"/>, <see cref="DareMerge"/>, …) whose presets reproduce the references.
+/// Immutable and thread-safe: one pipeline may be shared by concurrent merges.</remarks>
 public sealed record TaskVectorPipeline
 {
     private readonly double _lambda = 1.0;

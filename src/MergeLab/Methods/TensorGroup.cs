@@ -10,6 +10,8 @@ namespace MergeLab.Methods;
 /// <param name="Name">The parameter name, e.g. <c>model.layers.3.mlp.up_proj.weight</c>.</param>
 /// <param name="Base">The pretrained tensor, or <see langword="null"/> for base-free methods.</param>
 /// <param name="Experts">One tensor per expert, in the order of the merge's expert list.</param>
+/// <remarks>Immutable; it does not own its tensors, so several threads may read one group while
+/// the caller keeps the tensors alive.</remarks>
 public sealed record TensorGroup(string Name, Tensor? Base, IReadOnlyList<Tensor> Experts)
 {
     /// <summary>The number of experts.</summary>

@@ -36,6 +36,7 @@ public enum ZeroSignRule
 /// <see cref="ZeroSignRule.Positive"/>.</param>
 /// <param name="MajorityScope">For <see cref="ZeroSignRule.Majority"/>: whether the majority is taken
 /// over the tensor or over the whole model (the authors' code). Default per tensor.</param>
+/// <remarks>Immutable and thread-safe.</remarks>
 public sealed record SignConsensus(
     SignElection Election = SignElection.Sum,
     bool ElectOnWeighted = true,

@@ -39,6 +39,9 @@ public readonly record struct SparsifyContext(string TensorName, int ExpertIndex
 /// The first stage of the task-vector pipeline: zeroes some entries of one expert's task vector τ_k
 /// (before weighting). Implementations are immutable records whose options are validated on creation.
 /// </summary>
+/// <remarks>Sparsifiers are immutable and thread-safe: one instance may sparsify many tensors at
+/// once (random ones derive their draws from the seed, tensor name and expert index, never from
+/// shared state).</remarks>
 public abstract record Sparsifier
 {
     /// <summary>Whether the sparsifier needs a whole-model threshold before any tensor is merged.</summary>
@@ -303,7 +306,8 @@ public enum BreadcrumbsVariant
 
 /// <summary>
 /// Model Breadcrumbs (Davari &amp; Belilovsky, 2024): masks out the largest-magnitude outliers and the
-/// smallest perturbations of each task vector. Ties at a boundary are broken by position.
+/// smallest perturbations of each task vector. Ties at a boundary are broken by position as a stable
+/// ascending sort does: of equal magnitudes, the later position ranks larger.
 /// </summary>
 public sealed record BreadcrumbsMask : Sparsifier
 {
