@@ -76,7 +76,10 @@ public abstract class MergeMethod
     /// <summary>
     /// Merges whole state dicts in memory: checks that every expert has the same tensor names and
     /// shapes as the base, runs the whole-model statistic passes if the method has any, then merges
-    /// tensor by tensor in the base's name order.
+    /// tensor by tensor in the base's name order. Inputs are not checked for NaN or ±∞, which the
+    /// arithmetic and the top-k selections propagate into the result; the checkpoint engine checks
+    /// them (<see cref="Engine.NonFiniteInputs"/>); here, check with <c>torch.isfinite(t).all()</c>
+    /// first if the inputs may hold them.
     /// </summary>
     /// <param name="baseModel">The pretrained model; may be null only for base-free methods.</param>
     /// <param name="experts">The fine-tuned models, at least one.</param>
