@@ -14,6 +14,8 @@ namespace MergeLab.Benchmarks;
 /// <list type="number">
 /// <item>reading them alone: the raw files (sequential reads into a reused buffer) and every tensor through
 /// MergeLab's reader in the engine's order (base and experts per name), one group in memory at a time;</item>
+/// <item>writing alone the bytes the merge writes (the base's shard sizes, which the bf16 output matches)
+/// from one warm buffer into new files, flushed to disk (fsync) as the merge flushes its output;</item>
 /// <item>the CLI merging them (<c>MergeLab.Cli merge</c> with a YAML config) under <c>/usr/bin/time -v</c>:
 /// wall time, input throughput (input bytes over wall time) and peak RSS.</item>
 /// </list>
@@ -54,6 +56,9 @@ public static class EndToEnd
             ReadRawFiles(files); // once to warm the page cache, as the merge will find it
             var raw = ReadRawFiles(files);
             var tensors = ReadTensors(models);
+            var baseFiles = Directory.GetFiles(models[0], "*.safetensors");
+            long outputBytes = baseFiles.Sum(f => new FileInfo(f).Length);
+            var (write, flush) = WriteAlone(baseFiles.Select(f => new FileInfo(f).Length).ToArray(), Path.Combine(dir, "write-alone"));
             var extra = new List<string>();
             if (options.Get("nonfinite") is { } nonFinite)
             {
@@ -67,9 +72,10 @@ public static class EndToEnd
             Console.WriteLine("|---|---|---|---|");
             Console.WriteLine($"| read the files alone (raw) | {raw:F2} | {inputBytes / raw / 1e9:F2} | - |");
             Console.WriteLine($"| read every tensor alone (MergeLab reader) | {tensors:F2} | {inputBytes / tensors / 1e9:F2} | - |");
+            Console.WriteLine($"| write the output's {outputBytes / 1e9:F2} GB alone, then fsync (of which fsync) | {write + flush:F2} ({flush:F2}) | - | - |");
             string flags = string.Join(' ', extra) + (options.Has("omp-passive") ? " OMP_WAIT_POLICY=PASSIVE" : "");
             Console.WriteLine($"| mergelab merge ({method}{(flags.Length > 0 ? ", " + flags.Trim() : "")}) | {wall:F2} | {inputBytes / wall / 1e9:F2} | {(peakKb > 0 ? $"{peakKb / 1024.0 / 1024.0:F2} GiB" : "n/a")} |");
-            Console.WriteLine($"Merge throughput / tensor-read throughput: {tensors / wall:P0}; CLI exit code {exit}.");
+            Console.WriteLine($"Merge throughput / tensor-read throughput: {tensors / wall:P0}; against reading the inputs and writing the output alone: {(tensors + write + flush) / wall:P0}; CLI exit code {exit}.");
             return exit;
         }
         finally
@@ -123,6 +129,45 @@ public static class EndToEnd
         double seconds = sw.Elapsed.TotalSeconds;
         Console.WriteLine($"  raw read: {seconds:F2} s");
         return seconds;
+    }
+
+    /// <summary>Files of <paramref name="sizes"/> written sequentially from one reused 16 MiB buffer into
+    /// <paramref name="dir"/> and flushed to disk; returns the write and the flush seconds, and deletes them.</summary>
+    private static (double Write, double Flush) WriteAlone(long[] sizes, string dir)
+    {
+        var buffer = new byte[16 << 20];
+        Random.Shared.NextBytes(buffer);
+        Directory.CreateDirectory(dir);
+        try
+        {
+            var streams = new List<FileStream>();
+            var sw = Stopwatch.StartNew();
+            for (int i = 0; i < sizes.Length; i++)
+            {
+                var stream = new FileStream(Path.Combine(dir, $"shard-{i}"), FileMode.CreateNew, FileAccess.Write, FileShare.None, 1);
+                streams.Add(stream);
+                for (long left = sizes[i]; left > 0; left -= buffer.Length)
+                {
+                    stream.Write(buffer, 0, (int)Math.Min(left, buffer.Length));
+                }
+            }
+
+            double write = sw.Elapsed.TotalSeconds;
+            sw.Restart();
+            foreach (var stream in streams)
+            {
+                stream.Flush(flushToDisk: true);
+                stream.Dispose();
+            }
+
+            double flush = sw.Elapsed.TotalSeconds;
+            Console.WriteLine($"  write alone: {write:F2} s + fsync {flush:F2} s");
+            return (write, flush);
+        }
+        finally
+        {
+            Directory.Delete(dir, recursive: true);
+        }
     }
 
     /// <summary>Every tensor through SafetensorsCheckpoint.ReadTensor, group by group as the engine reads.</summary>

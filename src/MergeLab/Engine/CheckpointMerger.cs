@@ -28,6 +28,10 @@ namespace MergeLab.Engine;
 /// </remarks>
 public static class CheckpointMerger
 {
+    /// <summary>Merged tensors that may wait for the write-behind thread: enough to keep it busy while the
+    /// next group merges; each is one output tensor, a fifth or less of its group's inputs.</summary>
+    private const int WriteBehindTensors = 2;
+
     /// <summary>Runs the merge described by <paramref name="request"/>.</summary>
     /// <exception cref="MergeException">Inputs are inconsistent, the method failed on a tensor, writing a
     /// tensor failed (a full disk), or reading one failed for a reason other than its format; the message
@@ -102,18 +106,15 @@ public static class CheckpointMerger
             long written;
             using (var writer = new PlannedCheckpointWriter(temp, layout, request.MaxShardBytes) { SimulatedDiskSpace = request.SimulatedDiskSpace })
             {
-                Stream(model, device, request.ReadAhead, "merge", 1, checkFinite, progress, group =>
+                // Reading, merging and writing overlap: the reader thread runs ReadAhead groups ahead, and
+                // the write-behind thread writes merged tensors while the next group is merged.
+                using (var behind = new WriteBehind(writer, temp, WriteBehindTensors, ct))
                 {
-                    using var merged = methods[group.Name].MergeTensor(group, statistic, request.OutputDType);
-                    try
-                    {
-                        writer.Write(group.Name, merged);
-                    }
-                    catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-                    {
-                        throw new MergeException(group.Name, $"writing the merged tensor to '{temp}' failed: {e.Message}", e);
-                    }
-                }, ct);
+                    Stream(model, device, request.ReadAhead, "merge", 1, checkFinite, progress,
+                        group => behind.Add(group.Name, methods[group.Name].MergeTensor(group, statistic, request.OutputDType)), ct);
+                    behind.Complete();
+                }
+
                 ct.ThrowIfCancellationRequested();
                 writer.Complete();
                 written = writer.TotalSize;
@@ -225,6 +226,104 @@ public static class CheckpointMerger
             while (queue.TryTake(out var left))
             {
                 left.Dispose();
+            }
+        }
+    }
+
+    /// <summary>Writes merged tensors into a <see cref="PlannedCheckpointWriter"/> on a background thread,
+    /// at most <c>capacity</c> tensors behind the merge, so writing (a copy into the page cache that costs
+    /// about as much as the merge kernel) overlaps merging. It owns every tensor handed to
+    /// <see cref="Add"/> and disposes it once written or abandoned. A write error stops it and is thrown,
+    /// naming the tensor, by the next <see cref="Add"/> or by <see cref="Complete"/>.</summary>
+    private sealed class WriteBehind : IDisposable
+    {
+        private readonly BlockingCollection<(string Name, Tensor Tensor)> _queue;
+        private readonly CancellationTokenSource _stop;
+        private readonly Task _task;
+
+        public WriteBehind(PlannedCheckpointWriter writer, string temp, int capacity, CancellationToken ct)
+        {
+            _queue = new BlockingCollection<(string, Tensor)>(capacity);
+            _stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
+            var stop = _stop;
+            _task = Task.Factory.StartNew(() =>
+            {
+                try
+                {
+                    foreach (var (name, tensor) in _queue.GetConsumingEnumerable(stop.Token))
+                    {
+                        using (tensor)
+                        {
+                            try
+                            {
+                                writer.Write(name, tensor);
+                            }
+                            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+                            {
+                                throw new MergeException(name, $"writing the merged tensor to '{temp}' failed: {e.Message}", e);
+                            }
+                        }
+                    }
+                }
+                catch
+                {
+                    // Wake a merge blocked on a full queue.
+                    stop.Cancel();
+                    throw;
+                }
+            }, CancellationToken.None, TaskCreationOptions.LongRunning, TaskScheduler.Default);
+        }
+
+        /// <summary>Queues <paramref name="tensor"/> (ownership passes here), waiting while the queue is full.</summary>
+        public void Add(string name, Tensor tensor)
+        {
+            try
+            {
+                ThrowIfFailed();
+                _queue.Add((name, tensor), _stop.Token);
+            }
+            catch
+            {
+                tensor.Dispose();
+                ThrowIfFailed();
+                throw;
+            }
+        }
+
+        /// <summary>Waits until every queued tensor is written; throws the first write error.</summary>
+        public void Complete()
+        {
+            _queue.CompleteAdding();
+            _task.GetAwaiter().GetResult();
+        }
+
+        /// <summary>Stops the thread and disposes the tensors it did not write.</summary>
+        public void Dispose()
+        {
+            _stop.Cancel();
+            try
+            {
+                _task.Wait(CancellationToken.None);
+            }
+            catch (AggregateException)
+            {
+                // Its error was thrown by Add or Complete, or is secondary to the one being thrown.
+            }
+
+            while (_queue.TryTake(out var left))
+            {
+                left.Tensor.Dispose();
+            }
+
+            _queue.Dispose();
+            _stop.Dispose();
+        }
+
+        private void ThrowIfFailed()
+        {
+            if (_task.IsFaulted)
+            {
+                _task.GetAwaiter().GetResult();
             }
         }
     }

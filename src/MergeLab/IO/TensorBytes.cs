@@ -47,9 +47,10 @@ internal static class TensorBytes
     public static void WriteAt(SafeFileHandle file, long fileOffset, Tensor source, int chunkBytes) =>
         ForEachChunk(source, chunkBytes, (span, byteOffset) => RandomAccess.Write(file, span, fileOffset + byteOffset));
 
-    private delegate void ChunkAction(Span<byte> chunk, long byteOffset);
+    public delegate void ChunkAction(Span<byte> chunk, long byteOffset);
 
-    private static void ForEachChunk(Tensor tensor, int chunkBytes, ChunkAction action)
+    /// <summary>Calls <paramref name="action"/> on the bytes of the contiguous CPU tensor <paramref name="tensor"/>, at most <paramref name="chunkBytes"/> at a time.</summary>
+    public static void ForEachChunk(Tensor tensor, int chunkBytes, ChunkAction action)
     {
         long elementCount = tensor.numel();
         if (elementCount == 0)
