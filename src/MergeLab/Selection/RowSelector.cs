@@ -6,19 +6,24 @@ namespace MergeLab.Selection;
 /// <summary>
 /// Exact order statistics of one short row of keys (a row of a weight matrix, thousands of entries):
 /// composites (key &lt;&lt; 32 | index in row) at given positions of the row's stable ascending sort.
-/// A histogram of the keys (buckets monotone in the key) finds each position's bucket, and a quickselect
-/// among that bucket's few entries finds the entry: O(row) per row, versus O(row·log row) for a sort.
+/// One histogram of the keys (buckets monotone in the key) finds every position's bucket, one
+/// vectorized pass gathers the entries of all target buckets (in row order), and a quickselect among a
+/// bucket's few entries finds each entry: O(row) per row, versus O(row·log row) for a sort.
 /// </summary>
-/// <remarks>The buckets are fine (1/256 of an octave, at most 2048) over the top eight octaves of the
+/// <remarks>The buckets are fine (1/128 of an octave, at most 1024) over the top eight octaves of the
 /// row, where the largest magnitudes that Breadcrumbs cuts live; every smaller key shares bucket 0. A
-/// position that falls there is still exact, only slower (its bucket holds more entries).</remarks>
+/// position that falls there is still exact, only slower (its bucket holds more entries). The
+/// histogram is kept in four interleaved copies so that runs of equal keys (common in task vectors of
+/// bfloat16 models) do not serialize on one counter; all of it (16 KiB) stays in L1.</remarks>
 internal static unsafe class RowSelector
 {
-    private const int Buckets = 2048 + 1;
+    private const int Buckets = 1024 + 1;
+    private const int Stride = (Buckets + 15) & ~15; // one copy of the histogram, whole vectors of any width
+    private const int Copies = 4;
     private const int Octaves = 8;
 
     /// <summary>Scratch bytes a call with a row of <paramref name="width"/> needs.</summary>
-    public static long ScratchBytes(long width) => Buckets * 4L + width * 12 + 64;
+    public static long ScratchBytes(long width) => Copies * Stride * 4L + width * 8 + 64;
 
     /// <summary>
     /// Sets <paramref name="results"/>[i] to the composite at <paramref name="positions"/>[i] (ascending,
@@ -65,30 +70,32 @@ internal static unsafe class RowSelector
         // floats of one sign are monotone in the value and logarithmic in it, so a bucket is a fixed
         // fraction of an octave).
         uint low = max - min > Octaves << 23 ? max - (Octaves << 23) : min;
-        int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(max - low) - 11);
+        int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(max - low) - 10);
         int buckets = (int)((max - low) >> shift) + 2;
+        int stride = (buckets + 15) & ~15;
         var counts = (int*)scratch;
-        var bucketOf = (int*)(scratch + Buckets * 4L);
-        new Span<int>(counts, buckets).Clear();
-
-        var vlow = new Vector<uint>(low);
-        var one = Vector<uint>.One;
-        for (i = 0; i <= width - w; i += w)
+        new Span<int>(counts, Copies * stride).Clear();
+        var c0 = counts;
+        var c1 = counts + stride;
+        var c2 = counts + 2 * stride;
+        var c3 = counts + 3 * stride;
+        for (i = 0; i <= width - 4; i += 4)
         {
-            var k = Vector.Load(keys + i);
-            var above = Vector.GreaterThanOrEqual(k, vlow);
-            var b = Vector.ShiftRightLogical(k - vlow, shift) + one;
-            Vector.Store(Vector.AsVectorInt32(b & above), bucketOf + i);
+            uint k0 = keys[i], k1 = keys[i + 1], k2 = keys[i + 2], k3 = keys[i + 3];
+            c0[k0 >= low ? (int)((k0 - low) >> shift) + 1 : 0]++;
+            c1[k1 >= low ? (int)((k1 - low) >> shift) + 1 : 0]++;
+            c2[k2 >= low ? (int)((k2 - low) >> shift) + 1 : 0]++;
+            c3[k3 >= low ? (int)((k3 - low) >> shift) + 1 : 0]++;
         }
 
         for (; i < width; i++)
         {
-            bucketOf[i] = keys[i] >= low ? (int)((keys[i] - low) >> shift) + 1 : 0;
+            c0[keys[i] >= low ? (int)((keys[i] - low) >> shift) + 1 : 0]++;
         }
 
-        for (i = 0; i < width; i++)
+        for (int b = 0; b < stride; b += Vector<int>.Count)
         {
-            counts[bucketOf[i]]++;
+            Vector.Store(Vector.Load(c0 + b) + Vector.Load(c1 + b) + Vector.Load(c2 + b) + Vector.Load(c3 + b), c0 + b);
         }
 
         // Each position's bucket and the entries before it, walking from the nearer end.
@@ -119,81 +126,96 @@ internal static unsafe class RowSelector
             }
         }
 
-        // Each target bucket: when it holds many entries they are usually copies of one key (task vectors
-        // of bfloat16 models take few distinct values); a vectorized pass checks, and the wanted copy is
-        // then found by counting in row order. Otherwise its few entries are gathered and quickselected.
-        var candidates = (ulong*)(scratch + Buckets * 4L + width * 4L);
-        int gathered = -1, inBucket = 0;
+        // The distinct target buckets (positions ascend, so equal buckets are adjacent) as key ranges
+        // [from, from + span], each gathered, in row order, into its own stretch of `candidates`.
+        var candidates = (ulong*)(scratch + Copies * stride * 4L);
+        Span<int> distinct = stackalloc int[positions.Length];
+        Span<uint> from = stackalloc uint[positions.Length];
+        Span<uint> span = stackalloc uint[positions.Length];
+        Span<int> offset = stackalloc int[positions.Length + 1];
+        int ranges = 0;
+        offset[0] = 0;
         for (int p = 0; p < positions.Length; p++)
         {
-            int bucket = target[p];
-            int rank = positions[p] - before[p];
-            if (counts[bucket] > 32 && SingleKey(keys, bucketOf, width, bucket) is uint only)
+            if (ranges > 0 && distinct[ranges - 1] == target[p])
             {
-                results[p] = ((ulong)only << 32) | (uint)Occurrence(keys, width, only, rank);
                 continue;
             }
 
-            if (gathered != bucket)
+            int bucket = target[p];
+            distinct[ranges] = bucket;
+            if (bucket == 0)
             {
-                inBucket = Gather(keys, bucketOf, width, bucket, candidates);
-                gathered = bucket;
+                (from[ranges], span[ranges]) = (0, low - 1);
+            }
+            else
+            {
+                ulong first = low + ((ulong)(bucket - 1) << shift);
+                ulong last = Math.Min(uint.MaxValue, first + (1UL << shift) - 1);
+                (from[ranges], span[ranges]) = ((uint)first, (uint)(last - first));
             }
 
-            results[p] = Quickselect.Select(new Span<ulong>(candidates, inBucket), rank);
+            offset[ranges + 1] = offset[ranges] + counts[bucket];
+            ranges++;
+        }
+
+        if (ranges == 1)
+        {
+            GatherOne(keys, width, from[0], span[0], candidates);
+        }
+        else
+        {
+            Gather(keys, width, ranges, from, span, offset, candidates);
+        }
+
+        int range = -1;
+        for (int p = 0; p < positions.Length; p++)
+        {
+            if (range < 0 || distinct[range] != target[p])
+            {
+                range++;
+            }
+
+            var entries = new Span<ulong>(candidates + offset[range], offset[range + 1] - offset[range]);
+            int rank = positions[p] - before[p];
+
+            // Entries were gathered in row order: when they all share one key (ties, as in task vectors of
+            // bfloat16 models) the stable order is the row order.
+            results[p] = SingleKey(entries) ? entries[rank] : Quickselect.Select(entries, rank);
         }
     }
 
-    /// <summary>The key of every entry in <paramref name="bucket"/> when they all have the same one.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static uint? SingleKey(uint* keys, int* bucketOf, int width, int bucket)
+    /// <summary>Whether every composite has the same key (high 32 bits).</summary>
+    private static bool SingleKey(Span<ulong> entries)
     {
-        var target = new Vector<int>(bucket);
-        var low = new Vector<uint>(uint.MaxValue);
-        var high = Vector<uint>.Zero;
+        ulong key = entries[0] >> 32;
+        foreach (ulong c in entries)
+        {
+            if (c >> 32 != key)
+            {
+                return false;
+            }
+        }
+
+        return true;
+    }
+
+    /// <summary>Collects the composites of the keys in [from, from + span], in row order.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void GatherOne(uint* keys, int width, uint from, uint span, ulong* candidates)
+    {
+        var vfrom = new Vector<uint>(from);
+        var vspan = new Vector<uint>(span);
+        int found = 0;
         int i = 0;
         int w = Vector<uint>.Count;
         for (; i <= width - w; i += w)
         {
-            var inside = Vector.AsVectorUInt32(Vector.Equals(Vector.Load(bucketOf + i), target));
             var k = Vector.Load(keys + i);
-            low = Vector.Min(low, k | ~inside);
-            high = Vector.Max(high, k & inside);
-        }
-
-        uint min = uint.MaxValue, max = 0;
-        for (int lane = 0; lane < w; lane++)
-        {
-            min = Math.Min(min, low[lane]);
-            max = Math.Max(max, high[lane]);
-        }
-
-        for (; i < width; i++)
-        {
-            if (bucketOf[i] == bucket)
+            var inside = Vector.LessThanOrEqual(k - vfrom, vspan);
+            if (inside != Vector<uint>.Zero)
             {
-                min = Math.Min(min, keys[i]);
-                max = Math.Max(max, keys[i]);
-            }
-        }
-
-        return min == max ? min : null;
-    }
-
-    /// <summary>Collects the composites of the entries in <paramref name="bucket"/>, in row order.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int Gather(uint* keys, int* bucketOf, int width, int bucket, ulong* candidates)
-    {
-        var target = new Vector<int>(bucket);
-        int found = 0;
-        int i = 0;
-        int w = Vector<int>.Count;
-        for (; i <= width - w; i += w)
-        {
-            var inside = Vector.Equals(Vector.Load(bucketOf + i), target);
-            if (inside != Vector<int>.Zero)
-            {
-                ulong bits = Kernels.LaneBits(Vector.AsVectorUInt32(inside));
+                ulong bits = Kernels.LaneBits(inside);
                 while (bits != 0)
                 {
                     int lane = BitOperations.TrailingZeroCount(bits);
@@ -205,51 +227,66 @@ internal static unsafe class RowSelector
 
         for (; i < width; i++)
         {
-            if (bucketOf[i] == bucket)
+            if (keys[i] - from <= span)
             {
                 candidates[found++] = ((ulong)keys[i] << 32) | (uint)i;
             }
         }
-
-        return found;
     }
 
-    /// <summary>The row index of occurrence <paramref name="occurrence"/> (0-based, in row order) of <paramref name="key"/>.</summary>
+    /// <summary>Collects the composites of the keys in each range r ([from[r], from[r] + span[r]],
+    /// disjoint) at candidates + offset[r] on, in row order, in one pass.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int Occurrence(uint* keys, int width, uint key, int occurrence)
+    private static void Gather(uint* keys, int width, int ranges, Span<uint> from, Span<uint> span, Span<int> offset, ulong* candidates)
     {
-        var vkey = new Vector<uint>(key);
+        Span<int> found = stackalloc int[ranges];
+        offset[..ranges].CopyTo(found);
+        var vfrom0 = new Vector<uint>(from[0]);
+        var vspan0 = new Vector<uint>(span[0]);
+        var vfrom1 = new Vector<uint>(from[1]);
+        var vspan1 = new Vector<uint>(span[1]);
         int i = 0;
         int w = Vector<uint>.Count;
         for (; i <= width - w; i += w)
         {
-            var equal = Vector.Equals(Vector.Load(keys + i), vkey);
-            if (equal != Vector<uint>.Zero)
+            var k = Vector.Load(keys + i);
+            var inside = Vector.LessThanOrEqual(k - vfrom0, vspan0) | Vector.LessThanOrEqual(k - vfrom1, vspan1);
+            if (ranges > 2)
             {
-                ulong bits = Kernels.LaneBits(equal);
-                int here = BitOperations.PopCount(bits);
-                if (occurrence < here)
+                for (int lane = 0; lane < w; lane++)
                 {
-                    for (; occurrence > 0; occurrence--)
-                    {
-                        bits &= bits - 1;
-                    }
-
-                    return i + BitOperations.TrailingZeroCount(bits);
+                    Add(keys, i + lane, ranges, from, span, found, candidates);
                 }
-
-                occurrence -= here;
+            }
+            else if (inside != Vector<uint>.Zero)
+            {
+                ulong bits = Kernels.LaneBits(inside);
+                while (bits != 0)
+                {
+                    int lane = BitOperations.TrailingZeroCount(bits);
+                    bits &= bits - 1;
+                    Add(keys, i + lane, ranges, from, span, found, candidates);
+                }
             }
         }
 
         for (; i < width; i++)
         {
-            if (keys[i] == key && occurrence-- == 0)
+            Add(keys, i, ranges, from, span, found, candidates);
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Add(uint* keys, int i, int ranges, Span<uint> from, Span<uint> span, Span<int> found, ulong* candidates)
+    {
+        uint key = keys[i];
+        for (int r = 0; r < ranges; r++)
+        {
+            if (key - from[r] <= span[r])
             {
-                return i;
+                candidates[found[r]++] = ((ulong)key << 32) | (uint)i;
+                return;
             }
         }
-
-        throw new InvalidOperationException("Row selection lost a tie.");
     }
 }

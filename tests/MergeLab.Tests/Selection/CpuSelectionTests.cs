@@ -166,6 +166,74 @@ public class CpuSelectionTests
         }
     }
 
+    /// <summary>Rows built to hit every path of the row selector: widths 1, 2 and odd ones, all-equal
+    /// rows, ±0, few distinct keys (bfloat16-like, ties across both boundaries), more than eight octaves
+    /// (targets in the catch-all bucket 0), and signed keys near the top of the key range.</summary>
+    private static IEnumerable<(string Name, uint[] Keys)> SelectorRows()
+    {
+        var random = new Random(7);
+        foreach (int width in new[] { 1, 2, 3, 5, 17, 33, 129, 1000, 4097 })
+        {
+            var gaussian = new uint[width];
+            var bf16 = new uint[width];
+            var few = new uint[width];
+            var wide = new uint[width];
+            var zeros = new uint[width];
+            var signed = new uint[width];
+            for (int i = 0; i < width; i++)
+            {
+                double u1 = 1 - random.NextDouble(), u2 = random.NextDouble();
+                float z = (float)(Math.Sqrt(-2 * Math.Log(u1)) * Math.Cos(2 * Math.PI * u2));
+                gaussian[i] = FloatKeys.Magnitude(z);
+                bf16[i] = FloatKeys.Magnitude(z) & 0xFFFF_0000;
+                few[i] = FloatKeys.Magnitude(random.Next(4) * 0.25f);
+                wide[i] = FloatKeys.Magnitude(z * MathF.Pow(2, random.Next(-60, 5)));
+                zeros[i] = FloatKeys.Magnitude(random.Next(2) == 0 ? 0f : -0f);
+                signed[i] = random.Next(3) == 0 ? uint.MaxValue - (uint)random.Next(3) : (uint)random.Next(2) + 0xFFFF_0000u;
+            }
+
+            yield return ($"gaussian {width}", gaussian);
+            yield return ($"bf16 {width}", bf16);
+            yield return ($"few {width}", few);
+            yield return ($"wide {width}", wide);
+            yield return ($"zeros {width}", zeros);
+            yield return ($"equal {width}", Enumerable.Repeat(FloatKeys.Magnitude(0.5f), width).ToArray());
+            yield return ($"signed {width}", signed);
+        }
+    }
+
+    [Test]
+    public unsafe void Row_selector_equals_a_stable_sort_for_every_position_pair()
+    {
+        foreach (var (name, keys) in SelectorRows())
+        {
+            int width = keys.Length;
+            var sorted = keys.Select((k, i) => ((ulong)k << 32) | (uint)i).Order().ToArray();
+            var scratch = new byte[RowSelector.ScratchBytes(width) + 64];
+            var positions = width <= 40
+                ? Enumerable.Range(0, width).ToArray()
+                : new[] { 0, 1, width / 10, width / 3, width / 2, width - width / 10 - 1, width - 2, width - 1 };
+            fixed (uint* k = keys)
+            fixed (byte* s = scratch)
+            {
+                var aligned = (byte*)(((nint)s + 63) & ~(nint)63);
+                foreach (int a in positions)
+                {
+                    foreach (int b in positions.Where(p => p >= a))
+                    {
+                        int[] wanted = a == b ? [a] : [a, b];
+                        var results = new ulong[wanted.Length];
+                        RowSelector.Select(k, width, wanted, results, aligned);
+                        for (int p = 0; p < wanted.Length; p++)
+                        {
+                            Assert.That(results[p], Is.EqualTo(sorted[wanted[p]]), $"{name}: position {wanted[p]} of ({a}, {b})");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     [Test]
     public void Sorted_and_constant_inputs_still_select_exactly()
     {
