@@ -8,22 +8,22 @@ namespace MergeLab.Selection;
 /// composites (key &lt;&lt; 32 | index in row) at given positions of the row's stable ascending sort.
 /// One histogram of the keys (buckets monotone in the key) finds every position's bucket, one
 /// vectorized pass gathers the entries of all target buckets (in row order), and a quickselect among a
-/// bucket's few entries finds each entry: O(row) per row, versus O(row·log row) for a sort.
+/// bucket's few entries finds each entry (a bucket of copies of one key is counted in row order instead): O(row) per row, versus O(row·log row) for a sort.
 /// </summary>
-/// <remarks>The buckets are fine (1/128 of an octave, at most 1024) over the top eight octaves of the
+/// <remarks>The buckets are fine (1/256 of an octave, at most 2048) over the top eight octaves of the
 /// row, where the largest magnitudes that Breadcrumbs cuts live; every smaller key shares bucket 0. A
 /// position that falls there is still exact, only slower (its bucket holds more entries). The
-/// histogram is kept in four interleaved copies so that runs of equal keys (common in task vectors of
-/// bfloat16 models) do not serialize on one counter; all of it (16 KiB) stays in L1.</remarks>
+/// histogram is kept in two interleaved copies so that runs of equal keys (common in task vectors of
+/// bfloat16 models) serialize less on one counter; both (16 KiB) stay in L1.</remarks>
 internal static unsafe class RowSelector
 {
-    private const int Buckets = 1024 + 1;
+    private const int Buckets = 2048 + 1;
     private const int Stride = (Buckets + 15) & ~15; // one copy of the histogram, whole vectors of any width
-    private const int Copies = 4;
+    private const int Copies = 2;
     private const int Octaves = 8;
 
     /// <summary>Scratch bytes a call with a row of <paramref name="width"/> needs.</summary>
-    public static long ScratchBytes(long width) => Copies * Stride * 4L + width * 8 + 64;
+    public static long ScratchBytes(long width) => Copies * Stride * 4L + width * 8L + 64;
 
     /// <summary>
     /// Sets <paramref name="results"/>[i] to the composite at <paramref name="positions"/>[i] (ascending,
@@ -70,32 +70,44 @@ internal static unsafe class RowSelector
         // floats of one sign are monotone in the value and logarithmic in it, so a bucket is a fixed
         // fraction of an octave).
         uint low = max - min > Octaves << 23 ? max - (Octaves << 23) : min;
-        int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(max - low) - 10);
+        int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(max - low) - 11);
         int buckets = (int)((max - low) >> shift) + 2;
         int stride = (buckets + 15) & ~15;
         var counts = (int*)scratch;
         new Span<int>(counts, Copies * stride).Clear();
         var c0 = counts;
         var c1 = counts + stride;
-        var c2 = counts + 2 * stride;
-        var c3 = counts + 3 * stride;
-        for (i = 0; i <= width - 4; i += 4)
+        // Bucket numbers a vector at a time into `bucketOf` (L1), then counted four ways.
+        var bucketOf = (int*)(scratch + Copies * Stride * 4L);
+        var vlow = new Vector<uint>(low);
+        var one = Vector<uint>.One;
+        for (i = 0; i <= width - w; i += w)
         {
-            uint k0 = keys[i], k1 = keys[i + 1], k2 = keys[i + 2], k3 = keys[i + 3];
-            c0[k0 >= low ? (int)((k0 - low) >> shift) + 1 : 0]++;
-            c1[k1 >= low ? (int)((k1 - low) >> shift) + 1 : 0]++;
-            c2[k2 >= low ? (int)((k2 - low) >> shift) + 1 : 0]++;
-            c3[k3 >= low ? (int)((k3 - low) >> shift) + 1 : 0]++;
+            var k = Vector.Load(keys + i);
+            var above = Vector.GreaterThanOrEqual(k, vlow);
+            var b = Vector.ShiftRightLogical(k - vlow, shift) + one;
+            Vector.Store(Vector.AsVectorInt32(b & above), bucketOf + i);
         }
 
         for (; i < width; i++)
         {
-            c0[keys[i] >= low ? (int)((keys[i] - low) >> shift) + 1 : 0]++;
+            bucketOf[i] = keys[i] >= low ? (int)((keys[i] - low) >> shift) + 1 : 0;
+        }
+
+        for (i = 0; i <= width - 2; i += 2)
+        {
+            c0[bucketOf[i]]++;
+            c1[bucketOf[i + 1]]++;
+        }
+
+        for (; i < width; i++)
+        {
+            c0[bucketOf[i]]++;
         }
 
         for (int b = 0; b < stride; b += Vector<int>.Count)
         {
-            Vector.Store(Vector.Load(c0 + b) + Vector.Load(c1 + b) + Vector.Load(c2 + b) + Vector.Load(c3 + b), c0 + b);
+            Vector.Store(Vector.Load(c0 + b) + Vector.Load(c1 + b), c0 + b);
         }
 
         // Each position's bucket and the entries before it, walking from the nearer end.
@@ -128,7 +140,7 @@ internal static unsafe class RowSelector
 
         // The distinct target buckets (positions ascend, so equal buckets are adjacent) as key ranges
         // [from, from + span], each gathered, in row order, into its own stretch of `candidates`.
-        var candidates = (ulong*)(scratch + Copies * stride * 4L);
+        var candidates = (ulong*)(scratch + Copies * Stride * 4L); // over `bucketOf`, no longer needed
         Span<int> distinct = stackalloc int[positions.Length];
         Span<uint> from = stackalloc uint[positions.Length];
         Span<uint> span = stackalloc uint[positions.Length];
@@ -159,11 +171,28 @@ internal static unsafe class RowSelector
             ranges++;
         }
 
-        if (ranges == 1)
+        // A large bucket is usually copies of one key (task vectors of bfloat16 models take few distinct
+        // values): a branch-free pass checks, and the wanted copy is then found by counting in row order
+        // instead of gathering. The other buckets are gathered, all in one pass.
+        Span<uint> single = stackalloc uint[ranges];
+        Span<bool> isSingle = stackalloc bool[ranges];
+        Span<int> pending = stackalloc int[ranges];
+        int gathers = 0;
+        for (int r = 0; r < ranges; r++)
         {
-            GatherOne(keys, width, from[0], span[0], candidates);
+            isSingle[r] = offset[r + 1] - offset[r] > 32 && SingleKey(keys, width, from[r], span[r], out single[r]);
+            if (!isSingle[r])
+            {
+                pending[gathers++] = r;
+            }
         }
-        else
+
+        if (gathers == 1)
+        {
+            int r = pending[0];
+            GatherOne(keys, width, from[r], span[r], candidates + offset[r]);
+        }
+        else if (gathers > 1)
         {
             Gather(keys, width, ranges, from, span, offset, candidates);
         }
@@ -176,13 +205,96 @@ internal static unsafe class RowSelector
                 range++;
             }
 
-            var entries = new Span<ulong>(candidates + offset[range], offset[range + 1] - offset[range]);
             int rank = positions[p] - before[p];
+            if (isSingle[range])
+            {
+                results[p] = ((ulong)single[range] << 32) | (uint)Occurrence(keys, width, single[range], rank);
+                continue;
+            }
+
+            var entries = new Span<ulong>(candidates + offset[range], offset[range + 1] - offset[range]);
 
             // Entries were gathered in row order: when they all share one key (ties, as in task vectors of
             // bfloat16 models) the stable order is the row order.
             results[p] = SingleKey(entries) ? entries[rank] : Quickselect.Select(entries, rank);
         }
+    }
+
+    /// <summary>Whether every key in [from, from + span] (at least one) is the same, and which.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static bool SingleKey(uint* keys, int width, uint from, uint span, out uint key)
+    {
+        var vfrom = new Vector<uint>(from);
+        var vspan = new Vector<uint>(span);
+        var low = new Vector<uint>(uint.MaxValue);
+        var high = Vector<uint>.Zero;
+        int i = 0;
+        int w = Vector<uint>.Count;
+        for (; i <= width - w; i += w)
+        {
+            var k = Vector.Load(keys + i);
+            var inside = Vector.LessThanOrEqual(k - vfrom, vspan);
+            low = Vector.Min(low, k | ~inside);
+            high = Vector.Max(high, k & inside);
+        }
+
+        uint min = uint.MaxValue, max = 0;
+        for (int lane = 0; lane < w; lane++)
+        {
+            min = Math.Min(min, low[lane]);
+            max = Math.Max(max, high[lane]);
+        }
+
+        for (; i < width; i++)
+        {
+            if (keys[i] - from <= span)
+            {
+                min = Math.Min(min, keys[i]);
+                max = Math.Max(max, keys[i]);
+            }
+        }
+
+        key = min;
+        return min == max;
+    }
+
+    /// <summary>The row index of occurrence <paramref name="occurrence"/> (0-based, in row order) of <paramref name="key"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static int Occurrence(uint* keys, int width, uint key, int occurrence)
+    {
+        var vkey = new Vector<uint>(key);
+        int i = 0;
+        int w = Vector<uint>.Count;
+        for (; i <= width - w; i += w)
+        {
+            var equal = Vector.Equals(Vector.Load(keys + i), vkey);
+            if (equal != Vector<uint>.Zero)
+            {
+                ulong bits = Kernels.LaneBits(equal);
+                int here = BitOperations.PopCount(bits);
+                if (occurrence < here)
+                {
+                    for (; occurrence > 0; occurrence--)
+                    {
+                        bits &= bits - 1;
+                    }
+
+                    return i + BitOperations.TrailingZeroCount(bits);
+                }
+
+                occurrence -= here;
+            }
+        }
+
+        for (; i < width; i++)
+        {
+            if (keys[i] == key && occurrence-- == 0)
+            {
+                return i;
+            }
+        }
+
+        throw new InvalidOperationException("Row selection lost a tie.");
     }
 
     /// <summary>Whether every composite has the same key (high 32 bits).</summary>
@@ -239,8 +351,18 @@ internal static unsafe class RowSelector
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void Gather(uint* keys, int width, int ranges, Span<uint> from, Span<uint> span, Span<int> offset, ulong* candidates)
     {
-        Span<int> found = stackalloc int[ranges];
-        offset[..ranges].CopyTo(found);
+        if (ranges > 2)
+        {
+            for (int r = 0; r < ranges; r++)
+            {
+                GatherOne(keys, width, from[r], span[r], candidates + offset[r]);
+            }
+
+            return;
+        }
+
+        var out0 = candidates + offset[0];
+        var out1 = candidates + offset[1];
         var vfrom0 = new Vector<uint>(from[0]);
         var vspan0 = new Vector<uint>(span[0]);
         var vfrom1 = new Vector<uint>(from[1]);
@@ -250,42 +372,39 @@ internal static unsafe class RowSelector
         for (; i <= width - w; i += w)
         {
             var k = Vector.Load(keys + i);
-            var inside = Vector.LessThanOrEqual(k - vfrom0, vspan0) | Vector.LessThanOrEqual(k - vfrom1, vspan1);
-            if (ranges > 2)
+            var in0 = Vector.LessThanOrEqual(k - vfrom0, vspan0);
+            var in1 = Vector.LessThanOrEqual(k - vfrom1, vspan1);
+            if ((in0 | in1) != Vector<uint>.Zero)
             {
-                for (int lane = 0; lane < w; lane++)
-                {
-                    Add(keys, i + lane, ranges, from, span, found, candidates);
-                }
-            }
-            else if (inside != Vector<uint>.Zero)
-            {
-                ulong bits = Kernels.LaneBits(inside);
+                ulong bits = Kernels.LaneBits(in0);
                 while (bits != 0)
                 {
                     int lane = BitOperations.TrailingZeroCount(bits);
                     bits &= bits - 1;
-                    Add(keys, i + lane, ranges, from, span, found, candidates);
+                    *out0++ = ((ulong)keys[i + lane] << 32) | (uint)(i + lane);
+                }
+
+                bits = Kernels.LaneBits(in1);
+                while (bits != 0)
+                {
+                    int lane = BitOperations.TrailingZeroCount(bits);
+                    bits &= bits - 1;
+                    *out1++ = ((ulong)keys[i + lane] << 32) | (uint)(i + lane);
                 }
             }
         }
 
+        uint from0 = from[0], span0 = span[0], from1 = from[1], span1 = span[1];
         for (; i < width; i++)
         {
-            Add(keys, i, ranges, from, span, found, candidates);
-        }
-    }
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Add(uint* keys, int i, int ranges, Span<uint> from, Span<uint> span, Span<int> found, ulong* candidates)
-    {
-        uint key = keys[i];
-        for (int r = 0; r < ranges; r++)
-        {
-            if (key - from[r] <= span[r])
+            uint key = keys[i];
+            if (key - from0 <= span0)
             {
-                candidates[found[r]++] = ((ulong)key << 32) | (uint)i;
-                return;
+                *out0++ = ((ulong)key << 32) | (uint)i;
+            }
+            else if (key - from1 <= span1)
+            {
+                *out1++ = ((ulong)key << 32) | (uint)i;
             }
         }
     }
