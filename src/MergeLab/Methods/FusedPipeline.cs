@@ -239,6 +239,7 @@ internal static unsafe class FusedPipeline
         public bool HasLower;
         public long Low, High, Width;
         public ulong[]? RowLower, RowUpper;
+        public bool RowsPending;
         public long Stream;
         public uint Threshold;
         public RescaleNorm Rescale;
@@ -406,7 +407,9 @@ internal static unsafe class FusedPipeline
     private static Rule? WindowRule(long low, long high, long width) =>
         high <= low ? Rule.Of(RuleKind.DropAll) : low == 0 && high == width ? Rule.Of(RuleKind.KeepAll) : null;
 
-    /// <summary>Each row's window bounds for the Breadcrumbs paper variant, rows in parallel.</summary>
+    /// <summary>Each row's window bounds for the Breadcrumbs paper variant: arrays for them, filled here
+    /// for rows too long for the row selector; shorter rows are selected by the kernel, a block of rows
+    /// at a time just before it merges them (<see cref="SelectRows"/>), so the rows are still in cache.</summary>
     private static void SelectRowWindows(Rule[] rules, Inputs inputs)
     {
         var rowRules = Enumerable.Range(0, rules.Length).Where(k => rules[k].Kind == RuleKind.RowWindow).ToArray();
@@ -421,6 +424,7 @@ internal static unsafe class FusedPipeline
         {
             rules[k].RowLower = new ulong[rows];
             rules[k].RowUpper = new ulong[rows];
+            rules[k].RowsPending = width <= 1 << 20;
         }
 
         if (width > 1 << 20)
@@ -439,40 +443,57 @@ internal static unsafe class FusedPipeline
                     r.RowLower![row] = lower?.Composite ?? 0;
                 }
             }
+        }
+    }
 
+    /// <summary>The window bounds of rows [<paramref name="firstRow"/>, <paramref name="endRow"/>) for every
+    /// rule still <see cref="Rule.RowsPending"/>, on the calling thread.</summary>
+    private static void SelectRows(Rule[] rules, DifferenceMagnitudeKeys[] sources, long firstRow, long endRow)
+    {
+        int w = 0;
+        foreach (var r in rules)
+        {
+            if (r.RowsPending)
+            {
+                w = (int)r.Width;
+            }
+        }
+
+        if (w == 0)
+        {
             return;
         }
 
-        int w = (int)width;
-        var sources = rowRules.Select(k => new DifferenceMagnitudeKeys(inputs.Experts[k], inputs.Base)).ToArray();
-        long rowsPerTask = Math.Max(1, Math.Min(64, rows / (4 * CpuParallel.Threads)));
-        CpuParallel.For(CpuParallel.BlockCount(rows, rowsPerTask), task =>
+        var scratch = ThreadScratch.Get(w * 12L + RowSelector.ScratchBytes(w));
+        var keys = (uint*)scratch;
+        var floats = (float*)(scratch + w * 4L);
+        var rowScratch = scratch + w * 12L;
+        Span<int> positions = stackalloc int[2];
+        Span<ulong> results = stackalloc ulong[2];
+        for (int k = 0; k < rules.Length; k++)
         {
-            var scratch = ThreadScratch.Get(w * 12L + RowSelector.ScratchBytes(w));
-            var keys = (uint*)scratch;
-            var floats = (float*)(scratch + w * 4L);
-            var rowScratch = scratch + w * 12L;
-            Span<int> positions = stackalloc int[2];
-            Span<ulong> results = stackalloc ulong[2];
-            for (long row = task * rowsPerTask; row < Math.Min(rows, (task + 1) * rowsPerTask); row++)
+            var r = rules[k];
+            if (!r.RowsPending)
             {
-                for (int j = 0; j < rowRules.Length; j++)
-                {
-                    var r = rules[rowRules[j]];
-                    sources[j].Fill(row * width, w, keys, floats);
-                    int count = 0;
-                    if (r.Low > 0)
-                    {
-                        positions[count++] = (int)r.Low - 1;
-                    }
-
-                    positions[count++] = (int)r.High - 1;
-                    RowSelector.Select(keys, w, positions[..count], results[..count], rowScratch);
-                    r.RowLower![row] = r.Low > 0 ? results[0] : 0;
-                    r.RowUpper![row] = results[count - 1];
-                }
+                continue;
             }
-        });
+
+            var source = sources[k];
+            int count = 0;
+            if (r.Low > 0)
+            {
+                positions[count++] = (int)r.Low - 1;
+            }
+
+            positions[count++] = (int)r.High - 1;
+            for (long row = firstRow; row < endRow; row++)
+            {
+                source.Fill(row * w, w, keys, floats);
+                RowSelector.Select(keys, w, positions[..count], results[..count], rowScratch);
+                r.RowLower![row] = r.Low > 0 ? results[0] : 0;
+                r.RowUpper![row] = results[count - 1];
+            }
+        }
     }
 
     private static CpuFloats Slice(CpuFloats x, long start, long length) =>
@@ -532,6 +553,7 @@ internal static unsafe class FusedPipeline
         private readonly bool _plainNormalize;
         private readonly bool _plain;
         private readonly long _rowWidth;
+        private readonly DifferenceMagnitudeKeys[] _rowSources;
 
         public Kernel(TaskVectorPipeline pipeline, Inputs inputs, Rule[] rules)
         {
@@ -552,6 +574,7 @@ internal static unsafe class FusedPipeline
 
             _plain = _consensus is null && rules.All(r => r.Kind == RuleKind.KeepAll);
             _rowWidth = rules.FirstOrDefault(r => r.Kind == RuleKind.RowWindow)?.Width ?? 0;
+            _rowSources = inputs.Experts.Select(e => new DifferenceMagnitudeKeys(e, inputs.Base)).ToArray();
         }
 
         /// <summary>The sign a parameter takes when its election sums to 0.</summary>
@@ -579,11 +602,14 @@ internal static unsafe class FusedPipeline
             var output = CpuTensors.Pointer(result);
             bool bf16 = outputType == ScalarType.BFloat16;
             long n = _inputs.Length;
-            CpuParallel.For(CpuParallel.BlockCount(n, Chunk), b =>
+            long block = BlockLength;
+            CpuParallel.For(CpuParallel.BlockCount(n, block), b =>
             {
-                long start = b * Chunk;
-                Chunked(start, Math.Min(n, start + Chunk), output, bf16, null);
+                long start = b * block;
+                long end = Math.Min(n, start + block);
+                ForRows(start, end, (s, e) => Chunked(s, e, output, bf16, null));
             });
+            FinishPendingRows();
 
             if (direct)
             {
@@ -596,19 +622,57 @@ internal static unsafe class FusedPipeline
             }
         }
 
+        /// <summary>Entries per parallel block: <see cref="Chunk"/>, or whole rows (about a chunk's worth)
+        /// while row windows are still to be selected, so each block selects its own rows and merges them
+        /// while they are in cache.</summary>
+        private long BlockLength => _rules.Any(r => r.RowsPending) ? Math.Max(1, Chunk / _rowWidth) * _rowWidth : Chunk;
+
+        /// <summary>Runs <paramref name="body"/> over entries [start, end): at once, or, while row windows
+        /// are still to be selected, one row at a time right after selecting its windows, so the merge
+        /// reads the row's inputs (base and every expert) from cache.</summary>
+        private void ForRows(long start, long end, RangeBody body)
+        {
+            if (!_rules.Any(r => r.RowsPending))
+            {
+                body(start, end);
+                return;
+            }
+
+            for (long row = start / _rowWidth; row < end / _rowWidth; row++)
+            {
+                SelectRows(_rules, _rowSources, row, row + 1);
+                body(row * _rowWidth, (row + 1) * _rowWidth);
+            }
+        }
+
+        private delegate void RangeBody(long start, long end);
+
+        /// <summary>After a pass over every row, all row windows are known.</summary>
+        private void FinishPendingRows()
+        {
+            foreach (var r in _rules)
+            {
+                r.RowsPending = false;
+            }
+        }
+
         /// <summary>Σ over all entries of the elected sign before the zero rule.</summary>
         public long SignSum()
         {
             long n = _inputs.Length;
-            long blocks = CpuParallel.BlockCount(n, Chunk);
+            long block = BlockLength;
+            long blocks = CpuParallel.BlockCount(n, block);
             var sums = new long[blocks];
             CpuParallel.For(blocks, b =>
             {
-                long start = b * Chunk;
-                long sum = 0;
-                Chunked(start, Math.Min(n, start + Chunk), null, false, &sum);
-                sums[b] = sum;
+                long start = b * block;
+                long end = Math.Min(n, start + block);
+                var sum = stackalloc long[1];
+                sum[0] = 0;
+                ForRows(start, end, (s, e) => Chunked(s, e, null, false, sum));
+                sums[b] = sum[0];
             });
+            FinishPendingRows();
 
             return sums.Sum();
         }
