@@ -42,7 +42,7 @@ public abstract class ThresholdBenchmarks : IMovesBytes
         using (values)
         using (indices)
         {
-            return values.cpu().item<float>();
+            return values.item<float>();
         }
     }
 

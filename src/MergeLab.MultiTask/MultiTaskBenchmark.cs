@@ -226,7 +226,11 @@ public static class MultiTaskBenchmark
     {
         int count = (int)Math.Min(o.AdaMergingBatches, test.Count / o.AdaMergingBatchSize);
         return Enumerable.Range(0, count)
-            .Select(i => test.Inputs.narrow(0, (long)i * o.AdaMergingBatchSize, o.AdaMergingBatchSize).clone().DetachFromDisposeScope())
+            .Select(i =>
+            {
+                using var view = test.Inputs.narrow(0, (long)i * o.AdaMergingBatchSize, o.AdaMergingBatchSize);
+                return view.clone().DetachFromDisposeScope();
+            })
             .ToArray();
     }
 

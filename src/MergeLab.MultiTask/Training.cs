@@ -149,7 +149,7 @@ internal static class Training
         backbone.train();
         for (int epoch = 0; epoch < o.FineTuneEpochs; epoch++)
         {
-            foreach (var (x, y) in Batches(data, task, o.BatchSize, random, noise, o.FineTuneExamples))
+            foreach (var (x, y) in data.TrainBatches(task, o.BatchSize, random, noise, o.FineTuneExamples))
             {
                 ct.ThrowIfCancellationRequested();
                 using var scope = NewDisposeScope();
@@ -169,7 +169,4 @@ internal static class Training
 
         backbone.eval();
     }
-
-    private static IEnumerable<(Tensor, Tensor)> Batches(BenchmarkData data, int task, int batchSize, Random random, Generator noise, long? limit) =>
-        data.TrainBatches(task, batchSize, random, noise, limit);
 }

@@ -606,6 +606,7 @@ public sealed class AdaMerging
             double bias1 = 1 - Math.Pow(o.Beta1, _step);
             double bias2 = 1 - Math.Pow(o.Beta2, _step);
             double stepSize = o.LearningRate / bias1;
+            double sqrtBias2 = Math.Sqrt(bias2);
             int cols = parameters.GetLength(1);
             for (int k = 0; k < _m.Length; k++)
             {
@@ -613,7 +614,7 @@ public sealed class AdaMerging
                 double g = gradient[r, c];
                 _m[k] = o.Beta1 * _m[k] + (1 - o.Beta1) * g;
                 _v[k] = o.Beta2 * _v[k] + (1 - o.Beta2) * g * g;
-                double denom = Math.Sqrt(_v[k]) / Math.Sqrt(bias2) + o.Epsilon;
+                double denom = Math.Sqrt(_v[k]) / sqrtBias2 + o.Epsilon;
                 parameters[r, c] -= stepSize * _m[k] / denom;
             }
         }

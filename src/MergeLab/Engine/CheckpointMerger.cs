@@ -200,6 +200,8 @@ public static class CheckpointMerger
         catch (OperationCanceledException) when (!ct.IsCancellationRequested)
         {
             // Not the caller's cancellation: the reader failed and stopped the pass. Throw its error.
+            // Stop the reader first, so one blocked on a full queue returns.
+            stop.Cancel();
             try
             {
                 reader.Wait(CancellationToken.None);
@@ -285,6 +287,19 @@ public static class CheckpointMerger
             catch
             {
                 tensor.Dispose();
+                if (_stop.IsCancellationRequested)
+                {
+                    // Woken by the writer's failure (or a cancellation): let it finish so its error,
+                    // not a bare cancellation, is what this throws.
+                    try
+                    {
+                        _task.Wait(CancellationToken.None);
+                    }
+                    catch (AggregateException)
+                    {
+                    }
+                }
+
                 ThrowIfFailed();
                 throw;
             }

@@ -164,6 +164,8 @@ internal static class FiniteCheck
         long n = flat.shape[0];
         for (long start = 0; start < n; start += ChunkElements)
         {
+            // Each chunk's temporaries (its flags are a byte per element) go before the next chunk.
+            using var chunk = NewDisposeScope();
             if (!flat.narrow(0, start, Math.Min(ChunkElements, n - start)).isfinite().all().item<bool>())
             {
                 return false;

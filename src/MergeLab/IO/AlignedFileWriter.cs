@@ -21,28 +21,25 @@ internal sealed unsafe class AlignedFileWriter : IDisposable
     private readonly Dictionary<long, (nint Data, int Filled)> _partial = [];
     private readonly long _length;
 
-    private AlignedFileWriter(SafeFileHandle handle, long length, bool direct)
+    private AlignedFileWriter(SafeFileHandle handle, long length)
     {
         Handle = handle;
         _length = length;
-        IsDirect = direct;
     }
 
     /// <summary>The open file.</summary>
     public SafeFileHandle Handle { get; }
 
-    /// <summary>Whether the file was opened for direct I/O.</summary>
-    public bool IsDirect { get; }
-
     /// <summary>Creates <paramref name="path"/> (which must not exist) with <paramref name="length"/> bytes
     /// reserved on disk where the file system supports it, switched to direct I/O where allowed.</summary>
-    public static AlignedFileWriter Create(string path, long length, bool tryDirect = true)
+    public static AlignedFileWriter Create(string path, long length)
     {
         var handle = File.OpenHandle(path, FileMode.CreateNew, FileAccess.ReadWrite, FileShare.None, FileOptions.None, preallocationSize: length);
         try
         {
             RandomAccess.SetLength(handle, length);
-            return new AlignedFileWriter(handle, length, tryDirect && TrySetDirect(handle));
+            TrySetDirect(handle);
+            return new AlignedFileWriter(handle, length);
         }
         catch
         {

@@ -1,7 +1,5 @@
 using System.Buffers.Binary;
 using System.Globalization;
-using System.Text;
-using Microsoft.Win32.SafeHandles;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -128,11 +126,8 @@ public sealed unsafe class PlannedCheckpointWriter : IDisposable
         using var scope = torch.NewDisposeScope();
         var cpu = tensor.device_type == DeviceType.CPU ? tensor : tensor.to(CPU);
         var contiguous = cpu.is_contiguous() ? cpu : cpu.contiguous();
-        long start = place.Shard.DataStart + place.Entry.Begin;
-        var file = place.Shard.File!;
-        byte* staging = Staging();
-        TensorBytes.ForEachChunk(contiguous, TensorBytes.DefaultChunkBytes,
-            (span, byteOffset) => file.Write(span, start + byteOffset, staging, StagingBytes));
+        TensorBytes.WriteAt(place.Shard.File!, place.Shard.DataStart + place.Entry.Begin, contiguous, Staging(), StagingBytes,
+            TensorBytes.DefaultChunkBytes);
         _bytesWritten += place.Entry.ByteLength;
     }
 

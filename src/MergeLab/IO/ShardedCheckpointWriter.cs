@@ -1,5 +1,4 @@
 using System.Globalization;
-using System.Text;
 using TorchSharp;
 using static TorchSharp.torch;
 

@@ -43,14 +43,14 @@ internal static class TensorBytes
         ForEachChunk(source, chunkBytes, (span, _) => stream.Write(span));
 
     /// <summary>Writes the bytes of the contiguous CPU tensor <paramref name="source"/> at
-    /// <paramref name="fileOffset"/> with positioned writes (safe from several threads on one handle).</summary>
-    public static void WriteAt(SafeFileHandle file, long fileOffset, Tensor source, int chunkBytes) =>
-        ForEachChunk(source, chunkBytes, (span, byteOffset) => RandomAccess.Write(file, span, fileOffset + byteOffset));
+    /// <paramref name="fileOffset"/> of <paramref name="file"/>, through its aligned staging buffer.</summary>
+    public static unsafe void WriteAt(AlignedFileWriter file, long fileOffset, Tensor source, byte* staging, int stagingBytes, int chunkBytes) =>
+        ForEachChunk(source, chunkBytes, (span, byteOffset) => file.Write(span, fileOffset + byteOffset, staging, stagingBytes));
 
-    public delegate void ChunkAction(Span<byte> chunk, long byteOffset);
+    private delegate void ChunkAction(Span<byte> chunk, long byteOffset);
 
     /// <summary>Calls <paramref name="action"/> on the bytes of the contiguous CPU tensor <paramref name="tensor"/>, at most <paramref name="chunkBytes"/> at a time.</summary>
-    public static void ForEachChunk(Tensor tensor, int chunkBytes, ChunkAction action)
+    private static void ForEachChunk(Tensor tensor, int chunkBytes, ChunkAction action)
     {
         long elementCount = tensor.numel();
         if (elementCount == 0)

@@ -513,7 +513,7 @@ internal static unsafe class ExactSelector
         {
             for (int j = 0; j < runs; j++)
             {
-                long offset = (long)(Mix((ulong)j) % (ulong)(stride - SampleRun + 1));
+                long offset = (long)(MergeLab.Stages.DropMask.SplitMix((ulong)j) % (ulong)(stride - SampleRun + 1));
                 source.Fill(j * stride + offset, SampleRun, s + j * SampleRun, floats);
             }
         }
@@ -549,14 +549,6 @@ internal static unsafe class ExactSelector
             queries[i].Low = lo < 0 ? 0 : values[Array.IndexOf(positions, lo)];
             queries[i].High = hi >= sampleCount ? uint.MaxValue : values[Array.IndexOf(positions, hi)];
         }
-    }
-
-    private static ulong Mix(ulong x)
-    {
-        x += 0x9E3779B97F4A7C15UL;
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9UL;
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EBUL;
-        return x ^ (x >> 31);
     }
 
     // ---- The exact fallback: radix select over the key bits, then the tie's position. -------------

@@ -211,8 +211,9 @@ internal static unsafe class DropMask
         }
     }
 
+    /// <summary>SplitMix64's output function of <paramref name="x"/> (also the selector's sample positions).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static ulong SplitMix(ulong x)
+    internal static ulong SplitMix(ulong x)
     {
         x += Gamma;
         x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9UL;
