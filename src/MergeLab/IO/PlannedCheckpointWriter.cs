@@ -1,5 +1,4 @@
 using System.Buffers.Binary;
-using System.Globalization;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -70,7 +69,7 @@ public sealed unsafe class PlannedCheckpointWriter : IDisposable
         {
             foreach (var group in Split(tensors, maxShardBytes))
             {
-                var shard = new Shard(Path.Combine(directory, string.Create(CultureInfo.InvariantCulture, $"{prefix}-shard-{_shards.Count + 1:D5}.safetensors")));
+                var shard = new Shard(ShardLayout.TempShardPath(directory, prefix, _shards.Count));
                 _shards.Add(shard);
                 shard.Open(group, metadata, _places, Staging());
                 TotalSize += group.Sum(t => t.ByteLength);

@@ -17,6 +17,10 @@ internal static class ShardLayout
     public static string ShardFileName(int k, int n) =>
         n == 1 ? SafetensorsCheckpoint.SingleFileName : string.Create(CultureInfo.InvariantCulture, $"model-{k + 1:D5}-of-{n:D5}.safetensors");
 
+    /// <summary>The temporary path of shard <paramref name="k"/> (0-based) while the checkpoint is written.</summary>
+    public static string TempShardPath(string directory, string prefix, int k) =>
+        Path.Combine(directory, string.Create(CultureInfo.InvariantCulture, $"{prefix}-shard-{k + 1:D5}.safetensors"));
+
     /// <summary>
     /// Renames the written shards (temporary paths, in order, with the tensor names each holds) to their
     /// final names in <paramref name="directory"/>, writes the index when there are several, and deletes

@@ -1,4 +1,3 @@
-using System.Globalization;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -201,8 +200,7 @@ public sealed class ShardedCheckpointWriter : IDisposable
     /// <summary>Writes one shard under a temporary name and disposes its tensors.</summary>
     private void WriteShard(List<KeyValuePair<string, Tensor>> tensors)
     {
-        string tempPath = Path.Combine(Directory,
-            string.Create(CultureInfo.InvariantCulture, $"{_tempPrefix}-shard-{_shards.Count + 1:D5}.safetensors"));
+        string tempPath = ShardLayout.TempShardPath(Directory, _tempPrefix, _shards.Count);
         try
         {
             SafetensorsWriter.Write(tempPath, tensors, _shardMetadata);
