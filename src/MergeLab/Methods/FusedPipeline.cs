@@ -552,6 +552,7 @@ internal static unsafe class FusedPipeline
         private readonly float _plainDivisor;
         private readonly bool _plainNormalize;
         private readonly bool _plain;
+        private readonly bool _limitsOnly;
         private readonly long _rowWidth;
         private readonly DifferenceMagnitudeKeys[] _rowSources;
 
@@ -573,6 +574,8 @@ internal static unsafe class FusedPipeline
             }
 
             _plain = _consensus is null && rules.All(r => r.Kind == RuleKind.KeepAll);
+            _limitsOnly = _consensus is not null
+                && rules.All(r => r.Kind is RuleKind.KeepAll or RuleKind.DropAll or RuleKind.KeyAtLeast or RuleKind.Top && r.Factor == 1f && !r.Divide);
             _rowWidth = rules.FirstOrDefault(r => r.Kind == RuleKind.RowWindow)?.Width ?? 0;
             _rowSources = inputs.Experts.Select(e => new DifferenceMagnitudeKeys(e, inputs.Base)).ToArray();
         }
@@ -711,6 +714,7 @@ internal static unsafe class FusedPipeline
                 Scale = _scale,
                 Lambda = new Vector<float>(_lambda),
                 Fill = new Vector<float>(Fill),
+                UnitWeights = _weights.All(x => x == 1f),
             };
             for (long i = start; i < end;)
             {
@@ -757,8 +761,20 @@ internal static unsafe class FusedPipeline
                 }
             }
 
+            bool limitsOnly = _limitsOnly;
             for (; i + 2 * w <= end; i += 2 * w)
             {
+                if (limitsOnly)
+                {
+                    // Runs of blocks where every expert's mask is one key comparison; the one block where a
+                    // Top rule's tie index falls goes through the general code below.
+                    i = LimitRun(setup, inputs, i, end, tau, output, outBf16, signSum != null, ref signs);
+                    if (i + 2 * w > end)
+                    {
+                        break;
+                    }
+                }
+
                 Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
                 for (int k = 0; k < experts; k++)
                 {
@@ -795,6 +811,104 @@ internal static unsafe class FusedPipeline
             {
                 Tail(setup, inputs, i, (int)(end - i), row, tau, output, outBf16, signSum);
             }
+        }
+
+        /// <summary>
+        /// Merges blocks of 2·lanes entries from <paramref name="start"/> while every expert's mask is
+        /// "magnitude key ≥ limit" for the whole block (all rules are keep-all, drop-all, a key threshold,
+        /// or a top-k whose tie index lies outside the block), and returns where it stopped: at
+        /// <paramref name="end"/>'s last whole block, or at the block that holds a top-k tie index. Same
+        /// operations in the same order as the general loop, so the same bits.
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private long LimitRun(Setup* setup, Streams inputs, long start, long end, Vector<float>* tau, void* output, bool outBf16, bool signOnly, ref Vector<float> signs)
+        {
+            int w = Vector<float>.Count;
+            int experts = setup->Experts;
+            long stop = start + (end - start) / (2 * w) * (2 * w);
+            var limits = stackalloc Vector<uint>[experts];
+            for (int k = 0; k < experts; k++)
+            {
+                var r = _rules[k];
+                uint limit;
+                switch (r.Kind)
+                {
+                    case RuleKind.KeepAll:
+                        limit = 0;
+                        break;
+                    case RuleKind.DropAll:
+                        limit = uint.MaxValue; // above every magnitude key (< 2^31)
+                        break;
+                    case RuleKind.KeyAtLeast:
+                        limit = r.Key;
+                        break;
+                    default:
+                    {
+                        uint key = (uint)(r.Upper >> 32);
+                        long last = uint.MaxValue - (uint)r.Upper;
+                        if (start > last)
+                        {
+                            limit = key + 1;
+                        }
+                        else
+                        {
+                            limit = key;
+                            long mixed = start + (last - start) / (2 * w) * (2 * w);
+                            stop = Math.Min(stop, mixed);
+                        }
+
+                        break;
+                    }
+                }
+
+                limits[k] = new Vector<uint>(limit);
+            }
+
+            var one = Vector<float>.One;
+            var zero = Vector<float>.Zero;
+            var magnitude = new Vector<uint>(FloatKeys.MagnitudeMask);
+            bool onWeighted = setup->OnWeighted;
+            bool bySum = setup->BySum;
+            var fill = setup->Fill;
+            long i = start;
+            for (; i < stop; i += 2 * w)
+            {
+                Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+                Vector<float> score0 = zero, score1 = zero;
+                for (int k = 0; k < experts; k++)
+                {
+                    Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
+                    var t0 = e0 - b0;
+                    var t1 = e1 - b1;
+                    var limit = limits[k];
+                    t0 *= Vector.ConditionalSelect(Vector.AsVectorInt32(Vector.GreaterThanOrEqual(Vector.AsVectorUInt32(t0) & magnitude, limit)), one, zero);
+                    t1 *= Vector.ConditionalSelect(Vector.AsVectorInt32(Vector.GreaterThanOrEqual(Vector.AsVectorUInt32(t1) & magnitude, limit)), one, zero);
+                    if (onWeighted)
+                    {
+                        t0 *= setup->Weights[k];
+                        t1 *= setup->Weights[k];
+                    }
+
+                    tau[2 * k] = t0;
+                    tau[2 * k + 1] = t1;
+                    score0 += bySum ? t0 : Sign(t0, one, zero);
+                    score1 += bySum ? t1 : Sign(t1, one, zero);
+                }
+
+                var sign0 = Sign(score0, one, zero);
+                var sign1 = Sign(score1, one, zero);
+                if (signOnly)
+                {
+                    signs += sign0 + sign1;
+                    continue;
+                }
+
+                sign0 = Vector.ConditionalSelect(Vector.Equals(sign0, zero), fill, sign0);
+                sign1 = Vector.ConditionalSelect(Vector.Equals(sign1, zero), fill, sign1);
+                StreamLoop.Store(output, outBf16, i, b0 + Agree(setup, tau, 0, sign0), b1 + Agree(setup, tau, 1, sign1));
+            }
+
+            return i;
         }
 
         /// <summary>The last entries of a piece, copied into zero-padded float32 blocks of 2·lanes.</summary>
@@ -1024,30 +1138,7 @@ internal static unsafe class FusedPipeline
             {
                 var sign = RawSign(setup, tau, half);
                 sign = Vector.ConditionalSelect(Vector.Equals(sign, zero), setup->Fill, sign);
-                var positive = Vector.GreaterThan(sign, zero);
-                var agreeing = zero;
-                var divisor = zero;
-                for (int k = 0; k < experts; k++)
-                {
-                    var s = tau[2 * k + half];
-                    var w = setup->Weights[k];
-                    var weighted = setup->OnWeighted ? s : s * w;
-                    var elect = s;
-                    var agree = Vector.ConditionalSelect(positive, Vector.GreaterThan(elect, zero), Vector.LessThan(elect, zero));
-                    var a = Vector.ConditionalSelect(agree, one, zero);
-                    merged += weighted * a;
-                    agreeing += a;
-                    divisor += w * a;
-                }
-
-                if (setup->MeanOfAgreeing)
-                {
-                    merged /= Vector.Max(agreeing, one);
-                }
-                else if (setup->WeightNormalized)
-                {
-                    merged /= Vector.ConditionalSelect(Vector.Equals(divisor, zero), one, divisor);
-                }
+                return Agree(setup, tau, half, sign);
             }
 
             if (setup->Scale)
@@ -1057,6 +1148,50 @@ internal static unsafe class FusedPipeline
 
             return merged;
         }
+
+        /// <summary>The disjoint aggregation of the entries that agree with the elected
+        /// <paramref name="sign"/> (±1), then λ.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static Vector<float> Agree(Setup* setup, Vector<float>* tau, int half, Vector<float> sign)
+        {
+            var zero = Vector<float>.Zero;
+            var one = Vector<float>.One;
+            var merged = zero;
+            var positive = Vector.GreaterThan(sign, zero);
+            var agreeing = zero;
+            var divisor = zero;
+            bool onWeighted = setup->OnWeighted;
+            bool unit = setup->UnitWeights; // s·1 = s and Σ 1·a = Σ a exactly: the products are skipped
+            for (int k = 0; k < setup->Experts; k++)
+            {
+                var s = tau[2 * k + half];
+                var agree = Vector.ConditionalSelect(positive, Vector.GreaterThan(s, zero), Vector.LessThan(s, zero));
+                var a = Vector.ConditionalSelect(agree, one, zero);
+                agreeing += a;
+                if (unit)
+                {
+                    merged += s * a;
+                    continue;
+                }
+
+                var w = setup->Weights[k];
+                var weighted = onWeighted ? s : s * w;
+                merged += weighted * a;
+                divisor += w * a;
+            }
+
+            if (setup->MeanOfAgreeing)
+            {
+                merged /= Vector.Max(agreeing, one);
+            }
+            else if (setup->WeightNormalized)
+            {
+                var d = unit ? agreeing : divisor;
+                merged /= Vector.ConditionalSelect(Vector.Equals(d, zero), one, d);
+            }
+
+            return setup->Scale ? merged * setup->Lambda : merged;
+        }
     }
 
     /// <summary>What one kernel call needs in the inner loop, hoisted out of the pipeline's objects.</summary>
@@ -1065,6 +1200,9 @@ internal static unsafe class FusedPipeline
         public int Experts;
         public Vector<float>* Weights;
         public bool Consensus, OnWeighted, BySum, MeanOfAgreeing, WeightNormalized, PlainNormalize, Scale;
+
+        /// <summary>Every expert's weight is exactly 1.</summary>
+        public bool UnitWeights;
         public Vector<float> PlainDivisor, Lambda, Fill;
     }
 

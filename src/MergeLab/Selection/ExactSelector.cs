@@ -1,5 +1,7 @@
 using System.Numerics;
 using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 
 namespace MergeLab.Selection;
 
@@ -311,6 +313,7 @@ internal static unsafe class ExactSelector
         var insideSpan = new Vector<uint>(hi > lo ? hi - lo - 1 : 0);
         Vector<uint> below = Vector<uint>.Zero, atLow = Vector<uint>.Zero, atHigh = Vector<uint>.Zero;
         var pair = stackalloc uint[2 * w];
+        bool compress = Avx512F.VL.IsSupported && Vector<uint>.Count == Vector256<uint>.Count;
         int found = 0;
         int i = 0;
         for (; i <= count - 2 * w; i += 2 * w)
@@ -323,7 +326,17 @@ internal static unsafe class ExactSelector
             atHigh -= (Vector.Equals(k0, vhi) + Vector.Equals(k1, vhi)) & highMask;
             var in0 = Vector.LessThan(k0 - insideFrom, insideSpan);
             var in1 = Vector.LessThan(k1 - insideFrom, insideSpan);
-            if ((in0 | in1) != Vector<uint>.Zero)
+            if (compress)
+            {
+                // Branch-free: each half's kept keys packed to the front and stored whole; `found` moves by
+                // their count. found ≤ i before the pair, so both stores stay inside the block's
+                // `count` ≤ BlockSize slots.
+                Vector256.Store(Avx512F.VL.Compress(Vector256<uint>.Zero, in0.AsVector256(), k0.AsVector256()), local + found);
+                found += BitOperations.PopCount(Kernels.LaneBits(in0));
+                Vector256.Store(Avx512F.VL.Compress(Vector256<uint>.Zero, in1.AsVector256(), k1.AsVector256()), local + found);
+                found += BitOperations.PopCount(Kernels.LaneBits(in1));
+            }
+            else if ((in0 | in1) != Vector<uint>.Zero)
             {
                 Vector.Store(k0, pair);
                 Vector.Store(k1, pair + w);

@@ -100,12 +100,12 @@ public class FusedKernelTests
         return (b, list);
     }
 
-    private static void Check(MergeMethod method, int experts, ScalarType dtype, long[][] shapes, long seed)
+    private static void Check(MergeMethod method, int experts, ScalarType dtype, long[][] shapes, long seed, bool weights = true)
     {
         var (b, list) = Model(experts, dtype, shapes, seed);
         try
         {
-            var weighted = Weighted(method, experts);
+            var weighted = weights ? Weighted(method, experts) : method;
             using var fast = weighted.Merge(b, list);
             using var reference = Libtorch(() => weighted.Merge(b, list));
             foreach (var name in b.Names)
@@ -157,6 +157,15 @@ public class FusedKernelTests
         }
 
         Check(method, 6, ScalarType.BFloat16, AlignedShapes, 40);
+    }
+
+    /// <summary>With every weight 1 (the methods' default) the kernel skips the products by the weights.</summary>
+    [TestCaseSource(nameof(Methods))]
+    public void Fused_kernel_equals_libtorch_with_the_default_unit_weights(MergeMethod method)
+    {
+        Check(method, 2, ScalarType.Float32, OddShapes, 70, weights: false);
+        Check(method, 5, ScalarType.Float32, AlignedShapes, 71, weights: false);
+        Check(method, 4, ScalarType.BFloat16, AlignedShapes, 72, weights: false);
     }
 
     [TestCaseSource(nameof(Methods))]
