@@ -20,15 +20,6 @@ public enum AdaMergingGranularity
 /// (<c>EnnengYang/AdaMerging</c>, <c>src/main_layer_wise_adamerging.py</c>).</summary>
 public sealed record AdaMergingOptions
 {
-    private readonly double _initial = 0.3;
-    private readonly double _learningRate = 1e-3;
-    private readonly double _beta1 = 0.9;
-    private readonly double _beta2 = 0.999;
-    private readonly double _epsilon = 1e-8;
-    private readonly int _steps = 500;
-    private readonly double _clampMin;
-    private readonly double _clampMax = 1.0;
-
     /// <summary>Task-wise or layer-wise. Default <see cref="AdaMergingGranularity.LayerWise"/> (the
     /// paper's better variant).</summary>
     public AdaMergingGranularity Granularity { get; init; } = AdaMergingGranularity.LayerWise;
@@ -36,78 +27,78 @@ public sealed record AdaMergingOptions
     /// <summary>The initial λ of every task and layer (the reference's <c>prior</c>). Default 0.3; finite.</summary>
     public double InitialCoefficient
     {
-        get => _initial;
+        get;
         init
         {
             MergeLab.Options.RequireFinite(value, nameof(InitialCoefficient));
-            _initial = value;
+            field = value;
         }
-    }
+    } = 0.3;
 
     /// <summary>Adam's learning rate. Default 1e-3; in (0, ∞).</summary>
     public double LearningRate
     {
-        get => _learningRate;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(LearningRate), 0, double.MaxValue, minInclusive: false);
-            _learningRate = value;
+            field = value;
         }
-    }
+    } = 1e-3;
 
     /// <summary>Adam's β₁. Default 0.9; in [0, 1).</summary>
     public double Beta1
     {
-        get => _beta1;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(Beta1), 0, 1, maxInclusive: false);
-            _beta1 = value;
+            field = value;
         }
-    }
+    } = 0.9;
 
     /// <summary>Adam's β₂. Default 0.999; in [0, 1).</summary>
     public double Beta2
     {
-        get => _beta2;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(Beta2), 0, 1, maxInclusive: false);
-            _beta2 = value;
+            field = value;
         }
-    }
+    } = 0.999;
 
     /// <summary>Adam's ε. Default 1e-8 (PyTorch's); in (0, 1].</summary>
     public double Epsilon
     {
-        get => _epsilon;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(Epsilon), 0, 1, minInclusive: false);
-            _epsilon = value;
+            field = value;
         }
-    }
+    } = 1e-8;
 
     /// <summary>The number of Adam steps. Default 500 (the paper); ≥ 0. Each step takes one batch of
     /// every task.</summary>
     public int Steps
     {
-        get => _steps;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(Steps), 0, int.MaxValue);
-            _steps = value;
+            field = value;
         }
-    }
+    } = 500;
 
     /// <summary>The lower bound λ is clamped to in the forward pass. Default 0.</summary>
     public double ClampMin
     {
-        get => _clampMin;
+        get;
         init
         {
             MergeLab.Options.RequireFinite(value, nameof(ClampMin));
-            _clampMin = value;
+            field = value;
         }
     }
 
@@ -115,13 +106,13 @@ public sealed record AdaMergingOptions
     /// <see cref="ClampMin"/>.</summary>
     public double ClampMax
     {
-        get => _clampMax;
+        get;
         init
         {
             MergeLab.Options.RequireFinite(value, nameof(ClampMax));
-            _clampMax = value;
+            field = value;
         }
-    }
+    } = 1.0;
 
     /// <summary>For layer-wise merging: the layer of a parameter name. Null (default):
     /// <see cref="ParameterLayers.ModulePrefix"/>, so a module's weight and bias share one λ (the

@@ -7,42 +7,38 @@ namespace MergeLab.Adaptive;
 /// <summary>Options of <see cref="Lines"/>.</summary>
 public sealed record LinesOptions
 {
-    private readonly double _alpha = 0.1;
-    private readonly double _beta = 0.9;
-    private readonly int? _blockCount;
-
     /// <summary>α, the factor of the shallowest block and of every tensor outside the blocks. Default
     /// 0.1: the authors' single-task example (<c>LiNeS_example.ipynb</c>: α = 0.1, β = 1 − α). Their
     /// multi-task rule is <see cref="Lines.MultiTaskAlpha"/>. Any finite value.</summary>
     public double Alpha
     {
-        get => _alpha;
+        get;
         init
         {
             MergeLab.Options.RequireFinite(value, nameof(Alpha));
-            _alpha = value;
+            field = value;
         }
-    }
+    } = 0.1;
 
     /// <summary>β, the increase from the shallowest to the deepest block: block l of L gets
     /// α + β·l/(L − 1). Default 0.9 (= 1 − α, so the deepest block keeps its full update). The authors
     /// tune it on validation data for multi-task merging. Any finite value.</summary>
     public double Beta
     {
-        get => _beta;
+        get;
         init
         {
             MergeLab.Options.RequireFinite(value, nameof(Beta));
-            _beta = value;
+            field = value;
         }
-    }
+    } = 0.9;
 
     /// <summary>L, the number of blocks; at least 2. Null (default): one more than the largest n such
     /// that <c>.n.</c> occurs in a tensor name (<see cref="ParameterLayers.InferBlockCount"/>); the
     /// reference fixes 12 for ViT-B and 24 for ViT-L.</summary>
     public int? BlockCount
     {
-        get => _blockCount;
+        get;
         init
         {
             if (value is int n)
@@ -50,7 +46,7 @@ public sealed record LinesOptions
                 MergeLab.Options.RequireInRange(n, nameof(BlockCount), 2, int.MaxValue);
             }
 
-            _blockCount = value;
+            field = value;
         }
     }
 

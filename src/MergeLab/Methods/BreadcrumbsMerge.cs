@@ -5,10 +5,6 @@ namespace MergeLab.Methods;
 /// <summary>Options of <see cref="BreadcrumbsMerge"/>.</summary>
 public sealed record BreadcrumbsOptions
 {
-    private readonly double _density = 0.2;
-    private readonly double _gamma = 0.1;
-    private readonly double _lambda = 1.0;
-
     /// <summary>Per row (<see cref="BreadcrumbsVariant.Paper"/>, default) or per tensor (mergekit).</summary>
     public BreadcrumbsVariant Variant { get; init; } = BreadcrumbsVariant.Paper;
 
@@ -16,25 +12,25 @@ public sealed record BreadcrumbsOptions
     /// reference README's example.</summary>
     public double Density
     {
-        get => _density;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(Density), 0, 1);
-            _density = value;
+            field = value;
         }
-    }
+    } = 0.2;
 
     /// <summary>γ: the fraction of largest magnitudes removed, in [0, 1]. Default 0.1, the reference
     /// README's example (mergekit's default is 0.01). 0 removes nothing.</summary>
     public double Gamma
     {
-        get => _gamma;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(Gamma), 0, 1);
-            _gamma = value;
+            field = value;
         }
-    }
+    } = 0.1;
 
     /// <summary>Per-expert (density, gamma) pairs overriding the shared ones; null (default) uses them.</summary>
     public IReadOnlyList<(double Density, double Gamma)>? PerExpert { get; init; }
@@ -56,13 +52,13 @@ public sealed record BreadcrumbsOptions
     /// <summary>λ (the paper's α). Default 1; the paper tunes it (0.2–0.4 typical for many tasks).</summary>
     public double Lambda
     {
-        get => _lambda;
+        get;
         init
         {
             MergeLab.Options.RequireFinite(value, nameof(Lambda));
-            _lambda = value;
+            field = value;
         }
-    }
+    } = 1.0;
 }
 
 /// <summary>

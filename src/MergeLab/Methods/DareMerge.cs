@@ -15,20 +15,17 @@ public enum Combination
 /// <summary>Options of <see cref="DareMerge"/>.</summary>
 public sealed record DareOptions
 {
-    private readonly double _dropRate = 0.9;
-    private readonly double _lambda = 1.0;
-
     /// <summary>p, the probability of dropping each task-vector entry, in [0, 1). Default 0.9 (the
     /// paper's common setting). mergekit's <c>density</c> is 1 − p.</summary>
     public double DropRate
     {
-        get => _dropRate;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(DropRate), 0, 1, maxInclusive: false);
-            _dropRate = value;
+            field = value;
         }
-    }
+    } = 0.9;
 
     /// <summary>Per-expert drop rates overriding <see cref="DropRate"/>; null (default) uses it for all.</summary>
     public IReadOnlyList<double>? DropRates { get; init; }
@@ -54,13 +51,13 @@ public sealed record DareOptions
     /// <summary>λ. Default 1.</summary>
     public double Lambda
     {
-        get => _lambda;
+        get;
         init
         {
             MergeLab.Options.RequireFinite(value, nameof(Lambda));
-            _lambda = value;
+            field = value;
         }
-    }
+    } = 1.0;
 
     /// <summary>The random seed. Default 0. Results are identical for identical inputs and seed, on
     /// any thread count and in any tensor order.</summary>

@@ -7,56 +7,51 @@ namespace MergeLab.Methods;
 /// <summary>Options of <see cref="PcbMerge"/>.</summary>
 public sealed record PcbOptions
 {
-    private readonly double _ratio = 0.1;
-    private readonly double _clampLow = 1e-4;
-    private readonly double _clampHigh = 1e-4;
-    private readonly double _lambda = 1.0;
-
     /// <summary>The fraction of each task's parameters kept by score, in (0, 1]. Default 0.1 (the
     /// reference's <c>pcb_ratio</c>).</summary>
     public double Ratio
     {
-        get => _ratio;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(Ratio), 0, 1, minInclusive: false);
-            _ratio = value;
+            field = value;
         }
-    }
+    } = 0.1;
 
     /// <summary>The low quantile |τ| is clamped to, in [0, 0.5). Default 1e-4 (the reference's main file;
     /// its NLP and vision scripts use 0.01).</summary>
     public double ClampLow
     {
-        get => _clampLow;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(ClampLow), 0, 0.5, maxInclusive: false);
-            _clampLow = value;
+            field = value;
         }
-    }
+    } = 1e-4;
 
     /// <summary>The fraction above the high quantile |τ| is clamped to, in [0, 0.5). Default 1e-4.</summary>
     public double ClampHigh
     {
-        get => _clampHigh;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(ClampHigh), 0, 0.5, maxInclusive: false);
-            _clampHigh = value;
+            field = value;
         }
-    }
+    } = 1e-4;
 
     /// <summary>λ: θ = θ_base + λ·merged. Default 1 (the reference sweeps it on validation data).</summary>
     public double Lambda
     {
-        get => _lambda;
+        get;
         init
         {
             MergeLab.Options.RequireFinite(value, nameof(Lambda));
-            _lambda = value;
+            field = value;
         }
-    }
+    } = 1.0;
 
     /// <summary>Whether quantiles and score thresholds are taken per tensor or over the whole model
     /// (the reference, default).</summary>

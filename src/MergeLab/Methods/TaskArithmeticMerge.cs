@@ -5,8 +5,6 @@ namespace MergeLab.Methods;
 /// <summary>Options of <see cref="TaskArithmeticMerge"/>.</summary>
 public sealed record TaskArithmeticOptions
 {
-    private readonly double _lambda = 1.0;
-
     /// <summary>Per-expert weights w_k; null (default) means 1 each.</summary>
     public IReadOnlyList<double>? Weights { get; init; }
 
@@ -14,13 +12,13 @@ public sealed record TaskArithmeticOptions
     /// typically 0.3–0.5 for many experts).</summary>
     public double Lambda
     {
-        get => _lambda;
+        get;
         init
         {
             Options.RequireFinite(value, nameof(Lambda));
-            _lambda = value;
+            field = value;
         }
-    }
+    } = 1.0;
 
     /// <summary>Divide Σ w_k·τ_k by Σ w_k (mergekit's <c>normalize</c>). Default false.</summary>
     public bool Normalize { get; init; }

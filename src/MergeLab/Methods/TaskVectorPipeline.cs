@@ -14,8 +14,6 @@ namespace MergeLab.Methods;
 /// Immutable and thread-safe: one pipeline may be shared by concurrent merges.</remarks>
 public sealed record TaskVectorPipeline
 {
-    private readonly double _lambda = 1.0;
-
     /// <summary>The sparsifiers: none (empty, the default), one shared by every expert, or one per
     /// expert in expert order.</summary>
     public IReadOnlyList<Sparsifier> Sparsifiers { get; init; } = [];
@@ -32,13 +30,13 @@ public sealed record TaskVectorPipeline
     /// <summary>λ, the scale of the merged task vector. Default 1; any finite value.</summary>
     public double Lambda
     {
-        get => _lambda;
+        get;
         init
         {
             Options.RequireFinite(value, nameof(Lambda));
-            _lambda = value;
+            field = value;
         }
-    }
+    } = 1.0;
 
     /// <summary>Whether any stage needs a whole-model pass before merging.</summary>
     public bool NeedsWholeModelStatistic =>

@@ -25,9 +25,6 @@ public enum TiesPreset
 /// <summary>Options of <see cref="TiesMerge"/>.</summary>
 public sealed record TiesOptions
 {
-    private readonly double _density = 0.2;
-    private readonly double _lambda = 1.0;
-
     /// <summary>The reference reproduced. Default <see cref="TiesPreset.Paper"/>.</summary>
     public TiesPreset Preset { get; init; } = TiesPreset.Paper;
 
@@ -35,13 +32,13 @@ public sealed record TiesOptions
     /// top-20%).</summary>
     public double Density
     {
-        get => _density;
+        get;
         init
         {
             MergeLab.Options.RequireInRange(value, nameof(Density), 0, 1);
-            _density = value;
+            field = value;
         }
-    }
+    } = 0.2;
 
     /// <summary>Per-expert densities overriding <see cref="Density"/> (mergekit's per-model
     /// <c>density</c>); null (default) uses <see cref="Density"/> for all.</summary>
@@ -54,13 +51,13 @@ public sealed record TiesOptions
     /// validation data).</summary>
     public double Lambda
     {
-        get => _lambda;
+        get;
         init
         {
             MergeLab.Options.RequireFinite(value, nameof(Lambda));
-            _lambda = value;
+            field = value;
         }
-    }
+    } = 1.0;
 
     /// <summary>What the sign is elected from. Default <see cref="SignElection.Sum"/> (PEFT's
     /// <c>total</c>); <see cref="SignElection.Count"/> is PEFT's <c>frequency</c>.</summary>
