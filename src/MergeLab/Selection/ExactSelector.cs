@@ -517,7 +517,7 @@ internal static unsafe class ExactSelector
     /// pseudo-random offset within the stratum so periodic structure (rows, heads) cannot alias.</summary>
     private static void SetBrackets(KeySource source, SelectionQuery[] queries, long n)
     {
-        int runs = (int)Math.Clamp(n / (SampleRun * 16), 256, 4096);
+        int runs = (int)Math.Clamp(n / (SampleRun * 256), 256, 4096);
         int sampleCount = runs * SampleRun;
         var sample = new uint[sampleCount];
         long stride = n / runs;
@@ -531,7 +531,6 @@ internal static unsafe class ExactSelector
             }
         }
 
-        var wanted = new List<long>();
         var bounds = new (long Lo, long Hi)[queries.Length];
         for (int i = 0; i < queries.Length; i++)
         {
@@ -543,24 +542,25 @@ internal static unsafe class ExactSelector
             long lo = (long)Math.Floor(center - margin);
             long hi = (long)Math.Ceiling(center + margin);
             bounds[i] = (lo, hi);
-            if (lo >= 0)
-            {
-                wanted.Add(lo);
-            }
-
-            if (hi < sampleCount)
-            {
-                wanted.Add(hi);
-            }
         }
 
-        var positions = wanted.Distinct().Order().ToArray();
-        var values = Quickselect.SelectMany<uint>(sample, positions);
-        for (int i = 0; i < queries.Length; i++)
+        // The sample's order statistics by the radix select of the candidates (two counting passes over
+        // the sample each): several times faster than a quickselect's data-dependent branches.
+        fixed (uint* s = sample)
         {
-            var (lo, hi) = bounds[i];
-            queries[i].Low = lo < 0 ? 0 : values[Array.IndexOf(positions, lo)];
-            queries[i].High = hi >= sampleCount ? uint.MaxValue : values[Array.IndexOf(positions, hi)];
+            uint min = uint.MaxValue, max = 0;
+            for (int j = 0; j < sampleCount; j++)
+            {
+                min = Math.Min(min, s[j]);
+                max = Math.Max(max, s[j]);
+            }
+
+            for (int i = 0; i < queries.Length; i++)
+            {
+                var (lo, hi) = bounds[i];
+                queries[i].Low = lo < 0 ? 0 : SelectKey(s, sampleCount, lo, min, max).Key;
+                queries[i].High = hi >= sampleCount ? uint.MaxValue : SelectKey(s, sampleCount, hi, min, max).Key;
+            }
         }
     }
 
