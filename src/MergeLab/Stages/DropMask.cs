@@ -66,18 +66,13 @@ internal static unsafe class DropMask
         int step = 2 * words; // entries per vector of words
         if (Vector.IsHardwareAccelerated)
         {
-            var lanes = Vector<ulong>.Indices;
-            var gamma = new Vector<ulong>(Gamma);
             var one = new Vector<float>(1f);
             var t = new Vector<uint>(threshold);
             for (; i <= count - step; i += step)
             {
                 ulong counter = (ulong)((start + i) >> 1);
-                var z = new Vector<ulong>((ulong)streamSeed) + (new Vector<ulong>(counter) + lanes + Vector<ulong>.One) * gamma;
-                z = (z ^ Vector.ShiftRightLogical(z, 30)) * new Vector<ulong>(0xBF58476D1CE4E5B9UL);
-                z = (z ^ Vector.ShiftRightLogical(z, 27)) * new Vector<ulong>(0x94D049BB133111EBUL);
-                z ^= Vector.ShiftRightLogical(z, 31);
-                var keep = Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(Vector.AsVectorUInt32(z), 8), t);
+                var z = new Vector<ulong>((ulong)streamSeed + (counter + 1) * Gamma) + LaneSteps;
+                var keep = Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(Words(z), 8), t);
                 var mask = Vector.ConditionalSelect(Vector.AsVectorInt32(keep), one, Vector<float>.Zero);
                 Vector.Store(Vector.Load(values + i) * mask, values + i);
             }
@@ -98,17 +93,20 @@ internal static unsafe class DropMask
             return (ScalarMask(streamSeed, threshold, index), ScalarMask(streamSeed, threshold, index + Vector<uint>.Count));
         }
 
+        // seed + (c + lane + 1)·γ (mod 2⁶⁴) as one scalar product plus lane·γ: no vector product here.
         var t = new Vector<uint>(threshold);
-        var counter = new Vector<ulong>((ulong)(index >> 1)) + Vector<ulong>.Indices + Vector<ulong>.One;
-        var low = Words(streamSeed, counter);
-        var high = Words(streamSeed, counter + new Vector<ulong>((ulong)Vector<ulong>.Count));
-        return (Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(low, 8), t), Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(high, 8), t));
+        var low = new Vector<ulong>((ulong)streamSeed + ((ulong)(index >> 1) + 1) * Gamma) + LaneSteps;
+        var high = low + new Vector<ulong>((ulong)Vector<ulong>.Count * Gamma);
+        return (Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(Words(low), 8), t), Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(Words(high), 8), t));
     }
 
+    /// <summary>lane·γ for each lane of a vector of words.</summary>
+    private static readonly Vector<ulong> LaneSteps = Vector<ulong>.Indices * new Vector<ulong>(Gamma);
+
+    /// <summary>SplitMix64's output mix of each state z = seed + (counter + 1)·γ.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector<uint> Words(long streamSeed, Vector<ulong> counterPlusOne)
+    private static Vector<uint> Words(Vector<ulong> z)
     {
-        var z = new Vector<ulong>((ulong)streamSeed) + counterPlusOne * new Vector<ulong>(Gamma);
         z = (z ^ Vector.ShiftRightLogical(z, 30)) * new Vector<ulong>(0xBF58476D1CE4E5B9UL);
         z = (z ^ Vector.ShiftRightLogical(z, 27)) * new Vector<ulong>(0x94D049BB133111EBUL);
         z ^= Vector.ShiftRightLogical(z, 31);
