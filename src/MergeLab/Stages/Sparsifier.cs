@@ -248,6 +248,8 @@ public sealed record RandomDrop : Sparsifier
             uint threshold = DropMask.KeepThreshold(DropRate);
             long blocks = CpuParallel.BlockCount(n, DropMask.NormBlock);
             var norms = new (double Before, double After)[blocks];
+            bool inverseKeep = RescaleNorm == RescaleNorm.InverseKeepProbability;
+            float keepProbability = (float)(1 - DropRate);
             CpuParallel.For(blocks, b =>
             {
                 long start = b * DropMask.NormBlock;
@@ -257,33 +259,31 @@ public sealed record RandomDrop : Sparsifier
                 var target = output + start;
                 Buffer.MemoryCopy(source, target, count * 4L, count * 4L);
                 DropMask.Apply(stream, threshold, start, count, target);
-                if (RescaleNorm == RescaleNorm.L1)
+                if (inverseKeep)
+                {
+                    // The divisor is known up front: rescaled while the block is in cache.
+                    DropMask.Rescale(target, count, keepProbability, divide: true);
+                }
+                else if (RescaleNorm == RescaleNorm.L1)
                 {
                     norms[b] = DropMask.BlockNorms(source, target, count);
                 }
             });
 
-            float factor = 1f;
-            bool divide = false;
-            if (RescaleNorm == RescaleNorm.InverseKeepProbability)
+            if (RescaleNorm == RescaleNorm.L1)
             {
-                factor = (float)(1 - DropRate);
-                divide = true;
-            }
-            else if (RescaleNorm == RescaleNorm.L1)
-            {
+                // The L1 factor needs every block's norms first: a second pass.
                 var (before, after) = DropMask.SumNorms(norms);
-                factor = DropMask.KeepsNorm(before, after) ? 1f : (float)(before / after);
-            }
-
-            if (divide || factor != 1f)
-            {
-                CpuParallel.For(blocks, b =>
+                float factor = DropMask.KeepsNorm(before, after) ? 1f : (float)(before / after);
+                if (factor != 1f)
                 {
-                    long start = b * DropMask.NormBlock;
-                    int count = (int)Math.Min(DropMask.NormBlock, n - start);
-                    DropMask.Rescale(output + start, count, factor, divide);
-                });
+                    CpuParallel.For(blocks, b =>
+                    {
+                        long start = b * DropMask.NormBlock;
+                        int count = (int)Math.Min(DropMask.NormBlock, n - start);
+                        DropMask.Rescale(output + start, count, factor, divide: false);
+                    });
+                }
             }
 
             return result;
