@@ -93,19 +93,7 @@ public sealed class LayerCoefficients
         }
 
         StateDictChecks.CheckCompatible(null, taskVectors.Select(v => v.Deltas).ToArray(), requiresBase: false);
-        foreach (var name in taskVectors[0].Names)
-        {
-            if (!baseModel.TryGetValue(name, out var b))
-            {
-                throw new MergeException(name, "the task vectors have this tensor but the base model does not.");
-            }
-
-            if (!b.shape.SequenceEqual(taskVectors[0][name].shape))
-            {
-                throw new MergeException(name,
-                    $"the task vectors have shape [{string.Join(", ", taskVectors[0][name].shape)}] but the base has [{string.Join(", ", b.shape)}].");
-            }
-        }
+        StateDictChecks.CheckCovers(baseModel, taskVectors[0].Deltas, "the task vectors");
 
         var result = new StateDict();
         try

@@ -49,4 +49,26 @@ internal static class StateDictChecks
 
         return reference.Names;
     }
+
+    /// <summary>Throws a <see cref="MergeException"/> naming the first tensor of <paramref name="deltas"/>
+    /// that <paramref name="baseModel"/> lacks or holds with another shape.</summary>
+    /// <param name="baseModel">The model the deltas are added to.</param>
+    /// <param name="deltas">The deltas, by tensor name.</param>
+    /// <param name="holder">What holds the deltas, for the message ("the task vector").</param>
+    public static void CheckCovers(StateDict baseModel, StateDict deltas, string holder)
+    {
+        foreach (var (name, delta) in deltas)
+        {
+            if (!baseModel.TryGetValue(name, out var b))
+            {
+                throw new MergeException(name, $"it is in {holder} but not in the base model.");
+            }
+
+            if (!b.shape.SequenceEqual(delta.shape))
+            {
+                throw new MergeException(name,
+                    $"it has shape [{string.Join(", ", delta.shape)}] in {holder} but [{string.Join(", ", b.shape)}] in the base model.");
+            }
+        }
+    }
 }

@@ -119,19 +119,7 @@ public sealed class TaskVector : IDisposable
     {
         ArgumentNullException.ThrowIfNull(baseModel);
         Options.RequireFinite(lambda, nameof(lambda));
-        foreach (var (name, delta) in Deltas)
-        {
-            if (!baseModel.TryGetValue(name, out var b))
-            {
-                throw new MergeException(name, "the task vector has this tensor but the base model does not.");
-            }
-
-            if (!b.shape.SequenceEqual(delta.shape))
-            {
-                throw new MergeException(name,
-                    $"the task vector has shape [{string.Join(", ", delta.shape)}] but the base has [{string.Join(", ", b.shape)}].");
-            }
-        }
+        StateDictChecks.CheckCovers(baseModel, Deltas, "the task vector");
 
         var result = new StateDict();
         try

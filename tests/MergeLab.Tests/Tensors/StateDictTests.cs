@@ -115,6 +115,10 @@ public class TaskVectorTests
         using var other = new StateDict { { "v", zeros(2) } };
         using var tv = TaskVector.Between(b, b);
         var missing = Assert.Throws<MergeException>(() => tv.ApplyTo(other));
-        Assert.That(missing!.Message, Does.Contain("'w'"));
+        Assert.That(missing!.Message, Does.Contain("'w'").And.Contain("not in the base model"));
+
+        using var wider = new StateDict { { "w", zeros(3) } };
+        var mismatch = Assert.Throws<MergeException>(() => tv.ApplyTo(wider));
+        Assert.That(mismatch!.Message, Does.Contain("'w'").And.Contain("[2] in the task vector").And.Contain("[3] in the base model"));
     }
 }
