@@ -60,23 +60,10 @@ public sealed class MlpBackbone : nn.Module<Tensor, Tensor>
     }
 
     /// <summary>A copy of the parameters as a state dict (float32, detached).</summary>
-    public StateDict ToStateDict() => Snapshot(this);
+    public StateDict ToStateDict() => StateDict.FromModule(this);
 
     /// <summary>Copies <paramref name="weights"/> into the module's parameters (names must match).</summary>
     public void Load(StateDict weights) => LoadInto(this, weights);
-
-    /// <summary>A detached copy of a module's parameters and buffers.</summary>
-    internal static StateDict Snapshot(nn.Module module)
-    {
-        var sd = new StateDict();
-        foreach (var (name, value) in module.state_dict())
-        {
-            using var detached = value.detach();
-            sd.Add(name, detached.clone());
-        }
-
-        return sd;
-    }
 
     /// <summary>Copies each named tensor into the module's tensor of that name.</summary>
     internal static void LoadInto(nn.Module module, StateDict weights)

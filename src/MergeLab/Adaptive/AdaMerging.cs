@@ -354,7 +354,7 @@ public sealed class AdaMerging
         private readonly Tensor[] _stacked;        // [T, numel] float32 per name
         private readonly bool[] _requiredGrad;
         private readonly bool _wasTraining;
-        private readonly Dictionary<string, Tensor> _originalState;
+        private readonly StateDict _originalState;
 
         public Run(nn.Module<Tensor, Tensor> module, IReadOnlyList<TaskVector> taskVectors, IReadOnlyList<string> names)
         {
@@ -394,7 +394,7 @@ public sealed class AdaMerging
             }
 
             _wasTraining = module.training;
-            _originalState = module.state_dict().ToDictionary(kv => kv.Key, kv => Copy(kv.Value), StringComparer.Ordinal);
+            _originalState = StateDict.FromModule(module);
             for (int i = 0; i < n; i++)
             {
                 var device = _targets[i].device;
@@ -419,12 +419,6 @@ public sealed class AdaMerging
                     _targets[i].requires_grad_(true);
                 }
             }
-        }
-
-        private static Tensor Copy(Tensor t)
-        {
-            using var detached = t.detach();
-            return detached.clone().DetachFromDisposeScope();
         }
 
         /// <summary>Copies θ0 + λ·τ into the module (no autograd history).</summary>
@@ -507,16 +501,8 @@ public sealed class AdaMerging
         }
 
         /// <summary>The module's state dict with the merged tensors replaced, in state-dict order.</summary>
-        public StateDict MergedStateDict(LayerCoefficients coefficients, IReadOnlyList<TaskVector> taskVectors)
-        {
-            using var baseModel = new StateDict();
-            foreach (var (name, value) in _originalState)
-            {
-                baseModel.Add(name, value.clone());
-            }
-
-            return coefficients.ApplyTo(baseModel, taskVectors);
-        }
+        public StateDict MergedStateDict(LayerCoefficients coefficients, IReadOnlyList<TaskVector> taskVectors) =>
+            coefficients.ApplyTo(_originalState, taskVectors); // ApplyTo copies; the original stays as it is
 
         public void Dispose()
         {
@@ -533,10 +519,12 @@ public sealed class AdaMerging
             }
 
             _module.train(_wasTraining);
-            foreach (var t in _base.Concat(_stacked).Concat(_originalState.Values))
+            foreach (var t in _base.Concat(_stacked))
             {
                 t?.Dispose();
             }
+
+            _originalState.Dispose();
         }
     }
 

@@ -35,6 +35,31 @@ public sealed class StateDict : IReadOnlyDictionary<string, Tensor>, IDisposable
         }
     }
 
+    /// <summary>
+    /// A detached copy of every tensor of <paramref name="module"/>'s <c>state_dict()</c> (parameters and
+    /// buffers, in the module's order, same dtypes and devices): what merges and task vectors take.
+    /// </summary>
+    public static StateDict FromModule(nn.Module module)
+    {
+        ArgumentNullException.ThrowIfNull(module);
+        var result = new StateDict();
+        try
+        {
+            foreach (var (name, value) in module.state_dict())
+            {
+                using var detached = value.detach();
+                result.Add(name, detached.clone());
+            }
+        }
+        catch
+        {
+            result.Dispose();
+            throw;
+        }
+
+        return result;
+    }
+
     /// <summary>The parameter names, in insertion order.</summary>
     public IReadOnlyList<string> Names => _names;
 

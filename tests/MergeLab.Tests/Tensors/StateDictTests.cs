@@ -18,6 +18,20 @@ public class StateDictTests
     }
 
     [Test]
+    public void From_module_copies_parameters_and_buffers_detached()
+    {
+        using var module = TorchSharp.torch.nn.Sequential(("fc", TorchSharp.torch.nn.Linear(3, 2)), ("norm", TorchSharp.torch.nn.BatchNorm1d(2)));
+        using var sd = StateDict.FromModule(module);
+        Assert.That(sd.Names, Is.EqualTo(module.state_dict().Keys.ToArray()));
+        Assert.That(sd.Names, Does.Contain("fc.weight").And.Contain("norm.running_mean"));
+        Assert.That(sd["fc.weight"].requires_grad, Is.False);
+        Assert.That(T.Same(sd["fc.weight"], module.state_dict()["fc.weight"]), Is.True);
+
+        sd["fc.weight"].add_(1); // a copy: the module keeps its weights
+        Assert.That(T.Same(sd["fc.weight"], module.state_dict()["fc.weight"]), Is.False);
+    }
+
+    [Test]
     public void Duplicate_and_missing_names_are_reported()
     {
         using var sd = new StateDict { { "w", zeros(1) } };
