@@ -300,11 +300,12 @@ public sealed class AdaMerging
 
     /// <summary>
     /// The loss and its gradient at given coefficients, for one batch per task: Σ_t mean entropy and
-    /// ∂/∂λ[t, layer] (before any clamp mask). The module is restored afterwards. For tests.
+    /// ∂/∂λ[t, layer] (before any clamp mask). The module is restored afterwards. For tests, which may
+    /// also shrink the inner products' chunk (parameter entries per float64 chunk).
     /// </summary>
     internal static (double Entropy, double[,] Gradient) EntropyAndGradient(nn.Module<Tensor, Tensor> module,
         IReadOnlyList<TaskVector> taskVectors, IReadOnlyList<Tensor> batches, Func<Tensor, int, Tensor> taskLogits,
-        LayerCoefficients coefficients)
+        LayerCoefficients coefficients, long innerProductChunk = Run.DefaultInnerProductChunk)
     {
         var names = taskVectors[0].Names;
         var (layers, layerOfName) = ParameterLayers.Group(names, coefficients.LayerOf);
@@ -313,7 +314,7 @@ public sealed class AdaMerging
             throw new ArgumentException("The coefficients' layers are not the names' layers in order of appearance.", nameof(coefficients));
         }
 
-        using var run = new Run(module, taskVectors, names);
+        using var run = new Run(module, taskVectors, names, innerProductChunk);
         run.Load(coefficients.ToArray(), layerOfName);
         var order = new BatchOrder(batches.Select(b => (IReadOnlyList<Tensor>)[b]).ToArray(), 0);
         return run.EntropyAndGradient(order, taskLogits, layerOfName, layers.Count);
@@ -346,6 +347,11 @@ public sealed class AdaMerging
     /// <summary>The module, its original state and the stacked task vectors for one run.</summary>
     private sealed class Run : IDisposable
     {
+        /// <summary>Parameter entries per float64 inner-product chunk by default (T × 8 MiB of float64).</summary>
+        public const long DefaultInnerProductChunk = 1 << 20;
+
+        private readonly long _innerProductChunk;
+
         private readonly nn.Module<Tensor, Tensor> _module;
         private readonly IReadOnlyList<string> _names;
         private readonly Tensor[] _targets;        // the module's parameter or buffer per name
@@ -356,9 +362,11 @@ public sealed class AdaMerging
         private readonly bool _wasTraining;
         private readonly StateDict _originalState;
 
-        public Run(nn.Module<Tensor, Tensor> module, IReadOnlyList<TaskVector> taskVectors, IReadOnlyList<string> names)
+        public Run(nn.Module<Tensor, Tensor> module, IReadOnlyList<TaskVector> taskVectors, IReadOnlyList<string> names,
+            long innerProductChunk = DefaultInnerProductChunk)
         {
             _module = module;
+            _innerProductChunk = innerProductChunk;
             _names = names;
             var parameters = module.named_parameters().ToDictionary(p => p.name, p => (Tensor)p.parameter, StringComparer.Ordinal);
             var buffers = module.named_buffers().ToDictionary(b => b.name, b => b.buffer, StringComparer.Ordinal);
@@ -488,12 +496,21 @@ public sealed class AdaMerging
                 }
 
                 int i = paramIndex[j];
-                // ⟨∂L/∂θ_p, τ_{t,p}⟩ for every task at once: [T, n] @ [n] in float64.
-                var inner = _stacked[i].to(ScalarType.Float64).matmul(g.flatten().to(ScalarType.Float64)).cpu();
-                var values = inner.data<double>().ToArray();
-                for (int t = 0; t < taskCount; t++)
+                // ⟨∂L/∂θ_p, τ_{t,p}⟩ for every task at once: [T, n] @ [n] in float64, over column chunks
+                // so that the float64 copy of τ stays small however large the parameter is.
+                var flat = g.flatten();
+                long n = flat.shape[0];
+                for (long start = 0; start < n; start += _innerProductChunk)
                 {
-                    gradient[t, layerOfName[i]] += values[t];
+                    using var chunkScope = NewDisposeScope();
+                    long length = Math.Min(_innerProductChunk, n - start);
+                    var inner = _stacked[i].narrow(1, start, length).to(ScalarType.Float64)
+                        .matmul(flat.narrow(0, start, length).to(ScalarType.Float64)).cpu();
+                    var values = inner.data<double>().ToArray();
+                    for (int t = 0; t < taskCount; t++)
+                    {
+                        gradient[t, layerOfName[i]] += values[t];
+                    }
                 }
             }
 

@@ -148,6 +148,17 @@ public class AdaMergingTests
         var (entropy, gradient) = AdaMerging.EntropyAndGradient(p.Net, p.Vectors, [p.Batches[0][0], p.Batches[1][0]], p.Logits, at);
         Assert.That(entropy, Is.EqualTo(DirectEntropy(p, at)).Within(1e-12), "the loss at the coefficients");
 
+        // The inner products ⟨∂L/∂θ, τ⟩ summed over chunks of a parameter (as for parameters of more
+        // than a million entries) give the same gradient up to float64 rounding.
+        var (_, chunked) = AdaMerging.EntropyAndGradient(p.Net, p.Vectors, [p.Batches[0][0], p.Batches[1][0]], p.Logits, at, innerProductChunk: 7);
+        for (int t = 0; t < 2; t++)
+        {
+            for (int l = 0; l < layers.Count; l++)
+            {
+                Assert.That(chunked[t, l], Is.EqualTo(gradient[t, l]).Within(1e-12 * Math.Max(1, Math.Abs(gradient[t, l]))), "chunked inner products");
+            }
+        }
+
         const double h = 1e-5;
         for (int t = 0; t < 2; t++)
         {
