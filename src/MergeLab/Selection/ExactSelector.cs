@@ -276,23 +276,7 @@ internal static unsafe class ExactSelector
         int lowTies = (int)Vector.Sum(atLow), highTies = (int)Vector.Sum(atHigh);
         for (; i < count; i++)
         {
-            uint k = keys[i];
-            if (k < lo)
-            {
-                lessCount++;
-            }
-            else if (k == lo)
-            {
-                lowTies++;
-            }
-            else if (k < hi)
-            {
-                local[found++] = k;
-            }
-            else if (k == hi)
-            {
-                highTies++;
-            }
+            Classify(keys[i], lo, hi, ref lessCount, ref lowTies, ref highTies, local, ref found);
         }
 
         Record(q, block, lessCount, lowTies, highTies, local, found);
@@ -356,26 +340,32 @@ internal static unsafe class ExactSelector
         int lowTies = (int)Vector.Sum(atLow), highTies = (int)Vector.Sum(atHigh);
         for (; i < count; i++)
         {
-            uint k = FloatKeys.Magnitude(expert.At(start + i) - bse[i]);
-            if (k < lo)
-            {
-                lessCount++;
-            }
-            else if (k == lo)
-            {
-                lowTies++;
-            }
-            else if (k < hi)
-            {
-                local[found++] = k;
-            }
-            else if (k == hi)
-            {
-                highTies++;
-            }
+            Classify(FloatKeys.Magnitude(expert.At(start + i) - bse[i]), lo, hi, ref lessCount, ref lowTies, ref highTies, local, ref found);
         }
 
         Record(q, block, lessCount, lowTies, highTies, local, found);
+    }
+
+    /// <summary>One key of a block's scalar tail: below the bracket, at either end, or kept inside it.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void Classify(uint k, uint lo, uint hi, ref long lessCount, ref int lowTies, ref int highTies, uint* local, ref int found)
+    {
+        if (k < lo)
+        {
+            lessCount++;
+        }
+        else if (k == lo)
+        {
+            lowTies++;
+        }
+        else if (k < hi)
+        {
+            local[found++] = k;
+        }
+        else if (k == hi)
+        {
+            highTies++;
+        }
     }
 
     /// <summary>Adds one block's counts and kept keys to the query.</summary>
