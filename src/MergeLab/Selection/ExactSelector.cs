@@ -583,15 +583,7 @@ internal static unsafe class ExactSelector
 
         // Pass 3: occurrences of the key per block, then the tie's index.
         var perBlock = new long[blocks];
-        CpuParallel.For(blocks, block =>
-        {
-            long start = block * BlockSize;
-            int count = (int)Math.Min(BlockSize, n - start);
-            var scratch = ThreadScratch.Get(BlockSize * 12L);
-            var keys = (uint*)scratch;
-            source.Fill(start, count, keys, (float*)(scratch + BlockSize * 4L));
-            perBlock[block] = new ReadOnlySpan<uint>(keys, count).Count(key);
-        });
+        source.ForEachBlock((block, _, count, keys) => perBlock[block] = new ReadOnlySpan<uint>(keys, count).Count(key));
 
         long total = perBlock.Sum();
         q.Composite = Composite(key, LocateTie(source, n, key, q.IndexDescending ? total - 1 - tie : tie, perBlock), q.IndexDescending);

@@ -69,7 +69,26 @@ internal abstract unsafe class KeySource
 
     /// <summary>The key of entry <paramref name="i"/>.</summary>
     public abstract uint KeyAt(long i);
+
+    /// <summary>Runs <paramref name="body"/> on every block of <see cref="ExactSelector.BlockSize"/> keys,
+    /// in parallel, each block's keys filled into the calling thread's scratch.</summary>
+    public void ForEachBlock(KeyBlockBody body)
+    {
+        long n = Length;
+        CpuParallel.For(CpuParallel.BlockCount(n, ExactSelector.BlockSize), block =>
+        {
+            long start = block * ExactSelector.BlockSize;
+            int count = (int)Math.Min(ExactSelector.BlockSize, n - start);
+            var scratch = ThreadScratch.Get(ExactSelector.BlockSize * 12L);
+            var keys = (uint*)scratch;
+            Fill(start, count, keys, (float*)(scratch + ExactSelector.BlockSize * 4L));
+            body(block, start, count, keys);
+        });
+    }
 }
+
+/// <summary>The work on one block of keys: its number, first entry, length and keys.</summary>
+internal unsafe delegate void KeyBlockBody(long block, long start, int count, uint* keys);
 
 /// <summary>|x| of float32/bfloat16 memory.</summary>
 internal sealed unsafe class MagnitudeKeys(CpuFloats values) : KeySource

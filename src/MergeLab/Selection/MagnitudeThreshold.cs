@@ -123,19 +123,12 @@ public static class MagnitudeThreshold
     /// <summary>The bool mask "composite (key, ~index) ≥ <paramref name="boundary"/>" over a whole source.</summary>
     private static unsafe Tensor MaskFromSource(KeySource source, long[] shape, ulong boundary)
     {
-        long n = source.Length;
         var mask = NativeBufferPool.Empty(shape, ScalarType.Bool);
         var output = (byte*)CpuTensors.Pointer(mask);
         uint key = (uint)(boundary >> 32);
         long lastIndex = uint.MaxValue - (uint)boundary; // ties at the boundary key: indices ≤ this are kept
-        long blocks = CpuParallel.BlockCount(n, ExactSelector.BlockSize);
-        CpuParallel.For(blocks, block =>
+        source.ForEachBlock((_, start, count, keys) =>
         {
-            long start = block * ExactSelector.BlockSize;
-            int count = (int)Math.Min(ExactSelector.BlockSize, n - start);
-            var scratch = ThreadScratch.Get(ExactSelector.BlockSize * 12L);
-            var keys = (uint*)scratch;
-            source.Fill(start, count, keys, (float*)(scratch + ExactSelector.BlockSize * 4L));
             for (int i = 0; i < count; i++)
             {
                 uint k = keys[i];
@@ -224,16 +217,9 @@ public static class MagnitudeThreshold
 
     private static unsafe void WindowMaskOfSource(KeySource source, byte* output, ulong lower, ulong upper)
     {
-        long n = source.Length;
         bool hasLower = lower != ulong.MaxValue;
-        long blocks = CpuParallel.BlockCount(n, ExactSelector.BlockSize);
-        CpuParallel.For(blocks, block =>
+        source.ForEachBlock((_, start, count, keys) =>
         {
-            long start = block * ExactSelector.BlockSize;
-            int count = (int)Math.Min(ExactSelector.BlockSize, n - start);
-            var scratch = ThreadScratch.Get(ExactSelector.BlockSize * 12L);
-            var keys = (uint*)scratch;
-            source.Fill(start, count, keys, (float*)(scratch + ExactSelector.BlockSize * 4L));
             for (int i = 0; i < count; i++)
             {
                 ulong c = ((ulong)keys[i] << 32) | (uint)(start + i);
