@@ -69,6 +69,10 @@ internal static unsafe class ExactSelector
     /// <summary>Forces the histogram path (for tests).</summary>
     internal static bool ForceHistogram { get; set; }
 
+    /// <summary>Whether the bracket pass may pack candidates with AVX-512 compress where the CPU has it;
+    /// false takes the portable bit loop (for tests).</summary>
+    internal static bool PackWithCompress { get; set; } = true;
+
     /// <summary>Answers every query; all sources must have the same length.</summary>
     public static void Solve(IReadOnlyList<SelectionQuery> queries)
     {
@@ -297,7 +301,7 @@ internal static unsafe class ExactSelector
         var insideSpan = new Vector<uint>(hi > lo ? hi - lo - 1 : 0);
         Vector<uint> below = Vector<uint>.Zero, atLow = Vector<uint>.Zero, atHigh = Vector<uint>.Zero;
         var pair = stackalloc uint[2 * w];
-        bool compress = Avx512F.VL.IsSupported && Vector<uint>.Count == Vector256<uint>.Count;
+        bool compress = PackWithCompress && Avx512F.VL.IsSupported && Vector<uint>.Count == Vector256<uint>.Count;
         int found = 0;
         int i = 0;
         for (; i <= count - 2 * w; i += 2 * w)

@@ -166,6 +166,52 @@ public class CpuSelectionTests
         }
     }
 
+    [Test]
+    public void Task_vector_brackets_select_the_same_entries_with_and_without_vector_packing()
+    {
+        // Two experts over one base take the fused |θ_k − θ_base| scan, whose candidates are packed by
+        // AVX-512 compress where the CPU has it and by a bit loop elsewhere; both must agree with the
+        // exact histogram path.
+        using var bse = Awkward(300_001, 21);
+        using var e1 = bse + Awkward(300_001, 22) * 0.01;
+        using var e2 = bse + (Awkward(300_001, 23) * 0.01).to(ScalarType.BFloat16).to(ScalarType.Float32);
+        unsafe
+        {
+            var b = CpuTensors.Floats(bse, out var c0);
+            var x1 = CpuTensors.Floats(e1, out var c1);
+            var x2 = CpuTensors.Floats(e2, out var c2);
+            using (c0)
+            using (c1)
+            using (c2)
+            {
+                foreach (long position in new long[] { 0, 150_000, 240_000, 300_000 })
+                {
+                    ulong[] Select(bool compress, bool histogram)
+                    {
+                        var queries = new[] { new SelectionQuery(new DifferenceMagnitudeKeys(x1, b), position, true), new SelectionQuery(new DifferenceMagnitudeKeys(x2, b), position, true) };
+                        ExactSelector.PackWithCompress = compress;
+                        ExactSelector.ForceHistogram = histogram;
+                        try
+                        {
+                            ExactSelector.Solve(queries);
+                        }
+                        finally
+                        {
+                            ExactSelector.PackWithCompress = true;
+                            ExactSelector.ForceHistogram = false;
+                        }
+
+                        return queries.Select(q => q.Composite).ToArray();
+                    }
+
+                    var exact = Select(compress: true, histogram: true);
+                    Assert.That(Select(compress: true, histogram: false), Is.EqualTo(exact), $"packed, position {position}");
+                    Assert.That(Select(compress: false, histogram: false), Is.EqualTo(exact), $"bit loop, position {position}");
+                }
+            }
+        }
+    }
+
     /// <summary>Rows built to hit every path of the row selector: widths 1, 2 and odd ones, all-equal
     /// rows, ±0, few distinct keys (bfloat16-like, ties across both boundaries), more than eight octaves
     /// (targets in the catch-all bucket 0), and signed keys near the top of the key range.</summary>
