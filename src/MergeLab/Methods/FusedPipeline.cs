@@ -424,10 +424,10 @@ internal static unsafe class FusedPipeline
         {
             rules[k].RowLower = new ulong[rows];
             rules[k].RowUpper = new ulong[rows];
-            rules[k].RowsPending = width <= 1 << 20;
+            rules[k].RowsPending = width <= RowWindow.MaxShortRow;
         }
 
-        if (width > 1 << 20)
+        if (width > RowWindow.MaxShortRow)
         {
             // Few long rows: each row with the whole-buffer selector, which is itself multi-threaded.
             foreach (int k in rowRules)
@@ -435,12 +435,8 @@ internal static unsafe class FusedPipeline
                 var r = rules[k];
                 for (long row = 0; row < rows; row++)
                 {
-                    var source = new DifferenceMagnitudeKeys(Slice(inputs.Experts[k], row * width, width), Slice(inputs.Base, row * width, width));
-                    var upper = new SelectionQuery(source, r.High - 1);
-                    var lower = r.Low > 0 ? new SelectionQuery(source, r.Low - 1) : null;
-                    ExactSelector.Solve(lower is null ? [upper] : [upper, lower]);
-                    r.RowUpper![row] = upper.Composite;
-                    r.RowLower![row] = lower?.Composite ?? 0;
+                    var source = new DifferenceMagnitudeKeys(inputs.Experts[k].Slice(row * width, width), inputs.Base.Slice(row * width, width));
+                    (r.RowLower![row], r.RowUpper![row]) = RowWindow.OfLongRow(source, r.Low, r.High);
                 }
             }
         }
@@ -468,8 +464,6 @@ internal static unsafe class FusedPipeline
         var keys = (uint*)scratch;
         var floats = (float*)(scratch + w * 4L);
         var rowScratch = scratch + w * 12L;
-        Span<int> positions = stackalloc int[2];
-        Span<ulong> results = stackalloc ulong[2];
         for (int k = 0; k < rules.Length; k++)
         {
             var r = rules[k];
@@ -478,26 +472,13 @@ internal static unsafe class FusedPipeline
                 continue;
             }
 
-            var source = sources[k];
-            int count = 0;
-            if (r.Low > 0)
-            {
-                positions[count++] = (int)r.Low - 1;
-            }
-
-            positions[count++] = (int)r.High - 1;
             for (long row = firstRow; row < endRow; row++)
             {
-                source.Fill(row * w, w, keys, floats);
-                RowSelector.Select(keys, w, positions[..count], results[..count], rowScratch);
-                r.RowLower![row] = r.Low > 0 ? results[0] : 0;
-                r.RowUpper![row] = results[count - 1];
+                sources[k].Fill(row * w, w, keys, floats);
+                (r.RowLower![row], r.RowUpper![row]) = RowWindow.OfShortRow(keys, w, r.Low, r.High, rowScratch);
             }
         }
     }
-
-    private static CpuFloats Slice(CpuFloats x, long start, long length) =>
-        new((byte*)x.Pointer + start * (x.IsBFloat16 ? 2 : 4), length, x.IsBFloat16);
 
     /// <summary>mergekit's L1 rescale for DARE: ‖τ‖₁ / ‖masked τ‖₁ per expert, summed as
     /// <see cref="RandomDrop"/> does on a materialized τ (float64, fixed blocks, block order).</summary>

@@ -26,6 +26,10 @@ internal readonly unsafe struct CpuFloats
 
     public bool IsBFloat16 { get; }
 
+    /// <summary>Entries [<paramref name="start"/>, start + <paramref name="length"/>) as their own span.</summary>
+    public CpuFloats Slice(long start, long length) =>
+        new((byte*)Pointer + start * (IsBFloat16 ? 2 : 4), length, IsBFloat16);
+
     /// <summary>Entry <paramref name="i"/> as float32.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public float At(long i) => IsBFloat16

@@ -153,15 +153,14 @@ public static class MagnitudeThreshold
             return mask;
         }
 
-        if (d > 1 << 20)
+        if (d > RowWindow.MaxShortRow)
         {
             // Few long rows: select within each row with the whole-tensor selector (multi-threaded).
             for (long r = 0; r < rows; r++)
             {
-                var row = new CpuFloats((byte*)floats.Pointer + r * d * (floats.IsBFloat16 ? 2 : 4), d, floats.IsBFloat16);
-                var source = new SignedKeys(row);
-                var (lower, upper) = WindowBounds(source, low, high);
-                WindowMaskOfSource(source, output + r * d, lower, upper);
+                var source = new SignedKeys(floats.Slice(r * d, d));
+                var (lower, upper) = RowWindow.OfLongRow(source, low, high);
+                WindowMaskOfSource(source, output + r * d, low > 0, lower, upper);
             }
 
             return mask;
@@ -173,20 +172,8 @@ public static class MagnitudeThreshold
             var scratch = ThreadScratch.Get(width * 4L + width * 8L + RowSelector.ScratchBytes(width));
             var keys = (uint*)scratch;
             var floatsScratch = (float*)(scratch + width * 4L);
-            var rowScratch = scratch + width * 12L;
             new SignedKeys(floats).Fill(r * d, width, keys, floatsScratch);
-            Span<int> positions = stackalloc int[2];
-            Span<ulong> results = stackalloc ulong[2];
-            int count = 0;
-            if (low > 0)
-            {
-                positions[count++] = (int)low - 1;
-            }
-
-            positions[count++] = (int)high - 1;
-            RowSelector.Select(keys, width, positions[..count], results[..count], rowScratch);
-            ulong lower = low > 0 ? results[0] : 0;
-            ulong upper = results[count - 1];
+            var (lower, upper) = RowWindow.OfShortRow(keys, width, low, high, scratch + width * 12L);
             var rowOut = output + r * d;
             for (int i = 0; i < width; i++)
             {
@@ -198,26 +185,10 @@ public static class MagnitudeThreshold
         return mask;
     }
 
-    private static (ulong Lower, ulong Upper) WindowBounds(KeySource source, long low, long high)
+    /// <summary>The bool mask "lower &lt; (key, index) ≤ upper" of a row (no lower bound unless
+    /// <paramref name="hasLower"/>: composite 0 is a real entry, so 0 cannot stand for "none").</summary>
+    private static unsafe void WindowMaskOfSource(KeySource source, byte* output, bool hasLower, ulong lower, ulong upper)
     {
-        var upper = new SelectionQuery(source, high - 1);
-        var queries = new List<SelectionQuery> { upper };
-        SelectionQuery? lower = null;
-        if (low > 0)
-        {
-            lower = new SelectionQuery(source, low - 1);
-            queries.Add(lower);
-        }
-
-        ExactSelector.Solve(queries);
-        // With no lower bound every composite is above "0 − 1"; ulong 0 with the strict test excludes
-        // only composite 0 itself, so encode "no lower bound" as a flag instead.
-        return (lower?.Composite ?? ulong.MaxValue, upper.Composite);
-    }
-
-    private static unsafe void WindowMaskOfSource(KeySource source, byte* output, ulong lower, ulong upper)
-    {
-        bool hasLower = lower != ulong.MaxValue;
         source.ForEachBlock((_, start, count, keys) =>
         {
             for (int i = 0; i < count; i++)

@@ -425,3 +425,41 @@ internal static unsafe class RowSelector
         }
     }
 }
+
+/// <summary>
+/// The window of ranks [low, high) of one row (positions in the row's stable ascending sort by key,
+/// then index) as two composite bounds: an entry is inside when lower &lt; (key, index) ≤ upper. Short
+/// rows use <see cref="RowSelector"/>; rows longer than <see cref="MaxShortRow"/> the whole-buffer
+/// <see cref="ExactSelector"/>, which is itself multi-threaded.
+/// </summary>
+internal static unsafe class RowWindow
+{
+    /// <summary>The longest row <see cref="RowSelector"/> takes.</summary>
+    public const long MaxShortRow = 1 << 20;
+
+    /// <summary>Bounds of the window of a short row whose keys are in <paramref name="keys"/>; the lower
+    /// bound is meaningless when <paramref name="low"/> is 0 (nothing is below the window).</summary>
+    public static (ulong Lower, ulong Upper) OfShortRow(uint* keys, int width, long low, long high, byte* scratch)
+    {
+        Span<int> positions = stackalloc int[2];
+        Span<ulong> results = stackalloc ulong[2];
+        int count = 0;
+        if (low > 0)
+        {
+            positions[count++] = (int)low - 1;
+        }
+
+        positions[count++] = (int)high - 1;
+        RowSelector.Select(keys, width, positions[..count], results[..count], scratch);
+        return (low > 0 ? results[0] : 0, results[count - 1]);
+    }
+
+    /// <summary>Bounds of the window of a long row, as <see cref="OfShortRow"/>.</summary>
+    public static (ulong Lower, ulong Upper) OfLongRow(KeySource row, long low, long high)
+    {
+        var upper = new SelectionQuery(row, high - 1);
+        var lower = low > 0 ? new SelectionQuery(row, low - 1) : null;
+        ExactSelector.Solve(lower is null ? [upper] : [upper, lower]);
+        return (lower?.Composite ?? 0, upper.Composite);
+    }
+}

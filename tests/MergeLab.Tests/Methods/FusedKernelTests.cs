@@ -159,6 +159,14 @@ public class FusedKernelTests
         Check(method, 6, ScalarType.BFloat16, AlignedShapes, 40);
     }
 
+    [Test]
+    public void Breadcrumbs_rows_longer_than_the_row_selector_take_the_whole_buffer_selector()
+    {
+        // Rows over RowWindow.MaxShortRow entries are selected one at a time by the multi-threaded
+        // whole-buffer selector instead of the row selector; the result must not change.
+        Check(new BreadcrumbsMerge(new BreadcrumbsOptions { Density = .3, Gamma = .1 }), 2, ScalarType.Float32, [[2, (1 << 20) + 5]], 80);
+    }
+
     /// <summary>With every weight 1 (the methods' default) the kernel skips the products by the weights.</summary>
     [TestCaseSource(nameof(Methods))]
     public void Fused_kernel_equals_libtorch_with_the_default_unit_weights(MergeMethod method)
