@@ -111,16 +111,17 @@ public sealed unsafe class PlannedCheckpointWriter : IDisposable
                 nameof(tensor));
         }
 
-        if (!_written.Add(name))
+        if (_written.Contains(name))
         {
             throw new ArgumentException($"Tensor '{name}' was already written.", nameof(name));
         }
 
         if (SimulatedDiskSpace is long space && _bytesWritten + place.Entry.ByteLength > space)
         {
-            _written.Remove(name);
             throw new IOException($"No space left on device : '{place.Shard.TempPath}' (simulated: {space} bytes)");
         }
+
+        _written.Add(name);
 
         using var scope = torch.NewDisposeScope();
         var cpu = tensor.device_type == DeviceType.CPU ? tensor : tensor.to(CPU);
