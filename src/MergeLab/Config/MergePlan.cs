@@ -45,9 +45,6 @@ namespace MergeLab.Config;
 /// </remarks>
 public sealed class MergePlan
 {
-    private static readonly StringComparer PathComparer =
-        OperatingSystem.IsLinux() ? StringComparer.Ordinal : StringComparer.OrdinalIgnoreCase;
-
     private readonly MethodSpec _spec;
     private readonly Input[] _inputs;
     private readonly Dictionary<string, MergeMethod> _byName = new(StringComparer.Ordinal);
@@ -164,7 +161,7 @@ public sealed class MergePlan
         var models = config.Models.Select((m, i) => new Input(Resolve(config, $"models[{i}].model", m.Path), m, $"models[{i}]")).ToList();
         for (int i = 0; i < models.Count; i++)
         {
-            int first = models.FindIndex(m => PathComparer.Equals(m.Path, models[i].Path));
+            int first = models.FindIndex(m => PathCase.Comparer.Equals(m.Path, models[i].Path));
             if (first < i)
             {
                 throw config.Error($"models[{i}].model",
@@ -180,7 +177,7 @@ public sealed class MergePlan
                 throw config.Error(null, $"merge method '{spec.Name}' works on task vectors and needs 'base_model'.");
             }
 
-            inputs = models.Where(m => !PathComparer.Equals(m.Path, basePath)).ToArray();
+            inputs = models.Where(m => !PathCase.Comparer.Equals(m.Path, basePath)).ToArray();
             if (inputs.Length == 0)
             {
                 throw config.Error("models", "every listed model is the base model; list at least one model to merge into it.");
@@ -188,7 +185,7 @@ public sealed class MergePlan
         }
         else
         {
-            inputs = basePath is null || models.Any(m => PathComparer.Equals(m.Path, basePath))
+            inputs = basePath is null || models.Any(m => PathCase.Comparer.Equals(m.Path, basePath))
                 ? models.ToArray()
                 : [.. models, new Input(basePath, null, "base_model")];
         }

@@ -130,6 +130,5 @@ public static class NonWeightFiles
     }
 
     private static bool IsInside(string path, string directory) =>
-        path.StartsWith(Path.TrimEndingDirectorySeparator(directory) + Path.DirectorySeparatorChar,
-            OperatingSystem.IsLinux() ? StringComparison.Ordinal : StringComparison.OrdinalIgnoreCase);
+        path.StartsWith(Path.TrimEndingDirectorySeparator(directory) + Path.DirectorySeparatorChar, PathCase.Comparison);
 }
