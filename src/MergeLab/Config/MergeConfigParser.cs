@@ -84,9 +84,9 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
         var stream = new YamlStream();
         try
         {
-            // Building the document recurses once per nesting level, so the limits are checked first.
-            CheckLimits(yaml);
-            stream.Load(new StringReader(yaml));
+            // Building the document recurses once per nesting level, so the limits are checked first, on
+            // the event stream, which the document is then built from.
+            stream.Load(new ReplayParser(CheckLimits(yaml)));
         }
         catch (YamlException e)
         {
@@ -127,9 +127,11 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
     /// nodes counting each alias as the nodes it stands for (an alias bomb), an alias inside the node it
     /// names, and tags other than the core schema's plain-data ones (a config never names a type to build).
     /// </summary>
-    private void CheckLimits(string yaml)
+    /// <returns>The events, for building the document without parsing the text again.</returns>
+    private List<ParsingEvent> CheckLimits(string yaml)
     {
         var parser = new Parser(new StringReader(yaml));
+        var events = new List<ParsingEvent>();
         var anchorSizes = new Dictionary<string, long>(StringComparer.Ordinal);
         // The collections open around the current event: anchor (if any) and the node count at their start.
         var open = new Stack<(string? Anchor, long Start)>();
@@ -137,6 +139,7 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
         while (parser.MoveNext())
         {
             var e = parser.Current!;
+            events.Add(e);
             int? line = e.Start.Line > 0 ? (int)e.Start.Line : null;
             if (e is NodeEvent node)
             {
@@ -190,6 +193,28 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
                     $"the config has more than {options.MaxNodes} YAML nodes, counting each alias as the nodes it repeats ({nameof(MergeConfigReadOptions)}.{nameof(MergeConfigReadOptions.MaxNodes)}); " +
                     "an alias bomb or a corrupt file?", line);
             }
+        }
+
+        return events;
+    }
+
+    /// <summary>Hands recorded parsing events to the document loader.</summary>
+    private sealed class ReplayParser(List<ParsingEvent> events) : IParser
+    {
+        private int _next;
+
+        public ParsingEvent? Current { get; private set; }
+
+        public bool MoveNext()
+        {
+            if (_next == events.Count)
+            {
+                Current = null;
+                return false;
+            }
+
+            Current = events[_next++];
+            return true;
         }
     }
 
