@@ -354,19 +354,23 @@ internal sealed class SafetensorsHeader
 
         // Beyond the reference: a tensor with a zero dimension holds no elements, but torch still lays
         // out its strides from the other dimensions (each at least 1), and refuses (with an error that is
-        // not ours) when their product overflows. Such a shape describes no real tensor.
-        try
+        // not ours) when their product overflows. Such a shape describes no real tensor. (With no zero
+        // dimension that product is the element count, already checked above.)
+        if (elements == 0)
         {
-            long layout = 1;
-            foreach (ulong d in shape)
+            try
             {
-                layout = checked(layout * Math.Max(1, (long)d));
+                long layout = 1;
+                foreach (ulong d in shape)
+                {
+                    layout = checked(layout * Math.Max(1, (long)d));
+                }
             }
-        }
-        catch (OverflowException)
-        {
-            throw new SafetensorsFormatException(path,
-                $"tensor '{name}': shape {shapeText} has no elements, but its non-zero dimensions multiply to more than a 64-bit size can count, so no tensor can have it.");
+            catch (OverflowException)
+            {
+                throw new SafetensorsFormatException(path,
+                    $"tensor '{name}': shape {shapeText} has no elements, but its non-zero dimensions multiply to more than a 64-bit size can count, so no tensor can have it.");
+            }
         }
 
         if (end - begin != (ulong)bytes)
