@@ -155,17 +155,7 @@ public static class MultiTaskBenchmark
             MethodResult LinesRow(string name, TaskVector merged, IReadOnlyList<double> betas)
             {
                 double alpha = Lines.MultiTaskAlpha(taskVectors, merged);
-                double bestBeta = double.NaN, bestScore = double.NegativeInfinity;
-                foreach (var beta in betas)
-                {
-                    using var model = Lines.Apply(baseModel, merged, new LinesOptions { Alpha = alpha, Beta = beta });
-                    double score = evaluator.Validation(model).Average();
-                    if (score > bestScore)
-                    {
-                        (bestScore, bestBeta) = (score, beta);
-                    }
-                }
-
+                double bestBeta = BestOnValidation(betas, beta => Lines.Apply(baseModel, merged, new LinesOptions { Alpha = alpha, Beta = beta }));
                 using var chosen = Lines.Apply(baseModel, merged, new LinesOptions { Alpha = alpha, Beta = bestBeta });
                 return new(name, evaluator.Test(chosen), $"α = {alpha:F3}, β = {bestBeta:F1} (validation)");
             }
@@ -201,23 +191,31 @@ public static class MultiTaskBenchmark
             // Every method here is θ_base + λ·τ_merged, so one merge at λ = 1 gives the whole grid.
             using var atOne = method(1.0).Merge(baseModel, experts, progress: null, cancellationToken: cancellationToken);
             using var merged = TaskVector.Between(atOne, baseModel);
-            double bestLambda = double.NaN, bestScore = double.NegativeInfinity;
             var curve = new List<string>();
-            foreach (var lambda in grid)
-            {
-                using var model = merged.ApplyTo(baseModel, lambda);
-                double score = evaluator.Validation(model).Average();
-                curve.Add($"{lambda:0.0#}: {score:F1}");
-                if (score > bestScore)
-                {
-                    (bestScore, bestLambda) = (score, lambda);
-                }
-            }
-
+            double bestLambda = BestOnValidation(grid, lambda => merged.ApplyTo(baseModel, lambda), curve);
             notes[$"{name} validation curve (λ: average %)"] = string.Join(", ", curve);
 
             using var chosen = method(bestLambda).Merge(baseModel, experts, progress: null, cancellationToken: cancellationToken);
             return new(name, evaluator.Test(chosen), $"{setting} = {bestLambda.ToString("0.0##", CultureInfo.InvariantCulture)} (validation)");
+        }
+
+        // The grid value whose model scores best on the validation split (the first of equal scores),
+        // noting each value's score in `curve` when given.
+        double BestOnValidation(IReadOnlyList<double> grid, Func<double, StateDict> modelAt, List<string>? curve = null)
+        {
+            double best = double.NaN, bestScore = double.NegativeInfinity;
+            foreach (var value in grid)
+            {
+                using var model = modelAt(value);
+                double score = evaluator.Validation(model).Average();
+                curve?.Add($"{value:0.0#}: {score:F1}");
+                if (score > bestScore)
+                {
+                    (bestScore, best) = (score, value);
+                }
+            }
+
+            return best;
         }
     }
 
