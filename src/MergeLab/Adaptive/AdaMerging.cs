@@ -356,7 +356,8 @@ public sealed class AdaMerging
         private readonly IReadOnlyList<string> _names;
         private readonly Tensor[] _targets;        // the module's parameter or buffer per name
         private readonly bool[] _isParameter;
-        private readonly Tensor[] _base;           // θ0 per name, float32
+        private readonly Tensor[] _base;           // θ0 per name, float32 (or float64)
+        private readonly bool[] _ownsBase;         // false where _base is the tensor of _originalState
         private readonly Tensor[] _stacked;        // [T, numel] float32 per name
         private readonly bool[] _requiredGrad;
         private readonly bool _wasTraining;
@@ -374,6 +375,7 @@ public sealed class AdaMerging
             _targets = new Tensor[n];
             _isParameter = new bool[n];
             _base = new Tensor[n];
+            _ownsBase = new bool[n];
             _stacked = new Tensor[n];
             _requiredGrad = new bool[n];
             for (int i = 0; i < n; i++)
@@ -408,9 +410,15 @@ public sealed class AdaMerging
                 var device = _targets[i].device;
                 // Float32 arithmetic, or float64 for a float64 module.
                 var dtype = _targets[i].dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32;
-                using (var detached = _targets[i].detach())
+                if (_originalState.TryGetValue(names[i], out var original) && original.dtype == dtype)
                 {
+                    _base[i] = original; // the saved copy already is θ0 in the arithmetic's dtype
+                }
+                else
+                {
+                    using var detached = _targets[i].detach();
                     _base[i] = detached.to(dtype, copy: true).DetachFromDisposeScope();
+                    _ownsBase[i] = true;
                 }
 
                 using var scope = NewDisposeScope();
@@ -536,7 +544,7 @@ public sealed class AdaMerging
             }
 
             _module.train(_wasTraining);
-            foreach (var t in _base.Concat(_stacked))
+            foreach (var t in _base.Where((_, i) => _ownsBase[i]).Concat(_stacked))
             {
                 t?.Dispose();
             }
