@@ -358,6 +358,8 @@ public sealed class AdaMerging
         private readonly bool[] _isParameter;
         private readonly Tensor[] _base;           // θ0 per name, float32 (or float64)
         private readonly bool[] _ownsBase;         // false where _base is the tensor of _originalState
+        private readonly int[] _parameterIndex;    // the names that are parameters (buffers give no gradient)
+        private readonly Tensor[] _parameters;     // their module tensors, the inputs of autograd.grad
         private readonly Tensor[] _stacked;        // [T, numel] float32 per name
         private readonly bool[] _requiredGrad;
         private readonly bool _wasTraining;
@@ -403,6 +405,8 @@ public sealed class AdaMerging
                 }
             }
 
+            _parameterIndex = Enumerable.Range(0, n).Where(i => _isParameter[i]).ToArray();
+            _parameters = _parameterIndex.Select(i => _targets[i]).ToArray();
             _wasTraining = module.training;
             _originalState = StateDict.FromModule(module);
             for (int i = 0; i < n; i++)
@@ -462,8 +466,8 @@ public sealed class AdaMerging
             int[] layerOfName, int layerCount)
         {
             int taskCount = (int)_stacked[0].shape[0];
-            var paramIndex = Enumerable.Range(0, _names.Count).Where(i => _isParameter[i]).ToArray();
-            var inputs = paramIndex.Select(i => _targets[i]).ToArray();
+            var paramIndex = _parameterIndex;
+            var inputs = _parameters;
             var total = new Tensor?[paramIndex.Length];
             double entropy = 0;
             var gradient = new double[taskCount, layerCount];
