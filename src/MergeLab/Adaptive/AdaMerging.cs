@@ -368,6 +368,7 @@ public sealed class AdaMerging
         public Run(nn.Module<Tensor, Tensor> module, IReadOnlyList<TaskVector> taskVectors, IReadOnlyList<string> names,
             long innerProductChunk = DefaultInnerProductChunk)
         {
+            ArgumentOutOfRangeException.ThrowIfNegativeOrZero(innerProductChunk);
             _module = module;
             _innerProductChunk = innerProductChunk;
             _names = names;

@@ -158,8 +158,10 @@ internal static unsafe class ExactSelector
         {
             foreach (var q in queries)
             {
-                // Room for the bracket (about 1.5% of n for smooth data) plus whole tie classes at its
-                // edges (bfloat16 task vectors take few distinct values); beyond it, the exact fallback.
+                // Room for the keys strictly inside the bracket: about (5/√S + 32/S)·n for a sample of S
+                // keys, so under 6% of n (S ≥ 8192) and 2% from n = 2^28 on; tie classes at its two ends
+                // (bfloat16 task vectors take few distinct values) are only counted. Beyond it, the exact
+                // fallback answers.
                 q.Capacity = Math.Max(1L << 16, n / 8);
                 q.Candidates = NativeBufferPool.Rent(q.Capacity * 4);
                 q.Less = q.Count = q.LowTieCount = q.HighTieCount = 0;
@@ -443,6 +445,8 @@ internal static unsafe class ExactSelector
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static (uint Key, long Below) SelectKey(uint* keys, long count, long rank, uint low, uint high)
     {
+        // Every key must lie in [low, high]: the bins are indexed by key − low without a check.
+        System.Diagnostics.Debug.Assert(rank >= 0 && rank < count && low <= high, "SelectKey needs a rank among the keys and low <= high.");
         uint span = high - low;
         int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(span) - 16);
         int bins = (int)(span >> shift) + 1;
@@ -511,7 +515,7 @@ internal static unsafe class ExactSelector
     /// pseudo-random offset within the stratum so periodic structure (rows, heads) cannot alias.</summary>
     private static void SetBrackets(KeySource source, SelectionQuery[] queries, long n)
     {
-        int runs = (int)Math.Clamp(n / (SampleRun * 256), 256, 4096);
+        int runs = (int)Math.Clamp(n / (SampleRun * 256), 512, 4096);
         int sampleCount = runs * SampleRun;
         var sample = new uint[sampleCount];
         long stride = n / runs;

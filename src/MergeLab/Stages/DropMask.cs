@@ -68,10 +68,11 @@ internal static unsafe class DropMask
         {
             var one = new Vector<float>(1f);
             var t = new Vector<uint>(threshold);
+            var laneSteps = LaneSteps;
             for (; i <= count - step; i += step)
             {
                 ulong counter = (ulong)((start + i) >> 1);
-                var z = new Vector<ulong>((ulong)streamSeed + (counter + 1) * Gamma) + LaneSteps;
+                var z = new Vector<ulong>((ulong)streamSeed + (counter + 1) * Gamma) + laneSteps;
                 var keep = Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(Words(z), 8), t);
                 var mask = Vector.ConditionalSelect(Vector.AsVectorInt32(keep), one, Vector<float>.Zero);
                 Vector.Store(Vector.Load(values + i) * mask, values + i);

@@ -48,7 +48,16 @@ public sealed class StateDict : IReadOnlyDictionary<string, Tensor>, IDisposable
             foreach (var (name, value) in module.state_dict())
             {
                 using var detached = value.detach();
-                result.Add(name, detached.clone());
+                var copy = detached.clone();
+                try
+                {
+                    result.Add(name, copy);
+                }
+                catch
+                {
+                    copy.Dispose();
+                    throw;
+                }
             }
         }
         catch

@@ -160,6 +160,17 @@ public class FusedKernelTests
     }
 
     [Test]
+    public void Sign_consensus_over_drop_all_keep_all_and_top_k_experts_equals_libtorch()
+    {
+        // Densities 0, 1 and .3: the kernel's key-limit runs mix "keep nothing", "keep everything" and a
+        // top-k with its tie block, with and without weights.
+        var method = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Densities = [0, 1, .3] });
+        Check(method, 3, ScalarType.Float32, OddShapes, 90, weights: false);
+        Check(method, 3, ScalarType.Float32, AlignedShapes, 91);
+        Check(method, 3, ScalarType.BFloat16, AlignedShapes, 92);
+    }
+
+    [Test]
     public void Breadcrumbs_rows_longer_than_the_row_selector_take_the_whole_buffer_selector()
     {
         // Rows over RowWindow.MaxShortRow entries are selected one at a time by the multi-threaded
