@@ -534,6 +534,7 @@ internal static unsafe class FusedPipeline
         private readonly bool _plainNormalize;
         private readonly bool _plain;
         private readonly bool _limitsOnly;
+        private readonly bool _rangesOnly;
         private readonly long _rowWidth;
         private readonly DifferenceMagnitudeKeys[] _rowSources;
 
@@ -557,6 +558,8 @@ internal static unsafe class FusedPipeline
             _plain = _consensus is null && rules.All(r => r.Kind == RuleKind.KeepAll);
             _limitsOnly = _consensus is not null
                 && rules.All(r => r.Kind is RuleKind.KeepAll or RuleKind.DropAll or RuleKind.KeyAtLeast or RuleKind.Top && r.Factor == 1f && !r.Divide);
+            _rangesOnly = _consensus is null && !_plain
+                && rules.All(r => r.Kind is not RuleKind.Random && r.Factor == 1f && !r.Divide);
             _rowWidth = rules.FirstOrDefault(r => r.Kind == RuleKind.RowWindow)?.Width ?? 0;
             _rowSources = inputs.Experts.Select(e => new DifferenceMagnitudeKeys(e, inputs.Base)).ToArray();
         }
@@ -720,8 +723,20 @@ internal static unsafe class FusedPipeline
             {
                 // No sign election: the weighted sum accumulates as each expert is read (DARE-linear,
                 // Breadcrumbs, magnitude pruning), in expert order as in Merged.
+                bool rangesOnly = _rangesOnly;
                 for (; i + 2 * w <= end; i += 2 * w)
                 {
+                    if (rangesOnly)
+                    {
+                        // Runs of blocks where every mask is a key range; a block holding a window's or a
+                        // top-k's tie index goes through the general code below.
+                        i = RangeRun(setup, inputs, i, end, row, output, outBf16);
+                        if (i + 2 * w > end)
+                        {
+                            break;
+                        }
+                    }
+
                     Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
                     Vector<float> acc0 = Vector<float>.Zero, acc1 = Vector<float>.Zero;
                     for (int k = 0; k < experts; k++)
@@ -890,6 +905,113 @@ internal static unsafe class FusedPipeline
             }
 
             return i;
+        }
+
+        /// <summary>
+        /// The weighted sum without sign election over blocks of 2·lanes entries from
+        /// <paramref name="start"/> while every expert's mask is "lo ≤ magnitude key &lt; hi" for the whole
+        /// block: keep-all, drop-all, a key threshold, a top-k or a (row) rank window whose tie indices
+        /// lie outside the block. Returns where it stopped: at <paramref name="end"/>'s last whole block,
+        /// or at a block holding a tie index. Same operations in the same order as the general loop.
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private long RangeRun(Setup* setup, Streams inputs, long start, long end, long row, void* output, bool outBf16)
+        {
+            int w = Vector<float>.Count;
+            int experts = setup->Experts;
+            long stop = start + (end - start) / (2 * w) * (2 * w);
+            var lows = stackalloc Vector<uint>[experts];
+            var spans = stackalloc Vector<uint>[experts];
+            for (int k = 0; k < experts; k++)
+            {
+                var (low, high) = KeyRange(_rules[k], start, row, 2 * w, ref stop);
+                lows[k] = new Vector<uint>(low);
+                spans[k] = new Vector<uint>(high > low ? high - low : 0);
+            }
+
+            var one = Vector<float>.One;
+            var zero = Vector<float>.Zero;
+            var magnitude = new Vector<uint>(FloatKeys.MagnitudeMask);
+            long i = start;
+            for (; i < stop; i += 2 * w)
+            {
+                Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+                Vector<float> acc0 = zero, acc1 = zero;
+                for (int k = 0; k < experts; k++)
+                {
+                    Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
+                    var t0 = e0 - b0;
+                    var t1 = e1 - b1;
+                    // lo ≤ key < hi ⟺ key − lo < hi − lo, unsigned (keys and bounds are at most 2^31).
+                    t0 *= Vector.ConditionalSelect(Vector.AsVectorInt32(Vector.LessThan((Vector.AsVectorUInt32(t0) & magnitude) - lows[k], spans[k])), one, zero);
+                    t1 *= Vector.ConditionalSelect(Vector.AsVectorInt32(Vector.LessThan((Vector.AsVectorUInt32(t1) & magnitude) - lows[k], spans[k])), one, zero);
+                    acc0 += t0 * setup->Weights[k];
+                    acc1 += t1 * setup->Weights[k];
+                }
+
+                StreamLoop.Store(output, outBf16, i, b0 + Finish(setup, acc0), b1 + Finish(setup, acc1));
+            }
+
+            return i;
+        }
+
+        /// <summary>
+        /// The key range [lo, hi) that rule <paramref name="r"/> keeps throughout the block of
+        /// <paramref name="block"/> entries at flat index <paramref name="start"/>, with <paramref name="stop"/>
+        /// lowered to the first later block in which that range changes (the block holding a tie index).
+        /// </summary>
+        private static (uint Low, uint High) KeyRange(Rule r, long start, long row, int block, ref long stop)
+        {
+            const uint all = 1u << 31; // above every magnitude key
+            switch (r.Kind)
+            {
+                case RuleKind.KeepAll:
+                    return (0, all);
+                case RuleKind.DropAll:
+                    return (0, 0);
+                case RuleKind.KeyAtLeast:
+                    return (r.Key, all);
+                case RuleKind.Top:
+                {
+                    // Kept: key > K, or key = K at an index ≤ last.
+                    uint key = (uint)(r.Upper >> 32);
+                    return (Before(uint.MaxValue - (uint)r.Upper, start, start, block, ref stop) ? key : key + 1, all);
+                }
+
+                default:
+                {
+                    // Window and RowWindow: lower < (key, index) ≤ upper, indices within the row for the latter.
+                    bool perRow = r.Kind == RuleKind.RowWindow;
+                    long first = perRow ? start - row * r.Width : start;
+                    ulong upper = perRow ? r.RowUpper![row] : r.Upper;
+                    ulong lower = perRow ? r.RowLower![row] : r.Lower;
+                    bool hasLower = perRow ? r.Low > 0 : r.HasLower;
+                    uint upperKey = (uint)(upper >> 32);
+                    uint high = Before((uint)upper, first, start, block, ref stop) ? upperKey + 1 : upperKey;
+                    uint low = 0;
+                    if (hasLower)
+                    {
+                        uint lowerKey = (uint)(lower >> 32);
+                        low = Before((uint)lower, first, start, block, ref stop) ? lowerKey + 1 : lowerKey;
+                    }
+
+                    return (low, high);
+                }
+            }
+        }
+
+        /// <summary>Whether the block at rule index <paramref name="first"/> (flat index
+        /// <paramref name="start"/>) lies at or before tie index <paramref name="tie"/>; if so, <paramref name="stop"/>
+        /// is lowered to the flat start of the block that holds the tie.</summary>
+        private static bool Before(long tie, long first, long start, int block, ref long stop)
+        {
+            if (first > tie)
+            {
+                return false;
+            }
+
+            stop = Math.Min(stop, start + (tie - first) / block * block);
+            return true;
         }
 
         /// <summary>The last entries of a piece, copied into zero-padded float32 blocks of 2·lanes.</summary>
