@@ -825,39 +825,9 @@ internal static unsafe class FusedPipeline
             var limits = stackalloc Vector<uint>[experts];
             for (int k = 0; k < experts; k++)
             {
-                var r = _rules[k];
-                uint limit;
-                switch (r.Kind)
-                {
-                    case RuleKind.KeepAll:
-                        limit = 0;
-                        break;
-                    case RuleKind.DropAll:
-                        limit = uint.MaxValue; // above every magnitude key (< 2^31)
-                        break;
-                    case RuleKind.KeyAtLeast:
-                        limit = r.Key;
-                        break;
-                    default:
-                    {
-                        uint key = (uint)(r.Upper >> 32);
-                        long last = uint.MaxValue - (uint)r.Upper;
-                        if (start > last)
-                        {
-                            limit = key + 1;
-                        }
-                        else
-                        {
-                            limit = key;
-                            long mixed = start + (last - start) / (2 * w) * (2 * w);
-                            stop = Math.Min(stop, mixed);
-                        }
-
-                        break;
-                    }
-                }
-
-                limits[k] = new Vector<uint>(limit);
+                // These rules keep a key range [low, 2^31), or nothing (drop-all: above every key).
+                var (low, high) = KeyRange(_rules[k], start, 0, 2 * w, ref stop);
+                limits[k] = new Vector<uint>(high == 0 ? uint.MaxValue : low);
             }
 
             var one = Vector<float>.One;
