@@ -741,9 +741,7 @@ internal static unsafe class FusedPipeline
                     Vector<float> acc0 = Vector<float>.Zero, acc1 = Vector<float>.Zero;
                     for (int k = 0; k < experts; k++)
                     {
-                        Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
-                        var t0 = e0 - b0;
-                        var t1 = e1 - b1;
+                        TaskVectorAt(inputs, k, i, b0, b1, out var t0, out var t1);
                         if (rules[k].Kind != RuleKind.KeepAll)
                         {
                             Sparsify(rules[k], ref t0, ref t1, i, row);
@@ -774,9 +772,7 @@ internal static unsafe class FusedPipeline
                 Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
                 for (int k = 0; k < experts; k++)
                 {
-                    Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
-                    tau[2 * k] = e0 - b0;
-                    tau[2 * k + 1] = e1 - b1;
+                    TaskVectorAt(inputs, k, i, b0, b1, out tau[2 * k], out tau[2 * k + 1]);
                     if (rules[k].Kind != RuleKind.KeepAll)
                     {
                         Sparsify(rules[k], ref tau[2 * k], ref tau[2 * k + 1], i, row);
@@ -832,7 +828,6 @@ internal static unsafe class FusedPipeline
 
             var one = Vector<float>.One;
             var zero = Vector<float>.Zero;
-            var magnitude = new Vector<uint>(FloatKeys.MagnitudeMask);
             bool onWeighted = setup->OnWeighted;
             bool bySum = setup->BySum;
             var fill = setup->Fill;
@@ -843,12 +838,9 @@ internal static unsafe class FusedPipeline
                 Vector<float> score0 = zero, score1 = zero;
                 for (int k = 0; k < experts; k++)
                 {
-                    Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
-                    var t0 = e0 - b0;
-                    var t1 = e1 - b1;
-                    var limit = limits[k];
-                    t0 *= Vector.ConditionalSelect(Vector.AsVectorInt32(Vector.GreaterThanOrEqual(Vector.AsVectorUInt32(t0) & magnitude, limit)), one, zero);
-                    t1 *= Vector.ConditionalSelect(Vector.AsVectorInt32(Vector.GreaterThanOrEqual(Vector.AsVectorUInt32(t1) & magnitude, limit)), one, zero);
+                    TaskVectorAt(inputs, k, i, b0, b1, out var t0, out var t1);
+                    t0 = Masked(t0, Vector.GreaterThanOrEqual(Magnitude(t0), limits[k]));
+                    t1 = Masked(t1, Vector.GreaterThanOrEqual(Magnitude(t1), limits[k]));
                     if (onWeighted)
                     {
                         t0 *= setup->Weights[k];
@@ -899,9 +891,7 @@ internal static unsafe class FusedPipeline
                 spans[k] = new Vector<uint>(high > low ? high - low : 0);
             }
 
-            var one = Vector<float>.One;
             var zero = Vector<float>.Zero;
-            var magnitude = new Vector<uint>(FloatKeys.MagnitudeMask);
             long i = start;
             for (; i < stop; i += 2 * w)
             {
@@ -909,12 +899,10 @@ internal static unsafe class FusedPipeline
                 Vector<float> acc0 = zero, acc1 = zero;
                 for (int k = 0; k < experts; k++)
                 {
-                    Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
-                    var t0 = e0 - b0;
-                    var t1 = e1 - b1;
+                    TaskVectorAt(inputs, k, i, b0, b1, out var t0, out var t1);
                     // lo ≤ key < hi ⟺ key − lo < hi − lo, unsigned (keys and bounds are at most 2^31).
-                    t0 *= Vector.ConditionalSelect(Vector.AsVectorInt32(Vector.LessThan((Vector.AsVectorUInt32(t0) & magnitude) - lows[k], spans[k])), one, zero);
-                    t1 *= Vector.ConditionalSelect(Vector.AsVectorInt32(Vector.LessThan((Vector.AsVectorUInt32(t1) & magnitude) - lows[k], spans[k])), one, zero);
+                    t0 = Masked(t0, Vector.LessThan(Magnitude(t0) - lows[k], spans[k]));
+                    t1 = Masked(t1, Vector.LessThan(Magnitude(t1) - lows[k], spans[k]));
                     acc0 += t0 * setup->Weights[k];
                     acc1 += t1 * setup->Weights[k];
                 }
@@ -1123,8 +1111,8 @@ internal static unsafe class FusedPipeline
                     throw new InvalidOperationException($"Unknown rule {r.Kind}.");
             }
 
-            t0 *= Vector.ConditionalSelect(Vector.AsVectorInt32(keep0), Vector<float>.One, Vector<float>.Zero);
-            t1 *= Vector.ConditionalSelect(Vector.AsVectorInt32(keep1), Vector<float>.One, Vector<float>.Zero);
+            t0 = Masked(t0, keep0);
+            t1 = Masked(t1, keep1);
             if (r.Divide)
             {
                 var f = new Vector<float>(r.Factor);
@@ -1141,6 +1129,22 @@ internal static unsafe class FusedPipeline
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static Vector<uint> Magnitude(Vector<float> t) => Vector.AsVectorUInt32(t) & new Vector<uint>(FloatKeys.MagnitudeMask);
+
+        /// <summary>τ·mask as libtorch computes it: kept lanes times 1, dropped ones times 0 (so a dropped
+        /// NaN or ∞ still gives NaN, and a dropped negative −0).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static Vector<float> Masked(Vector<float> t, Vector<uint> keep) =>
+            t * Vector.ConditionalSelect(Vector.AsVectorInt32(keep), Vector<float>.One, Vector<float>.Zero);
+
+        /// <summary>τ = θ_k − θ_base for the 2·lanes entries of expert <paramref name="k"/> from
+        /// <paramref name="i"/>, given the base's (<paramref name="b0"/>, <paramref name="b1"/>).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void TaskVectorAt(Streams inputs, int k, long i, Vector<float> b0, Vector<float> b1, out Vector<float> t0, out Vector<float> t1)
+        {
+            Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
+            t0 = e0 - b0;
+            t1 = e1 - b1;
+        }
 
         /// <summary>lower &lt; (key, index) ≤ upper, composites compared as (key, index) pairs.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
