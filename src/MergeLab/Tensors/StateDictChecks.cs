@@ -1,3 +1,5 @@
+using static TorchSharp.torch;
+
 namespace MergeLab.Tensors;
 
 /// <summary>Compatibility checks between the state dicts of a merge, run before any work starts.</summary>
@@ -26,18 +28,12 @@ internal static class StateDictChecks
         for (int k = 0; k < experts.Count; k++)
         {
             var expert = experts[k] ?? throw new MergeException($"Expert {k} is null.");
-            foreach (var (name, tensor) in reference)
+            if (FirstUncovered(reference, expert) is var (name, other, tensor))
             {
-                if (!expert.TryGetValue(name, out var other))
-                {
-                    throw new MergeException(name, $"expert {k} has no tensor of this name, which {referenceLabel} has.");
-                }
-
-                if (!other.shape.SequenceEqual(tensor.shape))
-                {
-                    throw new MergeException(name,
+                throw other is null
+                    ? new MergeException(name, $"expert {k} has no tensor of this name, which {referenceLabel} has.")
+                    : new MergeException(name,
                         $"expert {k} has shape [{string.Join(", ", other.shape)}] but {referenceLabel} has [{string.Join(", ", tensor.shape)}].");
-                }
             }
 
             if (expert.Count != reference.Count)
@@ -57,18 +53,27 @@ internal static class StateDictChecks
     /// <param name="holder">What holds the deltas, for the message ("the task vector").</param>
     public static void CheckCovers(StateDict baseModel, StateDict deltas, string holder)
     {
-        foreach (var (name, delta) in deltas)
+        if (FirstUncovered(deltas, baseModel) is var (name, b, delta))
         {
-            if (!baseModel.TryGetValue(name, out var b))
-            {
-                throw new MergeException(name, $"it is in {holder} but not in the base model.");
-            }
-
-            if (!b.shape.SequenceEqual(delta.shape))
-            {
-                throw new MergeException(name,
+            throw b is null
+                ? new MergeException(name, $"it is in {holder} but not in the base model.")
+                : new MergeException(name,
                     $"it has shape [{string.Join(", ", delta.shape)}] in {holder} but [{string.Join(", ", b.shape)}] in the base model.");
+        }
+    }
+
+    /// <summary>The first tensor of <paramref name="required"/> (in its order) that <paramref name="other"/>
+    /// lacks (Other null) or holds with another shape; null when every one is there alike.</summary>
+    private static (string Name, Tensor? Other, Tensor Tensor)? FirstUncovered(StateDict required, StateDict other)
+    {
+        foreach (var (name, tensor) in required)
+        {
+            if (!other.TryGetValue(name, out var found) || !found.shape.SequenceEqual(tensor.shape))
+            {
+                return (name, found, tensor);
             }
         }
+
+        return null;
     }
 }
