@@ -77,7 +77,7 @@ internal static unsafe class RowSelector
         new Span<int>(counts, Copies * stride).Clear();
         var c0 = counts;
         var c1 = counts + stride;
-        // Bucket numbers a vector at a time into `bucketOf` (L1), then counted four ways.
+        // Bucket numbers a vector at a time into `bucketOf` (L1), then counted into the two copies.
         var bucketOf = (int*)(scratch + Copies * Stride * 4L);
         var vlow = new Vector<uint>(low);
         var one = Vector<uint>.One;
@@ -328,28 +328,36 @@ internal static unsafe class RowSelector
         return true;
     }
 
+    /// <summary>Appends at <paramref name="output"/> the composite (key, index) of each lane set in
+    /// <paramref name="bits"/> of the vector at <paramref name="i"/>, in lane order; returns the new end.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static ulong* Emit(ulong bits, uint* keys, int i, ulong* output)
+    {
+        while (bits != 0)
+        {
+            int lane = BitOperations.TrailingZeroCount(bits);
+            bits &= bits - 1;
+            *output++ = ((ulong)keys[i + lane] << 32) | (uint)(i + lane);
+        }
+
+        return output;
+    }
+
     /// <summary>Collects the composites of the keys in [from, from + span], in row order.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void GatherOne(uint* keys, int width, uint from, uint span, ulong* candidates)
     {
         var vfrom = new Vector<uint>(from);
         var vspan = new Vector<uint>(span);
-        int found = 0;
+        var output = candidates;
         int i = 0;
         int w = Vector<uint>.Count;
         for (; i <= width - w; i += w)
         {
-            var k = Vector.Load(keys + i);
-            var inside = Vector.LessThanOrEqual(k - vfrom, vspan);
+            var inside = Vector.LessThanOrEqual(Vector.Load(keys + i) - vfrom, vspan);
             if (inside != Vector<uint>.Zero)
             {
-                ulong bits = Kernels.LaneBits(inside);
-                while (bits != 0)
-                {
-                    int lane = BitOperations.TrailingZeroCount(bits);
-                    bits &= bits - 1;
-                    candidates[found++] = ((ulong)keys[i + lane] << 32) | (uint)(i + lane);
-                }
+                output = Emit(Kernels.LaneBits(inside), keys, i, output);
             }
         }
 
@@ -357,7 +365,7 @@ internal static unsafe class RowSelector
         {
             if (keys[i] - from <= span)
             {
-                candidates[found++] = ((ulong)keys[i] << 32) | (uint)i;
+                *output++ = ((ulong)keys[i] << 32) | (uint)i;
             }
         }
     }
@@ -392,21 +400,8 @@ internal static unsafe class RowSelector
             var in1 = Vector.LessThanOrEqual(k - vfrom1, vspan1);
             if ((in0 | in1) != Vector<uint>.Zero)
             {
-                ulong bits = Kernels.LaneBits(in0);
-                while (bits != 0)
-                {
-                    int lane = BitOperations.TrailingZeroCount(bits);
-                    bits &= bits - 1;
-                    *out0++ = ((ulong)keys[i + lane] << 32) | (uint)(i + lane);
-                }
-
-                bits = Kernels.LaneBits(in1);
-                while (bits != 0)
-                {
-                    int lane = BitOperations.TrailingZeroCount(bits);
-                    bits &= bits - 1;
-                    *out1++ = ((ulong)keys[i + lane] << 32) | (uint)(i + lane);
-                }
+                out0 = Emit(Kernels.LaneBits(in0), keys, i, out0);
+                out1 = Emit(Kernels.LaneBits(in1), keys, i, out1);
             }
         }
 
