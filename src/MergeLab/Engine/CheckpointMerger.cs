@@ -233,8 +233,8 @@ public static class CheckpointMerger
     }
 
     /// <summary>Writes merged tensors into a <see cref="PlannedCheckpointWriter"/> on a background thread,
-    /// at most <c>capacity</c> tensors behind the merge, so writing (a copy into the page cache that costs
-    /// about as much as the merge kernel) overlaps merging. It owns every tensor handed to
+    /// at most <c>capacity</c> tensors behind the merge, so writing (a copy into the writer's staging
+    /// buffer and a direct or buffered write) overlaps merging. It owns every tensor handed to
     /// <see cref="Add"/> and disposes it once written or abandoned. A write error stops it and is thrown,
     /// naming the tensor, by the next <see cref="Add"/> or by <see cref="Complete"/>.</summary>
     private sealed class WriteBehind : IDisposable
@@ -291,13 +291,7 @@ public static class CheckpointMerger
                 {
                     // Woken by the writer's failure (or a cancellation): let it finish so its error,
                     // not a bare cancellation, is what this throws.
-                    try
-                    {
-                        _task.Wait(CancellationToken.None);
-                    }
-                    catch (AggregateException)
-                    {
-                    }
+                    WaitForWriter();
                 }
 
                 ThrowIfFailed();
@@ -316,15 +310,7 @@ public static class CheckpointMerger
         public void Dispose()
         {
             _stop.Cancel();
-            try
-            {
-                _task.Wait(CancellationToken.None);
-            }
-            catch (AggregateException)
-            {
-                // Its error was thrown by Add or Complete, or is secondary to the one being thrown.
-            }
-
+            WaitForWriter(); // its error was thrown by Add or Complete, or is secondary to the one being thrown
             while (_queue.TryTake(out var left))
             {
                 left.Tensor.Dispose();
@@ -332,6 +318,18 @@ public static class CheckpointMerger
 
             _queue.Dispose();
             _stop.Dispose();
+        }
+
+        /// <summary>Waits for the writer thread to end, leaving any error it ended with to <see cref="ThrowIfFailed"/>.</summary>
+        private void WaitForWriter()
+        {
+            try
+            {
+                _task.Wait(CancellationToken.None);
+            }
+            catch (AggregateException)
+            {
+            }
         }
 
         private void ThrowIfFailed()
