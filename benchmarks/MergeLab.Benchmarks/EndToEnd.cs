@@ -56,9 +56,9 @@ public static class EndToEnd
             ReadRawFiles(files); // once to warm the page cache, as the merge will find it
             var raw = ReadRawFiles(files);
             var tensors = ReadTensors(models);
-            var baseFiles = Directory.GetFiles(models[0], "*.safetensors");
-            long outputBytes = baseFiles.Sum(f => new FileInfo(f).Length);
-            var (write, flush) = WriteAlone(baseFiles.Select(f => new FileInfo(f).Length).ToArray(), Path.Combine(dir, "write-alone"));
+            var outputSizes = Directory.GetFiles(models[0], "*.safetensors").Select(f => new FileInfo(f).Length).ToArray();
+            long outputBytes = outputSizes.Sum();
+            var (write, flush) = WriteAlone(outputSizes, Path.Combine(dir, "write-alone"));
             var extra = new List<string>();
             if (options.Get("nonfinite") is { } nonFinite)
             {
