@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Numerics;
+using System.Runtime.Intrinsics;
 using MergeLab.Selection;
 using MergeLab.Stages;
 using static TorchSharp.torch;
@@ -31,6 +32,10 @@ internal static unsafe class FusedPipeline
 
     /// <summary>The most experts the kernel handles (its per-thread scratch grows with N).</summary>
     public const int MaxExperts = 64;
+
+    /// <summary>Whether the key-limit and key-range loops run on 512-bit vectors (where the CPU has them and
+    /// <see cref="Vector{T}"/> is narrower); false forces <see cref="Vector{T}"/>, for tests.</summary>
+    internal static bool UseWideLanes { get; set; } = Vector512.IsHardwareAccelerated && Vector<float>.Count < Vector512<float>.Count;
 
     private enum RuleKind
     {
@@ -730,7 +735,9 @@ internal static unsafe class FusedPipeline
                     {
                         // Runs of blocks where every mask is a key range; a block holding a window's or a
                         // top-k's tie index goes through the general code below.
-                        i = RangeRun(setup, inputs, i, end, row, output, outBf16);
+                        i = UseWideLanes
+                            ? RangeRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, row, output, outBf16)
+                            : RangeRun<VectorLanes, Vector<float>>(setup, inputs, i, end, row, output, outBf16);
                         if (i + 2 * w > end)
                         {
                             break;
@@ -762,7 +769,9 @@ internal static unsafe class FusedPipeline
                 {
                     // Runs of blocks where every expert's mask is one key comparison; the one block where a
                     // Top rule's tie index falls goes through the general code below.
-                    i = LimitRun(setup, inputs, i, end, tau, output, outBf16, signSum != null, ref signs);
+                    i = UseWideLanes
+                        ? LimitRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16, signSum)
+                        : LimitRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16, signSum);
                     if (i + 2 * w > end)
                     {
                         break;
@@ -810,60 +819,78 @@ internal static unsafe class FusedPipeline
         /// "magnitude key ≥ limit" for the whole block (all rules are keep-all, drop-all, a key threshold,
         /// or a top-k whose tie index lies outside the block), and returns where it stopped: at
         /// <paramref name="end"/>'s last whole block, or at the block that holds a top-k tie index. Same
-        /// operations in the same order as the general loop, so the same bits.
+        /// operations in the same order as the general loop, so the same bits, at either lane width
+        /// (<typeparamref name="TL"/>). With <paramref name="signSum"/>, adds the elected signs to it
+        /// instead of writing the merge.
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private long LimitRun(Setup* setup, Streams inputs, long start, long end, Vector<float>* tau, void* output, bool outBf16, bool signOnly, ref Vector<float> signs)
+        private long LimitRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16, long* signSum)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
         {
-            int w = Vector<float>.Count;
+            int w = TL.Count;
             int experts = setup->Experts;
             long stop = start + (end - start) / (2 * w) * (2 * w);
-            var limits = stackalloc Vector<uint>[experts];
+            var limits = stackalloc TV[experts];
+            var weights = stackalloc TV[experts];
+            var tau = stackalloc TV[2 * experts];
             for (int k = 0; k < experts; k++)
             {
                 // These rules keep a key range [low, 2^31), or nothing (drop-all: above every key).
                 var (low, high) = KeyRange(_rules[k], start, 0, 2 * w, ref stop);
-                limits[k] = new Vector<uint>(high == 0 ? uint.MaxValue : low);
+                limits[k] = TL.BroadcastBits(high == 0 ? uint.MaxValue : low);
+                weights[k] = TL.Broadcast(_weights[k]);
             }
 
-            var one = Vector<float>.One;
-            var zero = Vector<float>.Zero;
+            var one = TL.One;
+            var zero = TL.Zero;
+            var fill = TL.Broadcast(Fill);
+            var lambda = TL.Broadcast(_lambda);
+            var signs = zero;
             bool onWeighted = setup->OnWeighted;
             bool bySum = setup->BySum;
-            var fill = setup->Fill;
             long i = start;
             for (; i < stop; i += 2 * w)
             {
-                Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
-                Vector<float> score0 = zero, score1 = zero;
+                TL.Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+                TV score0 = zero, score1 = zero;
                 for (int k = 0; k < experts; k++)
                 {
-                    TaskVectorAt(inputs, k, i, b0, b1, out var t0, out var t1);
-                    t0 = Masked(t0, Vector.GreaterThanOrEqual(Magnitude(t0), limits[k]));
-                    t1 = Masked(t1, Vector.GreaterThanOrEqual(Magnitude(t1), limits[k]));
+                    TL.Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
+                    var t0 = TL.Subtract(e0, b0);
+                    var t1 = TL.Subtract(e1, b1);
+                    t0 = TL.Multiply(t0, TL.Select(TL.MagnitudeAtLeast(t0, limits[k]), one, zero));
+                    t1 = TL.Multiply(t1, TL.Select(TL.MagnitudeAtLeast(t1, limits[k]), one, zero));
                     if (onWeighted)
                     {
-                        t0 *= setup->Weights[k];
-                        t1 *= setup->Weights[k];
+                        t0 = TL.Multiply(t0, weights[k]);
+                        t1 = TL.Multiply(t1, weights[k]);
                     }
 
                     tau[2 * k] = t0;
                     tau[2 * k + 1] = t1;
-                    score0 += bySum ? t0 : Sign(t0, one, zero);
-                    score1 += bySum ? t1 : Sign(t1, one, zero);
+                    score0 = TL.Add(score0, bySum ? t0 : SignOf<TL, TV>(t0));
+                    score1 = TL.Add(score1, bySum ? t1 : SignOf<TL, TV>(t1));
                 }
 
-                var sign0 = Sign(score0, one, zero);
-                var sign1 = Sign(score1, one, zero);
-                if (signOnly)
+                var sign0 = SignOf<TL, TV>(score0);
+                var sign1 = SignOf<TL, TV>(score1);
+                if (signSum != null)
                 {
-                    signs += sign0 + sign1;
+                    signs = TL.Add(signs, TL.Add(sign0, sign1));
                     continue;
                 }
 
-                sign0 = Vector.ConditionalSelect(Vector.Equals(sign0, zero), fill, sign0);
-                sign1 = Vector.ConditionalSelect(Vector.Equals(sign1, zero), fill, sign1);
-                StreamLoop.Store(output, outBf16, i, b0 + Agree(setup, tau, 0, sign0), b1 + Agree(setup, tau, 1, sign1));
+                sign0 = TL.Select(TL.EqualTo(sign0, zero), fill, sign0);
+                sign1 = TL.Select(TL.EqualTo(sign1, zero), fill, sign1);
+                TL.Store(output, outBf16, i,
+                    TL.Add(b0, Agree<TL, TV>(setup, tau, 0, sign0, weights, lambda)),
+                    TL.Add(b1, Agree<TL, TV>(setup, tau, 1, sign1, weights, lambda)));
+            }
+
+            if (signSum != null)
+            {
+                *signSum += (long)TL.Sum(signs); // at most Chunk per lane: exact in float32
             }
 
             return i;
@@ -874,40 +901,62 @@ internal static unsafe class FusedPipeline
         /// <paramref name="start"/> while every expert's mask is "lo ≤ magnitude key &lt; hi" for the whole
         /// block: keep-all, drop-all, a key threshold, a top-k or a (row) rank window whose tie indices
         /// lie outside the block. Returns where it stopped: at <paramref name="end"/>'s last whole block,
-        /// or at a block holding a tie index. Same operations in the same order as the general loop.
+        /// or at a block holding a tie index. Same operations in the same order as the general loop, at
+        /// either lane width (<typeparamref name="TL"/>).
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private long RangeRun(Setup* setup, Streams inputs, long start, long end, long row, void* output, bool outBf16)
+        private long RangeRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, long row, void* output, bool outBf16)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
         {
-            int w = Vector<float>.Count;
+            int w = TL.Count;
             int experts = setup->Experts;
             long stop = start + (end - start) / (2 * w) * (2 * w);
-            var lows = stackalloc Vector<uint>[experts];
-            var spans = stackalloc Vector<uint>[experts];
+            var lows = stackalloc TV[experts];
+            var spans = stackalloc TV[experts];
+            var weights = stackalloc TV[experts];
             for (int k = 0; k < experts; k++)
             {
                 var (low, high) = KeyRange(_rules[k], start, row, 2 * w, ref stop);
-                lows[k] = new Vector<uint>(low);
-                spans[k] = new Vector<uint>(high > low ? high - low : 0);
+                lows[k] = TL.BroadcastBits(low);
+                spans[k] = TL.BroadcastBits(high > low ? high - low : 0);
+                weights[k] = TL.Broadcast(_weights[k]);
             }
 
-            var zero = Vector<float>.Zero;
+            var one = TL.One;
+            var zero = TL.Zero;
+            bool normalize = setup->PlainNormalize, scale = setup->Scale;
+            var divisor = TL.Broadcast(_plainDivisor);
+            var lambda = TL.Broadcast(_lambda);
             long i = start;
             for (; i < stop; i += 2 * w)
             {
-                Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
-                Vector<float> acc0 = zero, acc1 = zero;
+                TL.Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+                TV acc0 = zero, acc1 = zero;
                 for (int k = 0; k < experts; k++)
                 {
-                    TaskVectorAt(inputs, k, i, b0, b1, out var t0, out var t1);
-                    // lo ≤ key < hi ⟺ key − lo < hi − lo, unsigned (keys and bounds are at most 2^31).
-                    t0 = Masked(t0, Vector.LessThan(Magnitude(t0) - lows[k], spans[k]));
-                    t1 = Masked(t1, Vector.LessThan(Magnitude(t1) - lows[k], spans[k]));
-                    acc0 += t0 * setup->Weights[k];
-                    acc1 += t1 * setup->Weights[k];
+                    TL.Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
+                    var t0 = TL.Subtract(e0, b0);
+                    var t1 = TL.Subtract(e1, b1);
+                    t0 = TL.Multiply(t0, TL.Select(TL.MagnitudeInRange(t0, lows[k], spans[k]), one, zero));
+                    t1 = TL.Multiply(t1, TL.Select(TL.MagnitudeInRange(t1, lows[k], spans[k]), one, zero));
+                    acc0 = TL.Add(acc0, TL.Multiply(t0, weights[k]));
+                    acc1 = TL.Add(acc1, TL.Multiply(t1, weights[k]));
                 }
 
-                StreamLoop.Store(output, outBf16, i, b0 + Finish(setup, acc0), b1 + Finish(setup, acc1));
+                if (normalize)
+                {
+                    acc0 = TL.Divide(acc0, divisor);
+                    acc1 = TL.Divide(acc1, divisor);
+                }
+
+                if (scale)
+                {
+                    acc0 = TL.Multiply(acc0, lambda);
+                    acc1 = TL.Multiply(acc1, lambda);
+                }
+
+                TL.Store(output, outBf16, i, TL.Add(b0, acc0), TL.Add(b1, acc1));
             }
 
             return i;
@@ -1165,17 +1214,15 @@ internal static unsafe class FusedPipeline
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static Vector<float> RawSign(Setup* setup, Vector<float>* tau, int half)
         {
-            var one = Vector<float>.One;
-            var zero = Vector<float>.Zero;
-            var score = zero;
+            var score = Vector<float>.Zero;
             for (int k = 0; k < setup->Experts; k++)
             {
                 // With an election on weighted task vectors, tau already holds τ·w.
                 var elect = tau[2 * k + half];
-                score += setup->BySum ? elect : Sign(elect, one, zero);
+                score += setup->BySum ? elect : SignOf<VectorLanes, Vector<float>>(elect);
             }
 
-            return Sign(score, one, zero);
+            return SignOf<VectorLanes, Vector<float>>(score);
         }
 
         /// <summary>The plain weighted sum's divisor and λ.</summary>
@@ -1215,7 +1262,7 @@ internal static unsafe class FusedPipeline
             {
                 var sign = RawSign(setup, tau, half);
                 sign = Vector.ConditionalSelect(Vector.Equals(sign, zero), setup->Fill, sign);
-                return Agree(setup, tau, half, sign);
+                return Agree<VectorLanes, Vector<float>>(setup, tau, half, sign, setup->Weights, setup->Lambda);
             }
 
             if (setup->Scale)
@@ -1227,14 +1274,16 @@ internal static unsafe class FusedPipeline
         }
 
         /// <summary>The disjoint aggregation of the entries that agree with the elected
-        /// <paramref name="sign"/> (±1), then λ.</summary>
+        /// <paramref name="sign"/> (±1), then λ, at lane width <typeparamref name="TL"/>.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static Vector<float> Agree(Setup* setup, Vector<float>* tau, int half, Vector<float> sign)
+        private static TV Agree<TL, TV>(Setup* setup, TV* tau, int half, TV sign, TV* weights, TV lambda)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
         {
-            var zero = Vector<float>.Zero;
-            var one = Vector<float>.One;
+            var zero = TL.Zero;
+            var one = TL.One;
             var merged = zero;
-            var positive = Vector.GreaterThan(sign, zero);
+            var positive = TL.GreaterThan(sign, zero);
             var agreeing = zero;
             var divisor = zero;
             bool onWeighted = setup->OnWeighted;
@@ -1242,32 +1291,32 @@ internal static unsafe class FusedPipeline
             for (int k = 0; k < setup->Experts; k++)
             {
                 var s = tau[2 * k + half];
-                var agree = Vector.ConditionalSelect(positive, Vector.GreaterThan(s, zero), Vector.LessThan(s, zero));
-                var a = Vector.ConditionalSelect(agree, one, zero);
-                agreeing += a;
+                var agree = TL.Select(positive, TL.GreaterThan(s, zero), TL.LessThan(s, zero));
+                var a = TL.Select(agree, one, zero);
+                agreeing = TL.Add(agreeing, a);
                 if (unit)
                 {
-                    merged += s * a;
+                    merged = TL.Add(merged, TL.Multiply(s, a));
                     continue;
                 }
 
-                var w = setup->Weights[k];
-                var weighted = onWeighted ? s : s * w;
-                merged += weighted * a;
-                divisor += w * a;
+                var w = weights[k];
+                var weighted = onWeighted ? s : TL.Multiply(s, w);
+                merged = TL.Add(merged, TL.Multiply(weighted, a));
+                divisor = TL.Add(divisor, TL.Multiply(w, a));
             }
 
             if (setup->MeanOfAgreeing)
             {
-                merged /= Vector.Max(agreeing, one);
+                merged = TL.Divide(merged, TL.Select(TL.GreaterThan(agreeing, one), agreeing, one));
             }
             else if (setup->WeightNormalized)
             {
                 var d = unit ? agreeing : divisor;
-                merged /= Vector.ConditionalSelect(Vector.Equals(d, zero), one, d);
+                merged = TL.Divide(merged, TL.Select(TL.EqualTo(d, zero), one, d));
             }
 
-            return setup->Scale ? merged * setup->Lambda : merged;
+            return setup->Scale ? TL.Multiply(merged, lambda) : merged;
         }
     }
 
@@ -1296,20 +1345,8 @@ internal static unsafe class FusedPipeline
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static void Load(nint p, bool bf16, long i, out Vector<float> low, out Vector<float> high)
-    {
-        if (bf16)
-        {
-            Vector.Widen(Vector.Load((ushort*)p + i), out Vector<uint> a, out Vector<uint> b);
-            low = Vector.AsVectorSingle(Vector.ShiftLeft(a, 16));
-            high = Vector.AsVectorSingle(Vector.ShiftLeft(b, 16));
-        }
-        else
-        {
-            low = Vector.Load((float*)p + i);
-            high = Vector.Load((float*)p + i + Vector<float>.Count);
-        }
-    }
+    private static void Load(nint p, bool bf16, long i, out Vector<float> low, out Vector<float> high) =>
+        VectorLanes.Load(p, bf16, i, out low, out high);
 
     private static float At(nint p, bool bf16, long i) =>
         bf16 ? BitConverter.UInt32BitsToSingle((uint)((ushort*)p)[i] << 16) : ((float*)p)[i];
@@ -1317,8 +1354,12 @@ internal static unsafe class FusedPipeline
     /// <summary>torch.sign: 1, −1, or 0 (for ±0 and NaN).</summary>
     private static float Sign(float x) => (x > 0 ? 1f : 0f) - (x < 0 ? 1f : 0f);
 
-    private static Vector<float> Sign(Vector<float> x, Vector<float> one, Vector<float> zero) =>
-        Vector.ConditionalSelect(Vector.GreaterThan(x, zero), one, zero) - Vector.ConditionalSelect(Vector.LessThan(x, zero), one, zero);
+    /// <summary>torch.sign at lane width <typeparamref name="TL"/>: 1, −1, or 0 (for ±0 and NaN).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static TV SignOf<TL, TV>(TV x)
+        where TL : struct, ISimdLanes<TV>
+        where TV : unmanaged =>
+        TL.Subtract(TL.Select(TL.GreaterThan(x, TL.Zero), TL.One, TL.Zero), TL.Select(TL.LessThan(x, TL.Zero), TL.One, TL.Zero));
 
     /// <summary>
     /// Task arithmetic (Σ_k (θ_k − θ_base)·w_k, ÷ divisor, ·λ, + θ_base) and weight averaging (θ_0·w_0,
@@ -1480,26 +1521,8 @@ internal static unsafe class FusedPipeline
         }
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public static void Store(void* output, bool bf16, long i, Vector<float> low, Vector<float> high)
-        {
-            if (!bf16)
-            {
-                Vector.Store(low, (float*)output + i);
-                Vector.Store(high, (float*)output + i + Vector<float>.Count);
-                return;
-            }
-
-            var one = Vector<uint>.One;
-            var bias = new Vector<uint>(0x7FFF);
-            var nan = new Vector<uint>(0x7FC0);
-            var ua = Vector.AsVectorUInt32(low);
-            var ub = Vector.AsVectorUInt32(high);
-            ua = Vector.ShiftRightLogical(ua + (Vector.ShiftRightLogical(ua, 16) & one) + bias, 16);
-            ub = Vector.ShiftRightLogical(ub + (Vector.ShiftRightLogical(ub, 16) & one) + bias, 16);
-            ua = Vector.ConditionalSelect(Vector.AsVectorUInt32(Vector.Equals(low, low)), ua, nan);
-            ub = Vector.ConditionalSelect(Vector.AsVectorUInt32(Vector.Equals(high, high)), ub, nan);
-            Vector.Store(Vector.Narrow(ua, ub), (ushort*)output + i);
-        }
+        public static void Store(void* output, bool bf16, long i, Vector<float> low, Vector<float> high) =>
+            VectorLanes.Store(output, bf16, i, low, high);
     }
 
     // ---- Element loops ----------------------------------------------------------------------------

@@ -159,6 +159,27 @@ public class FusedKernelTests
         Check(method, 6, ScalarType.BFloat16, AlignedShapes, 40);
     }
 
+    /// <summary>The sign-election loop runs on 512-bit vectors where the CPU has them; both widths must
+    /// give libtorch's bits (the other tests run whichever this machine picks).</summary>
+    [TestCaseSource(nameof(Methods))]
+    public void Fused_kernel_equals_libtorch_at_either_lane_width(MergeMethod method)
+    {
+        bool chosen = FusedPipeline.UseWideLanes;
+        try
+        {
+            foreach (bool wide in System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? new[] { false, true } : [false])
+            {
+                FusedPipeline.UseWideLanes = wide;
+                Check(method, 3, ScalarType.Float32, OddShapes, 50);
+                Check(method, 5, ScalarType.BFloat16, AlignedShapes, 51);
+            }
+        }
+        finally
+        {
+            FusedPipeline.UseWideLanes = chosen;
+        }
+    }
+
     [Test]
     public void Sign_consensus_over_drop_all_keep_all_and_top_k_experts_equals_libtorch()
     {
