@@ -748,7 +748,7 @@ internal static unsafe class FusedPipeline
                     Vector<float> acc0 = Vector<float>.Zero, acc1 = Vector<float>.Zero;
                     for (int k = 0; k < experts; k++)
                     {
-                        TaskVectorAt(inputs, k, i, b0, b1, out var t0, out var t1);
+                        TaskVectorAt<VectorLanes, Vector<float>>(inputs, k, i, b0, b1, out var t0, out var t1);
                         if (rules[k].Kind != RuleKind.KeepAll)
                         {
                             Sparsify(rules[k], ref t0, ref t1, i, row);
@@ -781,7 +781,7 @@ internal static unsafe class FusedPipeline
                 Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
                 for (int k = 0; k < experts; k++)
                 {
-                    TaskVectorAt(inputs, k, i, b0, b1, out tau[2 * k], out tau[2 * k + 1]);
+                    TaskVectorAt<VectorLanes, Vector<float>>(inputs, k, i, b0, b1, out tau[2 * k], out tau[2 * k + 1]);
                     if (rules[k].Kind != RuleKind.KeepAll)
                     {
                         Sparsify(rules[k], ref tau[2 * k], ref tau[2 * k + 1], i, row);
@@ -842,7 +842,6 @@ internal static unsafe class FusedPipeline
                 weights[k] = TL.Broadcast(_weights[k]);
             }
 
-            var one = TL.One;
             var zero = TL.Zero;
             var fill = TL.Broadcast(Fill);
             var lambda = TL.Broadcast(_lambda);
@@ -856,11 +855,9 @@ internal static unsafe class FusedPipeline
                 TV score0 = zero, score1 = zero;
                 for (int k = 0; k < experts; k++)
                 {
-                    TL.Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
-                    var t0 = TL.Subtract(e0, b0);
-                    var t1 = TL.Subtract(e1, b1);
-                    t0 = TL.Multiply(t0, TL.Select(TL.MagnitudeAtLeast(t0, limits[k]), one, zero));
-                    t1 = TL.Multiply(t1, TL.Select(TL.MagnitudeAtLeast(t1, limits[k]), one, zero));
+                    TaskVectorAt<TL, TV>(inputs, k, i, b0, b1, out var t0, out var t1);
+                    t0 = Masked<TL, TV>(t0, TL.MagnitudeAtLeast(t0, limits[k]));
+                    t1 = Masked<TL, TV>(t1, TL.MagnitudeAtLeast(t1, limits[k]));
                     if (onWeighted)
                     {
                         t0 = TL.Multiply(t0, weights[k]);
@@ -923,7 +920,6 @@ internal static unsafe class FusedPipeline
                 weights[k] = TL.Broadcast(_weights[k]);
             }
 
-            var one = TL.One;
             var zero = TL.Zero;
             bool normalize = setup->PlainNormalize, scale = setup->Scale;
             var divisor = TL.Broadcast(_plainDivisor);
@@ -935,11 +931,9 @@ internal static unsafe class FusedPipeline
                 TV acc0 = zero, acc1 = zero;
                 for (int k = 0; k < experts; k++)
                 {
-                    TL.Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
-                    var t0 = TL.Subtract(e0, b0);
-                    var t1 = TL.Subtract(e1, b1);
-                    t0 = TL.Multiply(t0, TL.Select(TL.MagnitudeInRange(t0, lows[k], spans[k]), one, zero));
-                    t1 = TL.Multiply(t1, TL.Select(TL.MagnitudeInRange(t1, lows[k], spans[k]), one, zero));
+                    TaskVectorAt<TL, TV>(inputs, k, i, b0, b1, out var t0, out var t1);
+                    t0 = Masked<TL, TV>(t0, TL.MagnitudeInRange(t0, lows[k], spans[k]));
+                    t1 = Masked<TL, TV>(t1, TL.MagnitudeInRange(t1, lows[k], spans[k]));
                     acc0 = TL.Add(acc0, TL.Multiply(t0, weights[k]));
                     acc1 = TL.Add(acc1, TL.Multiply(t1, weights[k]));
                 }
@@ -1183,16 +1177,26 @@ internal static unsafe class FusedPipeline
         /// NaN or ∞ still gives NaN, and a dropped negative −0).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static Vector<float> Masked(Vector<float> t, Vector<uint> keep) =>
-            t * Vector.ConditionalSelect(Vector.AsVectorInt32(keep), Vector<float>.One, Vector<float>.Zero);
+            Masked<VectorLanes, Vector<float>>(t, Vector.AsVectorSingle(keep));
+
+        /// <summary><see cref="Masked(Vector{float}, Vector{uint})"/> at lane width <typeparamref name="TL"/>,
+        /// <paramref name="keep"/> all ones or zero per lane.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV Masked<TL, TV>(TV t, TV keep)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged => TL.Multiply(t, TL.Select(keep, TL.One, TL.Zero));
 
         /// <summary>τ = θ_k − θ_base for the 2·lanes entries of expert <paramref name="k"/> from
-        /// <paramref name="i"/>, given the base's (<paramref name="b0"/>, <paramref name="b1"/>).</summary>
+        /// <paramref name="i"/>, given the base's (<paramref name="b0"/>, <paramref name="b1"/>), at lane
+        /// width <typeparamref name="TL"/>.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static void TaskVectorAt(Streams inputs, int k, long i, Vector<float> b0, Vector<float> b1, out Vector<float> t0, out Vector<float> t1)
+        private static void TaskVectorAt<TL, TV>(Streams inputs, int k, long i, TV b0, TV b1, out TV t0, out TV t1)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
         {
-            Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
-            t0 = e0 - b0;
-            t1 = e1 - b1;
+            TL.Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
+            t0 = TL.Subtract(e0, b0);
+            t1 = TL.Subtract(e1, b1);
         }
 
         /// <summary>lower &lt; (key, index) ≤ upper, composites compared as (key, index) pairs.</summary>
