@@ -921,7 +921,6 @@ internal static unsafe class FusedPipeline
             }
 
             var zero = TL.Zero;
-            bool normalize = setup->PlainNormalize, scale = setup->Scale;
             var divisor = TL.Broadcast(_plainDivisor);
             var lambda = TL.Broadcast(_lambda);
             long i = start;
@@ -938,19 +937,8 @@ internal static unsafe class FusedPipeline
                     acc1 = TL.Add(acc1, TL.Multiply(t1, weights[k]));
                 }
 
-                if (normalize)
-                {
-                    acc0 = TL.Divide(acc0, divisor);
-                    acc1 = TL.Divide(acc1, divisor);
-                }
-
-                if (scale)
-                {
-                    acc0 = TL.Multiply(acc0, lambda);
-                    acc1 = TL.Multiply(acc1, lambda);
-                }
-
-                TL.Store(output, outBf16, i, TL.Add(b0, acc0), TL.Add(b1, acc1));
+                TL.Store(output, outBf16, i,
+                    TL.Add(b0, Finish<TL, TV>(setup, acc0, divisor, lambda)), TL.Add(b1, Finish<TL, TV>(setup, acc1, divisor, lambda)));
             }
 
             return i;
@@ -1231,14 +1219,22 @@ internal static unsafe class FusedPipeline
 
         /// <summary>The plain weighted sum's divisor and λ.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static Vector<float> Finish(Setup* setup, Vector<float> merged)
+        private static Vector<float> Finish(Setup* setup, Vector<float> merged) =>
+            Finish<VectorLanes, Vector<float>>(setup, merged, setup->PlainDivisor, setup->Lambda);
+
+        /// <summary><see cref="Finish(Setup*, Vector{float})"/> at lane width <typeparamref name="TL"/>, with
+        /// the divisor and λ broadcast to it.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV Finish<TL, TV>(Setup* setup, TV merged, TV divisor, TV lambda)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
         {
             if (setup->PlainNormalize)
             {
-                merged /= setup->PlainDivisor;
+                merged = TL.Divide(merged, divisor);
             }
 
-            return setup->Scale ? merged * setup->Lambda : merged;
+            return setup->Scale ? TL.Multiply(merged, lambda) : merged;
         }
 
         /// <summary>Weights, sign consensus and aggregation, then λ: the merged task vector for half
