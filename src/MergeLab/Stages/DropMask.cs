@@ -62,20 +62,15 @@ internal static unsafe class DropMask
             i = 1;
         }
 
-        int words = Vector<ulong>.Count;
-        int step = 2 * words; // entries per vector of words
+        int lanes = Vector<float>.Count;
         if (Vector.IsHardwareAccelerated)
         {
             var one = new Vector<float>(1f);
-            var t = new Vector<uint>(threshold);
-            var laneSteps = LaneSteps;
-            for (; i <= count - step; i += step)
+            for (; i <= count - 2 * lanes; i += 2 * lanes)
             {
-                ulong counter = (ulong)((start + i) >> 1);
-                var z = new Vector<ulong>((ulong)streamSeed + (counter + 1) * Gamma) + laneSteps;
-                var keep = Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(Words(z), 8), t);
-                var mask = Vector.ConditionalSelect(Vector.AsVectorInt32(keep), one, Vector<float>.Zero);
-                Vector.Store(Vector.Load(values + i) * mask, values + i);
+                var (low, high) = KeepMasks(streamSeed, threshold, start + i); // start + i is even here
+                Vector.Store(Vector.Load(values + i) * Vector.ConditionalSelect(Vector.AsVectorInt32(low), one, Vector<float>.Zero), values + i);
+                Vector.Store(Vector.Load(values + i + lanes) * Vector.ConditionalSelect(Vector.AsVectorInt32(high), one, Vector<float>.Zero), values + i + lanes);
             }
         }
 
