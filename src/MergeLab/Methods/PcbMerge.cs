@@ -149,11 +149,8 @@ public sealed class PcbMerge : MergeMethod
             var queries = new SelectionQuery[n];
             for (long i = 0; i < n; i++)
             {
-                unsafe
-                {
-                    var row = new CpuFloats((float*)floats.Pointer + i * d, d, bfloat16: false);
-                    queries[i] = new SelectionQuery(magnitudes ? new MagnitudeKeys(row) : new SignedKeys(row), k - 1);
-                }
+                var row = floats.Slice(i * d, d);
+                queries[i] = new SelectionQuery(magnitudes ? new MagnitudeKeys(row) : new SignedKeys(row), k - 1);
             }
 
             ExactSelector.Solve(queries);
