@@ -1,0 +1,93 @@
+using System.Numerics;
+using MergeLab.Selection;
+using NUnit.Framework;
+
+namespace MergeLab.Tests.Selection;
+
+/// <summary>The vectorized exp and tanh of the PCB kernel against float64 <see cref="Math"/>, in ulps of the
+/// float32 result: about libtorch's own promise of 1 ulp (Sleef's u10 functions), measured 1.014 for exp
+/// over its whole range and 0.53 for tanh.</summary>
+public class SimdMathTests
+{
+    private static float[] Apply(Func<Vector<float>, Vector<float>> f, float[] x)
+    {
+        var result = new float[x.Length];
+        int lanes = Vector<float>.Count;
+        var padded = new float[(x.Length + lanes - 1) / lanes * lanes];
+        x.CopyTo(padded, 0);
+        for (int i = 0; i < padded.Length; i += lanes)
+        {
+            var y = f(new Vector<float>(padded, i));
+            for (int j = 0; j < lanes && i + j < x.Length; j++)
+            {
+                result[i + j] = y[j];
+            }
+        }
+
+        return result;
+    }
+
+    /// <summary>|actual − exact| in units of the float32 spacing at the exact value.</summary>
+    private static double Ulps(float actual, double exact)
+    {
+        float rounded = (float)exact;
+        double spacing = Math.Abs((double)MathF.BitIncrement(Math.Abs(rounded)) - Math.Abs(rounded));
+        return Math.Abs(actual - exact) / spacing;
+    }
+
+    private static float[] Grid(float from, float to, int count, int seed)
+    {
+        var random = new Random(seed);
+        return Enumerable.Range(0, count).Select(_ => (float)(from + ((to - from) * random.NextDouble()))).ToArray();
+    }
+
+    [TestCase(-87f, 88f)]
+    [TestCase(0f, 64f)] // PCB's intra-balancing argument n·m², m in [0, 1], n ≤ 64 experts
+    [TestCase(-1f, 1f)]
+    [TestCase(-1e-6f, 1e-6f)]
+    public void Exp_is_within_about_one_ulp(float from, float to)
+    {
+        var x = Grid(from, to, 200_000, 1);
+        var y = Apply(SimdMath.Exp, x);
+        double worst = x.Select((v, i) => Ulps(y[i], Math.Exp(v))).Max();
+        TestContext.Out.WriteLine($"exp on [{from}, {to}]: worst {worst:F3} ulp");
+        Assert.That(worst, Is.LessThanOrEqualTo(1.02));
+    }
+
+    [Test]
+    public void Exp_is_exact_where_the_result_is_a_float_and_keeps_nan()
+    {
+        var y = Apply(SimdMath.Exp, [0f, -0f, 1f, float.NaN]);
+        Assert.That(y[0], Is.EqualTo(1f));
+        Assert.That(y[1], Is.EqualTo(1f));
+        Assert.That(Ulps(y[2], Math.E), Is.LessThanOrEqualTo(0.5), "e rounds correctly");
+        Assert.That(float.IsNaN(y[3]), Is.True);
+    }
+
+    [TestCase(-12f, 12f)]
+    [TestCase(-0.5f, 0.5f)] // both sides of the series limit 0.3
+    [TestCase(-1e-3f, 1e-3f)]
+    [TestCase(-1e-30f, 1e-30f)] // PCB's inter-balancing argument is often this small
+    public void Tanh_is_within_0_55_ulp(float from, float to)
+    {
+        var x = Grid(from, to, 200_000, 2);
+        var y = Apply(SimdMath.Tanh, x);
+        double worst = x.Select((v, i) => Ulps(y[i], Math.Tanh(v))).Max();
+        TestContext.Out.WriteLine($"tanh on [{from}, {to}]: worst {worst:F3} ulp");
+        Assert.That(worst, Is.LessThanOrEqualTo(0.55));
+    }
+
+    [Test]
+    public void Tanh_is_odd_exact_at_zero_and_saturates()
+    {
+        var x = Grid(-5f, 5f, 10_000, 3);
+        var y = Apply(SimdMath.Tanh, x);
+        var negated = Apply(SimdMath.Tanh, x.Select(v => -v).ToArray());
+        Assert.That(negated, Is.EqualTo(y.Select(v => -v).ToArray()));
+        var special = Apply(SimdMath.Tanh, [0f, -0f, 20f, -20f, float.NaN]);
+        Assert.That(BitConverter.SingleToInt32Bits(special[0]), Is.EqualTo(0));
+        Assert.That(BitConverter.SingleToInt32Bits(special[1]), Is.EqualTo(BitConverter.SingleToInt32Bits(-0f)));
+        Assert.That(special[2..4], Is.EqualTo(new[] { 1f, -1f }));
+        Assert.That(float.IsNaN(special[4]), Is.True);
+    }
+}
