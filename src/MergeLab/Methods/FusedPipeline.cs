@@ -1356,7 +1356,7 @@ internal static unsafe class FusedPipeline
 
     /// <summary>torch.sign at lane width <typeparamref name="TL"/>: 1, −1, or 0 (for ±0 and NaN).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static TV SignOf<TL, TV>(TV x)
+    internal static TV SignOf<TL, TV>(TV x)
         where TL : struct, ISimdLanes<TV>
         where TV : unmanaged =>
         TL.Subtract(TL.Select(TL.GreaterThan(x, TL.Zero), TL.One, TL.Zero), TL.Select(TL.LessThan(x, TL.Zero), TL.One, TL.Zero));

@@ -70,6 +70,9 @@ public sealed record PcbOptions
 /// <item>merged = Σ_i τ̂_i·s_i / max(Σ_i s_i, 1e-12); θ = θ_base + λ·merged.</item>
 /// </list>
 /// A constant row, where the reference divides 0 by 0, min-max rescales to 0 instead of NaN.
+/// On the CPU (float32 or bfloat16 inputs) a fused kernel computes the same formulation in three passes;
+/// its exp and tanh are its own (about 1 ulp, as libtorch's), so its scores can differ from libtorch's in
+/// the last bit, and the merge by about an ulp. Other devices run the libtorch operations.
 /// </summary>
 public sealed class PcbMerge : MergeMethod
 {
@@ -85,6 +88,14 @@ public sealed class PcbMerge : MergeMethod
     /// <inheritdoc />
     public override ModelStatistic? CreateStatistic(int expertCount) =>
         Options.Scope == SelectionScope.WholeModel ? new PcbStatistic(this, expertCount) : null;
+
+    /// <inheritdoc />
+    private protected override Tensor? MergeDirect(TensorGroup group, ModelStatistic? statistic, ScalarType outputType)
+    {
+        var whole = statistic as PcbStatistic;
+        return Options.Scope == SelectionScope.WholeModel && whole is null ? null // MergeFloat32 says what is missing
+            : PcbKernel.TryMerge(this, group, Options.Scope == SelectionScope.WholeModel ? whole : null, outputType);
+    }
 
     /// <inheritdoc />
     protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic)
@@ -198,6 +209,9 @@ internal sealed class PcbStatistic(PcbMerge method, int expertCount) : ModelStat
 
     public override bool IsComplete => _pass == 4;
 
+    /// <summary>Each task's (low, high, threshold, top).</summary>
+    public (float[] Low, float[] High, float[] Threshold, float[] Top) Values => (_low, _high, _threshold, _top);
+
     /// <summary>Each task's (low, high, threshold, top) as [n, 1] tensors on <paramref name="device"/>.</summary>
     public (Tensor Low, Tensor High, Tensor Threshold, Tensor Top) Bounds(Device device) =>
         (Column(_low, device), Column(_high, device), Column(_threshold, device), Column(_top, device));
@@ -236,8 +250,14 @@ internal sealed class PcbStatistic(PcbMerge method, int expertCount) : ModelStat
             return;
         }
 
-        var x = PcbMerge.StackedTaskVectors(group);
-        var source = _pass < 2 ? x : PcbMerge.Score(x, Column(_low, x.device), Column(_high, x.device));
+        // The scores come from the kernel the merge will use, so the thresholds are those of its scores.
+        var source = _pass >= 2 && PcbKernel.TryScores(group, _low, _high) is { } kernelScores ? kernelScores : null;
+        if (source is null)
+        {
+            var x = PcbMerge.StackedTaskVectors(group);
+            source = _pass < 2 ? x : PcbMerge.Score(x, Column(_low, x.device), Column(_high, x.device));
+        }
+
         var selects = _pass < 2 ? _magnitudes : _scores;
         for (int i = 0; i < selects.Length; i++)
         {

@@ -1,0 +1,400 @@
+using System.Numerics;
+using System.Runtime.CompilerServices;
+using MergeLab.Selection;
+using static TorchSharp.torch;
+
+namespace MergeLab.Methods;
+
+/// <summary>
+/// PCB-Merging on CPU memory (float32 or bfloat16 inputs): the formulation of <see cref="PcbMerge"/> in
+/// three passes over fixed blocks instead of about thirty libtorch operations over [n, d] temporaries.
+/// <list type="number">
+/// <item>the clamp bounds of each |τ_k| by exact selection straight from the inputs (per tensor), or the
+/// whole-model statistic's;</item>
+/// <item>the scores exp(n·minmax(|τ̂_k|)²)·tanh(τ_k·Σ_j τ_j) into one pooled [n, d] buffer, then each row's
+/// threshold and maximum by exact selection (per tensor);</item>
+/// <item>the merge: τ̂_k·s_k and s_k summed in expert order, divided, λ, plus the base, stored in the output
+/// dtype.</item>
+/// </list>
+/// Every operation other than exp and tanh is libtorch's, in libtorch's order, so with
+/// <see cref="LibTorchTranscendentals"/> the result is bit for bit the libtorch formulation's; by default
+/// exp and tanh are <see cref="SimdMath"/>'s (within 1 ulp, as libtorch's are), which makes the scores a
+/// pass instead of the slowest part of the merge. Results never depend on the thread count.
+/// </summary>
+internal static unsafe class PcbKernel
+{
+    private const int Block = FusedPipeline.Block;
+
+    /// <summary>Take exp and tanh from libtorch (the result is then bit-identical to the libtorch
+    /// formulation on this machine), for tests.</summary>
+    internal static bool LibTorchTranscendentals { get; set; }
+
+    /// <summary>Merges <paramref name="group"/> into <paramref name="outputType"/>, or returns null when the
+    /// kernel does not apply (not on the CPU, too many experts, no base).</summary>
+    /// <param name="method">The method (its options and quantile ranks).</param>
+    /// <param name="group">The tensor group.</param>
+    /// <param name="whole">The completed whole-model statistic, or null for per-tensor scope.</param>
+    /// <param name="outputType">The result's dtype.</param>
+    public static Tensor? TryMerge(PcbMerge method, TensorGroup group, PcbStatistic? whole, ScalarType outputType)
+    {
+        using var inputs = FusedPipeline.Inputs.Acquire(group, needsBase: true);
+        if (inputs is null)
+        {
+            return null;
+        }
+
+        long d = inputs.Length;
+        var (low, high, threshold, top) = whole?.Values ?? default;
+        if (whole is null)
+        {
+            (low, high) = Quantiles(inputs, method.LowRank(d), method.HighRank(d));
+        }
+
+        using var scores = Scores(inputs, low, high, out var maxima);
+        if (whole is null)
+        {
+            (threshold, top) = (RowValues(scores, method.ThresholdRank(d)), maxima);
+        }
+
+        var lambda = method.Options.Lambda;
+        return Merge(inputs, new Bounds(low, high, threshold, top), scores, lambda == 1.0 ? null : (float)lambda, outputType, group.Reference.shape);
+    }
+
+    /// <summary>The scores of <paramref name="group"/> as a pooled [n, d] float32 tensor given each task's
+    /// clamp bounds, or null when the kernel does not apply.</summary>
+    public static Tensor? TryScores(TensorGroup group, float[] low, float[] high)
+    {
+        using var inputs = FusedPipeline.Inputs.Acquire(group, needsBase: true);
+        return inputs is null ? null : Scores(inputs, low, high, out _);
+    }
+
+    /// <summary>Each task's |τ_k| at the 1-based ranks <paramref name="lowRank"/> and <paramref name="highRank"/>.</summary>
+    private static (float[] Low, float[] High) Quantiles(FusedPipeline.Inputs inputs, long lowRank, long highRank)
+    {
+        var queries = inputs.Experts.SelectMany(e =>
+        {
+            var keys = new DifferenceMagnitudeKeys(e, inputs.Base);
+            return new[] { new SelectionQuery(keys, lowRank - 1), new SelectionQuery(keys, highRank - 1) };
+        }).ToArray();
+        ExactSelector.Solve(queries);
+        return (Values(queries, 0, signed: false), Values(queries, 1, signed: false));
+    }
+
+    /// <summary>Each score row's value at the 1-based <paramref name="rank"/>.</summary>
+    private static float[] RowValues(Tensor scores, long rank)
+    {
+        long n = scores.shape[0], d = scores.shape[1];
+        var floats = new CpuFloats(CpuTensors.Pointer(scores), n * d, bfloat16: false);
+        var queries = new SelectionQuery[n];
+        for (long k = 0; k < n; k++)
+        {
+            queries[k] = new SelectionQuery(new SignedKeys(floats.Slice(k * d, d)), rank - 1);
+        }
+
+        ExactSelector.Solve(queries);
+        return queries.Select(q => FloatKeys.Value(q.Key, signed: true)).ToArray();
+    }
+
+    private static float[] Values(SelectionQuery[] pairs, int which, bool signed) =>
+        Enumerable.Range(0, pairs.Length / 2).Select(k => FloatKeys.Value(pairs[(2 * k) + which].Key, signed)).ToArray();
+
+    /// <summary>The [n, d] scores intra ⊙ inter in pooled memory, and each row's maximum.</summary>
+    private static Tensor Scores(FusedPipeline.Inputs inputs, float[] low, float[] high, out float[] maxima)
+    {
+        int n = inputs.Experts.Length;
+        long d = inputs.Length;
+        bool libtorch = LibTorchTranscendentals;
+        var scores = NativeBufferPool.Empty([n, d], ScalarType.Float32);
+        var inter = libtorch ? NativeBufferPool.Empty([n, d], ScalarType.Float32) : null;
+        long blocks = CpuParallel.BlockCount(d, Block);
+        var blockMaxima = new float[blocks * n];
+        try
+        {
+            var intraOut = (float*)CpuTensors.Pointer(scores);
+            var interOut = inter is null ? null : (float*)CpuTensors.Pointer(inter);
+            var experts = new Vector<float>((float)n);
+            CpuParallel.For(blocks, b =>
+            {
+                var block = new BlockView(inputs, b, n, d);
+                for (int k = 0; k < n; k++)
+                {
+                    var rowMax = new Vector<float>(float.NegativeInfinity);
+                    var lo = new Vector<float>(low[k]);
+                    var hi = new Vector<float>(high[k]);
+                    float range = high[k] - low[k];
+                    var width = new Vector<float>(range);
+                    var intraRow = block.Output(intraOut, k);
+                    var interRow = interOut is null ? null : block.Output(interOut, k, second: true);
+                    var tau = block.Tau(k);
+                    for (int i = 0; i < block.Padded; i += Vector<float>.Count)
+                    {
+                        var t = *(Vector<float>*)(tau + i);
+
+                        // minmax(clamp(|τ|, low, high))² · n, a constant row's minmax being 0.
+                        var m = range == 0 ? Vector<float>.Zero : (Clamp(Vector.Abs(t), lo, hi) - lo) / width;
+                        var intra = m * m * experts;
+                        var product = t * *(Vector<float>*)(block.Total + i);
+                        if (interRow is null)
+                        {
+                            var score = SimdMath.Exp(intra) * SimdMath.Tanh(product);
+                            *(Vector<float>*)(intraRow + i) = score;
+                            rowMax = Vector.Max(rowMax, block.Valid(i, score)); // NaN propagates, as in amax
+                        }
+                        else
+                        {
+                            *(Vector<float>*)(intraRow + i) = intra;
+                            *(Vector<float>*)(interRow + i) = product;
+                        }
+                    }
+
+                    blockMaxima[(b * n) + k] = Max(rowMax);
+                    block.Flush(intraOut, k, intraRow);
+                    if (interRow is not null)
+                    {
+                        block.Flush(interOut, k, interRow);
+                    }
+                }
+            });
+
+            if (inter is not null)
+            {
+                scores.exp_().mul_(inter.tanh_());
+                using var amax = scores.amax([1]);
+                maxima = amax.data<float>().ToArray();
+            }
+            else
+            {
+                maxima = Enumerable.Range(0, n).Select(k => Enumerable.Range(0, (int)blocks).Select(b => blockMaxima[(b * n) + k]).Aggregate(float.NegativeInfinity, Math.Max)).ToArray();
+            }
+
+            return scores;
+        }
+        catch
+        {
+            scores.Dispose();
+            throw;
+        }
+        finally
+        {
+            inter?.Dispose();
+        }
+    }
+
+    /// <summary>Σ_k τ̂_k·s_k / max(Σ_k s_k, 1e-12), ·λ, + θ_base, in <paramref name="outputType"/>.</summary>
+    private static Tensor Merge(FusedPipeline.Inputs inputs, Bounds bounds, Tensor scores, float? lambda, ScalarType outputType, long[] shape)
+    {
+        int n = inputs.Experts.Length;
+        long d = inputs.Length;
+        bool direct = outputType is ScalarType.Float32 or ScalarType.BFloat16;
+        var type = direct ? outputType : ScalarType.Float32;
+        var result = NativeBufferPool.Empty(shape, type);
+        var output = CpuTensors.Pointer(result);
+        var score = (float*)CpuTensors.Pointer(scores);
+        var floor = new Vector<float>(1e-12f);
+        CpuParallel.For(CpuParallel.BlockCount(d, Block), b =>
+        {
+            var block = new BlockView(inputs, b, n, d);
+            var num = block.Accumulator(0);
+            var den = block.Accumulator(1);
+            for (int k = 0; k < n; k++)
+            {
+                var lo = new Vector<float>(bounds.Low[k]);
+                var hi = new Vector<float>(bounds.High[k]);
+                float range = bounds.Top[k] - bounds.Threshold[k];
+                var threshold = new Vector<float>(bounds.Threshold[k]);
+                var top = new Vector<float>(bounds.Top[k]);
+                var width = new Vector<float>(range);
+                var tau = block.Tau(k);
+                var row = block.Input(score, k);
+                for (int i = 0; i < block.Padded; i += Vector<float>.Count)
+                {
+                    var t = *(Vector<float>*)(tau + i);
+                    var clamped = Clamp(Vector.Abs(t), lo, hi) * FusedPipeline.SignOf<VectorLanes, Vector<float>>(t);
+                    var s = range == 0 ? Vector<float>.Zero : (Clamp(*(Vector<float>*)(row + i), threshold, top) - threshold) / width;
+                    *(Vector<float>*)(num + i) += clamped * s;
+                    *(Vector<float>*)(den + i) += s;
+                }
+            }
+
+            bool bf16 = type == ScalarType.BFloat16;
+            var merged = block.Destination(output, bf16, num);
+            for (int i = 0; i < block.Padded; i += Vector<float>.Count)
+            {
+                var m = *(Vector<float>*)(num + i) / Vector.MaxNative(floor, *(Vector<float>*)(den + i)); // clamp_min, NaN kept
+                if (lambda is { } l)
+                {
+                    m *= l;
+                }
+
+                *(Vector<float>*)(merged + i) = *(Vector<float>*)(block.Base + i) + m;
+            }
+
+            block.Store(output, bf16, merged);
+        });
+
+        if (direct)
+        {
+            return result;
+        }
+
+        using (result)
+        {
+            return result.to(outputType);
+        }
+    }
+
+    /// <summary>The largest lane (NaN if any lane is NaN).</summary>
+    private static float Max(Vector<float> v)
+    {
+        float max = float.NegativeInfinity;
+        for (int i = 0; i < Vector<float>.Count; i++)
+        {
+            max = Math.Max(max, v[i]);
+        }
+
+        return max;
+    }
+
+    /// <summary>libtorch's clamp(x, low, high) for low ≤ high, NaN staying NaN: the native x86 min and max
+    /// return their second operand when either is NaN, so x goes second.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector<float> Clamp(Vector<float> x, Vector<float> low, Vector<float> high) =>
+        Vector.MinNative(high, Vector.MaxNative(low, x));
+
+    /// <summary>Each task's clamp bounds, score threshold and score maximum.</summary>
+    private sealed record Bounds(float[] Low, float[] High, float[] Threshold, float[] Top);
+
+    /// <summary>
+    /// One block of a pass in the calling thread's scratch: the base and every τ_k as float32 (zero-padded
+    /// to whole vectors), Σ_k τ_k, two accumulators, and a staging row for a partial block's outputs.
+    /// </summary>
+    private readonly struct BlockView
+    {
+        private readonly float* _scratch;
+        private readonly int _experts;
+        private readonly float* _base;
+
+        public BlockView(FusedPipeline.Inputs inputs, long block, int experts, long length)
+        {
+            Start = block * Block;
+            Count = (int)Math.Min(Block, length - Start);
+            Padded = (Count + Vector<float>.Count - 1) / Vector<float>.Count * Vector<float>.Count;
+            Length = length;
+            _experts = experts;
+            _scratch = (float*)ThreadScratch.Get((experts + 6L) * Block * sizeof(float));
+            _base = Read(inputs.Base, _scratch);
+            var total = Total;
+            new Span<float>(total, Padded).Clear();
+            for (int k = 0; k < experts; k++)
+            {
+                var tau = Tau(k);
+                var expert = Read(inputs.Experts[k], tau);
+                for (int i = 0; i < Padded; i += Vector<float>.Count)
+                {
+                    var t = *(Vector<float>*)(expert + i) - *(Vector<float>*)(_base + i);
+                    *(Vector<float>*)(tau + i) = t;
+                    *(Vector<float>*)(total + i) += t; // x.sum(0): 0 + τ_0 + τ_1 + …, in expert order
+                }
+            }
+        }
+
+        public long Start { get; }
+
+        public int Count { get; }
+
+        /// <summary><see cref="Count"/> rounded up to whole vectors.</summary>
+        public int Padded { get; }
+
+        public long Length { get; }
+
+        public float* Base => _base;
+
+        public float* Total => _scratch + Block;
+
+        private bool Partial => Padded != Count;
+
+        public float* Tau(int k) => _scratch + ((2L + k) * Block);
+
+        /// <summary><paramref name="values"/> at entries [i, i + lanes), −∞ in the padding past the block's end.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Vector<float> Valid(int i, Vector<float> values) =>
+            i + Vector<float>.Count <= Count ? values
+                : Vector.ConditionalSelect(Vector.LessThan(new Vector<int>(i) + Lanes, new Vector<int>(Count)), values, new Vector<float>(float.NegativeInfinity));
+
+        private static Vector<int> Lanes => Vector<int>.Indices;
+
+        /// <summary>A zeroed accumulator row (0 or 1).</summary>
+        public float* Accumulator(int which)
+        {
+            var row = _scratch + ((2L + _experts + which) * Block);
+            new Span<float>(row, Padded).Clear();
+            return row;
+        }
+
+        /// <summary>Where row <paramref name="k"/> of an [n, d] output is written: in place, or a staging
+        /// row for a partial block (then <see cref="Flush"/> copies it).</summary>
+        public float* Output(float* rows, int k, bool second = false) =>
+            Partial ? _scratch + ((4L + _experts + (second ? 1 : 0)) * Block) : rows + (k * Length) + Start;
+
+        public void Flush(float* rows, int k, float* written)
+        {
+            if (Partial)
+            {
+                Buffer.MemoryCopy(written, rows + (k * Length) + Start, Count * 4L, Count * 4L);
+            }
+        }
+
+        /// <summary>Row <paramref name="k"/> of an [n, d] input, zero-padded for a partial block.</summary>
+        public float* Input(float* rows, int k)
+        {
+            var source = rows + (k * Length) + Start;
+            if (!Partial)
+            {
+                return source;
+            }
+
+            var staged = _scratch + ((4L + _experts) * Block);
+            Buffer.MemoryCopy(source, staged, Count * 4L, Count * 4L);
+            new Span<float>(staged + Count, Padded - Count).Clear();
+            return staged;
+        }
+
+        /// <summary>Where the block's float32 result is computed: the float32 output itself for a whole
+        /// block, else <paramref name="staging"/> (then <see cref="Store"/> narrows or copies it).</summary>
+        public float* Destination(void* output, bool bf16, float* staging) =>
+            bf16 || Partial ? staging : (float*)output + Start;
+
+        /// <summary>Moves the block's float32 <paramref name="values"/> into the output where
+        /// <see cref="Destination"/> did not write them in place.</summary>
+        public void Store(void* output, bool bf16, float* values)
+        {
+            if (bf16)
+            {
+                Kernels.NarrowToBFloat16(values, (ushort*)output + Start, Count);
+            }
+            else if (values != (float*)output + Start)
+            {
+                Buffer.MemoryCopy(values, (float*)output + Start, Count * 4L, Count * 4L);
+            }
+        }
+
+        /// <summary>The block of <paramref name="source"/> as float32 whole vectors: in place for a whole
+        /// float32 block, else widened or copied into <paramref name="staging"/> and zero-padded.</summary>
+        private float* Read(CpuFloats source, float* staging)
+        {
+            var values = source.Block(Start, Count, staging);
+            if (!Partial)
+            {
+                return values;
+            }
+
+            if (values != staging)
+            {
+                Buffer.MemoryCopy(values, staging, Count * 4L, Count * 4L);
+            }
+
+            new Span<float>(staging + Count, Padded - Count).Clear();
+            return staging;
+        }
+    }
+}
