@@ -50,10 +50,13 @@ internal static unsafe class PcbKernel
             (low, high) = Quantiles(inputs, method.LowRank(d), method.HighRank(d));
         }
 
-        using var scores = Scores(inputs, low, high, out var maxima);
+        // Per tensor, each row's threshold needs all its scores first; with the whole model's thresholds
+        // known, the merge computes each block's scores itself and no [n, d] buffer is needed.
+        float[] maxima = [];
+        using var scores = whole is null || LibTorchTranscendentals ? Scores(inputs, low, high, out maxima) : null;
         if (whole is null)
         {
-            (threshold, top) = (RowValues(scores, method.ThresholdRank(d)), maxima);
+            (threshold, top) = (RowValues(scores!, method.ThresholdRank(d)), maxima);
         }
 
         var lambda = method.Options.Lambda;
@@ -112,31 +115,24 @@ internal static unsafe class PcbKernel
         {
             var intraOut = (float*)CpuTensors.Pointer(scores);
             var interOut = inter is null ? null : (float*)CpuTensors.Pointer(inter);
-            var experts = new Vector<float>((float)n);
             CpuParallel.For(blocks, b =>
             {
                 var block = new BlockView(inputs, b, n, d);
                 for (int k = 0; k < n; k++)
                 {
                     var rowMax = new Vector<float>(float.NegativeInfinity);
-                    var lo = new Vector<float>(low[k]);
-                    var hi = new Vector<float>(high[k]);
-                    float range = high[k] - low[k];
-                    var width = new Vector<float>(range);
+                    var terms = new ScoreTerms(low[k], high[k], n);
                     var intraRow = block.Output(intraOut, k);
                     var interRow = interOut is null ? null : block.Output(interOut, k, second: true);
                     var tau = block.Tau(k);
                     for (int i = 0; i < block.Padded; i += Vector<float>.Count)
                     {
                         var t = *(Vector<float>*)(tau + i);
-
-                        // minmax(clamp(|τ|, low, high))² · n, a constant row's minmax being 0.
-                        var m = range == 0 ? Vector<float>.Zero : (Clamp(Vector.Abs(t), lo, hi) - lo) / width;
-                        var intra = m * m * experts;
+                        var intra = terms.IntraArgument(t);
                         var product = t * *(Vector<float>*)(block.Total + i);
                         if (interRow is null)
                         {
-                            var score = SimdMath.Exp(intra) * SimdMath.Tanh(product);
+                            var score = ScoreTerms.Score(intra, product);
                             *(Vector<float>*)(intraRow + i) = score;
                             rowMax = Vector.Max(rowMax, block.Valid(i, score)); // NaN propagates, as in amax
                         }
@@ -181,7 +177,7 @@ internal static unsafe class PcbKernel
     }
 
     /// <summary>Σ_k τ̂_k·s_k / max(Σ_k s_k, 1e-12), ·λ, + θ_base, in <paramref name="outputType"/>.</summary>
-    private static Tensor Merge(FusedPipeline.Inputs inputs, Bounds bounds, Tensor scores, float? lambda, ScalarType outputType, long[] shape)
+    private static Tensor Merge(FusedPipeline.Inputs inputs, Bounds bounds, Tensor? scores, float? lambda, ScalarType outputType, long[] shape)
     {
         int n = inputs.Experts.Length;
         long d = inputs.Length;
@@ -189,7 +185,7 @@ internal static unsafe class PcbKernel
         var type = direct ? outputType : ScalarType.Float32;
         var result = NativeBufferPool.Empty(shape, type);
         var output = CpuTensors.Pointer(result);
-        var score = (float*)CpuTensors.Pointer(scores);
+        var score = scores is null ? null : (float*)CpuTensors.Pointer(scores);
         var floor = new Vector<float>(1e-12f);
         CpuParallel.For(CpuParallel.BlockCount(d, Block), b =>
         {
@@ -205,12 +201,14 @@ internal static unsafe class PcbKernel
                 var top = new Vector<float>(bounds.Top[k]);
                 var width = new Vector<float>(range);
                 var tau = block.Tau(k);
-                var row = block.Input(score, k);
+                var row = score is null ? null : block.Input(score, k);
+                var terms = new ScoreTerms(bounds.Low[k], bounds.High[k], n);
                 for (int i = 0; i < block.Padded; i += Vector<float>.Count)
                 {
                     var t = *(Vector<float>*)(tau + i);
                     var clamped = Clamp(Vector.Abs(t), lo, hi) * FusedPipeline.SignOf<VectorLanes, Vector<float>>(t);
-                    var s = range == 0 ? Vector<float>.Zero : (Clamp(*(Vector<float>*)(row + i), threshold, top) - threshold) / width;
+                    var sc = row is null ? ScoreTerms.Score(terms.IntraArgument(t), t * *(Vector<float>*)(block.Total + i)) : *(Vector<float>*)(row + i);
+                    var s = range == 0 ? Vector<float>.Zero : (Clamp(sc, threshold, top) - threshold) / width;
                     *(Vector<float>*)(num + i) += clamped * s;
                     *(Vector<float>*)(den + i) += s;
                 }
@@ -260,6 +258,25 @@ internal static unsafe class PcbKernel
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector<float> Clamp(Vector<float> x, Vector<float> low, Vector<float> high) =>
         Vector.MinNative(high, Vector.MaxNative(low, x));
+
+    /// <summary>One task's score terms: the argument n·minmax(clamp(|τ|, low, high))² of intra-balancing's
+    /// exp (a constant row's minmax being 0), and the score exp(·)·tanh(τ·Σ_j τ_j).</summary>
+    private readonly struct ScoreTerms(float low, float high, int experts)
+    {
+        private readonly Vector<float> _low = new(low), _high = new(high), _width = new(high - low), _experts = new((float)experts);
+        private readonly bool _constant = high - low == 0;
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Vector<float> IntraArgument(Vector<float> t)
+        {
+            var m = _constant ? Vector<float>.Zero : (Clamp(Vector.Abs(t), _low, _high) - _low) / _width;
+            return m * m * _experts;
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static Vector<float> Score(Vector<float> intraArgument, Vector<float> product) =>
+            SimdMath.Exp(intraArgument) * SimdMath.Tanh(product);
+    }
 
     /// <summary>Each task's clamp bounds, score threshold and score maximum.</summary>
     private sealed record Bounds(float[] Low, float[] High, float[] Threshold, float[] Top);
