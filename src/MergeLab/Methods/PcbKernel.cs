@@ -11,14 +11,15 @@ namespace MergeLab.Methods;
 /// <list type="number">
 /// <item>the clamp bounds of each |τ_k| by exact selection straight from the inputs (per tensor), or the
 /// whole-model statistic's;</item>
-/// <item>the scores exp(n·minmax(|τ̂_k|)²)·tanh(τ_k·Σ_j τ_j) into one pooled [n, d] buffer, then each row's
-/// threshold and maximum by exact selection (per tensor);</item>
-/// <item>the merge: τ̂_k·s_k and s_k summed in expert order, divided, λ, plus the base, stored in the output
-/// dtype.</item>
+/// <item>per tensor, the scores exp(n·minmax(|τ̂_k|)²)·tanh(τ_k·Σ_j τ_j) into one pooled [n, d] buffer with
+/// each row's maximum, then each row's threshold by exact selection (with the whole model's thresholds
+/// known, this pass is skipped);</item>
+/// <item>the merge: each score read back (or computed for the block), τ̂_k·s_k and s_k summed in expert
+/// order, divided, λ, plus the base, stored in the output dtype.</item>
 /// </list>
 /// Every operation other than exp and tanh is libtorch's, in libtorch's order, so with
 /// <see cref="LibTorchTranscendentals"/> the result is bit for bit the libtorch formulation's; by default
-/// exp and tanh are <see cref="SimdMath"/>'s (within 1 ulp, as libtorch's are), which makes the scores a
+/// exp and tanh are <see cref="SimdMath"/>'s (about 1 ulp, as libtorch's are), which makes the scores a
 /// pass instead of the slowest part of the merge. Results never depend on the thread count.
 /// </summary>
 internal static unsafe class PcbKernel
@@ -187,48 +188,56 @@ internal static unsafe class PcbKernel
         var output = CpuTensors.Pointer(result);
         var score = scores is null ? null : (float*)CpuTensors.Pointer(scores);
         var floor = new Vector<float>(1e-12f);
-        CpuParallel.For(CpuParallel.BlockCount(d, Block), b =>
+        try
         {
-            var block = new BlockView(inputs, b, n, d);
-            var num = block.Accumulator(0);
-            var den = block.Accumulator(1);
-            for (int k = 0; k < n; k++)
+            CpuParallel.For(CpuParallel.BlockCount(d, Block), b =>
             {
-                var lo = new Vector<float>(bounds.Low[k]);
-                var hi = new Vector<float>(bounds.High[k]);
-                float range = bounds.Top[k] - bounds.Threshold[k];
-                var threshold = new Vector<float>(bounds.Threshold[k]);
-                var top = new Vector<float>(bounds.Top[k]);
-                var width = new Vector<float>(range);
-                var tau = block.Tau(k);
-                var row = score is null ? null : block.Input(score, k);
-                var terms = new ScoreTerms(bounds.Low[k], bounds.High[k], n);
+                var block = new BlockView(inputs, b, n, d);
+                var num = block.Accumulator(0);
+                var den = block.Accumulator(1);
+                for (int k = 0; k < n; k++)
+                {
+                    var lo = new Vector<float>(bounds.Low[k]);
+                    var hi = new Vector<float>(bounds.High[k]);
+                    float range = bounds.Top[k] - bounds.Threshold[k];
+                    var threshold = new Vector<float>(bounds.Threshold[k]);
+                    var top = new Vector<float>(bounds.Top[k]);
+                    var width = new Vector<float>(range);
+                    var tau = block.Tau(k);
+                    var row = score is null ? null : block.Input(score, k);
+                    var terms = new ScoreTerms(bounds.Low[k], bounds.High[k], n);
+                    for (int i = 0; i < block.Padded; i += Vector<float>.Count)
+                    {
+                        var t = *(Vector<float>*)(tau + i);
+                        var clamped = Clamp(Vector.Abs(t), lo, hi) * FusedPipeline.SignOf<VectorLanes, Vector<float>>(t);
+                        var sc = row is null ? ScoreTerms.Score(terms.IntraArgument(t), t * *(Vector<float>*)(block.Total + i)) : *(Vector<float>*)(row + i);
+                        var s = range == 0 ? Vector<float>.Zero : (Clamp(sc, threshold, top) - threshold) / width;
+                        *(Vector<float>*)(num + i) += clamped * s;
+                        *(Vector<float>*)(den + i) += s;
+                    }
+                }
+
+                bool bf16 = type == ScalarType.BFloat16;
+                var merged = block.Destination(output, bf16, num);
                 for (int i = 0; i < block.Padded; i += Vector<float>.Count)
                 {
-                    var t = *(Vector<float>*)(tau + i);
-                    var clamped = Clamp(Vector.Abs(t), lo, hi) * FusedPipeline.SignOf<VectorLanes, Vector<float>>(t);
-                    var sc = row is null ? ScoreTerms.Score(terms.IntraArgument(t), t * *(Vector<float>*)(block.Total + i)) : *(Vector<float>*)(row + i);
-                    var s = range == 0 ? Vector<float>.Zero : (Clamp(sc, threshold, top) - threshold) / width;
-                    *(Vector<float>*)(num + i) += clamped * s;
-                    *(Vector<float>*)(den + i) += s;
-                }
-            }
+                    var m = *(Vector<float>*)(num + i) / Vector.MaxNative(floor, *(Vector<float>*)(den + i)); // clamp_min, NaN kept
+                    if (lambda is { } l)
+                    {
+                        m *= l;
+                    }
 
-            bool bf16 = type == ScalarType.BFloat16;
-            var merged = block.Destination(output, bf16, num);
-            for (int i = 0; i < block.Padded; i += Vector<float>.Count)
-            {
-                var m = *(Vector<float>*)(num + i) / Vector.MaxNative(floor, *(Vector<float>*)(den + i)); // clamp_min, NaN kept
-                if (lambda is { } l)
-                {
-                    m *= l;
+                    *(Vector<float>*)(merged + i) = *(Vector<float>*)(block.Base + i) + m;
                 }
 
-                *(Vector<float>*)(merged + i) = *(Vector<float>*)(block.Base + i) + m;
-            }
-
-            block.Store(output, bf16, merged);
-        });
+                block.Store(output, bf16, merged);
+            });
+        }
+        catch
+        {
+            result.Dispose();
+            throw;
+        }
 
         if (direct)
         {
