@@ -197,8 +197,6 @@ internal static unsafe class PcbKernel
                 var den = block.Accumulator(1);
                 for (int k = 0; k < n; k++)
                 {
-                    var lo = new Vector<float>(bounds.Low[k]);
-                    var hi = new Vector<float>(bounds.High[k]);
                     float range = bounds.Top[k] - bounds.Threshold[k];
                     var threshold = new Vector<float>(bounds.Threshold[k]);
                     var top = new Vector<float>(bounds.Top[k]);
@@ -209,7 +207,7 @@ internal static unsafe class PcbKernel
                     for (int i = 0; i < block.Padded; i += Vector<float>.Count)
                     {
                         var t = *(Vector<float>*)(tau + i);
-                        var clamped = Clamp(Vector.Abs(t), lo, hi) * FusedPipeline.SignOf<VectorLanes, Vector<float>>(t);
+                        var clamped = terms.ClampedMagnitude(t) * FusedPipeline.SignOf<VectorLanes, Vector<float>>(t);
                         var sc = row is null ? ScoreTerms.Score(terms.IntraArgument(t), t * *(Vector<float>*)(block.Total + i)) : *(Vector<float>*)(row + i);
                         var s = range == 0 ? Vector<float>.Zero : (Clamp(sc, threshold, top) - threshold) / width;
                         *(Vector<float>*)(num + i) += clamped * s;
@@ -275,10 +273,14 @@ internal static unsafe class PcbKernel
         private readonly Vector<float> _low = new(low), _high = new(high), _width = new(high - low), _experts = new((float)experts);
         private readonly bool _constant = high - low == 0;
 
+        /// <summary>|τ̂| = clamp(|τ|, low, high).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Vector<float> ClampedMagnitude(Vector<float> t) => Clamp(Vector.Abs(t), _low, _high);
+
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector<float> IntraArgument(Vector<float> t)
         {
-            var m = _constant ? Vector<float>.Zero : (Clamp(Vector.Abs(t), _low, _high) - _low) / _width;
+            var m = _constant ? Vector<float>.Zero : (ClampedMagnitude(t) - _low) / _width;
             return m * m * _experts;
         }
 
