@@ -118,7 +118,7 @@ internal static unsafe class PcbKernel
             var interOut = inter is null ? null : (float*)CpuTensors.Pointer(inter);
             CpuParallel.For(blocks, b =>
             {
-                var block = new BlockView(inputs, b, n, d);
+                var block = new BlockView(inputs, b, n, d, withTotal: true);
                 for (int k = 0; k < n; k++)
                 {
                     var rowMax = new Vector<float>(float.NegativeInfinity);
@@ -192,7 +192,7 @@ internal static unsafe class PcbKernel
         {
             CpuParallel.For(CpuParallel.BlockCount(d, Block), b =>
             {
-                var block = new BlockView(inputs, b, n, d);
+                var block = new BlockView(inputs, b, n, d, withTotal: score is null); // Σ τ only to compute scores
                 var num = block.Accumulator(0);
                 var den = block.Accumulator(1);
                 for (int k = 0; k < n; k++)
@@ -294,7 +294,8 @@ internal static unsafe class PcbKernel
 
     /// <summary>
     /// One block of a pass in the calling thread's scratch: the base and every τ_k as float32 (zero-padded
-    /// to whole vectors), Σ_k τ_k, two accumulators, and a staging row for a partial block's outputs.
+    /// to whole vectors), Σ_k τ_k when asked for, two accumulators, and a staging row for a partial block's
+    /// outputs.
     /// </summary>
     private readonly struct BlockView
     {
@@ -302,7 +303,7 @@ internal static unsafe class PcbKernel
         private readonly int _experts;
         private readonly float* _base;
 
-        public BlockView(FusedPipeline.Inputs inputs, long block, int experts, long length)
+        public BlockView(FusedPipeline.Inputs inputs, long block, int experts, long length, bool withTotal)
         {
             Start = block * Block;
             Count = (int)Math.Min(Block, length - Start);
@@ -312,7 +313,11 @@ internal static unsafe class PcbKernel
             _scratch = (float*)ThreadScratch.Get((experts + 6L) * Block * sizeof(float));
             _base = Read(inputs.Base, _scratch);
             var total = Total;
-            new Span<float>(total, Padded).Clear();
+            if (withTotal)
+            {
+                new Span<float>(total, Padded).Clear();
+            }
+
             for (int k = 0; k < experts; k++)
             {
                 var tau = Tau(k);
@@ -321,7 +326,10 @@ internal static unsafe class PcbKernel
                 {
                     var t = *(Vector<float>*)(expert + i) - *(Vector<float>*)(_base + i);
                     *(Vector<float>*)(tau + i) = t;
-                    *(Vector<float>*)(total + i) += t; // x.sum(0): 0 + τ_0 + τ_1 + …, in expert order
+                    if (withTotal)
+                    {
+                        *(Vector<float>*)(total + i) += t; // x.sum(0): 0 + τ_0 + τ_1 + …, in expert order
+                    }
                 }
             }
         }
@@ -337,6 +345,7 @@ internal static unsafe class PcbKernel
 
         public float* Base => _base;
 
+        /// <summary>Σ_k τ_k (only when the view was made with it).</summary>
         public float* Total => _scratch + Block;
 
         private bool Partial => Padded != Count;
@@ -347,9 +356,7 @@ internal static unsafe class PcbKernel
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector<float> Valid(int i, Vector<float> values) =>
             i + Vector<float>.Count <= Count ? values
-                : Vector.ConditionalSelect(Vector.LessThan(new Vector<int>(i) + Lanes, new Vector<int>(Count)), values, new Vector<float>(float.NegativeInfinity));
-
-        private static Vector<int> Lanes => Vector<int>.Indices;
+                : Vector.ConditionalSelect(Vector.LessThan(new Vector<int>(i) + Vector<int>.Indices, new Vector<int>(Count)), values, new Vector<float>(float.NegativeInfinity));
 
         /// <summary>A zeroed accumulator row (0 or 1).</summary>
         public float* Accumulator(int which)

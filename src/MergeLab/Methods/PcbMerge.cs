@@ -92,9 +92,9 @@ public sealed class PcbMerge : MergeMethod
     /// <inheritdoc />
     private protected override Tensor? MergeDirect(TensorGroup group, ModelStatistic? statistic, ScalarType outputType)
     {
-        var whole = statistic as PcbStatistic;
-        return Options.Scope == SelectionScope.WholeModel && whole is null ? null // MergeFloat32 says what is missing
-            : PcbKernel.TryMerge(this, group, Options.Scope == SelectionScope.WholeModel ? whole : null, outputType);
+        bool wholeModel = Options.Scope == SelectionScope.WholeModel;
+        var whole = wholeModel ? statistic as PcbStatistic : null;
+        return wholeModel && whole is null ? null : PcbKernel.TryMerge(this, group, whole, outputType); // null: MergeFloat32 says what is missing
     }
 
     /// <inheritdoc />
@@ -251,7 +251,7 @@ internal sealed class PcbStatistic(PcbMerge method, int expertCount) : ModelStat
         }
 
         // The scores come from the kernel the merge will use, so the thresholds are those of its scores.
-        var source = _pass >= 2 && PcbKernel.TryScores(group, _low, _high) is { } kernelScores ? kernelScores : null;
+        var source = _pass >= 2 ? PcbKernel.TryScores(group, _low, _high) : null;
         if (source is null)
         {
             var x = PcbMerge.StackedTaskVectors(group);
