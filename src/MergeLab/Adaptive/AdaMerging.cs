@@ -467,9 +467,7 @@ public sealed class AdaMerging
             int[] layerOfName, int layerCount)
         {
             int taskCount = (int)_stacked[0].shape[0];
-            var paramIndex = _parameterIndex;
-            var inputs = _parameters;
-            var total = new Tensor?[paramIndex.Length];
+            var total = new Tensor?[_parameterIndex.Length];
             double entropy = 0;
             var gradient = new double[taskCount, layerCount];
             using var scope = NewDisposeScope();
@@ -479,7 +477,7 @@ public sealed class AdaMerging
                 var batch = order.Next(t);
                 var output = _module.call(batch);
                 var h = MeanEntropy(taskLogits(output, t));
-                var grads = autograd.grad([h], inputs, allow_unused: true);
+                var grads = autograd.grad([h], _parameters, allow_unused: true);
                 for (int j = 0; j < grads.Count; j++)
                 {
                     var g = grads[j];
@@ -501,14 +499,14 @@ public sealed class AdaMerging
                 entropy += h.to(ScalarType.Float64).item<double>();
             }
 
-            for (int j = 0; j < paramIndex.Length; j++)
+            for (int j = 0; j < _parameterIndex.Length; j++)
             {
                 if (total[j] is not { } g)
                 {
                     continue;
                 }
 
-                int i = paramIndex[j];
+                int i = _parameterIndex[j];
                 // ⟨∂L/∂θ_p, τ_{t,p}⟩ for every task at once: [T, n] @ [n] in float64, over column chunks
                 // so that the float64 copy of τ stays small however large the parameter is.
                 var flat = g.flatten();

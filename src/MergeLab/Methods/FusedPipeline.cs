@@ -465,10 +465,7 @@ internal static unsafe class FusedPipeline
             return;
         }
 
-        var scratch = ThreadScratch.Get(w * 12L + RowSelector.ScratchBytes(w));
-        var keys = (uint*)scratch;
-        var floats = (float*)(scratch + w * 4L);
-        var rowScratch = scratch + w * 12L;
+        RowWindow.ShortRowScratch(w, out var keys, out var floats, out var rowScratch);
         for (int k = 0; k < rules.Length; k++)
         {
             var r = rules[k];

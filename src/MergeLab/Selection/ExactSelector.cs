@@ -159,7 +159,7 @@ internal static unsafe class ExactSelector
             foreach (var q in queries)
             {
                 // Room for the keys strictly inside the bracket: about (5/√S + 32/S)·n for a sample of S
-                // keys, so under 6% of n (S ≥ 8192) and 2% from n = 2^28 on; tie classes at its two ends
+                // keys, so under 6% of n (S ≥ 8192) and about 2% from n = 2^24 on (S = 65536); tie classes at its two ends
                 // (bfloat16 task vectors take few distinct values) are only counted. Beyond it, the exact
                 // fallback answers.
                 q.Capacity = Math.Max(1L << 16, n / 8);

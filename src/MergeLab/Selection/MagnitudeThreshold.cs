@@ -169,11 +169,9 @@ public static class MagnitudeThreshold
         int width = (int)d;
         CpuParallel.For(rows, r =>
         {
-            var scratch = ThreadScratch.Get(width * 4L + width * 8L + RowSelector.ScratchBytes(width));
-            var keys = (uint*)scratch;
-            var floatsScratch = (float*)(scratch + width * 4L);
+            RowWindow.ShortRowScratch(width, out var keys, out var floatsScratch, out var selector);
             new SignedKeys(floats).Fill(r * d, width, keys, floatsScratch);
-            var (lower, upper) = RowWindow.OfShortRow(keys, width, low, high, scratch + width * 12L);
+            var (lower, upper) = RowWindow.OfShortRow(keys, width, low, high, selector);
             var rowOut = output + r * d;
             for (int i = 0; i < width; i++)
             {

@@ -432,6 +432,16 @@ internal static unsafe class RowWindow
     /// <summary>The longest row <see cref="RowSelector"/> takes.</summary>
     public const long MaxShortRow = 1 << 20;
 
+    /// <summary>The calling thread's scratch for one short row of <paramref name="width"/> entries: its keys,
+    /// float32 staging for <see cref="KeySource.Fill"/>, and <see cref="OfShortRow"/>'s selector scratch.</summary>
+    public static void ShortRowScratch(int width, out uint* keys, out float* floats, out byte* selector)
+    {
+        var scratch = ThreadScratch.Get(width * 12L + RowSelector.ScratchBytes(width));
+        keys = (uint*)scratch;
+        floats = (float*)(scratch + width * 4L);
+        selector = scratch + width * 12L;
+    }
+
     /// <summary>Bounds of the window of a short row whose keys are in <paramref name="keys"/>; the lower
     /// bound is meaningless when <paramref name="low"/> is 0 (nothing is below the window).</summary>
     public static (ulong Lower, ulong Upper) OfShortRow(uint* keys, int width, long low, long high, byte* scratch)
