@@ -166,15 +166,16 @@ public class CpuSelectionTests
         }
     }
 
-    [Test]
-    public void Task_vector_brackets_select_the_same_entries_with_and_without_vector_packing()
+    [TestCase(ScalarType.Float32)]
+    [TestCase(ScalarType.BFloat16)]
+    public void Task_vector_brackets_select_the_same_entries_with_and_without_vector_packing(ScalarType dtype)
     {
-        // Two experts over one base take the fused |θ_k − θ_base| scan, whose candidates are packed by
-        // AVX-512 compress where the CPU has it and by a bit loop elsewhere; both must agree with the
-        // exact histogram path.
-        using var bse = Awkward(300_001, 21);
-        using var e1 = bse + Awkward(300_001, 22) * 0.01;
-        using var e2 = bse + (Awkward(300_001, 23) * 0.01).to(ScalarType.BFloat16).to(ScalarType.Float32);
+        // Two experts over one base take the fused |θ_k − θ_base| scan: on 512-bit vectors with AVX-512
+        // compress, on Vector<T> with 256-bit compress, or with a bit loop, by what the CPU has; every way
+        // must agree with the exact histogram path.
+        using var bse = Awkward(300_001, 21).to(dtype);
+        using var e1 = (bse + Awkward(300_001, 22) * 0.01).to(dtype);
+        using var e2 = (bse + (Awkward(300_001, 23) * 0.01).to(ScalarType.BFloat16).to(ScalarType.Float32)).to(dtype);
         unsafe
         {
             var b = CpuTensors.Floats(bse, out var c0);
@@ -186,9 +187,11 @@ public class CpuSelectionTests
             {
                 foreach (long position in new long[] { 0, 150_000, 240_000, 300_000 })
                 {
-                    ulong[] Select(bool compress, bool histogram)
+                    ulong[] Select(bool wide, bool compress, bool histogram)
                     {
                         var queries = new[] { new SelectionQuery(new DifferenceMagnitudeKeys(x1, b), position, true), new SelectionQuery(new DifferenceMagnitudeKeys(x2, b), position, true) };
+                        bool chosen = ExactSelector.WideScan;
+                        ExactSelector.WideScan = wide;
                         ExactSelector.PackWithCompress = compress;
                         ExactSelector.ForceHistogram = histogram;
                         try
@@ -197,6 +200,7 @@ public class CpuSelectionTests
                         }
                         finally
                         {
+                            ExactSelector.WideScan = chosen;
                             ExactSelector.PackWithCompress = true;
                             ExactSelector.ForceHistogram = false;
                         }
@@ -204,9 +208,14 @@ public class CpuSelectionTests
                         return queries.Select(q => q.Composite).ToArray();
                     }
 
-                    var exact = Select(compress: true, histogram: true);
-                    Assert.That(Select(compress: true, histogram: false), Is.EqualTo(exact), $"packed, position {position}");
-                    Assert.That(Select(compress: false, histogram: false), Is.EqualTo(exact), $"bit loop, position {position}");
+                    var exact = Select(wide: false, compress: true, histogram: true);
+                    if (System.Runtime.Intrinsics.X86.Avx512F.IsSupported)
+                    {
+                        Assert.That(Select(wide: true, compress: true, histogram: false), Is.EqualTo(exact), $"512-bit, position {position}");
+                    }
+
+                    Assert.That(Select(wide: false, compress: true, histogram: false), Is.EqualTo(exact), $"Vector<T> packed, position {position}");
+                    Assert.That(Select(wide: false, compress: false, histogram: false), Is.EqualTo(exact), $"bit loop, position {position}");
                 }
             }
         }
