@@ -37,6 +37,10 @@ internal static unsafe class FusedPipeline
     /// <see cref="Vector{T}"/> is narrower); false forces <see cref="Vector{T}"/>, for tests.</summary>
     internal static bool UseWideLanes { get; set; } = Vector512.IsHardwareAccelerated && Vector<float>.Count < Vector512<float>.Count;
 
+    /// <summary>Lets two experts of weight 1 under a sign election take their own loop
+    /// (<c>Kernel.LimitPairRun</c>); false sends them through the general one (for tests).</summary>
+    internal static bool PairKernel { get; set; } = true;
+
     private enum RuleKind
     {
         KeepAll,
@@ -766,9 +770,13 @@ internal static unsafe class FusedPipeline
                 {
                     // Runs of blocks where every expert's mask is one key comparison; the one block where a
                     // Top rule's tie index falls goes through the general code below.
-                    i = UseWideLanes
-                        ? LimitRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16, signSum)
-                        : LimitRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16, signSum);
+                    i = PairRunApplies(setup, signSum)
+                        ? UseWideLanes
+                            ? LimitPairRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16)
+                            : LimitPairRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16)
+                        : UseWideLanes
+                            ? LimitRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16, signSum)
+                            : LimitRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16, signSum);
                     if (i + 2 * w > end)
                     {
                         break;
@@ -888,6 +896,98 @@ internal static unsafe class FusedPipeline
             }
 
             return i;
+        }
+
+        /// <summary>Whether <see cref="LimitPairRun"/> computes what <see cref="LimitRun"/> would: two
+        /// experts of weight 1, a sign election, and the mean of the agreeing entries (as a count, or as
+        /// the weights' sum, which is the same count here).</summary>
+        private static bool PairRunApplies(Setup* setup, long* signSum) =>
+            PairKernel && signSum == null && setup->Experts == 2 && setup->UnitWeights && setup->Consensus
+            && (setup->MeanOfAgreeing || setup->WeightNormalized);
+
+        /// <summary>
+        /// <see cref="LimitRun"/> for two experts of weight 1 with the mean of the agreeing entries
+        /// (TIES and DARE-TIES on a pair of models, the common case): the same operations in the same
+        /// order, so the same bits, with both task vectors kept in registers and the flags of the general
+        /// loop resolved before it. Agreeing entries number 0, 1 or 2, so the division is by 1 or 2 as
+        /// there. Always writes the merge (no sign sum).
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private long LimitPairRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            int w = TL.Count;
+            long stop = start + (end - start) / (2 * w) * (2 * w);
+            var (low0, high0) = KeyRange(_rules[0], start, 0, 2 * w, ref stop);
+            var (low1, high1) = KeyRange(_rules[1], start, 0, 2 * w, ref stop);
+            var limit0 = TL.BroadcastBits(high0 == 0 ? uint.MaxValue : low0);
+            var limit1 = TL.BroadcastBits(high1 == 0 ? uint.MaxValue : low1);
+            var lambda = TL.Broadcast(_lambda);
+            bool bySum = setup->BySum, scale = setup->Scale, fillPositive = Fill > 0;
+            nint e0p = inputs.Experts[0], e1p = inputs.Experts[1];
+            bool e0bf = inputs.ExpertIsBf16[0], e1bf = inputs.ExpertIsBf16[1];
+            long i = start;
+            for (; i < stop; i += 2 * w)
+            {
+                TL.Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+                TL.Load(e0p, e0bf, i, out var x0, out var x1);
+                TL.Load(e1p, e1bf, i, out var y0, out var y1);
+                var s0 = Kept<TL, TV>(TL.Subtract(x0, b0), limit0);
+                var s1 = Kept<TL, TV>(TL.Subtract(x1, b1), limit0);
+                var t0 = Kept<TL, TV>(TL.Subtract(y0, b0), limit1);
+                var t1 = Kept<TL, TV>(TL.Subtract(y1, b1), limit1);
+                TL.Store(output, outBf16, i,
+                    TL.Add(b0, PairMean<TL, TV>(s0, t0, bySum, fillPositive, scale, lambda)),
+                    TL.Add(b1, PairMean<TL, TV>(s1, t1, bySum, fillPositive, scale, lambda)));
+            }
+
+            return i;
+        }
+
+        /// <summary>τ masked by "magnitude key ≥ limit", as <see cref="LimitRun"/> masks it.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV Kept<TL, TV>(TV t, TV limit)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged => Masked<TL, TV>(t, TL.MagnitudeAtLeast(t, limit));
+
+        /// <summary>The elected-sign mean of two masked task vectors, as <see cref="LimitRun"/> and
+        /// <see cref="Agree"/> compute it for two experts of weight 1, with three exact shortcuts:
+        /// <list type="bullet">
+        /// <item>the elected sign is only ever compared with 0, so "sign &gt; 0" is read off the score
+        /// (with the fill for a zero or NaN score) instead of computing sign(score);</item>
+        /// <item>a leading +0 in a sum only turns −0 into +0, which no comparison with 0 and no later
+        /// count can see (it is kept in the merged sum, whose zero's sign reaches the output);</item>
+        /// <item>the divisor is 1 or 2, and x/2 and x·0.5 are the same correctly rounded value.</item>
+        /// </list></summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV PairMean<TL, TV>(TV s, TV t, bool bySum, bool fillPositive, bool scale, TV lambda)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            var zero = TL.Zero;
+            var one = TL.One;
+            var score = bySum ? TL.Add(s, t) : TL.Add(SignOf<TL, TV>(s), SignOf<TL, TV>(t));
+            TV a, b;
+            if (fillPositive)
+            {
+                // Elected positive unless the score is negative.
+                var negative = TL.LessThan(score, zero);
+                a = TL.Select(negative, TL.LessThan(s, zero), TL.GreaterThan(s, zero));
+                b = TL.Select(negative, TL.LessThan(t, zero), TL.GreaterThan(t, zero));
+            }
+            else
+            {
+                // Elected positive only where the score is positive (the fill is −1 or 0).
+                var positive = TL.GreaterThan(score, zero);
+                a = TL.Select(positive, TL.GreaterThan(s, zero), TL.LessThan(s, zero));
+                b = TL.Select(positive, TL.GreaterThan(t, zero), TL.LessThan(t, zero));
+            }
+
+            var merged = TL.Add(TL.Add(zero, TL.Multiply(s, TL.Select(a, one, zero))), TL.Multiply(t, TL.Select(b, one, zero)));
+            // Both agree ⟺ the count is 2 (the mean of agreeing and the weight-normalised sum alike).
+            merged = TL.Multiply(merged, TL.Select(a, TL.Select(b, TL.Broadcast(0.5f), one), one));
+            return scale ? TL.Multiply(merged, lambda) : merged;
         }
 
         /// <summary>

@@ -191,6 +191,98 @@ public class FusedKernelTests
         Check(method, 3, ScalarType.BFloat16, AlignedShapes, 92);
     }
 
+    private static IEnumerable<TestCaseData> PairMethods()
+    {
+        yield return Case("ties paper", new TiesMerge(new TiesOptions { Density = .3 }));
+        yield return Case("ties paper dis-mean λ 1", new TiesMerge(new TiesOptions { Density = .6, Lambda = 1 }));
+        yield return Case("ties mergekit", new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .2 }));
+        yield return Case("ties peft frequency", new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Density = .4, Election = SignElection.Count }));
+        yield return Case("ties drop-all and keep-all", new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Densities = [0, 1] }));
+    }
+
+    /// <summary>
+    /// Two experts of weight 1 take a loop of their own (both task vectors in registers, the elected sign
+    /// read off the score, the division by 1 or 2 as a product). It must give the general loop's bits,
+    /// sign of zero and NaN payload included, at either lane width, on float32 and bfloat16, with the
+    /// fill of a zero score positive (mergekit's rule) or negative (the paper's majority, here negative).
+    /// </summary>
+    [TestCaseSource(nameof(PairMethods))]
+    public void Two_experts_take_their_own_loop_and_get_the_general_loops_bits(MergeMethod method)
+    {
+        bool chosen = FusedPipeline.UseWideLanes;
+        try
+        {
+            foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
+            {
+                var (b, list) = PairModel(dtype);
+                try
+                {
+                    foreach (bool wide in System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? new[] { false, true } : [false])
+                    {
+                        FusedPipeline.UseWideLanes = wide;
+                        using var pair = method.Merge(b, list);
+                        FusedPipeline.PairKernel = false;
+                        try
+                        {
+                            using var general = method.Merge(b, list);
+                            foreach (var name in b.Names)
+                            {
+                                Assert.That(pair[name].dtype, Is.EqualTo(dtype));
+                                Assert.That(pair[name].bytes.ToArray(), Is.EqualTo(general[name].bytes.ToArray()), $"{name}, {dtype}, wide {wide}");
+                            }
+                        }
+                        finally
+                        {
+                            FusedPipeline.PairKernel = true;
+                        }
+                    }
+                }
+                finally
+                {
+                    b.Dispose();
+                    list[0].Dispose();
+                    list[1].Dispose();
+                }
+            }
+        }
+        finally
+        {
+            FusedPipeline.UseWideLanes = chosen;
+        }
+    }
+
+    /// <summary>Two experts whose task vectors lean negative, with ±0 in the base and in the task vectors,
+    /// exact opposites (a zero score), equal magnitudes, and a few ∞ and NaN entries.</summary>
+    private static (StateDict Base, StateDict[] Experts) PairModel(ScalarType dtype)
+    {
+        using var g = new Generator(77);
+        using var scope = NewDisposeScope();
+        long n = 40_000;
+        var b = randn(n, generator: g);
+        b[new TensorIndex[] { TensorIndex.Slice(0, 100) }] = zeros(100);
+        b[new TensorIndex[] { TensorIndex.Slice(100, 200) }] = zeros(100).neg();
+        var d1 = randn(n, generator: g) * 0.02 - 0.005;
+        var d2 = randn(n, generator: g) * 0.02 - 0.005;
+        d2[new TensorIndex[] { TensorIndex.Slice(200, 400) }] = d1[new TensorIndex[] { TensorIndex.Slice(200, 400) }].neg();
+        d1[new TensorIndex[] { TensorIndex.Slice(50, 150) }] = zeros(100);
+        d2[new TensorIndex[] { TensorIndex.Slice(120, 180) }] = zeros(60);
+        d1 = where(rand(n, generator: g) < .1, (d1 * 100).round() / 100, d1);
+        var e1 = b + d1;
+        var e2 = b + d2;
+        e1[1000] = float.PositiveInfinity;
+        e2[1001] = float.NegativeInfinity;
+        e1[2000] = float.NaN;
+        e2[3000] = float.NaN;
+        e2[1000] = float.NegativeInfinity;
+        var bse = new StateDict();
+        bse.Add("w", b.reshape(200, 200).to(dtype).MoveToOuterDisposeScope());
+        var x = new StateDict();
+        x.Add("w", e1.reshape(200, 200).to(dtype).MoveToOuterDisposeScope());
+        var y = new StateDict();
+        y.Add("w", e2.reshape(200, 200).to(dtype).MoveToOuterDisposeScope());
+        return (bse, [x, y]);
+    }
+
     [Test]
     public void Breadcrumbs_rows_longer_than_the_row_selector_take_the_whole_buffer_selector()
     {
