@@ -848,11 +848,12 @@ internal static unsafe class FusedPipeline
             }
 
             var zero = TL.Zero;
-            var fill = TL.Broadcast(Fill);
             var lambda = TL.Broadcast(_lambda);
             var signs = zero;
             bool onWeighted = setup->OnWeighted;
             bool bySum = setup->BySum;
+            bool fillPositive = Fill > 0;
+            var allOnes = TL.EqualTo(zero, zero);
             long i = start;
             for (; i < stop; i += 2 * w)
             {
@@ -875,19 +876,15 @@ internal static unsafe class FusedPipeline
                     score1 = TL.Add(score1, bySum ? t1 : SignOf<TL, TV>(t1));
                 }
 
-                var sign0 = SignOf<TL, TV>(score0);
-                var sign1 = SignOf<TL, TV>(score1);
                 if (signSum != null)
                 {
-                    signs = TL.Add(signs, TL.Add(sign0, sign1));
+                    signs = TL.Add(signs, TL.Add(SignOf<TL, TV>(score0), SignOf<TL, TV>(score1)));
                     continue;
                 }
 
-                sign0 = TL.Select(TL.EqualTo(sign0, zero), fill, sign0);
-                sign1 = TL.Select(TL.EqualTo(sign1, zero), fill, sign1);
                 TL.Store(output, outBf16, i,
-                    TL.Add(b0, Agree<TL, TV>(setup, tau, 0, sign0, weights, lambda)),
-                    TL.Add(b1, Agree<TL, TV>(setup, tau, 1, sign1, weights, lambda)));
+                    TL.Add(b0, Agree<TL, TV>(setup, tau, 0, Elected<TL, TV>(score0, fillPositive, allOnes), weights, lambda)),
+                    TL.Add(b1, Agree<TL, TV>(setup, tau, 1, Elected<TL, TV>(score1, fillPositive, allOnes), weights, lambda)));
             }
 
             if (signSum != null)
@@ -944,6 +941,14 @@ internal static unsafe class FusedPipeline
 
             return i;
         }
+
+        /// <summary>All ones where the elected sign is +1: sign(score) with a zero (or NaN) score taking the
+        /// fill's sign, read off the score with one comparison (the sign itself is never needed).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV Elected<TL, TV>(TV score, bool fillPositive, TV allOnes)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged =>
+            fillPositive ? TL.Select(TL.LessThan(score, TL.Zero), TL.Zero, allOnes) : TL.GreaterThan(score, TL.Zero);
 
         /// <summary>τ masked by "magnitude key ≥ limit", as <see cref="LimitRun"/> masks it.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -1359,7 +1364,7 @@ internal static unsafe class FusedPipeline
             {
                 var sign = RawSign(setup, tau, half);
                 sign = Vector.ConditionalSelect(Vector.Equals(sign, zero), setup->Fill, sign);
-                return Agree<VectorLanes, Vector<float>>(setup, tau, half, sign, setup->Weights, setup->Lambda);
+                return Agree<VectorLanes, Vector<float>>(setup, tau, half, VectorLanes.GreaterThan(sign, zero), setup->Weights, setup->Lambda);
             }
 
             if (setup->Scale)
@@ -1370,17 +1375,16 @@ internal static unsafe class FusedPipeline
             return merged;
         }
 
-        /// <summary>The disjoint aggregation of the entries that agree with the elected
-        /// <paramref name="sign"/> (±1), then λ, at lane width <typeparamref name="TL"/>.</summary>
+        /// <summary>The disjoint aggregation of the entries that agree with the elected sign, +1 where
+        /// <paramref name="positive"/> is set and −1 elsewhere, then λ, at lane width <typeparamref name="TL"/>.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static TV Agree<TL, TV>(Setup* setup, TV* tau, int half, TV sign, TV* weights, TV lambda)
+        private static TV Agree<TL, TV>(Setup* setup, TV* tau, int half, TV positive, TV* weights, TV lambda)
             where TL : struct, ISimdLanes<TV>
             where TV : unmanaged
         {
             var zero = TL.Zero;
             var one = TL.One;
             var merged = zero;
-            var positive = TL.GreaterThan(sign, zero);
             var agreeing = zero;
             var divisor = zero;
             bool onWeighted = setup->OnWeighted;
