@@ -904,10 +904,9 @@ internal static unsafe class FusedPipeline
 
         /// <summary>
         /// <see cref="LimitRun"/> for two experts of weight 1 with the mean of the agreeing entries
-        /// (TIES and DARE-TIES on a pair of models, the common case): the same operations in the same
-        /// order, so the same bits, with both task vectors kept in registers and the flags of the general
-        /// loop resolved before it. Agreeing entries number 0, 1 or 2, so the division is by 1 or 2 as
-        /// there. Always writes the merge (no sign sum).
+        /// (TIES on a pair of models, the common case), with the same bits: both task vectors stay in
+        /// registers, the general loop's flags are resolved before it, and <see cref="PairMean"/>
+        /// takes three exact shortcuts. Always writes the merge (no sign sum).
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private long LimitPairRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16)

@@ -385,19 +385,7 @@ internal static unsafe class ExactSelector
         int i = 0;
         for (; i <= count - 2 * w; i += 2 * w)
         {
-            Vector512<float> e0, e1;
-            if (bf16)
-            {
-                var (a, b) = Vector512.Widen(Vector512.Load((ushort*)pointer + start + i));
-                e0 = Vector512.ShiftLeft(a, 16).AsSingle();
-                e1 = Vector512.ShiftLeft(b, 16).AsSingle();
-            }
-            else
-            {
-                e0 = Vector512.Load((float*)pointer + start + i);
-                e1 = Vector512.Load((float*)pointer + start + i + w);
-            }
-
+            Vector512Lanes.Load(pointer, bf16, start + i, out var e0, out var e1);
             var k0 = (e0 - Vector512.Load(bse + i)).AsUInt32() & mask;
             var k1 = (e1 - Vector512.Load(bse + i + w)).AsUInt32() & mask;
             // The counts go through the comparisons' mask registers and scalar popcounts, which keeps the
