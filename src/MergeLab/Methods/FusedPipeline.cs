@@ -590,29 +590,28 @@ internal static unsafe class FusedPipeline
                 return loop.Run(_inputs.Length, shape, outputType);
             }
 
-            bool direct = outputType is ScalarType.Float32 or ScalarType.BFloat16;
-            var result = NativeBufferPool.Empty(shape, direct ? outputType : ScalarType.Float32);
-            var output = CpuTensors.Pointer(result);
-            bool bf16 = outputType == ScalarType.BFloat16;
-            long n = _inputs.Length;
-            long block = BlockLength;
-            CpuParallel.For(CpuParallel.BlockCount(n, block), b =>
+            var result = CpuTensors.KernelResult(shape, outputType);
+            try
             {
-                long start = b * block;
-                long end = Math.Min(n, start + block);
-                ForRows(start, end, (s, e) => Chunked(s, e, output, bf16, null));
-            });
-            FinishPendingRows();
-
-            if (direct)
+                var output = CpuTensors.Pointer(result);
+                bool bf16 = outputType == ScalarType.BFloat16;
+                long n = _inputs.Length;
+                long block = BlockLength;
+                CpuParallel.For(CpuParallel.BlockCount(n, block), b =>
+                {
+                    long start = b * block;
+                    long end = Math.Min(n, start + block);
+                    ForRows(start, end, (s, e) => Chunked(s, e, output, bf16, null));
+                });
+                FinishPendingRows();
+            }
+            catch
             {
-                return result;
+                result.Dispose();
+                throw;
             }
 
-            using (result)
-            {
-                return result.to(outputType);
-            }
+            return CpuTensors.InOutputType(result, outputType);
         }
 
         /// <summary>Entries per parallel block: <see cref="Chunk"/>, or whole rows (about a chunk's worth)
@@ -1480,34 +1479,33 @@ internal static unsafe class FusedPipeline
 
         public Tensor Run(long n, long[] shape, ScalarType outputType)
         {
-            bool direct = outputType is ScalarType.Float32 or ScalarType.BFloat16;
-            var result = NativeBufferPool.Empty(shape, direct ? outputType : ScalarType.Float32);
-            var output = CpuTensors.Pointer(result);
-            bool bf16 = outputType == ScalarType.BFloat16;
-            int count = experts.Length;
-            var pointers = experts.Select(e => (nint)e.Pointer).ToArray();
-            var narrow = experts.Select(e => e.IsBFloat16).ToArray();
-            CpuParallel.For(CpuParallel.BlockCount(n, Chunk), b =>
+            var result = CpuTensors.KernelResult(shape, outputType);
+            try
             {
-                long start = b * Chunk;
-                long end = Math.Min(n, start + Chunk);
-                fixed (nint* p = pointers)
-                fixed (bool* isBf16 = narrow)
-                fixed (float* w = weights)
+                var output = CpuTensors.Pointer(result);
+                bool bf16 = outputType == ScalarType.BFloat16;
+                int count = experts.Length;
+                var pointers = experts.Select(e => (nint)e.Pointer).ToArray();
+                var narrow = experts.Select(e => e.IsBFloat16).ToArray();
+                CpuParallel.For(CpuParallel.BlockCount(n, Chunk), b =>
                 {
-                    Loop(p, isBf16, w, count, start, end, output, bf16);
-                }
-            });
-
-            if (direct)
+                    long start = b * Chunk;
+                    long end = Math.Min(n, start + Chunk);
+                    fixed (nint* p = pointers)
+                    fixed (bool* isBf16 = narrow)
+                    fixed (float* w = weights)
+                    {
+                        Loop(p, isBf16, w, count, start, end, output, bf16);
+                    }
+                });
+            }
+            catch
             {
-                return result;
+                result.Dispose();
+                throw;
             }
 
-            using (result)
-            {
-                return result.to(outputType);
-            }
+            return CpuTensors.InOutputType(result, outputType);
         }
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]

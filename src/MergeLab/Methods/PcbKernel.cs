@@ -182,9 +182,8 @@ internal static unsafe class PcbKernel
     {
         int n = inputs.Experts.Length;
         long d = inputs.Length;
-        bool direct = outputType is ScalarType.Float32 or ScalarType.BFloat16;
-        var type = direct ? outputType : ScalarType.Float32;
-        var result = NativeBufferPool.Empty(shape, type);
+        var result = CpuTensors.KernelResult(shape, outputType);
+        var type = result.dtype;
         var output = CpuTensors.Pointer(result);
         var score = scores is null ? null : (float*)CpuTensors.Pointer(scores);
         var floor = new Vector<float>(1e-12f);
@@ -237,15 +236,7 @@ internal static unsafe class PcbKernel
             throw;
         }
 
-        if (direct)
-        {
-            return result;
-        }
-
-        using (result)
-        {
-            return result.to(outputType);
-        }
+        return CpuTensors.InOutputType(result, outputType);
     }
 
     /// <summary>The largest lane (NaN if any lane is NaN).</summary>

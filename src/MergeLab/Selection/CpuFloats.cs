@@ -75,6 +75,26 @@ internal static unsafe class CpuTensors
         return Unsafe.AsPointer(ref MemoryMarshal.GetReference(first.bytes));
     }
 
+    /// <summary>A pooled result for a kernel that writes float32 or bfloat16: in <paramref name="outputType"/>
+    /// when it is one of those, else float32 (then <see cref="InOutputType"/> converts it).</summary>
+    public static Tensor KernelResult(long[] shape, ScalarType outputType) =>
+        NativeBufferPool.Empty(shape, outputType is ScalarType.Float32 or ScalarType.BFloat16 ? outputType : ScalarType.Float32);
+
+    /// <summary><paramref name="result"/> (from <see cref="KernelResult"/>) in <paramref name="outputType"/>:
+    /// itself, or a converted copy, the float32 one disposed.</summary>
+    public static Tensor InOutputType(Tensor result, ScalarType outputType)
+    {
+        if (result.dtype == outputType)
+        {
+            return result;
+        }
+
+        using (result)
+        {
+            return result.to(outputType);
+        }
+    }
+
     /// <summary>
     /// <paramref name="t"/> (a CPU floating tensor) as float32/bfloat16 memory. Tensors in other dtypes or
     /// layouts are converted into a pooled float32 copy, returned in <paramref name="copy"/> for the

@@ -182,6 +182,7 @@ internal static unsafe class ExactSelector
             var differences = sources.OfType<DifferenceMagnitudeKeys>().ToArray();
             bool fused = differences.Length == sources.Length && bySource.All(g => g.Length == 1)
                 && differences.All(d => d.Base.Pointer == differences[0].Base.Pointer);
+            bool wide = WideScan && PackWithCompress;
             CpuParallel.For(blocks, block =>
             {
                 long start = block * BlockSize;
@@ -193,7 +194,6 @@ internal static unsafe class ExactSelector
                 if (fused)
                 {
                     var bse = differences[0].Base.Block(start, count, floats);
-                    bool wide = WideScan && PackWithCompress;
                     for (int s = 0; s < sources.Length; s++)
                     {
                         if (wide)
