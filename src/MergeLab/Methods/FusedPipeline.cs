@@ -37,9 +37,28 @@ internal static unsafe class FusedPipeline
     /// <see cref="Vector{T}"/> is narrower); false forces <see cref="Vector{T}"/>, for tests.</summary>
     internal static bool UseWideLanes { get; set; } = Vector512.IsHardwareAccelerated && Vector<float>.Count < Vector512<float>.Count;
 
-    /// <summary>Lets two experts of weight 1 under a sign election take their own loop
-    /// (<c>Kernel.LimitPairRun</c>); false sends them through the general one (for tests).</summary>
-    internal static bool PairKernel { get; set; } = true;
+    /// <summary>Lets two, three or four experts of weight 1 under a sign election take loops of their own
+    /// (<c>Kernel.LimitPairRun</c>, <c>Kernel.LimitSmallRun</c>); false sends them through the general
+    /// one (for tests).</summary>
+    internal static bool SmallCountKernels { get; set; } = true;
+
+    /// <summary>The expert count of <c>Kernel.LimitSmallRun</c>, fixed at compile time so that the JIT
+    /// drops the fourth expert's code for three.</summary>
+    private interface IExpertCount
+    {
+        /// <summary>Four experts (true) or three (false).</summary>
+        static abstract bool Four { get; }
+    }
+
+    private readonly struct Three : IExpertCount
+    {
+        static bool IExpertCount.Four => false;
+    }
+
+    private readonly struct Four : IExpertCount
+    {
+        static bool IExpertCount.Four => true;
+    }
 
     private enum RuleKind
     {
@@ -769,10 +788,19 @@ internal static unsafe class FusedPipeline
                 {
                     // Runs of blocks where every expert's mask is one key comparison; the one block where a
                     // Top rule's tie index falls goes through the general code below.
-                    i = PairRunApplies(setup, signSum)
+                    int small = SmallRunExperts(setup, signSum);
+                    i = small == 2
                         ? UseWideLanes
                             ? LimitPairRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16)
                             : LimitPairRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16)
+                        : small == 3
+                        ? UseWideLanes
+                            ? LimitSmallRun<Vector512Lanes, Vector512<float>, Three>(setup, inputs, i, end, output, outBf16)
+                            : LimitSmallRun<VectorLanes, Vector<float>, Three>(setup, inputs, i, end, output, outBf16)
+                        : small == 4
+                        ? UseWideLanes
+                            ? LimitSmallRun<Vector512Lanes, Vector512<float>, Four>(setup, inputs, i, end, output, outBf16)
+                            : LimitSmallRun<VectorLanes, Vector<float>, Four>(setup, inputs, i, end, output, outBf16)
                         : UseWideLanes
                             ? LimitRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16, signSum)
                             : LimitRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16, signSum);
@@ -894,12 +922,13 @@ internal static unsafe class FusedPipeline
             return i;
         }
 
-        /// <summary>Whether <see cref="LimitPairRun"/> computes what <see cref="LimitRun"/> would: two
-        /// experts of weight 1, a sign election, and the mean of the agreeing entries (as a count, or as
-        /// the weights' sum, which is the same count here).</summary>
-        private static bool PairRunApplies(Setup* setup, long* signSum) =>
-            PairKernel && signSum == null && setup->Experts == 2 && setup->UnitWeights && setup->Consensus
-            && (setup->MeanOfAgreeing || setup->WeightNormalized);
+        /// <summary>2, 3 or 4 where <see cref="LimitPairRun"/> (2) or <see cref="LimitSmallRun"/> (3, 4)
+        /// computes what <see cref="LimitRun"/> would: that many experts of weight 1, a sign election, and
+        /// the mean of the agreeing entries (as a count, or as the weights' sum, which is the same count
+        /// here); 0 otherwise.</summary>
+        private static int SmallRunExperts(Setup* setup, long* signSum) =>
+            SmallCountKernels && signSum == null && setup->Experts is >= 2 and <= 4 && setup->UnitWeights && setup->Consensus
+            && (setup->MeanOfAgreeing || setup->WeightNormalized) ? setup->Experts : 0;
 
         /// <summary>
         /// <see cref="LimitRun"/> for two experts of weight 1 with the mean of the agreeing entries
@@ -939,6 +968,116 @@ internal static unsafe class FusedPipeline
 
             return i;
         }
+
+        /// <summary>
+        /// <see cref="LimitRun"/> for three or four experts (<typeparamref name="TN"/>) of weight 1 with the
+        /// mean of the agreeing entries, with the same bits: the task vectors stay in registers instead of a
+        /// stack array, the loop over the experts is unrolled, and the general loop's flags are resolved
+        /// before it. Unlike <see cref="LimitPairRun"/> it takes no shortcut in the arithmetic: the same
+        /// operations in the same order as <see cref="LimitRun"/> and <see cref="Agree"/>, the products by
+        /// the unit weights skipped as there. Always writes the merge (no sign sum).
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private long LimitSmallRun<TL, TV, TN>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+            where TN : struct, IExpertCount
+        {
+            int w = TL.Count;
+            long stop = start + (end - start) / (2 * w) * (2 * w);
+            var (low0, high0) = KeyRange(_rules[0], start, 0, 2 * w, ref stop);
+            var (low1, high1) = KeyRange(_rules[1], start, 0, 2 * w, ref stop);
+            var (low2, high2) = KeyRange(_rules[2], start, 0, 2 * w, ref stop);
+            var (low3, high3) = TN.Four ? KeyRange(_rules[3], start, 0, 2 * w, ref stop) : (0u, 0u);
+            var limit0 = TL.BroadcastBits(high0 == 0 ? uint.MaxValue : low0);
+            var limit1 = TL.BroadcastBits(high1 == 0 ? uint.MaxValue : low1);
+            var limit2 = TL.BroadcastBits(high2 == 0 ? uint.MaxValue : low2);
+            var limit3 = TL.BroadcastBits(high3 == 0 ? uint.MaxValue : low3);
+            var lambda = TL.Broadcast(_lambda);
+            var allOnes = TL.EqualTo(TL.Zero, TL.Zero);
+            bool bySum = setup->BySum, scale = setup->Scale, fillPositive = Fill > 0;
+            nint p0 = inputs.Experts[0], p1 = inputs.Experts[1], p2 = inputs.Experts[2], p3 = TN.Four ? inputs.Experts[3] : 0;
+            bool bf0 = inputs.ExpertIsBf16[0], bf1 = inputs.ExpertIsBf16[1], bf2 = inputs.ExpertIsBf16[2];
+            bool bf3 = TN.Four && inputs.ExpertIsBf16[3];
+            long i = start;
+            for (; i < stop; i += 2 * w)
+            {
+                TL.Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+                TL.Load(p0, bf0, i, out var x0, out var x1);
+                var s0 = Kept<TL, TV>(TL.Subtract(x0, b0), limit0);
+                var s1 = Kept<TL, TV>(TL.Subtract(x1, b1), limit0);
+                TL.Load(p1, bf1, i, out x0, out x1);
+                var t0 = Kept<TL, TV>(TL.Subtract(x0, b0), limit1);
+                var t1 = Kept<TL, TV>(TL.Subtract(x1, b1), limit1);
+                TL.Load(p2, bf2, i, out x0, out x1);
+                var u0 = Kept<TL, TV>(TL.Subtract(x0, b0), limit2);
+                var u1 = Kept<TL, TV>(TL.Subtract(x1, b1), limit2);
+                TV v0 = TL.Zero, v1 = TL.Zero;
+                if (TN.Four)
+                {
+                    TL.Load(p3, bf3, i, out x0, out x1);
+                    v0 = Kept<TL, TV>(TL.Subtract(x0, b0), limit3);
+                    v1 = Kept<TL, TV>(TL.Subtract(x1, b1), limit3);
+                }
+
+                TL.Store(output, outBf16, i,
+                    TL.Add(b0, SmallMean<TL, TV, TN>(s0, t0, u0, v0, bySum, fillPositive, scale, lambda, allOnes)),
+                    TL.Add(b1, SmallMean<TL, TV, TN>(s1, t1, u1, v1, bySum, fillPositive, scale, lambda, allOnes)));
+            }
+
+            return i;
+        }
+
+        /// <summary>The elected-sign mean of three or four masked task vectors (<paramref name="v"/> unused
+        /// for three), the operations of <see cref="LimitRun"/> and <see cref="Agree"/> for unit weights in
+        /// their order: the score from 0 up, the agreeing count and sum from 0 up, the division by the
+        /// count (at least 1), then λ.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV SmallMean<TL, TV, TN>(TV s, TV t, TV u, TV v, bool bySum, bool fillPositive, bool scale, TV lambda, TV allOnes)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+            where TN : struct, IExpertCount
+        {
+            var zero = TL.Zero;
+            var one = TL.One;
+            var score = TL.Add(TL.Add(TL.Add(zero, Vote<TL, TV>(s, bySum)), Vote<TL, TV>(t, bySum)), Vote<TL, TV>(u, bySum));
+            if (TN.Four)
+            {
+                score = TL.Add(score, Vote<TL, TV>(v, bySum));
+            }
+
+            var positive = Elected<TL, TV>(score, fillPositive, allOnes);
+            var a = AgreeOne<TL, TV>(s, positive);
+            var b = AgreeOne<TL, TV>(t, positive);
+            var c = AgreeOne<TL, TV>(u, positive);
+            var agreeing = TL.Add(TL.Add(TL.Add(zero, a), b), c);
+            var merged = TL.Add(TL.Add(TL.Add(zero, TL.Multiply(s, a)), TL.Multiply(t, b)), TL.Multiply(u, c));
+            if (TN.Four)
+            {
+                var d = AgreeOne<TL, TV>(v, positive);
+                agreeing = TL.Add(agreeing, d);
+                merged = TL.Add(merged, TL.Multiply(v, d));
+            }
+
+            // The mean of agreeing divides by max(count, 1), the weight-normalised sum by the count or 1
+            // where it is 0: the same divisor for whole counts.
+            merged = TL.Divide(merged, TL.Select(TL.GreaterThan(agreeing, one), agreeing, one));
+            return scale ? TL.Multiply(merged, lambda) : merged;
+        }
+
+        /// <summary>An expert's term of the election score: τ itself (by sum) or its sign (by count).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV Vote<TL, TV>(TV t, bool bySum)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged => bySum ? t : SignOf<TL, TV>(t);
+
+        /// <summary>1 where τ has the elected sign (+1 where <paramref name="positive"/> is set, −1
+        /// elsewhere), 0 otherwise.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV AgreeOne<TL, TV>(TV t, TV positive)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged =>
+            TL.Select(TL.Select(positive, TL.GreaterThan(t, TL.Zero), TL.LessThan(t, TL.Zero)), TL.One, TL.Zero);
 
         /// <summary>All ones where the elected sign is +1: sign(score) with a zero (or NaN) score taking the
         /// fill's sign, read off the score with one comparison (the sign itself is never needed).</summary>

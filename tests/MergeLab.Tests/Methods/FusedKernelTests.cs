@@ -197,51 +197,63 @@ public class FusedKernelTests
         yield return Case("ties paper dis-mean λ 1", new TiesMerge(new TiesOptions { Density = .6, Lambda = 1 }));
         yield return Case("ties mergekit", new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .2 }));
         yield return Case("ties peft frequency", new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Density = .4, Election = SignElection.Count }));
+        // Per-expert densities for every count the test runs (2 to 4 experts) are given when it runs.
         yield return Case("ties drop-all and keep-all", new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Densities = [0, 1] }));
     }
 
+    /// <summary><paramref name="method"/> for <paramref name="count"/> experts: per-expert densities
+    /// [0, 1] grow to [0, 1, 0.3] and [0, 1, 0.3, 1], so a drop-all, keep-alls and a top-k mix.</summary>
+    private static MergeMethod ForCount(MergeMethod method, int count) =>
+        method is TiesMerge { Options.Densities: { Count: 2 } densities } ties && count > 2
+            ? new TiesMerge(ties.Options with { Densities = [.. densities, .. new[] { .3, 1 }.Take(count - 2)] })
+            : method;
+
     /// <summary>
-    /// Two experts of weight 1 take a loop of their own (both task vectors in registers, the elected sign
-    /// read off the score, the division by 1 or 2 as a product). It must give the general loop's bits,
-    /// sign of zero and NaN payload included, at either lane width, on float32 and bfloat16, with the
-    /// fill of a zero score positive (mergekit's rule) or negative (the paper's majority, here negative).
+    /// Two, three or four experts of weight 1 take loops of their own (the task vectors in registers; for
+    /// two, the elected sign read off the score and the division by 1 or 2 as a product). They must give
+    /// the general loop's bits, sign of zero and NaN payload included, at either lane width, on float32
+    /// and bfloat16, with the fill of a zero score positive (mergekit's rule) or negative (the paper's
+    /// majority, here negative).
     /// </summary>
     [TestCaseSource(nameof(PairMethods))]
-    public void Two_experts_take_their_own_loop_and_get_the_general_loops_bits(MergeMethod method)
+    public void Two_to_four_experts_take_their_own_loops_and_get_the_general_loops_bits(MergeMethod method)
     {
         bool chosen = FusedPipeline.UseWideLanes;
         try
         {
-            foreach (var dtype in new[] { ScalarType.Float32, ScalarType.BFloat16 })
+            foreach (var (dtype, count) in new[] { ScalarType.Float32, ScalarType.BFloat16 }.SelectMany(d => new[] { (d, 2), (d, 3), (d, 4) }))
             {
-                var (b, list) = PairModel(dtype);
+                var (b, list) = SmallModel(dtype, count);
+                var merge = ForCount(method, count);
                 try
                 {
                     foreach (bool wide in System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? new[] { false, true } : [false])
                     {
                         FusedPipeline.UseWideLanes = wide;
-                        using var pair = method.Merge(b, list);
-                        FusedPipeline.PairKernel = false;
+                        using var own = merge.Merge(b, list);
+                        FusedPipeline.SmallCountKernels = false;
                         try
                         {
-                            using var general = method.Merge(b, list);
+                            using var general = merge.Merge(b, list);
                             foreach (var name in b.Names)
                             {
-                                Assert.That(pair[name].dtype, Is.EqualTo(dtype));
-                                Assert.That(pair[name].bytes.ToArray(), Is.EqualTo(general[name].bytes.ToArray()), $"{name}, {dtype}, wide {wide}");
+                                Assert.That(own[name].dtype, Is.EqualTo(dtype));
+                                Assert.That(own[name].bytes.ToArray(), Is.EqualTo(general[name].bytes.ToArray()), $"{name}, {dtype}, {count} experts, wide {wide}");
                             }
                         }
                         finally
                         {
-                            FusedPipeline.PairKernel = true;
+                            FusedPipeline.SmallCountKernels = true;
                         }
                     }
                 }
                 finally
                 {
                     b.Dispose();
-                    list[0].Dispose();
-                    list[1].Dispose();
+                    foreach (var e in list)
+                    {
+                        e.Dispose();
+                    }
                 }
             }
         }
@@ -251,9 +263,11 @@ public class FusedKernelTests
         }
     }
 
-    /// <summary>Two experts whose task vectors lean negative, with ±0 in the base and in the task vectors,
-    /// exact opposites (a zero score), equal magnitudes, and a few ∞ and NaN entries.</summary>
-    private static (StateDict Base, StateDict[] Experts) PairModel(ScalarType dtype)
+    /// <summary>Two to four experts whose task vectors lean negative, with ±0 in the base and in the task
+    /// vectors, exact opposites (a zero score), equal magnitudes, and a few ∞ and NaN entries; the third
+    /// and fourth repeat or oppose the first two in places, so that every count of agreeing entries and
+    /// zero scores occur.</summary>
+    private static (StateDict Base, StateDict[] Experts) SmallModel(ScalarType dtype, int count)
     {
         using var g = new Generator(77);
         using var scope = NewDisposeScope();
@@ -280,7 +294,23 @@ public class FusedKernelTests
         x.Add("w", e1.reshape(200, 200).to(dtype).MoveToOuterDisposeScope());
         var y = new StateDict();
         y.Add("w", e2.reshape(200, 200).to(dtype).MoveToOuterDisposeScope());
-        return (bse, [x, y]);
+        var list = new List<StateDict> { x, y };
+        for (int k = 2; k < count; k++)
+        {
+            var d = randn(n, generator: g) * 0.02 - 0.005;
+            var from = k == 2 ? d1 : d2;
+            d[new TensorIndex[] { TensorIndex.Slice(4000, 5000) }] = from[new TensorIndex[] { TensorIndex.Slice(4000, 5000) }];
+            d[new TensorIndex[] { TensorIndex.Slice(5000, 6000) }] = from[new TensorIndex[] { TensorIndex.Slice(5000, 6000) }].neg();
+            d[new TensorIndex[] { TensorIndex.Slice(60 + k, 90 + k) }] = zeros(30);
+            var e = b + d;
+            e[1000 + k] = k == 2 ? float.NegativeInfinity : float.PositiveInfinity;
+            e[2000 + k] = float.NaN;
+            var z = new StateDict();
+            z.Add("w", e.reshape(200, 200).to(dtype).MoveToOuterDisposeScope());
+            list.Add(z);
+        }
+
+        return (bse, [.. list]);
     }
 
     [Test]
