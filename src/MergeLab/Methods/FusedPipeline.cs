@@ -974,8 +974,9 @@ internal static unsafe class FusedPipeline
         /// mean of the agreeing entries, with the same bits: the task vectors stay in registers instead of a
         /// stack array, the loop over the experts is unrolled, and the general loop's flags are resolved
         /// before it. Unlike <see cref="LimitPairRun"/> it takes no shortcut in the arithmetic: the same
-        /// operations in the same order as <see cref="LimitRun"/> and <see cref="Agree"/>, the products by
-        /// the unit weights skipped as there. Always writes the merge (no sign sum).
+        /// operations in the same order as <see cref="LimitRun"/> and <see cref="Agree"/>, except the products
+        /// by the unit weights, which are skipped (τ·1 is τ, bit for bit). Always writes the merge (no sign
+        /// sum).
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private long LimitSmallRun<TL, TV, TN>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16)
