@@ -609,11 +609,9 @@ internal static unsafe class FusedPipeline
                 return loop.Run(_inputs.Length, shape, outputType);
             }
 
-            var result = CpuTensors.KernelResult(shape, outputType);
-            try
+            return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
             {
-                var output = CpuTensors.Pointer(result);
-                bool bf16 = outputType == ScalarType.BFloat16;
+                var output = (void*)address;
                 long n = _inputs.Length;
                 long block = BlockLength;
                 CpuParallel.For(CpuParallel.BlockCount(n, block), b =>
@@ -623,14 +621,7 @@ internal static unsafe class FusedPipeline
                     ForRows(start, end, (s, e) => Chunked(s, e, output, bf16, null));
                 });
                 FinishPendingRows();
-            }
-            catch
-            {
-                result.Dispose();
-                throw;
-            }
-
-            return CpuTensors.InOutputType(result, outputType);
+            });
         }
 
         /// <summary>Entries per parallel block: <see cref="Chunk"/>, or whole rows (about a chunk's worth)
@@ -868,9 +859,7 @@ internal static unsafe class FusedPipeline
             var tau = stackalloc TV[2 * experts];
             for (int k = 0; k < experts; k++)
             {
-                // These rules keep a key range [low, 2^31), or nothing (drop-all: above every key).
-                var (low, high) = KeyRange(_rules[k], start, 0, 2 * w, ref stop);
-                limits[k] = TL.BroadcastBits(high == 0 ? uint.MaxValue : low);
+                limits[k] = Limit<TL, TV>(k, start, 2 * w, ref stop);
                 weights[k] = TL.Broadcast(_weights[k]);
             }
 
@@ -899,8 +888,8 @@ internal static unsafe class FusedPipeline
 
                     tau[2 * k] = t0;
                     tau[2 * k + 1] = t1;
-                    score0 = TL.Add(score0, bySum ? t0 : SignOf<TL, TV>(t0));
-                    score1 = TL.Add(score1, bySum ? t1 : SignOf<TL, TV>(t1));
+                    score0 = TL.Add(score0, Vote<TL, TV>(t0, bySum));
+                    score1 = TL.Add(score1, Vote<TL, TV>(t1, bySum));
                 }
 
                 if (signSum != null)
@@ -943,10 +932,8 @@ internal static unsafe class FusedPipeline
         {
             int w = TL.Count;
             long stop = start + (end - start) / (2 * w) * (2 * w);
-            var (low0, high0) = KeyRange(_rules[0], start, 0, 2 * w, ref stop);
-            var (low1, high1) = KeyRange(_rules[1], start, 0, 2 * w, ref stop);
-            var limit0 = TL.BroadcastBits(high0 == 0 ? uint.MaxValue : low0);
-            var limit1 = TL.BroadcastBits(high1 == 0 ? uint.MaxValue : low1);
+            var limit0 = Limit<TL, TV>(0, start, 2 * w, ref stop);
+            var limit1 = Limit<TL, TV>(1, start, 2 * w, ref stop);
             var lambda = TL.Broadcast(_lambda);
             bool bySum = setup->BySum, scale = setup->Scale, fillPositive = Fill > 0;
             nint e0p = inputs.Experts[0], e1p = inputs.Experts[1];
@@ -986,14 +973,10 @@ internal static unsafe class FusedPipeline
         {
             int w = TL.Count;
             long stop = start + (end - start) / (2 * w) * (2 * w);
-            var (low0, high0) = KeyRange(_rules[0], start, 0, 2 * w, ref stop);
-            var (low1, high1) = KeyRange(_rules[1], start, 0, 2 * w, ref stop);
-            var (low2, high2) = KeyRange(_rules[2], start, 0, 2 * w, ref stop);
-            var (low3, high3) = TN.Four ? KeyRange(_rules[3], start, 0, 2 * w, ref stop) : (0u, 0u);
-            var limit0 = TL.BroadcastBits(high0 == 0 ? uint.MaxValue : low0);
-            var limit1 = TL.BroadcastBits(high1 == 0 ? uint.MaxValue : low1);
-            var limit2 = TL.BroadcastBits(high2 == 0 ? uint.MaxValue : low2);
-            var limit3 = TL.BroadcastBits(high3 == 0 ? uint.MaxValue : low3);
+            var limit0 = Limit<TL, TV>(0, start, 2 * w, ref stop);
+            var limit1 = Limit<TL, TV>(1, start, 2 * w, ref stop);
+            var limit2 = Limit<TL, TV>(2, start, 2 * w, ref stop);
+            var limit3 = TN.Four ? Limit<TL, TV>(3, start, 2 * w, ref stop) : TL.Zero;
             var lambda = TL.Broadcast(_lambda);
             var allOnes = TL.EqualTo(TL.Zero, TL.Zero);
             bool bySum = setup->BySum, scale = setup->Scale, fillPositive = Fill > 0;
@@ -1110,7 +1093,7 @@ internal static unsafe class FusedPipeline
         {
             var zero = TL.Zero;
             var one = TL.One;
-            var score = bySum ? TL.Add(s, t) : TL.Add(SignOf<TL, TV>(s), SignOf<TL, TV>(t));
+            var score = TL.Add(Vote<TL, TV>(s, bySum), Vote<TL, TV>(t, bySum));
             TV a, b;
             if (fillPositive)
             {
@@ -1182,6 +1165,17 @@ internal static unsafe class FusedPipeline
             }
 
             return i;
+        }
+
+        /// <summary>The broadcast key limit of expert <paramref name="k"/>'s rule (a key threshold, keep-all,
+        /// or a top-k away from its tie index) from <paramref name="start"/>: its range [low, 2^31) as
+        /// "key ≥ low", or, for drop-all (an empty range), a limit above every key.</summary>
+        private TV Limit<TL, TV>(int k, long start, int block, ref long stop)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            var (low, high) = KeyRange(_rules[k], start, 0, block, ref stop);
+            return TL.BroadcastBits(high == 0 ? uint.MaxValue : low);
         }
 
         /// <summary>
@@ -1451,7 +1445,7 @@ internal static unsafe class FusedPipeline
             {
                 // With an election on weighted task vectors, tau already holds τ·w.
                 var elect = tau[2 * k + half];
-                score += setup->BySum ? elect : SignOf<VectorLanes, Vector<float>>(elect);
+                score += Vote<VectorLanes, Vector<float>>(elect, setup->BySum);
             }
 
             return SignOf<VectorLanes, Vector<float>>(score);
@@ -1530,8 +1524,7 @@ internal static unsafe class FusedPipeline
             for (int k = 0; k < setup->Experts; k++)
             {
                 var s = tau[2 * k + half];
-                var agree = TL.Select(positive, TL.GreaterThan(s, zero), TL.LessThan(s, zero));
-                var a = TL.Select(agree, one, zero);
+                var a = AgreeOne<TL, TV>(s, positive);
                 agreeing = TL.Add(agreeing, a);
                 if (unit)
                 {
@@ -1619,14 +1612,12 @@ internal static unsafe class FusedPipeline
 
         public Tensor Run(long n, long[] shape, ScalarType outputType)
         {
-            var result = CpuTensors.KernelResult(shape, outputType);
-            try
+            int count = experts.Length;
+            var pointers = experts.Select(e => (nint)e.Pointer).ToArray();
+            var narrow = experts.Select(e => e.IsBFloat16).ToArray();
+            return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
             {
-                var output = CpuTensors.Pointer(result);
-                bool bf16 = outputType == ScalarType.BFloat16;
-                int count = experts.Length;
-                var pointers = experts.Select(e => (nint)e.Pointer).ToArray();
-                var narrow = experts.Select(e => e.IsBFloat16).ToArray();
+                var output = (void*)address;
                 CpuParallel.For(CpuParallel.BlockCount(n, Chunk), b =>
                 {
                     long start = b * Chunk;
@@ -1638,14 +1629,7 @@ internal static unsafe class FusedPipeline
                         Loop(p, isBf16, w, count, start, end, output, bf16);
                     }
                 });
-            }
-            catch
-            {
-                result.Dispose();
-                throw;
-            }
-
-            return CpuTensors.InOutputType(result, outputType);
+            });
         }
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]

@@ -182,13 +182,11 @@ internal static unsafe class PcbKernel
     {
         int n = inputs.Experts.Length;
         long d = inputs.Length;
-        var result = CpuTensors.KernelResult(shape, outputType);
-        var type = result.dtype;
-        var output = CpuTensors.Pointer(result);
         var score = scores is null ? null : (float*)CpuTensors.Pointer(scores);
         var floor = new Vector<float>(1e-12f);
-        try
+        return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
         {
+            var output = (void*)address;
             CpuParallel.For(CpuParallel.BlockCount(d, Block), b =>
             {
                 var block = new BlockView(inputs, b, n, d, withTotal: score is null); // Σ τ only to compute scores
@@ -214,7 +212,6 @@ internal static unsafe class PcbKernel
                     }
                 }
 
-                bool bf16 = type == ScalarType.BFloat16;
                 var merged = block.Destination(output, bf16, num);
                 for (int i = 0; i < block.Padded; i += Vector<float>.Count)
                 {
@@ -229,14 +226,7 @@ internal static unsafe class PcbKernel
 
                 block.Store(output, bf16, merged);
             });
-        }
-        catch
-        {
-            result.Dispose();
-            throw;
-        }
-
-        return CpuTensors.InOutputType(result, outputType);
+        });
     }
 
     /// <summary>The largest lane (NaN if any lane is NaN).</summary>

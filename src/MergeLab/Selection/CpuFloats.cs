@@ -75,15 +75,25 @@ internal static unsafe class CpuTensors
         return Unsafe.AsPointer(ref MemoryMarshal.GetReference(first.bytes));
     }
 
-    /// <summary>A pooled result for a kernel that writes float32 or bfloat16: in <paramref name="outputType"/>
-    /// when it is one of those, else float32 (then <see cref="InOutputType"/> converts it).</summary>
-    public static Tensor KernelResult(long[] shape, ScalarType outputType) =>
-        NativeBufferPool.Empty(shape, outputType is ScalarType.Float32 or ScalarType.BFloat16 ? outputType : ScalarType.Float32);
-
-    /// <summary><paramref name="result"/> (from <see cref="KernelResult"/>) in <paramref name="outputType"/>:
-    /// itself, or a converted copy, the float32 one disposed.</summary>
-    public static Tensor InOutputType(Tensor result, ScalarType outputType)
+    /// <summary>
+    /// A kernel's result of <paramref name="shape"/> in <paramref name="outputType"/>: <paramref name="write"/>
+    /// fills pooled memory (its address, and whether it is bfloat16; else float32), which is the result when
+    /// <paramref name="outputType"/> is float32 or bfloat16 and is converted into it otherwise. If
+    /// <paramref name="write"/> throws, the memory is freed.
+    /// </summary>
+    public static Tensor WriteKernelResult(long[] shape, ScalarType outputType, Action<nint, bool> write)
     {
+        var result = NativeBufferPool.Empty(shape, outputType is ScalarType.Float32 or ScalarType.BFloat16 ? outputType : ScalarType.Float32);
+        try
+        {
+            write((nint)Pointer(result), result.dtype == ScalarType.BFloat16);
+        }
+        catch
+        {
+            result.Dispose();
+            throw;
+        }
+
         if (result.dtype == outputType)
         {
             return result;
