@@ -42,6 +42,10 @@ internal static unsafe class FusedPipeline
     /// one (for tests).</summary>
     internal static bool SmallCountKernels { get; set; } = true;
 
+    /// <summary>Whether DARE on task arithmetic takes <c>Kernel.RandomRun</c> (true, the default) or the
+    /// general loop; for tests and benchmarks that compare the two.</summary>
+    internal static bool RandomKernel { get; set; } = true;
+
     /// <summary>The expert count of <c>Kernel.LimitSmallRun</c>, fixed at compile time so that the JIT
     /// drops the fourth expert's code for three.</summary>
     private interface IExpertCount
@@ -538,7 +542,7 @@ internal static unsafe class FusedPipeline
             });
 
             var (before, after) = DropMask.SumNorms(norms);
-            r.Factor = DropMask.KeepsNorm(before, after) ? 1f : (float)(before / after);
+            r.Factor = DropMask.KeepsNorm(before, after) ? 1f : DropMask.L1Factor(before, after);
             r.Divide = false;
         }
     }
@@ -560,6 +564,7 @@ internal static unsafe class FusedPipeline
         private readonly bool _plain;
         private readonly bool _limitsOnly;
         private readonly bool _rangesOnly;
+        private readonly bool _randomOnly;
         private readonly long _rowWidth;
         private readonly DifferenceMagnitudeKeys[] _rowSources;
 
@@ -585,6 +590,7 @@ internal static unsafe class FusedPipeline
                 && rules.All(r => r.Kind is RuleKind.KeepAll or RuleKind.DropAll or RuleKind.KeyAtLeast or RuleKind.Top && r.Factor == 1f && !r.Divide);
             _rangesOnly = _consensus is null && !_plain
                 && rules.All(r => r.Kind is not RuleKind.Random && r.Factor == 1f && !r.Divide);
+            _randomOnly = _consensus is null && rules.All(r => r.Kind == RuleKind.Random);
             _rowWidth = rules.FirstOrDefault(r => r.Kind == RuleKind.RowWindow)?.Width ?? 0;
             _rowSources = inputs.Experts.Select(e => new DifferenceMagnitudeKeys(e, inputs.Base)).ToArray();
         }
@@ -739,6 +745,13 @@ internal static unsafe class FusedPipeline
                 // No sign election: the weighted sum accumulates as each expert is read (DARE-linear,
                 // Breadcrumbs, magnitude pruning), in expert order as in Merged.
                 bool rangesOnly = _rangesOnly;
+                if (_randomOnly && RandomKernel && (i & 1) == 0)
+                {
+                    i = UseWideLanes
+                        ? RandomRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16)
+                        : RandomRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16);
+                }
+
                 for (; i + 2 * w <= end; i += 2 * w)
                 {
                     if (rangesOnly)
@@ -1165,6 +1178,91 @@ internal static unsafe class FusedPipeline
             }
 
             return i;
+        }
+
+        /// <summary>
+        /// The weighted sum without sign election when every expert's mask is DARE's random one (DARE on
+        /// task arithmetic), over the blocks of 2·lanes entries from <paramref name="start"/> (even) to
+        /// <paramref name="end"/>'s last whole block; returns where it stopped. It goes a tile of
+        /// <see cref="RandomTile"/> entries at a time, expert by expert within the tile (the base and the
+        /// sums stay in a small stack buffer), so each expert's generator states, threshold, factor and
+        /// weight stay in registers; each entry still sums the experts in their order, with the general
+        /// loop's operations, so the bits are the same.
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private long RandomRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            int w = TL.Count;
+            int experts = setup->Experts;
+            long stop = start + (end - start) / (2 * w) * (2 * w);
+            var bse = stackalloc TV[RandomTile / TL.Count];
+            var acc = stackalloc TV[RandomTile / TL.Count];
+            var zero = TL.Zero;
+            var divisor = TL.Broadcast(_plainDivisor);
+            var lambda = TL.Broadcast(_lambda);
+            var step = TL.BroadcastWord(DropMask.StateStep(2 * w));
+            long i = start;
+            while (i < stop)
+            {
+                int vectors = (int)(Math.Min(RandomTile, stop - i) / w);
+                for (int v = 0; v < vectors; v += 2)
+                {
+                    TL.Load(inputs.Base, inputs.BaseIsBf16, i + (v * w), out bse[v], out bse[v + 1]);
+                    acc[v] = zero;
+                    acc[v + 1] = zero;
+                }
+
+                for (int k = 0; k < experts; k++)
+                {
+                    var r = _rules[k];
+                    ulong first = DropMask.FirstState(r.Stream, i);
+                    var low = TL.RandomStates(first);
+                    var high = TL.RandomStates(first + DropMask.StateStep(w));
+                    RandomExpert<TL, TV>(inputs.Experts[k], inputs.ExpertIsBf16[k], i, vectors, bse, acc, low, high, step,
+                        TL.BroadcastBits(r.Threshold), TL.Broadcast(r.Factor), r.Divide, r.Divide || r.Factor != 1f, TL.Broadcast(_weights[k]));
+                }
+
+                for (int v = 0; v < vectors; v += 2)
+                {
+                    TL.Store(output, outBf16, i + (v * w),
+                        TL.Add(bse[v], Finish<TL, TV>(setup, acc[v], divisor, lambda)), TL.Add(bse[v + 1], Finish<TL, TV>(setup, acc[v + 1], divisor, lambda)));
+                }
+
+                i += (long)vectors * w;
+            }
+
+            return i;
+        }
+
+        /// <summary>Entries per tile of <see cref="RandomRun"/> (a multiple of 2·lanes at both widths).</summary>
+        private const int RandomTile = 1024;
+
+        /// <summary>One expert's masked, rescaled, weighted τ added to the tile's sums.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void RandomExpert<TL, TV>(nint expert, bool bf16, long i, int vectors, TV* bse, TV* acc, TV low, TV high, TV step,
+            TV threshold, TV factor, bool divide, bool rescale, TV weight)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            int w = TL.Count;
+            for (int v = 0; v < vectors; v += 2)
+            {
+                TL.Load(expert, bf16, i + (v * w), out var e0, out var e1);
+                var t0 = Masked<TL, TV>(TL.Subtract(e0, bse[v]), TL.RandomKeep(low, threshold));
+                var t1 = Masked<TL, TV>(TL.Subtract(e1, bse[v + 1]), TL.RandomKeep(high, threshold));
+                low = TL.AdvanceStates(low, step);
+                high = TL.AdvanceStates(high, step);
+                if (rescale)
+                {
+                    t0 = divide ? TL.Divide(t0, factor) : TL.Multiply(t0, factor);
+                    t1 = divide ? TL.Divide(t1, factor) : TL.Multiply(t1, factor);
+                }
+
+                acc[v] = TL.Add(acc[v], TL.Multiply(t0, weight));
+                acc[v + 1] = TL.Add(acc[v + 1], TL.Multiply(t1, weight));
+            }
         }
 
         /// <summary>The broadcast key limit of expert <paramref name="k"/>'s rule (a key threshold, keep-all,

@@ -54,6 +54,21 @@ internal unsafe interface ISimdLanes<TV>
     /// <summary>The sum of the lanes (exact when they hold small integers).</summary>
     static abstract float Sum(TV x);
 
+    /// <summary>The generator states of the words behind <see cref="Count"/> entries (two per 64-bit lane,
+    /// held in the vector's bits) whose first word has state <paramref name="state"/> (see
+    /// <see cref="Stages.DropMask.FirstState"/>).</summary>
+    static abstract TV RandomStates(ulong state);
+
+    /// <summary>A vector whose 64-bit lanes all hold <paramref name="value"/>.</summary>
+    static abstract TV BroadcastWord(ulong value);
+
+    /// <summary>The states <paramref name="states"/> moved on by <paramref name="step"/> (64-bit lanes).</summary>
+    static abstract TV AdvanceStates(TV states, TV step);
+
+    /// <summary>DARE's keep mask (all ones = keep) of the entries of <paramref name="states"/>: their
+    /// 24-bit uniforms at least <paramref name="thresholdBits"/>.</summary>
+    static abstract TV RandomKeep(TV states, TV thresholdBits);
+
     /// <summary>2·<see cref="Count"/> entries from index <paramref name="i"/> of float32 or bfloat16 memory, widened to float32.</summary>
     static abstract void Load(nint p, bool bf16, long i, out TV low, out TV high);
 
@@ -113,6 +128,18 @@ internal readonly unsafe struct VectorLanes : ISimdLanes<Vector<float>>
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Sum(Vector<float> x) => Vector.Sum(x);
+
+    public static Vector<float> BroadcastWord(ulong value) => Vector.AsVectorSingle(new Vector<ulong>(value));
+
+    public static Vector<float> RandomStates(ulong state) => Vector.AsVectorSingle(Stages.DropMask.LaneStates(state));
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<float> AdvanceStates(Vector<float> states, Vector<float> step) =>
+        Vector.AsVectorSingle(Vector.AsVectorUInt64(states) + Vector.AsVectorUInt64(step));
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<float> RandomKeep(Vector<float> states, Vector<float> thresholdBits) =>
+        Vector.AsVectorSingle(Stages.DropMask.KeepMask(Vector.AsVectorUInt64(states), Vector.AsVectorUInt32(thresholdBits)));
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static void Load(nint p, bool bf16, long i, out Vector<float> low, out Vector<float> high)
@@ -202,6 +229,18 @@ internal readonly unsafe struct Vector512Lanes : ISimdLanes<Vector512<float>>
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static float Sum(Vector512<float> x) => Vector512.Sum(x);
+
+    public static Vector512<float> BroadcastWord(ulong value) => Vector512.Create(value).AsSingle();
+
+    public static Vector512<float> RandomStates(ulong state) => Stages.DropMask.LaneStates512(state).AsSingle();
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> AdvanceStates(Vector512<float> states, Vector512<float> step) =>
+        (states.AsUInt64() + step.AsUInt64()).AsSingle();
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> RandomKeep(Vector512<float> states, Vector512<float> thresholdBits) =>
+        Stages.DropMask.KeepMask(states.AsUInt64(), thresholdBits.AsUInt32()).AsSingle();
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static void Load(nint p, bool bf16, long i, out Vector512<float> low, out Vector512<float> high)

@@ -1,5 +1,6 @@
 using System.Numerics;
 using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
 using System.Text;
 using MergeLab.Selection;
 using static TorchSharp.torch;
@@ -89,12 +90,47 @@ internal static unsafe class DropMask
             return (ScalarMask(streamSeed, threshold, index), ScalarMask(streamSeed, threshold, index + Vector<uint>.Count));
         }
 
-        // seed + (c + lane + 1)·γ (mod 2⁶⁴) as one scalar product plus lane·γ: no vector product here.
+        ulong state = FirstState(streamSeed, index);
         var t = new Vector<uint>(threshold);
-        var low = new Vector<ulong>((ulong)streamSeed + ((ulong)(index >> 1) + 1) * Gamma) + LaneSteps;
-        var high = low + new Vector<ulong>((ulong)Vector<ulong>.Count * Gamma);
-        return (Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(Words(low), 8), t), Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(Words(high), 8), t));
+        return (KeepMask(LaneStates(state), t), KeepMask(LaneStates(state + StateStep(Vector<uint>.Count)), t));
     }
+
+    /// <summary>The generator state of the word that holds entry <paramref name="index"/> (even):
+    /// seed + (c + 1)·γ with c = index / 2.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static ulong FirstState(long streamSeed, long index) => (ulong)streamSeed + ((ulong)(index >> 1) + 1) * Gamma;
+
+    /// <summary>How far the state moves over <paramref name="entries"/> (even) entries.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static ulong StateStep(int entries) => (ulong)(entries >> 1) * Gamma;
+
+    /// <summary>The states of a vector's words from the first one's, state + lane·γ (mod 2⁶⁴): one scalar
+    /// product plus lane·γ, no vector product.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<ulong> LaneStates(ulong state) => new Vector<ulong>(state) + LaneSteps;
+
+    /// <summary><see cref="LaneStates(ulong)"/> for a 512-bit vector.</summary>
+    public static Vector512<ulong> LaneStates512(ulong state) => Vector512.Create(state) + (Vector512<ulong>.Indices * Vector512.Create(Gamma));
+
+    /// <summary>Keep mask (all bits set = keep) of the entries of a vector of words with states
+    /// <paramref name="states"/> (<see cref="LaneStates(ulong)"/>): 24-bit uniform ≥ threshold.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<uint> KeepMask(Vector<ulong> states, Vector<uint> threshold) =>
+        Vector.GreaterThanOrEqual(Vector.ShiftRightLogical(Words(states), 8), threshold);
+
+    /// <summary><see cref="KeepMask(Vector{ulong}, Vector{uint})"/> for a 512-bit vector; use only where
+    /// <see cref="Vector512.IsHardwareAccelerated"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<uint> KeepMask(Vector512<ulong> states, Vector512<uint> threshold)
+    {
+        var z = states;
+        z = (z ^ Vector512.ShiftRightLogical(z, 30)) * Vector512.Create(Mix1);
+        z = (z ^ Vector512.ShiftRightLogical(z, 27)) * Vector512.Create(Mix2);
+        z ^= Vector512.ShiftRightLogical(z, 31);
+        return Vector512.GreaterThanOrEqual(Vector512.ShiftRightLogical(z.AsUInt32(), 8), threshold);
+    }
+
+    private const ulong Mix1 = 0xBF58476D1CE4E5B9UL, Mix2 = 0x94D049BB133111EBUL;
 
     /// <summary>lane·γ for each lane of a vector of words.</summary>
     private static readonly Vector<ulong> LaneSteps = Vector<ulong>.Indices * new Vector<ulong>(Gamma);
@@ -103,8 +139,8 @@ internal static unsafe class DropMask
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector<uint> Words(Vector<ulong> z)
     {
-        z = (z ^ Vector.ShiftRightLogical(z, 30)) * new Vector<ulong>(0xBF58476D1CE4E5B9UL);
-        z = (z ^ Vector.ShiftRightLogical(z, 27)) * new Vector<ulong>(0x94D049BB133111EBUL);
+        z = (z ^ Vector.ShiftRightLogical(z, 30)) * new Vector<ulong>(Mix1);
+        z = (z ^ Vector.ShiftRightLogical(z, 27)) * new Vector<ulong>(Mix2);
         z ^= Vector.ShiftRightLogical(z, 31);
         return Vector.AsVectorUInt32(z);
     }
@@ -184,6 +220,15 @@ internal static unsafe class DropMask
         return (before, after);
     }
 
+    /// <summary>before / after in float32; a NaN (from a NaN or infinite τ) always as the same bits, since
+    /// the JIT may swap the operands of the sums behind it between compilations, which changes the NaN
+    /// that comes out.</summary>
+    public static float L1Factor(double before, double after)
+    {
+        double factor = before / after;
+        return double.IsNaN(factor) ? float.NaN : (float)factor;
+    }
+
     /// <summary>mergekit leaves the masked tensor unscaled when either norm is below 1e-7.</summary>
     public static bool KeepsNorm(double before, double after) => before < 1e-7 || after < 1e-7;
 
@@ -210,8 +255,8 @@ internal static unsafe class DropMask
     internal static ulong SplitMix(ulong x)
     {
         x += Gamma;
-        x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9UL;
-        x = (x ^ (x >> 27)) * 0x94D049BB133111EBUL;
+        x = (x ^ (x >> 30)) * Mix1;
+        x = (x ^ (x >> 27)) * Mix2;
         return x ^ (x >> 31);
     }
 }

@@ -274,7 +274,7 @@ public sealed record RandomDrop : Sparsifier
             {
                 // The L1 factor needs every block's norms first: a second pass.
                 var (before, after) = DropMask.SumNorms(norms);
-                float factor = DropMask.KeepsNorm(before, after) ? 1f : (float)(before / after);
+                float factor = DropMask.KeepsNorm(before, after) ? 1f : DropMask.L1Factor(before, after);
                 if (factor != 1f)
                 {
                     CpuParallel.For(blocks, b =>

@@ -263,6 +263,73 @@ public class FusedKernelTests
         }
     }
 
+    private static IEnumerable<TestCaseData> DareLinearMethods()
+    {
+        yield return Case("dare linear", new DareMerge(new DareOptions { DropRate = .7, Seed = 3 }));
+        yield return Case("dare linear weighted λ", new DareMerge(new DareOptions { DropRate = .3, Seed = 8, Weights = [1.5, -.4, 1, .2, 2], Lambda = .6 }));
+        yield return Case("dare linear normalized, per-expert rates", new DareMerge(new DareOptions
+        {
+            DropRates = [.9, .5, .2, .99, .6], Seed = 9, Weights = [1, 2, 3, 1, .5], Aggregation = Aggregation.WeightNormalized,
+        }));
+        yield return Case("dare linear l1", new DareMerge(new DareOptions { DropRate = .6, Seed = 4, Rescale = RescaleNorm.L1 }));
+        yield return Case("dare linear no rescale", new DareMerge(new DareOptions { DropRate = .5, Seed = 10, Rescale = RescaleNorm.None }));
+    }
+
+    /// <summary>
+    /// DARE on task arithmetic (every mask random, no election) takes a loop of its own, which draws the
+    /// keep masks a vector at a time at either lane width. It must give the general loop's bits for 2, 3
+    /// and 5 experts, float32 and bfloat16, with weights, λ, normalisation and each rescale.
+    /// </summary>
+    [TestCaseSource(nameof(DareLinearMethods))]
+    public void Dare_linear_takes_its_own_loop_and_gets_the_general_loops_bits(MergeMethod method)
+    {
+        bool chosen = FusedPipeline.UseWideLanes;
+        try
+        {
+            foreach (var (dtype, count) in new[] { ScalarType.Float32, ScalarType.BFloat16 }.SelectMany(d => new[] { (d, 2), (d, 3), (d, 5) }))
+            {
+                var (b, list) = SmallModel(dtype, count);
+                var merge = method is DareMerge { Options: { Weights: not null } o }
+                    ? new DareMerge(o with { Weights = o.Weights.Take(count).ToArray(), DropRates = o.DropRates?.Take(count).ToArray() })
+                    : method;
+                try
+                {
+                    foreach (bool wide in System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? new[] { false, true } : [false])
+                    {
+                        FusedPipeline.UseWideLanes = wide;
+                        using var own = merge.Merge(b, list);
+                        FusedPipeline.RandomKernel = false;
+                        try
+                        {
+                            using var general = merge.Merge(b, list);
+                            foreach (var name in b.Names)
+                            {
+                                Assert.That(own[name].dtype, Is.EqualTo(dtype));
+                                Assert.That(own[name].bytes.ToArray(), Is.EqualTo(general[name].bytes.ToArray()), $"{name}, {dtype}, {count} experts, wide {wide}");
+                            }
+                        }
+                        finally
+                        {
+                            FusedPipeline.RandomKernel = true;
+                        }
+                    }
+                }
+                finally
+                {
+                    b.Dispose();
+                    foreach (var e in list)
+                    {
+                        e.Dispose();
+                    }
+                }
+            }
+        }
+        finally
+        {
+            FusedPipeline.UseWideLanes = chosen;
+        }
+    }
+
     /// <summary>Two to four experts whose task vectors lean negative, with ±0 in the base and in the task
     /// vectors, exact opposites (a zero score), equal magnitudes, and a few ∞ and NaN entries; the third
     /// and fourth repeat or oppose the first two in places, so that every count of agreeing entries and
