@@ -226,7 +226,7 @@ public sealed record RandomDrop : Sparsifier
                 double after = masked.abs().sum(ScalarType.Float64).item<double>();
                 if (!DropMask.KeepsNorm(before, after))
                 {
-                    masked.mul_(before / after);
+                    masked.mul_(DropMask.L1Factor(before, after)); // the CPU kernel's float32 factor, NaN included
                 }
 
                 break;
