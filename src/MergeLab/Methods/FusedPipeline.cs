@@ -42,8 +42,9 @@ internal static unsafe class FusedPipeline
     /// one (for tests).</summary>
     internal static bool SmallCountKernels { get; set; } = true;
 
-    /// <summary>Whether DARE on task arithmetic takes <c>Kernel.RandomRun</c> (true, the default) or the
-    /// general loop; for tests and benchmarks that compare the two.</summary>
+    /// <summary>Whether DARE on task arithmetic and DARE-TIES take <c>Kernel.RandomRun</c> and
+    /// <c>Kernel.RandomConsensusRun</c> (true, the default) or the general loop; for tests and benchmarks
+    /// that compare the two.</summary>
     internal static bool RandomKernel { get; set; } = true;
 
     /// <summary>The expert count of <c>Kernel.LimitSmallRun</c>, fixed at compile time so that the JIT
@@ -565,6 +566,7 @@ internal static unsafe class FusedPipeline
         private readonly bool _limitsOnly;
         private readonly bool _rangesOnly;
         private readonly bool _randomOnly;
+        private readonly bool _randomConsensus;
         private readonly long _rowWidth;
         private readonly DifferenceMagnitudeKeys[] _rowSources;
 
@@ -591,6 +593,7 @@ internal static unsafe class FusedPipeline
             _rangesOnly = _consensus is null && !_plain
                 && rules.All(r => r.Kind is not RuleKind.Random && r.Factor == 1f && !r.Divide);
             _randomOnly = _consensus is null && rules.All(r => r.Kind == RuleKind.Random);
+            _randomConsensus = _consensus is not null && rules.All(r => r.Kind == RuleKind.Random) && RandomConsensusTile(rules.Length) > 0;
             _rowWidth = rules.FirstOrDefault(r => r.Kind == RuleKind.RowWindow)?.Width ?? 0;
             _rowSources = inputs.Experts.Select(e => new DifferenceMagnitudeKeys(e, inputs.Base)).ToArray();
         }
@@ -783,6 +786,13 @@ internal static unsafe class FusedPipeline
 
                     StreamLoop.Store(output, outBf16, i, b0 + Finish(setup, acc0), b1 + Finish(setup, acc1));
                 }
+            }
+
+            if (_randomConsensus && RandomKernel && signSum == null && (i & 1) == 0)
+            {
+                i = UseWideLanes
+                    ? RandomConsensusRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16)
+                    : RandomConsensusRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16);
             }
 
             bool limitsOnly = _limitsOnly;
@@ -1250,19 +1260,120 @@ internal static unsafe class FusedPipeline
             for (int v = 0; v < vectors; v += 2)
             {
                 TL.Load(expert, bf16, i + (v * w), out var e0, out var e1);
-                var t0 = Masked<TL, TV>(TL.Subtract(e0, bse[v]), TL.RandomKeep(low, threshold));
-                var t1 = Masked<TL, TV>(TL.Subtract(e1, bse[v + 1]), TL.RandomKeep(high, threshold));
+                var t0 = Dropped<TL, TV>(TL.Subtract(e0, bse[v]), low, threshold, factor, divide, rescale);
+                var t1 = Dropped<TL, TV>(TL.Subtract(e1, bse[v + 1]), high, threshold, factor, divide, rescale);
                 low = TL.AdvanceStates(low, step);
                 high = TL.AdvanceStates(high, step);
-                if (rescale)
-                {
-                    t0 = divide ? TL.Divide(t0, factor) : TL.Multiply(t0, factor);
-                    t1 = divide ? TL.Divide(t1, factor) : TL.Multiply(t1, factor);
-                }
-
                 acc[v] = TL.Add(acc[v], TL.Multiply(t0, weight));
                 acc[v + 1] = TL.Add(acc[v + 1], TL.Multiply(t1, weight));
             }
+        }
+
+        /// <summary>τ times DARE's keep mask for <paramref name="states"/>, then the rescale: the general
+        /// loop's <c>Sparsify</c> for a random rule, at lane width <typeparamref name="TL"/>.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV Dropped<TL, TV>(TV t, TV states, TV threshold, TV factor, bool divide, bool rescale)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            t = Masked<TL, TV>(t, TL.RandomKeep(states, threshold));
+            return !rescale ? t : divide ? TL.Divide(t, factor) : TL.Multiply(t, factor);
+        }
+
+        /// <summary>Entries per tile of <see cref="RandomConsensusRun"/> for <paramref name="experts"/>
+        /// experts: the tile's task vectors (float32) take at most 32 KiB of stack; 0 when even 32 entries
+        /// would not fit (the general loop then runs).</summary>
+        private static int RandomConsensusTile(int experts) =>
+            experts > 256 ? 0 : Math.Clamp((8192 / experts) & ~31, 32, 512);
+
+        /// <summary>
+        /// DARE-TIES: every expert's mask is DARE's random one, followed by a sign election, over the blocks
+        /// of 2·lanes entries from <paramref name="start"/> (even) to <paramref name="end"/>'s last whole
+        /// block; returns where it stopped. A tile at a time, each expert's masked, rescaled (and, when the
+        /// election is on weighted values, weighted) task vector is computed with its generator states,
+        /// threshold and factor in registers and kept in a stack buffer; then each block's election and
+        /// disjoint aggregation run as in <see cref="LimitRun"/>, at either lane width. Same operations per
+        /// entry as the general loop, so the same bits. Always writes the merge (no sign sum).
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private long RandomConsensusRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            int w = TL.Count;
+            int experts = setup->Experts;
+            int tile = RandomConsensusTile(experts);
+            long stop = start + (end - start) / (2 * w) * (2 * w);
+            var tau = stackalloc float[experts * tile];
+            var block = stackalloc TV[2 * experts];
+            var weights = stackalloc TV[experts];
+            for (int k = 0; k < experts; k++)
+            {
+                weights[k] = TL.Broadcast(_weights[k]);
+            }
+
+            var zero = TL.Zero;
+            var lambda = TL.Broadcast(_lambda);
+            var step = TL.BroadcastWord(DropMask.StateStep(2 * w));
+            var allOnes = TL.EqualTo(zero, zero);
+            bool onWeighted = setup->OnWeighted;
+            bool bySum = setup->BySum;
+            bool fillPositive = Fill > 0;
+            long i = start;
+            while (i < stop)
+            {
+                int count = (int)Math.Min(tile, stop - i);
+                for (int k = 0; k < experts; k++)
+                {
+                    var r = _rules[k];
+                    ulong first = DropMask.FirstState(r.Stream, i);
+                    var low = TL.RandomStates(first);
+                    var high = TL.RandomStates(first + DropMask.StateStep(w));
+                    var threshold = TL.BroadcastBits(r.Threshold);
+                    var factor = TL.Broadcast(r.Factor);
+                    bool divide = r.Divide, rescale = r.Divide || r.Factor != 1f;
+                    var weight = weights[k];
+                    var row = tau + ((long)k * tile);
+                    for (int j = 0; j < count; j += 2 * w)
+                    {
+                        TL.Load(inputs.Base, inputs.BaseIsBf16, i + j, out var b0, out var b1);
+                        TaskVectorAt<TL, TV>(inputs, k, i + j, b0, b1, out var t0, out var t1);
+                        t0 = Dropped<TL, TV>(t0, low, threshold, factor, divide, rescale);
+                        t1 = Dropped<TL, TV>(t1, high, threshold, factor, divide, rescale);
+                        low = TL.AdvanceStates(low, step);
+                        high = TL.AdvanceStates(high, step);
+                        if (onWeighted)
+                        {
+                            t0 = TL.Multiply(t0, weight);
+                            t1 = TL.Multiply(t1, weight);
+                        }
+
+                        TL.Store(row, false, j, t0, t1);
+                    }
+                }
+
+                for (int j = 0; j < count; j += 2 * w)
+                {
+                    TL.Load(inputs.Base, inputs.BaseIsBf16, i + j, out var b0, out var b1);
+                    TV score0 = zero, score1 = zero;
+                    for (int k = 0; k < experts; k++)
+                    {
+                        TL.Load((nint)(tau + ((long)k * tile)), false, j, out var t0, out var t1);
+                        block[2 * k] = t0;
+                        block[2 * k + 1] = t1;
+                        score0 = TL.Add(score0, Vote<TL, TV>(t0, bySum));
+                        score1 = TL.Add(score1, Vote<TL, TV>(t1, bySum));
+                    }
+
+                    TL.Store(output, outBf16, i + j,
+                        TL.Add(b0, Agree<TL, TV>(setup, block, 0, Elected<TL, TV>(score0, fillPositive, allOnes), weights, lambda)),
+                        TL.Add(b1, Agree<TL, TV>(setup, block, 1, Elected<TL, TV>(score1, fillPositive, allOnes), weights, lambda)));
+                }
+
+                i += count;
+            }
+
+            return i;
         }
 
         /// <summary>The broadcast key limit of expert <paramref name="k"/>'s rule (a key threshold, keep-all,

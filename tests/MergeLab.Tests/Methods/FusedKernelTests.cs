@@ -263,7 +263,7 @@ public class FusedKernelTests
         }
     }
 
-    private static IEnumerable<TestCaseData> DareLinearMethods()
+    private static IEnumerable<TestCaseData> DareMethods()
     {
         yield return Case("dare linear", new DareMerge(new DareOptions { DropRate = .7, Seed = 3 }));
         yield return Case("dare linear weighted λ", new DareMerge(new DareOptions { DropRate = .3, Seed = 8, Weights = [1.5, -.4, 1, .2, 2], Lambda = .6 }));
@@ -273,15 +273,33 @@ public class FusedKernelTests
         }));
         yield return Case("dare linear l1", new DareMerge(new DareOptions { DropRate = .6, Seed = 4, Rescale = RescaleNorm.L1 }));
         yield return Case("dare linear no rescale", new DareMerge(new DareOptions { DropRate = .5, Seed = 10, Rescale = RescaleNorm.None }));
+        yield return Case("dare ties", new DareMerge(new DareOptions { DropRate = .5, Seed = 5, Combination = Combination.Ties }));
+        yield return Case("dare ties weighted λ", new DareMerge(new DareOptions
+        {
+            DropRate = .3, Seed = 11, Combination = Combination.Ties, Weights = [1.5, -.4, 1, .2, 2], Lambda = .6,
+        }));
+        yield return Case("dare ties normalized, per-expert rates", new DareMerge(new DareOptions
+        {
+            DropRates = [.9, .5, .2, .99, .6], Seed = 12, Combination = Combination.Ties, Aggregation = Aggregation.WeightNormalized, Weights = [1, 2, 3, 1, .5],
+        }));
+        yield return Case("dare ties peft", new DareMerge(new DareOptions
+        {
+            DropRate = .5, Seed = 6, Combination = Combination.Ties, ConsensusPreset = TiesPreset.Peft, Rescale = RescaleNorm.None,
+        }));
+        yield return Case("dare ties paper l1", new DareMerge(new DareOptions
+        {
+            DropRate = .6, Seed = 13, Combination = Combination.Ties, ConsensusPreset = TiesPreset.Paper, Rescale = RescaleNorm.L1,
+        }));
     }
 
     /// <summary>
-    /// DARE on task arithmetic (every mask random, no election) takes a loop of its own, which draws the
-    /// keep masks a vector at a time at either lane width. It must give the general loop's bits for 2, 3
-    /// and 5 experts, float32 and bfloat16, with weights, λ, normalisation and each rescale.
+    /// DARE on task arithmetic and DARE-TIES (every mask random) take loops of their own, which draw the
+    /// keep masks a vector at a time at either lane width. They must give the general loop's bits for 2, 3
+    /// and 5 experts, float32 and bfloat16, with weights, λ, normalisation, each rescale and each
+    /// election preset (with the paper's majority fill too).
     /// </summary>
-    [TestCaseSource(nameof(DareLinearMethods))]
-    public void Dare_linear_takes_its_own_loop_and_gets_the_general_loops_bits(MergeMethod method)
+    [TestCaseSource(nameof(DareMethods))]
+    public void Dare_takes_its_own_loops_and_gets_the_general_loops_bits(MergeMethod method)
     {
         bool chosen = FusedPipeline.UseWideLanes;
         try
