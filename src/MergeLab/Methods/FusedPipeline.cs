@@ -1226,12 +1226,8 @@ internal static unsafe class FusedPipeline
 
                 for (int k = 0; k < experts; k++)
                 {
-                    var r = _rules[k];
-                    ulong first = DropMask.FirstState(r.Stream, i);
-                    var low = TL.RandomStates(first);
-                    var high = TL.RandomStates(first + DropMask.StateStep(w));
-                    RandomExpert<TL, TV>(inputs.Experts[k], inputs.ExpertIsBf16[k], i, vectors, bse, acc, low, high, step,
-                        TL.BroadcastBits(r.Threshold), TL.Broadcast(r.Factor), r.Divide, r.Divide || r.Factor != 1f, TL.Broadcast(_weights[k]));
+                    var drop = new Drop<TL, TV>(_rules[k], i);
+                    RandomExpert<TL, TV>(inputs.Experts[k], inputs.ExpertIsBf16[k], i, vectors, bse, acc, drop, step, TL.Broadcast(_weights[k]));
                 }
 
                 for (int v = 0; v < vectors; v += 2)
@@ -1251,22 +1247,54 @@ internal static unsafe class FusedPipeline
 
         /// <summary>One expert's masked, rescaled, weighted τ added to the tile's sums.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static void RandomExpert<TL, TV>(nint expert, bool bf16, long i, int vectors, TV* bse, TV* acc, TV low, TV high, TV step,
-            TV threshold, TV factor, bool divide, bool rescale, TV weight)
+        private static void RandomExpert<TL, TV>(nint expert, bool bf16, long i, int vectors, TV* bse, TV* acc, Drop<TL, TV> drop, TV step, TV weight)
             where TL : struct, ISimdLanes<TV>
             where TV : unmanaged
         {
             int w = TL.Count;
+            var (low, high) = (drop.Low, drop.High);
             for (int v = 0; v < vectors; v += 2)
             {
                 TL.Load(expert, bf16, i + (v * w), out var e0, out var e1);
-                var t0 = Dropped<TL, TV>(TL.Subtract(e0, bse[v]), low, threshold, factor, divide, rescale);
-                var t1 = Dropped<TL, TV>(TL.Subtract(e1, bse[v + 1]), high, threshold, factor, divide, rescale);
+                var t0 = Dropped<TL, TV>(TL.Subtract(e0, bse[v]), low, drop.Threshold, drop.Factor, drop.Divide, drop.Rescale);
+                var t1 = Dropped<TL, TV>(TL.Subtract(e1, bse[v + 1]), high, drop.Threshold, drop.Factor, drop.Divide, drop.Rescale);
                 low = TL.AdvanceStates(low, step);
                 high = TL.AdvanceStates(high, step);
                 acc[v] = TL.Add(acc[v], TL.Multiply(t0, weight));
                 acc[v + 1] = TL.Add(acc[v + 1], TL.Multiply(t1, weight));
             }
+        }
+
+        /// <summary>One expert's random rule at lane width <typeparamref name="TL"/>, from flat index
+        /// <c>i</c> (even): the generator states of the first 2·lanes entries (low and high half), the keep
+        /// threshold and the rescale.</summary>
+        private readonly struct Drop<TL, TV>
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            public Drop(Rule r, long i)
+            {
+                ulong first = DropMask.FirstState(r.Stream, i);
+                Low = TL.RandomStates(first);
+                High = TL.RandomStates(first + DropMask.StateStep(TL.Count));
+                Threshold = TL.BroadcastBits(r.Threshold);
+                Factor = TL.Broadcast(r.Factor);
+                Divide = r.Divide;
+                Rescale = r.Divide || r.Factor != 1f;
+            }
+
+            public TV Low { get; }
+
+            public TV High { get; }
+
+            public TV Threshold { get; }
+
+            public TV Factor { get; }
+
+            public bool Divide { get; }
+
+            /// <summary>Whether survivors are divided or multiplied by <see cref="Factor"/> at all.</summary>
+            public bool Rescale { get; }
         }
 
         /// <summary>τ times DARE's keep mask for <paramref name="states"/>, then the rescale: the general
@@ -1325,13 +1353,9 @@ internal static unsafe class FusedPipeline
                 int count = (int)Math.Min(tile, stop - i);
                 for (int k = 0; k < experts; k++)
                 {
-                    var r = _rules[k];
-                    ulong first = DropMask.FirstState(r.Stream, i);
-                    var low = TL.RandomStates(first);
-                    var high = TL.RandomStates(first + DropMask.StateStep(w));
-                    var threshold = TL.BroadcastBits(r.Threshold);
-                    var factor = TL.Broadcast(r.Factor);
-                    bool divide = r.Divide, rescale = r.Divide || r.Factor != 1f;
+                    var drop = new Drop<TL, TV>(_rules[k], i);
+                    var (low, high, threshold, factor) = (drop.Low, drop.High, drop.Threshold, drop.Factor);
+                    bool divide = drop.Divide, rescale = drop.Rescale;
                     var weight = weights[k];
                     var row = tau + ((long)k * tile);
                     for (int j = 0; j < count; j += 2 * w)
