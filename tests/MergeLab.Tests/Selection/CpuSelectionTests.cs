@@ -221,6 +221,56 @@ public class CpuSelectionTests
         }
     }
 
+    [TestCase(ScalarType.Float32)]
+    [TestCase(ScalarType.BFloat16)]
+    public void Key_block_brackets_select_the_same_entries_at_every_scan_width(ScalarType dtype)
+    {
+        // Two positions on one source (Breadcrumbs' window, PCB's clamp bounds) fill a key block and scan
+        // it once per query: on 512-bit vectors with AVX-512 compress where the CPU has it, else on
+        // Vector<T>; both must agree with the exact histogram path.
+        using var bse = Awkward(300_001, 31).to(dtype);
+        using var e1 = (bse + (Awkward(300_001, 32) * 0.01).to(ScalarType.BFloat16).to(ScalarType.Float32)).to(dtype);
+        unsafe
+        {
+            var b = CpuTensors.Floats(bse, out var c0);
+            var x1 = CpuTensors.Floats(e1, out var c1);
+            using (c0)
+            using (c1)
+            {
+                var source = new DifferenceMagnitudeKeys(x1, b);
+                foreach (var (low, high) in new (long, long)[] { (0, 300_000), (150_000, 240_000), (210_000, 270_000) })
+                {
+                    ulong[] Select(bool wide, bool histogram)
+                    {
+                        var queries = new[] { new SelectionQuery(source, low, true), new SelectionQuery(source, high, true) };
+                        bool chosen = ExactSelector.WideScan;
+                        ExactSelector.WideScan = wide;
+                        ExactSelector.ForceHistogram = histogram;
+                        try
+                        {
+                            ExactSelector.Solve(queries);
+                        }
+                        finally
+                        {
+                            ExactSelector.WideScan = chosen;
+                            ExactSelector.ForceHistogram = false;
+                        }
+
+                        return queries.Select(q => q.Composite).ToArray();
+                    }
+
+                    var exact = Select(wide: false, histogram: true);
+                    if (System.Runtime.Intrinsics.X86.Avx512F.IsSupported)
+                    {
+                        Assert.That(Select(wide: true, histogram: false), Is.EqualTo(exact), $"512-bit, positions {low}, {high}");
+                    }
+
+                    Assert.That(Select(wide: false, histogram: false), Is.EqualTo(exact), $"Vector<T>, positions {low}, {high}");
+                }
+            }
+        }
+    }
+
     /// <summary>Rows built to hit every path of the row selector: widths 1, 2 and odd ones, all-equal
     /// rows, ±0, few distinct keys (bfloat16-like, ties across both boundaries), more than eight octaves
     /// (targets in the catch-all bucket 0), and signed keys near the top of the key range.</summary>
