@@ -121,35 +121,34 @@ internal sealed unsafe class AlignedFileWriter : IDisposable
         _partial.Clear();
     }
 
-    /// <summary>Turns on <c>O_DIRECT</c> (Linux only: <c>fcntl(F_SETFL)</c>; .NET has no option for it
-    /// there). False where the file system refuses it (tmpfs) or elsewhere; the file then stays buffered.</summary>
-    private static bool TrySetDirect(SafeFileHandle handle)
+    /// <summary>Turns on <c>O_DIRECT</c> where it can (Linux only: <c>fcntl(F_SETFL)</c>; .NET has no option
+    /// for it there). Where the file system refuses it (tmpfs), or elsewhere, the file stays buffered:
+    /// the writes are the same either way, only slower or faster.</summary>
+    private static void TrySetDirect(SafeFileHandle handle)
     {
-        if (!OperatingSystem.IsLinux())
-        {
-            return false;
-        }
-
         int direct = RuntimeInformation.ProcessArchitecture switch
         {
             Architecture.X64 or Architecture.X86 => 0x4000,
             Architecture.Arm64 or Architecture.Arm => 0x10000,
             _ => 0,
         };
-        if (direct == 0)
+        if (!OperatingSystem.IsLinux() || direct == 0)
         {
-            return false;
+            return;
         }
 
         try
         {
             int fd = (int)handle.DangerousGetHandle();
             int flags = Fcntl(fd, GetFlags, 0);
-            return flags >= 0 && Fcntl(fd, SetFlags, flags | direct) == 0;
+            if (flags >= 0)
+            {
+                _ = Fcntl(fd, SetFlags, flags | direct); // refused: stays buffered
+            }
         }
         catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException)
         {
-            return false;
+            // No libc fcntl: stays buffered.
         }
     }
 

@@ -247,7 +247,7 @@ public sealed record RandomDrop : Sparsifier
             var output = (float*)CpuTensors.Pointer(result);
             uint threshold = DropMask.KeepThreshold(DropRate);
             long blocks = CpuParallel.BlockCount(n, DropMask.NormBlock);
-            var norms = new (double Before, double After)[blocks];
+            var norms = RescaleNorm == RescaleNorm.L1 ? new (double Before, double After)[blocks] : [];
             bool inverseKeep = RescaleNorm == RescaleNorm.InverseKeepProbability;
             float keepProbability = (float)(1 - DropRate);
             CpuParallel.For(blocks, b =>
