@@ -348,7 +348,7 @@ public static class CheckpointMerger
         LoadedGroup group;
         try
         {
-            group = model.Load(name, device);
+            group = model.Load(name, device, checkFinite);
         }
         catch (Exception e) when (e is not (OperationCanceledException or SafetensorsFormatException or MergeException))
         {

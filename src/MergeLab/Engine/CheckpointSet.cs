@@ -82,26 +82,32 @@ internal sealed class CheckpointSet
         return new PlannedTensor(name, floating ? outputType ?? info.DType : info.DType, info.Shape);
     }
 
-    /// <summary>Reads one name's tensors from every input onto <paramref name="device"/>.</summary>
-    public LoadedGroup Load(string name, Device device)
+    /// <summary>Reads one name's tensors from every input onto <paramref name="device"/>; with
+    /// <paramref name="checkFinite"/>, float32 and bfloat16 values are checked for NaN and ±∞ as they are
+    /// read (<see cref="LoadedGroup.Finite"/>).</summary>
+    public LoadedGroup Load(string name, Device device, bool checkFinite = false)
     {
         var tensors = new List<Tensor>();
+        var finite = new List<bool?>();
         try
         {
-            var b = Base?.ReadTensor(name, device);
-            if (b is not null)
+            Tensor? b = null;
+            if (Base is not null)
             {
+                b = Base.ReadTensor(name, device, checkFinite, out var baseFinite);
                 tensors.Add(b);
+                finite.Add(baseFinite);
             }
 
             var experts = new Tensor[Experts.Count];
             for (int k = 0; k < experts.Length; k++)
             {
-                experts[k] = Experts[k].ReadTensor(name, device);
+                experts[k] = Experts[k].ReadTensor(name, device, checkFinite, out var expertFinite);
                 tensors.Add(experts[k]);
+                finite.Add(expertFinite);
             }
 
-            return new LoadedGroup(new TensorGroup(name, b, experts), tensors);
+            return new LoadedGroup(new TensorGroup(name, b, experts), tensors, finite);
         }
         catch
         {
@@ -127,20 +133,23 @@ internal static class FiniteCheck
     public static void Require(CheckpointSet model, LoadedGroup loaded)
     {
         var group = loaded.Group;
+        int index = 0;
+        bool? Known() => index < loaded.Finite.Count ? loaded.Finite[index++] : null;
         if (group.Base is not null)
         {
-            Require(group.Base, group.Name, model.Base!);
+            Require(group.Base, group.Name, model.Base!, Known());
         }
 
         for (int k = 0; k < group.Experts.Count; k++)
         {
-            Require(group.Experts[k], group.Name, model.Experts[k]);
+            Require(group.Experts[k], group.Name, model.Experts[k], Known());
         }
     }
 
-    private static void Require(Tensor tensor, string name, SafetensorsCheckpoint source)
+    private static void Require(Tensor tensor, string name, SafetensorsCheckpoint source, bool? knownFinite)
     {
-        if (!tensor.is_floating_point() || AllFinite(tensor))
+        // Found finite as it was read: nothing to check. Found otherwise: counted below for the message.
+        if (knownFinite == true || !tensor.is_floating_point() || (knownFinite is null && AllFinite(tensor)))
         {
             return;
         }
@@ -177,9 +186,13 @@ internal static class FiniteCheck
 }
 
 /// <summary>A tensor group read from disk; disposing it releases its tensors.</summary>
-internal sealed class LoadedGroup(TensorGroup group, List<Tensor> tensors) : IDisposable
+internal sealed class LoadedGroup(TensorGroup group, List<Tensor> tensors, IReadOnlyList<bool?>? finite = null) : IDisposable
 {
     public TensorGroup Group { get; } = group;
+
+    /// <summary>Per tensor (the base first, then the experts): whether all its values were found finite
+    /// as it was read; null where it was not checked then.</summary>
+    public IReadOnlyList<bool?> Finite { get; } = finite ?? [];
 
     public void Dispose()
     {

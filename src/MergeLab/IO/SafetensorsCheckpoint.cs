@@ -20,7 +20,7 @@ namespace MergeLab.IO;
 /// when the checkpoint is opened, so a missing shard or a tensor missing from its shard is reported
 /// before any work starts; no tensor data is read until asked for.
 /// </para>
-/// <para>Thread-safe once opened: every member, <see cref="ReadTensor"/> included, may be called from
+/// <para>Thread-safe once opened: every member, <see cref="ReadTensor(string, Device?)"/> included, may be called from
 /// several threads at once, except <see cref="Dispose"/>, which must not race with them.</para>
 /// </remarks>
 public sealed class SafetensorsCheckpoint : IDisposable
@@ -139,6 +139,11 @@ public sealed class SafetensorsCheckpoint : IDisposable
     /// (CPU when null); only its bytes are read. The caller owns the result.</summary>
     /// <exception cref="KeyNotFoundException">There is no such tensor.</exception>
     public Tensor ReadTensor(string name, Device? device = null) => GetShard(name).ReadTensor(name, device);
+
+    /// <summary><see cref="ReadTensor(string, Device?)"/> with float32 and bfloat16 values checked for NaN
+    /// and ±∞ as they are read (<paramref name="finite"/>: whether all are finite; null when not checked).</summary>
+    internal Tensor ReadTensor(string name, Device? device, bool checkFinite, out bool? finite) =>
+        GetShard(name).ReadTensor(name, device, TensorBytes.DefaultChunkBytes, checkFinite, out finite);
 
     /// <summary>Reads every tensor, in <see cref="TensorNames"/> order, into a new state dict.</summary>
     public StateDict ReadAll(Device? device = null)

@@ -208,7 +208,12 @@ public sealed class SafetensorsFile : IDisposable
 
     /// <summary><see cref="ReadTensor(string, Device?)"/> with the size of each positioned read chosen,
     /// so tests can exercise the chunking without multi-gigabyte tensors.</summary>
-    internal Tensor ReadTensor(string name, Device? device, int chunkBytes)
+    internal Tensor ReadTensor(string name, Device? device, int chunkBytes) => ReadTensor(name, device, chunkBytes, checkFinite: false, out _);
+
+    /// <summary><see cref="ReadTensor(string, Device?, int)"/>, with float32 and bfloat16 values checked for
+    /// NaN and ±∞ as they are read (<paramref name="finite"/>: whether all are finite; null when not
+    /// checked).</summary>
+    internal Tensor ReadTensor(string name, Device? device, int chunkBytes, bool checkFinite, out bool? finite)
     {
         ObjectDisposedException.ThrowIf(_handle.IsClosed, this);
         var info = GetInfo(name);
@@ -233,7 +238,7 @@ public sealed class SafetensorsFile : IDisposable
         var tensor = NativeBufferPool.Empty(info.Shape, info.DType);
         try
         {
-            TensorBytes.Read(_handle, info.DataOffset, tensor, Path, name, chunkBytes);
+            finite = TensorBytes.Read(_handle, info.DataOffset, tensor, Path, name, chunkBytes, checkFinite);
             if (device is null || device.type == DeviceType.CPU)
             {
                 return tensor;

@@ -13,13 +13,23 @@ internal static class TensorBytes
     /// <summary>1 GiB: large enough that per-chunk overhead vanishes, well under the span limit.</summary>
     public const int DefaultChunkBytes = 1 << 30;
 
+    /// <summary>Bytes read at a time while checking for NaN and ±∞, so each chunk is still in the cache
+    /// when it is checked.</summary>
+    public const int FiniteCheckChunkBytes = 1 << 20;
+
     /// <summary>Fills the contiguous CPU tensor <paramref name="destination"/> with the bytes at
     /// <paramref name="fileOffset"/>, using positioned reads (safe to run from several threads on one handle).</summary>
-    public static void Read(SafeFileHandle file, long fileOffset, Tensor destination, string path, string name, int chunkBytes)
+    /// <returns>With <paramref name="checkFinite"/> on a float32 or bfloat16 tensor, whether every value
+    /// read is finite (each chunk checked right after it is read); null otherwise.</returns>
+    public static unsafe bool? Read(SafeFileHandle file, long fileOffset, Tensor destination, string path, string name, int chunkBytes, bool checkFinite = false)
     {
-        ForEachChunk(destination, chunkBytes, (span, byteOffset) =>
+        bool scan = checkFinite && destination.dtype is ScalarType.Float32 or ScalarType.BFloat16;
+        bool bf16 = destination.dtype == ScalarType.BFloat16;
+        bool finite = true;
+        ForEachChunk(destination, scan ? Math.Min(chunkBytes, FiniteCheckChunkBytes) : chunkBytes, (span, byteOffset) =>
         {
             long offset = fileOffset + byteOffset;
+            var whole = span;
             while (!span.IsEmpty)
             {
                 int read = RandomAccess.Read(file, span, offset);
@@ -35,7 +45,16 @@ internal static class TensorBytes
                 span = span[read..];
                 offset += read;
             }
+
+            if (scan && finite)
+            {
+                fixed (byte* p = whole)
+                {
+                    finite = Selection.FiniteValues.BlockFinite(p, whole.Length, bf16);
+                }
+            }
         });
+        return scan ? finite : null;
     }
 
     /// <summary>Writes the bytes of the contiguous CPU tensor <paramref name="source"/> to <paramref name="stream"/>.</summary>

@@ -166,8 +166,10 @@ internal static unsafe class FiniteValues
         return found == 0;
     }
 
+    /// <summary>Whether the float32 or bfloat16 values in the <paramref name="bytes"/> bytes at
+    /// <paramref name="p"/> (whole values) are all finite.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static bool BlockFinite(byte* p, int bytes, bool bf16)
+    internal static bool BlockFinite(byte* p, int bytes, bool bf16)
     {
         // Each 32-bit word holds one float32 or two bfloat16 values; the exponent masks pick every value's.
         uint exponent = bf16 ? 0x7F80_7F80u : 0x7F80_0000u;

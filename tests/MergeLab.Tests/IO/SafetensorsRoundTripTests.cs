@@ -136,6 +136,34 @@ public class SafetensorsRoundTripTests
     }
 
     [Test]
+    public void Reads_can_check_for_nan_and_infinity_chunk_by_chunk_as_they_go()
+    {
+        // The merge engine's NaN/±∞ check runs on each chunk right after it is read: a value in the last
+        // chunk, in a middle one, or none; float16 is not checked there (null: checked afterwards).
+        using var dir = new TempDirectory();
+        using var clean = torch.linspace(-3, 3, 3000, ScalarType.Float32).reshape(3, 1000);
+        using var lastNaN = clean.clone();
+        lastNaN[2, 999] = float.NaN;
+        using var middleInf = clean.to(ScalarType.BFloat16);
+        middleInf[1, 500] = float.PositiveInfinity;
+        using var half = clean.to(ScalarType.Float16);
+        SafetensorsWriter.Write(dir.File("f.safetensors"), [new("clean", clean), new("last", lastNaN), new("middle", middleInf), new("half", half)]);
+        using var file = SafetensorsFile.Open(dir.File("f.safetensors"));
+        foreach (int chunk in new[] { 8, 1 << 20 })
+        {
+            foreach (var (name, expected, source) in new (string, bool?, Tensor)[] { ("clean", true, clean), ("last", false, lastNaN), ("middle", false, middleInf), ("half", null, half) })
+            {
+                using var read = file.ReadTensor(name, null, chunk, checkFinite: true, out var finite);
+                Assert.That(finite, Is.EqualTo(expected), $"{name} in {chunk}-byte chunks");
+                TensorAssert.Identical(read, source, $"{name} in {chunk}-byte chunks");
+            }
+
+            using var plain = file.ReadTensor("last", null, chunk, checkFinite: false, out var notChecked);
+            Assert.That(notChecked, Is.Null);
+        }
+    }
+
+    [Test]
     public void ReadAll_returns_every_tensor_in_file_order_on_the_requested_device()
     {
         using var dir = new TempDirectory();
