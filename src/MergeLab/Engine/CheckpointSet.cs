@@ -84,7 +84,7 @@ internal sealed class CheckpointSet
 
     /// <summary>Reads one name's tensors from every input onto <paramref name="device"/>; with
     /// <paramref name="checkFinite"/>, float32 and bfloat16 values are checked for NaN and ±∞ as they are
-    /// read (<see cref="LoadedGroup.Finite"/>).</summary>
+    /// read (<see cref="LoadedGroup.FoundFinite"/>).</summary>
     public LoadedGroup Load(string name, Device device, bool checkFinite = false)
     {
         var tensors = new List<Tensor>();
@@ -133,16 +133,16 @@ internal static class FiniteCheck
     public static void Require(CheckpointSet model, LoadedGroup loaded)
     {
         var group = loaded.Group;
-        int index = 0;
-        bool? Known() => index < loaded.Finite.Count ? loaded.Finite[index++] : null;
+        int first = 0; // the experts' index in loaded.Finite
         if (group.Base is not null)
         {
-            Require(group.Base, group.Name, model.Base!, Known());
+            Require(group.Base, group.Name, model.Base!, loaded.FoundFinite(0));
+            first = 1;
         }
 
         for (int k = 0; k < group.Experts.Count; k++)
         {
-            Require(group.Experts[k], group.Name, model.Experts[k], Known());
+            Require(group.Experts[k], group.Name, model.Experts[k], loaded.FoundFinite(first + k));
         }
     }
 
@@ -190,9 +190,9 @@ internal sealed class LoadedGroup(TensorGroup group, List<Tensor> tensors, IRead
 {
     public TensorGroup Group { get; } = group;
 
-    /// <summary>Per tensor (the base first, then the experts): whether all its values were found finite
-    /// as it was read; null where it was not checked then.</summary>
-    public IReadOnlyList<bool?> Finite { get; } = finite ?? [];
+    /// <summary>Whether all values of tensor <paramref name="index"/> (the base first, then the experts)
+    /// were found finite as it was read; null where it was not checked then.</summary>
+    public bool? FoundFinite(int index) => finite is not null && index < finite.Count ? finite[index] : null;
 
     public void Dispose()
     {
