@@ -543,7 +543,7 @@ internal static unsafe class FusedPipeline
             });
 
             var (before, after) = DropMask.SumNorms(norms);
-            r.Factor = DropMask.KeepsNorm(before, after) ? 1f : DropMask.L1Factor(before, after);
+            r.Factor = DropMask.L1Factor(before, after);
             r.Divide = false;
         }
     }
@@ -876,7 +876,7 @@ internal static unsafe class FusedPipeline
         {
             int w = TL.Count;
             int experts = setup->Experts;
-            long stop = start + (end - start) / (2 * w) * (2 * w);
+            long stop = WholeBlocksEnd(start, end, w);
             var limits = stackalloc TV[experts];
             var weights = stackalloc TV[experts];
             var tau = stackalloc TV[2 * experts];
@@ -934,6 +934,10 @@ internal static unsafe class FusedPipeline
             return i;
         }
 
+        /// <summary>Where the last whole block of 2·<paramref name="lanes"/> entries from <paramref name="start"/>
+        /// before <paramref name="end"/> ends: the bound of every run loop.</summary>
+        private static long WholeBlocksEnd(long start, long end, int lanes) => start + (end - start) / (2 * lanes) * (2 * lanes);
+
         /// <summary>2, 3 or 4 where <see cref="LimitPairRun"/> (2) or <see cref="LimitSmallRun"/> (3, 4)
         /// computes what <see cref="LimitRun"/> would: that many experts of weight 1, a sign election, and
         /// the mean of the agreeing entries (as a count, or as the weights' sum, which is the same count
@@ -954,7 +958,7 @@ internal static unsafe class FusedPipeline
             where TV : unmanaged
         {
             int w = TL.Count;
-            long stop = start + (end - start) / (2 * w) * (2 * w);
+            long stop = WholeBlocksEnd(start, end, w);
             var limit0 = Limit<TL, TV>(0, start, 2 * w, ref stop);
             var limit1 = Limit<TL, TV>(1, start, 2 * w, ref stop);
             var lambda = TL.Broadcast(_lambda);
@@ -995,7 +999,7 @@ internal static unsafe class FusedPipeline
             where TN : struct, IExpertCount
         {
             int w = TL.Count;
-            long stop = start + (end - start) / (2 * w) * (2 * w);
+            long stop = WholeBlocksEnd(start, end, w);
             var limit0 = Limit<TL, TV>(0, start, 2 * w, ref stop);
             var limit1 = Limit<TL, TV>(1, start, 2 * w, ref stop);
             var limit2 = Limit<TL, TV>(2, start, 2 * w, ref stop);
@@ -1154,7 +1158,7 @@ internal static unsafe class FusedPipeline
         {
             int w = TL.Count;
             int experts = setup->Experts;
-            long stop = start + (end - start) / (2 * w) * (2 * w);
+            long stop = WholeBlocksEnd(start, end, w);
             var lows = stackalloc TV[experts];
             var spans = stackalloc TV[experts];
             var weights = stackalloc TV[experts];
@@ -1206,7 +1210,7 @@ internal static unsafe class FusedPipeline
         {
             int w = TL.Count;
             int experts = setup->Experts;
-            long stop = start + (end - start) / (2 * w) * (2 * w);
+            long stop = WholeBlocksEnd(start, end, w);
             var bse = stackalloc TV[RandomTile / TL.Count];
             var acc = stackalloc TV[RandomTile / TL.Count];
             var zero = TL.Zero;
@@ -1331,7 +1335,7 @@ internal static unsafe class FusedPipeline
             int w = TL.Count;
             int experts = setup->Experts;
             int tile = RandomConsensusTile(experts);
-            long stop = start + (end - start) / (2 * w) * (2 * w);
+            long stop = WholeBlocksEnd(start, end, w);
             var tau = stackalloc float[experts * tile];
             var block = stackalloc TV[2 * experts];
             var weights = stackalloc TV[experts];

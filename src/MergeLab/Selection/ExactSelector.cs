@@ -315,25 +315,14 @@ internal static unsafe class ExactSelector
     {
         uint lo = q.Low, hi = q.High;
         const int w = 16;
-        var vlo = Vector512.Create(lo);
-        var vhi = Vector512.Create(hi);
-        var insideFrom = Vector512.Create(lo + 1);
-        var insideSpan = Vector512.Create(hi > lo ? hi - lo - 1 : 0);
+        var bracket = new WideBracket(lo, hi);
         long lessCount = 0;
         int lowTies = 0, highTies = 0;
         int found = 0;
         int i = 0;
-        for (; i <= count - w; i += w)
+        for (; i <= count - 2 * w; i += 2 * w)
         {
-            var k = Vector512.Load(keys + i);
-            lessCount += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.LessThan(k, vlo)));
-            lowTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k, vlo)));
-            highTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k, vhi)));
-            var inside = Vector512.LessThan(k - insideFrom, insideSpan);
-
-            // found ≤ i, so the whole-vector store stays inside the block's scratch.
-            Avx512F.Compress(Vector512<uint>.Zero, inside, k).Store(local + found);
-            found += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(inside));
+            bracket.Classify(Vector512.Load(keys + i), Vector512.Load(keys + i + w), ref lessCount, ref lowTies, ref highTies, local, ref found);
         }
 
         if (hi <= lo)
@@ -420,10 +409,7 @@ internal static unsafe class ExactSelector
         uint lo = q.Low, hi = q.High;
         const int w = 16;
         var mask = Vector512.Create(FloatKeys.MagnitudeMask);
-        var vlo = Vector512.Create(lo);
-        var vhi = Vector512.Create(hi);
-        var insideFrom = Vector512.Create(lo + 1);
-        var insideSpan = Vector512.Create(hi > lo ? hi - lo - 1 : 0);
+        var bracket = new WideBracket(lo, hi);
         bool highEnd = hi > lo;
         bool bf16 = expert.IsBFloat16;
         nint pointer = (nint)expert.Pointer;
@@ -436,21 +422,7 @@ internal static unsafe class ExactSelector
             Vector512Lanes.Load(pointer, bf16, start + i, out var e0, out var e1);
             var k0 = (e0 - Vector512.Load(bse + i)).AsUInt32() & mask;
             var k1 = (e1 - Vector512.Load(bse + i + w)).AsUInt32() & mask;
-            // The counts go through the comparisons' mask registers and scalar popcounts, which keeps the
-            // vector units (the bottleneck on bfloat16 inputs) to the arithmetic and the packing.
-            lessCount += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.LessThan(k0, vlo))
-                | (Vector512.ExtractMostSignificantBits(Vector512.LessThan(k1, vlo)) << w));
-            lowTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k0, vlo))
-                | (Vector512.ExtractMostSignificantBits(Vector512.Equals(k1, vlo)) << w));
-            highTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k0, vhi))
-                | (Vector512.ExtractMostSignificantBits(Vector512.Equals(k1, vhi)) << w));
-            var in0 = Vector512.LessThan(k0 - insideFrom, insideSpan);
-            var in1 = Vector512.LessThan(k1 - insideFrom, insideSpan);
-            // As in ScanDifference: found ≤ i before the pair, so both whole-vector stores stay inside the block.
-            Avx512F.Compress(Vector512<uint>.Zero, in0, k0).Store(local + found);
-            found += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(in0));
-            Avx512F.Compress(Vector512<uint>.Zero, in1, k1).Store(local + found);
-            found += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(in1));
+            bracket.Classify(k0, k1, ref lessCount, ref lowTies, ref highTies, local, ref found);
         }
 
         if (!highEnd)
@@ -464,6 +436,42 @@ internal static unsafe class ExactSelector
         }
 
         Record(q, block, lessCount, lowTies, highTies, local, found);
+    }
+
+    /// <summary>A bracket [lo, hi] broadcast to 512-bit vectors, for <see cref="ScanWide"/> and
+    /// <see cref="ScanDifferenceWide"/>.</summary>
+    private readonly struct WideBracket(uint lo, uint hi)
+    {
+        private readonly Vector512<uint> _lo = Vector512.Create(lo);
+        private readonly Vector512<uint> _hi = Vector512.Create(hi);
+
+        // Strictly inside ⟺ k − (lo + 1) < hi − lo − 1, unsigned.
+        private readonly Vector512<uint> _insideFrom = Vector512.Create(lo + 1);
+        private readonly Vector512<uint> _insideSpan = Vector512.Create(hi > lo ? hi - lo - 1 : 0);
+
+        /// <summary>Counts 32 keys below the bracket and at its two ends (the high end counted even when
+        /// hi = lo: the caller drops it then), and packs those strictly inside it at
+        /// <paramref name="local"/> + <paramref name="found"/>. The counts go through the comparisons' mask
+        /// registers and scalar popcounts, which keeps the vector units (the bottleneck on bfloat16
+        /// inputs) to the arithmetic and the packing. The caller guarantees found ≤ the index of
+        /// <paramref name="k0"/> in its block, so both whole-vector stores stay inside the block's scratch.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void Classify(Vector512<uint> k0, Vector512<uint> k1, ref long lessCount, ref int lowTies, ref int highTies, uint* local, ref int found)
+        {
+            const int w = 16;
+            lessCount += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.LessThan(k0, _lo))
+                | (Vector512.ExtractMostSignificantBits(Vector512.LessThan(k1, _lo)) << w));
+            lowTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k0, _lo))
+                | (Vector512.ExtractMostSignificantBits(Vector512.Equals(k1, _lo)) << w));
+            highTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k0, _hi))
+                | (Vector512.ExtractMostSignificantBits(Vector512.Equals(k1, _hi)) << w));
+            var in0 = Vector512.LessThan(k0 - _insideFrom, _insideSpan);
+            var in1 = Vector512.LessThan(k1 - _insideFrom, _insideSpan);
+            Avx512F.Compress(Vector512<uint>.Zero, in0, k0).Store(local + found);
+            found += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(in0));
+            Avx512F.Compress(Vector512<uint>.Zero, in1, k1).Store(local + found);
+            found += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(in1));
+        }
     }
 
     /// <summary>One key of a block's scalar tail: below the bracket, at either end, or kept inside it.</summary>

@@ -220,17 +220,22 @@ internal static unsafe class DropMask
         return (before, after);
     }
 
-    /// <summary>before / after in float32; a NaN (from a NaN or infinite τ) always as the same bits, since
-    /// the JIT may swap the operands of the sums behind it between compilations, which changes the NaN
-    /// that comes out.</summary>
+    /// <summary>
+    /// The float32 factor of the L1 rescale, ‖τ‖₁ / ‖masked‖₁ from the two norms: 1 when either is below
+    /// 1e-7 (mergekit then leaves the masked tensor unscaled); a NaN (from a NaN or infinite τ) always as
+    /// the same bits, since the JIT may swap the operands of the sums behind it between compilations,
+    /// which changes the NaN that comes out.
+    /// </summary>
     public static float L1Factor(double before, double after)
     {
+        if (before < 1e-7 || after < 1e-7)
+        {
+            return 1f;
+        }
+
         double factor = before / after;
         return double.IsNaN(factor) ? float.NaN : (float)factor;
     }
-
-    /// <summary>mergekit leaves the masked tensor unscaled when either norm is below 1e-7.</summary>
-    public static bool KeepsNorm(double before, double after) => before < 1e-7 || after < 1e-7;
 
     /// <summary>x / factor (<paramref name="divide"/>) or x · factor, in place, in float32.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]

@@ -224,9 +224,10 @@ public sealed record RandomDrop : Sparsifier
             case RescaleNorm.L1:
                 double before = taskVector.abs().sum(ScalarType.Float64).item<double>();
                 double after = masked.abs().sum(ScalarType.Float64).item<double>();
-                if (!DropMask.KeepsNorm(before, after))
+                float factor = DropMask.L1Factor(before, after); // the CPU kernel's float32 factor, NaN included
+                if (factor != 1f)
                 {
-                    masked.mul_(DropMask.L1Factor(before, after)); // the CPU kernel's float32 factor, NaN included
+                    masked.mul_(factor);
                 }
 
                 break;
@@ -274,7 +275,7 @@ public sealed record RandomDrop : Sparsifier
             {
                 // The L1 factor needs every block's norms first: a second pass.
                 var (before, after) = DropMask.SumNorms(norms);
-                float factor = DropMask.KeepsNorm(before, after) ? 1f : DropMask.L1Factor(before, after);
+                float factor = DropMask.L1Factor(before, after);
                 if (factor != 1f)
                 {
                     CpuParallel.For(blocks, b =>
