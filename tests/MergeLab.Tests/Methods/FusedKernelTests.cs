@@ -216,22 +216,30 @@ public class FusedKernelTests
     /// majority, here negative).
     /// </summary>
     [TestCaseSource(nameof(PairMethods))]
-    public void Two_to_four_experts_take_their_own_loops_and_get_the_general_loops_bits(MergeMethod method)
+    public void Two_to_four_experts_take_their_own_loops_and_get_the_general_loops_bits(MergeMethod method) =>
+        OwnLoopsGiveTheGeneralLoopsBits([2, 3, 4], count => ForCount(method, count), own => FusedPipeline.SmallCountKernels = own);
+
+    /// <summary>
+    /// For float32 and bfloat16, each of <paramref name="counts"/> experts (<see cref="SmallModel"/>) and
+    /// each lane width: the merge with the loops that <paramref name="ownLoops"/> switches on must give,
+    /// byte for byte, the merge with them off (the general loop).
+    /// </summary>
+    private static void OwnLoopsGiveTheGeneralLoopsBits(int[] counts, Func<int, MergeMethod> methodFor, Action<bool> ownLoops)
     {
         bool chosen = FusedPipeline.UseWideLanes;
         try
         {
-            foreach (var (dtype, count) in new[] { ScalarType.Float32, ScalarType.BFloat16 }.SelectMany(d => new[] { (d, 2), (d, 3), (d, 4) }))
+            foreach (var (dtype, count) in new[] { ScalarType.Float32, ScalarType.BFloat16 }.SelectMany(d => counts.Select(c => (d, c))))
             {
                 var (b, list) = SmallModel(dtype, count);
-                var merge = ForCount(method, count);
+                var merge = methodFor(count);
                 try
                 {
                     foreach (bool wide in System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? new[] { false, true } : [false])
                     {
                         FusedPipeline.UseWideLanes = wide;
                         using var own = merge.Merge(b, list);
-                        FusedPipeline.SmallCountKernels = false;
+                        ownLoops(false);
                         try
                         {
                             using var general = merge.Merge(b, list);
@@ -243,7 +251,7 @@ public class FusedKernelTests
                         }
                         finally
                         {
-                            FusedPipeline.SmallCountKernels = true;
+                            ownLoops(true);
                         }
                     }
                 }
@@ -299,54 +307,13 @@ public class FusedKernelTests
     /// election preset (with the paper's majority fill too).
     /// </summary>
     [TestCaseSource(nameof(DareMethods))]
-    public void Dare_takes_its_own_loops_and_gets_the_general_loops_bits(MergeMethod method)
-    {
-        bool chosen = FusedPipeline.UseWideLanes;
-        try
-        {
-            foreach (var (dtype, count) in new[] { ScalarType.Float32, ScalarType.BFloat16 }.SelectMany(d => new[] { (d, 2), (d, 3), (d, 5) }))
-            {
-                var (b, list) = SmallModel(dtype, count);
-                var merge = method is DareMerge { Options: { Weights: not null } o }
-                    ? new DareMerge(o with { Weights = o.Weights.Take(count).ToArray(), DropRates = o.DropRates?.Take(count).ToArray() })
-                    : method;
-                try
-                {
-                    foreach (bool wide in System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? new[] { false, true } : [false])
-                    {
-                        FusedPipeline.UseWideLanes = wide;
-                        using var own = merge.Merge(b, list);
-                        FusedPipeline.RandomKernel = false;
-                        try
-                        {
-                            using var general = merge.Merge(b, list);
-                            foreach (var name in b.Names)
-                            {
-                                Assert.That(own[name].dtype, Is.EqualTo(dtype));
-                                Assert.That(own[name].bytes.ToArray(), Is.EqualTo(general[name].bytes.ToArray()), $"{name}, {dtype}, {count} experts, wide {wide}");
-                            }
-                        }
-                        finally
-                        {
-                            FusedPipeline.RandomKernel = true;
-                        }
-                    }
-                }
-                finally
-                {
-                    b.Dispose();
-                    foreach (var e in list)
-                    {
-                        e.Dispose();
-                    }
-                }
-            }
-        }
-        finally
-        {
-            FusedPipeline.UseWideLanes = chosen;
-        }
-    }
+    public void Dare_takes_its_own_loops_and_gets_the_general_loops_bits(MergeMethod method) =>
+        OwnLoopsGiveTheGeneralLoopsBits(
+            [2, 3, 5],
+            count => method is DareMerge { Options: { Weights: not null } o }
+                ? new DareMerge(o with { Weights = o.Weights.Take(count).ToArray(), DropRates = o.DropRates?.Take(count).ToArray() })
+                : method,
+            own => FusedPipeline.RandomKernel = own);
 
     /// <summary>Two to four experts whose task vectors lean negative, with ±0 in the base and in the task
     /// vectors, exact opposites (a zero score), equal magnitudes, and a few ∞ and NaN entries; the third

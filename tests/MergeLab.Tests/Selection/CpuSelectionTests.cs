@@ -187,26 +187,9 @@ public class CpuSelectionTests
             {
                 foreach (long position in new long[] { 0, 150_000, 240_000, 300_000 })
                 {
-                    ulong[] Select(bool wide, bool compress, bool histogram)
-                    {
-                        var queries = new[] { new SelectionQuery(new DifferenceMagnitudeKeys(x1, b), position, true), new SelectionQuery(new DifferenceMagnitudeKeys(x2, b), position, true) };
-                        bool chosen = ExactSelector.WideScan;
-                        ExactSelector.WideScan = wide;
-                        ExactSelector.PackWithCompress = compress;
-                        ExactSelector.ForceHistogram = histogram;
-                        try
-                        {
-                            ExactSelector.Solve(queries);
-                        }
-                        finally
-                        {
-                            ExactSelector.WideScan = chosen;
-                            ExactSelector.PackWithCompress = true;
-                            ExactSelector.ForceHistogram = false;
-                        }
-
-                        return queries.Select(q => q.Composite).ToArray();
-                    }
+                    ulong[] Select(bool wide, bool compress, bool histogram) => SolveWith(
+                        [new SelectionQuery(new DifferenceMagnitudeKeys(x1, b), position, true), new SelectionQuery(new DifferenceMagnitudeKeys(x2, b), position, true)],
+                        wide, compress, histogram);
 
                     var exact = Select(wide: false, compress: true, histogram: true);
                     if (System.Runtime.Intrinsics.X86.Avx512F.IsSupported)
@@ -240,24 +223,8 @@ public class CpuSelectionTests
                 var source = new DifferenceMagnitudeKeys(x1, b);
                 foreach (var (low, high) in new (long, long)[] { (0, 300_000), (150_000, 240_000), (210_000, 270_000) })
                 {
-                    ulong[] Select(bool wide, bool histogram)
-                    {
-                        var queries = new[] { new SelectionQuery(source, low, true), new SelectionQuery(source, high, true) };
-                        bool chosen = ExactSelector.WideScan;
-                        ExactSelector.WideScan = wide;
-                        ExactSelector.ForceHistogram = histogram;
-                        try
-                        {
-                            ExactSelector.Solve(queries);
-                        }
-                        finally
-                        {
-                            ExactSelector.WideScan = chosen;
-                            ExactSelector.ForceHistogram = false;
-                        }
-
-                        return queries.Select(q => q.Composite).ToArray();
-                    }
+                    ulong[] Select(bool wide, bool histogram) =>
+                        SolveWith([new SelectionQuery(source, low, true), new SelectionQuery(source, high, true)], wide, compress: true, histogram);
 
                     var exact = Select(wide: false, histogram: true);
                     if (System.Runtime.Intrinsics.X86.Avx512F.IsSupported)
@@ -269,6 +236,28 @@ public class CpuSelectionTests
                 }
             }
         }
+    }
+
+    /// <summary>Solves <paramref name="queries"/> with the selector's scan width, packing and histogram-only
+    /// switches set as given (then restored), and returns their composites.</summary>
+    private static ulong[] SolveWith(SelectionQuery[] queries, bool wide, bool compress, bool histogram)
+    {
+        bool chosen = ExactSelector.WideScan;
+        ExactSelector.WideScan = wide;
+        ExactSelector.PackWithCompress = compress;
+        ExactSelector.ForceHistogram = histogram;
+        try
+        {
+            ExactSelector.Solve(queries);
+        }
+        finally
+        {
+            ExactSelector.WideScan = chosen;
+            ExactSelector.PackWithCompress = true;
+            ExactSelector.ForceHistogram = false;
+        }
+
+        return queries.Select(q => q.Composite).ToArray();
     }
 
     /// <summary>Rows built to hit every path of the row selector: widths 1, 2 and odd ones, all-equal
