@@ -11,11 +11,11 @@ namespace MergeLab.Methods;
 /// <list type="number">
 /// <item>the clamp bounds of each |τ_k| by exact selection straight from the inputs (per tensor), or the
 /// whole-model statistic's;</item>
-/// <item>per tensor, the scores exp(n·minmax(|τ̂_k|)²)·tanh(τ_k·Σ_j τ_j) into one pooled [n, d] buffer with
-/// each row's maximum, then each row's threshold by exact selection (with the whole model's thresholds
-/// known, this pass is skipped);</item>
-/// <item>the merge: each score read back (or computed for the block), τ̂_k·s_k and s_k summed in expert
-/// order, divided, λ, plus the base, stored in the output dtype.</item>
+/// <item>per tensor, each row's score threshold and maximum by exact selection among the scores
+/// exp(n·minmax(|τ̂_k|)²)·tanh(τ_k·Σ_j τ_j), computed block by block as the selection reads them, never
+/// stored whole (with the whole model's thresholds known, this pass is skipped);</item>
+/// <item>the merge: each block's scores computed again, τ̂_k·s_k and s_k summed in expert order, divided,
+/// λ, plus the base, stored in the output dtype.</item>
 /// </list>
 /// Every operation other than exp and tanh is libtorch's, in libtorch's order, so with
 /// <see cref="LibTorchTranscendentals"/> the result is bit for bit the libtorch formulation's; by default
@@ -51,25 +51,58 @@ internal static unsafe class PcbKernel
             (low, high) = Quantiles(inputs, method.LowRank(d), method.HighRank(d));
         }
 
-        // Per tensor, each row's threshold needs all its scores first; with the whole model's thresholds
-        // known, the merge computes each block's scores itself and no [n, d] buffer is needed.
+        // Per tensor, each row's threshold and maximum are selected among scores computed block by block
+        // as the selection reads them; the merge then computes each block's scores again. Only libtorch's
+        // exp and tanh (a whole-tensor operation) need the scores in an [n, d] buffer.
+        bool buffered = LibTorchTranscendentals || ScoreBuffer;
         float[] maxima = [];
-        using var scores = whole is null || LibTorchTranscendentals ? Scores(inputs, low, high, out maxima) : null;
+        using var scores = buffered ? Scores(inputs, low, high, out maxima) : null;
         if (whole is null)
         {
-            (threshold, top) = (RowValues(scores!, method.ThresholdRank(d)), maxima);
+            (threshold, top) = scores is null
+                ? ScoreQuantiles(new ScoreRows(inputs, low, high), method.ThresholdRank(d))
+                : (RowValues(scores, method.ThresholdRank(d)), maxima);
         }
 
         var lambda = method.Options.Lambda;
         return Merge(inputs, new Bounds(low, high, threshold, top), scores, lambda == 1.0 ? null : (float)lambda, outputType, group.Reference.shape);
     }
 
-    /// <summary>The scores of <paramref name="group"/> as a pooled [n, d] float32 tensor given each task's
-    /// clamp bounds, or null when the kernel does not apply.</summary>
-    public static Tensor? TryScores(TensorGroup group, float[] low, float[] high)
+    /// <summary>Puts the scores in an [n, d] buffer, as with <see cref="LibTorchTranscendentals"/>, instead of
+    /// computing them block by block where they are read (for tests: the results must be the same bits).</summary>
+    internal static bool ScoreBuffer { get; set; }
+
+    /// <summary>The scores of <paramref name="group"/> given each task's clamp bounds, as one signed key
+    /// source per task over inputs that <paramref name="inputs"/> holds until disposed, or null when the
+    /// kernel does not apply (or takes libtorch's exp and tanh, which the libtorch formulation has too).</summary>
+    public static KeySource[]? TryScoreRows(TensorGroup group, float[] low, float[] high, out IDisposable? inputs)
     {
-        using var inputs = FusedPipeline.Inputs.Acquire(group, needsBase: true);
-        return inputs is null ? null : Scores(inputs, low, high, out _);
+        var acquired = LibTorchTranscendentals ? null : FusedPipeline.Inputs.Acquire(group, needsBase: true);
+        inputs = acquired;
+        if (acquired is null)
+        {
+            return null;
+        }
+
+        var rows = new ScoreRows(acquired, low, high);
+        return Enumerable.Range(0, acquired.Experts.Length).Select(rows.Row).ToArray();
+    }
+
+    /// <summary>Each task's score at the 1-based <paramref name="rank"/> and its maximum (NaN if any score
+    /// is), selected exactly among the scores as <paramref name="rows"/> computes them.</summary>
+    private static (float[] Threshold, float[] Top) ScoreQuantiles(ScoreRows rows, long rank)
+    {
+        int n = rows.Experts;
+        var queries = new SelectionQuery[2 * n];
+        for (int k = 0; k < n; k++)
+        {
+            var keys = rows.Row(k);
+            queries[2 * k] = new SelectionQuery(keys, rank - 1);
+            queries[(2 * k) + 1] = new SelectionQuery(keys, keys.Length - 1);
+        }
+
+        ExactSelector.Solve(queries);
+        return (Values(queries, 0, signed: true), Values(queries, 1, signed: true));
     }
 
     /// <summary>Each task's |τ_k| at the 1-based ranks <paramref name="lowRank"/> and <paramref name="highRank"/>.</summary>
@@ -270,6 +303,92 @@ internal static unsafe class PcbKernel
             SimdMath.Exp(intraArgument) * SimdMath.Tanh(product);
     }
 
+    /// <summary>
+    /// The [n, d] scores of one tensor, never stored whole: a block's n rows are computed together (as the
+    /// merge pass computes them, so the same bits) into the calling thread's cache, as signed keys. A
+    /// selection that fills row 0, 1, …, n − 1 of a block in turn, as <see cref="ExactSelector"/>'s
+    /// bracket pass does, computes the block once.
+    /// </summary>
+    private sealed class ScoreRows(FusedPipeline.Inputs inputs, float[] low, float[] high)
+    {
+        private static long _instances;
+
+        [ThreadStatic]
+        private static byte[]? _cache;
+
+        [ThreadStatic]
+        private static long _cachedOwner, _cachedStart;
+
+        [ThreadStatic]
+        private static int _cachedCount;
+
+        // Never 0, which a thread's empty cache holds.
+        private readonly long _id = Interlocked.Increment(ref _instances);
+
+        public int Experts => inputs.Experts.Length;
+
+        public long Length => inputs.Length;
+
+        public KeySource Row(int k) => new RowKeys(this, k);
+
+        /// <summary>The keys of entries [start, start + count), row k at k·<paramref name="stride"/>.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private uint* Compute(long start, int count, out int stride)
+        {
+            int n = Experts;
+            stride = (count + Vector<float>.Count - 1) / Vector<float>.Count * Vector<float>.Count;
+            long bytes = (((long)n * stride) + BlockView.ScratchFloats(n)) * sizeof(float);
+            if (_cache is null || _cache.Length < bytes + 64)
+            {
+                _cache = GC.AllocateUninitializedArray<byte>((int)(bytes + 64), pinned: true);
+                _cachedOwner = 0;
+            }
+
+            var keys = (uint*)(((nint)Unsafe.AsPointer(ref System.Runtime.InteropServices.MemoryMarshal.GetArrayDataReference(_cache)) + 63) & ~(nint)63);
+            if (_cachedOwner == _id && _cachedStart == start && _cachedCount == count)
+            {
+                return keys;
+            }
+
+            var scratch = (float*)(keys + ((long)n * stride));
+            for (long s = start; s < start + count; s += Block)
+            {
+                var block = new BlockView(inputs, s, (int)Math.Min(Block, start + count - s), n, inputs.Length, withTotal: true, scratch);
+                for (int k = 0; k < n; k++)
+                {
+                    var terms = new ScoreTerms(low[k], high[k], n);
+                    var tau = block.Tau(k);
+                    var row = keys + ((long)k * stride) + (s - start);
+                    for (int i = 0; i < block.Padded; i += Vector<float>.Count)
+                    {
+                        var t = *(Vector<float>*)(tau + i);
+                        var score = ScoreTerms.Score(terms.IntraArgument(t), t * *(Vector<float>*)(block.Total + i));
+                        *(Vector<uint>*)(row + i) = FloatKeys.Signed(score);
+                    }
+                }
+            }
+
+            (_cachedOwner, _cachedStart, _cachedCount) = (_id, start, count);
+            return keys;
+        }
+
+        /// <summary>Row <paramref name="k"/> as a key source.</summary>
+        private sealed class RowKeys(ScoreRows rows, int k) : KeySource
+        {
+            public override long Length => rows.Length;
+
+            public override bool IsSigned => true;
+
+            public override void Fill(long start, int count, uint* keys, float* scratch)
+            {
+                var computed = rows.Compute(start, count, out int stride);
+                Buffer.MemoryCopy(computed + ((long)k * stride), keys, count * 4L, count * 4L);
+            }
+
+            public override uint KeyAt(long i) => rows.Compute(i, 1, out int stride)[(long)k * stride];
+        }
+    }
+
     /// <summary>Each task's clamp bounds, score threshold and score maximum.</summary>
     private sealed record Bounds(float[] Low, float[] High, float[] Threshold, float[] Top);
 
@@ -284,14 +403,23 @@ internal static unsafe class PcbKernel
         private readonly int _experts;
         private readonly float* _base;
 
+        /// <summary>Block <paramref name="block"/> of the pass, in the calling thread's scratch.</summary>
         public BlockView(FusedPipeline.Inputs inputs, long block, int experts, long length, bool withTotal)
+            : this(inputs, block * Block, (int)Math.Min(Block, length - (block * Block)), experts, length, withTotal,
+                (float*)ThreadScratch.Get(ScratchFloats(experts) * sizeof(float)))
         {
-            Start = block * Block;
-            Count = (int)Math.Min(Block, length - Start);
+        }
+
+        /// <summary>Entries [<paramref name="start"/>, start + <paramref name="count"/>) (at most one block),
+        /// in <paramref name="scratch"/> (<see cref="ScratchFloats"/> floats).</summary>
+        public BlockView(FusedPipeline.Inputs inputs, long start, int count, int experts, long length, bool withTotal, float* scratch)
+        {
+            Start = start;
+            Count = count;
             Padded = (Count + Vector<float>.Count - 1) / Vector<float>.Count * Vector<float>.Count;
             Length = length;
             _experts = experts;
-            _scratch = (float*)ThreadScratch.Get((experts + 6L) * Block * sizeof(float));
+            _scratch = scratch;
             _base = Read(inputs.Base, _scratch);
             var total = Total;
             if (withTotal)
@@ -318,6 +446,9 @@ internal static unsafe class PcbKernel
         public long Start { get; }
 
         public int Count { get; }
+
+        /// <summary>The scratch a view of <paramref name="experts"/> experts takes, in floats.</summary>
+        public static long ScratchFloats(int experts) => (experts + 6L) * Block;
 
         /// <summary><see cref="Count"/> rounded up to whole vectors.</summary>
         public int Padded { get; }

@@ -250,13 +250,27 @@ internal sealed class PcbStatistic(PcbMerge method, int expertCount) : ModelStat
             return;
         }
 
-        // The scores come from the kernel the merge will use, so the thresholds are those of its scores.
-        var source = _pass >= 2 ? PcbKernel.TryScores(group, _low, _high) : null;
-        if (source is null)
+        // The scores come from the kernel the merge will use, so the thresholds are those of its scores;
+        // it computes them block by block as they are counted.
+        if (_pass >= 2 && PcbKernel.TryScoreRows(group, _low, _high, out var inputs) is { } rows)
         {
-            var x = PcbMerge.StackedTaskVectors(group);
-            source = _pass < 2 ? x : PcbMerge.Score(x, Column(_low, x.device), Column(_high, x.device));
+            using (inputs)
+            {
+                if (_pass == 2)
+                {
+                    RadixSelect.ObserveCoarse(_scores, rows);
+                }
+                else
+                {
+                    RadixSelect.ObserveFine(_scores, rows);
+                }
+            }
+
+            return;
         }
+
+        var x = PcbMerge.StackedTaskVectors(group);
+        var source = _pass < 2 ? x : PcbMerge.Score(x, Column(_low, x.device), Column(_high, x.device));
 
         var selects = _pass < 2 ? _magnitudes : _scores;
         for (int i = 0; i < selects.Length; i++)

@@ -40,10 +40,18 @@ internal sealed class RadixSelect(bool signed = false)
     }
 
     /// <summary>Pass 1 over a key source (its keys must be of this selection's kind).</summary>
-    public void ObserveCoarse(KeySource keys)
+    public void ObserveCoarse(KeySource keys) => ObserveCoarse([this], [keys]);
+
+    /// <summary>Pass 1 of several selections, <paramref name="selects"/>[i] over <paramref name="keys"/>[i],
+    /// block by block: each block's sources are filled one after another, so sources that compute their
+    /// blocks together (e.g. the rows of one score tensor) compute each block once.</summary>
+    public static void ObserveCoarse(IReadOnlyList<RadixSelect> selects, IReadOnlyList<KeySource> keys)
     {
-        Accumulate(keys, coarse: true);
-        Count += keys.Length;
+        Accumulate(selects, keys, coarse: true);
+        for (int s = 0; s < selects.Count; s++)
+        {
+            selects[s].Count += keys[s].Length;
+        }
     }
 
     /// <summary>Ends pass 1 and fixes the ranks (1-based, each in [1, Count]) to select.</summary>
@@ -80,7 +88,11 @@ internal sealed class RadixSelect(bool signed = false)
     }
 
     /// <summary>Pass 2 over a key source.</summary>
-    public void ObserveFine(KeySource keys) => Accumulate(keys, coarse: false);
+    public void ObserveFine(KeySource keys) => Accumulate([this], [keys], coarse: false);
+
+    /// <summary>Pass 2 of several selections, as <see cref="ObserveCoarse(IReadOnlyList{RadixSelect}, IReadOnlyList{KeySource})"/>.</summary>
+    public static void ObserveFine(IReadOnlyList<RadixSelect> selects, IReadOnlyList<KeySource> keys) =>
+        Accumulate(selects, keys, coarse: false);
 
     /// <summary>Ends pass 2 and returns the k-th smallest for each rank given to <see cref="EndCoarse"/>.</summary>
     public float[] EndFine()
@@ -109,16 +121,29 @@ internal sealed class RadixSelect(bool signed = false)
         return _results;
     }
 
-    private unsafe void Accumulate(KeySource keys, bool coarse)
+    /// <summary>Counts the keys of each <paramref name="keys"/>[s] into <paramref name="selects"/>[s]'s
+    /// histograms (the coarse one, or the fine ones of its wanted bins); all sources have one length.</summary>
+    private static unsafe void Accumulate(IReadOnlyList<RadixSelect> selects, IReadOnlyList<KeySource> keys, bool coarse)
     {
-        long n = keys.Length;
+        long n = keys.Count == 0 ? 0 : keys[0].Length;
         if (n == 0)
         {
             return;
         }
 
-        int tables = coarse ? 1 : _fineBins.Length;
-        var wanted = _fineBins;
+        if (keys.Any(k => k.Length != n) || keys.Count != selects.Count)
+        {
+            throw new ArgumentException("Each selection needs one key source, all of one length.", nameof(keys));
+        }
+
+        // Each selection's tables start at offsets[s] in a thread's counts.
+        var offsets = new int[selects.Count + 1];
+        for (int s = 0; s < selects.Count; s++)
+        {
+            offsets[s + 1] = offsets[s] + (coarse ? 1 : selects[s]._fineBins.Length);
+        }
+
+        int tables = offsets[^1];
         int threads = n < ParallelThreshold ? 1 : CpuParallel.Threads;
         const int block = ExactSelector.BlockSize;
         long blocks = CpuParallel.BlockCount(n, block);
@@ -132,22 +157,27 @@ internal sealed class RadixSelect(bool signed = false)
                 var scratch = ThreadScratch.Get(block * 12L);
                 var k = (uint*)scratch;
                 var floats = (float*)(scratch + block * 4L);
-                fixed (uint* c = counts)
+                fixed (uint* all = counts)
                 {
                     for (long b = t * perThread; b < Math.Min(blocks, (t + 1) * perThread); b++)
                     {
                         long start = b * block;
                         int count = (int)Math.Min(block, n - start);
-                        keys.Fill(start, count, k, floats);
-                        if (coarse)
+                        for (int s = 0; s < selects.Count; s++)
                         {
-                            for (int i = 0; i < count; i++)
+                            keys[s].Fill(start, count, k, floats);
+                            var c = all + ((long)offsets[s] * Bins);
+                            if (coarse)
                             {
-                                c[k[i] >> 16]++;
+                                for (int i = 0; i < count; i++)
+                                {
+                                    c[k[i] >> 16]++;
+                                }
+
+                                continue;
                             }
-                        }
-                        else
-                        {
+
+                            var wanted = selects[s]._fineBins;
                             for (int i = 0; i < count; i++)
                             {
                                 int high = (int)(k[i] >> 16);
@@ -164,14 +194,19 @@ internal sealed class RadixSelect(bool signed = false)
                     }
                 }
 
-                lock (_gate)
+                for (int s = 0; s < selects.Count; s++)
                 {
-                    for (int table = 0; table < tables; table++)
+                    var select = selects[s];
+                    lock (select._gate)
                     {
-                        var target = coarse ? _coarse : _fine[table];
-                        for (int i = 0; i < Bins; i++)
+                        for (int table = 0; table < offsets[s + 1] - offsets[s]; table++)
                         {
-                            target[i] += counts[table * Bins + i];
+                            var target = coarse ? select._coarse : select._fine[table];
+                            var source = (offsets[s] + table) * Bins;
+                            for (int i = 0; i < Bins; i++)
+                            {
+                                target[i] += counts[source + i];
+                            }
                         }
                     }
                 }

@@ -728,6 +728,49 @@ public class PcbKernelTests
         }
     }
 
+    /// <summary>
+    /// Per tensor, each task's score threshold and maximum are selected among scores computed block by
+    /// block as the selection reads them, and the merge computes them again: byte for byte the merge that
+    /// puts the scores in an [n, d] buffer first. Cases: the bracket pass (301×699, 300×640), the
+    /// small-input quickselect (33×101), the exact histogram fallback, and bfloat16 task vectors on a grid
+    /// of a few values, whose vast score ties put the wanted entries at the bracket's ends.
+    /// </summary>
+    [TestCase(ScalarType.Float32, 3, 301, 699, 0.1, false, false)]
+    [TestCase(ScalarType.BFloat16, 5, 300, 640, 0.2, false, false)]
+    [TestCase(ScalarType.BFloat16, 2, 33, 101, 0.3, false, false)]
+    [TestCase(ScalarType.Float32, 4, 257, 1031, 0.1, true, false)]
+    [TestCase(ScalarType.BFloat16, 3, 300, 640, 0.1, false, true)]
+    public void Scores_computed_where_they_are_selected_give_the_score_buffers_bits(ScalarType dtype, int experts, int rows, int cols, double ratio, bool histogram, bool grid)
+    {
+        using var g = new Generator(93);
+        using var b = randn([rows, cols], generator: g).to(dtype);
+        var list = Enumerable.Range(0, experts).Select(_ =>
+        {
+            using var step = grid ? randint(-2, 3, [rows, cols], generator: g).to(ScalarType.Float32).mul_(1.0 / 64) : randn([rows, cols], generator: g).mul_(0.01);
+            return (b.to(ScalarType.Float32) + step).to(dtype);
+        }).ToArray();
+        try
+        {
+            var pcb = new PcbMerge(new PcbOptions { Ratio = ratio, ClampLow = 0.01, ClampHigh = 0.01, Lambda = .8, Scope = SelectionScope.PerTensor });
+            var group = new TensorGroup("w", b, list);
+            ExactSelector.ForceHistogram = histogram;
+            using var computed = pcb.MergeTensor(group, outputType: ScalarType.Float32);
+            PcbKernel.ScoreBuffer = true;
+            using var buffered = pcb.MergeTensor(group, outputType: ScalarType.Float32);
+            Assert.That(computed.bytes.ToArray(), Is.EqualTo(buffered.bytes.ToArray()));
+            Assert.That(computed.isfinite().all().item<bool>(), Is.True);
+        }
+        finally
+        {
+            PcbKernel.ScoreBuffer = false;
+            ExactSelector.ForceHistogram = false;
+            foreach (var e in list)
+            {
+                e.Dispose();
+            }
+        }
+    }
+
     /// <summary>Expert 0 pulls against the sum of both, so its scores tanh(τ_0·Στ) are all negative: its
     /// maximum must come from its entries, not from the zero padding of the last, partial vector.</summary>
     [Test]

@@ -410,6 +410,51 @@ public class CpuSelectionTests
         }
     }
 
+    /// <summary>Selections observed together, block by block over their own sources (with their own ranks,
+    /// so each has its own fine bins), give each one's <c>kthvalue</c> over two chunks.</summary>
+    [Test]
+    public unsafe void Radix_selects_observed_together_each_get_their_own_values()
+    {
+        var sources = Enumerable.Range(0, 3).Select(s => new[] { Awkward(200_000, 30 + s), Awkward(1_001, 40 + s) }).ToArray();
+        try
+        {
+            var chunks = Enumerable.Range(0, 2).Select(c => sources.Select(s => (KeySource)new SignedKeys(new CpuFloats(CpuTensors.Pointer(s[c]), s[c].numel(), bfloat16: false))).ToArray()).ToArray();
+            var selects = sources.Select(_ => new RadixSelect(signed: true)).ToArray();
+            var ranks = new long[][] { [1, 70_000], [100_000, 201_001], [5, 150_000] };
+            foreach (var c in chunks)
+            {
+                RadixSelect.ObserveCoarse(selects, c);
+            }
+
+            for (int s = 0; s < selects.Length; s++)
+            {
+                selects[s].EndCoarse(ranks[s]);
+            }
+
+            foreach (var c in chunks)
+            {
+                RadixSelect.ObserveFine(selects, c);
+            }
+
+            for (int s = 0; s < selects.Length; s++)
+            {
+                using var all = cat(sources[s]);
+                var result = selects[s].EndFine();
+                for (int r = 0; r < ranks[s].Length; r++)
+                {
+                    Assert.That(result[r], Is.EqualTo(all.kthvalue(ranks[s][r], 0, false).values.item<float>()), $"select {s}, rank {ranks[s][r]}");
+                }
+            }
+        }
+        finally
+        {
+            foreach (var t in sources.SelectMany(s => s))
+            {
+                t.Dispose();
+            }
+        }
+    }
+
     [Test]
     public void All_finite_equals_isfinite_all_for_every_position_of_a_bad_value()
     {
