@@ -1,4 +1,6 @@
 using System.Buffers;
+using System.Numerics;
+using System.Runtime.CompilerServices;
 using static TorchSharp.torch;
 
 namespace MergeLab.Selection;
@@ -177,19 +179,7 @@ internal sealed class RadixSelect(bool signed = false)
                                 continue;
                             }
 
-                            var wanted = selects[s]._fineBins;
-                            for (int i = 0; i < count; i++)
-                            {
-                                int high = (int)(k[i] >> 16);
-                                for (int table = 0; table < wanted.Length; table++)
-                                {
-                                    if (wanted[table] == high)
-                                    {
-                                        c[table * Bins + (int)(k[i] & 0xFFFF)]++;
-                                        break;
-                                    }
-                                }
-                            }
+                            CountFine(k, count, selects[s]._fineBins, c);
                         }
                     }
                 }
@@ -216,6 +206,60 @@ internal sealed class RadixSelect(bool signed = false)
                 ArrayPool<uint>.Shared.Return(counts);
             }
         });
+    }
+
+    /// <summary>Counts the low 16 bits of each key whose high 16 bits are one of the <paramref name="wanted"/>
+    /// bins into that bin's table of <paramref name="counts"/>. Most keys lie in no wanted bin: a vector
+    /// compare finds the few lanes that do.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static unsafe void CountFine(uint* keys, int count, int[] wanted, uint* counts)
+    {
+        int w = Vector<uint>.Count;
+        var bins = new Vector<uint>[wanted.Length];
+        for (int table = 0; table < wanted.Length; table++)
+        {
+            bins[table] = new Vector<uint>((uint)wanted[table]);
+        }
+
+        int i = 0;
+        for (; i <= count - w; i += w)
+        {
+            var high = Vector.ShiftRightLogical(Vector.Load(keys + i), 16);
+            var hit = Vector<uint>.Zero;
+            foreach (var bin in bins)
+            {
+                hit |= Vector.Equals(high, bin);
+            }
+
+            if (hit != Vector<uint>.Zero)
+            {
+                ulong lanes = Kernels.LaneBits(hit);
+                while (lanes != 0)
+                {
+                    CountOne(keys[i + BitOperations.TrailingZeroCount(lanes)], wanted, counts);
+                    lanes &= lanes - 1;
+                }
+            }
+        }
+
+        for (; i < count; i++)
+        {
+            CountOne(keys[i], wanted, counts);
+        }
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static unsafe void CountOne(uint key, int[] wanted, uint* counts)
+    {
+        int high = (int)(key >> 16);
+        for (int table = 0; table < wanted.Length; table++)
+        {
+            if (wanted[table] == high)
+            {
+                counts[(table * Bins) + (int)(key & 0xFFFF)]++;
+                return;
+            }
+        }
     }
 
     /// <summary>The keys of <paramref name="values"/> read from CPU memory (copied there first when the
