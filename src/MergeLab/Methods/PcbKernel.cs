@@ -331,21 +331,16 @@ internal static unsafe class PcbKernel
 
         public KeySource Row(int k) => new RowKeys(this, k);
 
-        /// <summary>The keys of entries [start, start + count), row k at k·<paramref name="stride"/>.</summary>
+        /// <summary>The keys of entries [start, start + count), row k at k·<paramref name="stride"/>, in this
+        /// thread's cache (its own buffer: the selection that reads them holds the shared scratch).</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private uint* Compute(long start, int count, out int stride)
         {
             int n = Experts;
             stride = (count + Vector<float>.Count - 1) / Vector<float>.Count * Vector<float>.Count;
             long bytes = (((long)n * stride) + BlockView.ScratchFloats(n)) * sizeof(float);
-            if (_cache is null || _cache.Length < bytes + 64)
-            {
-                _cache = GC.AllocateUninitializedArray<byte>((int)(bytes + 64), pinned: true);
-                _cachedOwner = 0;
-            }
-
-            var keys = (uint*)(((nint)Unsafe.AsPointer(ref System.Runtime.InteropServices.MemoryMarshal.GetArrayDataReference(_cache)) + 63) & ~(nint)63);
-            if (_cachedOwner == _id && _cachedStart == start && _cachedCount == count)
+            var keys = (uint*)ThreadScratch.Get(ref _cache, bytes, out bool fresh);
+            if (!fresh && _cachedOwner == _id && _cachedStart == start && _cachedCount == count)
             {
                 return keys;
             }

@@ -197,14 +197,20 @@ internal static unsafe class ThreadScratch
     private static byte[]? _buffer;
 
     /// <summary>At least <paramref name="bytes"/> bytes, 64-byte aligned, valid on this thread until the next call.</summary>
-    public static byte* Get(long bytes)
+    public static byte* Get(long bytes) => Get(ref _buffer, bytes, out _);
+
+    /// <summary>As <see cref="Get(long)"/>, from a buffer of the caller's own (a <c>[ThreadStatic]</c> field,
+    /// for scratch that must outlive other code's use of the shared one); <paramref name="fresh"/> says
+    /// whether it was just allocated, so its old contents are gone.</summary>
+    public static byte* Get(ref byte[]? buffer, long bytes, out bool fresh)
     {
-        if (_buffer is null || _buffer.Length < bytes + 64)
+        fresh = buffer is null || buffer.Length < bytes + 64;
+        if (fresh)
         {
-            _buffer = GC.AllocateUninitializedArray<byte>((int)Math.Max(bytes + 64, 1 << 16), pinned: true);
+            buffer = GC.AllocateUninitializedArray<byte>((int)Math.Max(bytes + 64, 1 << 16), pinned: true);
         }
 
-        var p = (byte*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(_buffer));
+        var p = (byte*)Unsafe.AsPointer(ref MemoryMarshal.GetArrayDataReference(buffer!));
         return (byte*)(((nint)p + 63) & ~(nint)63);
     }
 }

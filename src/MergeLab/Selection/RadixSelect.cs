@@ -128,14 +128,14 @@ internal sealed class RadixSelect(bool signed = false)
     private static unsafe void Accumulate(IReadOnlyList<RadixSelect> selects, IReadOnlyList<KeySource> keys, bool coarse)
     {
         long n = keys.Count == 0 ? 0 : keys[0].Length;
+        if (keys.Count != selects.Count || keys.Any(k => k.Length != n))
+        {
+            throw new ArgumentException("Each selection needs one key source, all of one length.", nameof(keys));
+        }
+
         if (n == 0)
         {
             return;
-        }
-
-        if (keys.Any(k => k.Length != n) || keys.Count != selects.Count)
-        {
-            throw new ArgumentException("Each selection needs one key source, all of one length.", nameof(keys));
         }
 
         // Each selection's tables start at offsets[s] in a thread's counts.
