@@ -1321,8 +1321,8 @@ internal static unsafe class FusedPipeline
         /// <summary>
         /// DARE-TIES: every expert's mask is DARE's random one, followed by a sign election, over the blocks
         /// of 2·lanes entries from <paramref name="start"/> (even) to <paramref name="end"/>'s last whole
-        /// block; returns where it stopped. A tile at a time, each expert's masked, rescaled (and, when the
-        /// election is on weighted values, weighted) task vector is computed with its generator states,
+        /// block; returns where it stopped. A tile at a time (its base read once into a stack buffer), each
+        /// expert's masked, rescaled (and, when the election is on weighted values, weighted) task vector is computed with its generator states,
         /// threshold and factor in registers and kept in a stack buffer; then each block's election and
         /// disjoint aggregation run as in <see cref="LimitRun"/>, at either lane width. Same operations per
         /// entry as the general loop, so the same bits. Always writes the merge (no sign sum).
@@ -1337,6 +1337,7 @@ internal static unsafe class FusedPipeline
             int tile = RandomConsensusTile(experts);
             long stop = WholeBlocksEnd(start, end, w);
             var tau = stackalloc float[experts * tile];
+            var bse = stackalloc TV[tile / w];
             var block = stackalloc TV[2 * experts];
             var weights = stackalloc TV[experts];
             for (int k = 0; k < experts; k++)
@@ -1355,6 +1356,11 @@ internal static unsafe class FusedPipeline
             while (i < stop)
             {
                 int count = (int)Math.Min(tile, stop - i);
+                for (int j = 0; j < count; j += 2 * w)
+                {
+                    TL.Load(inputs.Base, inputs.BaseIsBf16, i + j, out bse[j / w], out bse[(j / w) + 1]);
+                }
+
                 for (int k = 0; k < experts; k++)
                 {
                     var drop = new Drop<TL, TV>(_rules[k], i);
@@ -1364,8 +1370,7 @@ internal static unsafe class FusedPipeline
                     var row = tau + ((long)k * tile);
                     for (int j = 0; j < count; j += 2 * w)
                     {
-                        TL.Load(inputs.Base, inputs.BaseIsBf16, i + j, out var b0, out var b1);
-                        TaskVectorAt<TL, TV>(inputs, k, i + j, b0, b1, out var t0, out var t1);
+                        TaskVectorAt<TL, TV>(inputs, k, i + j, bse[j / w], bse[(j / w) + 1], out var t0, out var t1);
                         t0 = Dropped<TL, TV>(t0, low, threshold, factor, divide, rescale);
                         t1 = Dropped<TL, TV>(t1, high, threshold, factor, divide, rescale);
                         low = TL.AdvanceStates(low, step);
@@ -1382,7 +1387,7 @@ internal static unsafe class FusedPipeline
 
                 for (int j = 0; j < count; j += 2 * w)
                 {
-                    TL.Load(inputs.Base, inputs.BaseIsBf16, i + j, out var b0, out var b1);
+                    var (b0, b1) = (bse[j / w], bse[(j / w) + 1]);
                     TV score0 = zero, score1 = zero;
                     for (int k = 0; k < experts; k++)
                     {
