@@ -475,6 +475,11 @@ internal static unsafe class FusedPipeline
         }
     }
 
+    /// <summary>Each expert's <see cref="RowHint"/> on this thread, carried from row to row (and from one call
+    /// to the next: a stale hint only costs a miss).</summary>
+    [ThreadStatic]
+    private static RowHint[]? _rowHints;
+
     /// <summary>The window bounds of rows [<paramref name="firstRow"/>, <paramref name="endRow"/>) for every
     /// rule still <see cref="Rule.RowsPending"/>, on the calling thread.</summary>
     private static void SelectRows(Rule[] rules, DifferenceMagnitudeKeys[] sources, long firstRow, long endRow)
@@ -494,6 +499,12 @@ internal static unsafe class FusedPipeline
         }
 
         RowWindow.ShortRowScratch(w, out var keys, out var floats, out var rowScratch);
+        if (_rowHints is null || _rowHints.Length < rules.Length)
+        {
+            _rowHints = new RowHint[Math.Max(rules.Length, 8)];
+        }
+
+        var hints = _rowHints;
         for (int k = 0; k < rules.Length; k++)
         {
             var r = rules[k];
@@ -502,10 +513,15 @@ internal static unsafe class FusedPipeline
                 continue;
             }
 
+            if (!ReferenceEquals(hints[k].Owner, r))
+            {
+                hints[k] = new RowHint { Owner = r };
+            }
+
             for (long row = firstRow; row < endRow; row++)
             {
                 sources[k].Fill(row * w, w, keys, floats);
-                (r.RowLower![row], r.RowUpper![row]) = RowWindow.OfShortRow(keys, w, r.Low, r.High, rowScratch);
+                (r.RowLower![row], r.RowUpper![row]) = RowWindow.OfShortRow(keys, w, r.Low, r.High, rowScratch, ref hints[k]);
             }
         }
     }

@@ -1,4 +1,6 @@
 using System.Numerics;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 using System.Runtime.CompilerServices;
 
 namespace MergeLab.Selection;
@@ -23,14 +25,61 @@ internal static unsafe class RowSelector
     private const int Octaves = 8;
 
     /// <summary>Scratch bytes a call with a row of <paramref name="width"/> needs.</summary>
-    public static long ScratchBytes(long width) => Copies * Stride * 4L + width * 8L + 64;
+    public static long ScratchBytes(long width) => Copies * Stride * 4L + ((width + 16) * 16L) + 64;
 
     /// <summary>
     /// Sets <paramref name="results"/>[i] to the composite at <paramref name="positions"/>[i] (ascending,
     /// each in [0, width)) of the row <paramref name="keys"/>.
     /// </summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void Select(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch)
+    {
+        var none = default(RowHint);
+        Select(keys, width, positions, results, scratch, ref none);
+    }
+
+    /// <summary>
+    /// As <see cref="Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*)"/>, for one of a series of
+    /// similar rows (the rows of one task vector): <paramref name="hint"/>, left by the previous row, brackets
+    /// each answer's key, and one pass over the row counts the keys below each bracket and those inside it,
+    /// collecting them (or, for a bracket of a few heavily repeated keys, counting each key's copies). When
+    /// every position's rank falls inside its bracket, the answer is found among those few entries;
+    /// otherwise the row takes the histogram path. Either way the result is exact: the hint decides only
+    /// the speed. The hint is then re-centred on this row's answers. The bracket pass needs AVX-512 (its
+    /// collecting is a compress); without it every row takes the histogram path.
+    /// </summary>
+    public static void Select(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint)
+    {
+        bool hinted = positions.Length is 1 or 2 && Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
+        if (hinted && hint.Valid && InBrackets(keys, width, positions, results, scratch, ref hint))
+        {
+            hint.Hits++;
+            return;
+        }
+
+        ByHistogram(keys, width, positions, results, scratch);
+        if (hinted)
+        {
+            hint.Misses++;
+            if (!hint.Valid && positions.Length == 2 && positions[1] > positions[0] && results[1] >> 32 > results[0] >> 32
+                && CountEqual(keys, width, (uint)(results[0] >> 32)) < KeyBracket.PivotCopies
+                && CountEqual(keys, width, (uint)(results[1] >> 32)) < KeyBracket.PivotCopies)
+            {
+                // First row of distinct keys: brackets about 4·√width + 8 ranks wide each side, at the
+                // density of keys between the two answers. (Repeated keys start from the narrowest.)
+                double keysPerRank = (double)((results[1] >> 32) - (results[0] >> 32)) / (positions[1] - positions[0]);
+                uint half = (uint)Math.Clamp(keysPerRank * ((4 * Math.Sqrt(width)) + 8), 1, KeyBracket.MaxHalfWidth);
+                hint.First.Half = hint.Last.Half = half;
+            }
+
+            Recentre(ref hint.First, (uint)(results[0] >> 32), -1, 0, keys, width);
+            Recentre(ref hint.Last, (uint)(results[positions.Length - 1] >> 32), -1, 0, keys, width);
+            hint.Valid = true;
+        }
+    }
+
+    /// <summary>The histogram path: every position exact, from any row.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void ByHistogram(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch)
     {
         uint min = uint.MaxValue, max = 0;
         var vmin = new Vector<uint>(uint.MaxValue);
@@ -218,6 +267,233 @@ internal static unsafe class RowSelector
             // bfloat16 models) the stable order is the row order.
             results[p] = SingleKey(entries) ? entries[rank] : Quickselect.Select(entries, rank);
         }
+    }
+
+    /// <summary>The bracket path of <see cref="Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>
+    /// for one or two positions; false (no result set) when a position's rank lies outside its bracket.</summary>
+    private static bool InBrackets(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint)
+    {
+        int stretch = width + 16;
+        var index0 = (uint*)(scratch + Copies * Stride * 4L);
+        var index1 = index0 + stretch;
+        var composites = (ulong*)(index1 + stretch);
+        var (c0, c1) = Collect(keys, width, hint.First, hint.Last, index0, index1);
+        int p0 = positions[0], p1 = positions[^1];
+        bool hit0 = Resolves(c0, p0), hit1 = Resolves(c1, p1);
+        if (!hit0 || !hit1)
+        {
+            Widen(ref hint.First, hit0);
+            Widen(ref hint.Last, hit1);
+            return false;
+        }
+
+        ulong r0 = Pick(keys, width, hint.First, c0, index0, composites, p0 - c0.Below, out int copies0);
+        ulong r1 = Pick(keys, width, hint.Last, c1, index1, composites, p1 - c1.Below, out int copies1);
+        results[0] = r0;
+        results[positions.Length - 1] = r1;
+        Recentre(ref hint.First, (uint)(r0 >> 32), copies0, c0.Inside - c0.PivotCopies, keys, width);
+        Recentre(ref hint.Last, (uint)(r1 >> 32), copies1, c1.Inside - c1.PivotCopies, keys, width);
+        return true;
+    }
+
+    /// <summary>What a bracket pass counted for one bracket: keys below it, inside it, and, with a pivot,
+    /// those below the pivot and the pivot's copies.</summary>
+    private readonly record struct BracketCount(int Below, int Inside, int BelowPivot, int PivotCopies);
+
+    /// <summary>Whether the rank of <paramref name="position"/> falls inside the bracket.</summary>
+    private static bool Resolves(BracketCount c, int position) => c.Below <= position && position < c.Below + c.Inside;
+
+    /// <summary>One pass over the row with 512-bit vectors: for each bracket the keys below and inside it
+    /// counted, and the row index of each key inside it other than the pivot collected in row order by a
+    /// compress (no branch per vector); the pivot's copies are counted.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static (BracketCount First, BracketCount Last) Collect(uint* keys, int width, in KeyBracket b0, in KeyBracket b1,
+        uint* index0, uint* index1)
+    {
+        var lo0 = Vector512.Create(b0.Lo);
+        var span0 = Vector512.Create(b0.Span);
+        var pivot0 = Vector512.Create(b0.Pivot);
+        var lo1 = Vector512.Create(b1.Lo);
+        var span1 = Vector512.Create(b1.Span);
+        var pivot1 = Vector512.Create(b1.Pivot);
+        Vector512<uint> below0 = default, below1 = default, inside0 = default, inside1 = default;
+        Vector512<uint> under0 = default, under1 = default, copies0 = default, copies1 = default;
+        var index = Vector512.Create(0u, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        var step = Vector512.Create(16u);
+        bool hasPivot0 = b0.HasPivot, hasPivot1 = b1.HasPivot;
+        int n0 = 0, n1 = 0, i = 0;
+        for (; i <= width - 16; i += 16)
+        {
+            var k = Vector512.Load(keys + i);
+            var in0 = Vector512.LessThanOrEqual(k - lo0, span0);
+            var in1 = Vector512.LessThanOrEqual(k - lo1, span1);
+            below0 -= Vector512.LessThan(k, lo0);
+            below1 -= Vector512.LessThan(k, lo1);
+            inside0 -= in0;
+            inside1 -= in1;
+            if (hasPivot0)
+            {
+                var eq = Vector512.Equals(k, pivot0);
+                under0 -= Vector512.LessThan(k, pivot0);
+                copies0 -= eq;
+                in0 = Vector512.AndNot(in0, eq);
+            }
+
+            if (hasPivot1)
+            {
+                var eq = Vector512.Equals(k, pivot1);
+                under1 -= Vector512.LessThan(k, pivot1);
+                copies1 -= eq;
+                in1 = Vector512.AndNot(in1, eq);
+            }
+
+            Avx512F.Compress(Vector512<uint>.Zero, in0, index).Store(index0 + n0);
+            Avx512F.Compress(Vector512<uint>.Zero, in1, index).Store(index1 + n1);
+            n0 += BitOperations.PopCount(in0.ExtractMostSignificantBits());
+            n1 += BitOperations.PopCount(in1.ExtractMostSignificantBits());
+            index += step;
+        }
+
+        var first = new BracketCount((int)Vector512.Sum(below0), (int)Vector512.Sum(inside0), (int)Vector512.Sum(under0), (int)Vector512.Sum(copies0));
+        var last = new BracketCount((int)Vector512.Sum(below1), (int)Vector512.Sum(inside1), (int)Vector512.Sum(under1), (int)Vector512.Sum(copies1));
+        for (; i < width; i++)
+        {
+            first = Tally(first, b0, keys[i], i, index0, ref n0);
+            last = Tally(last, b1, keys[i], i, index1, ref n1);
+        }
+
+        return (first, last);
+    }
+
+    /// <summary>One key of the scalar tail of <see cref="Collect"/>.</summary>
+    private static BracketCount Tally(BracketCount c, in KeyBracket b, uint key, int i, uint* outIndex, ref int n)
+    {
+        bool inside = key - b.Lo <= b.Span;
+        bool pivot = b.HasPivot && key == b.Pivot;
+        if (inside && !pivot)
+        {
+            outIndex[n++] = (uint)i;
+        }
+
+        return new(c.Below + (key < b.Lo ? 1 : 0), c.Inside + (inside ? 1 : 0),
+            c.BelowPivot + (b.HasPivot && key < b.Pivot ? 1 : 0), c.PivotCopies + (pivot ? 1 : 0));
+    }
+
+    /// <summary>The composite of rank <paramref name="rank"/> among a bracket's entries, and how many of
+    /// them share its key.</summary>
+    private static ulong Pick(uint* keys, int width, in KeyBracket b, BracketCount c, uint* collected, ulong* composites, int rank, out int copies)
+    {
+        int count = c.Inside - c.PivotCopies;
+        if (b.HasPivot)
+        {
+            // In sorted order: the collected keys below the pivot, the pivot's copies (in row order), the rest.
+            int under = c.BelowPivot - c.Below;
+            if (rank >= under && rank < under + c.PivotCopies)
+            {
+                copies = c.PivotCopies;
+                return ((ulong)b.Pivot << 32) | (uint)Occurrence(keys, width, b.Pivot, rank - under);
+            }
+
+            if (rank >= under)
+            {
+                rank -= c.PivotCopies;
+            }
+        }
+
+        // A histogram of the collected keys over at most 256 sub-buckets of the bracket finds the wanted
+        // entry's sub-bucket; only its few entries are then ordered.
+        int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(b.Span) - 8);
+        Span<int> counts = stackalloc int[(int)(b.Span >> shift) + 2];
+        counts.Clear();
+        uint lo = b.Lo;
+        for (int i = 0; i < count; i++)
+        {
+            counts[(int)((keys[collected[i]] - lo) >> shift)]++;
+        }
+
+        int sub = 0;
+        while (rank >= counts[sub])
+        {
+            rank -= counts[sub++];
+        }
+
+        int n = 0;
+        for (int i = 0; i < count; i++)
+        {
+            uint key = keys[collected[i]];
+            if ((int)((key - lo) >> shift) == sub)
+            {
+                composites[n++] = ((ulong)key << 32) | collected[i];
+            }
+        }
+
+        var entries = new Span<ulong>(composites, n);
+        ulong result = SingleKey(entries) ? entries[rank] : Quickselect.Select(entries, rank);
+        uint wanted = (uint)(result >> 32);
+        copies = 0;
+        foreach (ulong e in entries)
+        {
+            copies += (uint)(e >> 32) == wanted ? 1 : 0;
+        }
+
+        return result;
+    }
+
+    /// <summary>Widens a bracket that missed (4× its half-width).</summary>
+    private static void Widen(ref KeyBracket b, bool hit)
+    {
+        if (!hit)
+        {
+            b.Half = Math.Min(KeyBracket.MaxHalfWidth, Math.Max(b.Half, KeyBracket.InitialHalfWidth) * 2);
+            b.Floor = b.Half;
+        }
+    }
+
+    /// <summary>Centres a bracket on <paramref name="key"/>, this row's answer, which has
+    /// <paramref name="copies"/> copies in the row (−1: not yet counted); <paramref name="collected"/> is
+    /// how many keys the bracket collected. A key with many copies becomes the bracket's pivot.</summary>
+    private static void Recentre(ref KeyBracket b, uint key, int copies, int collected, uint* keys, int width)
+    {
+        if (copies < 0)
+        {
+            copies = CountEqual(keys, width, key);
+        }
+
+        if (b.Half == 0)
+        {
+            b.Half = KeyBracket.InitialHalfWidth;
+        }
+        else if (collected > width / 16 && b.Half / 2 >= b.Floor)
+        {
+            b.Half = Math.Max(1, b.Half / 2);
+        }
+
+        b.HasPivot = copies >= KeyBracket.PivotCopies;
+        b.Pivot = key;
+        b.Lo = key >= b.Half ? key - b.Half : 0;
+        b.Span = (uint)Math.Min(uint.MaxValue - (ulong)b.Lo, (ulong)key - b.Lo + b.Half);
+    }
+
+    /// <summary>How many keys of the row equal <paramref name="key"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static int CountEqual(uint* keys, int width, uint key)
+    {
+        var vkey = new Vector<uint>(key);
+        var copies = Vector<uint>.Zero;
+        int i = 0;
+        int w = Vector<uint>.Count;
+        for (; i <= width - w; i += w)
+        {
+            copies -= Vector.Equals(Vector.Load(keys + i), vkey);
+        }
+
+        long count = Vector.Sum(copies);
+        for (; i < width; i++)
+        {
+            count += keys[i] == key ? 1 : 0;
+        }
+
+        return (int)count;
     }
 
     /// <summary>Whether every key in [from, from + span] (at least one) is the same, and which.</summary>
@@ -422,6 +698,68 @@ internal static unsafe class RowSelector
 }
 
 /// <summary>
+/// What one row's selection leaves for the next similar row (the next row of the same task vector): a
+/// key bracket per position (see <see cref="KeyBracket"/>). Only the speed depends on it, never the result.
+/// </summary>
+internal struct RowHint
+{
+    /// <summary>What the hint belongs to (the caller's token for one series of rows); the caller resets
+    /// the hint when it changes.</summary>
+    public object? Owner;
+
+    /// <summary>Whether the brackets were set by a previous row.</summary>
+    public bool Valid;
+
+    /// <summary>Rows answered within their brackets.</summary>
+    public int Hits;
+
+    /// <summary>Rows that took the histogram path.</summary>
+    public int Misses;
+
+    /// <summary>The first position's bracket.</summary>
+    public KeyBracket First;
+
+    /// <summary>The last position's bracket.</summary>
+    public KeyBracket Last;
+}
+
+/// <summary>
+/// The keys [Lo, Lo + Span] around one position's last answer: a window of half-width <see cref="Half"/>
+/// (a miss widens it 4×; one that collected more than 1/16 of the row is halved). When the answer's key
+/// had many copies (ties, as in task vectors of bfloat16 models) it is the bracket's <see cref="Pivot"/>,
+/// whose copies are counted instead of collected.
+/// </summary>
+internal record struct KeyBracket
+{
+    /// <summary>The first half-width: 1/1024 of an octave of float32 keys.</summary>
+    public const uint InitialHalfWidth = 1 << 13;
+
+    /// <summary>The widest half-width: 32 octaves.</summary>
+    public const uint MaxHalfWidth = 1 << 28;
+
+    /// <summary>The copies from which an answer's key becomes the pivot.</summary>
+    public const int PivotCopies = 16;
+
+    /// <summary>The lowest key of the bracket.</summary>
+    public uint Lo;
+
+    /// <summary>The bracket's width in keys.</summary>
+    public uint Span;
+
+    /// <summary>The window's half-width.</summary>
+    public uint Half;
+
+    /// <summary>The narrowest half-width since the last miss: the one that missed, widened.</summary>
+    public uint Floor;
+
+    /// <summary>Whether <see cref="Pivot"/> is counted rather than collected.</summary>
+    public bool HasPivot;
+
+    /// <summary>The last answer's key.</summary>
+    public uint Pivot;
+}
+
+/// <summary>
 /// The window of ranks [low, high) of one row (positions in the row's stable ascending sort by key,
 /// then index) as two composite bounds: an entry is inside when lower &lt; (key, index) ≤ upper. Short
 /// rows use <see cref="RowSelector"/>; rows longer than <see cref="MaxShortRow"/> the whole-buffer
@@ -433,7 +771,7 @@ internal static unsafe class RowWindow
     public const long MaxShortRow = 1 << 20;
 
     /// <summary>The calling thread's scratch for one short row of <paramref name="width"/> entries: its keys,
-    /// float32 staging for <see cref="KeySource.Fill"/>, and <see cref="OfShortRow"/>'s selector scratch.</summary>
+    /// float32 staging for <see cref="KeySource.Fill"/>, and <see cref="OfShortRow(uint*, int, long, long, byte*)"/>'s selector scratch.</summary>
     public static void ShortRowScratch(int width, out uint* keys, out float* floats, out byte* selector)
     {
         var scratch = ThreadScratch.Get(width * 12L + RowSelector.ScratchBytes(width));
@@ -446,6 +784,14 @@ internal static unsafe class RowWindow
     /// bound is meaningless when <paramref name="low"/> is 0 (nothing is below the window).</summary>
     public static (ulong Lower, ulong Upper) OfShortRow(uint* keys, int width, long low, long high, byte* scratch)
     {
+        var none = default(RowHint);
+        return OfShortRow(keys, width, low, high, scratch, ref none);
+    }
+
+    /// <summary>As <see cref="OfShortRow(uint*, int, long, long, byte*)"/>, for one of a series of similar rows
+    /// sharing <paramref name="hint"/> (see <see cref="RowSelector.Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>).</summary>
+    public static (ulong Lower, ulong Upper) OfShortRow(uint* keys, int width, long low, long high, byte* scratch, ref RowHint hint)
+    {
         Span<int> positions = stackalloc int[2];
         Span<ulong> results = stackalloc ulong[2];
         int count = 0;
@@ -455,11 +801,11 @@ internal static unsafe class RowWindow
         }
 
         positions[count++] = (int)high - 1;
-        RowSelector.Select(keys, width, positions[..count], results[..count], scratch);
+        RowSelector.Select(keys, width, positions[..count], results[..count], scratch, ref hint);
         return (low > 0 ? results[0] : 0, results[count - 1]);
     }
 
-    /// <summary>Bounds of the window of a long row, as <see cref="OfShortRow"/>.</summary>
+    /// <summary>Bounds of the window of a long row, as <see cref="OfShortRow(uint*, int, long, long, byte*)"/>.</summary>
     public static (ulong Lower, ulong Upper) OfLongRow(KeySource row, long low, long high)
     {
         var upper = new SelectionQuery(row, high - 1);

@@ -328,6 +328,87 @@ public class CpuSelectionTests
         }
     }
 
+    /// <summary>Series of rows sharing one <see cref="RowHint"/>, as the rows of a task vector do: alike
+    /// (Gaussian magnitudes), bfloat16 task vectors (a few heavily repeated keys, the pivot path), a scale
+    /// that jumps every few rows (misses and widening), few distinct keys, keys at both ends of the key
+    /// range (bracket arithmetic near 0 and 2³²), and a series that changes kind halfway.</summary>
+    private static IEnumerable<(string Name, uint[][] Rows)> HintedSeries()
+    {
+        var random = new Random(11);
+        float Normal() => (float)(Math.Sqrt(-2 * Math.Log(1 - random.NextDouble())) * Math.Cos(2 * Math.PI * random.NextDouble()));
+        static float Bf16(float x)
+        {
+            uint u = BitConverter.SingleToUInt32Bits(x);
+            u += 0x7FFF + ((u >> 16) & 1);
+            return BitConverter.UInt32BitsToSingle(u & 0xFFFF_0000);
+        }
+
+        foreach (int width in new[] { 37, 1000, 4096, 11008 })
+        {
+            const int rows = 24;
+            uint[][] Series(Func<int, int, uint> key) =>
+                Enumerable.Range(0, rows).Select(r => Enumerable.Range(0, width).Select(i => key(r, i)).ToArray()).ToArray();
+
+            yield return ($"gaussian {width}", Series((_, _) => FloatKeys.Magnitude(Normal())));
+            yield return ($"bf16 deltas {width}", Series((_, _) =>
+            {
+                float b = Bf16(Normal());
+                return FloatKeys.Magnitude(Bf16(b + (0.01f * Normal())) - b);
+            }));
+            var scales = Enumerable.Range(0, rows).Select(r => MathF.Pow(2, random.Next(-8, 9) * (r / 3 % 2))).ToArray();
+            yield return ($"scale jumps {width}", Series((r, _) => FloatKeys.Magnitude(Normal() * scales[r])));
+            yield return ($"few {width}", Series((_, _) => FloatKeys.Magnitude(random.Next(4) * 0.25f)));
+            yield return ($"extremes {width}", Series((_, _) => random.Next(2) == 0 ? (uint)random.Next(40) : uint.MaxValue - (uint)random.Next(40)));
+            yield return ($"changing {width}", Series((r, _) => r < rows / 2 ? FloatKeys.Magnitude(Normal()) : FloatKeys.Magnitude(random.Next(3) * 0.5f)));
+        }
+    }
+
+    [Test]
+    public unsafe void Row_selector_with_a_hint_equals_a_stable_sort_row_after_row()
+    {
+        bool bracketPass = System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated && System.Runtime.Intrinsics.X86.Avx512F.IsSupported;
+        foreach (var (name, rows) in HintedSeries())
+        {
+            int width = rows[0].Length;
+            var scratch = new byte[RowSelector.ScratchBytes(width) + 64];
+            // Breadcrumbs' window (β 0.2, γ 0.1), the ends, one position, and two adjacent positions.
+            int[][] wanted = [[(width * 7 / 10) - 1, (width * 9 / 10) - 1], [0, width - 1], [width / 2], [width / 3, (width / 3) + 1]];
+            foreach (var positions in wanted)
+            {
+                var hint = default(RowHint);
+                fixed (byte* s = scratch)
+                {
+                    var aligned = (byte*)(((nint)s + 63) & ~(nint)63);
+                    foreach (var keys in rows)
+                    {
+                        var sorted = keys.Select((k, i) => ((ulong)k << 32) | (uint)i).Order().ToArray();
+                        var results = new ulong[positions.Length];
+                        fixed (uint* k = keys)
+                        {
+                            RowSelector.Select(k, width, positions, results, aligned, ref hint);
+                        }
+
+                        for (int p = 0; p < positions.Length; p++)
+                        {
+                            Assert.That(results[p], Is.EqualTo(sorted[positions[p]]), $"{name}: position {positions[p]}");
+                        }
+                    }
+                }
+
+                Assert.That(hint.Hits + hint.Misses, Is.EqualTo(bracketPass ? rows.Length : 0), name);
+                if (bracketPass && width >= 1000 && positions == wanted[0] && (name.StartsWith("gaussian", StringComparison.Ordinal) || name.StartsWith("bf16", StringComparison.Ordinal)))
+                {
+                    Assert.That(hint.Hits, Is.GreaterThan(rows.Length / 2), $"{name}: rows alike should mostly be answered within their brackets");
+                }
+
+                if (bracketPass && name.StartsWith("scale", StringComparison.Ordinal))
+                {
+                    Assert.That(hint.Misses, Is.GreaterThan(1), $"{name}: a jump in scale should miss");
+                }
+            }
+        }
+    }
+
     [Test]
     public void Sorted_and_constant_inputs_still_select_exactly()
     {
