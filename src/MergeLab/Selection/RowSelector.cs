@@ -11,6 +11,8 @@ namespace MergeLab.Selection;
 /// One histogram of the keys (buckets monotone in the key) finds every position's bucket, one
 /// vectorized pass gathers the entries of all target buckets (in row order), and a quickselect among a
 /// bucket's few entries finds each entry (a bucket of copies of one key is counted in row order instead): O(row) per row, versus O(row·log row) for a sort.
+/// For a series of similar rows, a <see cref="RowHint"/> from the previous row lets one bracketing pass
+/// replace the histogram in most rows.
 /// </summary>
 /// <remarks>The buckets are fine (1/256 of an octave, at most 2048) over the top eight octaves of the
 /// row, where the largest magnitudes that Breadcrumbs cuts live; every smaller key shares bucket 0. A
