@@ -33,25 +33,23 @@ internal static unsafe class RowSelector
     /// Sets <paramref name="results"/>[i] to the composite at <paramref name="positions"/>[i] (ascending,
     /// each in [0, width)) of the row <paramref name="keys"/>.
     /// </summary>
-    public static void Select(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch)
-    {
-        var none = default(RowHint);
-        Select(keys, width, positions, results, scratch, ref none);
-    }
+    public static void Select(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch) =>
+        ByHistogram(keys, width, positions, results, scratch);
 
     /// <summary>
     /// As <see cref="Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*)"/>, for one of a series of
     /// similar rows (the rows of one task vector): <paramref name="hint"/>, left by the previous row, brackets
     /// each answer's key, and one pass over the row counts the keys below each bracket and those inside it,
-    /// collecting them (or, for a bracket of a few heavily repeated keys, counting each key's copies). When
+    /// collecting them (a heavily repeated last answer, the bracket's pivot, is counted instead). When
     /// every position's rank falls inside its bracket, the answer is found among those few entries;
     /// otherwise the row takes the histogram path. Either way the result is exact: the hint decides only
     /// the speed. The hint is then re-centred on this row's answers. The bracket pass needs AVX-512 (its
-    /// collecting is a compress); without it every row takes the histogram path.
+    /// collecting is a compress); without it, or for a hint without an owner, every row takes the
+    /// histogram path.
     /// </summary>
     public static void Select(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint)
     {
-        bool hinted = positions.Length is 1 or 2 && Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
+        bool hinted = hint.Owner is not null && positions.Length is 1 or 2 && Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
         if (hinted && hint.Valid && InBrackets(keys, width, positions, results, scratch, ref hint))
         {
             hint.Hits++;
@@ -705,8 +703,8 @@ internal static unsafe class RowSelector
 /// </summary>
 internal struct RowHint
 {
-    /// <summary>What the hint belongs to (the caller's token for one series of rows); the caller resets
-    /// the hint when it changes.</summary>
+    /// <summary>What the hint belongs to (the caller's token for one series of rows; the caller resets
+    /// the hint when it changes). A hint without one is not used.</summary>
     public object? Owner;
 
     /// <summary>Whether the brackets were set by a previous row.</summary>

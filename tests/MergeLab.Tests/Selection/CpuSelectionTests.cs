@@ -375,7 +375,7 @@ public class CpuSelectionTests
             int[][] wanted = [[(width * 7 / 10) - 1, (width * 9 / 10) - 1], [0, width - 1], [width / 2], [width / 3, (width / 3) + 1]];
             foreach (var positions in wanted)
             {
-                var hint = default(RowHint);
+                var hint = new RowHint { Owner = name };
                 fixed (byte* s = scratch)
                 {
                     var aligned = (byte*)(((nint)s + 63) & ~(nint)63);
