@@ -60,19 +60,21 @@ internal static unsafe class RowSelector
         if (hinted)
         {
             hint.Misses++;
-            if (!hint.Valid && positions.Length == 2 && positions[1] > positions[0] && results[1] >> 32 > results[0] >> 32
-                && CountEqual(keys, width, (uint)(results[0] >> 32)) < KeyBracket.PivotCopies
-                && CountEqual(keys, width, (uint)(results[1] >> 32)) < KeyBracket.PivotCopies)
+            uint key0 = (uint)(results[0] >> 32), key1 = (uint)(results[positions.Length - 1] >> 32);
+            int copies0 = CountEqual(keys, width, key0);
+            int copies1 = positions.Length == 2 ? CountEqual(keys, width, key1) : copies0;
+            if (!hint.Valid && positions.Length == 2 && positions[1] > positions[0] && key1 > key0
+                && copies0 < KeyBracket.PivotCopies && copies1 < KeyBracket.PivotCopies)
             {
                 // First row of distinct keys: brackets about 4·√width + 8 ranks wide each side, at the
                 // density of keys between the two answers. (Repeated keys start from the narrowest.)
-                double keysPerRank = (double)((results[1] >> 32) - (results[0] >> 32)) / (positions[1] - positions[0]);
+                double keysPerRank = (double)(key1 - key0) / (positions[1] - positions[0]);
                 uint half = (uint)Math.Clamp(keysPerRank * ((4 * Math.Sqrt(width)) + 8), 1, KeyBracket.MaxHalfWidth);
                 hint.First.Half = hint.Last.Half = half;
             }
 
-            Recentre(ref hint.First, (uint)(results[0] >> 32), -1, 0, keys, width);
-            Recentre(ref hint.Last, (uint)(results[positions.Length - 1] >> 32), -1, 0, keys, width);
+            Recentre(ref hint.First, key0, copies0, 0, width);
+            Recentre(ref hint.Last, key1, copies1, 0, width);
             hint.Valid = true;
         }
     }
@@ -291,8 +293,8 @@ internal static unsafe class RowSelector
         ulong r1 = Pick(keys, width, hint.Last, c1, index1, composites, p1 - c1.Below, out int copies1);
         results[0] = r0;
         results[positions.Length - 1] = r1;
-        Recentre(ref hint.First, (uint)(r0 >> 32), copies0, c0.Inside - c0.PivotCopies, keys, width);
-        Recentre(ref hint.Last, (uint)(r1 >> 32), copies1, c1.Inside - c1.PivotCopies, keys, width);
+        Recentre(ref hint.First, (uint)(r0 >> 32), copies0, c0.Inside - c0.PivotCopies, width);
+        Recentre(ref hint.Last, (uint)(r1 >> 32), copies1, c1.Inside - c1.PivotCopies, width);
         return true;
     }
 
@@ -439,7 +441,7 @@ internal static unsafe class RowSelector
         return result;
     }
 
-    /// <summary>Widens a bracket that missed (4× its half-width).</summary>
+    /// <summary>Widens a bracket that missed (2× its half-width) and keeps it from being halved below that.</summary>
     private static void Widen(ref KeyBracket b, bool hit)
     {
         if (!hit)
@@ -450,15 +452,10 @@ internal static unsafe class RowSelector
     }
 
     /// <summary>Centres a bracket on <paramref name="key"/>, this row's answer, which has
-    /// <paramref name="copies"/> copies in the row (−1: not yet counted); <paramref name="collected"/> is
-    /// how many keys the bracket collected. A key with many copies becomes the bracket's pivot.</summary>
-    private static void Recentre(ref KeyBracket b, uint key, int copies, int collected, uint* keys, int width)
+    /// <paramref name="copies"/> copies in the row of <paramref name="width"/>; <paramref name="collected"/>
+    /// is how many keys the bracket collected. A key with many copies becomes the bracket's pivot.</summary>
+    private static void Recentre(ref KeyBracket b, uint key, int copies, int collected, int width)
     {
-        if (copies < 0)
-        {
-            copies = CountEqual(keys, width, key);
-        }
-
         if (b.Half == 0)
         {
             b.Half = KeyBracket.InitialHalfWidth;
@@ -725,7 +722,8 @@ internal struct RowHint
 
 /// <summary>
 /// The keys [Lo, Lo + Span] around one position's last answer: a window of half-width <see cref="Half"/>
-/// (a miss widens it 4×; one that collected more than 1/16 of the row is halved). When the answer's key
+/// (a miss widens it 2×; one that collected more than 1/16 of the row is halved, but not below the
+/// width that last missed, <see cref="Floor"/>). When the answer's key
 /// had many copies (ties, as in task vectors of bfloat16 models) it is the bracket's <see cref="Pivot"/>,
 /// whose copies are counted instead of collected.
 /// </summary>
