@@ -507,21 +507,25 @@ internal static unsafe class FusedPipeline
         var hints = _rowHints;
         for (int k = 0; k < rules.Length; k++)
         {
-            var r = rules[k];
-            if (!r.RowsPending)
+            if (rules[k].RowsPending && !ReferenceEquals(hints[k].Owner, rules[k]))
             {
-                continue;
+                hints[k] = new RowHint { Owner = rules[k] };
             }
+        }
 
-            if (!ReferenceEquals(hints[k].Owner, r))
+        for (long row = firstRow; row < endRow; row++)
+        {
+            // The base row in float32 once for every expert; each expert's keys |θ − θ_base| are computed
+            // by the selection's own pass over the row.
+            float* baseRow = sources[0].Base.Block(row * w, w, floats);
+            for (int k = 0; k < rules.Length; k++)
             {
-                hints[k] = new RowHint { Owner = r };
-            }
-
-            for (long row = firstRow; row < endRow; row++)
-            {
-                sources[k].Fill(row * w, w, keys, floats);
-                (r.RowLower![row], r.RowUpper![row]) = RowWindow.OfShortRow(keys, w, r.Low, r.High, rowScratch, ref hints[k]);
+                var r = rules[k];
+                if (r.RowsPending)
+                {
+                    var source = new DifferenceRowKeys(sources[k].Expert.Slice(row * w, w), baseRow);
+                    (r.RowLower![row], r.RowUpper![row]) = RowWindow.OfShortRow(source, keys, w, r.Low, r.High, rowScratch, ref hints[k]);
+                }
             }
         }
     }

@@ -27,7 +27,7 @@ internal static unsafe class RowSelector
     private const int Octaves = 8;
 
     /// <summary>Scratch bytes a call with a row of <paramref name="width"/> needs.</summary>
-    public static long ScratchBytes(long width) => Copies * Stride * 4L + ((width + 16) * 16L) + 64;
+    public static long ScratchBytes(long width) => Copies * Stride * 4L + ((width + 16) * 32L) + 64;
 
     /// <summary>
     /// Sets <paramref name="results"/>[i] to the composite at <paramref name="positions"/>[i] (ascending,
@@ -47,13 +47,32 @@ internal static unsafe class RowSelector
     /// collecting is a compress); without it, or for a hint without an owner, every row takes the
     /// histogram path.
     /// </summary>
-    public static void Select(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint)
+    public static void Select(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint) =>
+        Select(default(StoredRowKeys), keys, width, positions, results, scratch, ref hint);
+
+    /// <summary>
+    /// As <see cref="Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>, with the
+    /// row's keys read from <paramref name="source"/>: one computed from the row's inputs writes each key
+    /// into <paramref name="keys"/> as the bracket pass reads it (or all of them first, when no bracket
+    /// pass runs), so computing the keys costs no pass of its own.
+    /// </summary>
+    public static void Select<TKeys>(in TKeys source, uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint)
+        where TKeys : struct, IRowKeys
     {
         bool hinted = hint.Owner is not null && positions.Length is 1 or 2 && Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
-        if (hinted && hint.Valid && InBrackets(keys, width, positions, results, scratch, ref hint))
+        if (hinted && hint.Valid)
         {
-            hint.Hits++;
-            return;
+            if (InBrackets(source, keys, width, positions, results, scratch, ref hint))
+            {
+                hint.Hits++;
+                return;
+            }
+
+            // The bracket pass read, and so wrote, every key.
+        }
+        else
+        {
+            source.Fill(keys, width);
         }
 
         ByHistogram(keys, width, positions, results, scratch);
@@ -273,13 +292,16 @@ internal static unsafe class RowSelector
 
     /// <summary>The bracket path of <see cref="Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>
     /// for one or two positions; false (no result set) when a position's rank lies outside its bracket.</summary>
-    private static bool InBrackets(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint)
+    private static bool InBrackets<TKeys>(in TKeys source, uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint)
+        where TKeys : struct, IRowKeys
     {
         int stretch = width + 16;
         var index0 = (uint*)(scratch + Copies * Stride * 4L);
         var index1 = index0 + stretch;
-        var composites = (ulong*)(index1 + stretch);
-        var (c0, c1) = Collect(keys, width, hint.First, hint.Last, index0, index1);
+        var keys0 = index1 + stretch;
+        var keys1 = keys0 + stretch;
+        var composites = (ulong*)(keys1 + stretch);
+        var (c0, c1) = Collect(source, keys, width, hint.First, hint.Last, index0, index1, keys0, keys1);
         int p0 = positions[0], p1 = positions[^1];
         bool hit0 = Resolves(c0, p0), hit1 = Resolves(c1, p1);
         if (!hit0 || !hit1)
@@ -289,8 +311,8 @@ internal static unsafe class RowSelector
             return false;
         }
 
-        ulong r0 = Pick(keys, width, hint.First, c0, index0, composites, p0 - c0.Below, out int copies0);
-        ulong r1 = Pick(keys, width, hint.Last, c1, index1, composites, p1 - c1.Below, out int copies1);
+        ulong r0 = Pick(keys, width, hint.First, c0, index0, keys0, composites, p0 - c0.Below, out int copies0);
+        ulong r1 = Pick(keys, width, hint.Last, c1, index1, keys1, composites, p1 - c1.Below, out int copies1);
         results[0] = r0;
         results[positions.Length - 1] = r1;
         Recentre(ref hint.First, (uint)(r0 >> 32), copies0, c0.Inside - c0.PivotCopies, width);
@@ -306,11 +328,14 @@ internal static unsafe class RowSelector
     private static bool Resolves(BracketCount c, int position) => c.Below <= position && position < c.Below + c.Inside;
 
     /// <summary>One pass over the row with 512-bit vectors: for each bracket the keys below and inside it
-    /// counted, and the row index of each key inside it other than the pivot collected in row order by a
-    /// compress (no branch per vector); the pivot's copies are counted.</summary>
+    /// counted, and each key inside it other than the pivot collected with its row index, in row order,
+    /// by a compress (no branch per vector). The pivot's copies are what the bracket holds beyond those
+    /// collected, and the keys below the pivot are those below the bracket plus the collected ones below
+    /// it, counted afterwards among the few collected.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static (BracketCount First, BracketCount Last) Collect(uint* keys, int width, in KeyBracket b0, in KeyBracket b1,
-        uint* index0, uint* index1)
+    private static (BracketCount First, BracketCount Last) Collect<TKeys>(in TKeys source, uint* keys, int width, in KeyBracket b0, in KeyBracket b1,
+        uint* index0, uint* index1, uint* keys0, uint* keys1)
+        where TKeys : struct, IRowKeys
     {
         var lo0 = Vector512.Create(b0.Lo);
         var span0 = Vector512.Create(b0.Span);
@@ -319,14 +344,13 @@ internal static unsafe class RowSelector
         var span1 = Vector512.Create(b1.Span);
         var pivot1 = Vector512.Create(b1.Pivot);
         Vector512<uint> below0 = default, below1 = default, inside0 = default, inside1 = default;
-        Vector512<uint> under0 = default, under1 = default, copies0 = default, copies1 = default;
         var index = Vector512.Create(0u, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         var step = Vector512.Create(16u);
         bool hasPivot0 = b0.HasPivot, hasPivot1 = b1.HasPivot;
-        int n0 = 0, n1 = 0, i = 0;
+        int n0 = 0, n1 = 0, i = 0; // kept out of the tail's ref arguments so they stay in registers
         for (; i <= width - 16; i += 16)
         {
-            var k = Vector512.Load(keys + i);
+            var k = source.Load16(keys, i);
             var in0 = Vector512.LessThanOrEqual(k - lo0, span0);
             var in1 = Vector512.LessThanOrEqual(k - lo1, span1);
             below0 -= Vector512.LessThan(k, lo0);
@@ -335,55 +359,81 @@ internal static unsafe class RowSelector
             inside1 -= in1;
             if (hasPivot0)
             {
-                var eq = Vector512.Equals(k, pivot0);
-                under0 -= Vector512.LessThan(k, pivot0);
-                copies0 -= eq;
-                in0 = Vector512.AndNot(in0, eq);
+                in0 = Vector512.AndNot(in0, Vector512.Equals(k, pivot0));
             }
 
             if (hasPivot1)
             {
-                var eq = Vector512.Equals(k, pivot1);
-                under1 -= Vector512.LessThan(k, pivot1);
-                copies1 -= eq;
-                in1 = Vector512.AndNot(in1, eq);
+                in1 = Vector512.AndNot(in1, Vector512.Equals(k, pivot1));
             }
 
             Avx512F.Compress(Vector512<uint>.Zero, in0, index).Store(index0 + n0);
+            Avx512F.Compress(Vector512<uint>.Zero, in0, k).Store(keys0 + n0);
             Avx512F.Compress(Vector512<uint>.Zero, in1, index).Store(index1 + n1);
+            Avx512F.Compress(Vector512<uint>.Zero, in1, k).Store(keys1 + n1);
             n0 += BitOperations.PopCount(in0.ExtractMostSignificantBits());
             n1 += BitOperations.PopCount(in1.ExtractMostSignificantBits());
             index += step;
         }
 
-        var first = new BracketCount((int)Vector512.Sum(below0), (int)Vector512.Sum(inside0), (int)Vector512.Sum(under0), (int)Vector512.Sum(copies0));
-        var last = new BracketCount((int)Vector512.Sum(below1), (int)Vector512.Sum(inside1), (int)Vector512.Sum(under1), (int)Vector512.Sum(copies1));
+        int tail0 = n0, tail1 = n1;
+        int belowCount0 = (int)Vector512.Sum(below0), belowCount1 = (int)Vector512.Sum(below1);
+        int insideCount0 = (int)Vector512.Sum(inside0), insideCount1 = (int)Vector512.Sum(inside1);
         for (; i < width; i++)
         {
-            first = Tally(first, b0, keys[i], i, index0, ref n0);
-            last = Tally(last, b1, keys[i], i, index1, ref n1);
+            uint key = source.Load1(keys, i);
+            Tally(b0, key, i, index0, keys0, ref belowCount0, ref insideCount0, ref tail0);
+            Tally(b1, key, i, index1, keys1, ref belowCount1, ref insideCount1, ref tail1);
         }
 
-        return (first, last);
+        return (Counted(b0, belowCount0, insideCount0, keys0, tail0), Counted(b1, belowCount1, insideCount1, keys1, tail1));
     }
 
     /// <summary>One key of the scalar tail of <see cref="Collect"/>.</summary>
-    private static BracketCount Tally(BracketCount c, in KeyBracket b, uint key, int i, uint* outIndex, ref int n)
+    private static void Tally(in KeyBracket b, uint key, int i, uint* outIndex, uint* outKeys, ref int below, ref int inside, ref int n)
     {
-        bool inside = key - b.Lo <= b.Span;
-        bool pivot = b.HasPivot && key == b.Pivot;
-        if (inside && !pivot)
+        bool isInside = key - b.Lo <= b.Span;
+        below += key < b.Lo ? 1 : 0;
+        inside += isInside ? 1 : 0;
+        if (isInside && !(b.HasPivot && key == b.Pivot))
         {
+            outKeys[n] = key;
             outIndex[n++] = (uint)i;
         }
-
-        return new(c.Below + (key < b.Lo ? 1 : 0), c.Inside + (inside ? 1 : 0),
-            c.BelowPivot + (b.HasPivot && key < b.Pivot ? 1 : 0), c.PivotCopies + (pivot ? 1 : 0));
     }
 
-    /// <summary>The composite of rank <paramref name="rank"/> among a bracket's entries, and how many of
+    /// <summary>A bracket's counts from <see cref="Collect"/>'s: the pivot's copies are the keys inside
+    /// not collected, and the keys below the pivot those below the bracket plus the collected ones below it.</summary>
+    private static BracketCount Counted(in KeyBracket b, int below, int inside, uint* collectedKeys, int collected)
+    {
+        if (!b.HasPivot)
+        {
+            return new(below, inside, 0, 0);
+        }
+
+        var pivot = Vector512.Create(b.Pivot);
+        var under = Vector512<uint>.Zero;
+        int i = 0;
+        for (; i <= collected - 16; i += 16)
+        {
+            under -= Vector512.LessThan(Vector512.Load(collectedKeys + i), pivot);
+        }
+
+        int underCount = (int)Vector512.Sum(under);
+        for (; i < collected; i++)
+        {
+            underCount += collectedKeys[i] < b.Pivot ? 1 : 0;
+        }
+
+        return new(below, inside, below + underCount, inside - collected);
+    }
+
+    /// <summary>The composite of rank <paramref name="rank"/> among a bracket's entries (the pivot's copies,
+    /// and the <paramref name="collectedKeys"/> at row indices <paramref name="collected"/>), and how many of
     /// them share its key.</summary>
-    private static ulong Pick(uint* keys, int width, in KeyBracket b, BracketCount c, uint* collected, ulong* composites, int rank, out int copies)
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static ulong Pick(uint* keys, int width, in KeyBracket b, BracketCount c, uint* collected, uint* collectedKeys,
+        ulong* composites, int rank, out int copies)
     {
         int count = c.Inside - c.PivotCopies;
         if (b.HasPivot)
@@ -402,34 +452,64 @@ internal static unsafe class RowSelector
             }
         }
 
-        // A histogram of the collected keys over at most 256 sub-buckets of the bracket finds the wanted
-        // entry's sub-bucket; only its few entries are then ordered.
+        // A histogram of the collected keys over at most 256 sub-buckets of the bracket (two interleaved
+        // copies, so runs of one sub-bucket serialize less) finds the wanted entry's sub-bucket; only its
+        // few entries are then gathered, a vector at a time, and ordered.
         int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(b.Span) - 8);
-        Span<int> counts = stackalloc int[(int)(b.Span >> shift) + 2];
-        counts.Clear();
+        var counts = stackalloc int[2 * 258];
+        new Span<int>(counts, 2 * 258).Clear();
+        var counts1 = counts + 258;
         uint lo = b.Lo;
-        for (int i = 0; i < count; i++)
+        int i = 0;
+        for (; i <= count - 2; i += 2)
         {
-            counts[(int)((keys[collected[i]] - lo) >> shift)]++;
+            counts[(int)((collectedKeys[i] - lo) >> shift)]++;
+            counts1[(int)((collectedKeys[i + 1] - lo) >> shift)]++;
+        }
+
+        if (i < count)
+        {
+            counts[(int)((collectedKeys[i] - lo) >> shift)]++;
         }
 
         int sub = 0;
-        while (rank >= counts[sub])
+        while (rank >= counts[sub] + counts1[sub])
         {
-            rank -= counts[sub++];
+            rank -= counts[sub] + counts1[sub];
+            sub++;
         }
 
+        // The sub-bucket's keys and row indices, in row order, into the two halves of `composites`.
+        var subKeys = (uint*)composites;
+        var subIndex = subKeys + count + 16;
+        var vlo = Vector512.Create(lo);
+        var vsub = Vector512.Create((uint)sub);
         int n = 0;
-        for (int i = 0; i < count; i++)
+        for (i = 0; i <= count - 16; i += 16)
         {
-            uint key = keys[collected[i]];
-            if ((int)((key - lo) >> shift) == sub)
+            var k = Vector512.Load(collectedKeys + i);
+            var m = Vector512.Equals(Vector512.ShiftRightLogical(k - vlo, shift), vsub);
+            Avx512F.Compress(Vector512<uint>.Zero, m, k).Store(subKeys + n);
+            Avx512F.Compress(Vector512<uint>.Zero, m, Vector512.Load(collected + i)).Store(subIndex + n);
+            n += BitOperations.PopCount(m.ExtractMostSignificantBits());
+        }
+
+        for (; i < count; i++)
+        {
+            if ((int)((collectedKeys[i] - lo) >> shift) == sub)
             {
-                composites[n++] = ((ulong)key << 32) | collected[i];
+                subKeys[n] = collectedKeys[i];
+                subIndex[n++] = collected[i];
             }
         }
 
-        var entries = new Span<ulong>(composites, n);
+        // Composites of the gathered entries, after the keys and indices (count + 16 ulongs).
+        var entries = new Span<ulong>(composites + count + 16, n);
+        for (int j = 0; j < n; j++)
+        {
+            entries[j] = ((ulong)subKeys[j] << 32) | subIndex[j];
+        }
+
         ulong result = SingleKey(entries) ? entries[rank] : Quickselect.Select(entries, rank);
         uint wanted = (uint)(result >> 32);
         copies = 0;
@@ -694,6 +774,67 @@ internal static unsafe class RowSelector
     }
 }
 
+/// <summary>Where <see cref="RowSelector"/>'s bracket pass reads a row's keys: the key buffer itself, or
+/// the row's inputs, each key then written to the buffer as it is read.</summary>
+internal unsafe interface IRowKeys
+{
+    /// <summary>Keys [<paramref name="i"/>, <paramref name="i"/> + 16), written to
+    /// <paramref name="keys"/> + <paramref name="i"/> first when computed.</summary>
+    Vector512<uint> Load16(uint* keys, int i);
+
+    /// <summary>Key <paramref name="i"/>, written to <paramref name="keys"/>[<paramref name="i"/>] first when computed.</summary>
+    uint Load1(uint* keys, int i);
+
+    /// <summary>Writes the row's <paramref name="width"/> keys to <paramref name="keys"/> (nothing when they are there).</summary>
+    void Fill(uint* keys, int width);
+}
+
+/// <summary>Keys already in the key buffer.</summary>
+internal readonly unsafe struct StoredRowKeys : IRowKeys
+{
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public Vector512<uint> Load16(uint* keys, int i) => Vector512.Load(keys + i);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public uint Load1(uint* keys, int i) => keys[i];
+
+    public void Fill(uint* keys, int width)
+    {
+    }
+}
+
+/// <summary>The keys |expert − base| of one row (<see cref="FloatKeys.Magnitude"/> of the float32
+/// difference, as <see cref="DifferenceMagnitudeKeys"/> gives them), from the expert's row (bfloat16 or
+/// float32) and the base row already in float32.</summary>
+internal readonly unsafe struct DifferenceRowKeys(CpuFloats expertRow, float* baseRow) : IRowKeys
+{
+    private readonly CpuFloats _expertRow = expertRow;
+    private readonly void* _expert = expertRow.Pointer;
+    private readonly bool _bf16 = expertRow.IsBFloat16;
+    private readonly float* _base = baseRow;
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public Vector512<uint> Load16(uint* keys, int i)
+    {
+        var e = _bf16
+            ? Vector512.ShiftLeft(Avx512F.ConvertToVector512UInt32(Vector256.Load((ushort*)_expert + i)), 16).AsSingle()
+            : Vector512.Load((float*)_expert + i);
+        var k = (e - Vector512.Load(_base + i)).AsUInt32() & Vector512.Create(FloatKeys.MagnitudeMask);
+        k.Store(keys + i);
+        return k;
+    }
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public uint Load1(uint* keys, int i)
+    {
+        float e = _bf16 ? BitConverter.UInt32BitsToSingle((uint)((ushort*)_expert)[i] << 16) : ((float*)_expert)[i];
+        return keys[i] = FloatKeys.Magnitude(e - _base[i]);
+    }
+
+    public void Fill(uint* keys, int width) =>
+        new DifferenceMagnitudeKeys(_expertRow, new CpuFloats(_base, width, bfloat16: false)).Fill(0, width, keys, null);
+}
+
 /// <summary>
 /// What one row's selection leaves for the next similar row (the next row of the same task vector): a
 /// key bracket per position (see <see cref="KeyBracket"/>). Only the speed depends on it, never the result.
@@ -788,7 +929,14 @@ internal static unsafe class RowWindow
 
     /// <summary>As <see cref="OfShortRow(uint*, int, long, long, byte*)"/>, for one of a series of similar rows
     /// sharing <paramref name="hint"/> (see <see cref="RowSelector.Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>).</summary>
-    public static (ulong Lower, ulong Upper) OfShortRow(uint* keys, int width, long low, long high, byte* scratch, ref RowHint hint)
+    public static (ulong Lower, ulong Upper) OfShortRow(uint* keys, int width, long low, long high, byte* scratch, ref RowHint hint) =>
+        OfShortRow(default(StoredRowKeys), keys, width, low, high, scratch, ref hint);
+
+    /// <summary>As <see cref="OfShortRow(uint*, int, long, long, byte*, ref RowHint)"/>, with the keys read from
+    /// <paramref name="source"/> and written to <paramref name="keys"/> as they are read
+    /// (see <see cref="RowSelector.Select{TKeys}(in TKeys, uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>).</summary>
+    public static (ulong Lower, ulong Upper) OfShortRow<TKeys>(in TKeys source, uint* keys, int width, long low, long high, byte* scratch, ref RowHint hint)
+        where TKeys : struct, IRowKeys
     {
         Span<int> positions = stackalloc int[2];
         Span<ulong> results = stackalloc ulong[2];
@@ -799,7 +947,7 @@ internal static unsafe class RowWindow
         }
 
         positions[count++] = (int)high - 1;
-        RowSelector.Select(keys, width, positions[..count], results[..count], scratch, ref hint);
+        RowSelector.Select(source, keys, width, positions[..count], results[..count], scratch, ref hint);
         return (low > 0 ? results[0] : 0, results[count - 1]);
     }
 

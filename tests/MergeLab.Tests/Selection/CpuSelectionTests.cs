@@ -410,6 +410,57 @@ public class CpuSelectionTests
     }
 
     [Test]
+    public unsafe void Row_selector_computing_keys_from_the_inputs_equals_a_stable_sort_of_them()
+    {
+        // Breadcrumbs' rows: |expert − base| computed by the bracket pass itself (bfloat16 and float32
+        // experts). A scale jump every seventh row makes rows miss, so the histogram path must find every
+        // key written by that pass; the first row of each series fills the keys without a pass.
+        var random = new Random(5);
+        float Normal() => (float)(Math.Sqrt(-2 * Math.Log(1 - random.NextDouble())) * Math.Cos(2 * Math.PI * random.NextDouble()));
+        foreach (int width in new[] { 37, 1003, 4096 })
+        {
+            foreach (bool bf16 in new[] { true, false })
+            {
+                var hint = new RowHint { Owner = (width, bf16) };
+                var scratch = new byte[RowSelector.ScratchBytes(width) + 64];
+                var keys = new uint[width];
+                int[] positions = [(width * 7 / 10) - 1, (width * 9 / 10) - 1];
+                for (int row = 0; row < 40; row++)
+                {
+                    float scale = row % 7 == 6 ? 50f : 0.01f;
+                    var baseRow = Enumerable.Range(0, width).Select(_ => Normal()).ToArray();
+                    var expert = baseRow.Select(b => b + (scale * Normal())).ToArray();
+                    var wide = bf16 ? expert.Select(e => BitConverter.UInt32BitsToSingle(BitConverter.SingleToUInt32Bits(e) & 0xFFFF_0000)).ToArray() : expert;
+                    var narrow = wide.Select(e => (ushort)(BitConverter.SingleToUInt32Bits(e) >> 16)).ToArray();
+                    var expected = wide.Select((e, i) => FloatKeys.Magnitude(e - baseRow[i])).ToArray();
+                    var sorted = expected.Select((k, i) => ((ulong)k << 32) | (uint)i).Order().ToArray();
+                    var results = new ulong[2];
+                    Array.Clear(keys);
+                    fixed (float* b = baseRow)
+                    fixed (float* e = wide)
+                    fixed (ushort* h = narrow)
+                    fixed (uint* k = keys)
+                    fixed (byte* s = scratch)
+                    {
+                        var aligned = (byte*)(((nint)s + 63) & ~(nint)63);
+                        var source = new DifferenceRowKeys(bf16 ? new CpuFloats(h, width, true) : new CpuFloats(e, width, false), b);
+                        RowSelector.Select(source, k, width, positions, results, aligned, ref hint);
+                    }
+
+                    Assert.That(keys, Is.EqualTo(expected), $"width {width}, bf16 {bf16}, row {row}: the keys written");
+                    Assert.That(results, Is.EqualTo(new[] { sorted[positions[0]], sorted[positions[1]] }), $"width {width}, bf16 {bf16}, row {row}");
+                }
+
+                if (System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated && System.Runtime.Intrinsics.X86.Avx512F.IsSupported && width >= 1000)
+                {
+                    Assert.That(hint.Hits, Is.GreaterThan(10), "alike rows take the bracket pass");
+                    Assert.That(hint.Misses, Is.GreaterThan(4), "scale jumps take the histogram path");
+                }
+            }
+        }
+    }
+
+    [Test]
     public void Sorted_and_constant_inputs_still_select_exactly()
     {
         // A sorted input makes the strata of the sample correlated with position; a constant one makes
