@@ -150,23 +150,27 @@ internal sealed unsafe class DifferenceMagnitudeKeys(CpuFloats expert, CpuFloats
 
     public override long Length => Expert.Length;
 
+    public override void Fill(long start, int count, uint* keys, float* scratch) => Fill(Expert, Base, start, count, keys);
+
+    /// <summary>The keys of entries [<paramref name="start"/>, start + <paramref name="count"/>) of
+    /// |<paramref name="expert"/> − <paramref name="baseValues"/>| into <paramref name="keys"/>.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    public override void Fill(long start, int count, uint* keys, float* scratch)
+    public static void Fill(CpuFloats expert, CpuFloats baseValues, long start, int count, uint* keys)
     {
         int w = Vector<float>.Count;
         var mask = new Vector<uint>(FloatKeys.MagnitudeMask);
         int i = 0;
         for (; i <= count - 2 * w; i += 2 * w)
         {
-            Load(Expert, start + i, out var e0, out var e1);
-            Load(Base, start + i, out var b0, out var b1);
+            Load(expert, start + i, out var e0, out var e1);
+            Load(baseValues, start + i, out var b0, out var b1);
             Vector.Store(Vector.AsVectorUInt32(e0 - b0) & mask, keys + i);
             Vector.Store(Vector.AsVectorUInt32(e1 - b1) & mask, keys + i + w);
         }
 
         for (; i < count; i++)
         {
-            keys[i] = FloatKeys.Magnitude(Expert.At(start + i) - Base.At(start + i));
+            keys[i] = FloatKeys.Magnitude(expert.At(start + i) - baseValues.At(start + i));
         }
     }
 

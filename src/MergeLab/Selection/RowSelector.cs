@@ -832,7 +832,7 @@ internal readonly unsafe struct DifferenceRowKeys(CpuFloats expertRow, float* ba
     }
 
     public void Fill(uint* keys, int width) =>
-        new DifferenceMagnitudeKeys(_expertRow, new CpuFloats(_base, width, bfloat16: false)).Fill(0, width, keys, null);
+        DifferenceMagnitudeKeys.Fill(_expertRow, new CpuFloats(_base, width, bfloat16: false), 0, width, keys);
 }
 
 /// <summary>
@@ -910,7 +910,7 @@ internal static unsafe class RowWindow
     public const long MaxShortRow = 1 << 20;
 
     /// <summary>The calling thread's scratch for one short row of <paramref name="width"/> entries: its keys,
-    /// float32 staging for <see cref="KeySource.Fill"/>, and <see cref="OfShortRow(uint*, int, long, long, byte*)"/>'s selector scratch.</summary>
+    /// float32 staging (for <see cref="KeySource.Fill"/>, or a base row widened for <see cref="DifferenceRowKeys"/>), and <see cref="OfShortRow(uint*, int, long, long, byte*)"/>'s selector scratch.</summary>
     public static void ShortRowScratch(int width, out uint* keys, out float* floats, out byte* selector)
     {
         var scratch = ThreadScratch.Get(width * 12L + RowSelector.ScratchBytes(width));
