@@ -482,7 +482,7 @@ internal static unsafe class FusedPipeline
 
     /// <summary>The window bounds of rows [<paramref name="firstRow"/>, <paramref name="endRow"/>) for every
     /// rule still <see cref="Rule.RowsPending"/>, on the calling thread.</summary>
-    private static void SelectRows(Rule[] rules, DifferenceMagnitudeKeys[] sources, long firstRow, long endRow)
+    private static void SelectRows(Rule[] rules, Inputs inputs, long firstRow, long endRow)
     {
         int w = 0;
         foreach (var r in rules)
@@ -517,13 +517,13 @@ internal static unsafe class FusedPipeline
         {
             // The base row in float32 once for every expert; each expert's keys |θ − θ_base| are computed
             // by the selection's own pass over the row.
-            float* baseRow = sources[0].Base.Block(row * w, w, floats);
+            float* baseRow = inputs.Base.Block(row * w, w, floats);
             for (int k = 0; k < rules.Length; k++)
             {
                 var r = rules[k];
                 if (r.RowsPending)
                 {
-                    var source = new DifferenceRowKeys(sources[k].Expert.Slice(row * w, w), baseRow);
+                    var source = new DifferenceRowKeys(inputs.Experts[k].Slice(row * w, w), baseRow);
                     (r.RowLower![row], r.RowUpper![row]) = RowWindow.OfShortRow(source, keys, w, r.Low, r.High, rowScratch, ref hints[k]);
                 }
             }
@@ -588,7 +588,6 @@ internal static unsafe class FusedPipeline
         private readonly bool _randomOnly;
         private readonly bool _randomConsensus;
         private readonly long _rowWidth;
-        private readonly DifferenceMagnitudeKeys[] _rowSources;
 
         public Kernel(TaskVectorPipeline pipeline, Inputs inputs, Rule[] rules)
         {
@@ -615,7 +614,6 @@ internal static unsafe class FusedPipeline
             _randomOnly = _consensus is null && rules.All(r => r.Kind == RuleKind.Random);
             _randomConsensus = _consensus is not null && rules.All(r => r.Kind == RuleKind.Random) && RandomConsensusTile(rules.Length) > 0;
             _rowWidth = rules.FirstOrDefault(r => r.Kind == RuleKind.RowWindow)?.Width ?? 0;
-            _rowSources = inputs.Experts.Select(e => new DifferenceMagnitudeKeys(e, inputs.Base)).ToArray();
         }
 
         /// <summary>The sign a parameter takes when its election sums to 0.</summary>
@@ -671,7 +669,7 @@ internal static unsafe class FusedPipeline
 
             for (long row = start / _rowWidth; row < end / _rowWidth; row++)
             {
-                SelectRows(_rules, _rowSources, row, row + 1);
+                SelectRows(_rules, _inputs, row, row + 1);
                 body(row * _rowWidth, (row + 1) * _rowWidth);
             }
         }

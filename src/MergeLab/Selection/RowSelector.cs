@@ -924,16 +924,12 @@ internal static unsafe class RowWindow
     public static (ulong Lower, ulong Upper) OfShortRow(uint* keys, int width, long low, long high, byte* scratch)
     {
         var none = default(RowHint);
-        return OfShortRow(keys, width, low, high, scratch, ref none);
+        return OfShortRow(default(StoredRowKeys), keys, width, low, high, scratch, ref none);
     }
 
     /// <summary>As <see cref="OfShortRow(uint*, int, long, long, byte*)"/>, for one of a series of similar rows
-    /// sharing <paramref name="hint"/> (see <see cref="RowSelector.Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>).</summary>
-    public static (ulong Lower, ulong Upper) OfShortRow(uint* keys, int width, long low, long high, byte* scratch, ref RowHint hint) =>
-        OfShortRow(default(StoredRowKeys), keys, width, low, high, scratch, ref hint);
-
-    /// <summary>As <see cref="OfShortRow(uint*, int, long, long, byte*, ref RowHint)"/>, with the keys read from
-    /// <paramref name="source"/> and written to <paramref name="keys"/> as they are read
+    /// sharing <paramref name="hint"/>, with the keys read from <paramref name="source"/> and written to
+    /// <paramref name="keys"/> as they are read
     /// (see <see cref="RowSelector.Select{TKeys}(in TKeys, uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>).</summary>
     public static (ulong Lower, ulong Upper) OfShortRow<TKeys>(in TKeys source, uint* keys, int width, long low, long high, byte* scratch, ref RowHint hint)
         where TKeys : struct, IRowKeys

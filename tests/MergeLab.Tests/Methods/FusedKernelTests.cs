@@ -746,8 +746,9 @@ public class PcbKernelTests
         using var b = randn([rows, cols], generator: g).to(dtype);
         var list = Enumerable.Range(0, experts).Select(_ =>
         {
-            using var step = grid ? randint(-2, 3, [rows, cols], generator: g).to(ScalarType.Float32).mul_(1.0 / 64) : randn([rows, cols], generator: g).mul_(0.01);
-            return (b.to(ScalarType.Float32) + step).to(dtype);
+            using var scope = NewDisposeScope();
+            var step = grid ? randint(-2, 3, [rows, cols], generator: g).to(ScalarType.Float32).mul_(1.0 / 64) : randn([rows, cols], generator: g).mul_(0.01);
+            return (b.to(ScalarType.Float32) + step).to(dtype).MoveToOuterDisposeScope();
         }).ToArray();
         try
         {
@@ -758,7 +759,9 @@ public class PcbKernelTests
             PcbKernel.ScoreBuffer = true;
             using var buffered = pcb.MergeTensor(group, outputType: ScalarType.Float32);
             Assert.That(computed.bytes.ToArray(), Is.EqualTo(buffered.bytes.ToArray()));
-            Assert.That(computed.isfinite().all().item<bool>(), Is.True);
+            using var finite = computed.isfinite();
+            using var allFinite = finite.all();
+            Assert.That(allFinite.item<bool>(), Is.True);
         }
         finally
         {
