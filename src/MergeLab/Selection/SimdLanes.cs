@@ -44,6 +44,33 @@ internal unsafe interface ISimdLanes<TV>
 
     static abstract TV EqualTo(TV a, TV b);
 
+    static abstract TV GreaterThanOrEqual(TV a, TV b);
+
+    /// <summary>x86's min: <paramref name="b"/> when either lane is NaN.</summary>
+    static abstract TV MinNative(TV a, TV b);
+
+    /// <summary>x86's max: <paramref name="b"/> when either lane is NaN.</summary>
+    static abstract TV MaxNative(TV a, TV b);
+
+    static abstract TV Abs(TV x);
+
+    /// <summary>a·b + c with one rounding.</summary>
+    static abstract TV FusedMultiplyAdd(TV a, TV b, TV c);
+
+    /// <summary>Rounds to the nearest integer, ties to even.</summary>
+    static abstract TV Round(TV x);
+
+    /// <summary>2^k for integral lanes k in [−126, 127], from the exponent bits (the native conversion:
+    /// no saturation needed in that range).</summary>
+    static abstract TV PowerOfTwo(TV k);
+
+    /// <summary>Whether no bit of <paramref name="mask"/> is set.</summary>
+    static abstract bool None(TV mask);
+
+    static abstract TV Read(float* p);
+
+    static abstract void Write(TV x, float* p);
+
     /// <summary>All ones where the magnitude bits of <paramref name="x"/> are at least <paramref name="limitBits"/>'s, as unsigned integers.</summary>
     static abstract TV MagnitudeAtLeast(TV x, TV limitBits);
 
@@ -115,6 +142,37 @@ internal readonly unsafe struct VectorLanes : ISimdLanes<Vector<float>>
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector<float> EqualTo(Vector<float> a, Vector<float> b) => Vector.AsVectorSingle(Vector.Equals(a, b));
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<float> GreaterThanOrEqual(Vector<float> a, Vector<float> b) => Vector.AsVectorSingle(Vector.GreaterThanOrEqual(a, b));
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<float> MinNative(Vector<float> a, Vector<float> b) => Vector.MinNative(a, b);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<float> MaxNative(Vector<float> a, Vector<float> b) => Vector.MaxNative(a, b);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<float> Abs(Vector<float> x) => Vector.Abs(x);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<float> FusedMultiplyAdd(Vector<float> a, Vector<float> b, Vector<float> c) => Vector.FusedMultiplyAdd(a, b, c);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<float> Round(Vector<float> x) => Vector.Round(x);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<float> PowerOfTwo(Vector<float> k) =>
+        Vector.AsVectorSingle(Vector.ShiftLeft(Vector.ConvertToInt32Native(k) + new Vector<int>(127), 23));
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static bool None(Vector<float> mask) => Vector.EqualsAll(Vector.AsVectorInt32(mask), Vector<int>.Zero);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector<float> Read(float* p) => Vector.Load(p);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Write(Vector<float> x, float* p) => Vector.Store(x, p);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector<float> MagnitudeAtLeast(Vector<float> x, Vector<float> limitBits) =>
@@ -218,6 +276,37 @@ internal readonly unsafe struct Vector512Lanes : ISimdLanes<Vector512<float>>
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector512<float> EqualTo(Vector512<float> a, Vector512<float> b) => Vector512.Equals(a, b);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> GreaterThanOrEqual(Vector512<float> a, Vector512<float> b) => Vector512.GreaterThanOrEqual(a, b);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> MinNative(Vector512<float> a, Vector512<float> b) => Vector512.MinNative(a, b);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> MaxNative(Vector512<float> a, Vector512<float> b) => Vector512.MaxNative(a, b);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> Abs(Vector512<float> x) => Vector512.Abs(x);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> FusedMultiplyAdd(Vector512<float> a, Vector512<float> b, Vector512<float> c) => Vector512.FusedMultiplyAdd(a, b, c);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> Round(Vector512<float> x) => Vector512.Round(x);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> PowerOfTwo(Vector512<float> k) =>
+        Vector512.ShiftLeft(Vector512.ConvertToInt32Native(k) + Vector512.Create(127), 23).AsSingle();
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static bool None(Vector512<float> mask) => Vector512.EqualsAll(mask.AsInt32(), Vector512<int>.Zero);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<float> Read(float* p) => Vector512.Load(p);
+
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static void Write(Vector512<float> x, float* p) => x.Store(p);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector512<float> MagnitudeAtLeast(Vector512<float> x, Vector512<float> limitBits) =>

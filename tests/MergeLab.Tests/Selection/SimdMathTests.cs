@@ -1,4 +1,5 @@
 using System.Numerics;
+using System.Runtime.Intrinsics;
 using MergeLab.Selection;
 using NUnit.Framework;
 
@@ -88,5 +89,33 @@ public class SimdMathTests
         Assert.That(BitConverter.SingleToInt32Bits(special[1]), Is.EqualTo(BitConverter.SingleToInt32Bits(-0f)));
         Assert.That(special[2..4], Is.EqualTo(new[] { 1f, -1f }));
         Assert.That(float.IsNaN(special[4]), Is.True);
+    }
+
+    /// <summary>The 512-bit exp and tanh (one generic body with the <see cref="Vector{T}"/> ones) give the same
+    /// bits lane for lane, over both functions' ranges, both tanh paths and the special values.</summary>
+    [Test]
+    public void The_512_bit_functions_give_the_same_bits()
+    {
+        Assume.That(Vector512.IsHardwareAccelerated, "no 512-bit vectors on this CPU");
+        var x = Grid(-90f, 90f, 40_000, 4).Concat(Grid(-0.5f, 0.5f, 40_000, 5)).Concat(Grid(-1e-6f, 1e-6f, 8_000, 6))
+            .Concat([0f, -0f, float.NaN, float.PositiveInfinity, float.NegativeInfinity, 0.3f, -0.3f, 88f, -87f, 1e-38f])
+            .ToArray();
+        var padded = new float[(x.Length + 15) / 16 * 16];
+        x.CopyTo(padded, 0);
+        foreach (var (name, narrow, wide) in new (string, Func<Vector<float>, Vector<float>>, Func<Vector512<float>, Vector512<float>>)[]
+        {
+            ("exp", SimdMath.Exp, SimdMath.Exp<Vector512Lanes, Vector512<float>>),
+            ("tanh", SimdMath.Tanh, SimdMath.Tanh<Vector512Lanes, Vector512<float>>),
+        })
+        {
+            var expected = Apply(narrow, padded);
+            var actual = new float[padded.Length];
+            for (int i = 0; i < padded.Length; i += 16)
+            {
+                wide(Vector512.Create(padded.AsSpan(i, 16))).CopyTo(actual.AsSpan(i, 16));
+            }
+
+            Assert.That(actual.Select(BitConverter.SingleToInt32Bits), Is.EqualTo(expected.Select(BitConverter.SingleToInt32Bits)), name);
+        }
     }
 }
