@@ -157,6 +157,9 @@ internal static unsafe class ExactSelector
         var bySource = sources.Select(s => queries.Where(q => q.Source == s).ToArray()).ToArray();
         CpuParallel.For(sources.Length, s => SetBrackets(sources[s], bySource[s], n));
 
+        // Below every bracket of a source, a key is only counted, so the source need not compute it exactly.
+        var floors = bySource.Select(g => g.Min(q => q.Low)).ToArray();
+
         long blocks = CpuParallel.BlockCount(n, BlockSize);
         var pending = new List<SelectionQuery>();
         try
@@ -211,7 +214,7 @@ internal static unsafe class ExactSelector
 
                 for (int s = 0; s < sources.Length; s++)
                 {
-                    sources[s].Fill(start, count, keys, floats);
+                    sources[s].FillFrom(start, count, keys, floats, floors[s]);
                     foreach (var q in bySource[s])
                     {
                         if (wide)

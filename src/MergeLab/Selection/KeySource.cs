@@ -1,6 +1,7 @@
 using System.Numerics;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
 
 namespace MergeLab.Selection;
 
@@ -49,6 +50,18 @@ internal static class FloatKeys
         var key = Vector.ConditionalSelect(negative, ~u, u | top);
         return Vector.ConditionalSelect(Vector.AsVectorUInt32(Vector.Equals(values, values)), key, new Vector<uint>(uint.MaxValue));
     }
+
+    /// <summary>As <see cref="Signed(Vector{float})"/>, on 512-bit vectors.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public static Vector512<uint> Signed(Vector512<float> values)
+    {
+        var u = values.AsUInt32();
+        var top = Vector512.Create(0x8000_0000u);
+        u = Vector512.AndNot(u, Vector512.Equals(u, top)); // −0 → +0
+        var negative = Vector512.Equals(u & top, top);
+        var key = Vector512.ConditionalSelect(negative, ~u, u | top);
+        return Vector512.ConditionalSelect(Vector512.Equals(values, values).AsUInt32(), key, Vector512.Create(uint.MaxValue));
+    }
 }
 
 /// <summary>
@@ -66,6 +79,11 @@ internal abstract unsafe class KeySource
     /// <summary>Writes the keys of entries [<paramref name="start"/>, start + <paramref name="count"/>) to
     /// <paramref name="keys"/>, using <paramref name="scratch"/> (at least 2·count floats) as it likes.</summary>
     public abstract void Fill(long start, int count, uint* keys, float* scratch);
+
+    /// <summary>As <see cref="Fill"/>, for a selection that only tells keys below <paramref name="floor"/>
+    /// apart from the others: a key below it may be written as any key below it (a source whose keys are
+    /// costly can then skip computing them exactly). By default, <see cref="Fill"/>.</summary>
+    public virtual void FillFrom(long start, int count, uint* keys, float* scratch, uint floor) => Fill(start, count, keys, scratch);
 
     /// <summary>The key of entry <paramref name="i"/>.</summary>
     public abstract uint KeyAt(long i);
