@@ -1,5 +1,6 @@
 using System.Numerics;
 using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
 using MergeLab.Selection;
 using static TorchSharp.torch;
 
@@ -22,7 +23,7 @@ namespace MergeLab.Methods;
 /// exp and tanh are <see cref="SimdMath"/>'s (about 1 ulp, as libtorch's are), which makes the scores a
 /// pass instead of the slowest part of the merge. Results never depend on the thread count.
 /// </summary>
-internal static unsafe class PcbKernel
+internal static unsafe partial class PcbKernel
 {
     private const int Block = FusedPipeline.Block;
 
@@ -65,7 +66,11 @@ internal static unsafe class PcbKernel
         }
 
         var lambda = method.Options.Lambda;
-        return Merge(inputs, new Bounds(low, high, threshold, top), scores, lambda == 1.0 ? null : (float)lambda, outputType, group.Reference.shape);
+        var bounds = new Bounds(low, high, threshold, top);
+        float? factor = lambda == 1.0 ? null : (float)lambda;
+        return scores is null && ScoreCandidatesOnly
+            ? MergeCandidates(inputs, bounds, factor, outputType, group.Reference.shape)
+            : Merge(inputs, bounds, scores, factor, outputType, group.Reference.shape);
     }
 
     /// <summary>Puts the scores in an [n, d] buffer, as with <see cref="LibTorchTranscendentals"/>, instead of
@@ -155,7 +160,7 @@ internal static unsafe class PcbKernel
                 for (int k = 0; k < n; k++)
                 {
                     var rowMax = new Vector<float>(float.NegativeInfinity);
-                    var terms = new ScoreTerms(low[k], high[k], n);
+                    var terms = new ScoreTerms<VectorLanes, Vector<float>>(low[k], high[k], n);
                     var intraRow = block.Output(intraOut, k);
                     var interRow = interOut is null ? null : block.Output(interOut, k, second: true);
                     var tau = block.Tau(k);
@@ -166,7 +171,7 @@ internal static unsafe class PcbKernel
                         var product = t * *(Vector<float>*)(block.Total + i);
                         if (interRow is null)
                         {
-                            var score = ScoreTerms.Score(intra, product);
+                            var score = ScoreTerms<VectorLanes, Vector<float>>.Score(intra, product);
                             *(Vector<float>*)(intraRow + i) = score;
                             rowMax = Vector.Max(rowMax, block.Valid(i, score)); // NaN propagates, as in amax
                         }
@@ -233,12 +238,12 @@ internal static unsafe class PcbKernel
                     var width = new Vector<float>(range);
                     var tau = block.Tau(k);
                     var row = score is null ? null : block.Input(score, k);
-                    var terms = new ScoreTerms(bounds.Low[k], bounds.High[k], n);
+                    var terms = new ScoreTerms<VectorLanes, Vector<float>>(bounds.Low[k], bounds.High[k], n);
                     for (int i = 0; i < block.Padded; i += Vector<float>.Count)
                     {
                         var t = *(Vector<float>*)(tau + i);
                         var clamped = terms.ClampedMagnitude(t) * FusedPipeline.SignOf<VectorLanes, Vector<float>>(t);
-                        var sc = row is null ? ScoreTerms.Score(terms.IntraArgument(t), t * *(Vector<float>*)(block.Total + i)) : *(Vector<float>*)(row + i);
+                        var sc = row is null ? ScoreTerms<VectorLanes, Vector<float>>.Score(terms.IntraArgument(t), t * *(Vector<float>*)(block.Total + i)) : *(Vector<float>*)(row + i);
                         var s = range == 0 ? Vector<float>.Zero : (Clamp(sc, threshold, top) - threshold) / width;
                         *(Vector<float>*)(num + i) += clamped * s;
                         *(Vector<float>*)(den + i) += s;
@@ -280,27 +285,33 @@ internal static unsafe class PcbKernel
     private static Vector<float> Clamp(Vector<float> x, Vector<float> low, Vector<float> high) =>
         Vector.MinNative(high, Vector.MaxNative(low, x));
 
-    /// <summary>One task's score terms: the argument n·minmax(clamp(|τ|, low, high))² of intra-balancing's
-    /// exp (a constant row's minmax being 0), and the score exp(·)·tanh(τ·Σ_j τ_j).</summary>
-    private readonly struct ScoreTerms(float low, float high, int experts)
+    /// <summary>One task's score terms at lane width <typeparamref name="TL"/>: the argument
+    /// n·minmax(clamp(|τ|, low, high))² of intra-balancing's exp (a constant row's minmax being 0), and the
+    /// score exp(·)·tanh(τ·Σ_j τ_j). Every width gives the same bits.</summary>
+    internal readonly struct ScoreTerms<TL, TV>(float low, float high, int experts)
+        where TL : struct, ISimdLanes<TV>
+        where TV : unmanaged
     {
-        private readonly Vector<float> _low = new(low), _high = new(high), _width = new(high - low), _experts = new((float)experts);
+        private readonly TV _low = TL.Broadcast(low), _high = TL.Broadcast(high), _width = TL.Broadcast(high - low), _experts = TL.Broadcast((float)experts);
         private readonly bool _constant = high - low == 0;
+
+        /// <summary>The clamp bounds and the number of experts.</summary>
+        public (float Low, float High, int Experts) Parameters { get; } = (low, high, experts);
 
         /// <summary>|τ̂| = clamp(|τ|, low, high).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public Vector<float> ClampedMagnitude(Vector<float> t) => Clamp(Vector.Abs(t), _low, _high);
+        public TV ClampedMagnitude(TV t) => TL.MinNative(_high, TL.MaxNative(_low, TL.Abs(t)));
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public Vector<float> IntraArgument(Vector<float> t)
+        public TV IntraArgument(TV t)
         {
-            var m = _constant ? Vector<float>.Zero : (ClampedMagnitude(t) - _low) / _width;
-            return m * m * _experts;
+            var m = _constant ? TL.Zero : TL.Divide(TL.Subtract(ClampedMagnitude(t), _low), _width);
+            return TL.Multiply(TL.Multiply(m, m), _experts);
         }
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public static Vector<float> Score(Vector<float> intraArgument, Vector<float> product) =>
-            SimdMath.Exp(intraArgument) * SimdMath.Tanh(product);
+        public static TV Score(TV intraArgument, TV product) =>
+            TL.Multiply(SimdMath.Exp<TL, TV>(intraArgument), SimdMath.Tanh<TL, TV>(product));
     }
 
     /// <summary>
@@ -321,6 +332,15 @@ internal static unsafe class PcbKernel
 
         [ThreadStatic]
         private static int _cachedCount;
+
+        [ThreadStatic]
+        private static byte[]? _sums;
+
+        [ThreadStatic]
+        private static long _sumsOwner, _sumsStart;
+
+        [ThreadStatic]
+        private static int _sumsCount;
 
         // Never 0, which a thread's empty cache holds.
         private readonly long _id = Interlocked.Increment(ref _instances);
@@ -351,13 +371,13 @@ internal static unsafe class PcbKernel
                 var block = new BlockView(inputs, s, (int)Math.Min(Block, start + count - s), n, inputs.Length, withTotal: true, scratch);
                 for (int k = 0; k < n; k++)
                 {
-                    var terms = new ScoreTerms(low[k], high[k], n);
+                    var terms = new ScoreTerms<VectorLanes, Vector<float>>(low[k], high[k], n);
                     var tau = block.Tau(k);
                     var row = keys + ((long)k * stride) + (s - start);
                     for (int i = 0; i < block.Padded; i += Vector<float>.Count)
                     {
                         var t = *(Vector<float>*)(tau + i);
-                        var score = ScoreTerms.Score(terms.IntraArgument(t), t * *(Vector<float>*)(block.Total + i));
+                        var score = ScoreTerms<VectorLanes, Vector<float>>.Score(terms.IntraArgument(t), t * *(Vector<float>*)(block.Total + i));
                         *(Vector<uint>*)(row + i) = FloatKeys.Signed(score);
                     }
                 }
@@ -381,6 +401,77 @@ internal static unsafe class PcbKernel
             }
 
             public override uint KeyAt(long i) => rows.Compute(i, 1, out int stride)[(long)k * stride];
+
+            public override void FillFrom(long start, int count, uint* keys, float* scratch, uint floor)
+            {
+                float cutoff = FloatKeys.Value(floor, signed: true);
+                if (ScoreCandidatesOnly && Which(cutoff, 1, rows.Experts) == Candidates.Bounded)
+                {
+                    rows.FillCandidates(k, start, count, keys, cutoff);
+                }
+                else
+                {
+                    Fill(start, count, keys, scratch);
+                }
+            }
+        }
+
+        /// <summary>Row <paramref name="k"/>'s keys of entries [start, start + count), exact where the score
+        /// can reach <paramref name="cutoff"/> (&gt; 0) and 0 (below every such key) elsewhere.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private void FillCandidates(int k, long start, int count, uint* keys, float cutoff)
+        {
+            var sums = Sums(start, count, out int stride, out var scratch);
+            var terms = new ScoreTerms<Vector512Lanes, Vector512<float>>(low[k], high[k], Experts);
+            for (int offset = 0; offset < count; offset += CandidateChunk.Length)
+            {
+                var chunk = new CandidateChunk(start + offset, Math.Min(CandidateChunk.Length, count - offset), sums + offset, sums + stride + offset, scratch);
+                int found = chunk.Pack(chunk.ReadRow(inputs.Experts[k], chunk.ExpertStaging), terms, Candidates.Bounded, cutoff);
+                chunk.Score(found, terms);
+                var packed = chunk.Packed;
+                for (int j = 0; j < found; j += 16)
+                {
+                    FloatKeys.Signed(Vector512.Load(packed + j)).Store((uint*)packed + j);
+                }
+
+                bool whole = chunk.Padded == chunk.Count;
+                var destination = whole ? keys + offset : (uint*)chunk.Staging;
+                int taken = 0;
+                for (int i = 0; i < chunk.Padded; i += 16)
+                {
+                    chunk.Unpack(i, ref taken).AsUInt32().Store(destination + i);
+                }
+
+                if (!whole)
+                {
+                    Buffer.MemoryCopy(destination, keys + offset, chunk.Count * 4L, chunk.Count * 4L);
+                }
+            }
+        }
+
+        /// <summary>The base (at the result) and Σ_k τ_k (at the result + <paramref name="stride"/>) of entries
+        /// [start, start + count) as float32, zero-padded to whole 512-bit vectors, in this thread's cache; and
+        /// scratch for one candidate chunk.</summary>
+        private float* Sums(long start, int count, out int stride, out float* scratch)
+        {
+            stride = (count + CandidateChunk.Length - 1) / CandidateChunk.Length * CandidateChunk.Length;
+            long floats = (2L * stride) + CandidateChunk.ScratchFloats(Experts);
+            var sums = (float*)ThreadScratch.Get(ref _sums, floats * sizeof(float), out bool fresh);
+            scratch = sums + (2L * stride);
+            if (!fresh && _sumsOwner == _id && _sumsStart == start && _sumsCount == count)
+            {
+                return sums;
+            }
+
+            for (int offset = 0; offset < count; offset += CandidateChunk.Length)
+            {
+                var chunk = CandidateChunk.Read(inputs, start + offset, Math.Min(CandidateChunk.Length, count - offset), scratch);
+                Buffer.MemoryCopy(chunk.Base, sums + offset, chunk.Padded * 4L, chunk.Padded * 4L);
+                Buffer.MemoryCopy(chunk.Total, sums + stride + offset, chunk.Padded * 4L, chunk.Padded * 4L);
+            }
+
+            (_sumsOwner, _sumsStart, _sumsCount) = (_id, start, count);
+            return sums;
         }
     }
 

@@ -1,0 +1,347 @@
+using System.Numerics;
+using System.Runtime.CompilerServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
+using MergeLab.Selection;
+using static TorchSharp.torch;
+
+namespace MergeLab.Methods;
+
+/// <summary>
+/// PCB's scores computed exactly only where they can matter, on CPUs with AVX-512. A pass that needs
+/// only the scores at or above a cutoff c &gt; 0 (the merge: each task's score threshold; the threshold's
+/// selection: the low end of its bracket) first bounds every score from above with a few multiplications:
+/// the computed tanh(p) is at most min(p, 1) for p &gt; 0 and at most 0 otherwise, and e^a ≤
+/// 2^k·(1 + ln2·f + (1 − ln2)·f²) for a·log₂e = k + f, f in [0, 1), with 2^-10 of room for rounding. Only
+/// the entries whose bound reaches c (about the kept share, 10% by default) are packed (AVX-512 compress),
+/// scored exactly by the same exp and tanh as everywhere else, and unpacked (expand) into place; the others
+/// take the value a score below c gives (a factor of 0, a key below the floor). So the results keep their
+/// bits, while exp and tanh run on a tenth of the entries.
+/// </summary>
+internal static unsafe partial class PcbKernel
+{
+    /// <summary>Whether the passes that can score only their candidates do (AVX-512 CPUs); false takes the
+    /// full-score passes (for tests: both must give the same bits).</summary>
+    internal static bool ScoreCandidatesOnly { get; set; } = Avx512F.IsSupported && Vector512.IsHardwareAccelerated;
+
+    /// <summary>Which entries a task's candidate pass scores exactly.</summary>
+    private enum Candidates
+    {
+        /// <summary>Those whose bound reaches the cutoff.</summary>
+        Bounded,
+
+        /// <summary>Every entry (the cutoff is not positive, or the score range is NaN).</summary>
+        All,
+
+        /// <summary>None (the score range is empty, so every factor is 0).</summary>
+        None,
+    }
+
+    /// <summary>
+    /// One chunk of at most <see cref="Length"/> entries in the calling thread's scratch, for the candidate
+    /// passes: the base and each expert as float32 (zero-padded to whole 512-bit vectors), Σ_k τ_k, the
+    /// packed candidates, their masks, and two accumulators.
+    /// </summary>
+    private readonly struct CandidateChunk
+    {
+        /// <summary>The most entries a chunk holds (its rows stay in the first-level cache).</summary>
+        public const int Length = 1024;
+
+        private const int Lanes = 16;
+        private const int RowFloats = Length + (2 * Lanes);
+        private readonly float* _scratch;
+
+        /// <summary>A chunk of entries [<paramref name="start"/>, start + <paramref name="count"/>) whose base
+        /// and Σ_k τ_k are at <paramref name="bse"/> and <paramref name="total"/> (zero-padded to whole
+        /// vectors), with <paramref name="scratch"/> (<see cref="ScratchFloats"/> floats) for the rest.</summary>
+        public CandidateChunk(long start, int count, float* bse, float* total, float* scratch)
+        {
+            Start = start;
+            Count = count;
+            Padded = (count + Lanes - 1) / Lanes * Lanes;
+            _scratch = scratch;
+            Base = bse;
+            Total = total;
+        }
+
+        /// <summary>Reads entries [<paramref name="start"/>, start + <paramref name="count"/>) of every input
+        /// into <paramref name="scratch"/> (<see cref="ScratchFloats"/> floats) and sums the task vectors.</summary>
+        public static CandidateChunk Read(FusedPipeline.Inputs inputs, long start, int count, float* scratch)
+        {
+            int n = inputs.Experts.Length;
+            var probe = new CandidateChunk(start, count, scratch, scratch + RowFloats, scratch);
+            var bse = probe.ReadRow(inputs.Base, probe.Row(0));
+            var view = new CandidateChunk(start, count, bse, scratch + RowFloats, scratch);
+            var experts = view.Experts;
+            for (int k = 0; k < n; k++)
+            {
+                experts[k] = view.ReadRow(inputs.Experts[k], view.Row(9 + k));
+            }
+
+            var total = view.Total;
+            for (int i = 0; i < view.Padded; i += Lanes)
+            {
+                var b = Vector512.Load(bse + i);
+                var sum = Vector512<float>.Zero;
+                for (int k = 0; k < n; k++)
+                {
+                    sum += Vector512.Load(experts[k] + i) - b; // x.sum(0): 0 + τ_0 + τ_1 + …, in expert order
+                }
+
+                sum.Store(total + i);
+            }
+
+            return view;
+        }
+
+        public long Start { get; }
+
+        public int Count { get; }
+
+        /// <summary><see cref="Count"/> rounded up to whole 512-bit vectors.</summary>
+        public int Padded { get; }
+
+        public float* Base { get; }
+
+        /// <summary>Σ_k τ_k.</summary>
+        public float* Total { get; }
+
+        /// <summary>The packed task-vector entries (then their scores, or what is made of them).</summary>
+        public float* Packed => Row(2);
+
+        /// <summary>The packed products τ_k·Σ_j τ_j.</summary>
+        public float* PackedProducts => Row(3);
+
+        /// <summary>The candidate mask of each vector.</summary>
+        public Vector512<float>* Masks => (Vector512<float>*)Row(4);
+
+        public float* Numerator => Row(5);
+
+        public float* Denominator => Row(6);
+
+        /// <summary>A staging row for the outputs of a chunk that is not whole pairs of vectors.</summary>
+        public float* Staging => Row(7);
+
+        /// <summary>The scratch a chunk read from <paramref name="experts"/> experts takes, in floats.</summary>
+        public static long ScratchFloats(int experts) => (experts + 9L) * RowFloats;
+
+        /// <summary>Expert <paramref name="k"/>'s entries (in a chunk made by <see cref="Read"/>).</summary>
+        public float* Expert(int k) => Experts[k];
+
+        /// <summary>A row for one expert's entries (in a chunk not made by <see cref="Read"/>).</summary>
+        public float* ExpertStaging => Row(8);
+
+        private float** Experts => (float**)Row(8);
+
+        /// <summary>τ of entries [i, i + 16), for the expert at <paramref name="expert"/>.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Vector512<float> Tau(float* expert, int i) => Vector512.Load(expert + i) - Vector512.Load(Base + i);
+
+        /// <summary>
+        /// Packs the entries and products of the candidates of the task whose expert is at
+        /// <paramref name="expert"/> into
+        /// <see cref="Packed"/> and <see cref="PackedProducts"/>, records each vector's mask, and returns
+        /// how many there are.
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public int Pack(float* expert, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, Candidates which, float cutoff)
+        {
+            var packed = Packed;
+            var products = PackedProducts;
+            var masks = Masks;
+            var total = Total;
+            var cut = Vector512.Create(cutoff);
+            var bound = new ScoreBound(terms);
+            var fixedMask = which == Candidates.All ? Vector512<float>.AllBitsSet : Vector512<float>.Zero;
+            bool bounded = which == Candidates.Bounded;
+            int found = 0;
+            for (int i = 0; i < Padded; i += Lanes)
+            {
+                var t = Tau(expert, i);
+                var product = t * Vector512.Load(total + i);
+                var mask = bounded ? ~Vector512.LessThan(bound.Of(t, product), cut) : fixedMask; // NaN: a candidate
+                masks[i / Lanes] = mask;
+                Avx512F.Compress(Vector512<float>.Zero, mask, t).Store(packed + found);
+                Avx512F.Compress(Vector512<float>.Zero, mask, product).Store(products + found);
+                found += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(mask));
+            }
+
+            return found;
+        }
+
+        /// <summary>Replaces the first <paramref name="found"/> packed task-vector entries by their exact scores.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public void Score(int found, in ScoreTerms<Vector512Lanes, Vector512<float>> terms)
+        {
+            var packed = Packed;
+            var products = PackedProducts;
+            for (int j = 0; j < found; j += Lanes)
+            {
+                var argument = terms.IntraArgument(Vector512.Load(packed + j));
+                ScoreTerms<Vector512Lanes, Vector512<float>>.Score(argument, Vector512.Load(products + j)).Store(packed + j);
+            }
+        }
+
+        /// <summary>The packed values of vector <paramref name="i"/> (entries [i, i + 16)) put back in
+        /// place, 0 where an entry is no candidate; <paramref name="taken"/> counts the packed values used.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Vector512<float> Unpack(int i, ref int taken)
+        {
+            var mask = Masks[i / Lanes];
+            var values = Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load(Packed + taken));
+            taken += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(mask));
+            return values;
+        }
+
+        private float* Row(int r) => _scratch + ((long)r * RowFloats);
+
+        /// <summary>This chunk's entries of <paramref name="source"/> as float32 whole vectors: in place for a
+        /// whole float32 chunk, else widened or copied into <paramref name="staging"/> and zero-padded.</summary>
+        public float* ReadRow(CpuFloats source, float* staging)
+        {
+            var values = source.Block(Start, Count, staging);
+            if (Padded == Count)
+            {
+                return values;
+            }
+
+            if (values != staging)
+            {
+                Buffer.MemoryCopy(values, staging, Count * 4L, Count * 4L);
+            }
+
+            new Span<float>(staging + Count, Padded - Count).Clear();
+            return staging;
+        }
+    }
+
+    /// <summary>
+    /// A bound of one task's computed score exp(a)·tanh(p), a = n·minmax(clamp(|τ|))², without a division:
+    /// at least the score where p &gt; 0, at most 0 (as the score is) elsewhere, so below a positive cutoff
+    /// only where the score is. From e^a ≤ 2^k·(1 + ln2·f + (1 − ln2)·f²) with a·log₂e = k + f (the quadratic meets 2^f at f = 0
+    /// and 1, has its slope at 0, and lies above it between); tanh p ≤ min(p, 1) for p &gt; 0 and ≤ 0
+    /// otherwise (so is the computed tanh: the series rounds x − |x³|/3 + …, the float64 path a value below
+    /// both); and 2^-10 of room for the rounding of the bound (minmax by a reciprocal here, by a division in
+    /// the score: a few ulp of a), of the score's exp (about 1 ulp) and of its product. NaN where τ or p is.
+    /// </summary>
+    internal readonly struct ScoreBound
+    {
+        private const float Ln2 = 0.6931471805599453f;
+        private readonly Vector512<float> _low, _high, _reciprocal, _scale;
+
+        public ScoreBound(in ScoreTerms<Vector512Lanes, Vector512<float>> terms)
+        {
+            (float low, float high, int experts) = terms.Parameters;
+            _low = Vector512.Create(low);
+            _high = Vector512.Create(high);
+            _reciprocal = Vector512.Create(high - low == 0 ? 0 : 1 / (high - low));
+            _scale = Vector512.Create(experts * 1.44269504088896341f);
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Vector512<float> Of(Vector512<float> t, Vector512<float> product)
+        {
+            var m = (Vector512.MinNative(_high, Vector512.MaxNative(_low, Vector512.Abs(t))) - _low) * _reciprocal;
+            var y = m * m * _scale;
+            var k = Vector512.Floor(y);
+            var f = y - k;
+            var twoToF = Vector512.FusedMultiplyAdd(f, Vector512.FusedMultiplyAdd(f, Vector512.Create(1 - Ln2), Vector512.Create(Ln2)), Vector512<float>.One);
+            return Avx512F.Scale(twoToF, k) * Vector512.MinNative(Vector512<float>.One, product) * Vector512.Create(1.0009765625f); // NaN product stays NaN
+        }
+    }
+
+    /// <summary>Which entries of a task a pass with score cutoff <paramref name="cutoff"/> must score, given
+    /// the score range's width (<paramref name="range"/>, 1 where it plays no part) and the number of experts.</summary>
+    private static Candidates Which(float cutoff, float range, int experts) =>
+        range == 0 ? Candidates.None : cutoff > 0 && range > 0 && experts <= MaxBoundedExperts ? Candidates.Bounded : Candidates.All;
+
+    /// <summary>The most experts for which <see cref="ScoreBound"/>'s room for rounding holds (its a ≤ n,
+    /// and the reciprocal's error in e^a grows with a).</summary>
+    private const int MaxBoundedExperts = 64;
+
+    /// <summary><see cref="Merge"/> on AVX-512 CPUs, scoring only the entries whose score can exceed their
+    /// task's threshold (the others get a factor of exactly 0, as their score would give them).</summary>
+    private static Tensor MergeCandidates(FusedPipeline.Inputs inputs, Bounds bounds, float? lambda, ScalarType outputType, long[] shape)
+    {
+        int n = inputs.Experts.Length;
+        long d = inputs.Length;
+        var floor = Vector512.Create(1e-12f);
+        return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
+        {
+            CpuParallel.For(CpuParallel.BlockCount(d, Block), b =>
+            {
+                var scratch = (float*)ThreadScratch.Get(CandidateChunk.ScratchFloats(n) * sizeof(float));
+                long end = Math.Min(d, (b + 1) * Block);
+                for (long start = b * Block; start < end; start += CandidateChunk.Length)
+                {
+                    var chunk = CandidateChunk.Read(inputs, start, (int)Math.Min(CandidateChunk.Length, end - start), scratch);
+                    var num = chunk.Numerator;
+                    var den = chunk.Denominator;
+                    new Span<float>(num, chunk.Padded).Clear();
+                    new Span<float>(den, chunk.Padded).Clear();
+                    for (int k = 0; k < n; k++)
+                    {
+                        float range = bounds.Top[k] - bounds.Threshold[k];
+                        var threshold = Vector512.Create(bounds.Threshold[k]);
+                        var top = Vector512.Create(bounds.Top[k]);
+                        var width = Vector512.Create(range);
+                        var terms = new ScoreTerms<Vector512Lanes, Vector512<float>>(bounds.Low[k], bounds.High[k], n);
+                        var expert = chunk.Expert(k);
+                        int found = chunk.Pack(expert, terms, Which(bounds.Threshold[k], range, n), bounds.Threshold[k]);
+                        chunk.Score(found, terms);
+                        var packed = chunk.Packed;
+                        for (int j = 0; j < found; j += 16)
+                        {
+                            var score = Vector512.Load(packed + j);
+                            ((Vector512.MinNative(top, Vector512.MaxNative(threshold, score)) - threshold) / width).Store(packed + j);
+                        }
+
+                        int taken = 0;
+                        for (int i = 0; i < chunk.Padded; i += 16)
+                        {
+                            var t = chunk.Tau(expert, i);
+                            var clamped = terms.ClampedMagnitude(t) * FusedPipeline.SignOf<Vector512Lanes, Vector512<float>>(t);
+                            var s = chunk.Unpack(i, ref taken);
+                            (Vector512.Load(num + i) + (clamped * s)).Store(num + i);
+                            (Vector512.Load(den + i) + s).Store(den + i);
+                        }
+                    }
+
+                    bool partial = chunk.Count % 32 != 0; // stores go by pairs of vectors
+                    for (int i = 0; i < chunk.Padded; i += 32)
+                    {
+                        var low = Merged(chunk, i, floor, lambda);
+                        var high = i + 16 < chunk.Padded ? Merged(chunk, i + 16, floor, lambda) : Vector512<float>.Zero;
+                        if (partial)
+                        {
+                            Vector512Lanes.Store(chunk.Staging, bf16, i, low, high);
+                        }
+                        else
+                        {
+                            Vector512Lanes.Store((void*)address, bf16, chunk.Start + i, low, high);
+                        }
+                    }
+
+                    if (partial)
+                    {
+                        long bytes = chunk.Count * (bf16 ? 2L : 4L);
+                        Buffer.MemoryCopy(chunk.Staging, (byte*)address + (chunk.Start * (bf16 ? 2 : 4)), bytes, bytes);
+                    }
+                }
+            });
+        });
+    }
+
+    /// <summary>θ_base + λ·Σ_k τ̂_k·s_k / max(Σ_k s_k, 1e-12) of entries [i, i + 16).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Merged(in CandidateChunk chunk, int i, Vector512<float> floor, float? lambda)
+    {
+        var m = Vector512.Load(chunk.Numerator + i) / Vector512.MaxNative(floor, Vector512.Load(chunk.Denominator + i)); // clamp_min, NaN kept
+        if (lambda is { } l)
+        {
+            m *= l;
+        }
+
+        return Vector512.Load(chunk.Base + i) + m;
+    }
+}

@@ -1,0 +1,199 @@
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
+using MergeLab.Methods;
+using MergeLab.Selection;
+using MergeLab.Stages;
+using MergeLab.Tensors;
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MergeLab.Tests.Methods;
+
+/// <summary>
+/// PCB's candidate passes (AVX-512): exact scores only where a cheap bound reaches the cutoff (always
+/// positive). The bound must never fall below a positive computed score (else an entry would be dropped
+/// that the full pass keeps) and be at most 0 where the score is, must be tight enough to skip most
+/// entries, and the merges must keep the full passes' bits.
+/// </summary>
+public class PcbCandidateTests
+{
+    [SetUp]
+    public void RequireAvx512() =>
+        Assume.That(Avx512F.IsSupported && Vector512.IsHardwareAccelerated, "the candidate passes need AVX-512");
+
+    /// <summary>Random τ and Σ τ over many scales (tiny products, products around tanh's series limit 0.3
+    /// and past 1, negative ones), clamp bounds of several widths, 1 to 64 experts, and the special values.</summary>
+    [TestCase(1, 0f, 0.02f, 1e-2f)]
+    [TestCase(4, 1e-4f, 0.01f, 1e-2f)]
+    [TestCase(8, 0.001f, 3f, 1f)]
+    [TestCase(64, 0f, 1f, 0.5f)]
+    [TestCase(3, 0.5f, 0.5f, 0.3f)] // constant clamp range: minmax is 0
+    public void The_score_bound_is_never_below_the_computed_score(int experts, float low, float high, float scale)
+    {
+        var random = new Random(experts);
+        var terms = new PcbKernel.ScoreTerms<Vector512Lanes, Vector512<float>>(low, high, experts);
+        var bound = new PcbKernel.ScoreBound(terms);
+        int checkedLanes = 0, tight = 0, smallPositive = 0;
+        var t = new float[16];
+        var sum = new float[16];
+        for (int v = 0; v < 20_000; v++)
+        {
+            for (int i = 0; i < 16; i++)
+            {
+                double magnitude = scale * Math.Pow(10, -4 * random.NextDouble());
+                t[i] = (float)((random.NextDouble() - 0.5) * 2 * magnitude);
+                sum[i] = (float)(t[i] + ((random.NextDouble() - 0.4) * 4 * magnitude));
+            }
+
+            if (v == 0)
+            {
+                (t[0], t[1], t[2], t[3], t[4], sum[5], t[6], sum[6]) = (float.NaN, float.PositiveInfinity, -0f, 0f, 1e30f, float.NaN, 2f, 1f);
+            }
+
+            var tv = Vector512.Create(t);
+            var product = tv * Vector512.Create(sum);
+            var score = PcbKernel.ScoreTerms<Vector512Lanes, Vector512<float>>.Score(terms.IntraArgument(tv), product);
+            var upper = bound.Of(tv, product);
+            for (int i = 0; i < 16; i++)
+            {
+                if (float.IsNaN(score[i]))
+                {
+                    Assert.That(float.IsNaN(upper[i]) || upper[i] == float.PositiveInfinity, Is.True, $"NaN score at t={t[i]}, Σ={sum[i]} needs a NaN bound");
+                    continue;
+                }
+
+                checkedLanes++;
+                if (!(product[i] > 0))
+                {
+                    // Below every positive cutoff, as the score is.
+                    Assert.That(score[i], Is.LessThanOrEqualTo(0f), $"t={t[i]:R}, Σ={sum[i]:R}");
+                    Assert.That(upper[i], Is.LessThanOrEqualTo(0f), $"t={t[i]:R}, Σ={sum[i]:R}");
+                    continue;
+                }
+
+                Assert.That(upper[i], Is.GreaterThanOrEqualTo(score[i]), $"t={t[i]:R}, Σ={sum[i]:R}");
+                if (product[i] > 0 && product[i] < 0.01f)
+                {
+                    smallPositive++;
+                    tight += upper[i] <= score[i] * 1.01f ? 1 : 0;
+                }
+            }
+        }
+
+        Assert.That(checkedLanes, Is.GreaterThan(300_000));
+        Assert.That(tight, Is.EqualTo(smallPositive), "for small positive products the bound is within 1% of the score");
+    }
+
+    private static IEnumerable<TestCaseData> Cases()
+    {
+        // dtype, experts, rows, cols, scale of the task vectors, ratio: the bracket pass (> 2^17 entries),
+        // chunks that end in a partial vector, pair of vectors or chunk, large products (tanh's float64 path
+        // and saturation), many experts, and the small-input selection.
+        yield return new TestCaseData(ScalarType.Float32, 3, 301, 699, 0.01, 0.1);
+        yield return new TestCaseData(ScalarType.BFloat16, 5, 300, 640, 0.01, 0.2);
+        yield return new TestCaseData(ScalarType.Float32, 2, 257, 1031, 1.0, 0.1);
+        yield return new TestCaseData(ScalarType.BFloat16, 9, 131, 1009, 0.05, 0.3);
+        yield return new TestCaseData(ScalarType.Float32, 4, 33, 101, 0.01, 0.1);
+        yield return new TestCaseData(ScalarType.Float32, 3, 400, 400, 0.01, 1.0);
+    }
+
+    [TestCaseSource(nameof(Cases))]
+    public void Per_tensor_merges_keep_the_full_score_passes_bits(ScalarType dtype, int experts, int rows, int cols, double scale, double ratio)
+    {
+        using var g = new Generator(94);
+        using var b = randn([rows, cols], generator: g).to(dtype);
+        var list = Enumerable.Range(0, experts).Select(k =>
+        {
+            using var scope = NewDisposeScope();
+            var step = randn([rows, cols], generator: g).mul_(scale);
+            if (k == 0)
+            {
+                step.neg_().mul_(0.25); // pulls against the sum: mostly negative scores
+            }
+
+            return (b.to(ScalarType.Float32) + step).to(dtype).MoveToOuterDisposeScope();
+        }).ToArray();
+        try
+        {
+            var pcb = new PcbMerge(new PcbOptions { Ratio = ratio, ClampLow = 0.01, ClampHigh = 0.01, Lambda = .8, Scope = SelectionScope.PerTensor });
+            AssertSameBits(() => pcb.MergeTensor(new TensorGroup("w", b, list), outputType: ScalarType.Float32));
+        }
+        finally
+        {
+            foreach (var e in list)
+            {
+                e.Dispose();
+            }
+        }
+    }
+
+    /// <summary>A task whose scores are all negative (its threshold is not positive: every entry is a
+    /// candidate), and non-finite entries (NaN scores are always candidates).</summary>
+    [Test]
+    public void Negative_thresholds_and_non_finite_entries_keep_the_full_passes_bits()
+    {
+        using var g = new Generator(95);
+        using var b = randn([200, 700], generator: g);
+        using var pull = rand([200, 700], generator: g).add_(0.5);
+        using var push = rand([200, 700], generator: g).add_(0.5);
+        using var e0 = b - (pull * 0.01);
+        using var e1 = b + (push * 0.1);
+        using var e2 = b + (randn([200, 700], generator: g) * 0.01);
+        e2[3, 5] = tensor(float.NaN);
+        e2[7, 9] = tensor(float.PositiveInfinity);
+        var pcb = new PcbMerge(new PcbOptions { Ratio = 0.5, Scope = SelectionScope.PerTensor });
+        AssertSameBits(() => pcb.MergeTensor(new TensorGroup("w", b, [e0, e1, e2]), outputType: ScalarType.Float32));
+    }
+
+    /// <summary>With the whole model's thresholds (the default scope), the merge pass takes them as its cutoffs.</summary>
+    [Test]
+    public void Whole_model_merges_keep_the_full_passes_bits()
+    {
+        using var baseModel = T.RandomModel(44);
+        var experts = new[] { T.Expert(baseModel, 45), T.Expert(baseModel, 46), T.Expert(baseModel, 47) };
+        try
+        {
+            var pcb = new PcbMerge(new PcbOptions { Ratio = .2, ClampLow = .01, ClampHigh = .01 });
+            bool previous = PcbKernel.ScoreCandidatesOnly;
+            try
+            {
+                using var candidates = pcb.Merge(baseModel, experts);
+                PcbKernel.ScoreCandidatesOnly = false;
+                using var full = pcb.Merge(baseModel, experts);
+                foreach (var (name, tensor) in full)
+                {
+                    Assert.That(candidates[name].bytes.ToArray(), Is.EqualTo(tensor.bytes.ToArray()), name);
+                }
+            }
+            finally
+            {
+                PcbKernel.ScoreCandidatesOnly = previous;
+            }
+        }
+        finally
+        {
+            foreach (var e in experts)
+            {
+                e.Dispose();
+            }
+        }
+    }
+
+    private static void AssertSameBits(Func<Tensor> merge)
+    {
+        bool previous = PcbKernel.ScoreCandidatesOnly;
+        try
+        {
+            PcbKernel.ScoreCandidatesOnly = true;
+            using var candidates = merge();
+            PcbKernel.ScoreCandidatesOnly = false;
+            using var full = merge();
+            Assert.That(candidates.bytes.ToArray(), Is.EqualTo(full.bytes.ToArray()));
+        }
+        finally
+        {
+            PcbKernel.ScoreCandidatesOnly = previous;
+        }
+    }
+}
