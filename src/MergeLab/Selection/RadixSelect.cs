@@ -146,6 +146,10 @@ internal sealed class RadixSelect(bool signed = false)
         }
 
         int tables = offsets[^1];
+
+        // The fine pass counts only keys in the wanted bins: below the lowest, a source need not compute
+        // them exactly (a key written below it lands in no wanted bin).
+        var floors = selects.Select(select => coarse ? 0u : (uint)select._fineBins.Min() << 16).ToArray();
         int threads = n < ParallelThreshold ? 1 : CpuParallel.Threads;
         const int block = ExactSelector.BlockSize;
         long blocks = CpuParallel.BlockCount(n, block);
@@ -167,7 +171,7 @@ internal sealed class RadixSelect(bool signed = false)
                         int count = (int)Math.Min(block, n - start);
                         for (int s = 0; s < selects.Count; s++)
                         {
-                            keys[s].Fill(start, count, k, floats);
+                            keys[s].FillFrom(start, count, k, floats, floors[s]);
                             var c = all + ((long)offsets[s] * Bins);
                             if (coarse)
                             {
