@@ -180,10 +180,10 @@ internal static unsafe class ExactSelector
                 q.HighTies = new int[blocks];
             }
 
-            // Task vectors of one base (TIES: one query per expert) are scanned straight from the inputs'
+            // Task vectors of one base (TIES: one query per expert; PCB: two) are scanned straight from the inputs'
             // memory, the base block widened once for all of them; other sources fill a key block first.
             var differences = sources.OfType<DifferenceMagnitudeKeys>().ToArray();
-            bool fused = differences.Length == sources.Length && bySource.All(g => g.Length == 1)
+            bool fused = differences.Length == sources.Length && bySource.All(g => g.Length <= 2)
                 && differences.All(d => d.Base.Pointer == differences[0].Base.Pointer);
             bool wide = WideScan && PackWithCompress;
             CpuParallel.For(blocks, block =>
@@ -199,13 +199,23 @@ internal static unsafe class ExactSelector
                     var bse = differences[0].Base.Block(start, count, floats);
                     for (int s = 0; s < sources.Length; s++)
                     {
-                        if (wide)
+                        var group = bySource[s];
+                        if (wide && group.Length == 2)
                         {
-                            ScanDifferenceWide(bySource[s][0], block, differences[s].Expert, bse, start, count, local);
+                            ScanDifferenceWide(group[0], group[1], block, differences[s].Expert, bse, start, count, local, keys);
+                            continue;
                         }
-                        else
+
+                        foreach (var q in group)
                         {
-                            ScanDifference(bySource[s][0], block, differences[s].Expert, bse, start, count, local);
+                            if (wide)
+                            {
+                                ScanDifferenceWide(q, block, differences[s].Expert, bse, start, count, local);
+                            }
+                            else
+                            {
+                                ScanDifference(q, block, differences[s].Expert, bse, start, count, local);
+                            }
                         }
                     }
 
@@ -312,7 +322,7 @@ internal static unsafe class ExactSelector
     }
 
     /// <summary><see cref="Scan"/> on 512-bit vectors: the counts through mask registers and popcounts,
-    /// the keys inside the bracket packed with AVX-512 compress (as <see cref="ScanDifferenceWide"/>).</summary>
+    /// the keys inside the bracket packed with AVX-512 compress (as <see cref="ScanDifferenceWide(SelectionQuery, long, CpuFloats, float*, long, int, uint*)"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void ScanWide(SelectionQuery q, long block, uint* keys, int count, uint* local)
     {
@@ -441,8 +451,46 @@ internal static unsafe class ExactSelector
         Record(q, block, lessCount, lowTies, highTies, local, found);
     }
 
+    /// <summary><see cref="ScanDifferenceWide(SelectionQuery, long, CpuFloats, float*, long, int, uint*)"/>
+    /// for two queries on one task vector (PCB's two clamp quantiles): each key computed once, classified
+    /// against both brackets, packed into <paramref name="local0"/> and <paramref name="local1"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void ScanDifferenceWide(SelectionQuery q0, SelectionQuery q1, long block, CpuFloats expert, float* bse, long start, int count, uint* local0, uint* local1)
+    {
+        const int w = 16;
+        var mask = Vector512.Create(FloatKeys.MagnitudeMask);
+        var bracket0 = new WideBracket(q0.Low, q0.High);
+        var bracket1 = new WideBracket(q1.Low, q1.High);
+        bool bf16 = expert.IsBFloat16;
+        nint pointer = (nint)expert.Pointer;
+        long less0 = 0, less1 = 0;
+        int lowTies0 = 0, highTies0 = 0, lowTies1 = 0, highTies1 = 0;
+        int found0 = 0, found1 = 0;
+        int i = 0;
+        for (; i <= count - 2 * w; i += 2 * w)
+        {
+            Vector512Lanes.Load(pointer, bf16, start + i, out var e0, out var e1);
+            var k0 = (e0 - Vector512.Load(bse + i)).AsUInt32() & mask;
+            var k1 = (e1 - Vector512.Load(bse + i + w)).AsUInt32() & mask;
+            bracket0.Classify(k0, k1, ref less0, ref lowTies0, ref highTies0, local0, ref found0);
+            bracket1.Classify(k0, k1, ref less1, ref lowTies1, ref highTies1, local1, ref found1);
+        }
+
+        highTies0 = q0.High > q0.Low ? highTies0 : 0;
+        highTies1 = q1.High > q1.Low ? highTies1 : 0;
+        for (; i < count; i++)
+        {
+            uint key = FloatKeys.Magnitude(expert.At(start + i) - bse[i]);
+            Classify(key, q0.Low, q0.High, ref less0, ref lowTies0, ref highTies0, local0, ref found0);
+            Classify(key, q1.Low, q1.High, ref less1, ref lowTies1, ref highTies1, local1, ref found1);
+        }
+
+        Record(q0, block, less0, lowTies0, highTies0, local0, found0);
+        Record(q1, block, less1, lowTies1, highTies1, local1, found1);
+    }
+
     /// <summary>A bracket [lo, hi] broadcast to 512-bit vectors, for <see cref="ScanWide"/> and
-    /// <see cref="ScanDifferenceWide"/>.</summary>
+    /// <see cref="ScanDifferenceWide(SelectionQuery, long, CpuFloats, float*, long, int, uint*)"/>.</summary>
     private readonly struct WideBracket(uint lo, uint hi)
     {
         private readonly Vector512<uint> _lo = Vector512.Create(lo);
