@@ -21,7 +21,9 @@ namespace MergeLab.Methods;
 /// Every operation other than exp and tanh is libtorch's, in libtorch's order, so with
 /// <see cref="LibTorchTranscendentals"/> the result is bit for bit the libtorch formulation's; by default
 /// exp and tanh are <see cref="SimdMath"/>'s (about 1 ulp, as libtorch's are), which makes the scores a
-/// pass instead of the slowest part of the merge. Results never depend on the thread count.
+/// pass instead of the slowest part of the merge. On AVX-512 CPUs the selection and the merge score
+/// exactly only the entries whose cheap bound reaches their cutoff (PcbKernel.Candidates.cs), with the
+/// same bits. Results never depend on the thread count.
 /// </summary>
 internal static unsafe partial class PcbKernel
 {
