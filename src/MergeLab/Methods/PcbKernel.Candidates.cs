@@ -24,13 +24,20 @@ internal static unsafe partial class PcbKernel
     /// full-score passes (for tests: both must give the same bits).</summary>
     internal static bool ScoreCandidatesOnly { get; set; } = Avx512F.IsSupported && Vector512.IsHardwareAccelerated;
 
+    /// <summary>When set, the candidate passes count in <see cref="Scored"/> the entries they score exactly
+    /// and in <see cref="Offered"/> those they look at (for tests: that the bound skips most).</summary>
+    internal static bool CountCandidates { get; set; }
+
+    internal static long Scored, Offered;
+
     /// <summary>Which entries a task's candidate pass scores exactly.</summary>
     private enum Candidates
     {
         /// <summary>Those whose bound reaches the cutoff.</summary>
         Bounded,
 
-        /// <summary>Every entry (the cutoff is not positive, or the score range is NaN).</summary>
+        /// <summary>Every entry (the cutoff is not positive, the score range is not positive or is NaN, or
+        /// there are more than <see cref="MaxBoundedExperts"/> experts).</summary>
         All,
 
         /// <summary>None (the score range is empty, so every factor is 0).</summary>
@@ -166,6 +173,12 @@ internal static unsafe partial class PcbKernel
                 found += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(mask));
             }
 
+            if (CountCandidates)
+            {
+                Interlocked.Add(ref Scored, found);
+                Interlocked.Add(ref Offered, Count);
+            }
+
             return found;
         }
 
@@ -218,11 +231,14 @@ internal static unsafe partial class PcbKernel
     /// <summary>
     /// A bound of one task's computed score exp(a)·tanh(p), a = n·minmax(clamp(|τ|))², without a division:
     /// at least the score where p &gt; 0, at most 0 (as the score is) elsewhere, so below a positive cutoff
-    /// only where the score is. From e^a ≤ 2^k·(1 + ln2·f + (1 − ln2)·f²) with a·log₂e = k + f (the quadratic meets 2^f at f = 0
+    /// only where the score is, at every scale (subnormal products included). From e^a ≤
+    /// 2^k·(1 + ln2·f + (1 − ln2)·f²) with a·log₂e = k + f (the quadratic meets 2^f at f = 0
     /// and 1, has its slope at 0, and lies above it between); tanh p ≤ min(p, 1) for p &gt; 0 and ≤ 0
     /// otherwise (so is the computed tanh: the series rounds x − |x³|/3 + …, the float64 path a value below
-    /// both); and 2^-10 of room for the rounding of the bound (minmax by a reciprocal here, by a division in
-    /// the score: a few ulp of a), of the score's exp (about 1 ulp) and of its product. NaN where τ or p is.
+    /// both); and 2^-10 of room on the exponential factor for the rounding of the bound (minmax by a
+    /// reciprocal here, by a division in the score: a few ulp of a) and of the score's exp (about 1 ulp), so
+    /// that factor is at least the computed exp, and the product of larger factors rounds to no less.
+    /// NaN where τ or p is.
     /// </summary>
     internal readonly struct ScoreBound
     {
@@ -246,7 +262,10 @@ internal static unsafe partial class PcbKernel
             var k = Vector512.Floor(y);
             var f = y - k;
             var twoToF = Vector512.FusedMultiplyAdd(f, Vector512.FusedMultiplyAdd(f, Vector512.Create(1 - Ln2), Vector512.Create(Ln2)), Vector512<float>.One);
-            return Avx512F.Scale(twoToF, k) * Vector512.MinNative(Vector512<float>.One, product) * Vector512.Create(1.0009765625f); // NaN product stays NaN
+            // The room goes on the exponential factor, before the product: that factor is then at least the
+            // computed exp, and rounding the product of larger factors never gives less, down to subnormals.
+            var exp = Avx512F.Scale(twoToF * Vector512.Create(1.0009765625f), k);
+            return exp * Vector512.MinNative(Vector512<float>.One, product); // NaN product stays NaN
         }
     }
 

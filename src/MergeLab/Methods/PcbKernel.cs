@@ -319,8 +319,10 @@ internal static unsafe partial class PcbKernel
     /// <summary>
     /// The [n, d] scores of one tensor, never stored whole: a block's n rows are computed together (as the
     /// merge pass computes them, so the same bits) into the calling thread's cache, as signed keys. A
-    /// selection that fills row 0, 1, …, n − 1 of a block in turn, as <see cref="ExactSelector"/>'s
-    /// bracket pass does, computes the block once.
+    /// selection that fills row 0, 1, …, n − 1 of a block in turn computes the block once. Where the
+    /// selection asks for keys from a floor on (<see cref="KeySource.FillFrom"/>, as
+    /// <see cref="ExactSelector"/>'s bracket pass does) and the CPU has AVX-512, a row scores only its
+    /// candidates instead, from the block's base and Σ_k τ_k cached the same way.
     /// </summary>
     private sealed class ScoreRows(FusedPipeline.Inputs inputs, float[] low, float[] high)
     {

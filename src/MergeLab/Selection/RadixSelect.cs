@@ -149,7 +149,7 @@ internal sealed class RadixSelect(bool signed = false)
 
         // The fine pass counts only keys in the wanted bins: below the lowest, a source need not compute
         // them exactly (a key written below it lands in no wanted bin).
-        var floors = selects.Select(select => coarse ? 0u : (uint)select._fineBins.Min() << 16).ToArray();
+        var floors = selects.Select(select => coarse || select._fineBins.Length == 0 ? 0u : (uint)select._fineBins.Min() << 16).ToArray();
         int threads = n < ParallelThreshold ? 1 : CpuParallel.Threads;
         const int block = ExactSelector.BlockSize;
         long blocks = CpuParallel.BlockCount(n, block);
