@@ -210,22 +210,7 @@ internal static unsafe partial class PcbKernel
 
         /// <summary>This chunk's entries of <paramref name="source"/> as float32 whole vectors: in place for a
         /// whole float32 chunk, else widened or copied into <paramref name="staging"/> and zero-padded.</summary>
-        public float* ReadRow(CpuFloats source, float* staging)
-        {
-            var values = source.Block(Start, Count, staging);
-            if (Padded == Count)
-            {
-                return values;
-            }
-
-            if (values != staging)
-            {
-                Buffer.MemoryCopy(values, staging, Count * 4L, Count * 4L);
-            }
-
-            new Span<float>(staging + Count, Padded - Count).Clear();
-            return staging;
-        }
+        public float* ReadRow(CpuFloats source, float* staging) => ReadPadded(source, Start, Count, Padded, staging);
     }
 
     /// <summary>
@@ -243,13 +228,14 @@ internal static unsafe partial class PcbKernel
     internal readonly struct ScoreBound
     {
         private const float Ln2 = 0.6931471805599453f;
-        private readonly Vector512<float> _low, _high, _reciprocal, _scale;
+        private readonly ScoreTerms<Vector512Lanes, Vector512<float>> _terms;
+        private readonly Vector512<float> _low, _reciprocal, _scale;
 
         public ScoreBound(in ScoreTerms<Vector512Lanes, Vector512<float>> terms)
         {
+            _terms = terms;
             (float low, float high, int experts) = terms.Parameters;
             _low = Vector512.Create(low);
-            _high = Vector512.Create(high);
             _reciprocal = Vector512.Create(high - low == 0 ? 0 : 1 / (high - low));
             _scale = Vector512.Create(experts * 1.44269504088896341f);
         }
@@ -257,7 +243,7 @@ internal static unsafe partial class PcbKernel
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector512<float> Of(Vector512<float> t, Vector512<float> product)
         {
-            var m = (Vector512.MinNative(_high, Vector512.MaxNative(_low, Vector512.Abs(t))) - _low) * _reciprocal;
+            var m = (_terms.ClampedMagnitude(t) - _low) * _reciprocal;
             var y = m * m * _scale;
             var k = Vector512.Floor(y);
             var f = y - k;
@@ -284,7 +270,6 @@ internal static unsafe partial class PcbKernel
     {
         int n = inputs.Experts.Length;
         long d = inputs.Length;
-        var floor = Vector512.Create(1e-12f);
         return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
         {
             CpuParallel.For(CpuParallel.BlockCount(d, Block), b =>
@@ -312,7 +297,7 @@ internal static unsafe partial class PcbKernel
                         for (int j = 0; j < found; j += 16)
                         {
                             var score = Vector512.Load(packed + j);
-                            ((Vector512.MinNative(top, Vector512.MaxNative(threshold, score)) - threshold) / width).Store(packed + j);
+                            Weight<Vector512Lanes, Vector512<float>>(score, threshold, top, width).Store(packed + j);
                         }
 
                         int taken = 0;
@@ -329,8 +314,8 @@ internal static unsafe partial class PcbKernel
                     bool partial = chunk.Count % 32 != 0; // stores go by pairs of vectors
                     for (int i = 0; i < chunk.Padded; i += 32)
                     {
-                        var low = Merged(chunk, i, floor, lambda);
-                        var high = i + 16 < chunk.Padded ? Merged(chunk, i + 16, floor, lambda) : Vector512<float>.Zero;
+                        var low = Merged(chunk, i, lambda);
+                        var high = i + 16 < chunk.Padded ? Merged(chunk, i + 16, lambda) : Vector512<float>.Zero;
                         if (partial)
                         {
                             Vector512Lanes.Store(chunk.Staging, bf16, i, low, high);
@@ -351,16 +336,9 @@ internal static unsafe partial class PcbKernel
         });
     }
 
-    /// <summary>θ_base + λ·Σ_k τ̂_k·s_k / max(Σ_k s_k, 1e-12) of entries [i, i + 16).</summary>
+    /// <summary>The merged value of entries [i, i + 16).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> Merged(in CandidateChunk chunk, int i, Vector512<float> floor, float? lambda)
-    {
-        var m = Vector512.Load(chunk.Numerator + i) / Vector512.MaxNative(floor, Vector512.Load(chunk.Denominator + i)); // clamp_min, NaN kept
-        if (lambda is { } l)
-        {
-            m *= l;
-        }
-
-        return Vector512.Load(chunk.Base + i) + m;
-    }
+    private static Vector512<float> Merged(in CandidateChunk chunk, int i, float? lambda) =>
+        Merged<Vector512Lanes, Vector512<float>>(
+            Vector512.Load(chunk.Numerator + i), Vector512.Load(chunk.Denominator + i), Vector512.Load(chunk.Base + i), lambda);
 }

@@ -223,7 +223,6 @@ internal static unsafe partial class PcbKernel
         int n = inputs.Experts.Length;
         long d = inputs.Length;
         var score = scores is null ? null : (float*)CpuTensors.Pointer(scores);
-        var floor = new Vector<float>(1e-12f);
         return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
         {
             var output = (void*)address;
@@ -246,7 +245,7 @@ internal static unsafe partial class PcbKernel
                         var t = *(Vector<float>*)(tau + i);
                         var clamped = terms.ClampedMagnitude(t) * FusedPipeline.SignOf<VectorLanes, Vector<float>>(t);
                         var sc = row is null ? ScoreTerms<VectorLanes, Vector<float>>.Score(terms.IntraArgument(t), t * *(Vector<float>*)(block.Total + i)) : *(Vector<float>*)(row + i);
-                        var s = range == 0 ? Vector<float>.Zero : (Clamp(sc, threshold, top) - threshold) / width;
+                        var s = range == 0 ? Vector<float>.Zero : Weight<VectorLanes, Vector<float>>(sc, threshold, top, width);
                         *(Vector<float>*)(num + i) += clamped * s;
                         *(Vector<float>*)(den + i) += s;
                     }
@@ -255,13 +254,8 @@ internal static unsafe partial class PcbKernel
                 var merged = block.Destination(output, bf16, num);
                 for (int i = 0; i < block.Padded; i += Vector<float>.Count)
                 {
-                    var m = *(Vector<float>*)(num + i) / Vector.MaxNative(floor, *(Vector<float>*)(den + i)); // clamp_min, NaN kept
-                    if (lambda is { } l)
-                    {
-                        m *= l;
-                    }
-
-                    *(Vector<float>*)(merged + i) = *(Vector<float>*)(block.Base + i) + m;
+                    *(Vector<float>*)(merged + i) = Merged<VectorLanes, Vector<float>>(
+                        *(Vector<float>*)(num + i), *(Vector<float>*)(den + i), *(Vector<float>*)(block.Base + i), lambda);
                 }
 
                 block.Store(output, bf16, merged);
@@ -281,11 +275,30 @@ internal static unsafe partial class PcbKernel
         return max;
     }
 
-    /// <summary>libtorch's clamp(x, low, high) for low ≤ high, NaN staying NaN: the native x86 min and max
-    /// return their second operand when either is NaN, so x goes second.</summary>
+    /// <summary>A score's weight s = minmax(clamp(score, threshold, top)) = (clamp − threshold)/width, as
+    /// libtorch's clamp for threshold ≤ top, NaN staying NaN (the native x86 min and max return their
+    /// second operand when either is NaN, so the score goes second).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector<float> Clamp(Vector<float> x, Vector<float> low, Vector<float> high) =>
-        Vector.MinNative(high, Vector.MaxNative(low, x));
+    private static TV Weight<TL, TV>(TV score, TV threshold, TV top, TV width)
+        where TL : struct, ISimdLanes<TV>
+        where TV : unmanaged =>
+        TL.Divide(TL.Subtract(TL.MinNative(top, TL.MaxNative(threshold, score)), threshold), width);
+
+    /// <summary>θ_base + λ·Σ_k τ̂_k·s_k / max(Σ_k s_k, 1e-12) from the sums <paramref name="num"/> and
+    /// <paramref name="den"/> (clamp_min keeps a NaN sum).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static TV Merged<TL, TV>(TV num, TV den, TV bse, float? lambda)
+        where TL : struct, ISimdLanes<TV>
+        where TV : unmanaged
+    {
+        var m = TL.Divide(num, TL.MaxNative(TL.Broadcast(1e-12f), den));
+        if (lambda is { } l)
+        {
+            m = TL.Multiply(m, TL.Broadcast(l));
+        }
+
+        return TL.Add(bse, m);
+    }
 
     /// <summary>One task's score terms at lane width <typeparamref name="TL"/>: the argument
     /// n·minmax(clamp(|τ|, low, high))² of intra-balancing's exp (a constant row's minmax being 0), and the
@@ -615,23 +628,26 @@ internal static unsafe partial class PcbKernel
             }
         }
 
-        /// <summary>The block of <paramref name="source"/> as float32 whole vectors: in place for a whole
-        /// float32 block, else widened or copied into <paramref name="staging"/> and zero-padded.</summary>
-        private float* Read(CpuFloats source, float* staging)
+        private float* Read(CpuFloats source, float* staging) => ReadPadded(source, Start, Count, Padded, staging);
+    }
+
+    /// <summary>Entries [<paramref name="start"/>, start + <paramref name="count"/>) of <paramref name="source"/>
+    /// as float32, zero-padded to <paramref name="padded"/>: in place for float32 when no padding is needed,
+    /// else widened or copied into <paramref name="staging"/>.</summary>
+    private static float* ReadPadded(CpuFloats source, long start, int count, int padded, float* staging)
+    {
+        var values = source.Block(start, count, staging);
+        if (padded == count)
         {
-            var values = source.Block(Start, Count, staging);
-            if (!Partial)
-            {
-                return values;
-            }
-
-            if (values != staging)
-            {
-                Buffer.MemoryCopy(values, staging, Count * 4L, Count * 4L);
-            }
-
-            new Span<float>(staging + Count, Padded - Count).Clear();
-            return staging;
+            return values;
         }
+
+        if (values != staging)
+        {
+            Buffer.MemoryCopy(values, staging, count * 4L, count * 4L);
+        }
+
+        new Span<float>(staging + count, padded - count).Clear();
+        return staging;
     }
 }

@@ -421,7 +421,6 @@ internal static unsafe class ExactSelector
     {
         uint lo = q.Low, hi = q.High;
         const int w = 16;
-        var mask = Vector512.Create(FloatKeys.MagnitudeMask);
         var bracket = new WideBracket(lo, hi);
         bool highEnd = hi > lo;
         bool bf16 = expert.IsBFloat16;
@@ -432,9 +431,7 @@ internal static unsafe class ExactSelector
         int i = 0;
         for (; i <= count - 2 * w; i += 2 * w)
         {
-            Vector512Lanes.Load(pointer, bf16, start + i, out var e0, out var e1);
-            var k0 = (e0 - Vector512.Load(bse + i)).AsUInt32() & mask;
-            var k1 = (e1 - Vector512.Load(bse + i + w)).AsUInt32() & mask;
+            DifferenceKeys(pointer, bf16, start + i, bse + i, out var k0, out var k1);
             bracket.Classify(k0, k1, ref lessCount, ref lowTies, ref highTies, local, ref found);
         }
 
@@ -458,7 +455,6 @@ internal static unsafe class ExactSelector
     private static void ScanDifferenceWide(SelectionQuery q0, SelectionQuery q1, long block, CpuFloats expert, float* bse, long start, int count, uint* local0, uint* local1)
     {
         const int w = 16;
-        var mask = Vector512.Create(FloatKeys.MagnitudeMask);
         var bracket0 = new WideBracket(q0.Low, q0.High);
         var bracket1 = new WideBracket(q1.Low, q1.High);
         bool bf16 = expert.IsBFloat16;
@@ -469,9 +465,7 @@ internal static unsafe class ExactSelector
         int i = 0;
         for (; i <= count - 2 * w; i += 2 * w)
         {
-            Vector512Lanes.Load(pointer, bf16, start + i, out var e0, out var e1);
-            var k0 = (e0 - Vector512.Load(bse + i)).AsUInt32() & mask;
-            var k1 = (e1 - Vector512.Load(bse + i + w)).AsUInt32() & mask;
+            DifferenceKeys(pointer, bf16, start + i, bse + i, out var k0, out var k1);
             bracket0.Classify(k0, k1, ref less0, ref lowTies0, ref highTies0, local0, ref found0);
             bracket1.Classify(k0, k1, ref less1, ref lowTies1, ref highTies1, local1, ref found1);
         }
@@ -487,6 +481,17 @@ internal static unsafe class ExactSelector
 
         Record(q0, block, less0, lowTies0, highTies0, local0, found0);
         Record(q1, block, less1, lowTies1, highTies1, local1, found1);
+    }
+
+    /// <summary>The keys |θ − θ_base| of the 32 entries from <paramref name="index"/> of an expert's
+    /// float32 or bfloat16 memory, against the base's float32 entries at <paramref name="bse"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void DifferenceKeys(nint expert, bool bf16, long index, float* bse, out Vector512<uint> k0, out Vector512<uint> k1)
+    {
+        var mask = Vector512.Create(FloatKeys.MagnitudeMask);
+        Vector512Lanes.Load(expert, bf16, index, out var e0, out var e1);
+        k0 = (e0 - Vector512.Load(bse)).AsUInt32() & mask;
+        k1 = (e1 - Vector512.Load(bse + 16)).AsUInt32() & mask;
     }
 
     /// <summary>A bracket [lo, hi] broadcast to 512-bit vectors, for <see cref="ScanWide"/> and
