@@ -137,7 +137,11 @@ public class PcbCandidateTests
     {
         using var g = new Generator(96);
         using var b = randn([300, 700], generator: g);
-        var list = Enumerable.Range(0, 3).Select(_ => b + (randn([300, 700], generator: g) * 0.01)).ToArray();
+        var list = Enumerable.Range(0, 3).Select(_ =>
+        {
+            using var step = randn([300, 700], generator: g);
+            return b + step.mul_(0.01);
+        }).ToArray();
         try
         {
             PcbKernel.CountCandidates = true;
@@ -217,9 +221,12 @@ public class PcbCandidateTests
         using var push = rand([200, 700], generator: g).add_(0.5);
         using var e0 = b - (pull * 0.01);
         using var e1 = b + (push * 0.1);
-        using var e2 = b + (randn([200, 700], generator: g) * 0.01);
-        e2[3, 5] = tensor(float.NaN);
-        e2[7, 9] = tensor(float.PositiveInfinity);
+        using var step = randn([200, 700], generator: g);
+        using var e2 = b + step.mul_(0.01);
+        using var nan = tensor(float.NaN);
+        using var infinity = tensor(float.PositiveInfinity);
+        e2[3, 5] = nan;
+        e2[7, 9] = infinity;
         var pcb = new PcbMerge(new PcbOptions { Ratio = 0.5, Scope = SelectionScope.PerTensor });
         AssertSameBits(() => pcb.MergeTensor(new TensorGroup("w", b, [e0, e1, e2]), outputType: ScalarType.Float32));
     }
