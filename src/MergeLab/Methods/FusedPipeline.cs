@@ -523,7 +523,8 @@ internal static unsafe class FusedPipeline
                 var r = rules[k];
                 if (r.RowsPending)
                 {
-                    var source = new DifferenceRowKeys(inputs.Experts[k].Slice(row * w, w), baseRow);
+                    var source = new DifferenceRowKeys(inputs.Experts[k].Slice(row * w, w), baseRow,
+                        (row + 1) * w < inputs.Length ? inputs.Experts[k].Slice((row + 1) * w, w).Pointer : null);
                     (r.RowLower![row], r.RowUpper![row]) = RowWindow.OfShortRow(source, keys, w, r.Low, r.High, rowScratch, ref hints[k]);
                 }
             }

@@ -301,7 +301,7 @@ internal static unsafe class RowSelector
         var keys0 = index1 + stretch;
         var keys1 = keys0 + stretch;
         var composites = (ulong*)(keys1 + stretch);
-        var (c0, c1) = Collect(source, keys, width, hint.First, hint.Last, index0, index1, keys0, keys1);
+        var (c0, c1) = Collect(source, keys, width, hint.First, hint.Last, index0, index1, keys0, keys1, (uint*)composites, (uint*)composites + stretch);
         int p0 = positions[0], p1 = positions[^1];
         bool hit0 = Resolves(c0, p0), hit1 = Resolves(c1, p1);
         if (!hit0 || !hit1)
@@ -328,13 +328,15 @@ internal static unsafe class RowSelector
     private static bool Resolves(BracketCount c, int position) => c.Below <= position && position < c.Below + c.Inside;
 
     /// <summary>One pass over the row with 512-bit vectors: for each bracket the keys below and inside it
-    /// counted, and each key inside it other than the pivot collected with its row index, in row order,
-    /// by a compress (no branch per vector). The pivot's copies are what the bracket holds beyond those
-    /// collected, and the keys below the pivot are those below the bracket plus the collected ones below
-    /// it, counted afterwards among the few collected.</summary>
+    /// counted, and each key inside either bracket other than that bracket's pivot collected with its row
+    /// index, in row order, by a compress (no branch per vector) into one list for both brackets; a short
+    /// pass over that list then parts it into each bracket's own (two compresses per 16 keys of the row
+    /// instead of four). The pivot's copies are what the bracket holds beyond those collected, and the
+    /// keys below the pivot are those below the bracket plus the collected ones below it, counted
+    /// afterwards among the few collected.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static (BracketCount First, BracketCount Last) Collect<TKeys>(in TKeys source, uint* keys, int width, in KeyBracket b0, in KeyBracket b1,
-        uint* index0, uint* index1, uint* keys0, uint* keys1)
+        uint* index0, uint* index1, uint* keys0, uint* keys1, uint* bothIndex, uint* bothKeys)
         where TKeys : struct, IRowKeys
     {
         var lo0 = Vector512.Create(b0.Lo);
@@ -343,20 +345,21 @@ internal static unsafe class RowSelector
         var lo1 = Vector512.Create(b1.Lo);
         var span1 = Vector512.Create(b1.Span);
         var pivot1 = Vector512.Create(b1.Pivot);
-        Vector512<uint> below0 = default, below1 = default, inside0 = default, inside1 = default;
         var index = Vector512.Create(0u, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         var step = Vector512.Create(16u);
         bool hasPivot0 = b0.HasPivot, hasPivot1 = b1.HasPivot;
-        int n0 = 0, n1 = 0, i = 0; // kept out of the tail's ref arguments so they stay in registers
+
+        // Counted by the population of each compare's mask (cheaper here than summing the masks as vectors).
+        int below0 = 0, below1 = 0, inside0 = 0, inside1 = 0, n = 0, i = 0;
         for (; i <= width - 16; i += 16)
         {
             var k = source.Load16(keys, i);
             var in0 = Vector512.LessThanOrEqual(k - lo0, span0);
             var in1 = Vector512.LessThanOrEqual(k - lo1, span1);
-            below0 -= Vector512.LessThan(k, lo0);
-            below1 -= Vector512.LessThan(k, lo1);
-            inside0 -= in0;
-            inside1 -= in1;
+            below0 += BitOperations.PopCount(Vector512.LessThan(k, lo0).ExtractMostSignificantBits());
+            below1 += BitOperations.PopCount(Vector512.LessThan(k, lo1).ExtractMostSignificantBits());
+            inside0 += BitOperations.PopCount(in0.ExtractMostSignificantBits());
+            inside1 += BitOperations.PopCount(in1.ExtractMostSignificantBits());
             if (hasPivot0)
             {
                 in0 = Vector512.AndNot(in0, Vector512.Equals(k, pivot0));
@@ -367,38 +370,75 @@ internal static unsafe class RowSelector
                 in1 = Vector512.AndNot(in1, Vector512.Equals(k, pivot1));
             }
 
-            Avx512F.Compress(Vector512<uint>.Zero, in0, index).Store(index0 + n0);
-            Avx512F.Compress(Vector512<uint>.Zero, in0, k).Store(keys0 + n0);
-            Avx512F.Compress(Vector512<uint>.Zero, in1, index).Store(index1 + n1);
-            Avx512F.Compress(Vector512<uint>.Zero, in1, k).Store(keys1 + n1);
-            n0 += BitOperations.PopCount(in0.ExtractMostSignificantBits());
-            n1 += BitOperations.PopCount(in1.ExtractMostSignificantBits());
+            var either = in0 | in1;
+            Avx512F.Compress(Vector512<uint>.Zero, either, index).Store(bothIndex + n);
+            Avx512F.Compress(Vector512<uint>.Zero, either, k).Store(bothKeys + n);
+            n += BitOperations.PopCount(either.ExtractMostSignificantBits());
             index += step;
         }
 
-        int tail0 = n0, tail1 = n1;
-        int belowCount0 = (int)Vector512.Sum(below0), belowCount1 = (int)Vector512.Sum(below1);
-        int insideCount0 = (int)Vector512.Sum(inside0), insideCount1 = (int)Vector512.Sum(inside1);
         for (; i < width; i++)
         {
             uint key = source.Load1(keys, i);
-            Tally(b0, key, i, index0, keys0, ref belowCount0, ref insideCount0, ref tail0);
-            Tally(b1, key, i, index1, keys1, ref belowCount1, ref insideCount1, ref tail1);
+            bool isIn0 = Tally(b0, key, ref below0, ref inside0), isIn1 = Tally(b1, key, ref below1, ref inside1);
+            if (isIn0 || isIn1)
+            {
+                bothKeys[n] = key;
+                bothIndex[n++] = (uint)i;
+            }
         }
 
-        return (Counted(b0, belowCount0, insideCount0, keys0, tail0), Counted(b1, belowCount1, insideCount1, keys1, tail1));
+        int n0 = 0, n1 = 0, j = 0;
+        for (; j <= n - 16; j += 16)
+        {
+            var k = Vector512.Load(bothKeys + j);
+            var at = Vector512.Load(bothIndex + j);
+            var in0 = Vector512.LessThanOrEqual(k - lo0, span0);
+            var in1 = Vector512.LessThanOrEqual(k - lo1, span1);
+            if (hasPivot0)
+            {
+                in0 = Vector512.AndNot(in0, Vector512.Equals(k, pivot0));
+            }
+
+            if (hasPivot1)
+            {
+                in1 = Vector512.AndNot(in1, Vector512.Equals(k, pivot1));
+            }
+
+            Avx512F.Compress(Vector512<uint>.Zero, in0, at).Store(index0 + n0);
+            Avx512F.Compress(Vector512<uint>.Zero, in0, k).Store(keys0 + n0);
+            Avx512F.Compress(Vector512<uint>.Zero, in1, at).Store(index1 + n1);
+            Avx512F.Compress(Vector512<uint>.Zero, in1, k).Store(keys1 + n1);
+            n0 += BitOperations.PopCount(in0.ExtractMostSignificantBits());
+            n1 += BitOperations.PopCount(in1.ExtractMostSignificantBits());
+        }
+
+        for (; j < n; j++)
+        {
+            Part(b0, bothKeys[j], bothIndex[j], index0, keys0, ref n0);
+            Part(b1, bothKeys[j], bothIndex[j], index1, keys1, ref n1);
+        }
+
+        return (Counted(b0, below0, inside0, keys0, n0), Counted(b1, below1, inside1, keys1, n1));
     }
 
-    /// <summary>One key of the scalar tail of <see cref="Collect"/>.</summary>
-    private static void Tally(in KeyBracket b, uint key, int i, uint* outIndex, uint* outKeys, ref int below, ref int inside, ref int n)
+    /// <summary>Counts one key of <see cref="Collect"/>'s scalar tail against a bracket; true when it is
+    /// to be collected for it (inside, and not its pivot).</summary>
+    private static bool Tally(in KeyBracket b, uint key, ref int below, ref int inside)
     {
         bool isInside = key - b.Lo <= b.Span;
         below += key < b.Lo ? 1 : 0;
         inside += isInside ? 1 : 0;
-        if (isInside && !(b.HasPivot && key == b.Pivot))
+        return isInside && !(b.HasPivot && key == b.Pivot);
+    }
+
+    /// <summary>Appends one collected key of <see cref="Collect"/>'s shared list to a bracket's own list when it belongs there.</summary>
+    private static void Part(in KeyBracket b, uint key, uint at, uint* outIndex, uint* outKeys, ref int n)
+    {
+        if (key - b.Lo <= b.Span && !(b.HasPivot && key == b.Pivot))
         {
             outKeys[n] = key;
-            outIndex[n++] = (uint)i;
+            outIndex[n++] = at;
         }
     }
 
@@ -805,9 +845,14 @@ internal readonly unsafe struct StoredRowKeys : IRowKeys
 
 /// <summary>The keys |expert − base| of one row (<see cref="FloatKeys.Magnitude"/> of the float32
 /// difference, as <see cref="DifferenceMagnitudeKeys"/> gives them), from the expert's row (bfloat16 or
-/// float32) and the base row already in float32.</summary>
-internal readonly unsafe struct DifferenceRowKeys(CpuFloats expertRow, float* baseRow) : IRowKeys
+/// float32) and the base row already in float32. As the bracket pass reads the row it prefetches the
+/// same stretch of <paramref name="nextRow"/> (the expert's next row, read by the next row's pass) into
+/// the second-level cache, or, for the last row (null), of this row 4 KB ahead: the pass then finds its
+/// inputs in cache instead of waiting on memory at each new page (about 5% of Breadcrumbs' time in
+/// bfloat16, 20% in float32, 4096×11008 with 4 experts).</summary>
+internal readonly unsafe struct DifferenceRowKeys(CpuFloats expertRow, float* baseRow, void* nextRow = null) : IRowKeys
 {
+    private readonly byte* _prefetch = nextRow == null ? (byte*)expertRow.Pointer + 4096 : (byte*)nextRow;
     private readonly CpuFloats _expertRow = expertRow;
     private readonly void* _expert = expertRow.Pointer;
     private readonly bool _bf16 = expertRow.IsBFloat16;
@@ -816,6 +861,7 @@ internal readonly unsafe struct DifferenceRowKeys(CpuFloats expertRow, float* ba
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public Vector512<uint> Load16(uint* keys, int i)
     {
+        Sse.Prefetch1(_prefetch + ((long)i << (_bf16 ? 1 : 2)));
         var e = _bf16
             ? Vector512.ShiftLeft(Avx512F.ConvertToVector512UInt32(Vector256.Load((ushort*)_expert + i)), 16).AsSingle()
             : Vector512.Load((float*)_expert + i);
