@@ -523,9 +523,10 @@ internal static unsafe class FusedPipeline
                 var r = rules[k];
                 if (r.RowsPending)
                 {
-                    var source = new DifferenceRowKeys(inputs.Experts[k].Slice(row * w, w), baseRow,
-                        (row + 1) * w < inputs.Length ? inputs.Experts[k].Slice((row + 1) * w, w).Pointer : null);
-                    (r.RowLower![row], r.RowUpper![row]) = RowWindow.OfShortRow(source, keys, w, r.Low, r.High, rowScratch, ref hints[k]);
+                    var expert = inputs.Experts[k].Slice(row * w, w);
+                    (r.RowLower![row], r.RowUpper![row]) = expert.IsBFloat16
+                        ? RowWindow.OfShortRow(new DifferenceRowKeys<BFloat16Row>(expert.Pointer, baseRow, w), keys, w, r.Low, r.High, rowScratch, ref hints[k])
+                        : RowWindow.OfShortRow(new DifferenceRowKeys<Float32Row>(expert.Pointer, baseRow, w), keys, w, r.Low, r.High, rowScratch, ref hints[k]);
                 }
             }
         }

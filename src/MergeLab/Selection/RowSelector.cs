@@ -341,36 +341,26 @@ internal static unsafe class RowSelector
     {
         var lo0 = Vector512.Create(b0.Lo);
         var span0 = Vector512.Create(b0.Span);
-        var pivot0 = Vector512.Create(b0.Pivot);
+        var pivot0 = Vector512.Create(Excluded(b0));
         var lo1 = Vector512.Create(b1.Lo);
         var span1 = Vector512.Create(b1.Span);
-        var pivot1 = Vector512.Create(b1.Pivot);
+        var pivot1 = Vector512.Create(Excluded(b1));
         var index = Vector512.Create(0u, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         var step = Vector512.Create(16u);
-        bool hasPivot0 = b0.HasPivot, hasPivot1 = b1.HasPivot;
+        var row = source; // a copy the loop's stores cannot reach, so its fields stay in registers
 
         // Counted by the population of each compare's mask (cheaper here than summing the masks as vectors).
         int below0 = 0, below1 = 0, inside0 = 0, inside1 = 0, n = 0, i = 0;
         for (; i <= width - 16; i += 16)
         {
-            var k = source.Load16(keys, i);
+            var k = row.Load16(keys, i);
             var in0 = Vector512.LessThanOrEqual(k - lo0, span0);
             var in1 = Vector512.LessThanOrEqual(k - lo1, span1);
             below0 += BitOperations.PopCount(Vector512.LessThan(k, lo0).ExtractMostSignificantBits());
             below1 += BitOperations.PopCount(Vector512.LessThan(k, lo1).ExtractMostSignificantBits());
             inside0 += BitOperations.PopCount(in0.ExtractMostSignificantBits());
             inside1 += BitOperations.PopCount(in1.ExtractMostSignificantBits());
-            if (hasPivot0)
-            {
-                in0 = Vector512.AndNot(in0, Vector512.Equals(k, pivot0));
-            }
-
-            if (hasPivot1)
-            {
-                in1 = Vector512.AndNot(in1, Vector512.Equals(k, pivot1));
-            }
-
-            var either = in0 | in1;
+            var either = Vector512.AndNot(in0, Vector512.Equals(k, pivot0)) | Vector512.AndNot(in1, Vector512.Equals(k, pivot1));
             Avx512F.Compress(Vector512<uint>.Zero, either, index).Store(bothIndex + n);
             Avx512F.Compress(Vector512<uint>.Zero, either, k).Store(bothKeys + n);
             n += BitOperations.PopCount(either.ExtractMostSignificantBits());
@@ -379,7 +369,7 @@ internal static unsafe class RowSelector
 
         for (; i < width; i++)
         {
-            uint key = source.Load1(keys, i);
+            uint key = row.Load1(keys, i);
             bool isIn0 = Tally(b0, key, ref below0, ref inside0), isIn1 = Tally(b1, key, ref below1, ref inside1);
             if (isIn0 || isIn1)
             {
@@ -393,18 +383,8 @@ internal static unsafe class RowSelector
         {
             var k = Vector512.Load(bothKeys + j);
             var at = Vector512.Load(bothIndex + j);
-            var in0 = Vector512.LessThanOrEqual(k - lo0, span0);
-            var in1 = Vector512.LessThanOrEqual(k - lo1, span1);
-            if (hasPivot0)
-            {
-                in0 = Vector512.AndNot(in0, Vector512.Equals(k, pivot0));
-            }
-
-            if (hasPivot1)
-            {
-                in1 = Vector512.AndNot(in1, Vector512.Equals(k, pivot1));
-            }
-
+            var in0 = Vector512.AndNot(Vector512.LessThanOrEqual(k - lo0, span0), Vector512.Equals(k, pivot0));
+            var in1 = Vector512.AndNot(Vector512.LessThanOrEqual(k - lo1, span1), Vector512.Equals(k, pivot1));
             Avx512F.Compress(Vector512<uint>.Zero, in0, at).Store(index0 + n0);
             Avx512F.Compress(Vector512<uint>.Zero, in0, k).Store(keys0 + n0);
             Avx512F.Compress(Vector512<uint>.Zero, in1, at).Store(index1 + n1);
@@ -421,6 +401,11 @@ internal static unsafe class RowSelector
 
         return (Counted(b0, below0, inside0, keys0, n0), Counted(b1, below1, inside1, keys1, n1));
     }
+
+    /// <summary>The key a bracket pass leaves out of a bracket's collected keys: its pivot, or, without
+    /// one, a key just outside the bracket (which no comparison then excludes from it), so the pass has
+    /// no branch on whether there is a pivot. A bracket is at most 2²⁹ keys wide, so one end has room.</summary>
+    private static uint Excluded(in KeyBracket b) => b.HasPivot ? b.Pivot : b.Lo > 0 ? b.Lo - 1 : b.Lo + b.Span + 1;
 
     /// <summary>Counts one key of <see cref="Collect"/>'s scalar tail against a bracket; true when it is
     /// to be collected for it (inside, and not its pivot).</summary>
@@ -843,28 +828,59 @@ internal readonly unsafe struct StoredRowKeys : IRowKeys
     }
 }
 
-/// <summary>The keys |expert − base| of one row (<see cref="FloatKeys.Magnitude"/> of the float32
-/// difference, as <see cref="DifferenceMagnitudeKeys"/> gives them), from the expert's row (bfloat16 or
-/// float32) and the base row already in float32. As the bracket pass reads the row it prefetches the
-/// same stretch of <paramref name="nextRow"/> (the expert's next row, read by the next row's pass) into
-/// the second-level cache, or, for the last row (null), of this row 4 KB ahead: the pass then finds its
-/// inputs in cache instead of waiting on memory at each new page (about 5% of Breadcrumbs' time in
-/// bfloat16, 20% in float32, 4096×11008 with 4 experts).</summary>
-internal readonly unsafe struct DifferenceRowKeys(CpuFloats expertRow, float* baseRow, void* nextRow = null) : IRowKeys
+/// <summary>The element type of an expert's row read by <see cref="DifferenceRowKeys{TElement}"/>, fixed
+/// at compile time so the bracket pass has no branch on it.</summary>
+internal interface IRowElement
 {
-    private readonly byte* _prefetch = nextRow == null ? (byte*)expertRow.Pointer + 4096 : (byte*)nextRow;
-    private readonly CpuFloats _expertRow = expertRow;
-    private readonly void* _expert = expertRow.Pointer;
-    private readonly bool _bf16 = expertRow.IsBFloat16;
+    /// <summary>bfloat16 (true) or float32 (false).</summary>
+    static abstract bool IsBFloat16 { get; }
+}
+
+/// <summary>Rows of bfloat16.</summary>
+internal readonly struct BFloat16Row : IRowElement
+{
+    /// <inheritdoc />
+    public static bool IsBFloat16 => true;
+}
+
+/// <summary>Rows of float32.</summary>
+internal readonly struct Float32Row : IRowElement
+{
+    /// <inheritdoc />
+    public static bool IsBFloat16 => false;
+}
+
+/// <summary>The keys |expert − base| of one row (<see cref="FloatKeys.Magnitude"/> of the float32
+/// difference, as <see cref="DifferenceMagnitudeKeys"/> gives them), from the expert's row of
+/// <paramref name="width"/> entries (<typeparamref name="TElement"/>) and the base row already in float32.
+/// As the bracket pass reads the row it prefetches the same stretch one row further on (the expert's next
+/// row, read by the next row's pass, when rows are contiguous; past a last row, prefetch does not fault)
+/// into the second-level cache: the next pass then finds its inputs in cache instead of waiting on memory
+/// at each new page.</summary>
+internal readonly unsafe struct DifferenceRowKeys<TElement>(void* expertRow, float* baseRow, int width) : IRowKeys
+    where TElement : struct, IRowElement
+{
+    private readonly byte* _expert = (byte*)expertRow;
     private readonly float* _base = baseRow;
+    private readonly long _rowBytes = (long)width * (TElement.IsBFloat16 ? 2 : 4);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public Vector512<uint> Load16(uint* keys, int i)
     {
-        Sse.Prefetch1(_prefetch + ((long)i << (_bf16 ? 1 : 2)));
-        var e = _bf16
-            ? Vector512.ShiftLeft(Avx512F.ConvertToVector512UInt32(Vector256.Load((ushort*)_expert + i)), 16).AsSingle()
-            : Vector512.Load((float*)_expert + i);
+        Vector512<float> e;
+        if (TElement.IsBFloat16)
+        {
+            var at = (ushort*)_expert + i;
+            Sse.Prefetch1((byte*)at + _rowBytes);
+            e = Vector512.ShiftLeft(Avx512F.ConvertToVector512UInt32(Vector256.Load(at)), 16).AsSingle();
+        }
+        else
+        {
+            var at = (float*)_expert + i;
+            Sse.Prefetch1((byte*)at + _rowBytes);
+            e = Vector512.Load(at);
+        }
+
         var k = (e - Vector512.Load(_base + i)).AsUInt32() & Vector512.Create(FloatKeys.MagnitudeMask);
         k.Store(keys + i);
         return k;
@@ -873,12 +889,12 @@ internal readonly unsafe struct DifferenceRowKeys(CpuFloats expertRow, float* ba
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public uint Load1(uint* keys, int i)
     {
-        float e = _bf16 ? BitConverter.UInt32BitsToSingle((uint)((ushort*)_expert)[i] << 16) : ((float*)_expert)[i];
+        float e = TElement.IsBFloat16 ? BitConverter.UInt32BitsToSingle((uint)((ushort*)_expert)[i] << 16) : ((float*)_expert)[i];
         return keys[i] = FloatKeys.Magnitude(e - _base[i]);
     }
 
     public void Fill(uint* keys, int width) =>
-        DifferenceMagnitudeKeys.Fill(_expertRow, new CpuFloats(_base, width, bfloat16: false), 0, width, keys);
+        DifferenceMagnitudeKeys.Fill(new CpuFloats(_expert, width, TElement.IsBFloat16), new CpuFloats(_base, width, bfloat16: false), 0, width, keys);
 }
 
 /// <summary>
@@ -956,7 +972,7 @@ internal static unsafe class RowWindow
     public const long MaxShortRow = 1 << 20;
 
     /// <summary>The calling thread's scratch for one short row of <paramref name="width"/> entries: its keys,
-    /// float32 staging (for <see cref="KeySource.Fill"/>, or a base row widened for <see cref="DifferenceRowKeys"/>), and <see cref="OfShortRow(uint*, int, long, long, byte*)"/>'s selector scratch.</summary>
+    /// float32 staging (for <see cref="KeySource.Fill"/>, or a base row widened for <see cref="DifferenceRowKeys{TElement}"/>), and <see cref="OfShortRow(uint*, int, long, long, byte*)"/>'s selector scratch.</summary>
     public static void ShortRowScratch(int width, out uint* keys, out float* floats, out byte* selector)
     {
         var scratch = ThreadScratch.Get(width * 12L + RowSelector.ScratchBytes(width));

@@ -443,8 +443,14 @@ public class CpuSelectionTests
                     fixed (byte* s = scratch)
                     {
                         var aligned = (byte*)(((nint)s + 63) & ~(nint)63);
-                        var source = new DifferenceRowKeys(bf16 ? new CpuFloats(h, width, true) : new CpuFloats(e, width, false), b);
-                        RowSelector.Select(source, k, width, positions, results, aligned, ref hint);
+                        if (bf16)
+                        {
+                            RowSelector.Select(new DifferenceRowKeys<BFloat16Row>(h, b, width), k, width, positions, results, aligned, ref hint);
+                        }
+                        else
+                        {
+                            RowSelector.Select(new DifferenceRowKeys<Float32Row>(e, b, width), k, width, positions, results, aligned, ref hint);
+                        }
                     }
 
                     Assert.That(keys, Is.EqualTo(expected), $"width {width}, bf16 {bf16}, row {row}: the keys written");
