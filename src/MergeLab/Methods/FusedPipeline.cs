@@ -525,8 +525,8 @@ internal static unsafe class FusedPipeline
                 {
                     var expert = inputs.Experts[k].Slice(row * w, w);
                     (r.RowLower![row], r.RowUpper![row]) = expert.IsBFloat16
-                        ? RowWindow.OfShortRow(new DifferenceRowKeys<BFloat16Row>(expert.Pointer, baseRow, w), keys, w, r.Low, r.High, rowScratch, ref hints[k])
-                        : RowWindow.OfShortRow(new DifferenceRowKeys<Float32Row>(expert.Pointer, baseRow, w), keys, w, r.Low, r.High, rowScratch, ref hints[k]);
+                        ? RowWindow.OfShortRow(new DifferenceRowKeys<BFloat16Row>(expert, baseRow), keys, w, r.Low, r.High, rowScratch, ref hints[k])
+                        : RowWindow.OfShortRow(new DifferenceRowKeys<Float32Row>(expert, baseRow), keys, w, r.Low, r.High, rowScratch, ref hints[k]);
                 }
             }
         }

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Numerics;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
@@ -301,7 +302,8 @@ internal static unsafe class RowSelector
         var keys0 = index1 + stretch;
         var keys1 = keys0 + stretch;
         var composites = (ulong*)(keys1 + stretch);
-        var (c0, c1) = Collect(source, keys, width, hint.First, hint.Last, index0, index1, keys0, keys1, (uint*)composites, (uint*)composites + stretch);
+        var shared = (uint*)composites; // the bracket pass's list for both brackets, done with before Pick reuses the space
+        var (c0, c1) = Collect(source, keys, width, hint.First, hint.Last, index0, index1, keys0, keys1, shared, shared + stretch);
         int p0 = positions[0], p1 = positions[^1];
         bool hit0 = Resolves(c0, p0), hit1 = Resolves(c1, p1);
         if (!hit0 || !hit1)
@@ -341,10 +343,11 @@ internal static unsafe class RowSelector
     {
         var lo0 = Vector512.Create(b0.Lo);
         var span0 = Vector512.Create(b0.Span);
-        var pivot0 = Vector512.Create(Excluded(b0));
+        uint out0 = Excluded(b0), out1 = Excluded(b1);
+        var excluded0 = Vector512.Create(out0);
         var lo1 = Vector512.Create(b1.Lo);
         var span1 = Vector512.Create(b1.Span);
-        var pivot1 = Vector512.Create(Excluded(b1));
+        var excluded1 = Vector512.Create(out1);
         var index = Vector512.Create(0u, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         var step = Vector512.Create(16u);
         var row = source; // a copy the loop's stores cannot reach, so its fields stay in registers
@@ -360,7 +363,7 @@ internal static unsafe class RowSelector
             below1 += BitOperations.PopCount(Vector512.LessThan(k, lo1).ExtractMostSignificantBits());
             inside0 += BitOperations.PopCount(in0.ExtractMostSignificantBits());
             inside1 += BitOperations.PopCount(in1.ExtractMostSignificantBits());
-            var either = Vector512.AndNot(in0, Vector512.Equals(k, pivot0)) | Vector512.AndNot(in1, Vector512.Equals(k, pivot1));
+            var either = Vector512.AndNot(in0, Vector512.Equals(k, excluded0)) | Vector512.AndNot(in1, Vector512.Equals(k, excluded1));
             Avx512F.Compress(Vector512<uint>.Zero, either, index).Store(bothIndex + n);
             Avx512F.Compress(Vector512<uint>.Zero, either, k).Store(bothKeys + n);
             n += BitOperations.PopCount(either.ExtractMostSignificantBits());
@@ -370,7 +373,7 @@ internal static unsafe class RowSelector
         for (; i < width; i++)
         {
             uint key = row.Load1(keys, i);
-            bool isIn0 = Tally(b0, key, ref below0, ref inside0), isIn1 = Tally(b1, key, ref below1, ref inside1);
+            bool isIn0 = Tally(b0, out0, key, ref below0, ref inside0), isIn1 = Tally(b1, out1, key, ref below1, ref inside1);
             if (isIn0 || isIn1)
             {
                 bothKeys[n] = key;
@@ -383,8 +386,8 @@ internal static unsafe class RowSelector
         {
             var k = Vector512.Load(bothKeys + j);
             var at = Vector512.Load(bothIndex + j);
-            var in0 = Vector512.AndNot(Vector512.LessThanOrEqual(k - lo0, span0), Vector512.Equals(k, pivot0));
-            var in1 = Vector512.AndNot(Vector512.LessThanOrEqual(k - lo1, span1), Vector512.Equals(k, pivot1));
+            var in0 = Vector512.AndNot(Vector512.LessThanOrEqual(k - lo0, span0), Vector512.Equals(k, excluded0));
+            var in1 = Vector512.AndNot(Vector512.LessThanOrEqual(k - lo1, span1), Vector512.Equals(k, excluded1));
             Avx512F.Compress(Vector512<uint>.Zero, in0, at).Store(index0 + n0);
             Avx512F.Compress(Vector512<uint>.Zero, in0, k).Store(keys0 + n0);
             Avx512F.Compress(Vector512<uint>.Zero, in1, at).Store(index1 + n1);
@@ -395,32 +398,39 @@ internal static unsafe class RowSelector
 
         for (; j < n; j++)
         {
-            Part(b0, bothKeys[j], bothIndex[j], index0, keys0, ref n0);
-            Part(b1, bothKeys[j], bothIndex[j], index1, keys1, ref n1);
+            Part(b0, out0, bothKeys[j], bothIndex[j], index0, keys0, ref n0);
+            Part(b1, out1, bothKeys[j], bothIndex[j], index1, keys1, ref n1);
         }
 
         return (Counted(b0, below0, inside0, keys0, n0), Counted(b1, below1, inside1, keys1, n1));
     }
 
     /// <summary>The key a bracket pass leaves out of a bracket's collected keys: its pivot, or, without
-    /// one, a key just outside the bracket (which no comparison then excludes from it), so the pass has
-    /// no branch on whether there is a pivot. A bracket is at most 2²⁹ keys wide, so one end has room.</summary>
-    private static uint Excluded(in KeyBracket b) => b.HasPivot ? b.Pivot : b.Lo > 0 ? b.Lo - 1 : b.Lo + b.Span + 1;
+    /// one, a key just outside the bracket (so leaving it out removes nothing), and the pass has no
+    /// branch on whether there is a pivot. Below the bracket when it starts above 0; above it otherwise,
+    /// where its span is under 2²⁹ (<see cref="Recentre"/> sets it within twice a half-width of at most
+    /// <see cref="KeyBracket.MaxHalfWidth"/>), so the key does not wrap around into it.</summary>
+    private static uint Excluded(in KeyBracket b)
+    {
+        Debug.Assert(b.Lo > 0 || b.Span < uint.MaxValue, "a bracket from 0 leaves room above it");
+        return b.HasPivot ? b.Pivot : b.Lo > 0 ? b.Lo - 1 : b.Lo + b.Span + 1;
+    }
 
     /// <summary>Counts one key of <see cref="Collect"/>'s scalar tail against a bracket; true when it is
-    /// to be collected for it (inside, and not its pivot).</summary>
-    private static bool Tally(in KeyBracket b, uint key, ref int below, ref int inside)
+    /// to be collected for it (inside, and not its <see cref="Excluded"/> key).</summary>
+    private static bool Tally(in KeyBracket b, uint excluded, uint key, ref int below, ref int inside)
     {
         bool isInside = key - b.Lo <= b.Span;
         below += key < b.Lo ? 1 : 0;
         inside += isInside ? 1 : 0;
-        return isInside && !(b.HasPivot && key == b.Pivot);
+        return isInside && key != excluded;
     }
 
-    /// <summary>Appends one collected key of <see cref="Collect"/>'s shared list to a bracket's own list when it belongs there.</summary>
-    private static void Part(in KeyBracket b, uint key, uint at, uint* outIndex, uint* outKeys, ref int n)
+    /// <summary>Appends one collected key of <see cref="Collect"/>'s shared list to a bracket's own list
+    /// when it belongs there (inside, and not its <see cref="Excluded"/> key).</summary>
+    private static void Part(in KeyBracket b, uint excluded, uint key, uint at, uint* outIndex, uint* outKeys, ref int n)
     {
-        if (key - b.Lo <= b.Span && !(b.HasPivot && key == b.Pivot))
+        if (key - b.Lo <= b.Span && key != excluded)
         {
             outKeys[n] = key;
             outIndex[n++] = at;
@@ -637,8 +647,10 @@ internal static unsafe class RowSelector
     }
 
     /// <summary>The row index of occurrence <paramref name="occurrence"/> (0-based, in row order) of <paramref name="key"/>.</summary>
-    /// <remarks>Copies are counted branch-free a block of eight vectors at a time (when dense they would
-    /// make a per-vector branch unpredictable); only the block holding the wanted copy is scanned.</remarks>
+    /// <remarks>With 512-bit vectors, 16 keys a step: each compare's mask counts the copies, and the step
+    /// holding the wanted one finds it among the mask's bits (its one taken branch is the last). Otherwise
+    /// copies are counted branch-free a block of eight vectors at a time (when dense they would make a
+    /// per-vector branch unpredictable); only the block holding the wanted copy is scanned.</remarks>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int Occurrence(uint* keys, int width, uint key, int occurrence)
     {
@@ -874,18 +886,28 @@ internal readonly struct Float32Row : IRowElement
 }
 
 /// <summary>The keys |expert − base| of one row (<see cref="FloatKeys.Magnitude"/> of the float32
-/// difference, as <see cref="DifferenceMagnitudeKeys"/> gives them), from the expert's row of
-/// <paramref name="width"/> entries (<typeparamref name="TElement"/>) and the base row already in float32.
+/// difference, as <see cref="DifferenceMagnitudeKeys"/> gives them), from the expert's row
+/// (of <typeparamref name="TElement"/>) and the base row already in float32.
 /// As the bracket pass reads the row it prefetches the same stretch one row further on (the expert's next
 /// row, read by the next row's pass, when rows are contiguous; past a last row, prefetch does not fault)
 /// into the second-level cache: the next pass then finds its inputs in cache instead of waiting on memory
 /// at each new page.</summary>
-internal readonly unsafe struct DifferenceRowKeys<TElement>(void* expertRow, float* baseRow, int width) : IRowKeys
+internal readonly unsafe struct DifferenceRowKeys<TElement> : IRowKeys
     where TElement : struct, IRowElement
 {
-    private readonly byte* _expert = (byte*)expertRow;
-    private readonly float* _base = baseRow;
-    private readonly long _rowBytes = (long)width * (TElement.IsBFloat16 ? 2 : 4);
+    private readonly byte* _expert;
+    private readonly float* _base;
+    private readonly long _rowBytes;
+
+    /// <summary>Keys of <paramref name="expertRow"/> (of <typeparamref name="TElement"/>) against
+    /// <paramref name="baseRow"/> (float32, as long).</summary>
+    public DifferenceRowKeys(CpuFloats expertRow, float* baseRow)
+    {
+        Debug.Assert(expertRow.IsBFloat16 == TElement.IsBFloat16, "the row's element type");
+        _expert = (byte*)expertRow.Pointer;
+        _base = baseRow;
+        _rowBytes = expertRow.Length * (TElement.IsBFloat16 ? 2 : 4);
+    }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public Vector512<uint> Load16(uint* keys, int i)

@@ -445,11 +445,11 @@ public class CpuSelectionTests
                         var aligned = (byte*)(((nint)s + 63) & ~(nint)63);
                         if (bf16)
                         {
-                            RowSelector.Select(new DifferenceRowKeys<BFloat16Row>(h, b, width), k, width, positions, results, aligned, ref hint);
+                            RowSelector.Select(new DifferenceRowKeys<BFloat16Row>(new CpuFloats(h, width, true), b), k, width, positions, results, aligned, ref hint);
                         }
                         else
                         {
-                            RowSelector.Select(new DifferenceRowKeys<Float32Row>(e, b, width), k, width, positions, results, aligned, ref hint);
+                            RowSelector.Select(new DifferenceRowKeys<Float32Row>(new CpuFloats(e, width, false), b), k, width, positions, results, aligned, ref hint);
                         }
                     }
 
