@@ -490,8 +490,13 @@ internal static unsafe class ExactSelector
     {
         // The expert's memory a page ahead, into the first-level cache: the hardware's own prefetch
         // starts over at each 4 KB page, and the scan would otherwise wait on memory there (about 15%
-        // of TIES' time on bfloat16 experts, 4096×11008 with 4 experts; no change on float32).
-        Sse.Prefetch0((byte*)expert + (index << (bf16 ? 1 : 2)) + 4096);
+        // of TIES' time on 4096×11008 with 4 bfloat16 experts, about 12% with float32 ones).
+        var ahead = (byte*)expert + (index << (bf16 ? 1 : 2)) + 4096;
+        Sse.Prefetch0(ahead);
+        if (!bf16)
+        {
+            Sse.Prefetch0(ahead + 64); // 32 float32 entries span two cache lines
+        }
         var mask = Vector512.Create(FloatKeys.MagnitudeMask);
         Vector512Lanes.Load(expert, bf16, index, out var e0, out var e1);
         k0 = (e0 - Vector512.Load(bse)).AsUInt32() & mask;
