@@ -350,7 +350,7 @@ internal static unsafe class RowSelector
         var excluded1 = Vector512.Create(out1);
         var index = Vector512.Create(0u, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         var step = Vector512.Create(16u);
-        var row = source; // a local copy the loop's stores cannot alias, so the JIT need not reload its fields after each
+        var row = source; // a local copy the loop's stores cannot alias, so the JIT need not reload its fields after each store
 
         // Counted by the population of each compare's mask (cheaper here than summing the masks as vectors).
         int below0 = 0, below1 = 0, inside0 = 0, inside1 = 0, n = 0, i = 0;
