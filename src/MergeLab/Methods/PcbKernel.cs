@@ -632,14 +632,15 @@ internal static unsafe partial class PcbKernel
         private float* Read(CpuFloats source, float* staging) => ReadPadded(source, Start, Count, Padded, staging);
     }
 
-    /// <summary>Asks for the next <paramref name="count"/> entries of a bfloat16 stream after
+    /// <summary>For a bfloat16 stream, asks for the next <paramref name="count"/> entries after
     /// [<paramref name="start"/>, start + count) in the second-level cache while this block is widened and
     /// scored: each pass reads every input a block at a time, and the hardware's prefetch, starting over
     /// for each short run of each stream, leaves the widening waiting on memory (PCB on bfloat16
-    /// 4096×11008, N = 4: about 8–10% less time; float32 blocks, read in place, gain nothing).</summary>
+    /// 4096×11008, N = 4: about 8–10% less time). Float32 blocks, read in place, gain nothing: nothing is
+    /// asked for them.</summary>
     private static void PrefetchNext(CpuFloats source, long start, int count)
     {
-        if (!Sse.IsSupported || start + (2L * count) > source.Length)
+        if (!source.IsBFloat16 || !Sse.IsSupported || start + (2L * count) > source.Length)
         {
             return;
         }
@@ -656,11 +657,7 @@ internal static unsafe partial class PcbKernel
     /// else widened or copied into <paramref name="staging"/>.</summary>
     private static float* ReadPadded(CpuFloats source, long start, int count, int padded, float* staging)
     {
-        if (source.IsBFloat16)
-        {
-            PrefetchNext(source, start, count);
-        }
-
+        PrefetchNext(source, start, count);
         var values = source.Block(start, count, staging);
         if (padded == count)
         {

@@ -497,6 +497,7 @@ internal static unsafe class ExactSelector
         {
             Sse.Prefetch0(ahead + 64); // 32 float32 entries span two cache lines
         }
+
         var mask = Vector512.Create(FloatKeys.MagnitudeMask);
         Vector512Lanes.Load(expert, bf16, index, out var e0, out var e1);
         k0 = (e0 - Vector512.Load(bse)).AsUInt32() & mask;

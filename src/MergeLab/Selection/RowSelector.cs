@@ -662,19 +662,10 @@ internal static unsafe class RowSelector
             var wide = Vector512.Create(key);
             for (; i <= width - 16; i += 16)
             {
-                uint bits = (uint)Vector512.Equals(Vector512.Load(keys + i), wide).ExtractMostSignificantBits();
-                int here = BitOperations.PopCount(bits);
-                if (occurrence < here)
+                if (Among(Vector512.Equals(Vector512.Load(keys + i), wide).ExtractMostSignificantBits(), ref occurrence, out int at))
                 {
-                    for (; occurrence > 0; occurrence--)
-                    {
-                        bits &= bits - 1;
-                    }
-
-                    return i + BitOperations.TrailingZeroCount(bits);
+                    return i + at;
                 }
-
-                occurrence -= here;
             }
         }
 
@@ -700,19 +691,10 @@ internal static unsafe class RowSelector
 
         for (; i <= width - w; i += w)
         {
-            ulong bits = Kernels.LaneBits(Vector.Equals(Vector.Load(keys + i), vkey));
-            int here = BitOperations.PopCount(bits);
-            if (occurrence < here)
+            if (Among(Kernels.LaneBits(Vector.Equals(Vector.Load(keys + i), vkey)), ref occurrence, out int at))
             {
-                for (; occurrence > 0; occurrence--)
-                {
-                    bits &= bits - 1;
-                }
-
-                return i + BitOperations.TrailingZeroCount(bits);
+                return i + at;
             }
-
-            occurrence -= here;
         }
 
         for (; i < width; i++)
@@ -724,6 +706,29 @@ internal static unsafe class RowSelector
         }
 
         throw new InvalidOperationException("Row selection lost a tie.");
+    }
+
+    /// <summary>One step of <see cref="Occurrence"/>: whether copy <paramref name="occurrence"/> is among
+    /// the step's copies, the set <paramref name="bits"/>; if so its lane in <paramref name="at"/>, else the
+    /// step's copies are taken off <paramref name="occurrence"/>.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static bool Among(ulong bits, ref int occurrence, out int at)
+    {
+        int here = BitOperations.PopCount(bits);
+        if (occurrence >= here)
+        {
+            occurrence -= here;
+            at = 0;
+            return false;
+        }
+
+        for (; occurrence > 0; occurrence--)
+        {
+            bits &= bits - 1;
+        }
+
+        at = BitOperations.TrailingZeroCount(bits);
+        return true;
     }
 
     /// <summary>Whether every composite has the same key (high 32 bits).</summary>
@@ -912,20 +917,11 @@ internal readonly unsafe struct DifferenceRowKeys<TElement> : IRowKeys
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public Vector512<uint> Load16(uint* keys, int i)
     {
-        Vector512<float> e;
-        if (TElement.IsBFloat16)
-        {
-            var at = (ushort*)_expert + i;
-            Sse.Prefetch1((byte*)at + _rowBytes);
-            e = Vector512.ShiftLeft(Avx512F.ConvertToVector512UInt32(Vector256.Load(at)), 16).AsSingle();
-        }
-        else
-        {
-            var at = (float*)_expert + i;
-            Sse.Prefetch1((byte*)at + _rowBytes);
-            e = Vector512.Load(at);
-        }
-
+        var at = _expert + ((long)i * (TElement.IsBFloat16 ? 2 : 4));
+        Sse.Prefetch1(at + _rowBytes);
+        var e = TElement.IsBFloat16
+            ? Vector512.ShiftLeft(Avx512F.ConvertToVector512UInt32(Vector256.Load((ushort*)at)), 16).AsSingle()
+            : Vector512.Load((float*)at);
         var k = (e - Vector512.Load(_base + i)).AsUInt32() & Vector512.Create(FloatKeys.MagnitudeMask);
         k.Store(keys + i);
         return k;
