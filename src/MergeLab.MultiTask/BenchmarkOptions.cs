@@ -130,6 +130,10 @@ public sealed record BenchmarkOptions
     /// need a larger rate on CPU time).</summary>
     public double AdaMergingLearningRate { get; init; } = 1e-2;
 
+    /// <summary>AdaMerging's <see cref="MergeLab.Adaptive.AdaMergingOptions.DiversityWeight"/> (a
+    /// class-balance term, not in the paper). Default 0: the paper's loss, as in the README's table.</summary>
+    public double AdaMergingDiversityWeight { get; init; }
+
     /// <summary>Unlabeled test batches per task AdaMerging cycles through. Default 16.</summary>
     public int AdaMergingBatches { get; init; } = 16;
 

@@ -136,6 +136,7 @@ public static class MultiTaskBenchmark
                     Granularity = granularity,
                     Steps = options.AdaMergingSteps,
                     LearningRate = options.AdaMergingLearningRate,
+                    DiversityWeight = options.AdaMergingDiversityWeight,
                     Seed = options.Seed,
                 });
                 using var backbone = evaluator.Backbone(baseModel);
@@ -149,7 +150,8 @@ public static class MultiTaskBenchmark
                     : $"{c.TaskCount}×{c.Layers.Count} (layers {string.Join(", ", c.Layers)}), range {all.Min():F2}–{all.Max():F2}, mean {all.Average():F2}";
                 notes[$"{name} entropy"] = $"{result.EntropyHistory[0]:F3} → {result.EntropyHistory[^1]:F3}";
                 return new(name, evaluator.Test(result.Merged),
-                    $"{(granularity == AdaMergingGranularity.TaskWise ? "task-wise" : "layer-wise")}{(name == "adamerging_pp" ? " on TIES-selected τ" : "")}, {options.AdaMergingSteps} steps");
+                    $"{(granularity == AdaMergingGranularity.TaskWise ? "task-wise" : "layer-wise")}{(name == "adamerging_pp" ? " on TIES-selected τ" : "")}, {options.AdaMergingSteps} steps"
+                    + (options.AdaMergingDiversityWeight == 0 ? "" : $", diversity weight {options.AdaMergingDiversityWeight.ToString(CultureInfo.InvariantCulture)}"));
             }
 
             MethodResult LinesRow(string name, TaskVector merged, IReadOnlyList<double> betas)

@@ -119,21 +119,40 @@ public sealed record AdaMergingOptions
     /// reference has one λ per parameter tensor; pass <c>name =&gt; name</c> for that).</summary>
     public Func<string, string>? LayerOf { get; init; }
 
+    /// <summary>
+    /// The weight w of a class-balance term, an extension beyond the paper: each task's loss becomes
+    /// mean_i H(p_i) − w·H(mean_i p_i) over its batch, the information-maximisation objective of SHOT
+    /// (Liang et al., ICML 2020), so predictions are pushed to be confident and, across the batch, spread
+    /// over the classes. Default 0: the paper's loss, entropy alone. Entropy alone can be lowered by
+    /// predicting few classes confidently and wrongly; a positive weight resists that, and assumes the
+    /// classes of a batch are roughly balanced. Finite and at least 0.
+    /// </summary>
+    public double DiversityWeight
+    {
+        get;
+        init
+        {
+            MergeLab.Options.RequireInRange(value, nameof(DiversityWeight), 0, double.MaxValue);
+            field = value;
+        }
+    }
+
     /// <summary>Seeds the order in which each task's batches are visited (reshuffled after each pass,
     /// as the reference's shuffled loader). Default 0. Results are identical for identical inputs, seed
     /// and thread count.</summary>
     public int Seed { get; init; }
 }
 
-/// <summary>Progress of <see cref="AdaMerging.Learn"/>: the step just finished and the summed entropy
-/// it measured (before its update).</summary>
+/// <summary>Progress of <see cref="AdaMerging.Learn"/>: the step just finished and the loss it
+/// measured (before its update).</summary>
 /// <param name="Step">Steps done, 1-based.</param>
 /// <param name="Steps">Steps in all.</param>
-/// <param name="Entropy">Σ_t mean entropy of task t's predictions at this step.</param>
+/// <param name="Entropy">The loss at this step: Σ_t mean entropy of task t's predictions (less
+/// <see cref="AdaMergingOptions.DiversityWeight"/> times Σ_t the entropy of their batch mean, when it is set).</param>
 public readonly record struct AdaMergingProgress(int Step, int Steps, double Entropy);
 
 /// <summary>What <see cref="AdaMerging.Learn"/> returns: the coefficients, the merged weights and the
-/// entropy at every step. Owns <see cref="Merged"/>; dispose it.</summary>
+/// loss at every step. Owns <see cref="Merged"/>; dispose it.</summary>
 public sealed class AdaMergingResult : IDisposable
 {
     internal AdaMergingResult(LayerCoefficients coefficients, LayerCoefficients initial, StateDict merged, IReadOnlyList<double> entropy)
@@ -154,7 +173,9 @@ public sealed class AdaMergingResult : IDisposable
     /// tensor the task vectors do not cover is the module's own).</summary>
     public StateDict Merged { get; }
 
-    /// <summary>Σ_t mean entropy at each step, measured before that step's update.</summary>
+    /// <summary>The loss at each step, measured before that step's update: Σ_t mean entropy (less
+    /// <see cref="AdaMergingOptions.DiversityWeight"/> times Σ_t the entropy of the batch-mean prediction,
+    /// when it is set).</summary>
     public IReadOnlyList<double> EntropyHistory { get; }
 
     /// <summary>Disposes <see cref="Merged"/>.</summary>
@@ -174,6 +195,9 @@ public sealed class AdaMergingResult : IDisposable
 /// head, Adam(lr 1e-3, β = (0.9, 0.999)), 500 steps. The reference takes two batches of 16 per task per
 /// step; here each step takes the next of the caller's batches for every task, so the batch size is
 /// the caller's.</para>
+/// <para>Beyond the paper, <see cref="AdaMergingOptions.DiversityWeight"/> adds a class-balance term
+/// (off by default): on models whose entropy falls as their predictions become confidently wrong, it
+/// keeps each task's batch from collapsing onto a few classes.</para>
 /// <para>No functional rewrite of the module is needed: the merged parameters are linear in λ, so
 /// ∂L/∂λ_{t,l} = Σ_{p ∈ l} ⟨∂L/∂θ_p, τ_{t,p}⟩. Each step copies θ(λ) into the module's parameters,
 /// runs the forward and backward passes for the parameter gradients, and takes those inner products.
@@ -275,7 +299,7 @@ public sealed class AdaMerging
             cancellationToken.ThrowIfCancellationRequested();
             var clamped = Clamp(raw);
             run.Load(clamped, layerOfName);
-            var (entropy, grad) = run.EntropyAndGradient(order, taskLogits, layerOfName, layers.Count);
+            var (entropy, grad) = run.EntropyAndGradient(order, taskLogits, layerOfName, layers.Count, Options.DiversityWeight);
             for (int t = 0; t < taskCount; t++)
             {
                 for (int l = 0; l < layers.Count; l++)
@@ -299,13 +323,14 @@ public sealed class AdaMerging
     }
 
     /// <summary>
-    /// The loss and its gradient at given coefficients, for one batch per task: Σ_t mean entropy and
+    /// The loss and its gradient at given coefficients, for one batch per task: Σ_t mean entropy (less
+    /// <paramref name="diversityWeight"/> times Σ_t the batch-mean prediction's entropy) and
     /// ∂/∂λ[t, layer] (before any clamp mask). The module is restored afterwards. For tests, which may
     /// also shrink the inner products' chunk (parameter entries per float64 chunk).
     /// </summary>
     internal static (double Entropy, double[,] Gradient) EntropyAndGradient(nn.Module<Tensor, Tensor> module,
         IReadOnlyList<TaskVector> taskVectors, IReadOnlyList<Tensor> batches, Func<Tensor, int, Tensor> taskLogits,
-        LayerCoefficients coefficients, long innerProductChunk = Run.DefaultInnerProductChunk)
+        LayerCoefficients coefficients, long innerProductChunk = Run.DefaultInnerProductChunk, double diversityWeight = 0)
     {
         var names = taskVectors[0].Names;
         var (layers, layerOfName) = ParameterLayers.Group(names, coefficients.LayerOf);
@@ -317,7 +342,7 @@ public sealed class AdaMerging
         using var run = new Run(module, taskVectors, names, innerProductChunk);
         run.Load(coefficients.ToArray(), layerOfName);
         var order = new BatchOrder(batches.Select(b => (IReadOnlyList<Tensor>)[b]).ToArray(), 0);
-        return run.EntropyAndGradient(order, taskLogits, layerOfName, layers.Count);
+        return run.EntropyAndGradient(order, taskLogits, layerOfName, layers.Count, diversityWeight);
     }
 
     /// <summary>Mean over the batch of the Shannon entropy of softmax(<paramref name="logits"/>) over
@@ -328,6 +353,30 @@ public sealed class AdaMerging
         using var scope = NewDisposeScope();
         var logp = nn.functional.log_softmax(logits, -1);
         return (-(logp.exp() * logp).sum(-1)).mean().MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The Shannon entropy of the batch's mean prediction, H(mean_i softmax(logits_i)), over the
+    /// last dimension of [batch, classes] logits. The mean's logarithm is taken as a log-sum-exp of the
+    /// log-probabilities, so a class no example gives any weight to is no NaN.</summary>
+    internal static Tensor MarginalEntropy(Tensor logits)
+    {
+        using var scope = NewDisposeScope();
+        var logp = nn.functional.log_softmax(logits, -1);
+        var logMean = logp.logsumexp(0) - Math.Log(logits.shape[0]);
+        return (-(logMean.exp() * logMean).sum()).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>One task's loss: its mean entropy, less <paramref name="diversityWeight"/> times its
+    /// batch-mean prediction's entropy when that weight is not 0.</summary>
+    internal static Tensor TaskLoss(Tensor logits, double diversityWeight)
+    {
+        if (diversityWeight == 0)
+        {
+            return MeanEntropy(logits);
+        }
+
+        using var scope = NewDisposeScope();
+        return (MeanEntropy(logits) - diversityWeight * MarginalEntropy(logits)).MoveToOuterDisposeScope();
     }
 
     private double[,] Clamp(double[,] raw)
@@ -462,9 +511,10 @@ public sealed class AdaMerging
             }
         }
 
-        /// <summary>Runs every task's next batch; returns Σ_t mean entropy and ∂/∂λ[t, layer].</summary>
+        /// <summary>Runs every task's next batch; returns the loss (<see cref="TaskLoss"/> summed over
+        /// the tasks) and ∂/∂λ[t, layer].</summary>
         public (double Entropy, double[,] Gradient) EntropyAndGradient(BatchOrder order, Func<Tensor, int, Tensor> taskLogits,
-            int[] layerOfName, int layerCount)
+            int[] layerOfName, int layerCount, double diversityWeight)
         {
             int taskCount = (int)_stacked[0].shape[0];
             var total = new Tensor?[_parameterIndex.Length];
@@ -476,7 +526,7 @@ public sealed class AdaMerging
                 using var taskScope = NewDisposeScope();
                 var batch = order.Next(t);
                 var output = _module.call(batch);
-                var h = MeanEntropy(taskLogits(output, t));
+                var h = TaskLoss(taskLogits(output, t), diversityWeight);
                 var grads = autograd.grad([h], _parameters, allow_unused: true);
                 for (int j = 0; j < grads.Count; j++)
                 {

@@ -86,8 +86,9 @@ public class AdaMergingTests
         return new Problem(net, vectors, batches, heads);
     }
 
-    /// <summary>Σ_t mean entropy of the net loaded with <paramref name="coefficients"/>, computed directly.</summary>
-    private static double DirectEntropy(Problem p, LayerCoefficients coefficients, int batch = 0)
+    /// <summary>Σ_t mean entropy of the net loaded with <paramref name="coefficients"/>, less
+    /// <paramref name="diversityWeight"/> times Σ_t the entropy of the batch-mean prediction, computed directly.</summary>
+    private static double DirectEntropy(Problem p, LayerCoefficients coefficients, int batch = 0, double diversityWeight = 0)
     {
         using var scope = NewDisposeScope();
         using var baseModel = new StateDict();
@@ -109,7 +110,10 @@ public class AdaMergingTests
         double total = 0;
         for (int t = 0; t < 2; t++)
         {
-            total += AdaMerging.MeanEntropy(p.Logits(copy.call(p.Batches[t][batch]), t)).to(ScalarType.Float64).item<double>();
+            var logits = p.Logits(copy.call(p.Batches[t][batch]), t);
+            total += AdaMerging.MeanEntropy(logits).to(ScalarType.Float64).item<double>();
+            var mean = nn.functional.softmax(logits.to(ScalarType.Float64), -1).mean([0]).data<double>().ToArray();
+            total += diversityWeight * mean.Sum(q => q * Math.Log(q));
         }
 
         return total;
@@ -127,9 +131,29 @@ public class AdaMergingTests
         Assert.That(h.item<float>(), Is.EqualTo(expected).Within(1e-6));
     }
 
-    [TestCase(AdaMergingGranularity.LayerWise)]
-    [TestCase(AdaMergingGranularity.TaskWise)]
-    public void Coefficient_gradient_equals_central_finite_differences(AdaMergingGranularity granularity)
+    [Test]
+    public void MarginalEntropy_is_the_entropy_of_the_mean_prediction()
+    {
+        using var logits = tensor(new float[] { 0, 0, 0, 0, 1, 2 }, [2, 3]);
+        var e = new[] { Math.Exp(0), Math.Exp(1), Math.Exp(2) };
+        var mean = e.Select(v => (1.0 / 3 + v / e.Sum()) / 2).ToArray();
+        using var h = AdaMerging.MarginalEntropy(logits);
+        Assert.That(h.item<float>(), Is.EqualTo(-mean.Sum(q => q * Math.Log(q))).Within(1e-6));
+
+        // Two confident examples of the same class: the mean is that class, entropy 0, and the class no
+        // example weighs (softmax 0 in float32) gives 0·log 0 = 0, not NaN.
+        using var collapsed = tensor(new float[] { 200, 0, 200, 0 }, [2, 2]);
+        using var h0 = AdaMerging.MarginalEntropy(collapsed);
+        Assert.That(h0.item<float>(), Is.EqualTo(0).Within(1e-6));
+        using var balanced = tensor(new float[] { 200, 0, 0, 200 }, [2, 2]);
+        using var h1 = AdaMerging.MarginalEntropy(balanced);
+        Assert.That(h1.item<float>(), Is.EqualTo(Math.Log(2)).Within(1e-6));
+    }
+
+    [TestCase(AdaMergingGranularity.LayerWise, 0.0)]
+    [TestCase(AdaMergingGranularity.TaskWise, 0.0)]
+    [TestCase(AdaMergingGranularity.LayerWise, 2.0)]
+    public void Coefficient_gradient_equals_central_finite_differences(AdaMergingGranularity granularity, double diversity)
     {
         using var p = MakeProblem(ScalarType.Float64);
         Func<string, string> layerOf = granularity == AdaMergingGranularity.TaskWise ? _ => AdaMerging.AllParametersLayer : ParameterLayers.ModulePrefix;
@@ -145,12 +169,18 @@ public class AdaMergingTests
         }
 
         var at = new LayerCoefficients(layers, values, layerOf);
-        var (entropy, gradient) = AdaMerging.EntropyAndGradient(p.Net, p.Vectors, [p.Batches[0][0], p.Batches[1][0]], p.Logits, at);
-        Assert.That(entropy, Is.EqualTo(DirectEntropy(p, at)).Within(1e-12), "the loss at the coefficients");
+        var (entropy, gradient) = AdaMerging.EntropyAndGradient(p.Net, p.Vectors, [p.Batches[0][0], p.Batches[1][0]], p.Logits, at,
+            diversityWeight: diversity);
+        Assert.That(entropy, Is.EqualTo(DirectEntropy(p, at, diversityWeight: diversity)).Within(1e-12), "the loss at the coefficients");
+        if (diversity != 0)
+        {
+            Assert.That(entropy, Is.LessThan(DirectEntropy(p, at) - 0.1), "the diversity term is subtracted");
+        }
 
         // The inner products ⟨∂L/∂θ, τ⟩ summed over chunks of a parameter (as for parameters of more
         // than a million entries) give the same gradient up to float64 rounding.
-        var (_, chunked) = AdaMerging.EntropyAndGradient(p.Net, p.Vectors, [p.Batches[0][0], p.Batches[1][0]], p.Logits, at, innerProductChunk: 7);
+        var (_, chunked) = AdaMerging.EntropyAndGradient(p.Net, p.Vectors, [p.Batches[0][0], p.Batches[1][0]], p.Logits, at,
+            innerProductChunk: 7, diversityWeight: diversity);
         for (int t = 0; t < 2; t++)
         {
             for (int l = 0; l < layers.Count; l++)
@@ -168,8 +198,8 @@ public class AdaMergingTests
                 var minus = (double[,])values.Clone();
                 plus[t, l] += h;
                 minus[t, l] -= h;
-                double numeric = (DirectEntropy(p, new LayerCoefficients(layers, plus, layerOf))
-                    - DirectEntropy(p, new LayerCoefficients(layers, minus, layerOf))) / (2 * h);
+                double numeric = (DirectEntropy(p, new LayerCoefficients(layers, plus, layerOf), diversityWeight: diversity)
+                    - DirectEntropy(p, new LayerCoefficients(layers, minus, layerOf), diversityWeight: diversity)) / (2 * h);
                 Assert.That(gradient[t, l], Is.EqualTo(numeric).Within(1e-7 + 1e-6 * Math.Abs(numeric)), $"∂/∂λ[{t}, {layers[l]}]");
             }
         }
@@ -192,6 +222,22 @@ public class AdaMergingTests
         Assert.That(learned.Max(v => Math.Abs(v - 0.3)), Is.GreaterThan(0.05), "the coefficients moved");
         Assert.That(learned, Is.All.InRange(0.0, 1.0), "clamped to [0, 1]");
         Assert.That(result.Coefficients.Layers, Is.EqualTo(new[] { "first", "second" }));
+    }
+
+    [Test]
+    public void Learn_minimises_the_loss_with_the_diversity_term_when_it_is_weighted()
+    {
+        using var p = MakeProblem(batchesPerTask: 1);
+        var options = new AdaMergingOptions { Steps = 30, LearningRate = 1e-2 };
+        using var plain = new AdaMerging(options).Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+        using var diverse = new AdaMerging(options with { DiversityWeight = 1.5 }).Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+
+        // The first step measures the loss at the initial coefficients: entropy less 1.5 × the marginal entropy.
+        var initial = plain.InitialCoefficients;
+        Assert.That(plain.EntropyHistory[0], Is.EqualTo(DirectEntropy(p, initial)).Within(1e-5));
+        Assert.That(diverse.EntropyHistory[0], Is.EqualTo(DirectEntropy(p, initial, diversityWeight: 1.5)).Within(1e-5));
+        Assert.That(diverse.EntropyHistory[^1], Is.LessThan(diverse.EntropyHistory[0]));
+        Assert.That(diverse.Coefficients.ToArray(), Is.Not.EqualTo(plain.Coefficients.ToArray()), "a different loss, different coefficients");
     }
 
     [Test]
@@ -292,6 +338,9 @@ public class AdaMergingTests
         Assert.Throws<ArgumentException>(() => _ = new AdaMerging(new AdaMergingOptions { ClampMin = 1, ClampMax = 0 }));
         Assert.Throws<ArgumentOutOfRangeException>(() => _ = new AdaMergingOptions { LearningRate = 0 });
         Assert.Throws<ArgumentOutOfRangeException>(() => _ = new AdaMergingOptions { InitialCoefficient = double.NaN });
+        Assert.Throws<ArgumentOutOfRangeException>(() => _ = new AdaMergingOptions { DiversityWeight = -0.1 });
+        Assert.Throws<ArgumentOutOfRangeException>(() => _ = new AdaMergingOptions { DiversityWeight = double.PositiveInfinity });
+        Assert.Throws<ArgumentOutOfRangeException>(() => _ = new AdaMergingOptions { DiversityWeight = double.NaN });
     }
 
     [Test]
