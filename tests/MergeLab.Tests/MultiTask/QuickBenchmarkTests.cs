@@ -125,6 +125,9 @@ public class QuickBenchmarkTests
         Assert.That(balanced, Is.GreaterThan(paper + 1), "the term lifts layer-wise AdaMerging");
         Assert.That(balanced, Is.GreaterThan(Results["task_arithmetic"].Average - 1), "to within a point of task arithmetic");
         Assert.That(Balanced["adamerging_layer"].Setting, Does.EndWith("diversity weight 3"));
+        Assert.That(Balanced.Notes.ContainsKey("adamerging_layer entropy"), Is.False, "the history is the loss, named so");
+        var loss = Balanced.Notes["adamerging_layer loss"].Split(" → ").Select(double.Parse).ToArray();
+        Assert.That(loss[1], Is.LessThan(loss[0]));
     }
 
     [TestCase("adamerging_task")]
