@@ -348,25 +348,35 @@ internal static unsafe class RowSelector
         var lo1 = Vector512.Create(b1.Lo);
         var span1 = Vector512.Create(b1.Span);
         var excluded1 = Vector512.Create(out1);
+        Debug.Assert((ulong)b0.Lo + b0.Span <= uint.MaxValue && (ulong)b1.Lo + b1.Span <= uint.MaxValue, "Recentre keeps Lo + Span within uint");
+        var hi0 = Vector512.Create(b0.Lo + b0.Span); // lo ≤ k ≤ hi is the same test as k − lo ≤ span
+        var hi1 = Vector512.Create(b1.Lo + b1.Span);
+        var laneBits = Vector512.Create(1u, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15);
         var index = Vector512.Create(0u, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         var step = Vector512.Create(16u);
         var row = source; // a local copy the loop's stores cannot alias, so the JIT need not reload its fields after each store
 
-        // Counted by the population of each compare's mask (cheaper here than summing the masks as vectors).
+        // Each compare goes straight to its 16-bit mask and the masks are combined as integers (the JIT
+        // would otherwise widen each compare's mask register into a vector to combine them); the
+        // collected lanes' mask is rebuilt from its bits by one compare. Counts are the masks' populations.
         int below0 = 0, below1 = 0, inside0 = 0, inside1 = 0, n = 0, i = 0;
         for (; i <= width - 16; i += 16)
         {
             var k = row.Load16(keys, i);
-            var in0 = Vector512.LessThanOrEqual(k - lo0, span0);
-            var in1 = Vector512.LessThanOrEqual(k - lo1, span1);
-            below0 += BitOperations.PopCount(Vector512.LessThan(k, lo0).ExtractMostSignificantBits());
-            below1 += BitOperations.PopCount(Vector512.LessThan(k, lo1).ExtractMostSignificantBits());
-            inside0 += BitOperations.PopCount(in0.ExtractMostSignificantBits());
-            inside1 += BitOperations.PopCount(in1.ExtractMostSignificantBits());
-            var either = Vector512.AndNot(in0, Vector512.Equals(k, excluded0)) | Vector512.AndNot(in1, Vector512.Equals(k, excluded1));
-            Avx512F.Compress(Vector512<uint>.Zero, either, index).Store(bothIndex + n);
-            Avx512F.Compress(Vector512<uint>.Zero, either, k).Store(bothKeys + n);
-            n += BitOperations.PopCount(either.ExtractMostSignificantBits());
+            uint lt0 = (uint)Vector512.LessThan(k, lo0).ExtractMostSignificantBits();
+            uint lt1 = (uint)Vector512.LessThan(k, lo1).ExtractMostSignificantBits();
+            uint in0 = (uint)Vector512.LessThanOrEqual(k, hi0).ExtractMostSignificantBits() & ~lt0;
+            uint in1 = (uint)Vector512.LessThanOrEqual(k, hi1).ExtractMostSignificantBits() & ~lt1;
+            uint either = (in0 & ~(uint)Vector512.Equals(k, excluded0).ExtractMostSignificantBits())
+                | (in1 & ~(uint)Vector512.Equals(k, excluded1).ExtractMostSignificantBits());
+            below0 += BitOperations.PopCount(lt0);
+            below1 += BitOperations.PopCount(lt1);
+            inside0 += BitOperations.PopCount(in0);
+            inside1 += BitOperations.PopCount(in1);
+            var collect = Vector512.Equals(Vector512.Create(either) & laneBits, laneBits);
+            Avx512F.Compress(Vector512<uint>.Zero, collect, index).Store(bothIndex + n);
+            Avx512F.Compress(Vector512<uint>.Zero, collect, k).Store(bothKeys + n);
+            n += BitOperations.PopCount(either);
             index += step;
         }
 
