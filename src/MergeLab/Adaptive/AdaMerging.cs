@@ -357,7 +357,7 @@ public sealed class AdaMerging
 
     /// <summary>The Shannon entropy of the batch's mean prediction, H(mean_i softmax(logits_i)), over the
     /// last dimension of [batch, classes] logits. The mean's logarithm is taken as a log-sum-exp of the
-    /// log-probabilities, so a class no example gives any weight to is no NaN.</summary>
+    /// log-probabilities, so a class whose probability underflows to 0 in every example adds 0, not NaN.</summary>
     internal static Tensor MarginalEntropy(Tensor logits)
     {
         using var scope = NewDisposeScope();
