@@ -1201,10 +1201,11 @@ internal static unsafe class FusedPipeline
                 for (int k = 0; k < experts; k++)
                 {
                     TaskVectorAt<TL, TV>(inputs, k, i, b0, b1, out var t0, out var t1);
-                    t0 = Masked<TL, TV>(t0, TL.MagnitudeInRange(t0, lows[k], spans[k]));
-                    t1 = Masked<TL, TV>(t1, TL.MagnitudeInRange(t1, lows[k], spans[k]));
-                    acc0 = TL.Add(acc0, TL.Multiply(t0, weights[k]));
-                    acc1 = TL.Add(acc1, TL.Multiply(t1, weights[k]));
+                    TV low = lows[k], span = spans[k], weight = weights[k];
+                    t0 = Masked<TL, TV>(t0, TL.MagnitudeInRange(t0, low, span));
+                    t1 = Masked<TL, TV>(t1, TL.MagnitudeInRange(t1, low, span));
+                    acc0 = TL.Add(acc0, TL.Multiply(t0, weight));
+                    acc1 = TL.Add(acc1, TL.Multiply(t1, weight));
                 }
 
                 TL.Store(output, outBf16, i,
