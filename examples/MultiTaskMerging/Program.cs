@@ -4,12 +4,15 @@
 // arithmetic and TIES) and writes the papers' table: each task's test accuracy and the average.
 //
 // Run from the repository root (needs Debian's dataset-fashion-mnist package, or --data DIR):
-//   dotnet run --project examples/MultiTaskMerging -c Release -- [--quick] [--out DIR] [--data DIR] [--cache DIR] [--no-cache]
+//   dotnet run --project examples/MultiTaskMerging -c Release -- [--quick] [--out DIR] [--data DIR] [--cache DIR] [--no-cache] [--seed N] [--diversity W]
 //
 // DIR (default results/) receives results.md, results.csv and results.png. Trained checkpoints are
-// cached as safetensors under DIR/cache (or --cache DIR), so a second run skips training.
+// cached as safetensors under DIR/cache (or --cache DIR), so a second run skips training. --seed N
+// (default 0) seeds every split, initialisation and shuffle; --diversity W (default 0, the paper's loss)
+// gives AdaMerging's rows the class-balance term of AdaMergingOptions.DiversityWeight.
 
 using System.Diagnostics;
+using System.Globalization;
 using MergeLab.Examples.MultiTaskMerging;
 using MergeLab.MultiTask;
 using TorchSharp;
@@ -17,6 +20,8 @@ using TorchSharp;
 string outDir = "results";
 string? dataDir = null, cacheDir = null;
 bool quick = false, noCache = false;
+int seed = 0;
+double diversity = 0;
 for (int i = 0; i < args.Length; i++)
 {
     switch (args[i])
@@ -36,11 +41,18 @@ for (int i = 0; i < args.Length; i++)
         case "--cache" when i + 1 < args.Length:
             cacheDir = args[++i];
             break;
+        case "--seed" when i + 1 < args.Length && int.TryParse(args[i + 1], NumberStyles.Integer, CultureInfo.InvariantCulture, out seed):
+            i++;
+            break;
+        case "--diversity" when i + 1 < args.Length
+            && double.TryParse(args[i + 1], NumberStyles.Float, CultureInfo.InvariantCulture, out diversity) && double.IsFinite(diversity) && diversity >= 0:
+            i++;
+            break;
         case "-h" or "--help":
-            Console.WriteLine("usage: MultiTaskMerging [--quick] [--out DIR] [--data DIR] [--cache DIR] [--no-cache]");
+            Console.WriteLine("usage: MultiTaskMerging [--quick] [--out DIR] [--data DIR] [--cache DIR] [--no-cache] [--seed N] [--diversity W]");
             return 0;
         default:
-            Console.Error.WriteLine($"error: unknown or incomplete argument '{args[i]}'. usage: MultiTaskMerging [--quick] [--out DIR] [--data DIR] [--cache DIR] [--no-cache]");
+            Console.Error.WriteLine($"error: unknown, incomplete or invalid argument '{args[i]}' (--seed takes an integer, --diversity a finite number ≥ 0). usage: MultiTaskMerging [--quick] [--out DIR] [--data DIR] [--cache DIR] [--no-cache] [--seed N] [--diversity W]");
             return 2;
     }
 }
@@ -64,6 +76,8 @@ Console.CancelKeyPress += (_, e) =>
 var options = (quick ? BenchmarkOptions.Quick : BenchmarkOptions.Full) with
 {
     CacheDirectory = noCache ? null : cacheDir ?? Path.Combine(outDir, "cache"),
+    Seed = seed,
+    AdaMergingDiversityWeight = diversity,
 };
 Console.WriteLine($"MergeLab multi-task merging benchmark ({options.Name}): 8 Fashion-MNIST tasks, {string.Join("-", options.Widths)} MLP, torch threads {torch.get_num_threads()}");
 var clock = Stopwatch.StartNew();

@@ -131,8 +131,21 @@ public sealed record BenchmarkOptions
     public double AdaMergingLearningRate { get; init; } = 1e-2;
 
     /// <summary>AdaMerging's <see cref="MergeLab.Adaptive.AdaMergingOptions.DiversityWeight"/> (a
-    /// class-balance term, not in the paper). Default 0: the paper's loss, as in the README's table.</summary>
-    public double AdaMergingDiversityWeight { get; init; }
+    /// class-balance term, not in the paper). Default 0: the paper's loss, as in the README's table.
+    /// Finite and at least 0 (checked here, before any training).</summary>
+    public double AdaMergingDiversityWeight
+    {
+        get;
+        init
+        {
+            if (!(value >= 0) || !double.IsFinite(value))
+            {
+                throw new ArgumentOutOfRangeException(nameof(AdaMergingDiversityWeight), value, "AdaMergingDiversityWeight must be finite and at least 0.");
+            }
+
+            field = value;
+        }
+    }
 
     /// <summary>Unlabeled test batches per task AdaMerging cycles through. Default 16.</summary>
     public int AdaMergingBatches { get; init; } = 16;

@@ -125,7 +125,10 @@ public sealed record AdaMergingOptions
     /// (Liang et al., ICML 2020), so predictions are pushed to be confident and, across the batch, spread
     /// over the classes. Default 0: the paper's loss, entropy alone. Entropy alone can be lowered by
     /// predicting few classes confidently and wrongly; a positive weight resists that, and assumes the
-    /// classes of a batch are roughly balanced. Finite and at least 0.
+    /// classes of a batch are roughly balanced. The batch mean needs batches of many examples per class:
+    /// with a batch of one, H(mean) = H(p) and the loss is (1 − w)·H, which for w &gt; 1 pushes predictions
+    /// towards uniform. Since H(mean) ≥ mean H, the loss (and so <see cref="AdaMergingResult.EntropyHistory"/>)
+    /// is at most 0 from w = 1 on. Needs logits of rank 2, [batch, classes]. Finite and at least 0.
     /// </summary>
     public double DiversityWeight
     {
@@ -360,6 +363,12 @@ public sealed class AdaMerging
     /// log-probabilities, so a class whose probability underflows to 0 in every example adds 0, not NaN.</summary>
     internal static Tensor MarginalEntropy(Tensor logits)
     {
+        if (logits.dim() != 2)
+        {
+            throw new ArgumentException(
+                $"The class-balance term needs task logits of shape [batch, classes]; they have shape [{string.Join(", ", logits.shape)}].", nameof(logits));
+        }
+
         using var scope = NewDisposeScope();
         var logp = nn.functional.log_softmax(logits, -1);
         var logMean = logp.logsumexp(0) - Math.Log(logits.shape[0]);

@@ -349,7 +349,9 @@ internal static unsafe class RowSelector
         var span1 = Vector512.Create(b1.Span);
         var excluded1 = Vector512.Create(out1);
         Debug.Assert((ulong)b0.Lo + b0.Span <= uint.MaxValue && (ulong)b1.Lo + b1.Span <= uint.MaxValue, "Recentre keeps Lo + Span within uint");
-        var hi0 = Vector512.Create(b0.Lo + b0.Span); // lo ≤ k ≤ hi is the same test as k − lo ≤ span
+        // lo ≤ k ≤ hi is the same test as k − lo ≤ span (which Tally and Part use) only because Lo + Span
+        // does not wrap, which Recentre, the only place brackets are set, guarantees.
+        var hi0 = Vector512.Create(b0.Lo + b0.Span);
         var hi1 = Vector512.Create(b1.Lo + b1.Span);
         var laneBits = Vector512.Create(1u, 1 << 1, 1 << 2, 1 << 3, 1 << 4, 1 << 5, 1 << 6, 1 << 7, 1 << 8, 1 << 9, 1 << 10, 1 << 11, 1 << 12, 1 << 13, 1 << 14, 1 << 15);
         var index = Vector512.Create(0u, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);

@@ -148,6 +148,11 @@ public class AdaMergingTests
         using var balanced = tensor(new float[] { 200, 0, 0, 200 }, [2, 2]);
         using var h1 = AdaMerging.MarginalEntropy(balanced);
         Assert.That(h1.item<float>(), Is.EqualTo(Math.Log(2)).Within(1e-6));
+
+        // The batch mean needs [batch, classes]; other ranks are refused, not summed over.
+        using var threeD = zeros(2, 2, 3);
+        var ex = Assert.Throws<ArgumentException>(() => AdaMerging.MarginalEntropy(threeD).Dispose());
+        Assert.That(ex!.Message, Does.Contain("[2, 2, 3]"));
     }
 
     [TestCase(AdaMergingGranularity.LayerWise, 0.0)]

@@ -204,6 +204,16 @@ public class MultiTaskUnitTests
         Assert.That(File.Exists(mdPath), Is.True);
     }
 
+    [TestCase(-0.5)]
+    [TestCase(double.NaN)]
+    [TestCase(double.PositiveInfinity)]
+    public void A_bad_diversity_weight_is_refused_before_any_training(double weight)
+    {
+        var ex = Assert.Throws<ArgumentOutOfRangeException>(() => _ = BenchmarkOptions.Quick with { AdaMergingDiversityWeight = weight });
+        Assert.That(ex!.ParamName, Is.EqualTo(nameof(BenchmarkOptions.AdaMergingDiversityWeight)));
+        Assert.That((BenchmarkOptions.Quick with { AdaMergingDiversityWeight = 3 }).AdaMergingDiversityWeight, Is.EqualTo(3));
+    }
+
     [Test]
     public void The_checkpoint_cache_round_trips_and_ignores_other_configurations()
     {
@@ -224,7 +234,7 @@ public class MultiTaskUnitTests
         var other = new CheckpointCache(_dir, options with { Seed = 1 });
         Assert.That(other.Directory, Is.Not.EqualTo(cache.Directory));
         Assert.That(other.TryLoad("pretrained"), Is.Null);
-        Assert.That(options.TrainingFingerprint(), Is.EqualTo((options with { AdaMergingSteps = 1 }).TrainingFingerprint()),
+        Assert.That(options.TrainingFingerprint(), Is.EqualTo((options with { AdaMergingSteps = 1, AdaMergingDiversityWeight = 3 }).TrainingFingerprint()),
             "merge-time settings do not invalidate trained checkpoints");
     }
 }
