@@ -1077,15 +1077,15 @@ internal static unsafe class FusedPipeline
                 score = TL.Add(score, Vote<TL, TV>(v, bySum));
             }
 
-            var positive = Elected<TL, TV>(score, fillPositive, allOnes);
-            var a = AgreeOne<TL, TV>(s, positive);
-            var b = AgreeOne<TL, TV>(t, positive);
-            var c = AgreeOne<TL, TV>(u, positive);
+            var positiveSign = TL.SignBitWhere(Elected<TL, TV>(score, fillPositive, allOnes));
+            var a = AgreeOne<TL, TV>(s, positiveSign);
+            var b = AgreeOne<TL, TV>(t, positiveSign);
+            var c = AgreeOne<TL, TV>(u, positiveSign);
             var agreeing = TL.Add(TL.Add(TL.Add(zero, a), b), c);
             var merged = TL.Add(TL.Add(TL.Add(zero, TL.Multiply(s, a)), TL.Multiply(t, b)), TL.Multiply(u, c));
             if (TN.Four)
             {
-                var d = AgreeOne<TL, TV>(v, positive);
+                var d = AgreeOne<TL, TV>(v, positiveSign);
                 agreeing = TL.Add(agreeing, d);
                 merged = TL.Add(merged, TL.Multiply(v, d));
             }
@@ -1102,13 +1102,15 @@ internal static unsafe class FusedPipeline
             where TL : struct, ISimdLanes<TV>
             where TV : unmanaged => bySum ? t : SignOf<TL, TV>(t);
 
-        /// <summary>1 where τ has the elected sign (+1 where <paramref name="positive"/> is set, −1
-        /// elsewhere), 0 otherwise.</summary>
+        /// <summary>1 where τ has the elected sign, 0 otherwise. <paramref name="positiveSign"/> holds the
+        /// sign bit where the elected sign is +1 (<see cref="ISimdLanes{TV}.SignBitWhere"/> of the election):
+        /// τ with its sign flipped there is below 0 exactly where τ &gt; 0 is elected +1 or τ &lt; 0 is
+        /// elected −1 (a zero, of either sign, or a NaN is below 0 nowhere), so one compare decides.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static TV AgreeOne<TL, TV>(TV t, TV positive)
+        private static TV AgreeOne<TL, TV>(TV t, TV positiveSign)
             where TL : struct, ISimdLanes<TV>
             where TV : unmanaged =>
-            TL.Select(TL.Select(positive, TL.GreaterThan(t, TL.Zero), TL.LessThan(t, TL.Zero)), TL.One, TL.Zero);
+            TL.Select(TL.LessThan(TL.FlipSign(t, positiveSign), TL.Zero), TL.One, TL.Zero);
 
         /// <summary>All ones where the elected sign is +1: sign(score) with a zero (or NaN) score taking the
         /// fill's sign, read off the score with one comparison (the sign itself is never needed).</summary>
@@ -1782,12 +1784,13 @@ internal static unsafe class FusedPipeline
             var merged = zero;
             var agreeing = zero;
             var divisor = zero;
+            var positiveSign = TL.SignBitWhere(positive);
             bool onWeighted = setup->OnWeighted;
             bool unit = setup->UnitWeights; // s·1 = s and Σ 1·a = Σ a exactly: the products are skipped
             for (int k = 0; k < setup->Experts; k++)
             {
                 var s = tau[2 * k + half];
-                var a = AgreeOne<TL, TV>(s, positive);
+                var a = AgreeOne<TL, TV>(s, positiveSign);
                 agreeing = TL.Add(agreeing, a);
                 if (unit)
                 {
