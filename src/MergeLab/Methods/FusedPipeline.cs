@@ -912,7 +912,7 @@ internal static unsafe class FusedPipeline
             bool onWeighted = setup->OnWeighted;
             bool bySum = setup->BySum;
             bool fillPositive = Fill > 0;
-            var allOnes = TL.EqualTo(zero, zero);
+            var signBit = TL.Broadcast(-0f);
             long i = start;
             for (; i < stop; i += 2 * w)
             {
@@ -942,8 +942,8 @@ internal static unsafe class FusedPipeline
                 }
 
                 TL.Store(output, outBf16, i,
-                    TL.Add(b0, Agree<TL, TV>(setup, tau, 0, Elected<TL, TV>(score0, fillPositive, allOnes), weights, lambda)),
-                    TL.Add(b1, Agree<TL, TV>(setup, tau, 1, Elected<TL, TV>(score1, fillPositive, allOnes), weights, lambda)));
+                    TL.Add(b0, Agree<TL, TV>(setup, tau, 0, Elected<TL, TV>(score0, fillPositive, signBit), weights, lambda)),
+                    TL.Add(b1, Agree<TL, TV>(setup, tau, 1, Elected<TL, TV>(score1, fillPositive, signBit), weights, lambda)));
             }
 
             if (signSum != null)
@@ -1025,7 +1025,7 @@ internal static unsafe class FusedPipeline
             var limit2 = Limit<TL, TV>(2, start, 2 * w, ref stop);
             var limit3 = TN.Four ? Limit<TL, TV>(3, start, 2 * w, ref stop) : TL.Zero;
             var lambda = TL.Broadcast(_lambda);
-            var allOnes = TL.EqualTo(TL.Zero, TL.Zero);
+            var signBit = TL.Broadcast(-0f);
             bool bySum = setup->BySum, scale = setup->Scale, fillPositive = Fill > 0;
             nint p0 = inputs.Experts[0], p1 = inputs.Experts[1], p2 = inputs.Experts[2], p3 = TN.Four ? inputs.Experts[3] : 0;
             bool bf0 = inputs.ExpertIsBf16[0], bf1 = inputs.ExpertIsBf16[1], bf2 = inputs.ExpertIsBf16[2];
@@ -1052,8 +1052,8 @@ internal static unsafe class FusedPipeline
                 }
 
                 TL.Store(output, outBf16, i,
-                    TL.Add(b0, SmallMean<TL, TV, TN>(s0, t0, u0, v0, bySum, fillPositive, scale, lambda, allOnes)),
-                    TL.Add(b1, SmallMean<TL, TV, TN>(s1, t1, u1, v1, bySum, fillPositive, scale, lambda, allOnes)));
+                    TL.Add(b0, SmallMean<TL, TV, TN>(s0, t0, u0, v0, bySum, fillPositive, scale, lambda, signBit)),
+                    TL.Add(b1, SmallMean<TL, TV, TN>(s1, t1, u1, v1, bySum, fillPositive, scale, lambda, signBit)));
             }
 
             return i;
@@ -1064,7 +1064,7 @@ internal static unsafe class FusedPipeline
         /// their order: the score from 0 up, the agreeing count and sum from 0 up, the division by the
         /// count (at least 1), then λ.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static TV SmallMean<TL, TV, TN>(TV s, TV t, TV u, TV v, bool bySum, bool fillPositive, bool scale, TV lambda, TV allOnes)
+        private static TV SmallMean<TL, TV, TN>(TV s, TV t, TV u, TV v, bool bySum, bool fillPositive, bool scale, TV lambda, TV signBit)
             where TL : struct, ISimdLanes<TV>
             where TV : unmanaged
             where TN : struct, IExpertCount
@@ -1077,7 +1077,7 @@ internal static unsafe class FusedPipeline
                 score = TL.Add(score, Vote<TL, TV>(v, bySum));
             }
 
-            var positiveSign = TL.SignBitWhere(Elected<TL, TV>(score, fillPositive, allOnes));
+            var positiveSign = Elected<TL, TV>(score, fillPositive, signBit);
             var a = AgreeOne<TL, TV>(s, positiveSign);
             var b = AgreeOne<TL, TV>(t, positiveSign);
             var c = AgreeOne<TL, TV>(u, positiveSign);
@@ -1103,7 +1103,7 @@ internal static unsafe class FusedPipeline
             where TV : unmanaged => bySum ? t : SignOf<TL, TV>(t);
 
         /// <summary>1 where τ has the elected sign, 0 otherwise. <paramref name="positiveSign"/> holds the
-        /// sign bit where the elected sign is +1 (<see cref="ISimdLanes{TV}.SignBitWhere"/> of the election):
+        /// sign bit where the elected sign is +1 (<see cref="Elected"/>):
         /// τ with its sign flipped there is below 0 exactly where τ &gt; 0 is elected +1 or τ &lt; 0 is
         /// elected −1 (a zero, of either sign, or a NaN is below 0 nowhere), so one compare decides.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -1112,13 +1112,16 @@ internal static unsafe class FusedPipeline
             where TV : unmanaged =>
             TL.Select(TL.LessThan(TL.FlipSign(t, positiveSign), TL.Zero), TL.One, TL.Zero);
 
-        /// <summary>All ones where the elected sign is +1: sign(score) with a zero (or NaN) score taking the
-        /// fill's sign, read off the score with one comparison (the sign itself is never needed).</summary>
+        /// <summary>The sign bit (<paramref name="signBit"/>, −0's bits) where the elected sign is +1, 0 where
+        /// it is −1: sign(score) with a zero (or NaN) score taking the fill's sign, read off the score with one
+        /// comparison (the sign itself is never needed), in the form <see cref="AgreeOne"/> flips τ's sign by.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static TV Elected<TL, TV>(TV score, bool fillPositive, TV allOnes)
+        private static TV Elected<TL, TV>(TV score, bool fillPositive, TV signBit)
             where TL : struct, ISimdLanes<TV>
             where TV : unmanaged =>
-            fillPositive ? TL.Select(TL.LessThan(score, TL.Zero), TL.Zero, allOnes) : TL.GreaterThan(score, TL.Zero);
+            fillPositive
+                ? TL.Select(TL.LessThan(score, TL.Zero), TL.Zero, signBit)
+                : TL.Select(TL.GreaterThan(score, TL.Zero), signBit, TL.Zero);
 
         /// <summary>τ masked by "magnitude key ≥ limit", as <see cref="LimitRun"/> masks it.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -1371,7 +1374,7 @@ internal static unsafe class FusedPipeline
             var zero = TL.Zero;
             var lambda = TL.Broadcast(_lambda);
             var step = TL.BroadcastWord(DropMask.StateStep(2 * w));
-            var allOnes = TL.EqualTo(zero, zero);
+            var signBit = TL.Broadcast(-0f);
             bool onWeighted = setup->OnWeighted;
             bool bySum = setup->BySum;
             bool fillPositive = Fill > 0;
@@ -1422,8 +1425,8 @@ internal static unsafe class FusedPipeline
                     }
 
                     TL.Store(output, outBf16, i + j,
-                        TL.Add(b0, Agree<TL, TV>(setup, block, 0, Elected<TL, TV>(score0, fillPositive, allOnes), weights, lambda)),
-                        TL.Add(b1, Agree<TL, TV>(setup, block, 1, Elected<TL, TV>(score1, fillPositive, allOnes), weights, lambda)));
+                        TL.Add(b0, Agree<TL, TV>(setup, block, 0, Elected<TL, TV>(score0, fillPositive, signBit), weights, lambda)),
+                        TL.Add(b1, Agree<TL, TV>(setup, block, 1, Elected<TL, TV>(score1, fillPositive, signBit), weights, lambda)));
                 }
 
                 i += count;
@@ -1773,9 +1776,10 @@ internal static unsafe class FusedPipeline
         }
 
         /// <summary>The disjoint aggregation of the entries that agree with the elected sign, +1 where
-        /// <paramref name="positive"/> is set and −1 elsewhere, then λ, at lane width <typeparamref name="TL"/>.</summary>
+        /// <paramref name="positiveSign"/> holds the sign bit and −1 elsewhere (<see cref="Elected"/>), then λ,
+        /// at lane width <typeparamref name="TL"/>.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static TV Agree<TL, TV>(Setup* setup, TV* tau, int half, TV positive, TV* weights, TV lambda)
+        private static TV Agree<TL, TV>(Setup* setup, TV* tau, int half, TV positiveSign, TV* weights, TV lambda)
             where TL : struct, ISimdLanes<TV>
             where TV : unmanaged
         {
@@ -1784,7 +1788,6 @@ internal static unsafe class FusedPipeline
             var merged = zero;
             var agreeing = zero;
             var divisor = zero;
-            var positiveSign = TL.SignBitWhere(positive);
             bool onWeighted = setup->OnWeighted;
             bool unit = setup->UnitWeights; // s·1 = s and Σ 1·a = Σ a exactly: the products are skipped
             for (int k = 0; k < setup->Experts; k++)

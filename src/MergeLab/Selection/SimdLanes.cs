@@ -38,9 +38,6 @@ internal unsafe interface ISimdLanes<TV>
     /// <summary>Lanes of <paramref name="yes"/> where <paramref name="mask"/> (all ones or zero) is set, else of <paramref name="no"/>.</summary>
     static abstract TV Select(TV mask, TV yes, TV no);
 
-    /// <summary>The sign bit of each lane where <paramref name="mask"/> (all ones or zero) is set, 0 elsewhere.</summary>
-    static abstract TV SignBitWhere(TV mask);
-
     /// <summary><paramref name="x"/> with its sign flipped where <paramref name="signBits"/> holds the sign
     /// bit (the bits of x XOR signBits).</summary>
     static abstract TV FlipSign(TV x, TV signBits);
@@ -140,9 +137,6 @@ internal readonly unsafe struct VectorLanes : ISimdLanes<Vector<float>>
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector<float> Select(Vector<float> mask, Vector<float> yes, Vector<float> no) => Vector.ConditionalSelect(mask, yes, no);
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static Vector<float> SignBitWhere(Vector<float> mask) => Vector.BitwiseAnd(mask, new Vector<float>(-0f));
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector<float> FlipSign(Vector<float> x, Vector<float> signBits) => Vector.Xor(x, signBits);
@@ -280,9 +274,6 @@ internal readonly unsafe struct Vector512Lanes : ISimdLanes<Vector512<float>>
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector512<float> Select(Vector512<float> mask, Vector512<float> yes, Vector512<float> no) => Vector512.ConditionalSelect(mask, yes, no);
-
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public static Vector512<float> SignBitWhere(Vector512<float> mask) => mask & Vector512.Create(-0f);
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static Vector512<float> FlipSign(Vector512<float> x, Vector512<float> signBits) => x ^ signBits;
