@@ -8,7 +8,7 @@ namespace MergeLab.Benchmarks;
 
 /// <summary>
 /// <c>e2e --dir DIR [--params 1B] [--models 4] [--seed 1] [--method ties] [--nonfinite fail|pass]
-/// [--omp-passive] [--keep]</c>: the end-to-end
+/// [--omp-passive] [--repeat 3] [--keep]</c>: the end-to-end
 /// streaming merge. Generates the synthetic checkpoints into DIR unless they are there, then measures,
 /// on the same files:
 /// <list type="number">
@@ -22,6 +22,9 @@ namespace MergeLab.Benchmarks;
 /// <c>--nonfinite pass</c> is handed to the CLI (it then skips its NaN/∞ scan of the inputs);
 /// <c>--omp-passive</c> runs it with <c>OMP_WAIT_POLICY=PASSIVE</c> (libtorch's OpenMP threads sleep
 /// instead of spinning between operations, which on two cores steals time from the merge).
+/// The reads and the merge run <c>--repeat</c> times, in rounds (raw read, tensor read, merge), so that a
+/// drift of the machine's speed (large on a shared virtual machine) falls on all three alike; the table
+/// gives each step's median and range, and the throughput ratio is the median of the rounds' own ratios.
 /// The output (and, without --keep, the generated checkpoints) is deleted at the end.
 /// </summary>
 public static class EndToEnd
@@ -52,10 +55,13 @@ public static class EndToEnd
 
         try
         {
+            int repeat = int.Parse(options.Get("repeat") ?? "3", CultureInfo.InvariantCulture);
+            if (repeat < 1)
+            {
+                throw new ArgumentException("--repeat must be at least 1.");
+            }
+
             torch.set_num_threads(2);
-            ReadRawFiles(files); // once to warm the page cache, as the merge will find it
-            var raw = ReadRawFiles(files);
-            var tensors = ReadTensors(models);
             var outputSizes = Directory.GetFiles(models[0], "*.safetensors").Select(f => new FileInfo(f).Length).ToArray();
             long outputBytes = outputSizes.Sum();
             var (write, flush) = WriteAlone(outputSizes, Path.Combine(dir, "write-alone"));
@@ -65,17 +71,38 @@ public static class EndToEnd
                 extra.AddRange(["--nonfinite", nonFinite]);
             }
 
-            var (wall, peakKb, exit) = RunCli(config, output, extra, options.Has("omp-passive"));
+            ReadRawFiles(files); // once to warm the page cache, as the merge will find it
+            var raw = new double[repeat];
+            var tensors = new double[repeat];
+            var wall = new double[repeat];
+            long peakKb = 0;
+            int exit = 0;
+            int rounds = 0;
+            while (rounds < repeat && exit == 0)
+            {
+                Console.WriteLine($"Round {rounds + 1} of {repeat}:");
+                raw[rounds] = ReadRawFiles(files);
+                tensors[rounds] = ReadTensors(models);
+                (wall[rounds], long peak, exit) = RunCli(config, output, extra, options.Has("omp-passive"));
+                peakKb = Math.Max(peakKb, peak);
+                rounds++;
+            }
+
+            // A failed merge ends the rounds; the table covers those that ran.
+            (raw, tensors, wall) = (raw[..rounds], tensors[..rounds], wall[..rounds]);
+
             Console.WriteLine();
-            Console.WriteLine($"Inputs: {models.Length} checkpoints, {inputBytes / 1e9:F2} GB ({files.Length} shards), bfloat16; method {method}; {Environment.ProcessorCount} cores");
+            Console.WriteLine($"Inputs: {models.Length} checkpoints, {inputBytes / 1e9:F2} GB ({files.Length} shards), bfloat16; method {method}; {Environment.ProcessorCount} cores; {rounds} round(s): median (range)");
             Console.WriteLine("| Step | Time (s) | Input GB/s | Peak RSS |");
             Console.WriteLine("|---|---|---|---|");
-            Console.WriteLine($"| read the files alone (raw) | {raw:F2} | {inputBytes / raw / 1e9:F2} | - |");
-            Console.WriteLine($"| read every tensor alone (MergeLab reader) | {tensors:F2} | {inputBytes / tensors / 1e9:F2} | - |");
+            Console.WriteLine($"| read the files alone (raw) | {Spread(raw)} | {inputBytes / Median(raw) / 1e9:F2} | - |");
+            Console.WriteLine($"| read every tensor alone (MergeLab reader) | {Spread(tensors)} | {inputBytes / Median(tensors) / 1e9:F2} | - |");
             Console.WriteLine($"| write the output's {outputBytes / 1e9:F2} GB alone, then fsync (of which fsync) | {write + flush:F2} ({flush:F2}) | - | - |");
             string flags = string.Join(' ', extra) + (options.Has("omp-passive") ? " OMP_WAIT_POLICY=PASSIVE" : "");
-            Console.WriteLine($"| mergelab merge ({method}{(flags.Length > 0 ? ", " + flags.Trim() : "")}) | {wall:F2} | {inputBytes / wall / 1e9:F2} | {(peakKb > 0 ? $"{peakKb / 1024.0 / 1024.0:F2} GiB" : "n/a")} |");
-            Console.WriteLine($"Merge throughput / tensor-read throughput: {tensors / wall:P0}; against reading the inputs and writing the output alone: {(tensors + write + flush) / wall:P0}; CLI exit code {exit}.");
+            Console.WriteLine($"| mergelab merge ({method}{(flags.Length > 0 ? ", " + flags.Trim() : "")}) | {Spread(wall)} | {inputBytes / Median(wall) / 1e9:F2} | {(peakKb > 0 ? $"{peakKb / 1024.0 / 1024.0:F2} GiB" : "n/a")} |");
+            var ratios = tensors.Zip(wall, (t, w) => t / w).ToArray();
+            Console.WriteLine($"Merge throughput / tensor-read throughput, per round: {string.Join(", ", ratios.Select(x => x.ToString("P0", CultureInfo.InvariantCulture)))} (median {Median(ratios):P0}); "
+                + $"against reading the inputs and writing the output alone: {(Median(tensors) + write + flush) / Median(wall):P0}; CLI exit code {exit}.");
             return exit;
         }
         finally
@@ -96,6 +123,19 @@ public static class EndToEnd
             }
         }
     }
+
+    /// <summary>The median of <paramref name="values"/> (the mean of the middle two for an even count).</summary>
+    private static double Median(double[] values)
+    {
+        var sorted = values.Order().ToArray();
+        int mid = sorted.Length / 2;
+        return sorted.Length % 2 == 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+    }
+
+    /// <summary>"median (min–max)" in seconds, or the one value.</summary>
+    private static string Spread(double[] values) => values.Length == 1
+        ? values[0].ToString("F2", CultureInfo.InvariantCulture)
+        : string.Create(CultureInfo.InvariantCulture, $"{Median(values):F2} ({values.Min():F2}–{values.Max():F2})");
 
     private static string Config(string method, string[] models)
     {
