@@ -638,4 +638,36 @@ public class CpuSelectionTests
         using var again = NativeBufferPool.Empty(shape, ScalarType.Float32);
         Assert.That(NativeBufferPool.IdleBytes, Is.EqualTo(0), "the buffer is reused");
     }
+
+    [Test]
+    public void The_pool_serves_a_request_from_its_own_size_else_the_smallest_larger_idle_buffer()
+    {
+        NativeBufferPool.Trim();
+        const long Mib = 1 << 20;
+        nint small = NativeBufferPool.Rent(2 * Mib), medium = NativeBufferPool.Rent(4 * Mib), large = NativeBufferPool.Rent(8 * Mib);
+        foreach (var p in new[] { large, medium, small })
+        {
+            NativeBufferPool.Return(p);
+        }
+
+        nint exact = NativeBufferPool.Rent(2 * Mib);
+        nint larger = NativeBufferPool.Rent(3 * Mib);
+        Assert.Multiple(() =>
+        {
+            Assert.That(exact, Is.EqualTo(small), "an idle buffer of the same size comes first");
+            Assert.That(larger, Is.EqualTo(medium), "else the smallest idle buffer that is large enough");
+            Assert.That(NativeBufferPool.IdleBytes, Is.EqualTo(8 * Mib));
+        });
+
+        NativeBufferPool.Return(larger);
+        Assert.That(NativeBufferPool.IdleBytes, Is.EqualTo(12 * Mib), "a buffer comes back at its own size, not the request's");
+        nint fresh = NativeBufferPool.Rent(16 * Mib);
+        Assert.That(fresh, Is.Not.EqualTo(large).And.Not.EqualTo(medium), "no idle buffer is large enough");
+        foreach (var p in new[] { exact, fresh })
+        {
+            NativeBufferPool.Return(p);
+        }
+
+        NativeBufferPool.Trim();
+    }
 }
