@@ -85,6 +85,40 @@ public sealed class MergeFaultTests : IDisposable
     }
 
     [Test]
+    public void When_several_inputs_fail_the_first_in_input_order_is_reported()
+    {
+        // A group's inputs are read in parallel; which error comes out must not depend on which read
+        // fails first, so both experts' shards of a late tensor are cut, the second expert's first.
+        using var second = T.Expert(_base, 3);
+        string secondPath = MergeFixtures.Save(_dir, "expert2", second, maxShardBytes: 4096);
+        string Shard(string checkpoint)
+        {
+            using var c = SafetensorsCheckpoint.Open(checkpoint);
+            return c.GetShard("model.layers.9.weight").Path;
+        }
+
+        string firstShard = Shard(_expertPath), secondShard = Shard(secondPath);
+        var progress = new SynchronousProgress<CheckpointMergeProgress>(p =>
+        {
+            if (p.TensorsDone == 2)
+            {
+                foreach (var shard in new[] { secondShard, firstShard })
+                {
+                    using var f = new FileStream(shard, FileMode.Open, FileAccess.Write, FileShare.ReadWrite | FileShare.Delete);
+                    f.SetLength(f.Length / 2);
+                }
+            }
+        });
+
+        long live = MergeFixtures.LiveTensorsAfterCollection();
+        var ex = Assert.Throws<SafetensorsFormatException>(() =>
+            CheckpointMerger.Merge(Request() with { Experts = [_expertPath, secondPath] }, progress))!;
+        MergeFixtures.AssertNothingLeft(_dir, "base", "expert", "expert2");
+        Assert.That(MergeFixtures.LiveTensors, Is.LessThanOrEqualTo(live), "every tensor read before the failure was disposed");
+        Assert.That(ex.Path, Is.EqualTo(firstShard), "the first expert's error, as a sequential read would give");
+    }
+
+    [Test]
     public void A_file_truncated_after_it_was_opened_is_never_read_as_garbage()
     {
         string path = Path.Combine(_basePath, SafetensorsCheckpoint.SingleFileName);
