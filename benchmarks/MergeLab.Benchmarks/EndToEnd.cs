@@ -25,9 +25,10 @@ namespace MergeLab.Benchmarks;
 /// <c>--nonfinite pass</c> is handed to the CLI (it then skips its NaN/∞ scan of the inputs);
 /// <c>--omp-passive</c> runs it with <c>OMP_WAIT_POLICY=PASSIVE</c> (libtorch's OpenMP threads sleep
 /// instead of spinning between operations, which on two cores steals time from the merge).
-/// The reads and the merge run <c>--repeat</c> times, in rounds (raw read, tensor read, merge), so that a
-/// drift of the machine's speed (large on a shared virtual machine) falls on all three alike; the table
-/// gives each step's median and range, and the throughput ratio is the median of the rounds' own ratios.
+/// The reads and the merge run <c>--repeat</c> times, in rounds (raw read, tensor read, group read, merge),
+/// so that a drift of the machine's speed (large on a shared virtual machine) falls on all of them alike;
+/// the table gives each step's median and range, and each throughput ratio is the median of the rounds'
+/// own ratios. A failed merge ends the rounds and prints no table.
 /// The output (and, without --keep, the generated checkpoints) is deleted at the end.
 /// </summary>
 public static class EndToEnd

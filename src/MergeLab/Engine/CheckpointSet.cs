@@ -1,7 +1,7 @@
 using System.Runtime.ExceptionServices;
 using MergeLab.IO;
-using MergeLab.Selection;
 using MergeLab.Methods;
+using MergeLab.Selection;
 using static TorchSharp.torch;
 
 namespace MergeLab.Engine;
