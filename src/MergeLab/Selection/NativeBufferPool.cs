@@ -14,9 +14,10 @@ namespace MergeLab.Selection;
 /// <remarks>
 /// <para>A pooled tensor is an ordinary CPU tensor (libtorch <c>from_blob</c> with a deleter); the
 /// caller owns it as usual, and its memory returns to the pool when the last tensor viewing it is freed
-/// (disposed, or finalized). A request takes an idle buffer of its own size, else the smallest larger
-/// one (its pages are already mapped, so a smaller tensor in it costs no fresh memory), else new memory.
-/// Idle buffers are kept up to <see cref="MaxIdleBytes"/>, least recently returned freed first.</para>
+/// (disposed, or finalized). A request takes an idle buffer of its own size, else the smallest idle one
+/// up to <see cref="MaxSlack"/> times larger (its pages are already faulted in), else new memory. The
+/// bound keeps a small tensor that lives on from pinning a much larger buffer. Idle buffers are kept up
+/// to <see cref="MaxIdleBytes"/>, least recently returned freed first.</para>
 /// <para>Thread-safe. If the native entry point is unavailable the pool falls back to
 /// <c>torch.empty</c>.</para>
 /// </remarks>
@@ -28,6 +29,9 @@ internal static unsafe class NativeBufferPool
     private static readonly List<(nint Pointer, long Size)> Idle = [];
     private static long _idleBytes;
     private static bool _fromBlobUnavailable;
+
+    /// <summary>How many times larger than a request an idle buffer may be and still serve it.</summary>
+    public const long MaxSlack = 8;
 
     /// <summary>The most idle memory kept for reuse. Default 768 MiB.</summary>
     public static long MaxIdleBytes { get; set; } = 768L << 20;
@@ -92,10 +96,11 @@ internal static unsafe class NativeBufferPool
         long size = (Math.Max(bytes, 1) + Granularity - 1) / Granularity * Granularity;
         lock (Gate)
         {
-            // An idle buffer of this size (the most recently returned), else the smallest larger one. Without
-            // the second, a merge whose tensors change size (a model's embedding, then its layers, then its
-            // output head) evicts the large idle buffers while it allocates the small ones, and then faults in
-            // the large ones afresh: about 0.8 GB of new pages for the lm_head group of a 4 × 1.1B merge.
+            // An idle buffer of this size (the most recently returned), else the smallest larger one within
+            // MaxSlack. Without the second, a merge whose tensors change size (a model's embedding, then its
+            // layers, then its output head) evicts the large idle buffers while it allocates the small ones,
+            // and then faults in the large ones afresh: about 0.8 GB of new pages for the lm_head group of a
+            // 4 × 1.1B merge, whose MLP tensors are a sixth of the embedding's.
             int best = -1;
             for (int i = Idle.Count - 1; i >= 0; i--)
             {
@@ -105,7 +110,7 @@ internal static unsafe class NativeBufferPool
                     break;
                 }
 
-                if (Idle[i].Size > size && (best < 0 || Idle[i].Size < Idle[best].Size))
+                if (Idle[i].Size > size && Idle[i].Size / MaxSlack <= size && (best < 0 || Idle[i].Size < Idle[best].Size))
                 {
                     best = i;
                 }
