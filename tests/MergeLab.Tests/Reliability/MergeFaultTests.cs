@@ -87,14 +87,16 @@ public sealed class MergeFaultTests : IDisposable
     [Test]
     public void When_several_inputs_fail_the_first_in_input_order_is_reported()
     {
-        // A group's inputs are read in parallel; which error comes out must not depend on which read
-        // fails first, so both experts' shards of a late tensor are cut, the second expert's first.
+        // A group's inputs are read in parallel, yet the error must be the one a sequential read gives:
+        // the first failing input's. Both experts' shards holding layer 7 (read late in the ordinal order
+        // 0, 1, 10, …, 19, 2, 20, …, 23, 3, …, 9, like its shard neighbours) are cut, in input order, so a
+        // read between the two cuts still fails on the first expert.
         using var second = T.Expert(_base, 3);
         string secondPath = MergeFixtures.Save(_dir, "expert2", second, maxShardBytes: 4096);
         string Shard(string checkpoint)
         {
             using var c = SafetensorsCheckpoint.Open(checkpoint);
-            return c.GetShard("model.layers.9.weight").Path;
+            return c.GetShard("model.layers.7.weight").Path;
         }
 
         string firstShard = Shard(_expertPath), secondShard = Shard(secondPath);
@@ -102,7 +104,7 @@ public sealed class MergeFaultTests : IDisposable
         {
             if (p.TensorsDone == 2)
             {
-                foreach (var shard in new[] { secondShard, firstShard })
+                foreach (var shard in new[] { firstShard, secondShard })
                 {
                     using var f = new FileStream(shard, FileMode.Open, FileAccess.Write, FileShare.ReadWrite | FileShare.Delete);
                     f.SetLength(f.Length / 2);
