@@ -234,50 +234,43 @@ public static class EndToEnd
     }
 
     /// <summary>Every tensor through SafetensorsCheckpoint.ReadTensor, group by group as the engine reads.</summary>
-    private static double ReadTensors(string[] models)
+    private static double ReadTensors(string[] models) => TimeReads(models, "tensor read", checkpoints => () =>
     {
-        var checkpoints = models.Select(m => SafetensorsCheckpoint.Open(m)).ToArray();
-        try
+        foreach (var name in checkpoints[0].TensorNames)
         {
-            var sw = Stopwatch.StartNew();
-            foreach (var name in checkpoints[0].TensorNames)
+            foreach (var t in checkpoints.Select(c => c.ReadTensor(name)).ToArray())
             {
-                var group = checkpoints.Select(c => c.ReadTensor(name)).ToArray();
-                foreach (var t in group)
-                {
-                    t.Dispose();
-                }
-            }
-
-            double seconds = sw.Elapsed.TotalSeconds;
-            Console.WriteLine($"  tensor read: {seconds:F2} s");
-            return seconds;
-        }
-        finally
-        {
-            foreach (var c in checkpoints)
-            {
-                c.Dispose();
+                t.Dispose();
             }
         }
-    }
+    });
 
     /// <summary>Every group (one name's tensors from the base and every expert) read as the merge reads
     /// it, a group's inputs in parallel, without the NaN/∞ check, one group in memory at a time.</summary>
-    private static double ReadGroups(string[] models)
+    private static double ReadGroups(string[] models) => TimeReads(models, "group read", checkpoints =>
     {
-        var checkpoints = models.Select(m => SafetensorsCheckpoint.Open(m)).ToArray();
-        try
+        var set = new CheckpointSet(checkpoints[0], checkpoints[1..], requiresBase: true);
+        return () =>
         {
-            var set = new CheckpointSet(checkpoints[0], checkpoints[1..], requiresBase: true);
-            var sw = Stopwatch.StartNew();
             foreach (var name in set.Names)
             {
                 set.Load(name, torch.CPU).Dispose();
             }
+        };
+    });
 
+    /// <summary>Opens <paramref name="models"/>, lets <paramref name="prepare"/> set up a read of them
+    /// (untimed), and returns the seconds the read takes, printed under <paramref name="label"/>.</summary>
+    private static double TimeReads(string[] models, string label, Func<SafetensorsCheckpoint[], Action> prepare)
+    {
+        var checkpoints = models.Select(m => SafetensorsCheckpoint.Open(m)).ToArray();
+        try
+        {
+            var read = prepare(checkpoints);
+            var sw = Stopwatch.StartNew();
+            read();
             double seconds = sw.Elapsed.TotalSeconds;
-            Console.WriteLine($"  group read: {seconds:F2} s");
+            Console.WriteLine($"  {label}: {seconds:F2} s");
             return seconds;
         }
         finally

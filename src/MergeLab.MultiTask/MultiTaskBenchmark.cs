@@ -149,11 +149,11 @@ public static class MultiTaskBenchmark
                     ? string.Join(", ", Enumerable.Range(0, c.TaskCount).Select(t => $"{tasks[t].Name} {c[t, 0]:F2}"))
                     : $"{c.TaskCount}×{c.Layers.Count} (layers {string.Join(", ", c.Layers)}), range {all.Min():F2}–{all.Max():F2}, mean {all.Average():F2}";
                 // With the class-balance term the history is the loss (entropy less the weighted batch-mean entropy).
-                string lossName = options.AdaMergingDiversityWeight == 0 ? "entropy" : "loss";
-                notes[$"{name} {lossName}"] = $"{result.EntropyHistory[0]:F3} → {result.EntropyHistory[^1]:F3}";
+                bool paperLoss = options.AdaMergingDiversityWeight == 0;
+                notes[$"{name} {(paperLoss ? "entropy" : "loss")}"] = $"{result.EntropyHistory[0]:F3} → {result.EntropyHistory[^1]:F3}";
                 return new(name, evaluator.Test(result.Merged),
                     $"{(granularity == AdaMergingGranularity.TaskWise ? "task-wise" : "layer-wise")}{(name == "adamerging_pp" ? " on TIES-selected τ" : "")}, {options.AdaMergingSteps} steps"
-                    + (options.AdaMergingDiversityWeight == 0 ? "" : $", diversity weight {options.AdaMergingDiversityWeight.ToString(CultureInfo.InvariantCulture)}"));
+                    + (paperLoss ? "" : $", diversity weight {options.AdaMergingDiversityWeight.ToString(CultureInfo.InvariantCulture)}"));
             }
 
             MethodResult LinesRow(string name, TaskVector merged, IReadOnlyList<double> betas)
