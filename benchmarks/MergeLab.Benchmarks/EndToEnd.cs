@@ -10,19 +10,20 @@ namespace MergeLab.Benchmarks;
 
 /// <summary>
 /// <c>e2e --dir DIR [--params 1B] [--models 4] [--seed 1] [--method ties] [--nonfinite fail|pass]
-/// [--omp-passive] [--repeat 3] [--keep]</c>: the end-to-end
+/// [--read map|copy] [--omp-passive] [--repeat 3] [--keep]</c>: the end-to-end
 /// streaming merge. Generates the synthetic checkpoints into DIR unless they are there, then measures,
 /// on the same files:
 /// <list type="number">
 /// <item>reading them alone: the raw files (sequential reads into a reused buffer), every tensor through
 /// MergeLab's reader in the engine's order (base and experts per name), one group in memory at a time, and
-/// every group as the merge reads it (a group's inputs in parallel);</item>
+/// every group as the merge reads it (a group's inputs in parallel), copied and mapped;</item>
 /// <item>writing alone the bytes the merge writes (the base's shard sizes, which the bf16 output matches)
 /// from one warm buffer into new files, flushed to disk (fsync) as the merge flushes its output;</item>
 /// <item>the CLI merging them (<c>MergeLab.Cli merge</c> with a YAML config) under <c>/usr/bin/time -v</c>:
 /// wall time, input throughput (input bytes over wall time) and peak RSS.</item>
 /// </list>
-/// <c>--nonfinite pass</c> is handed to the CLI (it then skips its NaN/∞ scan of the inputs);
+/// <c>--nonfinite pass</c> is handed to the CLI (it then skips its NaN/∞ scan of the inputs), and so is
+/// <c>--read copy</c> (copied instead of mapped inputs);
 /// <c>--omp-passive</c> runs it with <c>OMP_WAIT_POLICY=PASSIVE</c> (libtorch's OpenMP threads sleep
 /// instead of spinning between operations, which on two cores steals time from the merge).
 /// The reads and the merge run <c>--repeat</c> times, in rounds (raw read, tensor read, group read, merge),
@@ -75,10 +76,16 @@ public static class EndToEnd
                 extra.AddRange(["--nonfinite", nonFinite]);
             }
 
+            if (options.Get("read") is { } readMode)
+            {
+                extra.AddRange(["--read", readMode]);
+            }
+
             ReadRawFiles(files); // once to warm the page cache, as the merge will find it
             var raw = new double[repeat];
             var tensors = new double[repeat];
             var groups = new double[repeat];
+            var mapped = new double[repeat];
             var wall = new double[repeat];
             long peakKb = 0;
             int exit = 0;
@@ -88,7 +95,8 @@ public static class EndToEnd
                 Console.WriteLine($"Round {rounds + 1} of {repeat}:");
                 raw[rounds] = ReadRawFiles(files);
                 tensors[rounds] = ReadTensors(models);
-                groups[rounds] = ReadGroups(models);
+                groups[rounds] = ReadGroups(models, map: false);
+                mapped[rounds] = ReadGroups(models, map: true);
                 (wall[rounds], long peak, exit) = RunCli(config, output, extra, options.Has("omp-passive"));
                 peakKb = Math.Max(peakKb, peak);
                 rounds++;
@@ -107,13 +115,16 @@ public static class EndToEnd
             Console.WriteLine("|---|---|---|---|");
             Console.WriteLine($"| read the files alone (raw) | {Spread(raw)} | {inputBytes / Median(raw) / 1e9:F2} | - |");
             Console.WriteLine($"| read every tensor alone (MergeLab reader) | {Spread(tensors)} | {inputBytes / Median(tensors) / 1e9:F2} | - |");
-            Console.WriteLine($"| read every group alone as the merge does (a group's inputs in parallel) | {Spread(groups)} | {inputBytes / Median(groups) / 1e9:F2} | - |");
+            Console.WriteLine($"| read every group alone, copied (a group's inputs in parallel; the merge with --read copy) | {Spread(groups)} | {inputBytes / Median(groups) / 1e9:F2} | - |");
+            Console.WriteLine($"| read every group alone, mapped and checked for NaN/∞ (the merge's default) | {Spread(mapped)} | {inputBytes / Median(mapped) / 1e9:F2} | - |");
             Console.WriteLine($"| write the output's {outputBytes / 1e9:F2} GB alone, then fsync (of which fsync) | {write + flush:F2} ({flush:F2}) | - | - |");
             string flags = string.Join(' ', extra) + (options.Has("omp-passive") ? " OMP_WAIT_POLICY=PASSIVE" : "");
             Console.WriteLine($"| mergelab merge ({method}{(flags.Length > 0 ? ", " + flags.Trim() : "")}) | {Spread(wall)} | {inputBytes / Median(wall) / 1e9:F2} | {(peakKb > 0 ? $"{peakKb / 1024.0 / 1024.0:F2} GiB" : "n/a")} |");
             var ratios = tensors.Zip(wall, (t, w) => t / w).ToArray();
+            var rawRatios = raw.Zip(wall, (t, w) => t / w).ToArray();
             var groupRatios = groups.Zip(wall, (t, w) => t / w).ToArray();
-            Console.WriteLine($"Merge throughput / group-read throughput, per round: {string.Join(", ", groupRatios.Select(x => x.ToString("P0", CultureInfo.InvariantCulture)))} (median {Median(groupRatios):P0}).");
+            Console.WriteLine($"Merge throughput / raw-read throughput, per round: {string.Join(", ", rawRatios.Select(x => x.ToString("P0", CultureInfo.InvariantCulture)))} (median {Median(rawRatios):P0}).");
+            Console.WriteLine($"Merge throughput / copied-group-read throughput, per round: {string.Join(", ", groupRatios.Select(x => x.ToString("P0", CultureInfo.InvariantCulture)))} (median {Median(groupRatios):P0}).");
             Console.WriteLine($"Merge throughput / tensor-read throughput, per round: {string.Join(", ", ratios.Select(x => x.ToString("P0", CultureInfo.InvariantCulture)))} (median {Median(ratios):P0}); "
                 + $"against reading the inputs and writing the output alone: {(Median(tensors) + write + flush) / Median(wall):P0}.");
             return 0;
@@ -246,15 +257,16 @@ public static class EndToEnd
     });
 
     /// <summary>Every group (one name's tensors from the base and every expert) read as the merge reads
-    /// it, a group's inputs in parallel, without the NaN/∞ check, one group in memory at a time.</summary>
-    private static double ReadGroups(string[] models) => TimeReads(models, "group read", checkpoints =>
+    /// it, a group's inputs in parallel, one group in memory at a time: copied without the NaN/∞ check, or
+    /// mapped with it (<paramref name="map"/>; the check is what touches, and so faults in, every page).</summary>
+    private static double ReadGroups(string[] models, bool map) => TimeReads(models, map ? "mapped group read" : "group read", checkpoints =>
     {
-        var set = new CheckpointSet(checkpoints[0], checkpoints[1..], requiresBase: true);
+        var set = new CheckpointSet(checkpoints[0], checkpoints[1..], requiresBase: true) { MapInputs = map };
         return () =>
         {
             foreach (var name in set.Names)
             {
-                set.Load(name, torch.CPU).Dispose();
+                set.Load(name, torch.CPU, checkFinite: map).Dispose();
             }
         };
     });

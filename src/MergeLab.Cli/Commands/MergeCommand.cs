@@ -26,19 +26,26 @@ internal static class MergeCommand
             DefaultValueFactory = _ => "fail",
         };
         nonFinite.AcceptOnlyFromAmong("fail", "pass");
+        var read = new Option<string>("--read")
+        {
+            Description = "How input tensors are read for a CPU merge: map (memory-mapped, no copy; fastest, but an input file cut short "
+                + "during the merge stops the process) or copy (read into memory; a change to an input is reported as an error).",
+            DefaultValueFactory = _ => "map",
+        };
+        read.AcceptOnlyFromAmong("map", "copy");
         var command = new Command("merge", "Merge the models of a YAML config into OUT_DIR (safetensors shards, index, config and tokenizer files).")
         {
-            config, output, device, seed, shardSize, overwrite, nonFinite,
+            config, output, device, seed, shardSize, overwrite, nonFinite, read,
         };
         command.SetAction((parse, ct) => Task.FromResult(ConsoleErrors.Run(() => Merge(
             parse.GetValue(config)!, parse.GetValue(output)!, parse.GetValue(device)!, parse.GetValue(seed),
             parse.GetValue(shardSize)!, parse.GetValue(overwrite),
-            parse.GetValue(nonFinite) == "pass" ? NonFiniteInputs.Pass : NonFiniteInputs.Fail, ct))));
+            parse.GetValue(nonFinite) == "pass" ? NonFiniteInputs.Pass : NonFiniteInputs.Fail, parse.GetValue(read) == "map", ct))));
         return command;
     }
 
     private static int Merge(string configPath, string output, string deviceName, long seed, string shardSize, bool overwrite,
-        NonFiniteInputs nonFinite, CancellationToken ct)
+        NonFiniteInputs nonFinite, bool mapInputs, CancellationToken ct)
     {
         long maxShard = ConsoleOutput.ParseSize(shardSize);
         var device = ParseDevice(deviceName);
@@ -57,6 +64,7 @@ internal static class MergeCommand
             CopyFilesFrom = plan.TokenizerSource,
             Device = device,
             NonFinite = nonFinite,
+            MapInputs = mapInputs,
         };
 
         var clock = Stopwatch.StartNew();

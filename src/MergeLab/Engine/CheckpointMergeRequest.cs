@@ -49,6 +49,22 @@ public sealed record CheckpointMergeRequest
     /// Peak memory is about (ReadAhead + 2) × (N + 1) × the largest tensor.</summary>
     public int ReadAhead { get; init; } = 2;
 
+    /// <summary>Whether input tensors merged on the CPU are mapped from their files (private, copy-on-write
+    /// mappings) instead of copied into memory. Default true.</summary>
+    /// <remarks>
+    /// <para>Mapping skips the copy of every input byte from the page cache, which is most of a copied
+    /// read's cost: a 4 × 1.1B bfloat16 TIES merge on 2 cores took 3.9–4.2 s mapped against 5.5–7.1 s
+    /// copied (warm page cache), and 7.5–12.3 s against 13.7–19.5 s reading from disk, with the same
+    /// output bytes and about the same peak RSS (mapped pages count in RSS while their tensor lives).</para>
+    /// <para>The cost is how a change to an input during the merge shows. A file that has changed size
+    /// when a tensor is about to be read raises a <see cref="SafetensorsFormatException"/> either way, but
+    /// one cut short while tensors mapped from it are being merged stops the process with a bus error
+    /// (SIGBUS), as with any memory-mapped reader (Python's <c>safetensors</c> included). Set false where
+    /// inputs may be rewritten during a merge. Tensors whose offset in the file is not a multiple of their
+    /// element size, and every tensor merged on another device, are copied regardless.</para>
+    /// </remarks>
+    public bool MapInputs { get; init; } = true;
+
     /// <summary>Options for reading the input safetensors headers.</summary>
     public SafetensorsReadOptions? ReadOptions { get; init; }
 

@@ -22,8 +22,10 @@ namespace MergeLab.Engine;
 /// <para>Thread-safe: independent merges (different outputs) may run concurrently in one process, and give
 /// the same bytes as run alone; each uses one reader thread beside the caller's. Inputs are opened with
 /// sharing for reading, so merges may share inputs. The inputs must not be modified in place during a
-/// merge: a change of size is detected (a <see cref="SafetensorsFormatException"/>), a rewrite of the same
-/// size is not. Deleting or replacing an input file is harmless where the system keeps open files
+/// merge. With copied reads (<see cref="CheckpointMergeRequest.MapInputs"/> false) a change of size is
+/// detected (a <see cref="SafetensorsFormatException"/>); with mapped reads (the default) it is detected
+/// before a tensor is mapped, but a file cut short while its mapped tensors are being merged stops the
+/// process with a bus error. A rewrite of the same size is never detected. Deleting or replacing an input file is harmless where the system keeps open files
 /// readable (Linux, macOS; Windows with the sharing MergeLab requests).</para>
 /// </remarks>
 public static class CheckpointMerger
@@ -39,7 +41,7 @@ public static class CheckpointMerger
     /// <exception cref="NonFiniteInputException">An input tensor holds NaN or ±∞ and
     /// <see cref="CheckpointMergeRequest.NonFinite"/> is <see cref="NonFiniteInputs.Fail"/> (the default).</exception>
     /// <exception cref="SafetensorsFormatException">An input file is malformed, or was truncated or changed
-    /// size during the merge (then <see cref="SafetensorsFormatException.TensorName"/> says which tensor was being read).</exception>
+    /// size during the merge (with mapped reads: before its tensor was mapped) (then <see cref="SafetensorsFormatException.TensorName"/> says which tensor was being read).</exception>
     /// <exception cref="IOException">The output cannot be created (e.g. the disk has no room for the whole
     /// checkpoint, which is reserved before merging where the file system supports it) or completed.</exception>
     /// <exception cref="OperationCanceledException">Cancelled; nothing was written.</exception>
@@ -59,7 +61,7 @@ public static class CheckpointMerger
         {
             var baseCheckpoint = request.BaseModel is null ? null : Open(request.BaseModel, request, inputs);
             var experts = request.Experts.Select(p => Open(p, request, inputs)).ToArray();
-            var model = new CheckpointSet(baseCheckpoint, experts, request.Method.RequiresBase);
+            var model = new CheckpointSet(baseCheckpoint, experts, request.Method.RequiresBase) { MapInputs = request.MapInputs };
             var methods = model.Names.ToDictionary(n => n, n => request.MethodForTensor?.Invoke(n) ?? request.Method, StringComparer.Ordinal);
             return Run(request, model, methods, output, progress, cancellationToken);
         }

@@ -141,9 +141,11 @@ public sealed class SafetensorsCheckpoint : IDisposable
     public Tensor ReadTensor(string name, Device? device = null) => GetShard(name).ReadTensor(name, device);
 
     /// <summary><see cref="ReadTensor(string, Device?)"/> with float32 and bfloat16 values checked for NaN
-    /// and ±∞ as they are read (<paramref name="finite"/>: whether all are finite; null when not checked).</summary>
-    internal Tensor ReadTensor(string name, Device? device, bool checkFinite, out bool? finite) =>
-        GetShard(name).ReadTensor(name, device, TensorBytes.DefaultChunkBytes, checkFinite, out finite);
+    /// and ±∞ as they are read (<paramref name="finite"/>: whether all are finite; null when not checked),
+    /// and mapped from its file rather than copied with <paramref name="map"/> (see
+    /// <see cref="SafetensorsFile.ReadTensor(string, Device?, int, bool, out bool?, bool)"/>).</summary>
+    internal Tensor ReadTensor(string name, Device? device, bool checkFinite, out bool? finite, bool map = false) =>
+        GetShard(name).ReadTensor(name, device, TensorBytes.DefaultChunkBytes, checkFinite, out finite, map);
 
     /// <summary>Reads every tensor, in <see cref="TensorNames"/> order, into a new state dict.</summary>
     public StateDict ReadAll(Device? device = null)

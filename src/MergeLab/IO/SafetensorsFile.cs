@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.Diagnostics.CodeAnalysis;
+using System.IO.MemoryMappedFiles;
 using MergeLab.Selection;
 using MergeLab.Tensors;
 using Microsoft.Win32.SafeHandles;
@@ -39,6 +40,8 @@ public sealed class SafetensorsFile : IDisposable
     private readonly SafeFileHandle _handle;
     private readonly Dictionary<string, SafetensorsTensorInfo> _byName;
     private readonly SafetensorsTensorInfo[] _tensors;
+    private MemoryMappedFile? _mapping;
+    private object? _mappingGate;
 
     private SafetensorsFile(string path, SafeFileHandle handle, long fileLength, long headerLength,
         IReadOnlyDictionary<string, string>? metadata, SafetensorsTensorInfo[] tensors)
@@ -203,8 +206,12 @@ public sealed class SafetensorsFile : IDisposable
         return result;
     }
 
-    /// <summary>Closes the file.</summary>
-    public void Dispose() => _handle.Dispose();
+    /// <summary>Closes the file. Tensors read from it stay valid.</summary>
+    public void Dispose()
+    {
+        _mapping?.Dispose();
+        _handle.Dispose();
+    }
 
     /// <summary><see cref="ReadTensor(string, Device?)"/> with the size of each positioned read chosen,
     /// so tests can exercise the chunking without multi-gigabyte tensors.</summary>
@@ -212,8 +219,10 @@ public sealed class SafetensorsFile : IDisposable
 
     /// <summary><see cref="ReadTensor(string, Device?, int)"/>, with float32 and bfloat16 values checked for
     /// NaN and ±∞ as they are read (<paramref name="finite"/>: whether all are finite; null when not
-    /// checked).</summary>
-    internal Tensor ReadTensor(string name, Device? device, int chunkBytes, bool checkFinite, out bool? finite)
+    /// checked). With <paramref name="map"/>, a CPU tensor whose offset is aligned to its element size is
+    /// mapped from the file instead of copied (<see cref="MappedTensors"/>): no copy, but a truncation of the
+    /// file while the tensor lives stops the process instead of raising an exception.</summary>
+    internal Tensor ReadTensor(string name, Device? device, int chunkBytes, bool checkFinite, out bool? finite, bool map = false)
     {
         ObjectDisposedException.ThrowIf(_handle.IsClosed, this);
         var info = GetInfo(name);
@@ -235,6 +244,12 @@ public sealed class SafetensorsFile : IDisposable
         // larger than the file. Pooled memory: a fresh allocation page-faults on every 4 KiB page as it
         // is filled. The pool hands a buffer out again only after libtorch has freed the last tensor
         // viewing it, so nothing still referenced is ever reused.
+        if (map && (device is null || device.type == DeviceType.CPU)
+            && MappedTensors.CanMap(info.DataOffset, info.ByteLength, SafetensorsDType.ElementSize(info.DType)))
+        {
+            return Map(info, checkFinite, out finite);
+        }
+
         var tensor = NativeBufferPool.Empty(info.Shape, info.DType);
         try
         {
@@ -253,6 +268,18 @@ public sealed class SafetensorsFile : IDisposable
             tensor.Dispose();
             throw;
         }
+    }
+
+    /// <summary>The tensor of <paramref name="info"/> over a private mapping of the file, checked for NaN and
+    /// ±∞ with <paramref name="checkFinite"/> (which touches, and so faults in, every page).</summary>
+    private Tensor Map(SafetensorsTensorInfo info, bool checkFinite, out bool? finite)
+    {
+        // One mapping object per file, made on first use; each tensor maps only its own pages from it.
+        var file = LazyInitializer.EnsureInitialized(ref _mapping, ref _mappingGate, () =>
+            MemoryMappedFile.CreateFromFile(_handle, null, 0, MemoryMappedFileAccess.CopyOnWrite, HandleInheritability.None, leaveOpen: true));
+        var tensor = MappedTensors.Map(file, info.DataOffset, info.ByteLength, info.Shape, info.DType);
+        finite = checkFinite ? FiniteValues.AllFinite(tensor) : null;
+        return tensor;
     }
 
     internal static void RequireLittleEndian()

@@ -198,6 +198,6 @@ internal static unsafe class NativeBufferPool
     // LibTorchSharp's tensor-over-memory constructor (torch::from_blob with a deleter), the one TorchSharp's
     // own array factories use; on the CPU it neither copies nor converts when both dtypes agree.
     [DllImport("LibTorchSharp")]
-    private static extern IntPtr THSTensor_new(IntPtr data, IntPtr deleter, IntPtr sizes, int szlength, sbyte scalarType,
+    internal static extern IntPtr THSTensor_new(IntPtr data, IntPtr deleter, IntPtr sizes, int szlength, sbyte scalarType,
         sbyte dtype, int deviceType, int deviceIndex, [MarshalAs(UnmanagedType.U1)] bool requiresGrad);
 }

@@ -150,6 +150,34 @@ public class CliTests
     }
 
     [Test]
+    public void Inputs_are_mapped_by_default_and_copied_with_read_copy()
+    {
+        using var dir = new TempDirectory();
+        using var baseModel = T.RandomModel(127);
+        using var expert = T.Expert(baseModel, 128);
+        Save(dir, "base", baseModel);
+        Save(dir, "math", expert);
+        string config = dir.File("ta.yaml");
+        File.WriteAllText(config, "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: math\n    parameters: {weight: 0.5}\n");
+
+        long before = MergeLab.IO.MappedTensors.MappedCount;
+        var (exit, _, stderr) = Run("merge", config, dir.File("mapped"));
+        Assert.That(exit, Is.EqualTo(0), stderr);
+        long mapped = MergeLab.IO.MappedTensors.MappedCount - before;
+        (exit, _, stderr) = Run("merge", config, dir.File("copied"), "--read", "copy");
+        Assert.That(exit, Is.EqualTo(0), stderr);
+
+        Assert.That(mapped, Is.EqualTo(2 * baseModel.Count), "the base's and the expert's tensors");
+        Assert.That(MergeLab.IO.MappedTensors.MappedCount - before, Is.EqualTo(mapped), "--read copy maps nothing");
+        string file = SafetensorsCheckpoint.SingleFileName;
+        Assert.That(File.ReadAllBytes(Path.Combine(dir.File("copied"), file)), Is.EqualTo(File.ReadAllBytes(Path.Combine(dir.File("mapped"), file))));
+
+        (exit, _, stderr) = Run("merge", config, dir.File("out"), "--read", "maybe");
+        Assert.That(exit, Is.Not.EqualTo(0));
+        Assert.That(stderr, Does.Contain("maybe"));
+    }
+
+    [Test]
     public void A_bad_shard_size_is_refused()
     {
         var (exit, _, stderr) = Run("merge", "x.yaml", "out", "--shard-size", "lots");

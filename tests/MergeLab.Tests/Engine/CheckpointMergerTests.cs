@@ -72,6 +72,46 @@ public class CheckpointMergerTests
     }
 
     [Test]
+    public void Mapped_and_copied_inputs_give_the_same_bytes()
+    {
+        // TIES reads every input four times (three statistic passes, then the merge); bfloat16 and float32
+        // inputs, some sharded, all mapped by default and all copied when MapInputs is off.
+        using var dir = new TempDirectory();
+        using var baseModel = T.RandomModel(94, ScalarType.BFloat16);
+        using var e1 = T.Expert(baseModel, 95);
+        using var e2f = T.Expert(baseModel, 96);
+        using var e2 = e2f.To(ScalarType.Float32);
+        var request = new CheckpointMergeRequest
+        {
+            BaseModel = Save(dir, "base", baseModel, maxShardBytes: 300),
+            Experts = [Save(dir, "e1", e1, 200), Save(dir, "e2", e2)],
+            Method = new TiesMerge(),
+            OutputDirectory = Path.Combine(dir.Path, "mapped"),
+        };
+
+        long before = MappedTensors.MappedCount;
+        var mapped = CheckpointMerger.Merge(request);
+        long count = MappedTensors.MappedCount - before;
+        var copied = CheckpointMerger.Merge(request with { OutputDirectory = Path.Combine(dir.Path, "copied"), MapInputs = false });
+
+        Assert.That(count, Is.EqualTo(4 * 3 * baseModel.Count), "every input tensor mapped on each of the four passes");
+        Assert.That(MappedTensors.MappedCount - before, Is.EqualTo(count), "nothing mapped with MapInputs off");
+        Assert.That(copied.Files, Is.EqualTo(mapped.Files));
+        foreach (var f in mapped.Files)
+        {
+            Assert.That(File.ReadAllBytes(Path.Combine(copied.OutputDirectory, f)), Is.EqualTo(File.ReadAllBytes(Path.Combine(mapped.OutputDirectory, f))), f);
+        }
+
+        using var expected = request.Method.Merge(baseModel, [e1, e2]);
+        using var merged = SafetensorsCheckpoint.Open(mapped.OutputDirectory);
+        foreach (var name in expected.Names)
+        {
+            using var actual = merged.ReadTensor(name);
+            T.BitEqual(actual, expected[name]);
+        }
+    }
+
+    [Test]
     public void Progress_covers_every_tensor_and_byte_of_each_pass()
     {
         using var dir = new TempDirectory();

@@ -1,0 +1,176 @@
+using MergeLab.IO;
+using NUnit.Framework;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MergeLab.Tests.IO;
+
+/// <summary>Tensors mapped from their file (the merge engine's default read) hold the bytes a copied read
+/// gives, never write back to the file, outlive the file, and release their mapping with their storage.</summary>
+public class SafetensorsMappedReadTests
+{
+    private static Tensor Mapped(SafetensorsFile file, string name, bool checkFinite, out bool? finite) =>
+        file.ReadTensor(name, null, TensorBytes.DefaultChunkBytes, checkFinite, out finite, map: true);
+
+    private static Tensor Mapped(SafetensorsFile file, string name) => Mapped(file, name, checkFinite: false, out _);
+
+    private static string WriteMixed(TempDirectory dir)
+    {
+        var tensors = new Dictionary<string, Tensor>
+        {
+            ["f32"] = torch.randn([5, 7], generator: new Generator(1)),
+            ["bf16"] = torch.randn([33], generator: new Generator(2)).to(ScalarType.BFloat16),
+            ["f16"] = torch.randn([4, 3], generator: new Generator(3)).to(ScalarType.Float16),
+            ["f64"] = torch.randn([2], ScalarType.Float64, generator: new Generator(4)),
+            ["i64"] = torch.tensor(new long[] { -3, 1L << 40, 7 }),
+            ["u8"] = torch.tensor(new byte[] { 1, 2, 3, 250, 5 }),
+        };
+        try
+        {
+            string path = dir.File("mixed.safetensors");
+            SafetensorsWriter.Write(path, tensors);
+            return path;
+        }
+        finally
+        {
+            foreach (var t in tensors.Values)
+            {
+                t.Dispose();
+            }
+        }
+    }
+
+    [Test]
+    public void Every_dtype_maps_to_the_bytes_a_copied_read_gives()
+    {
+        using var dir = new TempDirectory();
+        using var file = SafetensorsFile.Open(WriteMixed(dir));
+        long before = MappedTensors.MappedCount;
+        foreach (var name in file.TensorNames)
+        {
+            using var copied = file.ReadTensor(name);
+            using var mapped = Mapped(file, name);
+            Assert.That(mapped.dtype, Is.EqualTo(copied.dtype), name);
+            Assert.That(mapped.shape, Is.EqualTo(copied.shape), name);
+            Assert.That(TensorAssert.RawBytes(mapped), Is.EqualTo(TensorAssert.RawBytes(copied)), name);
+        }
+
+        Assert.That(MappedTensors.MappedCount - before, Is.EqualTo(file.Count), "every tensor was mapped, not copied");
+    }
+
+    [Test]
+    public void A_tensor_not_aligned_to_its_element_size_is_copied_instead()
+    {
+        // Three bytes of U8 first put the F32 tensor at an odd offset (the data buffer starts at a multiple
+        // of 8): mapped, its first element would be misaligned.
+        using var dir = new TempDirectory();
+        string path = dir.File("odd.safetensors");
+        string header = SafetensorsBytes.Pad(
+            "{\"a\":{\"dtype\":\"U8\",\"shape\":[3],\"data_offsets\":[0,3]},\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[3,11]}}");
+        File.WriteAllBytes(path, SafetensorsBytes.Build(header, [9, 8, 7, .. SafetensorsBytes.LittleEndian(1.5f, -2f)]));
+        using var file = SafetensorsFile.Open(path);
+        Assert.That(file.GetInfo("b").DataOffset % 4, Is.Not.Zero, "the case this test is about");
+
+        long before = MappedTensors.MappedCount;
+        using var b = Mapped(file, "b");
+        Assert.That(MappedTensors.MappedCount, Is.EqualTo(before), "copied, not mapped");
+        Assert.That(b.data<float>().ToArray(), Is.EqualTo(new[] { 1.5f, -2f }));
+
+        using var a = Mapped(file, "a");
+        Assert.That(MappedTensors.MappedCount, Is.EqualTo(before + 1), "a U8 tensor is aligned at any offset");
+        Assert.That(a.data<byte>().ToArray(), Is.EqualTo(new byte[] { 9, 8, 7 }));
+    }
+
+    [Test]
+    public void Writing_into_a_mapped_tensor_changes_neither_the_file_nor_a_later_read()
+    {
+        using var dir = new TempDirectory();
+        string path = WriteMixed(dir);
+        byte[] fileBefore = File.ReadAllBytes(path);
+        using var file = SafetensorsFile.Open(path);
+        using var original = file.ReadTensor("f32");
+        using (var mapped = Mapped(file, "f32"))
+        {
+            mapped.add_(1);
+            Assert.That(T.Values(mapped)[0], Is.EqualTo(T.Values(original)[0] + 1), "the write went into the tensor");
+            using var again = Mapped(file, "f32");
+            T.BitEqual(again, original);
+        }
+
+        Assert.That(File.ReadAllBytes(path), Is.EqualTo(fileBefore));
+    }
+
+    [Test]
+    public void A_mapped_tensor_outlives_its_file_and_releases_its_mapping_when_freed()
+    {
+        using var dir = new TempDirectory();
+        string path = WriteMixed(dir);
+        int live = MappedTensors.LiveCount;
+        Tensor mapped;
+        Tensor copied;
+        using (var file = SafetensorsFile.Open(path))
+        {
+            mapped = Mapped(file, "bf16");
+            copied = file.ReadTensor("bf16");
+        }
+
+        using (copied)
+        {
+            using (var view = mapped.narrow(0, 1, 5))
+            {
+                Assert.That(MappedTensors.LiveCount, Is.EqualTo(live + 1));
+                mapped.Dispose();
+                Assert.That(MappedTensors.LiveCount, Is.EqualTo(live + 1), "a view keeps the storage, and so the mapping");
+                using var expected = copied.narrow(0, 1, 5);
+                T.BitEqual(view, expected);
+            }
+
+            Assert.That(MappedTensors.LiveCount, Is.EqualTo(live), "freed with the last tensor over it");
+        }
+    }
+
+    [Test]
+    public void Mapped_reads_check_for_non_finite_values_when_asked()
+    {
+        using var dir = new TempDirectory();
+        using var good = torch.ones([1000], ScalarType.BFloat16);
+        using var bad = torch.ones([1000], ScalarType.BFloat16);
+        bad[777] = torch.tensor(float.PositiveInfinity);
+        string path = dir.File("m.safetensors");
+        SafetensorsWriter.Write(path, new Dictionary<string, Tensor> { ["good"] = good, ["bad"] = bad });
+        using var file = SafetensorsFile.Open(path);
+
+        using (Mapped(file, "good", checkFinite: true, out var finite))
+        {
+            Assert.That(finite, Is.True);
+        }
+
+        using (Mapped(file, "bad", checkFinite: true, out var finite))
+        {
+            Assert.That(finite, Is.False);
+        }
+
+        using (Mapped(file, "bad", checkFinite: false, out var finite))
+        {
+            Assert.That(finite, Is.Null);
+        }
+    }
+
+    [Test]
+    public void A_file_that_changed_size_is_refused_before_anything_is_mapped()
+    {
+        using var dir = new TempDirectory();
+        string path = WriteMixed(dir);
+        using var file = SafetensorsFile.Open(path);
+        using (var f = new FileStream(path, FileMode.Open, FileAccess.Write, FileShare.ReadWrite | FileShare.Delete))
+        {
+            f.SetLength(f.Length - 1);
+        }
+
+        long before = MappedTensors.MappedCount;
+        Assert.That(() => Mapped(file, "f32").Dispose(), Throws.TypeOf<SafetensorsFormatException>()
+            .With.Property(nameof(SafetensorsFormatException.TensorName)).EqualTo("f32")
+            .And.Message.Contains("was truncated or rewritten"));
+        Assert.That(MappedTensors.MappedCount, Is.EqualTo(before));
+    }
+}
