@@ -53,7 +53,7 @@ public sealed record CheckpointMergeRequest
     /// mappings) instead of copied into memory. Default true.</summary>
     /// <remarks>
     /// <para>Mapping skips the copy of every input byte from the page cache, which is most of a copied
-    /// read's cost: a 4 × 1.1B bfloat16 TIES merge on 2 cores took 3.9–4.2 s mapped against 5.5–7.1 s
+    /// read's cost: a 4 × 1.1B bfloat16 TIES merge on 2 cores took 3.9–4.8 s mapped against 5.5–7.1 s
     /// copied (warm page cache), and 7.5–12.3 s against 13.7–19.5 s reading from disk, with the same
     /// output bytes and about the same peak RSS (mapped pages count in RSS while their tensor lives).</para>
     /// <para>The cost is how a change to an input during the merge shows. A file that has changed size
