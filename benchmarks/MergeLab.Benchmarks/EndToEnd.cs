@@ -97,6 +97,13 @@ public static class EndToEnd
                 tensors[rounds] = ReadTensors(models);
                 groups[rounds] = ReadGroups(models, map: false);
                 mapped[rounds] = ReadGroups(models, map: true);
+                // The previous round's output goes before the clock starts: replacing it would add deleting
+                // 2.2 GB (about 0.3 s here) to the merge's time.
+                if (Directory.Exists(output))
+                {
+                    Directory.Delete(output, recursive: true);
+                }
+
                 (wall[rounds], long peak, exit) = RunCli(config, output, extra, options.Has("omp-passive"));
                 peakKb = Math.Max(peakKb, peak);
                 rounds++;
