@@ -25,8 +25,9 @@ namespace MergeLab.Engine;
 /// merge. With copied reads (<see cref="CheckpointMergeRequest.MapInputs"/> false) a change of size is
 /// detected (a <see cref="SafetensorsFormatException"/>); with mapped reads (the default) it is detected
 /// before a tensor is mapped, but a file cut short while its mapped tensors are being merged stops the
-/// process with a bus error. A rewrite of the same size is never detected. Deleting or replacing an input file is harmless where the system keeps open files
-/// readable (Linux, macOS; Windows with the sharing MergeLab requests).</para>
+/// process with a bus error. A rewrite of the same size is never detected. Deleting or replacing an
+/// input file is harmless where the system keeps open files readable (Linux, macOS; Windows with the
+/// sharing MergeLab requests).</para>
 /// </remarks>
 public static class CheckpointMerger
 {
@@ -41,7 +42,8 @@ public static class CheckpointMerger
     /// <exception cref="NonFiniteInputException">An input tensor holds NaN or ±∞ and
     /// <see cref="CheckpointMergeRequest.NonFinite"/> is <see cref="NonFiniteInputs.Fail"/> (the default).</exception>
     /// <exception cref="SafetensorsFormatException">An input file is malformed, or was truncated or changed
-    /// size during the merge (with mapped reads: before its tensor was mapped) (then <see cref="SafetensorsFormatException.TensorName"/> says which tensor was being read).</exception>
+    /// size during the merge, before the tensor being read was read or mapped; then
+    /// <see cref="SafetensorsFormatException.TensorName"/> says which tensor that was.</exception>
     /// <exception cref="IOException">The output cannot be created (e.g. the disk has no room for the whole
     /// checkpoint, which is reserved before merging where the file system supports it) or completed.</exception>
     /// <exception cref="OperationCanceledException">Cancelled; nothing was written.</exception>

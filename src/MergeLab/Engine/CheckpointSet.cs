@@ -94,8 +94,9 @@ internal sealed class CheckpointSet
     /// their files instead of copied (<see cref="MappedTensors"/>); the check then reads the mapping.</summary>
     /// <remarks>The inputs are read in parallel, up to torch's thread count at a time: one thread copying
     /// file pages into memory is the slowest stage of a merge on a small machine (about 3.3 GB/s inside a
-    /// 4 × 1.1B merge on 2 cores); mapped, the page faults and the check are spread the same way. If reads fail, the error of the first failing input (base, then the
-    /// experts in order) is thrown, as a sequential read would, and nothing read is kept.</remarks>
+    /// 4 × 1.1B merge on 2 cores); mapped, the page faults and the check are spread the same way. If
+    /// reads fail, the error of the first failing input (base, then the experts in order) is thrown, as a
+    /// sequential read would, and nothing read is kept.</remarks>
     public LoadedGroup Load(string name, Device device, bool checkFinite = false)
     {
         var inputs = (Base is null ? Experts : Experts.Prepend(Base)).ToArray();

@@ -54,7 +54,16 @@ internal static unsafe class MappedTensors
     {
         var view = file.CreateViewAccessor(fileOffset, byteLength, MemoryMappedFileAccess.CopyOnWrite);
         byte* start = null;
-        view.SafeMemoryMappedViewHandle.AcquirePointer(ref start);
+        try
+        {
+            view.SafeMemoryMappedViewHandle.AcquirePointer(ref start);
+        }
+        catch
+        {
+            view.Dispose();
+            throw;
+        }
+
         var data = (nint)(start + view.PointerOffset);
         lock (Gate)
         {

@@ -240,16 +240,16 @@ public sealed class SafetensorsFile : IDisposable
             };
         }
 
-        // The header check guarantees info.ByteLength fits in the file, so this allocation is never
-        // larger than the file. Pooled memory: a fresh allocation page-faults on every 4 KiB page as it
-        // is filled. The pool hands a buffer out again only after libtorch has freed the last tensor
-        // viewing it, so nothing still referenced is ever reused.
         if (map && (device is null || device.type == DeviceType.CPU)
             && MappedTensors.CanMap(info.DataOffset, info.ByteLength, SafetensorsDType.ElementSize(info.DType)))
         {
             return Map(info, checkFinite, out finite);
         }
 
+        // The header check guarantees info.ByteLength fits in the file, so this allocation is never
+        // larger than the file. Pooled memory: a fresh allocation page-faults on every 4 KiB page as it
+        // is filled. The pool hands a buffer out again only after libtorch has freed the last tensor
+        // viewing it, so nothing still referenced is ever reused.
         var tensor = NativeBufferPool.Empty(info.Shape, info.DType);
         try
         {
@@ -278,8 +278,16 @@ public sealed class SafetensorsFile : IDisposable
         var file = LazyInitializer.EnsureInitialized(ref _mapping, ref _mappingGate, () =>
             MemoryMappedFile.CreateFromFile(_handle, null, 0, MemoryMappedFileAccess.CopyOnWrite, HandleInheritability.None, leaveOpen: true));
         var tensor = MappedTensors.Map(file, info.DataOffset, info.ByteLength, info.Shape, info.DType);
-        finite = checkFinite ? FiniteValues.AllFinite(tensor) : null;
-        return tensor;
+        try
+        {
+            finite = checkFinite ? FiniteValues.AllFinite(tensor) : null;
+            return tensor;
+        }
+        catch
+        {
+            tensor.Dispose();
+            throw;
+        }
     }
 
     internal static void RequireLittleEndian()
