@@ -127,12 +127,9 @@ public static class EndToEnd
             Console.WriteLine($"| write the output's {outputBytes / 1e9:F2} GB alone, then fsync (of which fsync) | {write + flush:F2} ({flush:F2}) | - | - |");
             string flags = string.Join(' ', extra) + (options.Has("omp-passive") ? " OMP_WAIT_POLICY=PASSIVE" : "");
             Console.WriteLine($"| mergelab merge ({method}{(flags.Length > 0 ? ", " + flags.Trim() : "")}) | {Spread(wall)} | {inputBytes / Median(wall) / 1e9:F2} | {(peakKb > 0 ? $"{peakKb / 1024.0 / 1024.0:F2} GiB" : "n/a")} |");
-            var ratios = tensors.Zip(wall, (t, w) => t / w).ToArray();
-            var rawRatios = raw.Zip(wall, (t, w) => t / w).ToArray();
-            var groupRatios = groups.Zip(wall, (t, w) => t / w).ToArray();
-            Console.WriteLine($"Merge throughput / raw-read throughput, per round: {string.Join(", ", rawRatios.Select(x => x.ToString("P0", CultureInfo.InvariantCulture)))} (median {Median(rawRatios):P0}).");
-            Console.WriteLine($"Merge throughput / copied-group-read throughput, per round: {string.Join(", ", groupRatios.Select(x => x.ToString("P0", CultureInfo.InvariantCulture)))} (median {Median(groupRatios):P0}).");
-            Console.WriteLine($"Merge throughput / tensor-read throughput, per round: {string.Join(", ", ratios.Select(x => x.ToString("P0", CultureInfo.InvariantCulture)))} (median {Median(ratios):P0}); "
+            Console.WriteLine($"{Ratios("raw-read", raw, wall)}.");
+            Console.WriteLine($"{Ratios("copied-group-read", groups, wall)}.");
+            Console.WriteLine($"{Ratios("tensor-read", tensors, wall)}; "
                 + $"against reading the inputs and writing the output alone: {(Median(tensors) + write + flush) / Median(wall):P0}.");
             return 0;
         }
@@ -161,6 +158,14 @@ public static class EndToEnd
         var sorted = values.Order().ToArray();
         int mid = sorted.Length / 2;
         return sorted.Length % 2 == 1 ? sorted[mid] : (sorted[mid - 1] + sorted[mid]) / 2;
+    }
+
+    /// <summary>The merge's input throughput over a read's, per round (the read's seconds over the merge's)
+    /// and their median, as one line.</summary>
+    private static string Ratios(string read, double[] readSeconds, double[] mergeSeconds)
+    {
+        var ratios = readSeconds.Zip(mergeSeconds, (r, m) => r / m).ToArray();
+        return $"Merge throughput / {read} throughput, per round: {string.Join(", ", ratios.Select(x => x.ToString("P0", CultureInfo.InvariantCulture)))} (median {Median(ratios):P0})";
     }
 
     /// <summary>"median (min–max)" in seconds, or the one value.</summary>

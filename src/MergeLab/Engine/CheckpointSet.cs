@@ -11,6 +11,9 @@ internal sealed class CheckpointSet
 {
     private readonly Dictionary<string, long> _bytes = new(StringComparer.Ordinal);
 
+    /// <summary>Every input in read order: the base (when the method uses it), then the experts.</summary>
+    private readonly SafetensorsCheckpoint[] _inputs;
+
     public CheckpointSet(SafetensorsCheckpoint? baseModel, IReadOnlyList<SafetensorsCheckpoint> experts, bool requiresBase)
     {
         if (experts.Count == 0)
@@ -27,12 +30,12 @@ internal sealed class CheckpointSet
         Experts = experts;
         Reference = Base ?? experts[0];
         Names = Reference.TensorNames;
-        var all = Base is null ? experts : experts.Prepend(Base).ToArray();
+        _inputs = (Base is null ? experts : experts.Prepend(Base)).ToArray();
         foreach (var name in Names)
         {
             var shape = Reference.GetInfo(name).Shape;
             long bytes = 0;
-            foreach (var c in all)
+            foreach (var c in _inputs)
             {
                 if (!c.TryGetInfo(name, out var info))
                 {
@@ -52,7 +55,7 @@ internal sealed class CheckpointSet
             BytesPerPass += bytes;
         }
 
-        foreach (var c in all)
+        foreach (var c in _inputs)
         {
             if (c.Count != Names.Count)
             {
@@ -99,15 +102,14 @@ internal sealed class CheckpointSet
     /// sequential read would, and nothing read is kept.</remarks>
     public LoadedGroup Load(string name, Device device, bool checkFinite = false)
     {
-        var inputs = (Base is null ? Experts : Experts.Prepend(Base)).ToArray();
-        var tensors = new Tensor?[inputs.Length];
-        var finite = new bool?[inputs.Length];
-        var errors = new Exception?[inputs.Length];
-        Parallel.For(0, inputs.Length, new ParallelOptions { MaxDegreeOfParallelism = CpuParallel.Threads }, i =>
+        var tensors = new Tensor?[_inputs.Length];
+        var finite = new bool?[_inputs.Length];
+        var errors = new Exception?[_inputs.Length];
+        Parallel.For(0, _inputs.Length, new ParallelOptions { MaxDegreeOfParallelism = CpuParallel.Threads }, i =>
         {
             try
             {
-                tensors[i] = inputs[i].ReadTensor(name, device, checkFinite, out finite[i], MapInputs);
+                tensors[i] = _inputs[i].ReadTensor(name, device, checkFinite, out finite[i], MapInputs);
             }
             catch (Exception e)
             {

@@ -1,7 +1,7 @@
 using System.IO.MemoryMappedFiles;
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
-using MergeLab.Selection;
+using MergeLab.Tensors;
 using static TorchSharp.torch;
 
 namespace MergeLab.IO;
@@ -72,14 +72,10 @@ internal static unsafe class MappedTensors
 
         Interlocked.Increment(ref _mapped);
 
-        IntPtr handle;
+        Tensor? tensor;
         try
         {
-            fixed (long* sizes = shape)
-            {
-                handle = NativeBufferPool.THSTensor_new(data, (IntPtr)(delegate* unmanaged[Cdecl]<IntPtr, void>)&ReleaseFromTorch,
-                    (IntPtr)sizes, shape.Length, (sbyte)dtype, (sbyte)dtype, 0, 0, false);
-            }
+            tensor = BlobTensor.Create(data, shape, dtype, &ReleaseFromTorch);
         }
         catch
         {
@@ -87,13 +83,13 @@ internal static unsafe class MappedTensors
             throw;
         }
 
-        if (handle == IntPtr.Zero)
+        if (tensor is null)
         {
             Unmap(data);
             throw new InvalidOperationException("libtorch could not create a tensor over mapped file memory.");
         }
 
-        return Tensor.UnsafeCreateTensor(handle);
+        return tensor;
     }
 
     private static void Unmap(nint data)

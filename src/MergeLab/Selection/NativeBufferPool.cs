@@ -1,5 +1,6 @@
 using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
+using MergeLab.Tensors;
 using static TorchSharp.torch;
 
 namespace MergeLab.Selection;
@@ -67,20 +68,13 @@ internal static unsafe class NativeBufferPool
         var pointer = Rent(bytes);
         try
         {
-            IntPtr handle;
-            fixed (long* sizes = shape)
+            if (BlobTensor.Create(pointer, shape, dtype, &ReleaseFromTorch) is { } tensor)
             {
-                handle = THSTensor_new(pointer, (IntPtr)(delegate* unmanaged[Cdecl]<IntPtr, void>)&ReleaseFromTorch,
-                    (IntPtr)sizes, shape.Length, (sbyte)dtype, (sbyte)dtype, 0, 0, false);
+                return tensor;
             }
 
-            if (handle == IntPtr.Zero)
-            {
-                Return(pointer);
-                return empty(shape, dtype);
-            }
-
-            return Tensor.UnsafeCreateTensor(handle);
+            Return(pointer);
+            return empty(shape, dtype);
         }
         catch (Exception e) when (e is EntryPointNotFoundException or DllNotFoundException or MarshalDirectiveException)
         {
@@ -194,10 +188,4 @@ internal static unsafe class NativeBufferPool
 
     [UnmanagedCallersOnly(CallConvs = [typeof(CallConvCdecl)])]
     private static void ReleaseFromTorch(IntPtr data) => Return(data);
-
-    // LibTorchSharp's tensor-over-memory constructor (torch::from_blob with a deleter), the one TorchSharp's
-    // own array factories use; on the CPU it neither copies nor converts when both dtypes agree.
-    [DllImport("LibTorchSharp")]
-    internal static extern IntPtr THSTensor_new(IntPtr data, IntPtr deleter, IntPtr sizes, int szlength, sbyte scalarType,
-        sbyte dtype, int deviceType, int deviceIndex, [MarshalAs(UnmanagedType.U1)] bool requiresGrad);
 }
