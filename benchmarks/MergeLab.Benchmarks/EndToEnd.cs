@@ -10,7 +10,7 @@ namespace MergeLab.Benchmarks;
 
 /// <summary>
 /// <c>e2e --dir DIR [--params 1B] [--models 4] [--seed 1] [--method ties] [--nonfinite fail|pass]
-/// [--read map|copy] [--omp-passive] [--repeat 3] [--keep]</c>: the end-to-end
+/// [--read map|copy] [--omp-passive] [--cold] [--repeat 3] [--keep]</c>: the end-to-end
 /// streaming merge. Generates the synthetic checkpoints into DIR unless they are there, then measures,
 /// on the same files:
 /// <list type="number">
@@ -26,6 +26,9 @@ namespace MergeLab.Benchmarks;
 /// <c>--read copy</c> (copied instead of mapped inputs);
 /// <c>--omp-passive</c> runs it with <c>OMP_WAIT_POLICY=PASSIVE</c> (libtorch's OpenMP threads sleep
 /// instead of spinning between operations, which on two cores steals time from the merge).
+/// By default every step finds the inputs in the page cache (they are read once first). <c>--cold</c>
+/// (Linux) drops them from the page cache before each read and the merge instead, so that every step reads
+/// them from the disk, as a merge of checkpoints larger than the machine's memory does.
 /// The reads and the merge run <c>--repeat</c> times, in rounds (raw read, tensor read, group read, merge),
 /// so that a drift of the machine's speed (large on a shared virtual machine) falls on all of them alike;
 /// the table gives each step's median and range, and each throughput ratio is the median of the rounds'
@@ -81,7 +84,18 @@ public static class EndToEnd
                 extra.AddRange(["--read", readMode]);
             }
 
-            ReadRawFiles(files); // once to warm the page cache, as the merge will find it
+            bool cold = options.Has("cold");
+            if (cold && !OperatingSystem.IsLinux())
+            {
+                throw new ArgumentException("--cold drops files from the page cache with posix_fadvise, which needs Linux.");
+            }
+
+            Action before = cold ? () => PageCache.Drop(files) : () => { };
+            if (!cold)
+            {
+                ReadRawFiles(files); // once to warm the page cache, as the merge will find it
+            }
+
             var raw = new double[repeat];
             var tensors = new double[repeat];
             var groups = new double[repeat];
@@ -93,9 +107,13 @@ public static class EndToEnd
             while (rounds < repeat && exit == 0)
             {
                 Console.WriteLine($"Round {rounds + 1} of {repeat}:");
+                before();
                 raw[rounds] = ReadRawFiles(files);
+                before();
                 tensors[rounds] = ReadTensors(models);
+                before();
                 groups[rounds] = ReadGroups(models, map: false);
+                before();
                 mapped[rounds] = ReadGroups(models, map: true);
                 // The previous round's output goes before the clock starts: replacing it would add deleting
                 // 2.2 GB (about 0.3 s here) to the merge's time.
@@ -104,6 +122,7 @@ public static class EndToEnd
                     Directory.Delete(output, recursive: true);
                 }
 
+                before();
                 (wall[rounds], long peak, exit) = RunCli(config, output, extra, options.Has("omp-passive"));
                 peakKb = Math.Max(peakKb, peak);
                 rounds++;
@@ -117,7 +136,9 @@ public static class EndToEnd
             }
 
             Console.WriteLine();
-            Console.WriteLine($"Inputs: {models.Length} checkpoints, {inputBytes / 1e9:F2} GB ({files.Length} shards), bfloat16; method {method}; {Environment.ProcessorCount} cores; {repeat} round(s): median (range)");
+            Console.WriteLine($"Inputs: {models.Length} checkpoints, {inputBytes / 1e9:F2} GB ({files.Length} shards), bfloat16, "
+                + $"{(cold ? "read from the disk (dropped from the page cache before each step)" : "in the page cache")}; "
+                + $"method {method}; {Environment.ProcessorCount} cores; {repeat} round(s): median (range)");
             Console.WriteLine("| Step | Time (s) | Input GB/s | Peak RSS |");
             Console.WriteLine("|---|---|---|---|");
             Console.WriteLine($"| read the files alone (raw) | {Spread(raw)} | {inputBytes / Median(raw) / 1e9:F2} | - |");

@@ -6,7 +6,7 @@
 //   ... -- --filter '*' --device cuda            (tensors on the GPU; needs a TorchSharp-cuda build)
 //   ... -- --filter '*' --job short | dry        (BenchmarkDotNet's jobs instead of the default below)
 //   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- generate --out DIR --params 1B --models 4 --seed 1
-//   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- e2e --dir DIR --params 1B --models 4 [--repeat 3]
+//   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- e2e --dir DIR --params 1B --models 4 [--cold] [--repeat 3]
 using BenchmarkDotNet.Configs;
 using BenchmarkDotNet.Jobs;
 using BenchmarkDotNet.Running;
