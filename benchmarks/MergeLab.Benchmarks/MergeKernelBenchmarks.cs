@@ -18,9 +18,8 @@ namespace MergeLab.Benchmarks;
 /// it is in a streaming merge.</remarks>
 public abstract class MergeKernelBenchmarks : IMovesBytes
 {
-    private Tensor _inputs = null!;
+    private ExpertGroup _experts = null!;
     private Tensor _copyDestination = null!;
-    private TensorGroup _group = null!;
 
     private readonly TaskArithmeticMerge _taskArithmetic = new(new TaskArithmeticOptions { Lambda = 0.5 });
     private readonly WeightAverageMerge _linear = new();
@@ -50,44 +49,21 @@ public abstract class MergeKernelBenchmarks : IMovesBytes
     [GlobalSetup]
     public void Setup()
     {
-        BenchmarkDevice.Initialize();
-        torch.manual_seed(0);
-
-        // One [N + 1, rows, columns] tensor: row 0 is the base, rows 1..N the experts (the base plus a
-        // small dense fine-tuning delta each), in the benchmark's dtype on the benchmark's device.
-        using (var scope = NewDisposeScope())
-        {
-            var rows = new Tensor[N + 1];
-            rows[0] = randn(Rows, Columns);
-            for (int k = 1; k <= N; k++)
-            {
-                rows[k] = rows[0] + 0.01 * randn(Rows, Columns);
-            }
-
-            _inputs = stack(rows).to(DType).to(BenchmarkDevice.Device).MoveToOuterDisposeScope();
-        }
-
-        _group = new TensorGroup("model.layers.0.mlp.up_proj.weight", _inputs[0], Enumerable.Range(1, N).Select(k => _inputs[k]).ToArray());
-        _copyDestination = empty_like(_inputs);
+        _experts = ExpertGroup.Create("model.layers.0.mlp.up_proj.weight", Rows, Columns, N, DType);
+        _copyDestination = empty_like(_experts.Inputs);
     }
 
     [GlobalCleanup]
     public void Cleanup()
     {
-        _group.Base!.Dispose();
-        foreach (var t in _group.Experts)
-        {
-            t.Dispose();
-        }
-
-        _inputs.Dispose();
+        _experts.Dispose();
         _copyDestination.Dispose();
     }
 
     [Benchmark(Baseline = true, Description = "copy (inputs)")]
     public void Copy()
     {
-        _copyDestination.copy_(_inputs);
+        _copyDestination.copy_(_experts.Inputs);
         BenchmarkDevice.Synchronize();
     }
 
@@ -114,7 +90,7 @@ public abstract class MergeKernelBenchmarks : IMovesBytes
 
     private void Run(MergeMethod method)
     {
-        using var merged = method.MergeTensor(_group);
+        using var merged = method.MergeTensor(_experts.Group);
         BenchmarkDevice.Synchronize();
     }
 }
