@@ -800,10 +800,12 @@ public class PcbKernelTests
         }
     }
 
-    /// <summary>With its own exp and tanh (within 1 ulp, as libtorch's are), the kernel's scores differ
+    /// <summary>With its own exp and tanh (within 1 ulp, as libtorch's are), the kernel's scores may differ
     /// from libtorch's in the last bit here and there; since a score at the threshold weighs 0, the merge
     /// moves by about an ulp of the merged task vector, not by a dropped or kept entry. Compared in
-    /// float32 output, where bfloat16's rounding would not hide the differences.</summary>
+    /// float32 output, where bfloat16's rounding would not hide the differences. Whether any entry moves
+    /// depends on which exp and tanh libtorch picks for the CPU (on one Intel Xeon none did in the
+    /// 33×101 case, on an AMD EPYC some did), so only the bounds are asserted.</summary>
     [TestCase(ScalarType.Float32, 3, 301, 699, 0.1, 1e-4)]
     [TestCase(ScalarType.BFloat16, 8, 300, 640, 0.2, 0.01)]
     [TestCase(ScalarType.Float32, 2, 300, 700, 1.0, 0.0)]
@@ -820,7 +822,6 @@ public class PcbKernelTests
         var tolerance = (expected.abs() + delta) * Math.Pow(2, -22); // 2 ulp of the result, plus 2 of the merged τ
         Assert.That((difference - tolerance).max().item<double>(), Is.LessThanOrEqualTo(0), "beyond 2 ulp");
         long moved = difference.gt(0).sum().item<long>();
-        Assert.That(moved, Is.GreaterThan(0), "the kernel's own exp and tanh should differ from libtorch's somewhere");
         Assert.That(moved, Is.LessThan(fast.numel() / 10), "entries that moved");
     }
 
