@@ -11,11 +11,9 @@ namespace MergeLab.Benchmarks;
 /// </summary>
 public sealed class ExpertGroup : IDisposable
 {
-    private readonly Tensor _inputs;
-
     private ExpertGroup(Tensor inputs, string name, int experts)
     {
-        _inputs = inputs;
+        Inputs = inputs;
         Group = new TensorGroup(name, inputs[0], Enumerable.Range(1, experts).Select(k => inputs[k]).ToArray());
     }
 
@@ -46,7 +44,7 @@ public sealed class ExpertGroup : IDisposable
     public TensorGroup Group { get; }
 
     /// <summary>All the inputs as one [N + 1, rows, columns] tensor.</summary>
-    public Tensor Inputs => _inputs;
+    public Tensor Inputs { get; }
 
     public void Dispose()
     {
@@ -56,6 +54,6 @@ public sealed class ExpertGroup : IDisposable
             t.Dispose();
         }
 
-        _inputs.Dispose();
+        Inputs.Dispose();
     }
 }

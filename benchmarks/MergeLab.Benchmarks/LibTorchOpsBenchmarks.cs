@@ -1,5 +1,4 @@
 using BenchmarkDotNet.Attributes;
-using BenchmarkDotNet.Configs;
 using MergeLab.Methods;
 using MergeLab.Selection;
 using MergeLab.Stages;
@@ -14,13 +13,10 @@ namespace MergeLab.Benchmarks;
 /// formulation is the one MergeLab runs on other devices and tests its kernels against bit for bit; it is
 /// also how the Python tools compute a merge (a PyTorch operation per step over [N, …] tensors), so it
 /// stands in for them on a machine without them. The shape and the expert count are those of the peer
-/// figures in the performance issue: one 4096×4096 float32 parameter, 3 experts. Each method is a
-/// category whose baseline is its libtorch formulation, so the Ratio column is the kernel's time over it.
-/// On a device other than the CPU MergeLab itself merges with libtorch operations, so both rows then time
-/// the same code.
+/// figures in the performance issue: one 4096×4096 float32 parameter, 3 experts. Each method runs in both
+/// <see cref="Benchmarks.Formulation"/>s. On a device other than the CPU MergeLab itself merges with
+/// libtorch operations, so both rows then time the same code.
 /// </summary>
-[GroupBenchmarksBy(BenchmarkLogicalGroupRule.ByCategory)]
-[CategoriesColumn]
 public class LibTorchOps_F32_4096x4096
 {
     private const int Experts = 3;
@@ -39,46 +35,32 @@ public class LibTorchOps_F32_4096x4096
     [GlobalCleanup]
     public void Cleanup() => _experts.Dispose();
 
-    [Benchmark(Description = "task arithmetic, libtorch ops", Baseline = true), BenchmarkCategory("task arithmetic")]
-    public void TaskArithmeticOps() => Run(_taskArithmetic, libtorch: true);
+    /// <summary>Which implementation merges: libtorch operations over whole tensors, or MergeLab's CPU kernels.</summary>
+    [ParamsAllValues]
+    public Formulation Formulation { get; set; }
 
-    [Benchmark(Description = "task arithmetic, MergeLab"), BenchmarkCategory("task arithmetic")]
-    public void TaskArithmetic() => Run(_taskArithmetic, libtorch: false);
+    [Benchmark(Description = "task arithmetic")]
+    public void TaskArithmetic() => Run(_taskArithmetic);
 
-    [Benchmark(Description = "TIES (mergekit), libtorch ops", Baseline = true), BenchmarkCategory("TIES (mergekit)")]
-    public void TiesMergekitOps() => Run(_tiesMergekit, libtorch: true);
+    [Benchmark(Description = "TIES (mergekit)")]
+    public void TiesMergekit() => Run(_tiesMergekit);
 
-    [Benchmark(Description = "TIES (mergekit), MergeLab"), BenchmarkCategory("TIES (mergekit)")]
-    public void TiesMergekit() => Run(_tiesMergekit, libtorch: false);
+    [Benchmark(Description = "TIES (PEFT)")]
+    public void TiesPeft() => Run(_tiesPeft);
 
-    [Benchmark(Description = "TIES (PEFT), libtorch ops", Baseline = true), BenchmarkCategory("TIES (PEFT)")]
-    public void TiesPeftOps() => Run(_tiesPeft, libtorch: true);
+    [Benchmark(Description = "DARE")]
+    public void Dare() => Run(_dare);
 
-    [Benchmark(Description = "TIES (PEFT), MergeLab"), BenchmarkCategory("TIES (PEFT)")]
-    public void TiesPeft() => Run(_tiesPeft, libtorch: false);
+    [Benchmark(Description = "Breadcrumbs (mergekit)")]
+    public void Breadcrumbs() => Run(_breadcrumbs);
 
-    [Benchmark(Description = "DARE, libtorch ops", Baseline = true), BenchmarkCategory("DARE")]
-    public void DareOps() => Run(_dare, libtorch: true);
-
-    [Benchmark(Description = "DARE, MergeLab"), BenchmarkCategory("DARE")]
-    public void Dare() => Run(_dare, libtorch: false);
-
-    [Benchmark(Description = "Breadcrumbs (mergekit), libtorch ops", Baseline = true), BenchmarkCategory("Breadcrumbs (mergekit)")]
-    public void BreadcrumbsOps() => Run(_breadcrumbs, libtorch: true);
-
-    [Benchmark(Description = "Breadcrumbs (mergekit), MergeLab"), BenchmarkCategory("Breadcrumbs (mergekit)")]
-    public void Breadcrumbs() => Run(_breadcrumbs, libtorch: false);
-
-    [Benchmark(Description = "PCB, libtorch ops", Baseline = true), BenchmarkCategory("PCB")]
-    public void PcbOps() => Run(_pcb, libtorch: true);
-
-    [Benchmark(Description = "PCB, MergeLab"), BenchmarkCategory("PCB")]
-    public void Pcb() => Run(_pcb, libtorch: false);
+    [Benchmark(Description = "PCB")]
+    public void Pcb() => Run(_pcb);
 
     /// <summary>Merges the group with the CPU kernels on or off (off: every step a libtorch operation).</summary>
-    private void Run(MergeMethod method, bool libtorch)
+    private void Run(MergeMethod method)
     {
-        MagnitudeThreshold.CpuKernelsEnabled = !libtorch;
+        MagnitudeThreshold.CpuKernelsEnabled = Formulation == Formulation.MergeLab;
         try
         {
             using var merged = method.MergeTensor(_experts.Group);
@@ -89,4 +71,14 @@ public class LibTorchOps_F32_4096x4096
             MagnitudeThreshold.CpuKernelsEnabled = true;
         }
     }
+}
+
+/// <summary>How <see cref="LibTorchOps_F32_4096x4096"/> merges.</summary>
+public enum Formulation
+{
+    /// <summary>A libtorch operation per step over whole tensors (MergeLab with its CPU kernels off).</summary>
+    LibTorchOps,
+
+    /// <summary>MergeLab's CPU kernels.</summary>
+    MergeLab,
 }
