@@ -104,11 +104,18 @@ public class QuickBenchmarkTests
     public void A_static_merge_beats_the_pretrained_floor(string method) =>
         Assert.That(Results[method].Average, Is.GreaterThan(Results["pretrained"].Average + 0.5));
 
+    // The papers rank TIES and PCB above task arithmetic; here the best of them is level with it, and
+    // which is ahead depends on the CPU's rounding. Best of TIES and PCB minus task arithmetic, quick
+    // configuration, seed 0: +0.13 (Intel Xeon), +0.3 (AMD EPYC), and on the Xeon with libtorch's
+    // kernels forced to other code paths, as other processors take: +0.36 (ATEN_CPU_CAPABILITY=avx2,
+    // MKL_CBWR=COMPATIBLE), +0.04 (avx2), −0.02 (avx2, MKL_CBWR=AVX2), +0.30 (MKL_CBWR=COMPATIBLE).
+    // So the test asks only that neither falls half a point behind; their exact arithmetic is tested
+    // against hand-computed cases and the libtorch formulation elsewhere.
     [Test]
-    public void The_ties_family_beats_task_arithmetic()
+    public void The_ties_family_is_level_with_task_arithmetic()
     {
         var ta = Results["task_arithmetic"].Average;
-        Assert.That(new[] { "ties", "pcb" }.Max(m => Results[m].Average), Is.GreaterThan(ta));
+        Assert.That(new[] { "ties", "pcb" }.Max(m => Results[m].Average), Is.GreaterThan(ta - 0.5));
     }
 
     // Measured (seed 0): layer-wise 72.8 with the paper's loss, 75.2 with the class-balance term at 3,
