@@ -119,7 +119,10 @@ public class QuickBenchmarkTests
     }
 
     // Measured (seed 0): layer-wise 72.8 with the paper's loss, 75.2 with the class-balance term at 3,
-    // against task arithmetic's 74.8 (the README's table of four runs).
+    // against task arithmetic's 74.8 on an AMD EPYC (the README's table of four runs); 69.9, 74.6 and
+    // 74.5 on an Intel Xeon. With the term, layer-wise minus task arithmetic on the Xeon with libtorch
+    // forced onto other processors' code paths (see the test above): +0.35, +0.10, +0.63, +0.59.
+    // Level, then, not ahead by a margin: the test asks for no more than half a point behind.
     [Test]
     public void The_class_balance_term_brings_layer_wise_AdaMerging_level_with_task_arithmetic()
     {
@@ -132,7 +135,7 @@ public class QuickBenchmarkTests
 
         double paper = Results["adamerging_layer"].Average, balanced = Balanced["adamerging_layer"].Average;
         Assert.That(balanced, Is.GreaterThan(paper + 1), "the term lifts layer-wise AdaMerging");
-        Assert.That(balanced, Is.GreaterThan(Results["task_arithmetic"].Average - 1), "to within a point of task arithmetic");
+        Assert.That(balanced, Is.GreaterThan(Results["task_arithmetic"].Average - 0.5), "to within half a point of task arithmetic");
         Assert.That(Balanced["adamerging_layer"].Setting, Does.EndWith("diversity weight 3"));
         Assert.That(Balanced.Notes.ContainsKey("adamerging_layer entropy"), Is.False, "the history is the loss, named so");
         var loss = Balanced.Notes["adamerging_layer loss"].Split(" → ").Select(double.Parse).ToArray();
