@@ -135,7 +135,11 @@ public class SafetensorsMappedReadTests
         using var dir = new TempDirectory();
         using var good = torch.ones([1000], ScalarType.BFloat16);
         using var bad = torch.ones([1000], ScalarType.BFloat16);
-        bad[777] = torch.tensor(float.PositiveInfinity);
+        using (var infinity = torch.tensor(float.PositiveInfinity))
+        {
+            bad[777] = infinity;
+        }
+
         string path = dir.File("m.safetensors");
         SafetensorsWriter.Write(path, new Dictionary<string, Tensor> { ["good"] = good, ["bad"] = bad });
         using var file = SafetensorsFile.Open(path);
