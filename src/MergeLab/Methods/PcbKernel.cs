@@ -334,9 +334,11 @@ internal static unsafe partial class PcbKernel
     /// The [n, d] scores of one tensor, never stored whole: a block's n rows are computed together (as the
     /// merge pass computes them, so the same bits) into the calling thread's cache, as signed keys. A
     /// selection that fills row 0, 1, …, n − 1 of a block in turn computes the block once. Where the
-    /// selection asks for keys from a floor on (<see cref="KeySource.FillFrom"/>, as
-    /// <see cref="ExactSelector"/>'s bracket pass does) and the CPU has AVX-512, a row scores only its
-    /// candidates instead, from the block's base and Σ_k τ_k cached the same way.
+    /// selection asks for keys from a floor on (<see cref="KeySource.FillFrom"/>, as the whole-model
+    /// histogram does) and the CPU has AVX-512, a row scores only its candidates instead, from the block's
+    /// base and Σ_k τ_k cached the same way; where it only counts the keys below the floor
+    /// (<see cref="KeySource.FillPacked"/>, as <see cref="ExactSelector"/>'s bracket pass does), the row
+    /// writes only its candidates' keys, so the bracket pass classifies about a tenth of the entries.
     /// </summary>
     private sealed class ScoreRows(FusedPipeline.Inputs inputs, float[] low, float[] high)
     {
@@ -420,12 +422,20 @@ internal static unsafe partial class PcbKernel
 
             public override uint KeyAt(long i) => rows.Compute(i, 1, out int stride)[(long)k * stride];
 
+            public override int FillPacked(long start, int count, uint* keys, float* scratch, uint floor)
+            {
+                float cutoff = FloatKeys.Value(floor, signed: true);
+                return ScoreCandidatesOnly && Which(cutoff, 1, rows.Experts) == Candidates.Bounded
+                    ? rows.FillCandidates(k, start, count, keys, cutoff, packed: true)
+                    : -1;
+            }
+
             public override void FillFrom(long start, int count, uint* keys, float* scratch, uint floor)
             {
                 float cutoff = FloatKeys.Value(floor, signed: true);
                 if (ScoreCandidatesOnly && Which(cutoff, 1, rows.Experts) == Candidates.Bounded)
                 {
-                    rows.FillCandidates(k, start, count, keys, cutoff);
+                    _ = rows.FillCandidates(k, start, count, keys, cutoff);
                 }
                 else
                 {
@@ -435,10 +445,13 @@ internal static unsafe partial class PcbKernel
         }
 
         /// <summary>Row <paramref name="k"/>'s keys of entries [start, start + count), exact where the score
-        /// can reach <paramref name="cutoff"/> (&gt; 0) and 0 (below every such key) elsewhere.</summary>
+        /// can reach <paramref name="cutoff"/> (&gt; 0) and 0 (below every such key) elsewhere; or, when
+        /// <paramref name="packed"/>, only the exact ones, packed in index order. Returns how many keys it
+        /// wrote.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private void FillCandidates(int k, long start, int count, uint* keys, float cutoff)
+        private int FillCandidates(int k, long start, int count, uint* keys, float cutoff, bool packed = false)
         {
+            int written = 0;
             var sums = Sums(start, count, out int stride, out var scratch);
             var terms = new ScoreTerms<Vector512Lanes, Vector512<float>>(low[k], high[k], Experts);
             for (int offset = 0; offset < count; offset += CandidateChunk.Length)
@@ -446,10 +459,17 @@ internal static unsafe partial class PcbKernel
                 var chunk = new CandidateChunk(start + offset, Math.Min(CandidateChunk.Length, count - offset), sums + offset, sums + stride + offset, scratch);
                 int found = chunk.Pack(chunk.ReadRow(inputs.Experts[k], chunk.ExpertStaging), terms, Candidates.Bounded, cutoff);
                 chunk.Score(found, terms);
-                var packed = chunk.Packed;
+                var scores = chunk.Packed;
                 for (int j = 0; j < found; j += 16)
                 {
-                    FloatKeys.Signed(Vector512.Load(packed + j)).Store((uint*)packed + j);
+                    FloatKeys.Signed(Vector512.Load(scores + j)).Store((uint*)scores + j);
+                }
+
+                if (packed)
+                {
+                    Buffer.MemoryCopy(scores, keys + written, found * 4L, found * 4L);
+                    written += found;
+                    continue;
                 }
 
                 bool whole = chunk.Padded == chunk.Count;
@@ -464,7 +484,11 @@ internal static unsafe partial class PcbKernel
                 {
                     Buffer.MemoryCopy(destination, keys + offset, chunk.Count * 4L, chunk.Count * 4L);
                 }
+
+                written += chunk.Count;
             }
+
+            return written;
         }
 
         /// <summary>The base (at the result) and Σ_k τ_k (at the result + <paramref name="stride"/>) of entries

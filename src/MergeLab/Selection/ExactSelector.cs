@@ -224,16 +224,24 @@ internal static unsafe class ExactSelector
 
                 for (int s = 0; s < sources.Length; s++)
                 {
-                    sources[s].FillFrom(start, count, keys, floats, floors[s]);
+                    // A source that leaves out keys below the floor writes only the others; those left out
+                    // are below every bracket of the source.
+                    int packed = sources[s].FillPacked(start, count, keys, floats, floors[s]);
+                    if (packed < 0)
+                    {
+                        sources[s].FillFrom(start, count, keys, floats, floors[s]);
+                    }
+
+                    int scanned = packed < 0 ? count : packed;
                     foreach (var q in bySource[s])
                     {
                         if (wide)
                         {
-                            ScanWide(q, block, keys, count, local);
+                            ScanWide(q, block, keys, scanned, local, count - scanned);
                         }
                         else
                         {
-                            Scan(q, block, keys, count, local);
+                            Scan(q, block, keys, scanned, local, count - scanned);
                         }
                     }
                 }
@@ -278,24 +286,24 @@ internal static unsafe class ExactSelector
         return pending;
     }
 
-    /// <summary>Counts the keys below the bracket and at its two ends, and keeps those strictly inside
-    /// it as this block's segment.</summary>
+    /// <summary>Counts the keys below the bracket (and <paramref name="below"/> more, left out by the
+    /// source) and at its two ends, and keeps those strictly inside it as this block's segment.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void Scan(SelectionQuery q, long block, uint* keys, int count, uint* local)
+    private static void Scan(SelectionQuery q, long block, uint* keys, int count, uint* local, long below)
     {
         uint lo = q.Low, hi = q.High;
         bool wide = hi > lo;
         var vlo = new Vector<uint>(lo);
         var vhi = new Vector<uint>(hi);
         var highMask = wide ? Vector<uint>.AllBitsSet : Vector<uint>.Zero;
-        Vector<uint> below = Vector<uint>.Zero, atLow = Vector<uint>.Zero, atHigh = Vector<uint>.Zero;
+        Vector<uint> belowLanes = Vector<uint>.Zero, atLow = Vector<uint>.Zero, atHigh = Vector<uint>.Zero;
         int found = 0;
         int i = 0;
         int w = Vector<uint>.Count;
         for (; i <= count - w; i += w)
         {
             var k = Vector.Load(keys + i);
-            below -= Vector.LessThan(k, vlo);
+            belowLanes -= Vector.LessThan(k, vlo);
             atLow -= Vector.Equals(k, vlo);
             atHigh -= Vector.Equals(k, vhi) & highMask;
             var inside = Vector.GreaterThan(k, vlo) & Vector.LessThan(k, vhi);
@@ -311,7 +319,7 @@ internal static unsafe class ExactSelector
             }
         }
 
-        long lessCount = Vector.Sum(below);
+        long lessCount = Vector.Sum(belowLanes) + below;
         int lowTies = (int)Vector.Sum(atLow), highTies = (int)Vector.Sum(atHigh);
         for (; i < count; i++)
         {
@@ -324,12 +332,12 @@ internal static unsafe class ExactSelector
     /// <summary><see cref="Scan"/> on 512-bit vectors: the counts through mask registers and popcounts,
     /// the keys inside the bracket packed with AVX-512 compress (as <see cref="ScanDifferenceWide(SelectionQuery, long, CpuFloats, float*, long, int, uint*)"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void ScanWide(SelectionQuery q, long block, uint* keys, int count, uint* local)
+    private static void ScanWide(SelectionQuery q, long block, uint* keys, int count, uint* local, long below)
     {
         uint lo = q.Low, hi = q.High;
         const int w = 16;
         var bracket = new WideBracket(lo, hi);
-        long lessCount = 0;
+        long lessCount = below;
         int lowTies = 0, highTies = 0;
         int found = 0;
         int i = 0;

@@ -85,6 +85,13 @@ internal abstract unsafe class KeySource
     /// costly can then skip computing them exactly). By default, <see cref="Fill"/>.</summary>
     public virtual void FillFrom(long start, int count, uint* keys, float* scratch, uint floor) => Fill(start, count, keys, scratch);
 
+    /// <summary>For a selection that only counts the keys below <paramref name="floor"/>: writes the keys of
+    /// the entries of [<paramref name="start"/>, start + <paramref name="count"/>) that may reach it to
+    /// <paramref name="keys"/>, packed in any order, and returns how many it wrote; every entry left out has
+    /// a key below the floor. A source that cannot leave entries out returns −1 (the default), and the
+    /// caller takes <see cref="FillFrom"/>.</summary>
+    public virtual int FillPacked(long start, int count, uint* keys, float* scratch, uint floor) => -1;
+
     /// <summary>The key of entry <paramref name="i"/>.</summary>
     public abstract uint KeyAt(long i);
 
