@@ -474,8 +474,8 @@ internal static unsafe class ExactSelector
         for (; i <= count - 2 * w; i += 2 * w)
         {
             DifferenceKeys(pointer, bf16, start + i, bse + i, out var k0, out var k1);
-            bracket0.Classify(k0, k1, ref less0, ref lowTies0, ref highTies0, local0, ref found0);
-            bracket1.Classify(k0, k1, ref less1, ref lowTies1, ref highTies1, local1, ref found1);
+            bracket0.ClassifyExtreme(k0, k1, ref less0, ref lowTies0, ref highTies0, local0, ref found0);
+            bracket1.ClassifyExtreme(k0, k1, ref less1, ref lowTies1, ref highTies1, local1, ref found1);
         }
 
         highTies0 = q0.High > q0.Low ? highTies0 : 0;
@@ -522,6 +522,7 @@ internal static unsafe class ExactSelector
         // Strictly inside ⟺ k − (lo + 1) < hi − lo − 1, unsigned.
         private readonly Vector512<uint> _insideFrom = Vector512.Create(lo + 1);
         private readonly Vector512<uint> _insideSpan = Vector512.Create(hi > lo ? hi - lo - 1 : 0);
+        private readonly bool _single = hi <= lo;
 
         /// <summary>Counts 32 keys below the bracket and at its two ends (the high end counted even when
         /// hi = lo: the caller drops it then), and packs those strictly inside it at
@@ -532,9 +533,50 @@ internal static unsafe class ExactSelector
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public void Classify(Vector512<uint> k0, Vector512<uint> k1, ref long lessCount, ref int lowTies, ref int highTies, uint* local, ref int found)
         {
+            lessCount += BitOperations.PopCount(Below(k0, k1));
+            ClassifyAtOrAbove(k0, k1, ref lowTies, ref highTies, local, ref found);
+        }
+
+        /// <summary><see cref="Classify"/> for a bracket at an extreme rank (PCB's clamp quantiles), where
+        /// most runs of 32 keys lie on one side of it: keys all below it are only counted, keys all above
+        /// it need nothing more, and a bracket of one key (lo = hi, such as [0, 0] for the smallest
+        /// magnitudes of bfloat16 task vectors, many of which are 0) has nothing inside it to pack.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public void ClassifyExtreme(Vector512<uint> k0, Vector512<uint> k1, ref long lessCount, ref int lowTies, ref int highTies, uint* local, ref int found)
+        {
             const int w = 16;
-            lessCount += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.LessThan(k0, _lo))
-                | (Vector512.ExtractMostSignificantBits(Vector512.LessThan(k1, _lo)) << w));
+            uint below = Below(k0, k1);
+            lessCount += BitOperations.PopCount(below);
+            if (below == uint.MaxValue)
+            {
+                return;
+            }
+
+            if (_single)
+            {
+                lowTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k0, _lo))
+                    | (Vector512.ExtractMostSignificantBits(Vector512.Equals(k1, _lo)) << w));
+                return;
+            }
+
+            if ((Vector512.ExtractMostSignificantBits(Vector512.GreaterThan(k0, _hi))
+                & Vector512.ExtractMostSignificantBits(Vector512.GreaterThan(k1, _hi))) == 0xFFFF)
+            {
+                return;
+            }
+
+            ClassifyAtOrAbove(k0, k1, ref lowTies, ref highTies, local, ref found);
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private uint Below(Vector512<uint> k0, Vector512<uint> k1) =>
+            (uint)(Vector512.ExtractMostSignificantBits(Vector512.LessThan(k0, _lo)) | (Vector512.ExtractMostSignificantBits(Vector512.LessThan(k1, _lo)) << 16));
+
+        /// <summary>Everything <see cref="Classify"/> does but count the keys below the bracket.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private void ClassifyAtOrAbove(Vector512<uint> k0, Vector512<uint> k1, ref int lowTies, ref int highTies, uint* local, ref int found)
+        {
+            const int w = 16;
             lowTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k0, _lo))
                 | (Vector512.ExtractMostSignificantBits(Vector512.Equals(k1, _lo)) << w));
             highTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k0, _hi))
