@@ -10,10 +10,8 @@ namespace MergeLab.Methods;
 /// <summary>
 /// PCB's scores computed exactly only where they can matter, on CPUs with AVX-512. A pass that needs
 /// only the scores at or above a cutoff c &gt; 0 (the merge: each task's score threshold; the threshold's
-/// selection: the low end of its bracket) first bounds every score from above with a few multiplications:
-/// the computed tanh(p) is at most min(p, 1) for p &gt; 0 and at most 0 otherwise, and e^a ≤
-/// 2^k·(1 + ln2·f + (1 − ln2)·f²) for a·log₂e = k + f, f in [0, 1), with 2^-10 of room for rounding. Only
-/// the entries whose bound reaches c (about the kept share, 10% by default) are packed (AVX-512 compress),
+/// selection: the low end of its bracket) first bounds every score's logarithm from above with a few
+/// multiplications and no exponential (<see cref="ScoreBound"/>). Only the entries whose bound reaches c (about the kept share, 10% by default) are packed (AVX-512 compress),
 /// scored exactly by the same exp and tanh as everywhere else, and unpacked (expand) into place; the others
 /// take the value a score below c gives (a factor of 0, a key below the floor). So the results keep their
 /// bits, while exp and tanh run on a tenth of the entries.
@@ -157,7 +155,7 @@ internal static unsafe partial class PcbKernel
             var products = PackedProducts;
             var masks = Masks;
             var total = Total;
-            var cut = Vector512.Create(cutoff);
+            var level = Vector512.Create(which == Candidates.Bounded ? ScoreBound.Level(cutoff) : 0);
             var bound = new ScoreBound(terms);
             var fixedMask = which == Candidates.All ? Vector512<float>.AllBitsSet : Vector512<float>.Zero;
             bool bounded = which == Candidates.Bounded;
@@ -166,7 +164,7 @@ internal static unsafe partial class PcbKernel
             {
                 var t = Tau(expert, i);
                 var product = t * Vector512.Load(total + i);
-                var mask = bounded ? ~Vector512.LessThan(bound.Of(t, product), cut) : fixedMask; // NaN: a candidate
+                var mask = bounded ? ~Vector512.LessThan(bound.Of(t, product), level) : fixedMask; // NaN: a candidate
                 masks[i / Lanes] = mask;
                 Avx512F.Compress(Vector512<float>.Zero, mask, t).Store(packed + found);
                 Avx512F.Compress(Vector512<float>.Zero, mask, product).Store(products + found);
@@ -214,54 +212,60 @@ internal static unsafe partial class PcbKernel
     }
 
     /// <summary>
-    /// A bound of one task's computed score exp(a)·tanh(p), a = n·minmax(clamp(|τ|))², without a division:
-    /// at least the score where p &gt; 0, at most 0 (as the score is) elsewhere, so below a positive cutoff
-    /// only where the score is, at every scale (subnormal products included). From e^a ≤
-    /// 2^k·(1 + ln2·f + (1 − ln2)·f²) with a·log₂e = k + f (the quadratic meets 2^f at f = 0
-    /// and 1, has its slope at 0, and lies above it between); tanh p ≤ min(p, 1) for p &gt; 0 and ≤ 0
-    /// otherwise (so is the computed tanh: the series rounds x − |x³|/3 + …, the float64 path a value below
-    /// both); and 2^-10 of room on the exponential factor for the rounding of the bound (minmax by a
-    /// reciprocal here, by a division in the score: a few ulp of a) and of the score's exp (about 1 ulp), so
-    /// that factor is at least the computed exp, and the product of larger factors rounds to no less.
-    /// NaN where τ or p is.
+    /// A bound of one task's computed score exp(a)·tanh(p), a = n·minmax(clamp(|τ|))², in the log domain and
+    /// without a division or an exponential: <see cref="Of"/> is below <see cref="Level"/>(c) only where the
+    /// score is below c, for every cutoff c ≥ <see cref="MinCutoff"/>. With y = a·log₂e and
+    /// q = clamp(p, −1, 1), the score is at most 0 where p ≤ 0 and at most 2^y·q otherwise (the computed
+    /// tanh(p) is at most min(p, 1) for p &gt; 0: the series rounds x − |x³|/3 + …, the float64 path a value
+    /// below both). The bits of a float q &gt; 0 read as an integer, times 2^-23, are at least
+    /// log₂q + 127 − 0.0861 (log₂(1 + m) − m ≤ 0.0861 for m in [0, 1); subnormals too), and those of a
+    /// q ≤ 0 read as a negative integer, far below any level. So <see cref="Of"/> = y + bits(q)·2^-23 and
+    /// <see cref="Level"/>(c) = log₂c + 127 − 0.0861 − 2^-10, whose 2^-10 is room for the rounding of y (a
+    /// reciprocal here, a division in the score: a few ulp of a ≤ n), of the integer's conversion, of
+    /// the exp (about 1 ulp) and of the product, which stays in the normal range for c ≥ 2^-100. NaN where
+    /// τ or p is (or p is infinite), so such an entry is always a candidate. Looser than the score by at
+    /// most 2^0.087 ≈ 6%, and about half the instructions of exp(a)'s bound by a polynomial.
     /// </summary>
     internal readonly struct ScoreBound
     {
-        private const float Ln2 = 0.6931471805599453f;
+        /// <summary>The smallest cutoff the bound serves (below it a pass scores every entry).</summary>
+        public const float MinCutoff = 7.888609e-31f; // 2^-100
+
+        private const double Room = 0.0860713320559342 + (1.0 / 1024);
         private readonly ScoreTerms<Vector512Lanes, Vector512<float>> _terms;
-        private readonly Vector512<float> _low, _reciprocal, _scale;
+        private readonly Vector512<float> _low, _scale;
 
         public ScoreBound(in ScoreTerms<Vector512Lanes, Vector512<float>> terms)
         {
             _terms = terms;
             (float low, float high, int experts) = terms.Parameters;
             _low = Vector512.Create(low);
-            _reciprocal = Vector512.Create(high - low == 0 ? 0 : 1 / (high - low));
-            _scale = Vector512.Create(experts * 1.44269504088896341f);
+            // y = (√(n·log₂e)·minmax)², so one multiplication scales and normalises.
+            _scale = Vector512.Create(high - low == 0 ? 0 : (float)(Math.Sqrt(experts * 1.4426950408889634) / ((double)high - low)));
         }
+
+        /// <summary>The level below which <see cref="Of"/> proves a score below <paramref name="cutoff"/>
+        /// (≥ <see cref="MinCutoff"/>).</summary>
+        public static float Level(float cutoff) => (float)(Math.Log2(cutoff) + 127 - Room);
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector512<float> Of(Vector512<float> t, Vector512<float> product)
         {
-            var m = (_terms.ClampedMagnitude(t) - _low) * _reciprocal;
-            var y = m * m * _scale;
-            var k = Vector512.Floor(y);
-            var f = y - k;
-            var twoToF = Vector512.FusedMultiplyAdd(f, Vector512.FusedMultiplyAdd(f, Vector512.Create(1 - Ln2), Vector512.Create(Ln2)), Vector512<float>.One);
-            // The room goes on the exponential factor, before the product: that factor is then at least the
-            // computed exp, and rounding the product of larger factors never gives less, down to subnormals.
-            var exp = Avx512F.Scale(twoToF * Vector512.Create(1.0009765625f), k);
-            return exp * Vector512.MinNative(Vector512<float>.One, product); // NaN product stays NaN
+            var u = (_terms.ClampedMagnitude(t) - _low) * _scale;
+            var y = Vector512.FusedMultiplyAdd(u, u, product * Vector512<float>.Zero); // NaN where p is NaN or infinite
+            // The native min and max return their second operand where either is NaN: NaN stays NaN.
+            var q = Vector512.MaxNative(Vector512.Create(-1f), Vector512.MinNative(Vector512<float>.One, product));
+            return Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(q.AsInt32()), Vector512.Create(1.1920929E-07f), y); // 2^-23
         }
     }
 
     /// <summary>Which entries of a task a pass with score cutoff <paramref name="cutoff"/> must score, given
     /// the score range's width (<paramref name="range"/>, 1 where it plays no part) and the number of experts.</summary>
     private static Candidates Which(float cutoff, float range, int experts) =>
-        range == 0 ? Candidates.None : cutoff > 0 && range > 0 && experts <= MaxBoundedExperts ? Candidates.Bounded : Candidates.All;
+        range == 0 ? Candidates.None : cutoff >= ScoreBound.MinCutoff && range > 0 && experts <= MaxBoundedExperts ? Candidates.Bounded : Candidates.All;
 
     /// <summary>The most experts for which <see cref="ScoreBound"/>'s room for rounding holds (its a ≤ n,
-    /// and the reciprocal's error in e^a grows with a).</summary>
+    /// and the rounding of a·log₂e grows with a).</summary>
     private const int MaxBoundedExperts = 64;
 
     /// <summary><see cref="Merge"/> on AVX-512 CPUs, scoring only the entries whose score can exceed their
