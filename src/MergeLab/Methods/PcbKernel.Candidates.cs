@@ -146,16 +146,17 @@ internal static unsafe partial class PcbKernel
         /// Packs the entries and products of the candidates of the task whose expert is at
         /// <paramref name="expert"/> into
         /// <see cref="Packed"/> and <see cref="PackedProducts"/>, records each vector's mask, and returns
-        /// how many there are.
+        /// how many there are. <paramref name="level"/> is <see cref="ScoreBound.Level"/> of the cutoff
+        /// (taken once per pass: it is a logarithm).
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public int Pack(float* expert, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, Candidates which, float cutoff)
+        public int Pack(float* expert, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, Candidates which, float level)
         {
             var packed = Packed;
             var products = PackedProducts;
             var masks = Masks;
             var total = Total;
-            var level = Vector512.Create(which == Candidates.Bounded ? ScoreBound.Level(cutoff) : 0);
+            var levels = Vector512.Create(level);
             var bound = new ScoreBound(terms);
             var fixedMask = which == Candidates.All ? Vector512<float>.AllBitsSet : Vector512<float>.Zero;
             bool bounded = which == Candidates.Bounded;
@@ -164,7 +165,7 @@ internal static unsafe partial class PcbKernel
             {
                 var t = Tau(expert, i);
                 var product = t * Vector512.Load(total + i);
-                var mask = bounded ? ~Vector512.LessThan(bound.Of(t, product), level) : fixedMask; // NaN: a candidate
+                var mask = bounded ? ~Vector512.LessThan(bound.Of(t, product), levels) : fixedMask; // NaN: a candidate
                 masks[i / Lanes] = mask;
                 Avx512F.Compress(Vector512<float>.Zero, mask, t).Store(packed + found);
                 Avx512F.Compress(Vector512<float>.Zero, mask, product).Store(products + found);
@@ -246,7 +247,7 @@ internal static unsafe partial class PcbKernel
 
         /// <summary>The level below which <see cref="Of"/> proves a score below <paramref name="cutoff"/>
         /// (≥ <see cref="MinCutoff"/>).</summary>
-        public static float Level(float cutoff) => (float)(Math.Log2(cutoff) + 127 - Room);
+        public static float Level(float cutoff) => cutoff >= MinCutoff ? (float)(Math.Log2(cutoff) + 127 - Room) : float.NegativeInfinity;
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector512<float> Of(Vector512<float> t, Vector512<float> product)
@@ -276,6 +277,7 @@ internal static unsafe partial class PcbKernel
         long d = inputs.Length;
         return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
         {
+            var levels = bounds.Threshold.Select(ScoreBound.Level).ToArray();
             CpuParallel.For(CpuParallel.BlockCount(d, Block), b =>
             {
                 var scratch = (float*)ThreadScratch.Get(CandidateChunk.ScratchFloats(n) * sizeof(float));
@@ -295,7 +297,7 @@ internal static unsafe partial class PcbKernel
                         var width = Vector512.Create(range);
                         var terms = new ScoreTerms<Vector512Lanes, Vector512<float>>(bounds.Low[k], bounds.High[k], n);
                         var expert = chunk.Expert(k);
-                        int found = chunk.Pack(expert, terms, Which(bounds.Threshold[k], range, n), bounds.Threshold[k]);
+                        int found = chunk.Pack(expert, terms, Which(bounds.Threshold[k], range, n), levels[k]);
                         chunk.Score(found, terms);
                         var packed = chunk.Packed;
                         for (int j = 0; j < found; j += 16)

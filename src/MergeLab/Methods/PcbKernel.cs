@@ -454,10 +454,11 @@ internal static unsafe partial class PcbKernel
             int written = 0;
             var sums = Sums(start, count, out int stride, out var scratch);
             var terms = new ScoreTerms<Vector512Lanes, Vector512<float>>(low[k], high[k], Experts);
+            float level = ScoreBound.Level(cutoff);
             for (int offset = 0; offset < count; offset += CandidateChunk.Length)
             {
                 var chunk = new CandidateChunk(start + offset, Math.Min(CandidateChunk.Length, count - offset), sums + offset, sums + stride + offset, scratch);
-                int found = chunk.Pack(chunk.ReadRow(inputs.Experts[k], chunk.ExpertStaging), terms, Candidates.Bounded, cutoff);
+                int found = chunk.Pack(chunk.ReadRow(inputs.Experts[k], chunk.ExpertStaging), terms, Candidates.Bounded, level);
                 chunk.Score(found, terms);
                 var scores = chunk.Packed;
                 for (int j = 0; j < found; j += 16)
