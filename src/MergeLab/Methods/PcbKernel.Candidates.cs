@@ -11,10 +11,11 @@ namespace MergeLab.Methods;
 /// PCB's scores computed exactly only where they can matter, on CPUs with AVX-512. A pass that needs
 /// only the scores at or above a cutoff c &gt; 0 (the merge: each task's score threshold; the threshold's
 /// selection: the low end of its bracket) first bounds every score's logarithm from above with a few
-/// multiplications and no exponential (<see cref="ScoreBound"/>). Only the entries whose bound reaches c (about the kept share, 10% by default) are packed (AVX-512 compress),
-/// scored exactly by the same exp and tanh as everywhere else, and unpacked (expand) into place; the others
-/// take the value a score below c gives (a factor of 0, a key below the floor). So the results keep their
-/// bits, while exp and tanh run on a tenth of the entries.
+/// multiplications and no exponential (<see cref="ScoreBound"/>). Only the entries whose bound reaches c
+/// (about the kept share, 10% by default) are packed (AVX-512 compress), scored exactly by the same exp
+/// and tanh as everywhere else, and unpacked (expand) into place; the others take the value a score below
+/// c gives (a factor of 0, a key below the floor). So the results keep their bits, while exp and tanh run
+/// on a tenth of the entries.
 /// </summary>
 internal static unsafe partial class PcbKernel
 {
@@ -225,7 +226,7 @@ internal static unsafe partial class PcbKernel
     /// reciprocal here, a division in the score: a few ulp of a ≤ n), of the integer's conversion, of
     /// the exp (about 1 ulp) and of the product, which stays in the normal range for c ≥ 2^-100. NaN where
     /// τ or p is (or p is infinite), so such an entry is always a candidate. Looser than the score by at
-    /// most 2^0.087 ≈ 6%, and about half the instructions of exp(a)'s bound by a polynomial.
+    /// most 2^0.087 ≈ 6%; about half the instructions of bounding exp(a) by a polynomial, as it did before.
     /// </summary>
     internal readonly struct ScoreBound
     {
