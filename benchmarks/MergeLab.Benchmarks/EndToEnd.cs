@@ -285,11 +285,21 @@ public static class EndToEnd
     /// <summary>Every tensor through SafetensorsCheckpoint.ReadTensor, group by group as the engine reads.</summary>
     private static double ReadTensors(string[] models) => TimeReads(models, "tensor read", checkpoints => () =>
     {
+        var group = new List<torch.Tensor>(checkpoints.Length);
         foreach (var name in checkpoints[0].TensorNames)
         {
-            foreach (var t in checkpoints.Select(c => c.ReadTensor(name)).ToArray())
+            try
             {
-                t.Dispose();
+                foreach (var c in checkpoints)
+                {
+                    group.Add(c.ReadTensor(name));
+                }
+            }
+            finally
+            {
+                // Also when a read throws: the group's earlier tensors are not left to the finalizer.
+                group.ForEach(t => t.Dispose());
+                group.Clear();
             }
         }
     });

@@ -422,18 +422,12 @@ internal static unsafe partial class PcbKernel
 
             public override uint KeyAt(long i) => rows.Compute(i, 1, out int stride)[(long)k * stride];
 
-            public override int FillPacked(long start, int count, uint* keys, float* scratch, uint floor)
-            {
-                float cutoff = FloatKeys.Value(floor, signed: true);
-                return ScoreCandidatesOnly && Which(cutoff, 1, rows.Experts) == Candidates.Bounded
-                    ? rows.FillCandidates(k, start, count, keys, cutoff, packed: true)
-                    : -1;
-            }
+            public override int FillPacked(long start, int count, uint* keys, float* scratch, uint floor) =>
+                Bounded(floor, out float cutoff) ? rows.FillCandidates(k, start, count, keys, cutoff, packed: true) : -1;
 
             public override void FillFrom(long start, int count, uint* keys, float* scratch, uint floor)
             {
-                float cutoff = FloatKeys.Value(floor, signed: true);
-                if (ScoreCandidatesOnly && Which(cutoff, 1, rows.Experts) == Candidates.Bounded)
+                if (Bounded(floor, out float cutoff))
                 {
                     _ = rows.FillCandidates(k, start, count, keys, cutoff);
                 }
@@ -441,6 +435,14 @@ internal static unsafe partial class PcbKernel
                 {
                     Fill(start, count, keys, scratch);
                 }
+            }
+
+            /// <summary>Whether the row can score only the candidates at the <paramref name="floor"/>'s value
+            /// (<paramref name="cutoff"/>).</summary>
+            private bool Bounded(uint floor, out float cutoff)
+            {
+                cutoff = FloatKeys.Value(floor, signed: true);
+                return ScoreCandidatesOnly && Which(cutoff, 1, rows.Experts) == Candidates.Bounded;
             }
         }
 

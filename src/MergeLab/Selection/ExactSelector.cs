@@ -544,7 +544,6 @@ internal static unsafe class ExactSelector
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public void ClassifyExtreme(Vector512<uint> k0, Vector512<uint> k1, ref long lessCount, ref int lowTies, ref int highTies, uint* local, ref int found)
         {
-            const int w = 16;
             uint below = Below(k0, k1);
             lessCount += BitOperations.PopCount(below);
             if (below == uint.MaxValue)
@@ -554,8 +553,7 @@ internal static unsafe class ExactSelector
 
             if (_single)
             {
-                lowTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k0, _lo))
-                    | (Vector512.ExtractMostSignificantBits(Vector512.Equals(k1, _lo)) << w));
+                lowTies += BitOperations.PopCount(Equal(k0, k1, _lo));
                 return;
             }
 
@@ -568,19 +566,22 @@ internal static unsafe class ExactSelector
             ClassifyAtOrAbove(k0, k1, ref lowTies, ref highTies, local, ref found);
         }
 
+        /// <summary>One bit per key of the 32, set where the key is below the bracket.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private uint Below(Vector512<uint> k0, Vector512<uint> k1) =>
             (uint)(Vector512.ExtractMostSignificantBits(Vector512.LessThan(k0, _lo)) | (Vector512.ExtractMostSignificantBits(Vector512.LessThan(k1, _lo)) << 16));
+
+        /// <summary>One bit per key of the 32, set where the key is <paramref name="end"/> (a bracket end).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static uint Equal(Vector512<uint> k0, Vector512<uint> k1, Vector512<uint> end) =>
+            (uint)(Vector512.ExtractMostSignificantBits(Vector512.Equals(k0, end)) | (Vector512.ExtractMostSignificantBits(Vector512.Equals(k1, end)) << 16));
 
         /// <summary>Everything <see cref="Classify"/> does but count the keys below the bracket.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private void ClassifyAtOrAbove(Vector512<uint> k0, Vector512<uint> k1, ref int lowTies, ref int highTies, uint* local, ref int found)
         {
-            const int w = 16;
-            lowTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k0, _lo))
-                | (Vector512.ExtractMostSignificantBits(Vector512.Equals(k1, _lo)) << w));
-            highTies += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(Vector512.Equals(k0, _hi))
-                | (Vector512.ExtractMostSignificantBits(Vector512.Equals(k1, _hi)) << w));
+            lowTies += BitOperations.PopCount(Equal(k0, k1, _lo));
+            highTies += BitOperations.PopCount(Equal(k0, k1, _hi));
             var in0 = Vector512.LessThan(k0 - _insideFrom, _insideSpan);
             var in1 = Vector512.LessThan(k1 - _insideFrom, _insideSpan);
             Avx512F.Compress(Vector512<uint>.Zero, in0, k0).Store(local + found);
