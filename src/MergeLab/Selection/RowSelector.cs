@@ -490,7 +490,7 @@ internal static unsafe class RowSelector
             if (rank >= under && rank < under + c.PivotCopies)
             {
                 copies = c.PivotCopies;
-                return ((ulong)b.Pivot << 32) | (uint)Occurrence(keys, width, b.Pivot, rank - under);
+                return ((ulong)b.Pivot << 32) | (uint)Occurrence(keys, width, b.Pivot, rank - under, c.PivotCopies);
             }
 
             if (rank >= under)
@@ -499,30 +499,46 @@ internal static unsafe class RowSelector
             }
         }
 
-        // A histogram of the collected keys over at most 256 sub-buckets of the bracket (two interleaved
-        // copies, so runs of one sub-bucket serialize less) finds the wanted entry's sub-bucket; only its
-        // few entries are then gathered, a vector at a time, and ordered.
+        // A histogram of the collected keys over at most 256 sub-buckets of the bracket finds the wanted
+        // entry's sub-bucket; only its few entries are then gathered, a vector at a time, and ordered.
+        // Consecutive keys count into interleaved copies of the histogram, summed afterwards, so that runs
+        // of one sub-bucket serialize less: four copies where the bracket has a pivot (repeated keys, as
+        // in bfloat16 task vectors, where most collected keys fall in a few sub-buckets), else two.
         int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(b.Span) - 8);
-        var counts = stackalloc int[2 * 258];
-        new Span<int>(counts, 2 * 258).Clear();
-        var counts1 = counts + 258;
+        int tables = b.HasPivot ? 4 : 2;
+        var counts = stackalloc int[4 * SubBuckets];
+        new Span<int>(counts, tables * SubBuckets).Clear();
+        int second = SubBuckets, third = (tables - 2) * SubBuckets, fourth = third + SubBuckets;
         uint lo = b.Lo;
         int i = 0;
-        for (; i <= count - 2; i += 2)
+        for (; i <= count - 4; i += 4)
         {
             counts[(int)((collectedKeys[i] - lo) >> shift)]++;
-            counts1[(int)((collectedKeys[i + 1] - lo) >> shift)]++;
+            counts[second + (int)((collectedKeys[i + 1] - lo) >> shift)]++;
+            counts[third + (int)((collectedKeys[i + 2] - lo) >> shift)]++;
+            counts[fourth + (int)((collectedKeys[i + 3] - lo) >> shift)]++;
         }
 
-        if (i < count)
+        for (; i < count; i++)
         {
             counts[(int)((collectedKeys[i] - lo) >> shift)]++;
+        }
+
+        for (int v = 0; v < SubBuckets; v += 16)
+        {
+            var sum = Vector512.Load(counts + v);
+            for (int t = 1; t < tables; t++)
+            {
+                sum += Vector512.Load(counts + (t * SubBuckets) + v);
+            }
+
+            sum.Store(counts + v);
         }
 
         int sub = 0;
-        while (rank >= counts[sub] + counts1[sub])
+        while (rank >= counts[sub])
         {
-            rank -= counts[sub] + counts1[sub];
+            rank -= counts[sub];
             sub++;
         }
 
@@ -567,6 +583,10 @@ internal static unsafe class RowSelector
 
         return result;
     }
+
+    /// <summary>The sub-buckets of <see cref="Pick"/>'s histogram (256, and the one past them that no key
+    /// reaches, to a whole number of vectors).</summary>
+    private const int SubBuckets = 272;
 
     /// <summary>Widens a bracket that missed (2× its half-width) and keeps it from being halved below that.</summary>
     private static void Widen(ref KeyBracket b, bool hit)
@@ -658,6 +678,47 @@ internal static unsafe class RowSelector
         return min == max;
     }
 
+    /// <summary>As <see cref="Occurrence(uint*, int, uint, int)"/> when the row holds <paramref name="copies"/>
+    /// copies of <paramref name="key"/>: a wanted copy in the second half of them is found from the row's end.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static int Occurrence(uint* keys, int width, uint key, int occurrence, int copies)
+    {
+        if (2 * occurrence < copies || !Vector512.IsHardwareAccelerated)
+        {
+            return Occurrence(keys, width, key, occurrence);
+        }
+
+        int fromEnd = copies - 1 - occurrence;
+        int i = width;
+        for (; (i & 15) != 0; i--)
+        {
+            if (keys[i - 1] == key && fromEnd-- == 0)
+            {
+                return i - 1;
+            }
+        }
+
+        var wide = Vector512.Create(key);
+        for (; i >= 16; i -= 16)
+        {
+            ulong bits = Vector512.Equals(Vector512.Load(keys + i - 16), wide).ExtractMostSignificantBits();
+            int here = BitOperations.PopCount(bits);
+            if (fromEnd < here)
+            {
+                for (; fromEnd > 0; fromEnd--)
+                {
+                    bits &= ~(1UL << (63 - BitOperations.LeadingZeroCount(bits)));
+                }
+
+                return i - 16 + (63 - BitOperations.LeadingZeroCount(bits));
+            }
+
+            fromEnd -= here;
+        }
+
+        throw new InvalidOperationException("Row selection lost a tie.");
+    }
+
     /// <summary>The row index of occurrence <paramref name="occurrence"/> (0-based, in row order) of <paramref name="key"/>.</summary>
     /// <remarks>With 512-bit vectors, 16 keys a step: each compare's mask counts the copies, and the step
     /// holding the wanted one finds it among the mask's bits (its one taken branch is the last). Otherwise
@@ -720,7 +781,7 @@ internal static unsafe class RowSelector
         throw new InvalidOperationException("Row selection lost a tie.");
     }
 
-    /// <summary>One step of <see cref="Occurrence"/>: whether copy <paramref name="occurrence"/> is among
+    /// <summary>One step of <see cref="Occurrence(uint*, int, uint, int)"/>: whether copy <paramref name="occurrence"/> is among
     /// the step's copies, the set <paramref name="bits"/>; if so its lane in <paramref name="at"/>, else the
     /// step's copies are taken off <paramref name="occurrence"/>.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
