@@ -584,9 +584,9 @@ internal static unsafe class RowSelector
         return result;
     }
 
-    /// <summary>The sub-buckets of <see cref="Pick"/>'s histogram (256, and the one past them that no key
-    /// reaches, to a whole number of vectors).</summary>
-    private const int SubBuckets = 272;
+    /// <summary>The sub-buckets of <see cref="Pick"/>'s histogram: a key's offset in the bracket, shifted
+    /// down to at most 8 bits.</summary>
+    private const int SubBuckets = 256;
 
     /// <summary>Widens a bracket that missed (2× its half-width) and keeps it from being halved below that.</summary>
     private static void Widen(ref KeyBracket b, bool hit)
