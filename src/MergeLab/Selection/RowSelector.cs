@@ -61,15 +61,34 @@ internal static unsafe class RowSelector
         where TKeys : struct, IRowKeys
     {
         bool hinted = hint.Owner is not null && positions.Length is 1 or 2 && Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
-        if (hinted && hint.Valid)
+        if (hinted && hint.Valid && !hint.Sampling)
         {
-            if (InBrackets(source, keys, width, positions, results, scratch, ref hint))
+            if (InBrackets(source, keys, width, positions, results, scratch, ref hint, out int collected))
             {
                 hint.Hits++;
+
+                // Brackets that collect half the row cost more than sampled ones.
+                hint.Sampling = collected > width / 2 && width >= 4 * SampleSize;
                 return;
             }
 
-            // The bracket pass read, and so wrote, every key.
+            // The bracket pass read, and so wrote, every key: brackets from a sample of them, and the
+            // next rows sampled too, until the last answers would bracket them again.
+            hint.Sampling = width >= 4 * SampleSize;
+            if (BySample(default(StoredRowKeys), keys, width, positions, results, scratch, ref hint))
+            {
+                return;
+            }
+        }
+        else if (hinted && hint.Valid)
+        {
+            if (BySample(source, keys, width, positions, results, scratch, ref hint))
+            {
+                return;
+            }
+
+            // A bracket pass (or, on a short row, the sample) has not written every key.
+            source.Fill(keys, width);
         }
         else
         {
@@ -293,7 +312,8 @@ internal static unsafe class RowSelector
 
     /// <summary>The bracket path of <see cref="Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>
     /// for one or two positions; false (no result set) when a position's rank lies outside its bracket.</summary>
-    private static bool InBrackets<TKeys>(in TKeys source, uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint)
+    private static bool InBrackets<TKeys>(in TKeys source, uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint,
+        out int collected)
         where TKeys : struct, IRowKeys
     {
         int stretch = width + 16;
@@ -305,6 +325,7 @@ internal static unsafe class RowSelector
         var shared = (uint*)composites; // the bracket pass's list for both brackets, done with before Pick reuses the space
         var (c0, c1) = Collect(source, keys, width, hint.First, hint.Last, index0, index1, keys0, keys1, shared, shared + stretch);
         int p0 = positions[0], p1 = positions[^1];
+        collected = c0.Inside - c0.PivotCopies + c1.Inside - c1.PivotCopies;
         bool hit0 = Resolves(c0, p0), hit1 = Resolves(c1, p1);
         if (!hit0 || !hit1)
         {
@@ -320,6 +341,208 @@ internal static unsafe class RowSelector
         Recentre(ref hint.First, (uint)(r0 >> 32), copies0, c0.Inside - c0.PivotCopies, width);
         Recentre(ref hint.Last, (uint)(r1 >> 32), copies1, c1.Inside - c1.PivotCopies, width);
         return true;
+    }
+
+    /// <summary>The keys of a row's sample (<see cref="BySample"/>); rows shorter than four times as many
+    /// are not sampled.</summary>
+    private const int SampleSize = 1024;
+
+    /// <summary>How many standard deviations of a sample quantile's rank a sampled bracket reaches each
+    /// side (a row's rank falls outside with a chance of about 0.3%).</summary>
+    private const double SampleReach = 3;
+
+    /// <summary>
+    /// The bracket path with brackets from the row's own keys instead of from the last answers, for rows
+    /// whose answers jump too far from row to row: rows of real task vectors differ in scale, and their
+    /// quantiles move by about half an octave from one row to the next. A sample of
+    /// <see cref="SampleSize"/> keys (blocks of 16, evenly spread) gives each position's bracket (see
+    /// <see cref="FromSample"/>). False when the row is too short for a sample, or a rank falls outside
+    /// its bracket (every key has then been written, by the bracket pass). Afterwards
+    /// <paramref name="hint"/>'s brackets follow the answers at their own width, and the next row takes
+    /// them again if they would have held this row's answers, no wider than the sample's.
+    /// </summary>
+    private static bool BySample<TKeys>(in TKeys source, uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint)
+        where TKeys : struct, IRowKeys
+    {
+        if (width < 4 * SampleSize)
+        {
+            return false;
+        }
+
+        // Blocks of 16 consecutive keys, evenly spread over the row, each read (and so written) as the
+        // bracket pass reads them.
+        var sample = stackalloc uint[SampleSize];
+        for (int j = 0; j < SampleSize / 16; j++)
+        {
+            int at = (int)((long)j * width / (SampleSize / 16)) & ~15;
+            source.Load16(keys, at).Store(sample + (16 * j));
+        }
+
+        var sampled = default(RowHint);
+        int cost = FromSample(sample, width, positions, out sampled.First, out sampled.Last);
+        if (!InBrackets(source, keys, width, positions, results, scratch, ref sampled, out _))
+        {
+            return false;
+        }
+
+        // Would the last answers' brackets have held this row's answers, collecting at most an eighth of
+        // the sample more (they need no sample)? Then the next row takes them; else they widen where they
+        // missed, or halve where they held but were too wide.
+        hint.Sampled++;
+        bool held0 = Holds(hint.First, sampled.First.Pivot), held1 = Holds(hint.Last, sampled.Last.Pivot);
+        int theirs = SampledInside(sample, hint.First) + SampledInside(sample, hint.Last);
+        bool narrow = theirs <= cost + (SampleSize / 8);
+        hint.Sampling = !(held0 && held1 && narrow);
+        Widen(ref hint.First, held0);
+        Widen(ref hint.Last, held1);
+        if (held0 && held1 && !narrow)
+        {
+            hint.First.Half = Math.Max(1, hint.First.Half / 2);
+            hint.Last.Half = Math.Max(1, hint.Last.Half / 2);
+        }
+
+        Follow(ref hint.First, sampled.First);
+        Follow(ref hint.Last, sampled.Last);
+        return true;
+    }
+
+    /// <summary>
+    /// The sampled brackets of <see cref="BySample"/>. Each position's bracket runs between the sample's
+    /// keys of rank <see cref="SampleReach"/> standard deviations of the sample quantile's rank either side
+    /// of its expected rank; the key at the expected rank is its pivot when the sample holds it three times
+    /// or more. The ranks' keys are exact: a histogram of the sample over 256 sub-buckets of its top
+    /// <see cref="Octaves"/> octaves (smaller keys in one more) finds each rank's sub-bucket, whose few
+    /// keys are then gathered and ordered. Returns how many sample keys the brackets collect.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static int FromSample(uint* sample, int width, ReadOnlySpan<int> positions, out KeyBracket first, out KeyBracket last)
+    {
+        var vmin = Vector512.Create(uint.MaxValue);
+        var vmax = Vector512<uint>.Zero;
+        for (int j = 0; j < SampleSize; j += 16)
+        {
+            var k = Vector512.Load(sample + j);
+            vmin = Vector512.Min(vmin, k);
+            vmax = Vector512.Max(vmax, k);
+        }
+
+        uint min = uint.MaxValue, max = 0;
+        for (int lane = 0; lane < 16; lane++)
+        {
+            min = Math.Min(min, vmin[lane]);
+            max = Math.Max(max, vmax[lane]);
+        }
+
+        uint low = max - min > Octaves << 23 ? max - (Octaves << 23) : min;
+        int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(max - low) - 8);
+        var bucketOf = stackalloc uint[SampleSize];
+        var vlow = Vector512.Create(low);
+        for (int j = 0; j < SampleSize; j += 16)
+        {
+            var k = Vector512.Load(sample + j);
+            var above = Vector512.GreaterThanOrEqual(k, vlow);
+            ((Vector512.ShiftRightLogical(k - vlow, shift) + Vector512<uint>.One) & above).Store(bucketOf + j);
+        }
+
+        var counts = stackalloc int[4 * SampleBuckets];
+        new Span<int>(counts, 4 * SampleBuckets).Clear();
+        for (int j = 0; j < SampleSize; j += 4)
+        {
+            counts[bucketOf[j]]++;
+            counts[SampleBuckets + (int)bucketOf[j + 1]]++;
+            counts[(2 * SampleBuckets) + (int)bucketOf[j + 2]]++;
+            counts[(3 * SampleBuckets) + (int)bucketOf[j + 3]]++;
+        }
+
+        for (int v = 0; v < SampleBuckets; v += 16)
+        {
+            (Vector512.Load(counts + v) + Vector512.Load(counts + SampleBuckets + v)
+                + Vector512.Load(counts + (2 * SampleBuckets) + v) + Vector512.Load(counts + (3 * SampleBuckets) + v)).Store(counts + v);
+        }
+
+        var gathered = stackalloc uint[SampleSize + 16];
+        int cost = 0;
+        first = Bracket(positions[0]);
+        last = positions.Length == 1 ? first : Bracket(positions[^1]);
+        return cost;
+
+        KeyBracket Bracket(int position)
+        {
+            double q = (position + 0.5) / width, expected = q * SampleSize, reach = (SampleReach * Math.Sqrt(SampleSize * q * (1 - q))) + 1;
+            int lowRank = (int)Math.Floor(expected - reach), highRank = (int)Math.Ceiling(expected + reach);
+            int atRank = Math.Clamp((int)expected, 0, SampleSize - 1);
+            uint lo = lowRank < 0 ? 0 : KeyOfRank(lowRank, out _);
+            uint hi = highRank >= SampleSize ? uint.MaxValue : KeyOfRank(highRank, out _);
+            uint pivot = KeyOfRank(atRank, out int copies);
+            bool hasPivot = copies >= 3;
+            cost += Math.Min(highRank, SampleSize - 1) - Math.Max(lowRank, 0) + 1 - (hasPivot ? copies : 0);
+            uint span = hi - lo;
+            if (lo == 0 && span == uint.MaxValue)
+            {
+                span--; // a bracket from 0 must leave a key above it (see Excluded)
+            }
+
+            return new KeyBracket { Lo = lo, Span = span, Half = Math.Max(1, span / 2), HasPivot = hasPivot, Pivot = hasPivot ? pivot : lo };
+        }
+
+        // The sample's key of `rank` and how many sample keys equal it (within its sub-bucket, which holds them all).
+        uint KeyOfRank(int rank, out int copies)
+        {
+            int b = 0, before = 0;
+            while (before + counts[b] <= rank)
+            {
+                before += counts[b++];
+            }
+
+            var wanted = Vector512.Create((uint)b);
+            int n = 0;
+            for (int j = 0; j < SampleSize; j += 16)
+            {
+                var m = Vector512.Equals(Vector512.Load(bucketOf + j), wanted);
+                Avx512F.Compress(Vector512<uint>.Zero, m, Vector512.Load(sample + j)).Store(gathered + n);
+                n += BitOperations.PopCount(m.ExtractMostSignificantBits());
+            }
+
+            var keysOfBucket = new Span<uint>(gathered, n);
+            uint key = Quickselect.Select(keysOfBucket, rank - before);
+            copies = 0;
+            foreach (uint k in keysOfBucket)
+            {
+                copies += k == key ? 1 : 0;
+            }
+
+            return key;
+        }
+    }
+
+    /// <summary>How many of a sample's keys a bracket collects (inside it, other than its pivot).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static int SampledInside(uint* sample, in KeyBracket b)
+    {
+        var lo = Vector512.Create(b.Lo);
+        var span = Vector512.Create(b.Span);
+        var pivot = Vector512.Create(b.HasPivot ? b.Pivot : b.Lo - 1);
+        int n = 0;
+        for (int j = 0; j < SampleSize; j += 16)
+        {
+            var k = Vector512.Load(sample + j);
+            n += BitOperations.PopCount(Vector512.AndNot(Vector512.LessThanOrEqual(k - lo, span), Vector512.Equals(k, pivot)).ExtractMostSignificantBits());
+        }
+
+        return n;
+    }
+
+    /// <summary>Whether a bracket holds <paramref name="key"/>.</summary>
+    private static bool Holds(in KeyBracket b, uint key) => key - b.Lo <= b.Span;
+
+    /// <summary>Centres a last answers' bracket, at its own half-width, on the answer a sampled bracket found.</summary>
+    private static void Follow(ref KeyBracket b, in KeyBracket answered)
+    {
+        b.HasPivot = answered.HasPivot;
+        b.Pivot = answered.Pivot;
+        uint half = Math.Max(b.Half, KeyBracket.InitialHalfWidth);
+        b.Lo = b.Pivot >= half ? b.Pivot - half : 0;
+        b.Span = (uint)Math.Min(uint.MaxValue - (ulong)b.Lo, (ulong)b.Pivot - b.Lo + half);
     }
 
     /// <summary>What a bracket pass counted for one bracket: keys below it, inside it, and, with a pivot,
@@ -584,9 +807,12 @@ internal static unsafe class RowSelector
         return result;
     }
 
-    /// <summary>The sub-buckets of <see cref="Pick"/>'s histogram: a key's offset in the bracket, shifted
-    /// down to at most 8 bits.</summary>
+    /// <summary>The sub-buckets of <see cref="Pick"/>'s histogram (256, and the one past them that no key
+    /// reaches, to a whole number of vectors).</summary>
     private const int SubBuckets = 256;
+
+    /// <summary>The buckets of a row sample's histogram (<see cref="FromSample"/>): 256 and one for keys below them, to whole vectors.</summary>
+    private const int SampleBuckets = 272;
 
     /// <summary>Widens a bracket that missed (2× its half-width) and keeps it from being halved below that.</summary>
     private static void Widen(ref KeyBracket b, bool hit)
@@ -1029,6 +1255,15 @@ internal struct RowHint
 
     /// <summary>Rows that took the histogram path.</summary>
     public int Misses;
+
+    /// <summary>Rows answered within brackets from a sample of their own keys.</summary>
+    public int Sampled;
+
+    /// <summary>Whether the next row takes its brackets from a sample of its keys (see
+    /// <see cref="RowSelector"/>'s sampled path) rather than from the last answers.</summary>
+    public bool Sampling;
+
+
 
     /// <summary>The first position's bracket.</summary>
     public KeyBracket First;

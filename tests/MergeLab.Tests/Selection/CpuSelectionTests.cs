@@ -330,8 +330,9 @@ public class CpuSelectionTests
 
     /// <summary>Series of rows sharing one <see cref="RowHint"/>, as the rows of a task vector do: alike
     /// (Gaussian magnitudes), bfloat16 task vectors (a few heavily repeated keys, the pivot path), a scale
-    /// that jumps every few rows (misses and widening), few distinct keys, keys at both ends of the key
-    /// range (bracket arithmetic near 0 and 2³²), and a series that changes kind halfway.</summary>
+    /// that jumps every few rows (misses and widening), a scale of its own for every row (as in real task
+    /// vectors: the sampled brackets), few distinct keys, keys at both ends of the key range (bracket
+    /// arithmetic near 0 and 2³²), and a series that changes kind halfway.</summary>
     private static IEnumerable<(string Name, uint[][] Rows)> HintedSeries()
     {
         var random = new Random(11);
@@ -357,6 +358,13 @@ public class CpuSelectionTests
             }));
             var scales = Enumerable.Range(0, rows).Select(r => MathF.Pow(2, random.Next(-8, 9) * (r / 3 % 2))).ToArray();
             yield return ($"scale jumps {width}", Series((r, _) => FloatKeys.Magnitude(Normal() * scales[r])));
+            var rowScales = Enumerable.Range(0, rows).Select(_ => MathF.Pow(2, 0.5f * Normal())).ToArray();
+            yield return ($"row scales {width}", Series((r, _) => FloatKeys.Magnitude(Normal() * rowScales[r])));
+            yield return ($"row scales, bf16 {width}", Series((r, _) =>
+            {
+                float b = Bf16(Normal());
+                return FloatKeys.Magnitude(Bf16(b + (0.01f * rowScales[r] * Normal())) - b);
+            }));
             yield return ($"few {width}", Series((_, _) => FloatKeys.Magnitude(random.Next(4) * 0.25f)));
             yield return ($"extremes {width}", Series((_, _) => random.Next(2) == 0 ? (uint)random.Next(40) : uint.MaxValue - (uint)random.Next(40)));
             yield return ($"changing {width}", Series((r, _) => r < rows / 2 ? FloatKeys.Magnitude(Normal()) : FloatKeys.Magnitude(random.Next(3) * 0.5f)));
@@ -395,7 +403,7 @@ public class CpuSelectionTests
                     }
                 }
 
-                Assert.That(hint.Hits + hint.Misses, Is.EqualTo(bracketPass ? rows.Length : 0), name);
+                Assert.That(hint.Hits + hint.Misses + hint.Sampled, Is.EqualTo(bracketPass ? rows.Length : 0), name);
                 if (bracketPass && width >= 1000 && positions == wanted[0] && (name.StartsWith("gaussian", StringComparison.Ordinal) || name.StartsWith("bf16", StringComparison.Ordinal)))
                 {
                     Assert.That(hint.Hits, Is.GreaterThan(rows.Length / 2), $"{name}: rows alike should mostly be answered within their brackets");
@@ -403,7 +411,12 @@ public class CpuSelectionTests
 
                 if (bracketPass && name.StartsWith("scale", StringComparison.Ordinal))
                 {
-                    Assert.That(hint.Misses, Is.GreaterThan(1), $"{name}: a jump in scale should miss");
+                    Assert.That(hint.Misses + hint.Sampled, Is.GreaterThan(1), $"{name}: a jump in scale leaves the last answers' brackets");
+                }
+
+                if (bracketPass && width >= 4096 && positions == wanted[0] && name.Contains("row scales", StringComparison.Ordinal))
+                {
+                    Assert.That(hint.Sampled, Is.GreaterThan(rows.Length / 2), $"{name}: rows of differing scales take sampled brackets");
                 }
             }
         }
@@ -459,8 +472,13 @@ public class CpuSelectionTests
 
                 if (System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated && System.Runtime.Intrinsics.X86.Avx512F.IsSupported && width >= 1000)
                 {
-                    Assert.That(hint.Hits, Is.GreaterThan(10), "alike rows take the bracket pass");
-                    Assert.That(hint.Misses, Is.GreaterThan(4), "scale jumps take the histogram path");
+                    Assert.That(hint.Hits + hint.Sampled, Is.GreaterThan(10), "alike rows take a bracket pass");
+                    Assert.That(hint.Misses + hint.Sampled, Is.GreaterThan(4), "scale jumps leave the last answers' brackets");
+                    Assert.That(hint.Misses, Is.GreaterThan(0), "the first row takes the histogram path");
+                    if (width >= 4096)
+                    {
+                        Assert.That(hint.Sampled, Is.GreaterThan(0), "a row after a jump takes sampled brackets, its keys from the inputs");
+                    }
                 }
             }
         }
