@@ -45,10 +45,10 @@ internal static unsafe class RowSelector
     /// every position's rank falls inside its bracket, the answer is found among those few entries;
     /// otherwise brackets from a sample of the row's own keys are tried (rows of 4,096 keys or more), and
     /// then the histogram path. After a miss, rows keep taking sampled brackets until the last answers'
-    /// would do (rows whose scale changes from row to row, as in real task vectors). Either way the result
-    /// is exact: the hint decides only the speed. The hint is then re-centred on this row's answers. The bracket pass needs AVX-512 (its
-    /// collecting is a compress); without it, or for a hint without an owner, every row takes the
-    /// histogram path.
+    /// would do (rows whose scale changes from row to row, as in real task vectors). Either way the
+    /// result is exact: the hint decides only the speed. The hint is then re-centred on this row's
+    /// answers. The bracket pass needs AVX-512 (its collecting is a compress); without it, or for a hint
+    /// without an owner, every row takes the histogram path.
     /// </summary>
     public static void Select(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint) =>
         Select(default(StoredRowKeys), keys, width, positions, results, scratch, ref hint);
