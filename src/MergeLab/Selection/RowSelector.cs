@@ -77,20 +77,22 @@ internal static unsafe class RowSelector
             // The bracket pass read, and so wrote, every key: brackets from a sample of them, and the
             // next rows sampled too, until the last answers would bracket them again.
             hint.Sampling = width >= 4 * SampleSize;
-            if (BySample(default(StoredRowKeys), keys, width, positions, results, scratch, ref hint))
+            if (BySample(default(StoredRowKeys), keys, width, positions, results, scratch, ref hint, out _))
             {
                 return;
             }
         }
         else if (hinted && hint.Valid)
         {
-            if (BySample(source, keys, width, positions, results, scratch, ref hint))
+            if (BySample(source, keys, width, positions, results, scratch, ref hint, out bool scanned))
             {
                 return;
             }
 
-            // A bracket pass (or, on a short row, the sample) has not written every key.
-            source.Fill(keys, width);
+            if (!scanned)
+            {
+                source.Fill(keys, width);
+            }
         }
         else
         {
@@ -124,30 +126,7 @@ internal static unsafe class RowSelector
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void ByHistogram(uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch)
     {
-        uint min = uint.MaxValue, max = 0;
-        var vmin = new Vector<uint>(uint.MaxValue);
-        var vmax = Vector<uint>.Zero;
-        int i = 0;
-        int w = Vector<uint>.Count;
-        for (; i <= width - w; i += w)
-        {
-            var k = Vector.Load(keys + i);
-            vmin = Vector.Min(vmin, k);
-            vmax = Vector.Max(vmax, k);
-        }
-
-        for (int lane = 0; lane < w; lane++)
-        {
-            min = Math.Min(min, vmin[lane]);
-            max = Math.Max(max, vmax[lane]);
-        }
-
-        for (; i < width; i++)
-        {
-            min = Math.Min(min, keys[i]);
-            max = Math.Max(max, keys[i]);
-        }
-
+        var (min, max) = MinMax(keys, width);
         if (min == max)
         {
             for (int p = 0; p < positions.Length; p++)
@@ -161,8 +140,7 @@ internal static unsafe class RowSelector
         // Bucket 0 holds keys below `low`; buckets 1.. split [low, max] evenly in key space (the keys of
         // floats of one sign are monotone in the value and logarithmic in it, so a bucket is a fixed
         // fraction of an octave).
-        uint low = max - min > Octaves << 23 ? max - (Octaves << 23) : min;
-        int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(max - low) - 11);
+        int shift = TopOctaves(min, max, 11, out uint low);
         int buckets = (int)((max - low) >> shift) + 2;
         int stride = (buckets + 15) & ~15;
         var counts = (int*)scratch;
@@ -173,7 +151,9 @@ internal static unsafe class RowSelector
         var bucketOf = (int*)(scratch + Copies * Stride * 4L);
         var vlow = new Vector<uint>(low);
         var one = Vector<uint>.One;
-        for (i = 0; i <= width - w; i += w)
+        int i = 0;
+        int w = Vector<uint>.Count;
+        for (; i <= width - w; i += w)
         {
             var k = Vector.Load(keys + i);
             var above = Vector.GreaterThanOrEqual(k, vlow);
@@ -197,10 +177,7 @@ internal static unsafe class RowSelector
             c0[bucketOf[i]]++;
         }
 
-        for (int b = 0; b < stride; b += Vector<int>.Count)
-        {
-            Vector.Store(Vector.Load(c0 + b) + Vector.Load(c1 + b), c0 + b);
-        }
+        SumCopies(counts, stride, Copies);
 
         // Each position's bucket and the entries before it, walking from the nearer end.
         Span<int> target = stackalloc int[positions.Length];
@@ -359,14 +336,16 @@ internal static unsafe class RowSelector
     /// quantiles move by about half an octave from one row to the next. A sample of
     /// <see cref="SampleSize"/> keys (blocks of 16, evenly spread) gives each position's bracket (see
     /// <see cref="FromSample"/>). False when the row is too short for a sample, or a rank falls outside
-    /// its bracket (every key has then been written, by the bracket pass). Afterwards
+    /// its bracket (then <paramref name="scanned"/>: the bracket pass has written every key). Afterwards
     /// <paramref name="hint"/>'s brackets follow the answers at their own width, and the next row takes
     /// them again if they would have held this row's answers, no wider than the sample's.
     /// </summary>
-    private static bool BySample<TKeys>(in TKeys source, uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint)
+    private static bool BySample<TKeys>(in TKeys source, uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint,
+        out bool scanned)
         where TKeys : struct, IRowKeys
     {
-        if (width < 4 * SampleSize)
+        scanned = width >= 4 * SampleSize;
+        if (!scanned)
         {
             return false;
         }
@@ -419,24 +398,8 @@ internal static unsafe class RowSelector
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int FromSample(uint* sample, int width, ReadOnlySpan<int> positions, out KeyBracket first, out KeyBracket last)
     {
-        var vmin = Vector512.Create(uint.MaxValue);
-        var vmax = Vector512<uint>.Zero;
-        for (int j = 0; j < SampleSize; j += 16)
-        {
-            var k = Vector512.Load(sample + j);
-            vmin = Vector512.Min(vmin, k);
-            vmax = Vector512.Max(vmax, k);
-        }
-
-        uint min = uint.MaxValue, max = 0;
-        for (int lane = 0; lane < 16; lane++)
-        {
-            min = Math.Min(min, vmin[lane]);
-            max = Math.Max(max, vmax[lane]);
-        }
-
-        uint low = max - min > Octaves << 23 ? max - (Octaves << 23) : min;
-        int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(max - low) - 8);
+        var (min, max) = MinMax(sample, SampleSize);
+        int shift = TopOctaves(min, max, 8, out uint low);
         var bucketOf = stackalloc uint[SampleSize];
         var vlow = Vector512.Create(low);
         for (int j = 0; j < SampleSize; j += 16)
@@ -456,11 +419,7 @@ internal static unsafe class RowSelector
             counts[(3 * SampleBuckets) + (int)bucketOf[j + 3]]++;
         }
 
-        for (int v = 0; v < SampleBuckets; v += 16)
-        {
-            (Vector512.Load(counts + v) + Vector512.Load(counts + SampleBuckets + v)
-                + Vector512.Load(counts + (2 * SampleBuckets) + v) + Vector512.Load(counts + (3 * SampleBuckets) + v)).Store(counts + v);
-        }
+        SumCopies(counts, SampleBuckets, 4);
 
         var gathered = stackalloc uint[SampleSize + 16];
         int cost = 0;
@@ -749,16 +708,7 @@ internal static unsafe class RowSelector
             counts[(int)((collectedKeys[i] - lo) >> shift)]++;
         }
 
-        for (int v = 0; v < SubBuckets; v += 16)
-        {
-            var sum = Vector512.Load(counts + v);
-            for (int t = 1; t < tables; t++)
-            {
-                sum += Vector512.Load(counts + (t * SubBuckets) + v);
-            }
-
-            sum.Store(counts + v);
-        }
+        SumCopies(counts, SubBuckets, tables);
 
         int sub = 0;
         while (rank >= counts[sub])
@@ -807,6 +757,63 @@ internal static unsafe class RowSelector
         }
 
         return result;
+    }
+
+    /// <summary>The smallest and largest of <paramref name="count"/> keys.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static (uint Min, uint Max) MinMax(uint* keys, int count)
+    {
+        var vmin = new Vector<uint>(uint.MaxValue);
+        var vmax = Vector<uint>.Zero;
+        int i = 0;
+        int w = Vector<uint>.Count;
+        for (; i <= count - w; i += w)
+        {
+            var k = Vector.Load(keys + i);
+            vmin = Vector.Min(vmin, k);
+            vmax = Vector.Max(vmax, k);
+        }
+
+        uint min = uint.MaxValue, max = 0;
+        for (int lane = 0; lane < w; lane++)
+        {
+            min = Math.Min(min, vmin[lane]);
+            max = Math.Max(max, vmax[lane]);
+        }
+
+        for (; i < count; i++)
+        {
+            min = Math.Min(min, keys[i]);
+            max = Math.Max(max, keys[i]);
+        }
+
+        return (min, max);
+    }
+
+    /// <summary>A histogram's range over keys [<paramref name="min"/>, <paramref name="max"/>]: its top
+    /// <see cref="Octaves"/> octaves from <paramref name="low"/> (smaller keys go to a bucket of their own),
+    /// split into at most 2^<paramref name="bits"/> buckets; returns the shift that takes a key's offset
+    /// from <paramref name="low"/> to its bucket.</summary>
+    private static int TopOctaves(uint min, uint max, int bits, out uint low)
+    {
+        low = max - min > Octaves << 23 ? max - (Octaves << 23) : min;
+        return Math.Max(0, 32 - BitOperations.LeadingZeroCount(max - low) - bits);
+    }
+
+    /// <summary>Adds <paramref name="copies"/> interleaved copies of a histogram of <paramref name="stride"/>
+    /// buckets (a whole number of vectors), one after another, into the first.</summary>
+    private static void SumCopies(int* counts, int stride, int copies)
+    {
+        for (int b = 0; b < stride; b += Vector<int>.Count)
+        {
+            var sum = Vector.Load(counts + b);
+            for (int c = 1; c < copies; c++)
+            {
+                sum += Vector.Load(counts + (c * stride) + b);
+            }
+
+            Vector.Store(sum, counts + b);
+        }
     }
 
     /// <summary>The sub-buckets of <see cref="Pick"/>'s histogram (256, and the one past them that no key
