@@ -513,11 +513,25 @@ internal static unsafe class FusedPipeline
             }
         }
 
+        // bfloat16 experts' keys are read in halves, against the base row split by parity (after the
+        // float32 base row in the staging floats).
+        bool halves = false;
+        for (int k = 0; k < rules.Length; k++)
+        {
+            halves |= rules[k].RowsPending && inputs.Experts[k].IsBFloat16 && RowSelector.ReadsHalves(w);
+        }
+
+        float* splitBase = halves ? floats + w : null;
         for (long row = firstRow; row < endRow; row++)
         {
             // The base row in float32 once for every expert; each expert's keys |θ − θ_base| are computed
             // by the selection's own pass over the row.
             float* baseRow = inputs.Base.Block(row * w, w, floats);
+            if (halves)
+            {
+                RowSelector.SplitByParity(baseRow, splitBase, w);
+            }
+
             for (int k = 0; k < rules.Length; k++)
             {
                 var r = rules[k];
@@ -525,7 +539,7 @@ internal static unsafe class FusedPipeline
                 {
                     var expert = inputs.Experts[k].Slice(row * w, w);
                     (r.RowLower![row], r.RowUpper![row]) = expert.IsBFloat16
-                        ? RowWindow.OfShortRow(new DifferenceRowKeys<BFloat16Row>(expert, baseRow), keys, w, r.Low, r.High, rowScratch, ref hints[k])
+                        ? RowWindow.OfShortRow(new DifferenceRowKeys<BFloat16Row>(expert, baseRow, splitBase), keys, w, r.Low, r.High, rowScratch, ref hints[k])
                         : RowWindow.OfShortRow(new DifferenceRowKeys<Float32Row>(expert, baseRow), keys, w, r.Low, r.High, rowScratch, ref hints[k]);
                 }
             }

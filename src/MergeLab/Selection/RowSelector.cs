@@ -20,7 +20,7 @@ namespace MergeLab.Selection;
 /// position that falls there is still exact, only slower (its bucket holds more entries). The
 /// histogram is kept in two interleaved copies so that runs of equal keys (common in task vectors of
 /// bfloat16 models) serialize less on one counter; both (16 KiB) stay in L1.</remarks>
-internal static unsafe class RowSelector
+internal static unsafe partial class RowSelector
 {
     private const int Buckets = 2048 + 1;
     private const int Stride = (Buckets + 15) & ~15; // one copy of the histogram, whole vectors of any width
@@ -65,7 +65,7 @@ internal static unsafe class RowSelector
         bool hinted = hint.Owner is not null && positions.Length is 1 or 2 && Vector512.IsHardwareAccelerated && Avx512F.IsSupported;
         if (hinted && hint.Valid && !hint.Sampling)
         {
-            if (InBrackets(source, keys, width, positions, results, scratch, ref hint, out int collected))
+            if (InBrackets(source, keys, width, positions, results, scratch, ref hint, out int collected, out bool wroteKeys))
             {
                 hint.Hits++;
 
@@ -74,8 +74,13 @@ internal static unsafe class RowSelector
                 return;
             }
 
-            // The bracket pass read, and so wrote, every key: brackets from a sample of them, and the
-            // next rows sampled too, until the last answers would bracket them again.
+            // A pass over whole keys wrote every key (one over halves wrote none): brackets from a sample
+            // of them, and the next rows sampled too, until the last answers would bracket them again.
+            if (!wroteKeys)
+            {
+                source.Fill(keys, width);
+            }
+
             hint.Sampling = width >= 4 * SampleSize;
             if (BySample(default(StoredRowKeys), keys, width, positions, results, scratch, ref hint, out _))
             {
@@ -292,9 +297,15 @@ internal static unsafe class RowSelector
     /// <summary>The bracket path of <see cref="Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>
     /// for one or two positions; false (no result set) when a position's rank lies outside its bracket.</summary>
     private static bool InBrackets<TKeys>(in TKeys source, uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint,
-        out int collected)
+        out int collected, out bool wroteKeys)
         where TKeys : struct, IRowKeys
     {
+        wroteKeys = !(source.HasHalves && ReadsHalves(width));
+        if (!wroteKeys)
+        {
+            return InHalfBrackets(source, width, positions, results, scratch, ref hint, out collected);
+        }
+
         int stretch = width + 16;
         var index0 = (uint*)(scratch + Copies * Stride * 4L);
         var index1 = index0 + stretch;
@@ -336,7 +347,7 @@ internal static unsafe class RowSelector
     /// quantiles move by about half an octave from one row to the next. A sample of
     /// <see cref="SampleSize"/> keys (blocks of 16, evenly spread) gives each position's bracket (see
     /// <see cref="FromSample"/>). False when the row is too short for a sample, or a rank falls outside
-    /// its bracket (then <paramref name="scanned"/>: the bracket pass has written every key). Afterwards
+    /// its bracket (then <paramref name="scanned"/> when the bracket pass read whole keys, and so wrote every key). Afterwards
     /// <paramref name="hint"/>'s brackets follow the answers at their own width, and the next row takes
     /// them again if they would have held this row's answers, no wider than the sample's.
     /// </summary>
@@ -361,7 +372,9 @@ internal static unsafe class RowSelector
 
         var sampled = default(RowHint);
         int cost = FromSample(sample, width, positions, out sampled.First, out sampled.Last);
-        if (!InBrackets(source, keys, width, positions, results, scratch, ref sampled, out _))
+        bool answered = InBrackets(source, keys, width, positions, results, scratch, ref sampled, out _, out scanned);
+        hint.Halves += sampled.Halves;
+        if (!answered)
         {
             return false;
         }
@@ -1160,6 +1173,17 @@ internal unsafe interface IRowKeys
 
     /// <summary>Writes the row's <paramref name="width"/> keys to <paramref name="keys"/> (nothing when they are there).</summary>
     void Fill(uint* keys, int width);
+
+    /// <summary>Whether the source gives its keys in halves (<see cref="Halves32"/>), for the bracket pass over
+    /// top halves (see <c>RowSelector.Halves.cs</c>).</summary>
+    bool HasHalves { get; }
+
+    /// <summary>The top 16 bits of keys [<paramref name="i"/>, <paramref name="i"/> + 32), in row order, and their
+    /// bottom 16 bits in <paramref name="bottoms"/>; nothing is written. Only when <see cref="HasHalves"/>.</summary>
+    Vector512<ushort> Halves32(int i, out Vector512<ushort> bottoms);
+
+    /// <summary>Key <paramref name="i"/>, computed (or read) without writing it anywhere.</summary>
+    uint Key(int i);
 }
 
 /// <summary>Keys already in the key buffer.</summary>
@@ -1174,6 +1198,15 @@ internal readonly unsafe struct StoredRowKeys : IRowKeys
     public void Fill(uint* keys, int width)
     {
     }
+
+    /// <summary>False: stored keys are read whole.</summary>
+    public bool HasHalves => false;
+
+    /// <summary>Not used: <see cref="HasHalves"/> is false.</summary>
+    public Vector512<ushort> Halves32(int i, out Vector512<ushort> bottoms) => throw new NotSupportedException("Stored keys are read whole.");
+
+    /// <inheritdoc />
+    public uint Key(int i) => throw new NotSupportedException("Stored keys are read from the key buffer.");
 }
 
 /// <summary>The element type of an expert's row read by <see cref="DifferenceRowKeys{TElement}"/>, fixed
@@ -1210,16 +1243,54 @@ internal readonly unsafe struct DifferenceRowKeys<TElement> : IRowKeys
 {
     private readonly byte* _expert;
     private readonly float* _base;
+    private readonly float* _split;
     private readonly long _rowBytes;
 
     /// <summary>Keys of <paramref name="expertRow"/> (of <typeparamref name="TElement"/>) against
     /// <paramref name="baseRow"/> (float32, as long).</summary>
     public DifferenceRowKeys(CpuFloats expertRow, float* baseRow)
+        : this(expertRow, baseRow, null)
+    {
+    }
+
+    /// <summary>As <see cref="DifferenceRowKeys{TElement}(CpuFloats, float*)"/>, with the base row also split by parity
+    /// (<see cref="RowSelector.SplitByParity"/>) in <paramref name="splitBaseRow"/>: a bfloat16 expert's keys can then be
+    /// read in halves (<see cref="HasHalves"/>). Null: they cannot.</summary>
+    public DifferenceRowKeys(CpuFloats expertRow, float* baseRow, float* splitBaseRow)
     {
         Debug.Assert(expertRow.IsBFloat16 == TElement.IsBFloat16, "the row's element type");
         _expert = (byte*)expertRow.Pointer;
         _base = baseRow;
+        _split = splitBaseRow;
         _rowBytes = expertRow.Length * (TElement.IsBFloat16 ? 2 : 4);
+    }
+
+    /// <inheritdoc />
+    public bool HasHalves => TElement.IsBFloat16 && _split != null;
+
+    /// <summary>Keys of 32 bfloat16 entries, read as 16 pairs: each pair's low half is the even entry, its high half the
+    /// odd one, so the even entries widen by a shift and the odd ones by a mask (no shuffle), and the base row split by
+    /// parity meets them. The top halves of the two differences then interleave back into row order by a shift and a
+    /// merge, and so do the bottom halves.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public Vector512<ushort> Halves32(int i, out Vector512<ushort> bottoms)
+    {
+        var at = _expert + ((long)i * 2);
+        Sse.Prefetch1(at + _rowBytes);
+        var pairs = Vector512.Load((uint*)at);
+        var high = Vector512.Create(0xFFFF_0000u);
+        var even = (Vector512.ShiftLeft(pairs, 16).AsSingle() - Vector512.Load(_split + i)).AsUInt32();
+        var odd = ((pairs & high).AsSingle() - Vector512.Load(_split + i + 16)).AsUInt32();
+        bottoms = ((even & Vector512.Create(0xFFFFu)) | Vector512.ShiftLeft(odd, 16)).AsUInt16();
+        return ((Vector512.ShiftRightLogical(even, 16) | (odd & high)) & Vector512.Create(0x7FFF_7FFFu)).AsUInt16();
+    }
+
+    /// <inheritdoc />
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    public uint Key(int i)
+    {
+        float e = TElement.IsBFloat16 ? BitConverter.UInt32BitsToSingle((uint)((ushort*)_expert)[i] << 16) : ((float*)_expert)[i];
+        return FloatKeys.Magnitude(e - _base[i]);
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -1236,11 +1307,7 @@ internal readonly unsafe struct DifferenceRowKeys<TElement> : IRowKeys
     }
 
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    public uint Load1(uint* keys, int i)
-    {
-        float e = TElement.IsBFloat16 ? BitConverter.UInt32BitsToSingle((uint)((ushort*)_expert)[i] << 16) : ((float*)_expert)[i];
-        return keys[i] = FloatKeys.Magnitude(e - _base[i]);
-    }
+    public uint Load1(uint* keys, int i) => keys[i] = Key(i);
 
     public void Fill(uint* keys, int width) =>
         DifferenceMagnitudeKeys.Fill(new CpuFloats(_expert, width, TElement.IsBFloat16), new CpuFloats(_base, width, bfloat16: false), 0, width, keys);
@@ -1268,11 +1335,12 @@ internal struct RowHint
     /// <summary>Rows answered within brackets from a sample of their own keys.</summary>
     public int Sampled;
 
+    /// <summary>Bracket passes that read the row's keys in halves (see <c>RowSelector.Halves.cs</c>).</summary>
+    public int Halves;
+
     /// <summary>Whether the next row takes its brackets from a sample of its keys (see
     /// <see cref="RowSelector"/>'s sampled path) rather than from the last answers.</summary>
     public bool Sampling;
-
-
 
     /// <summary>The first position's bracket.</summary>
     public KeyBracket First;
@@ -1330,7 +1398,9 @@ internal static unsafe class RowWindow
     public const long MaxShortRow = 1 << 20;
 
     /// <summary>The calling thread's scratch for one short row of <paramref name="width"/> entries: its keys,
-    /// float32 staging (for <see cref="KeySource.Fill"/>, or a base row widened for <see cref="DifferenceRowKeys{TElement}"/>), and <see cref="OfShortRow(uint*, int, long, long, byte*)"/>'s selector scratch.</summary>
+    /// float32 staging of twice the width (for <see cref="KeySource.Fill"/>, or a base row widened for
+    /// <see cref="DifferenceRowKeys{TElement}"/> and then that row split by parity), and
+    /// <see cref="OfShortRow(uint*, int, long, long, byte*)"/>'s selector scratch.</summary>
     public static void ShortRowScratch(int width, out uint* keys, out float* floats, out byte* selector)
     {
         var scratch = ThreadScratch.Get(width * 12L + RowSelector.ScratchBytes(width));

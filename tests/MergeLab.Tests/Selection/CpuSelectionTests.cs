@@ -485,6 +485,86 @@ public class CpuSelectionTests
     }
 
     [Test]
+    public unsafe void Row_selector_reading_bfloat16_keys_in_halves_equals_a_stable_sort_of_them()
+    {
+        // bfloat16 experts against a base row split by parity: the bracket pass reads each key as its top and
+        // bottom 16 bits (see RowSelector.Halves.cs). The series: deltas of one scale (the pick at the last
+        // answer's top half), a share of experts collapsed to near 0 (their keys |base| carry low bits, so the
+        // wanted top half holds several bottom halves), zero deltas (one key), a scale jump every seventh row
+        // (misses: the keys are then filled for the histogram path, or sampled), and a scale per row. Widths:
+        // below the halves pass's floor, with a tail of 31 keys, the benchmark's, and its widest.
+        var random = new Random(17);
+        float Normal() => (float)(Math.Sqrt(-2 * Math.Log(1 - random.NextDouble())) * Math.Cos(2 * Math.PI * random.NextDouble()));
+        static ushort Bf16(float x)
+        {
+            uint u = BitConverter.SingleToUInt32Bits(x);
+            return (ushort)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+        }
+
+        static float Wide(ushort h) => BitConverter.UInt32BitsToSingle((uint)h << 16);
+        bool halves = false;
+        bool mixedAnswers = false;
+        foreach (int width in new[] { 63, 1023, 4096, 11008, 65536 })
+        {
+            foreach (string kind in new[] { "deltas", "collapsed", "zero", "jumps", "row scales" })
+            {
+                int[][] wanted = [[(width * 7 / 10) - 1, (width * 9 / 10) - 1], [0, width - 1], [width / 3]];
+                foreach (var positions in wanted)
+                {
+                    var hint = new RowHint { Owner = (width, kind, positions.Length) };
+                    var scratch = new byte[RowSelector.ScratchBytes(width) + 64];
+                    var keys = new uint[width];
+                    var split = new float[width];
+                    int rows = width > 20000 ? 4 : 16;
+                    for (int row = 0; row < rows; row++)
+                    {
+                        float scale = kind switch
+                        {
+                            "zero" => 0f,
+                            "jumps" when row % 7 == 6 => 50f,
+                            "row scales" => 0.01f * MathF.Pow(2, 0.5f * Normal()),
+                            _ => 0.01f,
+                        };
+                        var baseRow = Enumerable.Range(0, width).Select(_ => Wide(Bf16(Normal()))).ToArray();
+                        var expert = baseRow.Select(b => Bf16(kind == "collapsed" && random.Next(3) == 0 ? 0.001f * Normal() : b + (scale * Normal()))).ToArray();
+                        var expected = expert.Select((e, i) => FloatKeys.Magnitude(Wide(e) - baseRow[i])).ToArray();
+                        var sorted = expected.Select((k, i) => ((ulong)k << 32) | (uint)i).Order().ToArray();
+                        var results = new ulong[positions.Length];
+                        fixed (float* b = baseRow)
+                        fixed (float* sp = split)
+                        fixed (ushort* h = expert)
+                        fixed (uint* k = keys)
+                        fixed (byte* sc = scratch)
+                        {
+                            RowSelector.SplitByParity(b, sp, width);
+                            var aligned = (byte*)(((nint)sc + 63) & ~(nint)63);
+                            RowSelector.Select(new DifferenceRowKeys<BFloat16Row>(new CpuFloats(h, width, true), b, sp), k, width, positions, results, aligned, ref hint);
+                        }
+
+                        for (int p = 0; p < positions.Length; p++)
+                        {
+                            Assert.That(results[p], Is.EqualTo(sorted[positions[p]]), $"width {width}, {kind}, row {row}, position {positions[p]}");
+                            mixedAnswers |= hint.Halves > 0 && (sorted[positions[p]] & 0xFFFF_0000_0000) != 0;
+                        }
+                    }
+
+                    halves |= hint.Halves > 0;
+                    Assert.That(hint.Halves, RowSelector.ReadsHalves(width) ? Is.GreaterThan(rows / 2) : Is.Zero, $"width {width}, {kind}: passes over halves");
+                }
+            }
+        }
+
+        if (halves)
+        {
+            Assert.That(mixedAnswers, Is.True, "some answers have low bits, so their top half held several keys");
+        }
+        else
+        {
+            Assert.Ignore("This CPU has no AVX-512 VBMI2: every pass read whole keys (the results still checked).");
+        }
+    }
+
+    [Test]
     public void Sorted_and_constant_inputs_still_select_exactly()
     {
         // A sorted input makes the strata of the sample correlated with position; a constant one makes
