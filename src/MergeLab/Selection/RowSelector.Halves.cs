@@ -128,23 +128,22 @@ internal static unsafe partial class RowSelector
         var step = Vector512.Create((ushort)32);
         var row = source; // a local copy the loop's stores cannot alias
 
-        // Each compare's mask goes straight to an integer for its count; the two inside masks are also
-        // combined as masks for the compresses (combining them any other way makes the JIT rebuild them as vectors).
+        // Each compare's mask goes straight to an integer for its count. The two inside compares are written
+        // again for the compresses' mask: the JIT then reuses them and joins them as mask registers (through a
+        // local it rebuilds them as vectors and back).
         int below0 = 0, below1 = 0, inside0 = 0, inside1 = 0, n = 0, i = 0;
         for (; i <= width - 32; i += 32)
         {
             var t = row.Halves32(i, out var b);
             uint lt0 = (uint)Vector512.LessThan(t, from0).ExtractMostSignificantBits();
             uint lt1 = (uint)Vector512.LessThan(t, from1).ExtractMostSignificantBits();
-            var in0 = Vector512.LessThanOrEqual(t - from0, span0);
-            var in1 = Vector512.LessThanOrEqual(t - from1, span1);
-            uint m0 = (uint)in0.ExtractMostSignificantBits();
-            uint m1 = (uint)in1.ExtractMostSignificantBits();
+            uint m0 = (uint)Vector512.LessThanOrEqual(t - from0, span0).ExtractMostSignificantBits();
+            uint m1 = (uint)Vector512.LessThanOrEqual(t - from1, span1).ExtractMostSignificantBits();
             below0 += BitOperations.PopCount(lt0);
             below1 += BitOperations.PopCount(lt1);
             inside0 += BitOperations.PopCount(m0);
             inside1 += BitOperations.PopCount(m1);
-            var either = in0 | in1;
+            var either = Vector512.LessThanOrEqual(t - from0, span0) | Vector512.LessThanOrEqual(t - from1, span1);
             Avx512Vbmi2.Compress(Vector512<ushort>.Zero, either, lanes).Store(index + n);
             Avx512Vbmi2.Compress(Vector512<ushort>.Zero, either, t).Store(tops + n);
             Avx512Vbmi2.Compress(Vector512<ushort>.Zero, either, b).Store(bottoms + n);
@@ -185,36 +184,26 @@ internal static unsafe partial class RowSelector
     private static ulong PickHalves(ushort* index, ushort* tops, ushort* bottoms, int n, ushort top, ushort end, uint guess, int rank, ushort* work,
         out int copies)
     {
+        // That top half's entries (row order), their indices and bottom halves, gathered as the entries below it are
+        // counted; again for the right top half when the rank lies outside the first.
         ushort first = (ushort)Math.Clamp((int)(guess >> 16), top, end);
-        rank -= Level(tops, n, top, end, ref first, rank, out _);
-
-        // That top half's entries (row order): their indices and bottom halves.
         var gatheredIndex = work;
         var gatheredBottoms = work + n + 32;
-        var wanted = Vector512.Create(first);
-        int m = 0, i = 0;
-        for (; i <= n - 32; i += 32)
+        int before = Gather(index, tops, bottoms, n, top, first, gatheredIndex, gatheredBottoms, out int m);
+        if (rank < before || rank >= before + m)
         {
-            var match = Vector512.Equals(Vector512.Load(tops + i), wanted);
-            Avx512Vbmi2.Compress(Vector512<ushort>.Zero, match, Vector512.Load(index + i)).Store(gatheredIndex + m);
-            Avx512Vbmi2.Compress(Vector512<ushort>.Zero, match, Vector512.Load(bottoms + i)).Store(gatheredBottoms + m);
-            m += BitOperations.PopCount(match.ExtractMostSignificantBits());
+            before = Level(tops, n, top, end, ref first, rank, out _);
+            Gather(index, tops, bottoms, n, top, first, gatheredIndex, gatheredBottoms, out m);
         }
 
-        for (; i < n; i++)
-        {
-            if (tops[i] == first)
-            {
-                gatheredIndex[m] = index[i];
-                gatheredBottoms[m++] = bottoms[i];
-            }
-        }
+        rank -= before;
 
         // The bottom half holding the rank among them, found the same way (from the first entry's), then its copies in
         // row order.
         ushort bottom = gatheredBottoms[0];
         rank -= Level(gatheredBottoms, m, 0, ushort.MaxValue, ref bottom, rank, out copies);
-        return ((ulong)(((uint)first << 16) | bottom) << 32) | NthIndex(gatheredIndex, gatheredBottoms, m, bottom, rank);
+        int at = copies == m ? gatheredIndex[rank] : NthIndex(gatheredIndex, gatheredBottoms, m, bottom, rank);
+        return ((ulong)(((uint)first << 16) | bottom) << 32) | (uint)at;
     }
 
     /// <summary>
@@ -249,6 +238,41 @@ internal static unsafe partial class RowSelector
 
         value = (ushort)high;
         return CountBelowAt(values, n, lo, value, out at);
+    }
+
+    /// <summary>The row indices and bottom halves of the collected entries whose top half is <paramref name="wanted"/>,
+    /// in row order (<paramref name="m"/> of them); returns how many have a top half in [<paramref name="top"/>,
+    /// <paramref name="wanted"/>).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static int Gather(ushort* index, ushort* tops, ushort* bottoms, int n, ushort top, ushort wanted,
+        ushort* gatheredIndex, ushort* gatheredBottoms, out int m)
+    {
+        var from = Vector512.Create(top);
+        var limit = Vector512.Create((ushort)(wanted - top));
+        var equal = Vector512.Create(wanted);
+        int below = 0, found = 0, i = 0;
+        for (; i <= n - 32; i += 32)
+        {
+            var t = Vector512.Load(tops + i);
+            below += BitOperations.PopCount(Vector512.LessThan(t - from, limit).ExtractMostSignificantBits());
+            var match = Vector512.Equals(t, equal);
+            Avx512Vbmi2.Compress(Vector512<ushort>.Zero, match, Vector512.Load(index + i)).Store(gatheredIndex + found);
+            Avx512Vbmi2.Compress(Vector512<ushort>.Zero, match, Vector512.Load(bottoms + i)).Store(gatheredBottoms + found);
+            found += BitOperations.PopCount(match.ExtractMostSignificantBits());
+        }
+
+        for (; i < n; i++)
+        {
+            below += (ushort)(tops[i] - top) < (ushort)(wanted - top) ? 1 : 0;
+            if (tops[i] == wanted)
+            {
+                gatheredIndex[found] = index[i];
+                gatheredBottoms[found++] = bottoms[i];
+            }
+        }
+
+        m = found;
+        return below;
     }
 
     /// <summary>How many of the <paramref name="n"/> values lie in [<paramref name="lo"/>, <paramref name="value"/>),
