@@ -43,7 +43,7 @@ internal static unsafe partial class RowSelector
     /// each answer's key, and one pass over the row counts the keys below each bracket and those inside it,
     /// collecting them (a heavily repeated last answer, the bracket's pivot, is counted instead). When
     /// every position's rank falls inside its bracket, the answer is found among those few entries;
-    /// otherwise brackets from a sample of the row's own keys are tried (rows of 4,096 keys or more), and
+    /// otherwise brackets from a sample of the row's own keys are tried (rows of 2,048 keys or more), and
     /// then the histogram path. After a miss, rows keep taking sampled brackets until the last answers'
     /// would do (rows whose scale changes from row to row, as in real task vectors). Either way the
     /// result is exact: the hint decides only the speed. The hint is then re-centred on this row's
@@ -70,7 +70,7 @@ internal static unsafe partial class RowSelector
                 hint.Hits++;
 
                 // Brackets that collect half the row cost more than sampled ones.
-                hint.Sampling = collected > width / 2 && width >= 4 * SampleSize;
+                hint.Sampling = collected > width / 2 && width >= MinSampledWidth;
                 return;
             }
 
@@ -81,7 +81,7 @@ internal static unsafe partial class RowSelector
                 source.Fill(keys, width);
             }
 
-            hint.Sampling = width >= 4 * SampleSize;
+            hint.Sampling = width >= MinSampledWidth;
             if (BySample(default(StoredRowKeys), keys, width, positions, results, scratch, ref hint, out _))
             {
                 return;
@@ -333,9 +333,15 @@ internal static unsafe partial class RowSelector
         return true;
     }
 
-    /// <summary>The keys of a row's sample (<see cref="BySample"/>); rows shorter than four times as many
-    /// are not sampled.</summary>
+    /// <summary>The most keys of a row's sample (<see cref="BySample"/>, <see cref="SampleOf"/>).</summary>
     private const int SampleSize = 1024;
+
+    /// <summary>The narrowest row that is sampled (its sample, <see cref="SampleOf"/>, is a quarter of it at most).</summary>
+    private const int MinSampledWidth = 2048;
+
+    /// <summary>The keys of a row's sample: <see cref="SampleSize"/>, or half as many for rows under 8,192 keys (a
+    /// smaller sample costs less to take and order, and gives wider brackets).</summary>
+    private static int SampleOf(int width) => width >= 8192 ? SampleSize : SampleSize / 2;
 
     /// <summary>How many standard deviations of a sample quantile's rank a sampled bracket reaches each
     /// side (a row's rank falls outside with a chance of about 0.3%).</summary>
@@ -345,7 +351,7 @@ internal static unsafe partial class RowSelector
     /// The bracket path with brackets from the row's own keys instead of from the last answers, for rows
     /// whose answers jump too far from row to row: rows of real task vectors differ in scale, and their
     /// quantiles move by about half an octave from one row to the next. A sample of
-    /// <see cref="SampleSize"/> keys (blocks of 16, evenly spread) gives each position's bracket (see
+    /// <see cref="SampleOf"/> keys (blocks of 16, evenly spread) gives each position's bracket (see
     /// <see cref="FromSample"/>). False when the row is too short for a sample, or a rank falls outside
     /// its bracket (then <paramref name="scanned"/> when the bracket pass read whole keys, and so wrote every key). Afterwards
     /// <paramref name="hint"/>'s brackets follow the answers at their own width, and the next row takes
@@ -355,7 +361,7 @@ internal static unsafe partial class RowSelector
         out bool scanned)
         where TKeys : struct, IRowKeys
     {
-        scanned = width >= 4 * SampleSize;
+        scanned = width >= MinSampledWidth;
         if (!scanned)
         {
             return false;
@@ -363,10 +369,11 @@ internal static unsafe partial class RowSelector
 
         // Blocks of 16 consecutive keys, evenly spread over the row, each read (and so written) as the
         // bracket pass reads them.
+        int size = SampleOf(width);
         var sample = stackalloc uint[SampleSize];
-        for (int j = 0; j < SampleSize / 16; j++)
+        for (int j = 0; j < size / 16; j++)
         {
-            int at = (int)((long)j * width / (SampleSize / 16)) & ~15;
+            int at = (int)((long)j * width / (size / 16)) & ~15;
             source.Load16(keys, at).Store(sample + (16 * j));
         }
 
@@ -384,8 +391,8 @@ internal static unsafe partial class RowSelector
         // missed, or halve where they held but were too wide.
         hint.Sampled++;
         bool held0 = Holds(hint.First, sampled.First.Pivot), held1 = Holds(hint.Last, sampled.Last.Pivot);
-        int theirs = SampledInside(sample, hint.First) + SampledInside(sample, hint.Last);
-        bool narrow = theirs <= cost + (SampleSize / 8);
+        int theirs = SampledInside(sample, size, hint.First) + SampledInside(sample, size, hint.Last);
+        bool narrow = theirs <= cost + (size / 8);
         hint.Sampling = !(held0 && held1 && narrow);
         Widen(ref hint.First, held0);
         Widen(ref hint.Last, held1);
@@ -411,11 +418,12 @@ internal static unsafe partial class RowSelector
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int FromSample(uint* sample, int width, ReadOnlySpan<int> positions, out KeyBracket first, out KeyBracket last)
     {
-        var (min, max) = MinMax(sample, SampleSize);
+        int size = SampleOf(width);
+        var (min, max) = MinMax(sample, size);
         int shift = TopOctaves(min, max, 8, out uint low);
         var bucketOf = stackalloc uint[SampleSize];
         var vlow = Vector512.Create(low);
-        for (int j = 0; j < SampleSize; j += 16)
+        for (int j = 0; j < size; j += 16)
         {
             var k = Vector512.Load(sample + j);
             var above = Vector512.GreaterThanOrEqual(k, vlow);
@@ -424,7 +432,7 @@ internal static unsafe partial class RowSelector
 
         var counts = stackalloc int[4 * SampleBuckets];
         new Span<int>(counts, 4 * SampleBuckets).Clear();
-        for (int j = 0; j < SampleSize; j += 4)
+        for (int j = 0; j < size; j += 4)
         {
             counts[bucketOf[j]]++;
             counts[SampleBuckets + (int)bucketOf[j + 1]]++;
@@ -442,14 +450,14 @@ internal static unsafe partial class RowSelector
 
         KeyBracket Bracket(int position)
         {
-            double q = (position + 0.5) / width, expected = q * SampleSize, reach = (SampleReach * Math.Sqrt(SampleSize * q * (1 - q))) + 1;
+            double q = (position + 0.5) / width, expected = q * size, reach = (SampleReach * Math.Sqrt(size * q * (1 - q))) + 1;
             int lowRank = (int)Math.Floor(expected - reach), highRank = (int)Math.Ceiling(expected + reach);
-            int atRank = Math.Clamp((int)expected, 0, SampleSize - 1);
+            int atRank = Math.Clamp((int)expected, 0, size - 1);
             uint lo = lowRank < 0 ? 0 : KeyOfRank(lowRank, out _);
-            uint hi = highRank >= SampleSize ? uint.MaxValue : KeyOfRank(highRank, out _);
+            uint hi = highRank >= size ? uint.MaxValue : KeyOfRank(highRank, out _);
             uint pivot = KeyOfRank(atRank, out int copies);
             bool hasPivot = copies >= 3;
-            cost += Math.Min(highRank, SampleSize - 1) - Math.Max(lowRank, 0) + 1 - (hasPivot ? copies : 0);
+            cost += Math.Min(highRank, size - 1) - Math.Max(lowRank, 0) + 1 - (hasPivot ? copies : 0);
             uint span = hi - lo;
             if (lo == 0 && span == uint.MaxValue)
             {
@@ -470,7 +478,7 @@ internal static unsafe partial class RowSelector
 
             var wanted = Vector512.Create((uint)b);
             int n = 0;
-            for (int j = 0; j < SampleSize; j += 16)
+            for (int j = 0; j < size; j += 16)
             {
                 var m = Vector512.Equals(Vector512.Load(bucketOf + j), wanted);
                 Avx512F.Compress(Vector512<uint>.Zero, m, Vector512.Load(sample + j)).Store(gathered + n);
@@ -491,13 +499,13 @@ internal static unsafe partial class RowSelector
 
     /// <summary>How many of a sample's keys a bracket collects (inside it, other than its pivot).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int SampledInside(uint* sample, in KeyBracket b)
+    private static int SampledInside(uint* sample, int size, in KeyBracket b)
     {
         var lo = Vector512.Create(b.Lo);
         var span = Vector512.Create(b.Span);
         var pivot = Vector512.Create(b.HasPivot ? b.Pivot : b.Lo - 1);
         int n = 0;
-        for (int j = 0; j < SampleSize; j += 16)
+        for (int j = 0; j < size; j += 16)
         {
             var k = Vector512.Load(sample + j);
             n += BitOperations.PopCount(Vector512.AndNot(Vector512.LessThanOrEqual(k - lo, span), Vector512.Equals(k, pivot)).ExtractMostSignificantBits());
