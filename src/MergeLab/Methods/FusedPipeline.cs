@@ -793,8 +793,8 @@ internal static unsafe class FusedPipeline
                 {
                     if (rangesOnly)
                     {
-                        // Runs of blocks where every mask is a key range; a block holding a window's or a
-                        // top-k's tie index goes through the general code below.
+                        // Every mask is a key range (per lane in a block holding a window's or a top-k's
+                        // tie index): the run takes every whole block of the piece.
                         i = UseWideLanes
                             ? RangeRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, row, output, outBf16)
                             : RangeRun<VectorLanes, Vector<float>>(setup, inputs, i, end, row, output, outBf16);
@@ -1183,12 +1183,13 @@ internal static unsafe class FusedPipeline
         }
 
         /// <summary>
-        /// The weighted sum without sign election over blocks of 2·lanes entries from
-        /// <paramref name="start"/> while every expert's mask is "lo ≤ magnitude key &lt; hi" for the whole
-        /// block: keep-all, drop-all, a key threshold, a top-k or a (row) rank window whose tie indices
-        /// lie outside the block. Returns where it stopped: at <paramref name="end"/>'s last whole block,
-        /// or at a block holding a tie index. Same operations in the same order as the general loop, at
-        /// either lane width (<typeparamref name="TL"/>).
+        /// The weighted sum without sign election over the blocks of 2·lanes entries from
+        /// <paramref name="start"/> to <paramref name="end"/>'s last whole block, where every expert's mask is
+        /// "lo ≤ magnitude key &lt; hi": keep-all, drop-all, a key threshold, a top-k or a (row) rank window.
+        /// Each expert's range holds for whole blocks up to the block holding one of its tie indices; that
+        /// block takes a range per lane for the experts whose tie it holds (the range changes after the tie),
+        /// and then their ranges are taken again. Returns where it stopped. Same operations in the same order
+        /// as the general loop, at either lane width (<typeparamref name="TL"/>).
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private long RangeRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, long row, void* output, bool outBf16)
@@ -1197,15 +1198,19 @@ internal static unsafe class FusedPipeline
         {
             int w = TL.Count;
             int experts = setup->Experts;
-            long stop = WholeBlocksEnd(start, end, w);
+            long last = WholeBlocksEnd(start, end, w);
             var lows = stackalloc TV[experts];
             var spans = stackalloc TV[experts];
+            var stops = stackalloc long[experts];
             var weights = stackalloc TV[experts];
+            var tieLows = stackalloc TV[2 * experts];
+            var tieSpans = stackalloc TV[2 * experts];
+            var laneLows = stackalloc uint[2 * w];
+            var laneSpans = stackalloc uint[2 * w];
+            long stop = last;
             for (int k = 0; k < experts; k++)
             {
-                var (low, high) = KeyRange(_rules[k], start, row, 2 * w, ref stop);
-                lows[k] = TL.BroadcastBits(low);
-                spans[k] = TL.BroadcastBits(high > low ? high - low : 0);
+                stop = Math.Min(stop, ExpertRange<TL, TV>(k, start, row, last, lows, spans, stops));
                 weights[k] = TL.Broadcast(_weights[k]);
             }
 
@@ -1213,25 +1218,104 @@ internal static unsafe class FusedPipeline
             var divisor = TL.Broadcast(_plainDivisor);
             var lambda = TL.Broadcast(_lambda);
             long i = start;
-            for (; i < stop; i += 2 * w)
+            while (true)
             {
-                TL.Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
-                TV acc0 = zero, acc1 = zero;
-                for (int k = 0; k < experts; k++)
+                for (; i < stop; i += 2 * w)
                 {
-                    TaskVectorAt<TL, TV>(inputs, k, i, b0, b1, out var t0, out var t1);
-                    TV low = lows[k], span = spans[k], weight = weights[k];
-                    t0 = Masked<TL, TV>(t0, TL.MagnitudeInRange(t0, low, span));
-                    t1 = Masked<TL, TV>(t1, TL.MagnitudeInRange(t1, low, span));
-                    acc0 = TL.Add(acc0, TL.Multiply(t0, weight));
-                    acc1 = TL.Add(acc1, TL.Multiply(t1, weight));
+                    RangeBlock<TL, TV>(setup, inputs, i, lows, lows, spans, spans, 1, weights, zero, divisor, lambda, output, outBf16);
                 }
 
-                TL.Store(output, outBf16, i,
-                    TL.Add(b0, Finish<TL, TV>(setup, acc0, divisor, lambda)), TL.Add(b1, Finish<TL, TV>(setup, acc1, divisor, lambda)));
+                if (i >= last)
+                {
+                    return i;
+                }
+
+                // The block holds a tie index of some experts: their ranges per lane, the others' as they are.
+                for (int k = 0; k < experts; k++)
+                {
+                    if (stops[k] == i)
+                    {
+                        LaneRanges(_rules[k], i, row, 2 * w, laneLows, laneSpans);
+                        tieLows[2 * k] = TL.Read((float*)laneLows);
+                        tieLows[(2 * k) + 1] = TL.Read((float*)laneLows + w);
+                        tieSpans[2 * k] = TL.Read((float*)laneSpans);
+                        tieSpans[(2 * k) + 1] = TL.Read((float*)laneSpans + w);
+                    }
+                    else
+                    {
+                        tieLows[2 * k] = tieLows[(2 * k) + 1] = lows[k];
+                        tieSpans[2 * k] = tieSpans[(2 * k) + 1] = spans[k];
+                    }
+                }
+
+                RangeBlock<TL, TV>(setup, inputs, i, tieLows, tieLows + 1, tieSpans, tieSpans + 1, 2, weights, zero, divisor, lambda, output, outBf16);
+                long tie = i;
+                i += 2 * w;
+                stop = last;
+                for (int k = 0; k < experts; k++)
+                {
+                    stop = Math.Min(stop, stops[k] == tie ? ExpertRange<TL, TV>(k, i, row, last, lows, spans, stops) : stops[k]);
+                }
+            }
+        }
+
+        /// <summary>One block of <see cref="RangeRun"/>: expert k's range is <paramref name="lows0"/>[k·stride] and
+        /// <paramref name="spans0"/>[k·stride] for the block's first vector, the same at <paramref name="lows1"/> and
+        /// <paramref name="spans1"/> for its second.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void RangeBlock<TL, TV>(Setup* setup, Streams inputs, long i, TV* lows0, TV* lows1, TV* spans0, TV* spans1, int stride, TV* weights,
+            TV zero, TV divisor, TV lambda, void* output, bool outBf16)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            TL.Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+            TV acc0 = zero, acc1 = zero;
+            for (int k = 0; k < setup->Experts; k++)
+            {
+                TaskVectorAt<TL, TV>(inputs, k, i, b0, b1, out var t0, out var t1);
+                TV weight = weights[k];
+                t0 = Masked<TL, TV>(t0, TL.MagnitudeInRange(t0, lows0[k * stride], spans0[k * stride]));
+                t1 = Masked<TL, TV>(t1, TL.MagnitudeInRange(t1, lows1[k * stride], spans1[k * stride]));
+                acc0 = TL.Add(acc0, TL.Multiply(t0, weight));
+                acc1 = TL.Add(acc1, TL.Multiply(t1, weight));
             }
 
-            return i;
+            TL.Store(output, outBf16, i,
+                TL.Add(b0, Finish<TL, TV>(setup, acc0, divisor, lambda)), TL.Add(b1, Finish<TL, TV>(setup, acc1, divisor, lambda)));
+        }
+
+        /// <summary>Expert <paramref name="k"/>'s key range for the blocks from <paramref name="start"/> into
+        /// <paramref name="lows"/>[k] and <paramref name="spans"/>[k], and into <paramref name="stops"/>[k] (and the
+        /// result) the block where it changes, or <paramref name="last"/>.</summary>
+        private long ExpertRange<TL, TV>(int k, long start, long row, long last, TV* lows, TV* spans, long* stops)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            stops[k] = last;
+            var (low, high) = KeyRange(_rules[k], start, row, 2 * TL.Count, ref stops[k]);
+            lows[k] = TL.BroadcastBits(low);
+            spans[k] = TL.BroadcastBits(high > low ? high - low : 0);
+            return stops[k];
+        }
+
+        /// <summary>The key range of each of the <paramref name="count"/> entries from <paramref name="start"/> under
+        /// rule <paramref name="r"/> (lowest key and span, as <see cref="KeyRange"/> gives them one entry at a time).
+        /// A range holds up to and including the entry holding the next tie index, so it is taken at most once more
+        /// per tie.</summary>
+        private static void LaneRanges(Rule r, long start, long row, int count, uint* lows, uint* spans)
+        {
+            int j = 0;
+            while (j < count)
+            {
+                long tie = start + count;
+                var (low, high) = KeyRange(r, start + j, row, 1, ref tie);
+                uint span = high > low ? high - low : 0;
+                for (long through = Math.Min(tie - start, count - 1); j <= through; j++)
+                {
+                    lows[j] = low;
+                    spans[j] = span;
+                }
+            }
         }
 
         /// <summary>
