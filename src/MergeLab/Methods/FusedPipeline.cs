@@ -592,6 +592,7 @@ internal static unsafe class FusedPipeline
         private readonly Inputs _inputs;
         private readonly Rule[] _rules;
         private readonly float[] _weights;
+        private readonly bool _unitWeights;
         private readonly SignConsensus? _consensus;
         private readonly Aggregation _aggregation;
         private readonly float _lambda;
@@ -611,6 +612,7 @@ internal static unsafe class FusedPipeline
             _rules = rules;
             var weights = Options.Weights(pipeline.Weights, rules.Length);
             _weights = weights.Select(w => (float)w).ToArray();
+            _unitWeights = _weights.All(x => x == 1f);
             _consensus = pipeline.Consensus;
             _aggregation = pipeline.Aggregation;
             _lambda = (float)pipeline.Lambda;
@@ -756,7 +758,7 @@ internal static unsafe class FusedPipeline
                 Scale = _scale,
                 Lambda = new Vector<float>(_lambda),
                 Fill = new Vector<float>(Fill),
-                UnitWeights = _weights.All(x => x == 1f),
+                UnitWeights = _unitWeights, // Chunked runs once per row while rows are selected
             };
             for (long i = start; i < end;)
             {
