@@ -378,7 +378,7 @@ internal static unsafe partial class RowSelector
         }
 
         var sampled = default(RowHint);
-        int cost = FromSample(sample, width, positions, out sampled.First, out sampled.Last);
+        int cost = FromSample(sample, width, positions, source.HasHalves && ReadsHalves(width), out sampled.First, out sampled.Last);
         bool answered = InBrackets(source, keys, width, positions, results, scratch, ref sampled, out _, out scanned);
         hint.Halves += sampled.Halves;
         if (!answered)
@@ -413,10 +413,13 @@ internal static unsafe partial class RowSelector
     /// of its expected rank; the key at the expected rank is its pivot when the sample holds it three times
     /// or more. The ranks' keys are exact: a histogram of the sample over 256 sub-buckets of its top
     /// <see cref="Octaves"/> octaves (smaller keys in one more) finds each rank's sub-bucket, whose few
-    /// keys are then gathered and ordered. Returns how many sample keys the brackets collect.
+    /// keys are then gathered and ordered. With <paramref name="edges"/> (for the pass over key halves, where a
+    /// wider bracket costs only its pick, not its pass) a bracket's ends are the edges of their ranks'
+    /// sub-buckets instead, and only the pivot is selected. Returns how many sample keys the brackets collect
+    /// (as ranks: the same either way).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int FromSample(uint* sample, int width, ReadOnlySpan<int> positions, out KeyBracket first, out KeyBracket last)
+    private static int FromSample(uint* sample, int width, ReadOnlySpan<int> positions, bool edges, out KeyBracket first, out KeyBracket last)
     {
         int size = SampleOf(width);
         var (min, max) = MinMax(sample, size);
@@ -453,8 +456,8 @@ internal static unsafe partial class RowSelector
             double q = (position + 0.5) / width, expected = q * size, reach = (SampleReach * Math.Sqrt(size * q * (1 - q))) + 1;
             int lowRank = (int)Math.Floor(expected - reach), highRank = (int)Math.Ceiling(expected + reach);
             int atRank = Math.Clamp((int)expected, 0, size - 1);
-            uint lo = lowRank < 0 ? 0 : KeyOfRank(lowRank, out _);
-            uint hi = highRank >= size ? uint.MaxValue : KeyOfRank(highRank, out _);
+            uint lo = lowRank < 0 ? 0 : edges ? BucketEdge(lowRank, upper: false) : KeyOfRank(lowRank, out _);
+            uint hi = highRank >= size ? uint.MaxValue : edges ? BucketEdge(highRank, upper: true) : KeyOfRank(highRank, out _);
             uint pivot = KeyOfRank(atRank, out int copies);
             bool hasPivot = copies >= 3;
             cost += Math.Min(highRank, size - 1) - Math.Max(lowRank, 0) + 1 - (hasPivot ? copies : 0);
@@ -465,6 +468,24 @@ internal static unsafe partial class RowSelector
             }
 
             return new KeyBracket { Lo = lo, Span = span, Half = Math.Max(1, span / 2), HasPivot = hasPivot, Pivot = hasPivot ? pivot : lo };
+        }
+
+        // The first or last key of the sub-bucket holding the sample's key of `rank`.
+        uint BucketEdge(int rank, bool upper)
+        {
+            int b = 0, before = 0;
+            while (before + counts[b] <= rank)
+            {
+                before += counts[b++];
+            }
+
+            if (b == 0)
+            {
+                return upper ? low - 1 : 0;
+            }
+
+            ulong from = low + ((ulong)(b - 1) << shift);
+            return upper ? (uint)Math.Min(uint.MaxValue, from + (1UL << shift) - 1) : (uint)from;
         }
 
         // The sample's key of `rank` and how many sample keys equal it (within its sub-bucket, which holds them all).

@@ -550,6 +550,11 @@ public class CpuSelectionTests
 
                     halves |= hint.Halves > 0;
                     Assert.That(hint.Halves, RowSelector.ReadsHalves(width) ? Is.GreaterThan(rows / 2) : Is.Zero, $"width {width}, {kind}: passes over halves");
+                    if (RowSelector.ReadsHalves(width) && width is >= 4096 and < 20000 && kind == "row scales" && positions == wanted[0])
+                    {
+                        // The sampled brackets (their ends at sub-bucket edges over halves) must hold these rows.
+                        Assert.That(hint.Sampled, Is.GreaterThan(rows / 2), $"width {width}: rows of differing scales answered within sampled brackets");
+                    }
                 }
             }
         }
