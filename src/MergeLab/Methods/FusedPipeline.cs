@@ -1190,8 +1190,8 @@ internal static unsafe class FusedPipeline
         /// "lo ≤ magnitude key &lt; hi": keep-all, drop-all, a key threshold, a top-k or a (row) rank window.
         /// Each expert's range holds for whole blocks up to the block holding one of its tie indices; that
         /// block takes a range per lane for the experts whose tie it holds (the range changes after the tie),
-        /// and then their ranges are taken again. Returns where it stopped. Same operations in the same order
-        /// as the general loop, at either lane width (<typeparamref name="TL"/>).
+        /// and then their ranges are taken again. Returns the end of the last whole block. Same operations in
+        /// the same order as the general loop, at either lane width (<typeparamref name="TL"/>).
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private long RangeRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, long row, void* output, bool outBf16)

@@ -30,7 +30,8 @@ internal static unsafe partial class RowSelector
     /// <summary>The narrowest row whose keys are read in halves.</summary>
     private const int MinHalvesWidth = 64;
 
-    /// <summary>Whether bracket passes may read keys in halves at all (a switch for tests, which compare both passes).</summary>
+    /// <summary>Whether bracket passes may read keys in halves at all (off: every row takes the whole-key pass, to
+    /// measure one against the other).</summary>
     internal static bool HalvesAllowed { get; set; } = true;
 
     /// <summary>Whether a row of <paramref name="width"/> keys from a source that has halves is read in halves on this CPU.</summary>
@@ -82,7 +83,7 @@ internal static unsafe partial class RowSelector
         var index = (ushort*)(scratch + (Copies * Stride * 4L));
         var tops = index + stretch;
         var bottoms = tops + stretch;
-        var work = bottoms + stretch; // PickHalves' gathered indices and bottom halves, then its composites
+        var work = bottoms + stretch; // PickHalves' gathered indices and bottom halves
         var (top0, end0) = TopHalves(hint.First);
         var (top1, end1) = TopHalves(hint.Last);
         var (c0, c1) = CollectHalves(source, width, top0, end0, top1, end1, index, tops, bottoms, out int n);
@@ -326,6 +327,7 @@ internal static unsafe partial class RowSelector
 
         throw new InvalidOperationException("Row selection lost a tie.");
     }
+
     /// <summary>How many of the <paramref name="n"/> top halves lie in [<paramref name="top"/>, <paramref name="top"/> + <paramref name="span"/>].</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static int CountUpTo(ushort* tops, int n, ushort top, ushort span)

@@ -41,7 +41,8 @@ internal static unsafe partial class RowSelector
     /// As <see cref="Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*)"/>, for one of a series of
     /// similar rows (the rows of one task vector): <paramref name="hint"/>, left by the previous row, brackets
     /// each answer's key, and one pass over the row counts the keys below each bracket and those inside it,
-    /// collecting them (a heavily repeated last answer, the bracket's pivot, is counted instead). When
+    /// collecting them (over whole keys, a heavily repeated last answer, the bracket's pivot, is counted
+    /// instead; over key halves, see <c>RowSelector.Halves.cs</c>, its copies are collected too). When
     /// every position's rank falls inside its bracket, the answer is found among those few entries;
     /// otherwise brackets from a sample of the row's own keys are tried (rows of 2,048 keys or more), and
     /// then the histogram path. After a miss, rows keep taking sampled brackets until the last answers'
@@ -57,7 +58,8 @@ internal static unsafe partial class RowSelector
     /// As <see cref="Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>, with the
     /// row's keys read from <paramref name="source"/>: one computed from the row's inputs writes each key
     /// into <paramref name="keys"/> as the bracket pass reads it (or all of them first, when no bracket
-    /// pass runs), so computing the keys costs no pass of its own.
+    /// pass runs), so computing the keys costs no pass of its own. A pass over key halves writes none: after
+    /// a row answered that way, <paramref name="keys"/> does not hold the row's keys.
     /// </summary>
     public static void Select<TKeys>(in TKeys source, uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint)
         where TKeys : struct, IRowKeys
@@ -295,7 +297,9 @@ internal static unsafe partial class RowSelector
     }
 
     /// <summary>The bracket path of <see cref="Select(uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>
-    /// for one or two positions; false (no result set) when a position's rank lies outside its bracket.</summary>
+    /// for one or two positions; false (no result set) when a position's rank lies outside its bracket.
+    /// <paramref name="wroteKeys"/>: whether the pass read whole keys, and so wrote every key to <paramref name="keys"/>
+    /// (a pass over key halves writes none).</summary>
     private static bool InBrackets<TKeys>(in TKeys source, uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint,
         out int collected, out bool wroteKeys)
         where TKeys : struct, IRowKeys
@@ -1234,7 +1238,7 @@ internal readonly unsafe struct StoredRowKeys : IRowKeys
     /// <summary>Not used: <see cref="HasHalves"/> is false.</summary>
     public Vector512<ushort> Halves32(int i, out Vector512<ushort> bottoms) => throw new NotSupportedException("Stored keys are read whole.");
 
-    /// <inheritdoc />
+    /// <summary>Not used: stored keys are read from the key buffer.</summary>
     public uint Key(int i) => throw new NotSupportedException("Stored keys are read from the key buffer.");
 }
 
@@ -1448,7 +1452,7 @@ internal static unsafe class RowWindow
 
     /// <summary>As <see cref="OfShortRow(uint*, int, long, long, byte*)"/>, for one of a series of similar rows
     /// sharing <paramref name="hint"/>, with the keys read from <paramref name="source"/> and written to
-    /// <paramref name="keys"/> as they are read
+    /// <paramref name="keys"/> as they are read, unless read in halves
     /// (see <see cref="RowSelector.Select{TKeys}(in TKeys, uint*, int, ReadOnlySpan{int}, Span{ulong}, byte*, ref RowHint)"/>).</summary>
     public static (ulong Lower, ulong Upper) OfShortRow<TKeys>(in TKeys source, uint* keys, int width, long low, long high, byte* scratch, ref RowHint hint)
         where TKeys : struct, IRowKeys
