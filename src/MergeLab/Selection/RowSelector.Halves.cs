@@ -178,8 +178,8 @@ internal static unsafe partial class RowSelector
     /// [<paramref name="top"/>, <paramref name="end"/>] (the <paramref name="n"/> entries of <paramref name="index"/>,
     /// <paramref name="tops"/> and <paramref name="bottoms"/>, in row order), and how many of them share its key.
     /// The top half holding the rank is found by counting: first at <paramref name="guess"/>'s top half (the last
-    /// answer), else by a binary search over the bracket's top halves. That top half's entries are then gathered,
-    /// and among them the bottom half holding the rank is found the same way.
+    /// answer), else by a binary search over the bracket's top halves (<see cref="Search"/>). That top half's entries
+    /// are then gathered, and among them the bottom half holding the rank is found the same way.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static ulong PickHalves(ushort* index, ushort* tops, ushort* bottoms, int n, ushort top, ushort end, uint guess, int rank, ushort* work,
@@ -193,8 +193,8 @@ internal static unsafe partial class RowSelector
         int before = Gather(index, tops, bottoms, n, top, first, gatheredIndex, gatheredBottoms, out int m);
         if (rank < before || rank >= before + m)
         {
-            before = Level(tops, n, top, end, ref first, rank, out _);
-            Gather(index, tops, bottoms, n, top, first, gatheredIndex, gatheredBottoms, out m);
+            first = Search(tops, n, top, end, first, before, m, rank);
+            before = Gather(index, tops, bottoms, n, top, first, gatheredIndex, gatheredBottoms, out m);
         }
 
         rank -= before;
@@ -202,26 +202,27 @@ internal static unsafe partial class RowSelector
         // The bottom half holding the rank among them, found the same way (from the first entry's), then its copies in
         // row order.
         ushort bottom = gatheredBottoms[0];
-        rank -= Level(gatheredBottoms, m, 0, ushort.MaxValue, ref bottom, rank, out copies);
+        int under = CountBelowAt(gatheredBottoms, m, 0, bottom, out copies);
+        if (rank < under || rank >= under + copies)
+        {
+            bottom = Search(gatheredBottoms, m, 0, ushort.MaxValue, bottom, under, copies, rank);
+            under = CountBelowAt(gatheredBottoms, m, 0, bottom, out copies);
+        }
+
+        rank -= under;
         int at = copies == m ? gatheredIndex[rank] : NthIndex(gatheredIndex, gatheredBottoms, m, bottom, rank);
         return ((ulong)(((uint)first << 16) | bottom) << 32) | (uint)at;
     }
 
     /// <summary>
     /// The value v of [<paramref name="lo"/>, <paramref name="hi"/>] holding rank <paramref name="rank"/> among the
-    /// <paramref name="n"/> <paramref name="values"/> that lie in that range (in ascending order), tried first at
-    /// <paramref name="value"/> and else found by a binary search; <paramref name="value"/> is set to it, and the
-    /// result is how many values lie in [lo, v), <paramref name="at"/> how many equal v. The rank must be below the
-    /// count in range.
+    /// <paramref name="n"/> <paramref name="values"/> that lie in that range (in ascending order), by a binary search
+    /// on the side of <paramref name="value"/> where the rank lies: <paramref name="before"/> values lie in
+    /// [lo, value) and <paramref name="at"/> equal it, and the rank is not among those equal. The rank must be below
+    /// the count in range.
     /// </summary>
-    private static int Level(ushort* values, int n, ushort lo, ushort hi, ref ushort value, int rank, out int at)
+    private static ushort Search(ushort* values, int n, ushort lo, ushort hi, ushort value, int before, int at, int rank)
     {
-        int before = CountBelowAt(values, n, lo, value, out at);
-        if (rank >= before && rank < before + at)
-        {
-            return before;
-        }
-
         // The smallest v with more than `rank` values in [lo, v], in (low, high].
         int low = rank < before ? lo - 1 : value, high = rank < before ? value - 1 : hi;
         while (high - low > 1)
@@ -237,8 +238,7 @@ internal static unsafe partial class RowSelector
             }
         }
 
-        value = (ushort)high;
-        return CountBelowAt(values, n, lo, value, out at);
+        return (ushort)high;
     }
 
     /// <summary>The row indices and bottom halves of the collected entries whose top half is <paramref name="wanted"/>,
