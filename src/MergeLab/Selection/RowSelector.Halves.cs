@@ -83,7 +83,7 @@ internal static unsafe partial class RowSelector
         var index = (ushort*)(scratch + (Copies * Stride * 4L));
         var tops = index + stretch;
         var bottoms = tops + stretch;
-        var work = bottoms + stretch; // PickHalves' gathered indices and bottom halves
+        var work = bottoms + stretch; // PickHalves' gathered entries: four lists of at most n + 32
         var (top0, end0) = TopHalves(hint.First);
         var (top1, end1) = TopHalves(hint.Last);
         var (c0, c1) = CollectHalves(source, width, top0, end0, top1, end1, index, tops, bottoms, out int n);
@@ -185,33 +185,37 @@ internal static unsafe partial class RowSelector
     private static ulong PickHalves(ushort* index, ushort* tops, ushort* bottoms, int n, ushort top, ushort end, uint guess, int rank, ushort* work,
         out int copies)
     {
-        // That top half's entries (row order), their indices and bottom halves, gathered as the entries below it are
-        // counted; again for the right top half when the rank lies outside the first.
-        ushort first = (ushort)Math.Clamp((int)(guess >> 16), top, end);
+        // That top half's entries (row order): their indices and bottom halves.
         var gatheredIndex = work;
-        var gatheredBottoms = work + n + 32;
-        int before = Gather(index, tops, bottoms, n, top, first, gatheredIndex, gatheredBottoms, out int m);
+        var gatheredBottoms = gatheredIndex + n + 32;
+        ushort first = Settle(index, tops, bottoms, n, top, end, (ushort)Math.Clamp((int)(guess >> 16), top, end), ref rank,
+            gatheredIndex, gatheredBottoms, out int m);
+
+        // Among them, the bottom half holding the rank, tried first at the first entry's; its copies' indices in row order.
+        var copyIndex = gatheredBottoms + n + 32;
+        ushort bottom = Settle(gatheredIndex, gatheredBottoms, gatheredBottoms, m, 0, ushort.MaxValue, gatheredBottoms[0], ref rank,
+            copyIndex, copyIndex + n + 32, out copies);
+        return ((ulong)(((uint)first << 16) | bottom) << 32) | copyIndex[rank];
+    }
+
+    /// <summary>
+    /// The value of [<paramref name="lo"/>, <paramref name="hi"/>] holding rank <paramref name="rank"/> among the
+    /// <paramref name="n"/> <paramref name="values"/> that lie in that range: tried first at <paramref name="guess"/>,
+    /// else found by <see cref="Search"/>. The entries of that value are gathered (<see cref="GatherValue"/>, <paramref name="m"/>
+    /// of them), and <paramref name="rank"/> becomes the rank among them.
+    /// </summary>
+    private static ushort Settle(ushort* index, ushort* values, ushort* others, int n, ushort lo, ushort hi, ushort guess, ref int rank,
+        ushort* gatheredIndex, ushort* gatheredOthers, out int m)
+    {
+        int before = GatherValue(index, values, others, n, lo, guess, gatheredIndex, gatheredOthers, out m);
         if (rank < before || rank >= before + m)
         {
-            first = Search(tops, n, top, end, first, before, m, rank);
-            before = Gather(index, tops, bottoms, n, top, first, gatheredIndex, gatheredBottoms, out m);
+            guess = Search(values, n, lo, hi, guess, before, m, rank);
+            before = GatherValue(index, values, others, n, lo, guess, gatheredIndex, gatheredOthers, out m);
         }
 
         rank -= before;
-
-        // The bottom half holding the rank among them, found the same way (from the first entry's), then its copies in
-        // row order.
-        ushort bottom = gatheredBottoms[0];
-        int under = CountBelowAt(gatheredBottoms, m, 0, bottom, out copies);
-        if (rank < under || rank >= under + copies)
-        {
-            bottom = Search(gatheredBottoms, m, 0, ushort.MaxValue, bottom, under, copies, rank);
-            under = CountBelowAt(gatheredBottoms, m, 0, bottom, out copies);
-        }
-
-        rank -= under;
-        int at = copies == m ? gatheredIndex[rank] : NthIndex(gatheredIndex, gatheredBottoms, m, bottom, rank);
-        return ((ulong)(((uint)first << 16) | bottom) << 32) | (uint)at;
+        return guess;
     }
 
     /// <summary>
@@ -241,34 +245,34 @@ internal static unsafe partial class RowSelector
         return (ushort)high;
     }
 
-    /// <summary>The row indices and bottom halves of the collected entries whose top half is <paramref name="wanted"/>,
-    /// in row order (<paramref name="m"/> of them); returns how many have a top half in [<paramref name="top"/>,
-    /// <paramref name="wanted"/>).</summary>
+    /// <summary>The <paramref name="index"/> and <paramref name="others"/> entries of the <paramref name="n"/>
+    /// <paramref name="values"/> equal to <paramref name="wanted"/>, in order (<paramref name="m"/> of them); returns how
+    /// many values lie in [<paramref name="lo"/>, <paramref name="wanted"/>).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int Gather(ushort* index, ushort* tops, ushort* bottoms, int n, ushort top, ushort wanted,
-        ushort* gatheredIndex, ushort* gatheredBottoms, out int m)
+    private static int GatherValue(ushort* index, ushort* values, ushort* others, int n, ushort lo, ushort wanted,
+        ushort* gatheredIndex, ushort* gatheredOthers, out int m)
     {
-        var from = Vector512.Create(top);
-        var limit = Vector512.Create((ushort)(wanted - top));
+        var from = Vector512.Create(lo);
+        var limit = Vector512.Create((ushort)(wanted - lo));
         var equal = Vector512.Create(wanted);
         int below = 0, found = 0, i = 0;
         for (; i <= n - 32; i += 32)
         {
-            var t = Vector512.Load(tops + i);
-            below += BitOperations.PopCount(Vector512.LessThan(t - from, limit).ExtractMostSignificantBits());
-            var match = Vector512.Equals(t, equal);
+            var v = Vector512.Load(values + i);
+            below += BitOperations.PopCount(Vector512.LessThan(v - from, limit).ExtractMostSignificantBits());
+            var match = Vector512.Equals(v, equal);
             Avx512Vbmi2.Compress(Vector512<ushort>.Zero, match, Vector512.Load(index + i)).Store(gatheredIndex + found);
-            Avx512Vbmi2.Compress(Vector512<ushort>.Zero, match, Vector512.Load(bottoms + i)).Store(gatheredBottoms + found);
+            Avx512Vbmi2.Compress(Vector512<ushort>.Zero, match, Vector512.Load(others + i)).Store(gatheredOthers + found);
             found += BitOperations.PopCount(match.ExtractMostSignificantBits());
         }
 
         for (; i < n; i++)
         {
-            below += (ushort)(tops[i] - top) < (ushort)(wanted - top) ? 1 : 0;
-            if (tops[i] == wanted)
+            below += (ushort)(values[i] - lo) < (ushort)(wanted - lo) ? 1 : 0;
+            if (values[i] == wanted)
             {
                 gatheredIndex[found] = index[i];
-                gatheredBottoms[found++] = bottoms[i];
+                gatheredOthers[found++] = others[i];
             }
         }
 
@@ -276,73 +280,21 @@ internal static unsafe partial class RowSelector
         return below;
     }
 
-    /// <summary>How many of the <paramref name="n"/> values lie in [<paramref name="lo"/>, <paramref name="value"/>),
-    /// and in <paramref name="at"/> how many equal <paramref name="value"/> (at least <paramref name="lo"/>).</summary>
+    /// <summary>How many of the <paramref name="n"/> values lie in [<paramref name="lo"/>, <paramref name="lo"/> + <paramref name="span"/>].</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int CountBelowAt(ushort* values, int n, ushort lo, ushort value, out int at)
+    private static int CountUpTo(ushort* values, int n, ushort lo, ushort span)
     {
         var from = Vector512.Create(lo);
-        var limit = Vector512.Create((ushort)(value - lo));
-        var equal = Vector512.Create(value);
-        int below = 0, same = 0, i = 0;
-        for (; i <= n - 32; i += 32)
-        {
-            var v = Vector512.Load(values + i);
-            below += BitOperations.PopCount(Vector512.LessThan(v - from, limit).ExtractMostSignificantBits());
-            same += BitOperations.PopCount(Vector512.Equals(v, equal).ExtractMostSignificantBits());
-        }
-
-        for (; i < n; i++)
-        {
-            below += (ushort)(values[i] - lo) < (ushort)(value - lo) ? 1 : 0;
-            same += values[i] == value ? 1 : 0;
-        }
-
-        at = same;
-        return below;
-    }
-
-    /// <summary>The index of the <paramref name="nth"/> (0-based, in order) of the <paramref name="m"/> entries whose
-    /// value is <paramref name="value"/>.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static ushort NthIndex(ushort* index, ushort* values, int m, ushort value, int nth)
-    {
-        var wanted = Vector512.Create(value);
-        int i = 0;
-        for (; i <= m - 32; i += 32)
-        {
-            if (Among(Vector512.Equals(Vector512.Load(values + i), wanted).ExtractMostSignificantBits(), ref nth, out int lane))
-            {
-                return index[i + lane];
-            }
-        }
-
-        for (; i < m; i++)
-        {
-            if (values[i] == value && nth-- == 0)
-            {
-                return index[i];
-            }
-        }
-
-        throw new InvalidOperationException("Row selection lost a tie.");
-    }
-
-    /// <summary>How many of the <paramref name="n"/> top halves lie in [<paramref name="top"/>, <paramref name="top"/> + <paramref name="span"/>].</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static int CountUpTo(ushort* tops, int n, ushort top, ushort span)
-    {
-        var from = Vector512.Create(top);
         var limit = Vector512.Create(span);
         int count = 0, i = 0;
         for (; i <= n - 32; i += 32)
         {
-            count += BitOperations.PopCount(Vector512.LessThanOrEqual(Vector512.Load(tops + i) - from, limit).ExtractMostSignificantBits());
+            count += BitOperations.PopCount(Vector512.LessThanOrEqual(Vector512.Load(values + i) - from, limit).ExtractMostSignificantBits());
         }
 
         for (; i < n; i++)
         {
-            count += (ushort)(tops[i] - top) <= span ? 1 : 0;
+            count += (ushort)(values[i] - lo) <= span ? 1 : 0;
         }
 
         return count;

@@ -806,31 +806,41 @@ internal static unsafe partial class RowSelector
     }
 
     /// <summary>The smallest and largest of <paramref name="count"/> keys.</summary>
+    private static (uint Min, uint Max) MinMax(uint* keys, int count) => MinMax(keys, count, 0, uint.MaxValue);
+
+    /// <summary>The smallest and largest of the <paramref name="count"/> keys that lie in [<paramref name="from"/>,
+    /// <paramref name="from"/> + <paramref name="span"/>] (uint.MaxValue and 0 when none does).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static (uint Min, uint Max) MinMax(uint* keys, int count)
+    private static (uint Min, uint Max) MinMax(uint* keys, int count, uint from, uint span)
     {
-        var vmin = new Vector<uint>(uint.MaxValue);
-        var vmax = Vector<uint>.Zero;
+        var vfrom = new Vector<uint>(from);
+        var vspan = new Vector<uint>(span);
+        var low = new Vector<uint>(uint.MaxValue);
+        var high = Vector<uint>.Zero;
         int i = 0;
         int w = Vector<uint>.Count;
         for (; i <= count - w; i += w)
         {
             var k = Vector.Load(keys + i);
-            vmin = Vector.Min(vmin, k);
-            vmax = Vector.Max(vmax, k);
+            var inside = Vector.LessThanOrEqual(k - vfrom, vspan);
+            low = Vector.Min(low, k | ~inside);
+            high = Vector.Max(high, k & inside);
         }
 
         uint min = uint.MaxValue, max = 0;
         for (int lane = 0; lane < w; lane++)
         {
-            min = Math.Min(min, vmin[lane]);
-            max = Math.Max(max, vmax[lane]);
+            min = Math.Min(min, low[lane]);
+            max = Math.Max(max, high[lane]);
         }
 
         for (; i < count; i++)
         {
-            min = Math.Min(min, keys[i]);
-            max = Math.Max(max, keys[i]);
+            if (keys[i] - from <= span)
+            {
+                min = Math.Min(min, keys[i]);
+                max = Math.Max(max, keys[i]);
+            }
         }
 
         return (min, max);
@@ -922,41 +932,10 @@ internal static unsafe partial class RowSelector
     }
 
     /// <summary>Whether every key in [from, from + span] (at least one) is the same, and which.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static bool SingleKey(uint* keys, int width, uint from, uint span, out uint key)
     {
-        var vfrom = new Vector<uint>(from);
-        var vspan = new Vector<uint>(span);
-        var low = new Vector<uint>(uint.MaxValue);
-        var high = Vector<uint>.Zero;
-        int i = 0;
-        int w = Vector<uint>.Count;
-        for (; i <= width - w; i += w)
-        {
-            var k = Vector.Load(keys + i);
-            var inside = Vector.LessThanOrEqual(k - vfrom, vspan);
-            low = Vector.Min(low, k | ~inside);
-            high = Vector.Max(high, k & inside);
-        }
-
-        uint min = uint.MaxValue, max = 0;
-        for (int lane = 0; lane < w; lane++)
-        {
-            min = Math.Min(min, low[lane]);
-            max = Math.Max(max, high[lane]);
-        }
-
-        for (; i < width; i++)
-        {
-            if (keys[i] - from <= span)
-            {
-                min = Math.Min(min, keys[i]);
-                max = Math.Max(max, keys[i]);
-            }
-        }
-
-        key = min;
-        return min == max;
+        (key, uint max) = MinMax(keys, width, from, span);
+        return key == max;
     }
 
     /// <summary>As <see cref="Occurrence(uint*, int, uint, int)"/> when the row holds <paramref name="copies"/>
