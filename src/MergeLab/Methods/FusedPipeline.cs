@@ -516,9 +516,12 @@ internal static unsafe class FusedPipeline
         // bfloat16 experts' keys are read in halves, against the base row split by parity (after the
         // float32 base row in the staging floats).
         bool halves = false;
-        for (int k = 0; k < rules.Length; k++)
+        if (RowSelector.ReadsHalves(w))
         {
-            halves |= rules[k].RowsPending && inputs.Experts[k].IsBFloat16 && RowSelector.ReadsHalves(w);
+            for (int k = 0; k < rules.Length; k++)
+            {
+                halves |= rules[k].RowsPending && inputs.Experts[k].IsBFloat16;
+            }
         }
 
         float* splitBase = halves ? floats + w : null;

@@ -38,6 +38,10 @@ internal static unsafe partial class RowSelector
     public static bool ReadsHalves(int width) =>
         HalvesAllowed && width is >= MinHalvesWidth and <= MaxHalvesWidth && Avx512Vbmi2.IsSupported && Avx512BW.IsSupported && Vector512.IsHardwareAccelerated;
 
+    /// <summary>Whether this row's bracket passes read <paramref name="source"/>'s keys in halves.</summary>
+    private static bool ReadsHalves<TKeys>(in TKeys source, int width)
+        where TKeys : struct, IRowKeys => source.HasHalves && ReadsHalves(width);
+
     /// <summary>
     /// Writes <paramref name="row"/> (float32, <paramref name="width"/> entries) to <paramref name="split"/> with each whole
     /// block of 32 entries split by parity: its 16 even-indexed entries, then its 16 odd-indexed ones. A bfloat16 row read

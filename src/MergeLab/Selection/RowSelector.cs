@@ -304,7 +304,7 @@ internal static unsafe partial class RowSelector
         out int collected, out bool wroteKeys)
         where TKeys : struct, IRowKeys
     {
-        wroteKeys = !(source.HasHalves && ReadsHalves(width));
+        wroteKeys = !ReadsHalves(source, width);
         if (!wroteKeys)
         {
             return InHalfBrackets(source, width, positions, results, scratch, ref hint, out collected);
@@ -382,7 +382,7 @@ internal static unsafe partial class RowSelector
         }
 
         var sampled = default(RowHint);
-        int cost = FromSample(sample, width, positions, source.HasHalves && ReadsHalves(width), out sampled.First, out sampled.Last);
+        int cost = FromSample(sample, width, positions, ReadsHalves(source, width), out sampled.First, out sampled.Last);
         bool answered = InBrackets(source, keys, width, positions, results, scratch, ref sampled, out _, out scanned);
         hint.Halves += sampled.Halves;
         if (!answered)
