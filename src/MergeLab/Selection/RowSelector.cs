@@ -361,6 +361,7 @@ internal static unsafe partial class RowSelector
     /// <paramref name="hint"/>'s brackets follow the answers at their own width, and the next row takes
     /// them again if they would have held this row's answers, no wider than the sample's.
     /// </summary>
+    [SkipLocalsInit] // the sample is written before it is read; zeroing it cost as much as taking it
     private static bool BySample<TKeys>(in TKeys source, uint* keys, int width, ReadOnlySpan<int> positions, Span<ulong> results, byte* scratch, ref RowHint hint,
         out bool scanned)
         where TKeys : struct, IRowKeys
@@ -423,6 +424,7 @@ internal static unsafe partial class RowSelector
     /// (as ranks: the same either way).
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    [SkipLocalsInit] // every buffer is written before it is read (the counts are cleared), none zeroed on entry
     private static int FromSample(uint* sample, int width, ReadOnlySpan<int> positions, bool edges, out KeyBracket first, out KeyBracket last)
     {
         int size = SampleOf(width);
@@ -449,6 +451,18 @@ internal static unsafe partial class RowSelector
 
         SumCopies(counts, SampleBuckets, 4);
 
+        // before[b]: the sample keys in the buckets below b, so that each rank's bucket is a binary search
+        // (six ranks a row, each a walk over up to 257 buckets before).
+        var before = counts + SampleBuckets;
+        int run = 0;
+        for (int b = 0; b < SampleBuckets; b++)
+        {
+            before[b] = run;
+            run += counts[b];
+        }
+
+        before[SampleBuckets] = run;
+
         var gathered = stackalloc uint[SampleSize + 16];
         int cost = 0;
         first = Bracket(positions[0]);
@@ -474,15 +488,30 @@ internal static unsafe partial class RowSelector
             return new KeyBracket { Lo = lo, Span = span, Half = Math.Max(1, span / 2), HasPivot = hasPivot, Pivot = hasPivot ? pivot : lo };
         }
 
+        // The sub-bucket holding the sample's key of `rank` (< size): the last b with before[b] <= rank.
+        int BucketOf(int rank)
+        {
+            int lo = 0, hi = SampleBuckets; // before[lo] <= rank < before[hi]
+            while (hi - lo > 1)
+            {
+                int mid = (lo + hi) >> 1;
+                if (before[mid] <= rank)
+                {
+                    lo = mid;
+                }
+                else
+                {
+                    hi = mid;
+                }
+            }
+
+            return lo;
+        }
+
         // The first or last key of the sub-bucket holding the sample's key of `rank`.
         uint BucketEdge(int rank, bool upper)
         {
-            int b = 0, before = 0;
-            while (before + counts[b] <= rank)
-            {
-                before += counts[b++];
-            }
-
+            int b = BucketOf(rank);
             if (b == 0)
             {
                 return upper ? low - 1 : 0;
@@ -495,12 +524,7 @@ internal static unsafe partial class RowSelector
         // The sample's key of `rank` and how many sample keys equal it (within its sub-bucket, which holds them all).
         uint KeyOfRank(int rank, out int copies)
         {
-            int b = 0, before = 0;
-            while (before + counts[b] <= rank)
-            {
-                before += counts[b++];
-            }
-
+            int b = BucketOf(rank);
             var wanted = Vector512.Create((uint)b);
             int n = 0;
             for (int j = 0; j < size; j += 16)
@@ -511,7 +535,7 @@ internal static unsafe partial class RowSelector
             }
 
             var keysOfBucket = new Span<uint>(gathered, n);
-            uint key = Quickselect.Select(keysOfBucket, rank - before);
+            uint key = Quickselect.Select(keysOfBucket, rank - before[b]);
             copies = 0;
             foreach (uint k in keysOfBucket)
             {
