@@ -344,9 +344,11 @@ internal static unsafe partial class RowSelector
     /// <summary>The narrowest row that is sampled (its sample, <see cref="SampleOf"/>, is a quarter of it at most).</summary>
     private const int MinSampledWidth = 2048;
 
-    /// <summary>The keys of a row's sample: <see cref="SampleSize"/>, or half as many for rows under 8,192 keys (a
-    /// smaller sample costs less to take and order, and gives wider brackets).</summary>
-    private static int SampleOf(int width) => width >= 8192 ? SampleSize : SampleSize / 2;
+    /// <summary>The keys of a row's sample: <see cref="SampleSize"/>, or for rows under 8,192 keys half as many, a
+    /// quarter when the row is read in halves (a smaller sample costs less to take and order, and gives wider
+    /// brackets, which cost a pass over halves only in its picks; whole keys need the half for the mean's
+    /// prediction, <see cref="ScaledBrackets"/>).</summary>
+    private static int SampleOf(int width, bool halves) => width >= 8192 ? SampleSize : halves ? SampleSize / 4 : SampleSize / 2;
 
     /// <summary>How many standard deviations of a sample quantile's rank a sampled bracket reaches each
     /// side (a row's rank falls outside with a chance of about 0.3%).</summary>
@@ -376,7 +378,8 @@ internal static unsafe partial class RowSelector
 
         // Blocks of 16 consecutive keys, evenly spread over the row, each read (and so written) as the
         // bracket pass reads them.
-        int size = SampleOf(width);
+        bool halves = ReadsHalves(source, width);
+        int size = SampleOf(width, halves);
         var sample = stackalloc uint[SampleSize];
         for (int j = 0; j < size / 16; j++)
         {
@@ -388,7 +391,6 @@ internal static unsafe partial class RowSelector
         // own order (exact ranks of the sample, dearer to find). Over halves only the latter: the answers of
         // bfloat16 task vectors jump among a few quantized values, so the mean predicts them too loosely
         // (about 10% where float32 rows give 2-3%), and a miss costs a pass.
-        bool halves = ReadsHalves(source, width);
         float mean = SampleMean(sample, size);
         var sampled = default(RowHint);
         int cost = 0;
@@ -533,7 +535,7 @@ internal static unsafe partial class RowSelector
     [SkipLocalsInit] // every buffer is written before it is read (the counts are cleared), none zeroed on entry
     private static int FromSample(uint* sample, int width, ReadOnlySpan<int> positions, bool edges, out KeyBracket first, out KeyBracket last)
     {
-        int size = SampleOf(width);
+        int size = SampleOf(width, edges);
         var (min, max) = MinMax(sample, size);
         int shift = TopOctaves(min, max, 8, out uint low);
         var bucketOf = stackalloc uint[SampleSize];
