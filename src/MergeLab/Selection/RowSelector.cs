@@ -360,8 +360,9 @@ internal static unsafe partial class RowSelector
     /// quantiles move by about half an octave from one row to the next. A sample of
     /// <see cref="SampleOf"/> keys (blocks of 16, evenly spread) gives each position's bracket: first, over
     /// whole keys, the one its mean predicts from the last rows' answers (<see cref="ScaledBrackets"/>),
-    /// then, if that misses or is not known, the one its own order gives (<see cref="FromSample"/>). False when the row is too short for a sample, or a rank falls outside
-    /// its bracket (then <paramref name="scanned"/> when the bracket pass read whole keys, and so wrote every key). Afterwards
+    /// then, if that misses or is not known, the one its own order gives (<see cref="FromSample"/>). False
+    /// when the row is too short for a sample, or a rank falls outside its bracket (then
+    /// <paramref name="scanned"/> when the bracket pass read whole keys, and so wrote every key). Afterwards
     /// <paramref name="hint"/>'s brackets follow the answers at their own width, and the next row takes
     /// them again if they would have held this row's answers, no wider than the sample's.
     /// </summary>
