@@ -7,6 +7,7 @@
 //   ... -- --filter '*' --job short | dry        (BenchmarkDotNet's jobs instead of the default below)
 //   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- generate --out DIR --params 1B --models 4 --seed 1
 //   dotnet run -c Release --project benchmarks/MergeLab.Benchmarks -- e2e --dir DIR --params 1B --models 4 [--cold] [--repeat 3]
+using BenchmarkDotNet.Columns;
 using BenchmarkDotNet.Configs;
 using BenchmarkDotNet.Jobs;
 using BenchmarkDotNet.Running;
@@ -48,6 +49,7 @@ for (int i = 0; i < args.Length; i++)
 // command line with --job short / --job dry, so they all get the in-process toolchain.
 var config = DefaultConfig.Instance
     .AddJob(Job.Default.WithToolchain(InProcessEmitToolchain.Instance).AsMutator())
+    .AddColumn(StatisticColumn.Median) // next to the mean: on a shared machine one slow call moves the mean
     .AddColumn(new BandwidthColumn(fractionOfCopy: false), new BandwidthColumn(fractionOfCopy: true));
 
 // Without a job on the command line, a compact one: each operation reads gigabytes and takes
