@@ -1,7 +1,6 @@
 using System.Numerics;
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
-using System.Runtime.Intrinsics.X86;
 using MergeLab.Selection;
 using static TorchSharp.torch;
 
@@ -659,32 +658,11 @@ internal static unsafe partial class PcbKernel
         private float* Read(CpuFloats source, float* staging) => ReadPadded(source, Start, Count, Padded, staging);
     }
 
-    /// <summary>For a bfloat16 stream, asks for the next <paramref name="count"/> entries after
-    /// [<paramref name="start"/>, start + count) in the second-level cache while this block is widened and
-    /// scored: each pass reads every input a block at a time, and the hardware's prefetch, starting over
-    /// for each short run of each stream, leaves the widening waiting on memory (PCB on bfloat16
-    /// 4096×11008, N = 4: about 8–10% less time). Float32 blocks, read in place, gain nothing: nothing is
-    /// asked for them.</summary>
-    private static void PrefetchNext(CpuFloats source, long start, int count)
-    {
-        if (!source.IsBFloat16 || !Sse.IsSupported || start + (2L * count) > source.Length)
-        {
-            return;
-        }
-
-        var next = (byte*)source.Pointer + ((start + count) * 2);
-        for (long offset = 0; offset < count * 2L; offset += 64)
-        {
-            Sse.Prefetch1(next + offset);
-        }
-    }
-
     /// <summary>Entries [<paramref name="start"/>, start + <paramref name="count"/>) of <paramref name="source"/>
     /// as float32, zero-padded to <paramref name="padded"/>: in place for float32 when no padding is needed,
     /// else widened or copied into <paramref name="staging"/>.</summary>
     private static float* ReadPadded(CpuFloats source, long start, int count, int padded, float* staging)
     {
-        PrefetchNext(source, start, count);
         var values = source.Block(start, count, staging);
         if (padded == count)
         {
