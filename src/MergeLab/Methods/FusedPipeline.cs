@@ -794,21 +794,17 @@ internal static unsafe class FusedPipeline
                         : RandomRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16);
                 }
 
-                for (; i + 2 * w <= end; i += 2 * w)
+                if (rangesOnly)
                 {
-                    if (rangesOnly)
-                    {
-                        // Every mask is a key range (per lane in a block holding a window's or a top-k's
-                        // tie index): the run takes every whole block of the piece.
-                        i = UseWideLanes
-                            ? RangeRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, row, output, outBf16)
-                            : RangeRun<VectorLanes, Vector<float>>(setup, inputs, i, end, row, output, outBf16);
-                        if (i + 2 * w > end)
-                        {
-                            break;
-                        }
-                    }
+                    // Every mask is a key range (per lane in a block holding a window's or a top-k's tie
+                    // index): the run takes every whole block of the piece.
+                    i = UseWideLanes
+                        ? RangeRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, row, output, outBf16)
+                        : RangeRun<VectorLanes, Vector<float>>(setup, inputs, i, end, row, output, outBf16);
+                }
 
+                for (; !rangesOnly && i + 2 * w <= end; i += 2 * w)
+                {
                     Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
                     Vector<float> acc0 = Vector<float>.Zero, acc1 = Vector<float>.Zero;
                     for (int k = 0; k < experts; k++)

@@ -395,9 +395,10 @@ internal static unsafe partial class RowSelector
         float mean = SampleMean(sample, size);
         var sampled = default(RowHint);
         int cost = 0;
-        bool answered = false;
+        bool answered = false, stored = false;
         if (!halves && ScaledBrackets(hint, mean, out sampled.First, out sampled.Last))
         {
+            stored = true; // a pass over whole keys writes every key, hit or miss
             cost = SampledInside(sample, size, sampled.First) + SampledInside(sample, size, sampled.Last);
             answered = InBrackets(source, keys, width, positions, results, scratch, ref sampled, out _, out scanned);
             hint.Halves += sampled.Halves;
@@ -406,9 +407,12 @@ internal static unsafe partial class RowSelector
 
         if (!answered)
         {
+            // After a missed pass over whole keys, every key is in the buffer: read them there.
             sampled = default;
-            cost = FromSample(sample, width, positions, halves, out sampled.First, out sampled.Last);
-            answered = InBrackets(source, keys, width, positions, results, scratch, ref sampled, out _, out scanned);
+            cost = FromSample(sample, size, width, positions, halves, out sampled.First, out sampled.Last);
+            answered = stored
+                ? InBrackets(default(StoredRowKeys), keys, width, positions, results, scratch, ref sampled, out _, out scanned)
+                : InBrackets(source, keys, width, positions, results, scratch, ref sampled, out _, out scanned);
             hint.Halves += sampled.Halves;
         }
 
@@ -493,7 +497,6 @@ internal static unsafe partial class RowSelector
                 Lo = loKey,
                 Span = hiKey - loKey,
                 Half = Math.Max(1, (hiKey - loKey) / 2),
-                Pivot = BitConverter.SingleToUInt32Bits((float)centre),
             };
             return true;
         }
@@ -534,9 +537,8 @@ internal static unsafe partial class RowSelector
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     [SkipLocalsInit] // every buffer is written before it is read (the counts are cleared), none zeroed on entry
-    private static int FromSample(uint* sample, int width, ReadOnlySpan<int> positions, bool edges, out KeyBracket first, out KeyBracket last)
+    private static int FromSample(uint* sample, int size, int width, ReadOnlySpan<int> positions, bool edges, out KeyBracket first, out KeyBracket last)
     {
-        int size = SampleOf(width, edges);
         var (min, max) = MinMax(sample, size);
         int shift = TopOctaves(min, max, 8, out uint low);
         var bucketOf = stackalloc uint[SampleSize];
@@ -842,6 +844,7 @@ internal static unsafe partial class RowSelector
     /// and the <paramref name="collectedKeys"/> at row indices <paramref name="collected"/>), and how many of
     /// them share its key.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    [SkipLocalsInit] // the histogram's copies in use are cleared below; the rest is never read
     private static ulong Pick(uint* keys, int width, in KeyBracket b, BracketCount c, uint* collected, uint* collectedKeys,
         ulong* composites, int rank, out int copies)
     {
@@ -1005,12 +1008,12 @@ internal static unsafe partial class RowSelector
         }
     }
 
-    /// <summary>The sub-buckets of <see cref="Pick"/>'s histogram (256, and the one past them that no key
-    /// reaches, to a whole number of vectors).</summary>
+    /// <summary>The sub-buckets of <see cref="Pick"/>'s histogram: a key's offset in its bracket, shifted so that the
+    /// bracket's span is below 2^8, is below 256.</summary>
     private const int SubBuckets = 256;
 
     /// <summary>The buckets of a row sample's histogram (<see cref="FromSample"/>): 256 and one for keys below them, to whole vectors.</summary>
-    private const int SampleBuckets = 272;
+    private const int SampleBuckets = (SubBuckets + 1 + 15) & ~15;
 
     /// <summary>Widens a bracket that missed (2× its half-width) and keeps it from being halved below that.</summary>
     private static void Widen(ref KeyBracket b, bool hit)
@@ -1098,12 +1101,9 @@ internal static unsafe partial class RowSelector
             int here = BitOperations.PopCount(bits);
             if (fromEnd < here)
             {
-                for (; fromEnd > 0; fromEnd--)
-                {
-                    bits &= ~(1UL << (63 - BitOperations.LeadingZeroCount(bits)));
-                }
-
-                return i - 16 + (63 - BitOperations.LeadingZeroCount(bits));
+                int fromStart = here - 1 - fromEnd;
+                _ = Among(bits, ref fromStart, out int at);
+                return i - 16 + at;
             }
 
             fromEnd -= here;
@@ -1306,7 +1306,8 @@ internal static unsafe partial class RowSelector
 }
 
 /// <summary>Where <see cref="RowSelector"/>'s bracket pass reads a row's keys: the key buffer itself, or
-/// the row's inputs, each key then written to the buffer as it is read.</summary>
+/// the row's inputs, each key then written to the buffer as it is read (a pass over key halves,
+/// <see cref="HasHalves"/>, writes none).</summary>
 internal unsafe interface IRowKeys
 {
     /// <summary>Keys [<paramref name="i"/>, <paramref name="i"/> + 16), written to

@@ -500,11 +500,7 @@ public class CpuSelectionTests
         // below the halves pass's floor, with a tail of 31 keys, the benchmark's, and its widest.
         var random = new Random(17);
         float Normal() => (float)(Math.Sqrt(-2 * Math.Log(1 - random.NextDouble())) * Math.Cos(2 * Math.PI * random.NextDouble()));
-        static ushort Bf16(float x)
-        {
-            uint u = BitConverter.SingleToUInt32Bits(x);
-            return (ushort)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-        }
+        static ushort Bf16(float x) => Kernels.ToBFloat16(x);
 
         static float Wide(ushort h) => BitConverter.UInt32BitsToSingle((uint)h << 16);
         bool halves = false;
