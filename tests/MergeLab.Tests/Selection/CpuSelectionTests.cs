@@ -328,6 +328,13 @@ public class CpuSelectionTests
         }
     }
 
+    /// <summary>A standard normal draw (Box–Muller) from <paramref name="random"/>.</summary>
+    private static float StandardNormal(Random random) =>
+        (float)(Math.Sqrt(-2 * Math.Log(1 - random.NextDouble())) * Math.Cos(2 * Math.PI * random.NextDouble()));
+
+    /// <summary>The float32 value of bfloat16 bits.</summary>
+    private static float Widened(ushort bf16) => BitConverter.UInt32BitsToSingle((uint)bf16 << 16);
+
     /// <summary>Series of rows sharing one <see cref="RowHint"/>, as the rows of a task vector do: alike
     /// (Gaussian magnitudes), bfloat16 task vectors (a few heavily repeated keys, the pivot path), a scale
     /// that jumps every few rows (misses and widening), a scale of its own for every row (as in real task
@@ -336,13 +343,8 @@ public class CpuSelectionTests
     private static IEnumerable<(string Name, uint[][] Rows)> HintedSeries()
     {
         var random = new Random(11);
-        float Normal() => (float)(Math.Sqrt(-2 * Math.Log(1 - random.NextDouble())) * Math.Cos(2 * Math.PI * random.NextDouble()));
-        static float Bf16(float x)
-        {
-            uint u = BitConverter.SingleToUInt32Bits(x);
-            u += 0x7FFF + ((u >> 16) & 1);
-            return BitConverter.UInt32BitsToSingle(u & 0xFFFF_0000);
-        }
+        float Normal() => StandardNormal(random);
+        static float Bf16(float x) => Widened(Kernels.ToBFloat16(x));
 
         foreach (int width in new[] { 37, 1000, 4096, 11008 })
         {
@@ -434,7 +436,7 @@ public class CpuSelectionTests
         // experts). A scale jump every seventh row makes rows miss, so the histogram path must find every
         // key written by that pass; the first row of each series fills the keys without a pass.
         var random = new Random(5);
-        float Normal() => (float)(Math.Sqrt(-2 * Math.Log(1 - random.NextDouble())) * Math.Cos(2 * Math.PI * random.NextDouble()));
+        float Normal() => StandardNormal(random);
         foreach (int width in new[] { 37, 1003, 4096 })
         {
             foreach (bool bf16 in new[] { true, false })
@@ -499,10 +501,10 @@ public class CpuSelectionTests
         // (misses: the keys are then filled for the histogram path, or sampled), and a scale per row. Widths:
         // below the halves pass's floor, with a tail of 31 keys, the benchmark's, and its widest.
         var random = new Random(17);
-        float Normal() => (float)(Math.Sqrt(-2 * Math.Log(1 - random.NextDouble())) * Math.Cos(2 * Math.PI * random.NextDouble()));
+        float Normal() => StandardNormal(random);
         static ushort Bf16(float x) => Kernels.ToBFloat16(x);
 
-        static float Wide(ushort h) => BitConverter.UInt32BitsToSingle((uint)h << 16);
+        static float Wide(ushort h) => Widened(h);
         bool halves = false;
         bool mixedAnswers = false;
         foreach (int width in new[] { 63, 1023, 4096, 11008, 65536 })
