@@ -47,5 +47,16 @@ internal static class Options
         return weights.ToArray();
     }
 
+    /// <summary>Returns <paramref name="value"/>, or throws when it is not one of its enum's named values (a cast
+    /// integer): options are checked when set, not where a switch would meet the value.</summary>
+    public static T Defined<T>(T value, string name)
+        where T : struct, Enum =>
+        Enum.IsDefined(value) ? value
+            : throw new ArgumentOutOfRangeException(name, value, $"{name} must be one of {string.Join(", ", Enum.GetNames<T>())}, but was {value}.");
+
+    /// <summary><see cref="Defined{T}(T, string)"/> for an optional value (null passes).</summary>
+    public static T? Defined<T>(T? value, string name)
+        where T : struct, Enum => value is { } v ? Defined(v, name) : null;
+
     private static string Format(double v) => v.ToString("R", CultureInfo.InvariantCulture);
 }

@@ -22,7 +22,7 @@ public sealed record AdaMergingOptions
 {
     /// <summary>Task-wise or layer-wise. Default <see cref="AdaMergingGranularity.LayerWise"/> (the
     /// paper's better variant).</summary>
-    public AdaMergingGranularity Granularity { get; init; } = AdaMergingGranularity.LayerWise;
+    public AdaMergingGranularity Granularity { get; init => field = MergeLab.Options.Defined(value, nameof(Granularity)); } = AdaMergingGranularity.LayerWise;
 
     /// <summary>The initial λ of every task and layer (the reference's <c>prior</c>). Default 0.3; finite.</summary>
     public double InitialCoefficient

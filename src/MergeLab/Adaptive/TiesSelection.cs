@@ -24,9 +24,11 @@ public static class TiesSelection
     /// (the reference's K = 20).</param>
     /// <returns>New task vectors, one per task, in the same order; the caller owns them.</returns>
     /// <exception cref="MergeException">The task vectors disagree in names or shapes, or the list is empty.</exception>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="density"/> is outside [0, 1].</exception>
     public static IReadOnlyList<TaskVector> Select(IReadOnlyList<TaskVector> taskVectors, double density = 0.2)
     {
         ArgumentNullException.ThrowIfNull(taskVectors);
+        MergeLab.Options.RequireInRange(density, nameof(density), 0, 1);
         var deltas = taskVectors.Select(v => v.Deltas).ToArray();
         var names = StateDictChecks.CheckCompatible(null, deltas, requiresBase: false);
         var ties = new TiesMerge(new TiesOptions { Density = density, Aggregation = Aggregation.Sum });

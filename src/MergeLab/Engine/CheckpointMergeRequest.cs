@@ -72,7 +72,7 @@ public sealed record CheckpointMergeRequest
     /// every floating-point input tensor is checked as it is first read (on the reader thread, so the
     /// check overlaps the merge), and the first bad one stops the merge with a
     /// <see cref="NonFiniteInputException"/> naming the tensor and its file.</summary>
-    public NonFiniteInputs NonFinite { get; init; } = NonFiniteInputs.Fail;
+    public NonFiniteInputs NonFinite { get; init => field = MergeLab.Options.Defined(value, nameof(NonFinite)); } = NonFiniteInputs.Fail;
 
     /// <summary>Test seam: the output writes fail, as on a full disk, once this many tensor bytes have
     /// been written. Null (the default) in real use.</summary>

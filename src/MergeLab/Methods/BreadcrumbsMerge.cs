@@ -6,7 +6,7 @@ namespace MergeLab.Methods;
 public sealed record BreadcrumbsOptions
 {
     /// <summary>Per row (<see cref="BreadcrumbsVariant.Paper"/>, default) or per tensor (mergekit).</summary>
-    public BreadcrumbsVariant Variant { get; init; } = BreadcrumbsVariant.Paper;
+    public BreadcrumbsVariant Variant { get; init => field = MergeLab.Options.Defined(value, nameof(Variant)); } = BreadcrumbsVariant.Paper;
 
     /// <summary>β (paper) / <c>density</c> (mergekit): the fraction kept, in [0, 1]. Default 0.2, the
     /// reference README's example.</summary>
@@ -36,15 +36,15 @@ public sealed record BreadcrumbsOptions
     public IReadOnlyList<(double Density, double Gamma)>? PerExpert { get; init; }
 
     /// <summary>Linear (default; mergekit <c>breadcrumbs</c>) or TIES consensus (<c>breadcrumbs_ties</c>).</summary>
-    public Combination Combination { get; init; } = Combination.Linear;
+    public Combination Combination { get; init => field = MergeLab.Options.Defined(value, nameof(Combination)); } = Combination.Linear;
 
     /// <summary>For the TIES combination: whose consensus. Default <see cref="TiesPreset.Mergekit"/>.</summary>
-    public TiesPreset ConsensusPreset { get; init; } = TiesPreset.Mergekit;
+    public TiesPreset ConsensusPreset { get; init => field = MergeLab.Options.Defined(value, nameof(ConsensusPreset)); } = TiesPreset.Mergekit;
 
     /// <summary>The aggregation; null (default) is <see cref="Aggregation.Sum"/> for the linear
     /// combination (the paper's sum) and for mergekit's consensus (its <c>normalize: false</c> default),
     /// and the preset's aggregation for the Paper and PEFT consensus.</summary>
-    public Aggregation? Aggregation { get; init; }
+    public Aggregation? Aggregation { get; init => field = MergeLab.Options.Defined(value, nameof(Aggregation)); }
 
     /// <summary>Per-expert weights; null (default) means 1 each.</summary>
     public IReadOnlyList<double>? Weights { get; init; }
@@ -82,7 +82,12 @@ public sealed class BreadcrumbsMerge : PipelineMerge
     private static TaskVectorPipeline Build(BreadcrumbsOptions o)
     {
         var pairs = o.PerExpert ?? [(o.Density, o.Gamma)];
-        var sparsifiers = pairs.Select(p => (Sparsifier)new BreadcrumbsMask(p.Density, p.Gamma, o.Variant)).ToArray();
+        var sparsifiers = pairs.Select((p, k) =>
+        {
+            MergeLab.Options.RequireInRange(p.Density, $"PerExpert[{k}].Density", 0, 1);
+            MergeLab.Options.RequireInRange(p.Gamma, $"PerExpert[{k}].Gamma", 0, 1);
+            return (Sparsifier)new BreadcrumbsMask(p.Density, p.Gamma, o.Variant);
+        }).ToArray();
         return DareMerge.Combine(sparsifiers, o.Combination, o.ConsensusPreset,
             o.Aggregation, o.Weights, o.Lambda);
     }

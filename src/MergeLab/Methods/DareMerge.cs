@@ -32,18 +32,18 @@ public sealed record DareOptions
 
     /// <summary>How survivors are rescaled. Default <see cref="RescaleNorm.InverseKeepProbability"/>
     /// (1/(1−p), the paper and PEFT); <see cref="RescaleNorm.L1"/> is mergekit's <c>rescale: true</c>.</summary>
-    public RescaleNorm Rescale { get; init; } = RescaleNorm.InverseKeepProbability;
+    public RescaleNorm Rescale { get; init => field = MergeLab.Options.Defined(value, nameof(Rescale)); } = RescaleNorm.InverseKeepProbability;
 
     /// <summary>Linear (DARE-linear, default) or TIES consensus (DARE-TIES).</summary>
-    public Combination Combination { get; init; } = Combination.Linear;
+    public Combination Combination { get; init => field = MergeLab.Options.Defined(value, nameof(Combination)); } = Combination.Linear;
 
     /// <summary>For DARE-TIES: the reference whose consensus is used. Default
     /// <see cref="TiesPreset.Mergekit"/>.</summary>
-    public TiesPreset ConsensusPreset { get; init; } = TiesPreset.Mergekit;
+    public TiesPreset ConsensusPreset { get; init => field = MergeLab.Options.Defined(value, nameof(ConsensusPreset)); } = TiesPreset.Mergekit;
 
     /// <summary>The aggregation; null (default) is <see cref="Aggregation.Sum"/> for linear and
     /// mergekit-consensus DARE (mergekit's <c>normalize: false</c> default), the preset's for others.</summary>
-    public Aggregation? Aggregation { get; init; }
+    public Aggregation? Aggregation { get; init => field = MergeLab.Options.Defined(value, nameof(Aggregation)); }
 
     /// <summary>Per-expert weights; null (default) means 1 each.</summary>
     public IReadOnlyList<double>? Weights { get; init; }

@@ -37,10 +37,12 @@ public abstract class MergeMethod
     /// <param name="outputType">The result's dtype; default the base's (or first expert's) dtype.</param>
     /// <returns>A new tensor the caller owns, on the inputs' device.</returns>
     /// <exception cref="MergeException">The group is inconsistent, or the method needs a whole-model
-    /// statistic that was not given.</exception>
+    /// statistic that was not given, or the statistic was created for another number of experts.</exception>
+    /// <exception cref="ArgumentException"><paramref name="outputType"/> is not a floating-point dtype.</exception>
     public Tensor MergeTensor(TensorGroup group, ModelStatistic? statistic = null, ScalarType? outputType = null)
     {
         ArgumentNullException.ThrowIfNull(group);
+        CheckOutputType(outputType);
         group.Validate(RequiresBase);
         var reference = group.Reference;
         if (!reference.is_floating_point())
@@ -53,8 +55,14 @@ public abstract class MergeMethod
             throw new MergeException(group.Name, $"the whole-model statistic of '{Name}' has not completed its passes.");
         }
 
-        using var scope = NewDisposeScope();
+        statistic?.CheckExperts(group);
         var type = outputType ?? reference.dtype;
+        if (reference.numel() == 0)
+        {
+            return empty_like(reference, dtype: type); // nothing to merge (selection ops reject empty inputs)
+        }
+
+        using var scope = NewDisposeScope();
         var direct = MergeDirect(group, statistic, type);
         if (direct is not null)
         {
@@ -89,9 +97,12 @@ public abstract class MergeMethod
     /// <returns>A new state dict the caller owns.</returns>
     /// <exception cref="MergeException">Missing names, shape mismatches, or no experts; the message
     /// names the tensor and the expert.</exception>
+    /// <exception cref="ArgumentException"><paramref name="outputType"/> is not a floating-point dtype.</exception>
+    /// <exception cref="ObjectDisposedException">The base or an expert has been disposed.</exception>
     public StateDict Merge(StateDict? baseModel, IReadOnlyList<StateDict> experts, ScalarType? outputType = null,
         IProgress<MergeProgress>? progress = null, CancellationToken cancellationToken = default)
     {
+        CheckOutputType(outputType);
         var names = StateDictChecks.CheckCompatible(baseModel, experts, RequiresBase);
         var statistic = CreateStatistic(experts.Count);
         while (statistic is { IsComplete: false })
@@ -123,12 +134,22 @@ public abstract class MergeMethod
 
         return result;
 
-        TensorGroup Group(string name) =>
-            new(name, RequiresBase ? baseModel![name] : null, experts.Select(e => e[name]).ToArray());
+        // A base-free method still gets the base when there is one: it sets the result's dtype and gives the
+        // integer tensors, as in the checkpoint engine.
+        TensorGroup Group(string name) => new(name, baseModel?[name], experts.Select(e => e[name]).ToArray());
     }
 
     /// <inheritdoc />
     public override string ToString() => Name;
+
+    /// <summary>Merged values are floats: an integer or boolean result type would truncate them silently.</summary>
+    private static void CheckOutputType(ScalarType? outputType)
+    {
+        if (outputType is { } t && t is not (ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Float32 or ScalarType.Float64))
+        {
+            throw new ArgumentException($"The output dtype must be a floating-point type (float16, bfloat16, float32 or float64), but was {t}.", nameof(outputType));
+        }
+    }
 }
 
 /// <summary>Progress of a merge: tensors done of the total.</summary>

@@ -17,6 +17,22 @@ public abstract class ModelStatistic
     /// <summary>Number of passes completed so far.</summary>
     public int PassesDone { get; private set; }
 
+    /// <summary>The number of experts the statistic was created for, when it depends on it (every group it
+    /// observes or helps merge must have that many).</summary>
+    internal virtual int? ExpertCount => null;
+
+    /// <summary>Throws when <paramref name="group"/> has another number of experts than the statistic was
+    /// created for.</summary>
+    /// <exception cref="MergeException">The counts differ.</exception>
+    internal void CheckExperts(TensorGroup group)
+    {
+        if (ExpertCount is int n && group.Experts.Count != n)
+        {
+            throw new MergeException(group.Name,
+                $"the whole-model statistic was created for {n} expert(s), but this group has {group.Experts.Count}; create it with CreateStatistic({group.Experts.Count}).");
+        }
+    }
+
     /// <summary>Accumulates one tensor group into the current pass.</summary>
     public abstract void Observe(TensorGroup group);
 

@@ -55,7 +55,7 @@ public sealed record PcbOptions
 
     /// <summary>Whether quantiles and score thresholds are taken per tensor or over the whole model
     /// (the reference, default).</summary>
-    public SelectionScope Scope { get; init; } = SelectionScope.WholeModel;
+    public SelectionScope Scope { get; init => field = MergeLab.Options.Defined(value, nameof(Scope)); } = SelectionScope.WholeModel;
 }
 
 /// <summary>
@@ -209,6 +209,8 @@ internal sealed class PcbStatistic(PcbMerge method, int expertCount) : ModelStat
 
     public override bool IsComplete => _pass == 4;
 
+    internal override int? ExpertCount => expertCount;
+
     /// <summary>Each task's (low, high, threshold, top).</summary>
     public (float[] Low, float[] High, float[] Threshold, float[] Top) Values => (_low, _high, _threshold, _top);
 
@@ -218,6 +220,8 @@ internal sealed class PcbStatistic(PcbMerge method, int expertCount) : ModelStat
 
     public override void Observe(TensorGroup group)
     {
+        ArgumentNullException.ThrowIfNull(group);
+        CheckExperts(group);
         if (!group.Reference.is_floating_point())
         {
             return;
@@ -290,7 +294,8 @@ internal sealed class PcbStatistic(PcbMerge method, int expertCount) : ModelStat
     {
         if (_entries == 0)
         {
-            throw new MergeException("PCB found no floating-point tensors to merge.");
+            _pass = 4; // no floating-point entries (none, or only empty tensors): nothing to bound
+            return;
         }
 
         long d = _entries;

@@ -46,6 +46,8 @@ internal sealed class PipelineStatistic : ModelStatistic
 
     public override bool IsComplete => _phase == Phase.Done;
 
+    internal override int? ExpertCount => _selects.Length;
+
     /// <summary>Expert k's global threshold; null when it keeps everything or has no global scope.</summary>
     public float? Threshold(int k) => _thresholds[k];
 
@@ -54,6 +56,8 @@ internal sealed class PipelineStatistic : ModelStatistic
 
     public override void Observe(TensorGroup group)
     {
+        ArgumentNullException.ThrowIfNull(group);
+        CheckExperts(group);
         if (!group.Reference.is_floating_point())
         {
             return;

@@ -25,7 +25,7 @@ public sealed record TaskVectorPipeline
     public SignConsensus? Consensus { get; init; }
 
     /// <summary>How the filtered, weighted task vectors combine. Default <see cref="Aggregation.Sum"/>.</summary>
-    public Aggregation Aggregation { get; init; } = Aggregation.Sum;
+    public Aggregation Aggregation { get; init => field = MergeLab.Options.Defined(value, nameof(Aggregation)); } = Aggregation.Sum;
 
     /// <summary>λ, the scale of the merged task vector. Default 1; any finite value.</summary>
     public double Lambda

@@ -26,7 +26,7 @@ public enum TiesPreset
 public sealed record TiesOptions
 {
     /// <summary>The reference reproduced. Default <see cref="TiesPreset.Paper"/>.</summary>
-    public TiesPreset Preset { get; init; } = TiesPreset.Paper;
+    public TiesPreset Preset { get; init => field = MergeLab.Options.Defined(value, nameof(Preset)); } = TiesPreset.Paper;
 
     /// <summary>Fraction of each task vector kept by the trim, in [0, 1]. Default 0.2 (the paper's
     /// top-20%).</summary>
@@ -61,18 +61,18 @@ public sealed record TiesOptions
 
     /// <summary>What the sign is elected from. Default <see cref="SignElection.Sum"/> (PEFT's
     /// <c>total</c>); <see cref="SignElection.Count"/> is PEFT's <c>frequency</c>.</summary>
-    public SignElection Election { get; init; } = SignElection.Sum;
+    public SignElection Election { get; init => field = MergeLab.Options.Defined(value, nameof(Election)); } = SignElection.Sum;
 
     /// <summary>Where the trim threshold (and the paper's majority sign) is computed. Null (default):
     /// whole model for <see cref="TiesPreset.Paper"/>, per tensor for the others (the only scope their
     /// exact-count trim has).</summary>
-    public SelectionScope? Scope { get; init; }
+    public SelectionScope? Scope { get; init => field = MergeLab.Options.Defined(value, nameof(Scope)); }
 
     /// <summary>The aggregation. Null (default): the preset's — <see cref="Aggregation.MeanOfAgreeing"/>
     /// for Paper and PEFT, <see cref="Aggregation.WeightNormalized"/> for mergekit (its
     /// <c>normalize: true</c>); <see cref="Aggregation.Sum"/> gives the authors' <c>dis-sum</c> or
     /// mergekit's <c>normalize: false</c>.</summary>
-    public Aggregation? Aggregation { get; init; }
+    public Aggregation? Aggregation { get; init => field = MergeLab.Options.Defined(value, nameof(Aggregation)); }
 }
 
 /// <summary>

@@ -11,7 +11,8 @@ namespace MergeLab.Tensors;
 /// A <see cref="StateDict"/> owns the tensors added to it: they are detached from any
 /// <see cref="DisposeScope"/> when added and disposed with the dictionary. Names keep their insertion
 /// order, which is the order merges and writers visit them. Instances are not thread-safe for
-/// concurrent mutation; concurrent reads are safe.
+/// concurrent mutation; concurrent reads are safe. Once disposed, every member but
+/// <see cref="Dispose"/> throws <see cref="ObjectDisposedException"/>.
 /// </remarks>
 public sealed class StateDict : IReadOnlyDictionary<string, Tensor>, IDisposable
 {
@@ -70,13 +71,13 @@ public sealed class StateDict : IReadOnlyDictionary<string, Tensor>, IDisposable
     }
 
     /// <summary>The parameter names, in insertion order.</summary>
-    public IReadOnlyList<string> Names => _names;
+    public IReadOnlyList<string> Names => Live._names;
 
     /// <summary>The number of tensors.</summary>
-    public int Count => _names.Count;
+    public int Count => Live._names.Count;
 
     /// <summary>The total number of elements over all tensors.</summary>
-    public long ElementCount => _names.Sum(n => _tensors[n].numel());
+    public long ElementCount => Live._names.Sum(n => _tensors[n].numel());
 
     /// <summary>The tensor stored under <paramref name="name"/>.</summary>
     /// <exception cref="KeyNotFoundException">No tensor has that name; the message names it.</exception>
@@ -108,11 +109,11 @@ public sealed class StateDict : IReadOnlyDictionary<string, Tensor>, IDisposable
     }
 
     /// <summary>Whether a tensor named <paramref name="name"/> is present.</summary>
-    public bool ContainsKey(string name) => _tensors.ContainsKey(name);
+    public bool ContainsKey(string name) => Live._tensors.ContainsKey(name);
 
     /// <inheritdoc />
     public bool TryGetValue(string key, [System.Diagnostics.CodeAnalysis.MaybeNullWhen(false)] out Tensor value) =>
-        _tensors.TryGetValue(key, out value);
+        Live._tensors.TryGetValue(key, out value);
 
     /// <summary>The shape of the tensor named <paramref name="name"/>.</summary>
     public long[] Shape(string name) => this[name].shape;
@@ -121,7 +122,7 @@ public sealed class StateDict : IReadOnlyDictionary<string, Tensor>, IDisposable
     public ScalarType DType(string name) => this[name].dtype;
 
     /// <summary>The device of the first tensor (CPU when empty).</summary>
-    public Device Device => _names.Count == 0 ? CPU : _tensors[_names[0]].device;
+    public Device Device => Live._names.Count == 0 ? CPU : _tensors[_names[0]].device;
 
     /// <summary>A deep copy: every tensor cloned, same names and order.</summary>
     public StateDict Clone() => Map(t => t.clone());
@@ -171,19 +172,13 @@ public sealed class StateDict : IReadOnlyDictionary<string, Tensor>, IDisposable
     }
 
     /// <inheritdoc />
-    public IEnumerator<KeyValuePair<string, Tensor>> GetEnumerator()
-    {
-        foreach (var name in _names)
-        {
-            yield return new(name, _tensors[name]);
-        }
-    }
+    public IEnumerator<KeyValuePair<string, Tensor>> GetEnumerator() => Live.Entries().GetEnumerator();
 
     IEnumerator IEnumerable.GetEnumerator() => GetEnumerator();
 
-    IEnumerable<string> IReadOnlyDictionary<string, Tensor>.Keys => _names;
+    IEnumerable<string> IReadOnlyDictionary<string, Tensor>.Keys => Live._names;
 
-    IEnumerable<Tensor> IReadOnlyDictionary<string, Tensor>.Values => _names.Select(n => _tensors[n]);
+    IEnumerable<Tensor> IReadOnlyDictionary<string, Tensor>.Values => Live._names.Select(n => _tensors[n]);
 
     /// <summary>Disposes every tensor the dictionary owns.</summary>
     public void Dispose()
@@ -204,4 +199,23 @@ public sealed class StateDict : IReadOnlyDictionary<string, Tensor>, IDisposable
     }
 
     private void ThrowIfDisposed() => ObjectDisposedException.ThrowIf(_disposed, this);
+
+    /// <summary>This dictionary, checked not to be disposed: a disposed one has no tensors, and reading it
+    /// as empty would make a merge of it report missing names, or return nothing, instead of the misuse.</summary>
+    private StateDict Live
+    {
+        get
+        {
+            ThrowIfDisposed();
+            return this;
+        }
+    }
+
+    private IEnumerable<KeyValuePair<string, Tensor>> Entries()
+    {
+        foreach (var name in _names)
+        {
+            yield return new(name, _tensors[name]);
+        }
+    }
 }

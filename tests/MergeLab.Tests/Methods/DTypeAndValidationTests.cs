@@ -53,6 +53,75 @@ public class DTypeTests
     }
 
     [Test]
+    public void Weight_averaging_takes_the_dtype_and_integer_tensors_of_a_given_base()
+    {
+        using var baseModel = new StateDict
+        {
+            { "w", tensor(new float[] { 1, 2 }) },
+            { "ids", tensor(new long[] { 0, 1, 2 }) },
+        };
+        using var e1 = new StateDict
+        {
+            { "w", tensor(new float[] { 3, 4 }).to(ScalarType.BFloat16) },
+            { "ids", tensor(new long[] { 10, 11, 12 }) },
+        };
+        using var e2 = new StateDict
+        {
+            { "w", tensor(new float[] { 5, 8 }).to(ScalarType.BFloat16) },
+            { "ids", tensor(new long[] { 20, 21, 22 }) },
+        };
+        using var merged = new WeightAverageMerge().Merge(baseModel, [e1, e2]);
+        Assert.That(merged["w"].dtype, Is.EqualTo(ScalarType.Float32));
+        Assert.That(merged["w"].data<float>().ToArray(), Is.EqualTo(new float[] { 4, 6 }));
+        Assert.That(merged["ids"].data<long>().ToArray(), Is.EqualTo(new long[] { 0, 1, 2 }));
+
+        using var free = new WeightAverageMerge().Merge(null, [e1, e2]);
+        Assert.That(free["w"].dtype, Is.EqualTo(ScalarType.BFloat16), "without a base, the first expert's");
+        Assert.That(free["ids"].data<long>().ToArray(), Is.EqualTo(new long[] { 10, 11, 12 }));
+    }
+
+    private static IEnumerable<MergeMethod> EveryMethod() =>
+    [
+        new WeightAverageMerge(),
+        new TaskArithmeticMerge(),
+        new TiesMerge(),
+        new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit }),
+        new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft }),
+        new DareMerge(new DareOptions { Combination = Combination.Ties, Seed = 1 }),
+        new BreadcrumbsMerge(),
+        new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit }),
+        new PcbMerge(),
+        new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor }),
+    ];
+
+    [TestCaseSource(nameof(EveryMethod))]
+    public void An_empty_tensor_merges_to_an_empty_tensor_and_leaves_the_others_as_they_were(MergeMethod method)
+    {
+        using var baseModel = T.RandomModel(65);
+        using var e1 = T.Expert(baseModel, 66);
+        using var e2 = T.Expert(baseModel, 67);
+        using var without = method.Merge(baseModel, [e1, e2]);
+        foreach (var model in new[] { baseModel, e1, e2 })
+        {
+            model.Add("empty", zeros(0, 4, dtype: ScalarType.BFloat16));
+        }
+
+        using var merged = method.Merge(baseModel, [e1, e2]);
+        Assert.That(merged["empty"].shape, Is.EqualTo(new long[] { 0, 4 }));
+        Assert.That(merged["empty"].dtype, Is.EqualTo(ScalarType.BFloat16));
+        foreach (var name in without.Names)
+        {
+            T.BitEqual(merged[name], without[name]);
+        }
+
+        // A model of empty tensors only: nothing to bound, nothing to merge, no error.
+        using var emptyBase = new StateDict { { "empty", zeros(0, 4) } };
+        using var emptyExpert = new StateDict { { "empty", zeros(0, 4) } };
+        using var nothing = method.Merge(emptyBase, [emptyExpert]);
+        Assert.That(nothing["empty"].numel(), Is.Zero);
+    }
+
+    [Test]
     public void Integer_buffers_are_copied_from_the_base()
     {
         using var b = tensor(new long[] { 0, 1, 2 });
@@ -135,6 +204,14 @@ public class ValidationTests
         yield return new TestCaseData(new TestDelegate(() => _ = new PcbOptions { ClampLow = double.NaN }), "ClampLow").SetName("PCB clamp NaN");
         yield return new TestCaseData(new TestDelegate(() => _ = new TaskArithmeticOptions { Lambda = double.PositiveInfinity }), "Lambda").SetName("Task arithmetic lambda infinite");
         yield return new TestCaseData(new TestDelegate(() => _ = new RandomDrop(1.2)), "dropRate").SetName("RandomDrop p above 1");
+        yield return new TestCaseData(new TestDelegate(() => _ = new BreadcrumbsMerge(new BreadcrumbsOptions { PerExpert = [(.2, .1), (2, .1)] })), "PerExpert[1].Density")
+            .SetName("Breadcrumbs per-expert beta");
+        yield return new TestCaseData(new TestDelegate(() => _ = new BreadcrumbsMerge(new BreadcrumbsOptions { PerExpert = [(.2, -.1)] })), "PerExpert[0].Gamma")
+            .SetName("Breadcrumbs per-expert gamma");
+        yield return new TestCaseData(new TestDelegate(() => _ = new TiesOptions { Election = (SignElection)9 }), "Election").SetName("TIES election not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new TiesOptions { Aggregation = (Aggregation)9 }), "Aggregation").SetName("TIES aggregation not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new DareOptions { Rescale = (RescaleNorm)7 }), "Rescale").SetName("DARE rescale not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new PcbOptions { Scope = (SelectionScope)5 }), "Scope").SetName("PCB scope not an enum value");
     }
 
     [TestCaseSource(nameof(BadOptions))]
@@ -150,6 +227,58 @@ public class ValidationTests
         var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Weights = [1, 2, 3] });
         var ex = Assert.Throws<ArgumentException>(() => T.MergeDeltas(ties, [1, 2], [3, 4]));
         Assert.That(ex!.Message, Does.Contain("3 values").And.Contain("2 experts"));
+    }
+
+    [Test]
+    public void An_enum_option_names_its_values_when_refused()
+    {
+        var ex = Assert.Throws<ArgumentOutOfRangeException>(() => _ = new TiesOptions { Preset = (TiesPreset)4 });
+        Assert.That(ex!.Message, Does.Contain("Preset must be one of Paper, Mergekit, Peft"));
+        Assert.That(new TiesOptions { Scope = null }.Scope, Is.Null, "an optional enum may be left unset");
+    }
+
+    [Test]
+    public void A_statistic_for_another_number_of_experts_is_refused_with_the_counts()
+    {
+        using var b = arange(32, dtype: ScalarType.Float32).reshape(4, 8).div_(7);
+        using var e1 = b + 0.1f;
+        using var e2 = b - 0.2f;
+        var ties = new TiesMerge();
+        var statistic = ties.CreateStatistic(1)!;
+        while (!statistic.IsComplete)
+        {
+            statistic.Observe(new TensorGroup("w", b, [e1]));
+            statistic.EndPass();
+        }
+
+        var ex = Assert.Throws<MergeException>(() => ties.MergeTensor(new TensorGroup("w", b, [e1, e2]), statistic));
+        Assert.That(ex!.Message, Does.Contain("'w'").And.Contain("1 expert").And.Contain("has 2"));
+        var pcb = new PcbMerge();
+        var fresh = pcb.CreateStatistic(2)!;
+        Assert.Throws<MergeException>(() => fresh.Observe(new TensorGroup("w", b, [e1])));
+    }
+
+    [Test]
+    public void An_integer_output_dtype_is_refused()
+    {
+        using var baseModel = T.RandomModel(76);
+        using var expert = T.Expert(baseModel, 77);
+        var ex = Assert.Throws<ArgumentException>(() => new TaskArithmeticMerge().Merge(baseModel, [expert], ScalarType.Int32));
+        Assert.That(ex!.Message, Does.Contain("floating-point").And.Contain("Int32"));
+    }
+
+    [Test]
+    public void A_disposed_state_dict_is_reported_as_disposed_not_as_missing_tensors()
+    {
+        using var baseModel = T.RandomModel(78);
+        var expert = T.Expert(baseModel, 79);
+        expert.Dispose();
+        Assert.Throws<ObjectDisposedException>(() => new TaskArithmeticMerge().Merge(baseModel, [expert]));
+        Assert.Throws<ObjectDisposedException>(() => new WeightAverageMerge().Merge(null, [expert]));
+        Assert.Throws<ObjectDisposedException>(() => _ = expert.Count);
+        Assert.Throws<ObjectDisposedException>(() => expert.ContainsKey("layers.0.bias"));
+        Assert.Throws<ObjectDisposedException>(() => expert.GetEnumerator());
+        expert.Dispose(); // a second Dispose is allowed
     }
 
     [Test]
