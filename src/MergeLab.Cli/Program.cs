@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Runtime.InteropServices;
 using MergeLab.Cli.Commands;
 
 namespace MergeLab.Cli;
@@ -15,6 +16,30 @@ internal static class Program
             MergeCommand.Create(),
             InspectCommand.Create(),
         };
-        return root.Parse(args).Invoke();
+        var parse = root.Parse(args);
+        if (parse.Errors.Count > 0)
+        {
+            // The error contract: one line on standard error (System.CommandLine would add the whole help).
+            Console.Error.WriteLine($"mergelab: {parse.Errors[0].Message.ReplaceLineEndings(" ")} See '--help'.");
+            return 1;
+        }
+
+        // The first Ctrl+C or SIGTERM cancels the merge, which then removes what it wrote and exits with 130;
+        // a second one ends the process at once. (System.CommandLine's own handling would end it after two
+        // seconds, whatever the merge was doing.)
+        using var cancel = new CancellationTokenSource();
+        void Stop(PosixSignalContext context)
+        {
+            if (!cancel.IsCancellationRequested)
+            {
+                context.Cancel = true;
+                Console.Error.WriteLine("mergelab: cancelling (again to stop at once)…");
+                cancel.Cancel();
+            }
+        }
+
+        using var interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, Stop);
+        using var terminate = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Stop);
+        return parse.InvokeAsync(new InvocationConfiguration { ProcessTerminationTimeout = null }, cancel.Token).GetAwaiter().GetResult();
     }
 }

@@ -61,7 +61,7 @@ internal static class MergeCommand
             Overwrite = overwrite,
             OutputDType = plan.OutputDType,
             MaxShardBytes = maxShard,
-            CopyFilesFrom = plan.TokenizerSource,
+            TokenizerFilesFrom = plan.TokenizerSource,
             Device = device,
             NonFinite = nonFinite,
             MapInputs = mapInputs,
@@ -80,7 +80,16 @@ internal static class MergeCommand
 
     private static torch.Device ParseDevice(string name)
     {
-        var device = new torch.Device(name);
+        torch.Device device;
+        try
+        {
+            device = new torch.Device(name);
+        }
+        catch (ArgumentException)
+        {
+            throw new ArgumentException($"--device {name}: not a device; use cpu, cuda or cuda:N.");
+        }
+
         if (device.type == DeviceType.CUDA && !torch.cuda.is_available())
         {
             throw new ArgumentException($"--device {name}: CUDA is not available (this build references TorchSharp-cpu, or no GPU is present).");

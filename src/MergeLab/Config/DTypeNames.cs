@@ -20,4 +20,14 @@ internal static class DTypeNames
             _ => null,
         };
     }
+
+    /// <summary>The name PyTorch and Hugging Face configs give <paramref name="dtype"/> (<c>bfloat16</c>, …).</summary>
+    public static string TorchName(ScalarType dtype) => dtype switch
+    {
+        ScalarType.Float32 => "float32",
+        ScalarType.Float16 => "float16",
+        ScalarType.BFloat16 => "bfloat16",
+        ScalarType.Float64 => "float64",
+        _ => dtype.ToString().ToLowerInvariant(),
+    };
 }

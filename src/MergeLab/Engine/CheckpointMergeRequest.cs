@@ -39,8 +39,15 @@ public sealed record CheckpointMergeRequest
 
     /// <summary>The model directory whose non-weight files (config.json, tokenizer files,
     /// generation_config.json) are copied into the output; null means the base model's directory (or the
-    /// first expert's for base-free methods). Set it to an empty string to copy nothing.</summary>
+    /// first expert's for base-free methods). Set it to an empty string to copy nothing. The copied
+    /// config.json's <c>torch_dtype</c> (and <c>dtype</c>) name <see cref="OutputDType"/> when it is set.</summary>
     public string? CopyFilesFrom { get; init; }
+
+    /// <summary>A model directory whose tokenizer files replace those of <see cref="CopyFilesFrom"/> (a
+    /// config's <c>tokenizer_source</c>): every non-weight file there but config.json and
+    /// generation_config.json, which still come from <see cref="CopyFilesFrom"/>, as mergekit does. Null
+    /// (default): the tokenizer comes with the other files.</summary>
+    public string? TokenizerFilesFrom { get; init; }
 
     /// <summary>The device tensors are merged on; null means the CPU.</summary>
     public Device? Device { get; init; }

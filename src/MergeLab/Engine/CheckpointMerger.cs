@@ -51,7 +51,8 @@ public static class CheckpointMerger
         CancellationToken cancellationToken = default)
     {
         ArgumentNullException.ThrowIfNull(request);
-        var output = Path.GetFullPath(request.OutputDirectory);
+        ArgumentException.ThrowIfNullOrWhiteSpace(request.OutputDirectory);
+        var output = Path.TrimEndingDirectorySeparator(Path.GetFullPath(request.OutputDirectory));
         CheckOutput(request, output);
         if (request.ReadAhead < 1)
         {
@@ -88,10 +89,20 @@ public static class CheckpointMerger
             // stops the merge before the long part rather than after it. The merge writes only weights,
             // which are never among them.
             string? copyFrom = request.CopyFilesFrom ?? request.BaseModel ?? model.Reference.Path;
+            string? tokenizerFrom = request.TokenizerFilesFrom is { Length: > 0 } t && !PathCase.Comparer.Equals(Folder(t), Folder(copyFrom)) ? t : null;
             if (!string.IsNullOrEmpty(copyFrom))
             {
-                string dir = Directory.Exists(copyFrom) ? copyFrom : Path.GetDirectoryName(Path.GetFullPath(copyFrom))!;
-                NonWeightFiles.Copy(dir, temp);
+                NonWeightFiles.Copy(Folder(copyFrom), temp, include: tokenizerFrom is null ? null : NonWeightFiles.IsModelFile);
+            }
+
+            if (tokenizerFrom is not null)
+            {
+                NonWeightFiles.Copy(Folder(tokenizerFrom), temp, include: name => !NonWeightFiles.IsModelFile(name));
+            }
+
+            if (request.OutputDType is { } outputType)
+            {
+                NonWeightFiles.SetConfigDType(Path.Combine(temp, "config.json"), outputType);
             }
 
             // The inputs are checked for NaN and ±∞ on the first pass over them, whichever it is.
@@ -390,20 +401,86 @@ public static class CheckpointMerger
             throw new MergeException($"The output directory's parent '{parent}' does not exist.");
         }
 
-        if (!request.Overwrite && (Directory.Exists(output) || File.Exists(output)))
+        if (File.Exists(output))
         {
-            throw new MergeException($"The output '{output}' already exists; choose a new directory or allow overwriting.");
+            throw new MergeException($"The output '{output}' is a file; the output is a directory (and overwriting replaces only a directory).");
         }
 
-        foreach (var input in request.Experts.Append(request.BaseModel).OfType<string>())
+        if (!request.Overwrite && Directory.Exists(output))
         {
-            var full = Path.GetFullPath(input);
-            if (string.Equals(full.TrimEnd(Path.DirectorySeparatorChar), output.TrimEnd(Path.DirectorySeparatorChar), StringComparison.Ordinal))
+            throw new MergeException($"The output '{output}' already exists; choose a new directory or allow overwriting (the CLI's --overwrite).");
+        }
+
+        // Overwriting removes the old directory: it must not be, or hold, an input, even through a link.
+        string realOutput = RealPath(output);
+        foreach (var input in request.Experts.Append(request.BaseModel).Append(request.CopyFilesFrom).Append(request.TokenizerFilesFrom)
+                     .Where(p => !string.IsNullOrEmpty(p)))
+        {
+            string real = RealPath(input!);
+            if (PathCase.Comparer.Equals(real, realOutput))
             {
                 throw new MergeException($"The output '{output}' is one of the inputs; MergeLab never writes over its inputs.");
             }
+
+            if (IsInside(real, realOutput))
+            {
+                throw new MergeException($"The output '{output}' holds the input '{input}'; MergeLab never writes over its inputs.");
+            }
+        }
+
+        if (request.Overwrite && Directory.Exists(output))
+        {
+            CheckReplaceable(output);
         }
     }
+
+    /// <summary>The folder of a model path (a folder, or a file in it); empty for none.</summary>
+    private static string Folder(string? path) =>
+        string.IsNullOrEmpty(path) ? "" : Path.TrimEndingDirectorySeparator(Path.GetFullPath(Directory.Exists(path) ? path : Path.GetDirectoryName(Path.GetFullPath(path))!));
+
+    /// <summary>An existing output is replaced only when it looks like a merged checkpoint: no subfolders, and
+    /// safetensors weights or their index (or nothing at all). A mistyped OUT_DIR such as the working folder
+    /// or a home directory is refused instead of deleted.</summary>
+    private static void CheckReplaceable(string output)
+    {
+        var folder = Directory.EnumerateDirectories(output).FirstOrDefault();
+        if (folder is not null)
+        {
+            throw new MergeException($"The output '{output}' holds the folder '{Path.GetFileName(folder)}', so it is not a merged checkpoint; "
+                + "overwriting replaces only a folder of checkpoint files. Choose another output or remove it yourself.");
+        }
+
+        var files = Directory.EnumerateFiles(output).Select(Path.GetFileName).ToArray();
+        if (files.Length > 0 && !files.Any(f => f!.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase)
+                                              || f!.EndsWith(".safetensors.index.json", StringComparison.OrdinalIgnoreCase)))
+        {
+            throw new MergeException($"The output '{output}' holds no safetensors weights, so it is not a merged checkpoint; "
+                + "overwriting replaces only a folder of checkpoint files. Choose another output or remove it yourself.");
+        }
+    }
+
+    /// <summary><paramref name="path"/> made absolute with every symbolic link along it resolved (as far as it exists).</summary>
+    private static string RealPath(string path)
+    {
+        string full = Path.TrimEndingDirectorySeparator(Path.GetFullPath(path));
+        string root = Path.GetPathRoot(full)!;
+        string current = root;
+        foreach (var part in full[root.Length..].Split(Path.DirectorySeparatorChar, StringSplitOptions.RemoveEmptyEntries))
+        {
+            current = Path.Combine(current, part);
+            FileSystemInfo info = Directory.Exists(current) ? new DirectoryInfo(current) : new FileInfo(current);
+            if (info.Exists && info.LinkTarget is not null && info.ResolveLinkTarget(returnFinalTarget: true) is { } target)
+            {
+                current = RealPath(target.FullName);
+            }
+        }
+
+        return current;
+    }
+
+    private static bool IsInside(string path, string directory) =>
+        path.StartsWith(Path.TrimEndingDirectorySeparator(directory) + Path.DirectorySeparatorChar, PathCase.Comparison)
+        || PathCase.Comparer.Equals(Path.TrimEndingDirectorySeparator(directory), Path.GetPathRoot(directory));
 
     private static void MoveIntoPlace(string temp, string output, bool overwrite)
     {

@@ -1,3 +1,8 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using MergeLab.Config;
+using static TorchSharp.torch;
+
 namespace MergeLab.IO;
 
 /// <summary>
@@ -47,11 +52,15 @@ public static class NonWeightFiles
     /// A file already in the destination is kept unless <paramref name="overwrite"/> is true, so files the
     /// merge wrote itself (e.g. its own config.json) win.
     /// </summary>
+    /// <param name="sourceDirectory">The model folder to copy from.</param>
+    /// <param name="destinationDirectory">The folder to copy into.</param>
+    /// <param name="overwrite">Whether a file already in the destination is replaced.</param>
+    /// <param name="include">Which of the non-weight files (by file name) to copy; null: all of them.</param>
     /// <returns>The names of the files copied, in ordinal order.</returns>
     /// <exception cref="DirectoryNotFoundException">Either directory does not exist.</exception>
     /// <exception cref="IOException">A file to copy is a symbolic link to a file outside the source folder
     /// (see the remarks); nothing was copied.</exception>
-    public static IReadOnlyList<string> Copy(string sourceDirectory, string destinationDirectory, bool overwrite = false)
+    public static IReadOnlyList<string> Copy(string sourceDirectory, string destinationDirectory, bool overwrite = false, Func<string, bool>? include = null)
     {
         ArgumentException.ThrowIfNullOrEmpty(sourceDirectory);
         ArgumentException.ThrowIfNullOrEmpty(destinationDirectory);
@@ -63,7 +72,8 @@ public static class NonWeightFiles
             }
         }
 
-        var sources = Directory.EnumerateFiles(sourceDirectory).Where(f => IsNonWeightFile(Path.GetFileName(f)))
+        var sources = Directory.EnumerateFiles(sourceDirectory)
+            .Where(f => IsNonWeightFile(Path.GetFileName(f)) && (include is null || include(Path.GetFileName(f))))
             .Order(StringComparer.Ordinal).ToArray();
         foreach (var source in sources)
         {
@@ -94,6 +104,57 @@ public static class NonWeightFiles
         }
 
         return copied;
+    }
+
+    /// <summary>Whether <paramref name="fileName"/> describes the model rather than its tokenizer:
+    /// <c>config.json</c> or <c>generation_config.json</c>.</summary>
+    public static bool IsModelFile(string fileName)
+    {
+        ArgumentNullException.ThrowIfNull(fileName);
+        string name = Path.GetFileName(fileName);
+        return name.Equals("config.json", StringComparison.OrdinalIgnoreCase) || name.Equals("generation_config.json", StringComparison.OrdinalIgnoreCase);
+    }
+
+    /// <summary>
+    /// Sets the dtype a Hugging Face <c>config.json</c> declares (<c>torch_dtype</c>, and <c>dtype</c>, the
+    /// newer name, where present) to <paramref name="dtype"/>, as mergekit does for its output. A missing
+    /// file, one that is not a JSON object, or one that declares neither key is left as it is.
+    /// </summary>
+    /// <param name="configPath">The config.json to edit in place.</param>
+    /// <param name="dtype">The merged weights' dtype.</param>
+    public static void SetConfigDType(string configPath, ScalarType dtype)
+    {
+        ArgumentNullException.ThrowIfNull(configPath);
+        if (!File.Exists(configPath))
+        {
+            return;
+        }
+
+        JsonObject? config;
+        try
+        {
+            config = JsonNode.Parse(File.ReadAllText(configPath)) as JsonObject;
+        }
+        catch (JsonException)
+        {
+            return;
+        }
+
+        string name = DTypeNames.TorchName(dtype);
+        bool changed = false;
+        foreach (var key in new[] { "torch_dtype", "dtype" })
+        {
+            if (config is not null && config.ContainsKey(key) && config[key]?.GetValueKind() == JsonValueKind.String && (string?)config[key] != name)
+            {
+                config[key] = name;
+                changed = true;
+            }
+        }
+
+        if (changed)
+        {
+            File.WriteAllText(configPath, config!.ToJsonString(new JsonSerializerOptions { WriteIndented = true, IndentSize = 2 }) + "\n");
+        }
     }
 
     /// <summary>Refuses a symbolic link whose final target is outside <paramref name="directory"/> (or, for a

@@ -202,22 +202,94 @@ public class CheckpointMergerTests
         using var dir = new TempDirectory();
         using var baseModel = T.RandomModel(102);
         using var e1 = T.Expert(baseModel, 103);
-        string output = Path.Combine(dir.Path, "out");
-        Directory.CreateDirectory(output);
+        string output = Save(dir, "out", e1); // an earlier merge's output
         File.WriteAllText(Path.Combine(output, "keep.txt"), "mine");
         var request = new CheckpointMergeRequest
         {
             BaseModel = Save(dir, "base", baseModel),
             Experts = [Save(dir, "e1", e1)],
             Method = new TaskArithmeticMerge(),
-            OutputDirectory = output,
+            OutputDirectory = output + Path.DirectorySeparatorChar, // a trailing separator names the same folder
         };
-        Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request));
+        var ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request));
+        Assert.That(ex!.Message, Does.Contain("already exists").And.Contain("--overwrite"));
         Assert.That(File.Exists(Path.Combine(output, "keep.txt")), Is.True);
 
         CheckpointMerger.Merge(request with { Overwrite = true });
         Assert.That(File.Exists(Path.Combine(output, "keep.txt")), Is.False);
         Assert.That(File.Exists(Path.Combine(output, SafetensorsCheckpoint.SingleFileName)), Is.True);
+    }
+
+    [Test]
+    public void Overwriting_refuses_a_folder_that_holds_an_input_or_is_no_checkpoint_and_deletes_nothing()
+    {
+        using var dir = new TempDirectory();
+        using var baseModel = T.RandomModel(104);
+        using var e1 = T.Expert(baseModel, 105);
+        var request = new CheckpointMergeRequest
+        {
+            BaseModel = Save(dir, Path.Combine("models", "base"), baseModel),
+            Experts = [Save(dir, Path.Combine("models", "e1"), e1)],
+            Method = new TaskArithmeticMerge(),
+            OutputDirectory = Path.Combine(dir.Path, "models"),
+            Overwrite = true,
+        };
+
+        // The folder of the inputs, directly and through a link to it.
+        var ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request));
+        Assert.That(ex!.Message, Does.Contain("holds the input").And.Contain("never writes over its inputs"));
+        string link = Path.Combine(dir.Path, "link");
+        Directory.CreateSymbolicLink(link, Path.Combine(dir.Path, "models"));
+        Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = link }));
+
+        // A folder with a subfolder, or with files but no weights: not a checkpoint this could have written.
+        string other = Path.Combine(dir.Path, "other");
+        Directory.CreateDirectory(Path.Combine(other, "sub"));
+        ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = other }));
+        Assert.That(ex!.Message, Does.Contain("holds the folder 'sub'"));
+        Directory.Delete(Path.Combine(other, "sub"));
+        File.WriteAllText(Path.Combine(other, "notes.txt"), "mine");
+        ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = other }));
+        Assert.That(ex!.Message, Does.Contain("holds no safetensors weights"));
+
+        // A file where the output should go is refused before any merging.
+        ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = Path.Combine(other, "notes.txt") }));
+        Assert.That(ex!.Message, Does.Contain("is a file"));
+
+        Assert.That(File.ReadAllText(Path.Combine(other, "notes.txt")), Is.EqualTo("mine"));
+        Assert.That(File.Exists(Path.Combine(dir.Path, "models", "base", SafetensorsCheckpoint.SingleFileName)), Is.True);
+        Assert.That(Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName), Is.EquivalentTo(new[] { "models", "link", "other" }), "no temporary folder left");
+    }
+
+    [Test]
+    public void A_tokenizer_source_gives_the_tokenizer_files_and_the_base_gives_the_config_with_the_output_dtype()
+    {
+        using var dir = new TempDirectory();
+        using var baseModel = T.RandomModel(106);
+        using var e1 = T.Expert(baseModel, 107);
+        string basePath = Save(dir, "base", baseModel), expertPath = Save(dir, "e1", e1);
+        File.WriteAllText(Path.Combine(basePath, "config.json"), "{\n  \"model_type\": \"llama\",\n  \"torch_dtype\": \"bfloat16\"\n}\n");
+        File.WriteAllText(Path.Combine(basePath, "generation_config.json"), "{\"from\": \"base\"}");
+        File.WriteAllText(Path.Combine(basePath, "tokenizer.json"), "{\"from\": \"base\"}");
+        File.WriteAllText(Path.Combine(basePath, "tokenizer.model"), "base");
+        File.WriteAllText(Path.Combine(expertPath, "config.json"), "{\"model_type\": \"donor\"}");
+        File.WriteAllText(Path.Combine(expertPath, "tokenizer.json"), "{\"from\": \"donor\"}");
+        string output = Path.Combine(dir.Path, "out");
+        CheckpointMerger.Merge(new CheckpointMergeRequest
+        {
+            BaseModel = basePath,
+            Experts = [expertPath],
+            Method = new TaskArithmeticMerge(),
+            OutputDirectory = output,
+            TokenizerFilesFrom = expertPath,
+            OutputDType = ScalarType.Float16,
+        });
+
+        Assert.That(File.ReadAllText(Path.Combine(output, "tokenizer.json")), Does.Contain("donor"));
+        Assert.That(File.Exists(Path.Combine(output, "tokenizer.model")), Is.False, "the tokenizer is the donor's alone, not mixed with the base's");
+        Assert.That(File.ReadAllText(Path.Combine(output, "generation_config.json")), Does.Contain("base"));
+        string config = File.ReadAllText(Path.Combine(output, "config.json"));
+        Assert.That(config, Does.Contain("\"model_type\": \"llama\"").And.Contain("\"torch_dtype\": \"float16\""));
     }
 
     private sealed class FailingMethod : MergeMethod
