@@ -137,7 +137,7 @@ public sealed class SafetensorsFile : IDisposable
             if (headerSize > (ulong)(fileLength - prefix))
             {
                 throw new SafetensorsFormatException(path,
-                    $"header size {headerSize} is beyond the file size {fileLength}.");
+                    $"header size {headerSize} is beyond the file size {fileLength}: not a safetensors file, or one cut short.");
             }
 
             if (headerSize > (ulong)options.MaxHeaderBytes)
