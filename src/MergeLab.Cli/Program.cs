@@ -24,9 +24,9 @@ internal static class Program
             return 1;
         }
 
-        // The first Ctrl+C or SIGTERM cancels the merge, which then removes what it wrote and exits with 130;
-        // a second one ends the process at once. (System.CommandLine's own handling would end it after two
-        // seconds, whatever the merge was doing.)
+        // During a merge, the first Ctrl+C or SIGTERM cancels it, and it then removes what it wrote and exits
+        // with 130; a second one ends the process at once. (System.CommandLine's own handling would end it
+        // after two seconds, whatever the merge was doing.) Other commands are short and keep the default.
         using var cancel = new CancellationTokenSource();
         void Stop(PosixSignalContext context)
         {
@@ -34,12 +34,13 @@ internal static class Program
             {
                 context.Cancel = true;
                 Console.Error.WriteLine("mergelab: cancelling (again to stop at once)…");
-                cancel.Cancel();
+                _ = cancel.CancelAsync(); // the token's callbacks run off the signal thread
             }
         }
 
-        using var interrupt = PosixSignalRegistration.Create(PosixSignal.SIGINT, Stop);
-        using var terminate = PosixSignalRegistration.Create(PosixSignal.SIGTERM, Stop);
+        bool merging = parse.CommandResult.Command.Name == MergeCommand.Name;
+        using var interrupt = merging ? PosixSignalRegistration.Create(PosixSignal.SIGINT, Stop) : null;
+        using var terminate = merging ? PosixSignalRegistration.Create(PosixSignal.SIGTERM, Stop) : null;
         return parse.InvokeAsync(new InvocationConfiguration { ProcessTerminationTimeout = null }, cancel.Token).GetAwaiter().GetResult();
     }
 }

@@ -12,6 +12,9 @@ namespace MergeLab.Cli.Commands;
 /// <summary><c>mergelab merge CONFIG.yaml OUT_DIR</c>: runs a mergekit-style config through the streaming engine.</summary>
 internal static class MergeCommand
 {
+    /// <summary>The command's name.</summary>
+    public const string Name = "merge";
+
     public static Command Create()
     {
         var config = new Argument<string>("CONFIG") { Description = "A mergekit-style YAML merge config." };
@@ -33,7 +36,7 @@ internal static class MergeCommand
             DefaultValueFactory = _ => "map",
         };
         read.AcceptOnlyFromAmong("map", "copy");
-        var command = new Command("merge", "Merge the models of a YAML config into OUT_DIR (safetensors shards, index, config and tokenizer files).")
+        var command = new Command(Name, "Merge the models of a YAML config into OUT_DIR (safetensors shards, index, config and tokenizer files).")
         {
             config, output, device, seed, shardSize, overwrite, nonFinite, read,
         };

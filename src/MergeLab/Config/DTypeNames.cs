@@ -21,13 +21,28 @@ internal static class DTypeNames
         };
     }
 
-    /// <summary>The name PyTorch and Hugging Face configs give <paramref name="dtype"/> (<c>bfloat16</c>, …).</summary>
+    /// <summary>Whether merged values can be stored as <paramref name="dtype"/>: float16, bfloat16, float32 or
+    /// float64 (an integer or boolean type would truncate them silently).</summary>
+    public static bool IsFloating(ScalarType dtype) =>
+        dtype is ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Float32 or ScalarType.Float64;
+
+    /// <summary>The name PyTorch and Hugging Face configs give a floating-point <paramref name="dtype"/> (<c>bfloat16</c>, …).</summary>
     public static string TorchName(ScalarType dtype) => dtype switch
     {
         ScalarType.Float32 => "float32",
         ScalarType.Float16 => "float16",
         ScalarType.BFloat16 => "bfloat16",
         ScalarType.Float64 => "float64",
-        _ => dtype.ToString().ToLowerInvariant(),
+        _ => throw new ArgumentOutOfRangeException(nameof(dtype), dtype, "Not a floating-point dtype."),
     };
+
+    /// <summary>Throws unless <paramref name="dtype"/> (when given) is a floating-point type (<see cref="IsFloating"/>).</summary>
+    /// <exception cref="ArgumentException">It is not.</exception>
+    public static void RequireFloating(ScalarType? dtype, string name)
+    {
+        if (dtype is { } t && !IsFloating(t))
+        {
+            throw new ArgumentException($"The output dtype must be a floating-point type (float16, bfloat16, float32 or float64), but was {t}.", name);
+        }
+    }
 }

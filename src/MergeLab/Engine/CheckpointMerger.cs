@@ -1,4 +1,5 @@
 using System.Collections.Concurrent;
+using MergeLab.Config;
 using MergeLab.IO;
 using MergeLab.Methods;
 using static TorchSharp.torch;
@@ -52,6 +53,7 @@ public static class CheckpointMerger
     {
         ArgumentNullException.ThrowIfNull(request);
         ArgumentException.ThrowIfNullOrWhiteSpace(request.OutputDirectory);
+        DTypeNames.RequireFloating(request.OutputDType, nameof(request.OutputDType)); // before any pass, not at the first tensor
         var output = Path.TrimEndingDirectorySeparator(Path.GetFullPath(request.OutputDirectory));
         CheckOutput(request, output);
         if (request.ReadAhead < 1)
@@ -396,7 +398,12 @@ public static class CheckpointMerger
     private static void CheckOutput(CheckpointMergeRequest request, string output)
     {
         var parent = Path.GetDirectoryName(output);
-        if (parent is null || !Directory.Exists(parent))
+        if (parent is null)
+        {
+            throw new MergeException($"The output '{output}' is a root folder; choose a folder inside it.");
+        }
+
+        if (!Directory.Exists(parent))
         {
             throw new MergeException($"The output directory's parent '{parent}' does not exist.");
         }

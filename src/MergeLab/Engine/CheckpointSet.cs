@@ -1,4 +1,5 @@
 using System.Runtime.ExceptionServices;
+using MergeLab.Config;
 using MergeLab.IO;
 using MergeLab.Methods;
 using MergeLab.Selection;
@@ -87,7 +88,7 @@ internal sealed class CheckpointSet
     public PlannedTensor OutputLayout(string name, ScalarType? outputType)
     {
         var info = Reference.GetInfo(name);
-        bool floating = info.DType is ScalarType.Float64 or ScalarType.Float32 or ScalarType.Float16 or ScalarType.BFloat16;
+        bool floating = DTypeNames.IsFloating(info.DType);
         return new PlannedTensor(name, floating ? outputType ?? info.DType : info.DType, info.Shape);
     }
 

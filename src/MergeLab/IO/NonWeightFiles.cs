@@ -1,3 +1,4 @@
+using System.Text.Encodings.Web;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using MergeLab.Config;
@@ -133,9 +134,15 @@ public static class NonWeightFiles
         JsonObject? config;
         try
         {
-            config = JsonNode.Parse(File.ReadAllText(configPath)) as JsonObject;
+            // Duplicate keys are refused here rather than by the first lookup.
+            config = JsonNode.Parse(File.ReadAllText(configPath), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }) as JsonObject;
         }
         catch (JsonException)
+        {
+            return;
+        }
+
+        if (config is null)
         {
             return;
         }
@@ -144,7 +151,7 @@ public static class NonWeightFiles
         bool changed = false;
         foreach (var key in new[] { "torch_dtype", "dtype" })
         {
-            if (config is not null && config.ContainsKey(key) && config[key]?.GetValueKind() == JsonValueKind.String && (string?)config[key] != name)
+            if (config[key]?.GetValueKind() == JsonValueKind.String && (string?)config[key] != name)
             {
                 config[key] = name;
                 changed = true;
@@ -153,7 +160,9 @@ public static class NonWeightFiles
 
         if (changed)
         {
-            File.WriteAllText(configPath, config!.ToJsonString(new JsonSerializerOptions { WriteIndented = true, IndentSize = 2 }) + "\n");
+            // Relaxed escaping keeps non-ASCII text and characters such as + and < as they were written.
+            var options = new JsonSerializerOptions { WriteIndented = true, IndentSize = 2, Encoder = JavaScriptEncoder.UnsafeRelaxedJsonEscaping };
+            File.WriteAllText(configPath, config.ToJsonString(options) + "\n");
         }
     }
 

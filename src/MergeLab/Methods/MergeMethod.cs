@@ -1,3 +1,4 @@
+using MergeLab.Config;
 using MergeLab.Tensors;
 using static TorchSharp.torch;
 
@@ -42,7 +43,7 @@ public abstract class MergeMethod
     public Tensor MergeTensor(TensorGroup group, ModelStatistic? statistic = null, ScalarType? outputType = null)
     {
         ArgumentNullException.ThrowIfNull(group);
-        CheckOutputType(outputType);
+        DTypeNames.RequireFloating(outputType, nameof(outputType));
         group.Validate(RequiresBase);
         var reference = group.Reference;
         if (!reference.is_floating_point())
@@ -102,7 +103,7 @@ public abstract class MergeMethod
     public StateDict Merge(StateDict? baseModel, IReadOnlyList<StateDict> experts, ScalarType? outputType = null,
         IProgress<MergeProgress>? progress = null, CancellationToken cancellationToken = default)
     {
-        CheckOutputType(outputType);
+        DTypeNames.RequireFloating(outputType, nameof(outputType));
         var names = StateDictChecks.CheckCompatible(baseModel, experts, RequiresBase);
         var statistic = CreateStatistic(experts.Count);
         while (statistic is { IsComplete: false })
@@ -141,15 +142,6 @@ public abstract class MergeMethod
 
     /// <inheritdoc />
     public override string ToString() => Name;
-
-    /// <summary>Merged values are floats: an integer or boolean result type would truncate them silently.</summary>
-    private static void CheckOutputType(ScalarType? outputType)
-    {
-        if (outputType is { } t && t is not (ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Float32 or ScalarType.Float64))
-        {
-            throw new ArgumentException($"The output dtype must be a floating-point type (float16, bfloat16, float32 or float64), but was {t}.", nameof(outputType));
-        }
-    }
 }
 
 /// <summary>Progress of a merge: tensors done of the total.</summary>

@@ -184,4 +184,18 @@ public class CliTests
         Assert.That(exit, Is.EqualTo(1));
         Assert.That(stderr, Does.Contain("'lots' is not a size"));
     }
+
+    [Test]
+    public void An_argument_error_is_one_line_on_standard_error()
+    {
+        var (exit, output, error) = Run("merge", "config.yaml", "out", "--seed", "abc");
+        Assert.That(exit, Is.EqualTo(1));
+        Assert.That(output, Is.Empty, "no help text");
+        Assert.That(error.TrimEnd().Split('\n'), Has.Length.EqualTo(1));
+        Assert.That(error, Does.StartWith("mergelab: ").And.Contain("--seed"));
+
+        (exit, _, error) = Run("merge", "config.yaml", "out", "--device", "gpu");
+        Assert.That(exit, Is.EqualTo(1));
+        Assert.That(error, Does.Contain("--device gpu").And.Contain("cpu, cuda or cuda:N"));
+    }
 }

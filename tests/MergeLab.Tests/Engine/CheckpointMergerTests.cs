@@ -252,6 +252,10 @@ public class CheckpointMergerTests
         ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = other }));
         Assert.That(ex!.Message, Does.Contain("holds no safetensors weights"));
 
+        // An integer output dtype is refused before any pass.
+        var integer = Assert.Throws<ArgumentException>(() => CheckpointMerger.Merge(request with { OutputDirectory = Path.Combine(dir.Path, "new"), OutputDType = ScalarType.Int32 }));
+        Assert.That(integer!.Message, Does.Contain("floating-point"));
+
         // A file where the output should go is refused before any merging.
         ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = Path.Combine(other, "notes.txt") }));
         Assert.That(ex!.Message, Does.Contain("is a file"));

@@ -56,4 +56,42 @@ public class NonWeightFilesTests
         using var dir = new TempDirectory();
         Assert.Throws<DirectoryNotFoundException>(() => NonWeightFiles.Copy(Path.Combine(dir.Path, "missing"), dir.Path));
     }
+
+    [Test]
+    public void The_config_dtype_is_set_where_declared_and_the_rest_of_the_text_kept()
+    {
+        using var dir = new TempDirectory();
+        string config = dir.File("config.json");
+        File.WriteAllText(config, "{\"_name_or_path\": \"/home/José/m+<x>\", \"torch_dtype\": \"bfloat16\", \"dtype\": \"bfloat16\", \"layers\": 2}");
+        NonWeightFiles.SetConfigDType(config, TorchSharp.torch.ScalarType.Float16);
+        string text = File.ReadAllText(config);
+        Assert.That(text, Does.Contain("\"torch_dtype\": \"float16\"").And.Contain("\"dtype\": \"float16\"").And.Contain("/home/José/m+<x>"));
+        Assert.That(text, Does.Contain("\"layers\": 2"));
+
+        // Left as they are: no dtype key, not an object, not JSON, duplicate keys, no file.
+        foreach (var untouched in new[] { "{\"layers\": 2}", "[1, 2]", "not json", "{\"torch_dtype\": \"bfloat16\", \"torch_dtype\": \"float32\"}" })
+        {
+            File.WriteAllText(config, untouched);
+            NonWeightFiles.SetConfigDType(config, TorchSharp.torch.ScalarType.Float16);
+            Assert.That(File.ReadAllText(config), Is.EqualTo(untouched));
+        }
+
+        NonWeightFiles.SetConfigDType(dir.File("missing.json"), TorchSharp.torch.ScalarType.Float16);
+        Assert.That(File.Exists(dir.File("missing.json")), Is.False);
+    }
+
+    [Test]
+    public void Only_the_included_files_are_copied()
+    {
+        using var source = new TempDirectory();
+        using var destination = new TempDirectory();
+        foreach (var name in new[] { "config.json", "generation_config.json", "tokenizer.json" })
+        {
+            File.WriteAllText(source.File(name), name);
+        }
+
+        Assert.That(NonWeightFiles.Copy(source.Path, destination.Path, include: NonWeightFiles.IsModelFile),
+            Is.EqualTo(new[] { "config.json", "generation_config.json" }));
+        Assert.That(NonWeightFiles.Copy(source.Path, destination.Path, include: n => !NonWeightFiles.IsModelFile(n)), Is.EqualTo(new[] { "tokenizer.json" }));
+    }
 }
