@@ -90,16 +90,18 @@ public static class CheckpointMerger
             // The small non-weight files go first, so a problem with them (a link out of the model folder)
             // stops the merge before the long part rather than after it. The merge writes only weights,
             // which are never among them.
-            string? copyFrom = request.CopyFilesFrom ?? request.BaseModel ?? model.Reference.Path;
-            string? tokenizerFrom = request.TokenizerFilesFrom is { Length: > 0 } t && !PathCase.Comparer.Equals(Folder(t), Folder(copyFrom)) ? t : null;
-            if (!string.IsNullOrEmpty(copyFrom))
+            // A separate tokenizer source gives every file but config.json and generation_config.json.
+            string filesFrom = Folder(request.CopyFilesFrom ?? request.BaseModel ?? model.Reference.Path);
+            string tokenizerFrom = Folder(request.TokenizerFilesFrom);
+            bool separateTokenizer = tokenizerFrom.Length > 0 && !PathCase.Comparer.Equals(tokenizerFrom, filesFrom);
+            if (filesFrom.Length > 0)
             {
-                NonWeightFiles.Copy(Folder(copyFrom), temp, include: tokenizerFrom is null ? null : NonWeightFiles.IsModelFile);
+                NonWeightFiles.Copy(filesFrom, temp, include: separateTokenizer ? NonWeightFiles.IsModelFile : null);
             }
 
-            if (tokenizerFrom is not null)
+            if (separateTokenizer)
             {
-                NonWeightFiles.Copy(Folder(tokenizerFrom), temp, include: name => !NonWeightFiles.IsModelFile(name));
+                NonWeightFiles.Copy(tokenizerFrom, temp, include: name => !NonWeightFiles.IsModelFile(name));
             }
 
             if (request.OutputDType is { } outputType)
@@ -413,7 +415,12 @@ public static class CheckpointMerger
             throw new MergeException($"The output '{output}' is a file; the output is a directory (and overwriting replaces only a directory).");
         }
 
-        if (!request.Overwrite && Directory.Exists(output))
+        if (!Directory.Exists(output))
+        {
+            return;
+        }
+
+        if (!request.Overwrite)
         {
             throw new MergeException($"The output '{output}' already exists; choose a new directory or allow overwriting (the CLI's --overwrite).");
         }
@@ -429,21 +436,26 @@ public static class CheckpointMerger
                 throw new MergeException($"The output '{output}' is one of the inputs; MergeLab never writes over its inputs.");
             }
 
-            if (IsInside(real, realOutput))
+            if (PathCase.IsInside(real, realOutput))
             {
                 throw new MergeException($"The output '{output}' holds the input '{input}'; MergeLab never writes over its inputs.");
             }
         }
 
-        if (request.Overwrite && Directory.Exists(output))
-        {
-            CheckReplaceable(output);
-        }
+        CheckReplaceable(output);
     }
 
     /// <summary>The folder of a model path (a folder, or a file in it); empty for none.</summary>
-    private static string Folder(string? path) =>
-        string.IsNullOrEmpty(path) ? "" : Path.TrimEndingDirectorySeparator(Path.GetFullPath(Directory.Exists(path) ? path : Path.GetDirectoryName(Path.GetFullPath(path))!));
+    private static string Folder(string? path)
+    {
+        if (string.IsNullOrEmpty(path))
+        {
+            return "";
+        }
+
+        string full = Path.GetFullPath(path);
+        return Path.TrimEndingDirectorySeparator(Directory.Exists(full) ? full : Path.GetDirectoryName(full)!);
+    }
 
     /// <summary>An existing output is replaced only when it looks like a merged checkpoint: no subfolders, and
     /// safetensors weights or their index (or nothing at all). A mistyped OUT_DIR such as the working folder
@@ -484,10 +496,6 @@ public static class CheckpointMerger
 
         return current;
     }
-
-    private static bool IsInside(string path, string directory) =>
-        path.StartsWith(Path.TrimEndingDirectorySeparator(directory) + Path.DirectorySeparatorChar, PathCase.Comparison)
-        || PathCase.Comparer.Equals(Path.TrimEndingDirectorySeparator(directory), Path.GetPathRoot(directory));
 
     private static void MoveIntoPlace(string temp, string output, bool overwrite)
     {

@@ -180,7 +180,7 @@ public static class NonWeightFiles
             ?? throw new IOException($"'{file}' is a symbolic link that cannot be resolved; MergeLab does not copy it.");
         string full = Path.GetFullPath(target.FullName);
         string dir = Path.TrimEndingDirectorySeparator(Path.GetFullPath(directory));
-        if (IsInside(full, dir))
+        if (PathCase.IsInside(full, dir))
         {
             return;
         }
@@ -189,7 +189,7 @@ public static class NonWeightFiles
         var snapshots = Path.GetDirectoryName(dir);
         var repository = snapshots is null ? null : Path.GetDirectoryName(snapshots);
         if (snapshots is not null && repository is not null && Path.GetFileName(snapshots) == "snapshots"
-            && IsInside(full, Path.Combine(repository, "blobs")))
+            && PathCase.IsInside(full, Path.Combine(repository, "blobs")))
         {
             return;
         }
@@ -198,7 +198,4 @@ public static class NonWeightFiles
             $"'{file}' is a symbolic link to '{full}', outside the model folder '{dir}'. MergeLab does not copy files from " +
             "elsewhere into a merged model (a downloaded model could otherwise make it copy your own files); replace the link with the file.");
     }
-
-    private static bool IsInside(string path, string directory) =>
-        path.StartsWith(Path.TrimEndingDirectorySeparator(directory) + Path.DirectorySeparatorChar, PathCase.Comparison);
 }

@@ -12,4 +12,12 @@ internal static class PathCase
 
     /// <summary>The comparer of whole paths (for dictionaries and equality).</summary>
     public static StringComparer Comparer { get; } = OperatingSystem.IsLinux() ? StringComparer.Ordinal : StringComparer.OrdinalIgnoreCase;
+
+    /// <summary>Whether the absolute <paramref name="path"/> lies below the absolute <paramref name="directory"/>
+    /// (not the directory itself; everything lies below a root).</summary>
+    public static bool IsInside(string path, string directory)
+    {
+        string prefix = Path.EndsInDirectorySeparator(directory) ? directory : directory + Path.DirectorySeparatorChar;
+        return path.StartsWith(prefix, Comparison);
+    }
 }

@@ -32,8 +32,22 @@ public sealed record BreadcrumbsOptions
         }
     } = 0.1;
 
-    /// <summary>Per-expert (density, gamma) pairs overriding the shared ones; null (default) uses them.</summary>
-    public IReadOnlyList<(double Density, double Gamma)>? PerExpert { get; init; }
+    /// <summary>Per-expert (density, gamma) pairs overriding the shared ones, each in [0, 1]; null (default)
+    /// uses them.</summary>
+    public IReadOnlyList<(double Density, double Gamma)>? PerExpert
+    {
+        get;
+        init
+        {
+            for (int k = 0; k < (value?.Count ?? 0); k++)
+            {
+                MergeLab.Options.RequireInRange(value![k].Density, $"PerExpert[{k}].Density", 0, 1);
+                MergeLab.Options.RequireInRange(value[k].Gamma, $"PerExpert[{k}].Gamma", 0, 1);
+            }
+
+            field = value;
+        }
+    }
 
     /// <summary>Linear (default; mergekit <c>breadcrumbs</c>) or TIES consensus (<c>breadcrumbs_ties</c>).</summary>
     public Combination Combination { get; init => field = MergeLab.Options.Defined(value, nameof(Combination)); } = Combination.Linear;
@@ -82,12 +96,7 @@ public sealed class BreadcrumbsMerge : PipelineMerge
     private static TaskVectorPipeline Build(BreadcrumbsOptions o)
     {
         var pairs = o.PerExpert ?? [(o.Density, o.Gamma)];
-        var sparsifiers = pairs.Select((p, k) =>
-        {
-            MergeLab.Options.RequireInRange(p.Density, $"PerExpert[{k}].Density", 0, 1);
-            MergeLab.Options.RequireInRange(p.Gamma, $"PerExpert[{k}].Gamma", 0, 1);
-            return (Sparsifier)new BreadcrumbsMask(p.Density, p.Gamma, o.Variant);
-        }).ToArray();
+        var sparsifiers = pairs.Select(p => (Sparsifier)new BreadcrumbsMask(p.Density, p.Gamma, o.Variant)).ToArray();
         return DareMerge.Combine(sparsifiers, o.Combination, o.ConsensusPreset,
             o.Aggregation, o.Weights, o.Lambda);
     }

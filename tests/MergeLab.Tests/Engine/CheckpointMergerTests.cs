@@ -71,6 +71,22 @@ public class CheckpointMergerTests
         Assert.That(File.ReadAllText(Path.Combine(result.OutputDirectory, "config.json")), Does.Contain("base"));
     }
 
+    /// <summary>A task-arithmetic request over a random base (<paramref name="seed"/>) and one expert (seed + 1),
+    /// saved as <c>base</c> and <c>e1</c> under <paramref name="folder"/> of <paramref name="dir"/>, into
+    /// <c>out</c> there.</summary>
+    private static CheckpointMergeRequest OneExpertRequest(TempDirectory dir, long seed, string folder = "")
+    {
+        using var baseModel = T.RandomModel(seed);
+        using var e1 = T.Expert(baseModel, seed + 1);
+        return new CheckpointMergeRequest
+        {
+            BaseModel = Save(dir, Path.Combine(folder, "base"), baseModel),
+            Experts = [Save(dir, Path.Combine(folder, "e1"), e1)],
+            Method = new TaskArithmeticMerge(),
+            OutputDirectory = Path.Combine(dir.Path, "out"),
+        };
+    }
+
     [Test]
     public void Mapped_and_copied_inputs_give_the_same_bytes()
     {
@@ -138,16 +154,8 @@ public class CheckpointMergerTests
     public void Cancelled_merge_leaves_no_output_and_no_temporary_directory()
     {
         using var dir = new TempDirectory();
-        using var baseModel = T.RandomModel(97);
-        using var e1 = T.Expert(baseModel, 98);
         using var cts = new CancellationTokenSource();
-        var request = new CheckpointMergeRequest
-        {
-            BaseModel = Save(dir, "base", baseModel),
-            Experts = [Save(dir, "e1", e1)],
-            Method = new TaskArithmeticMerge(),
-            OutputDirectory = Path.Combine(dir.Path, "out"),
-        };
+        var request = OneExpertRequest(dir, 97);
         var progress = new SynchronousProgress<CheckpointMergeProgress>(p =>
         {
             if (p.TensorsDone == 2)
@@ -163,15 +171,9 @@ public class CheckpointMergerTests
     public void A_failing_method_names_the_tensor_and_leaves_nothing()
     {
         using var dir = new TempDirectory();
-        using var baseModel = T.RandomModel(99);
-        using var e1 = T.Expert(baseModel, 100);
-        var request = new CheckpointMergeRequest
+        var request = OneExpertRequest(dir, 99) with
         {
-            BaseModel = Save(dir, "base", baseModel),
-            Experts = [Save(dir, "e1", e1)],
-            Method = new TaskArithmeticMerge(),
             MethodForTensor = name => name == "layers.0.bias" ? new FailingMethod() : new TaskArithmeticMerge(),
-            OutputDirectory = Path.Combine(dir.Path, "out"),
         };
         var ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request));
         Assert.That(ex!.Message, Does.Contain("layers.0.bias").And.Contain("boom"));
@@ -200,17 +202,12 @@ public class CheckpointMergerTests
     public void An_existing_output_is_refused_unless_overwriting()
     {
         using var dir = new TempDirectory();
-        using var baseModel = T.RandomModel(102);
-        using var e1 = T.Expert(baseModel, 103);
-        string output = Save(dir, "out", e1); // an earlier merge's output
+        var request = OneExpertRequest(dir, 102);
+        string output = request.OutputDirectory;
+        Directory.CreateDirectory(output); // an earlier merge's output
+        File.Copy(Path.Combine(request.Experts[0], SafetensorsCheckpoint.SingleFileName), Path.Combine(output, SafetensorsCheckpoint.SingleFileName));
         File.WriteAllText(Path.Combine(output, "keep.txt"), "mine");
-        var request = new CheckpointMergeRequest
-        {
-            BaseModel = Save(dir, "base", baseModel),
-            Experts = [Save(dir, "e1", e1)],
-            Method = new TaskArithmeticMerge(),
-            OutputDirectory = output + Path.DirectorySeparatorChar, // a trailing separator names the same folder
-        };
+        request = request with { OutputDirectory = output + Path.DirectorySeparatorChar }; // a trailing separator names the same folder
         var ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request));
         Assert.That(ex!.Message, Does.Contain("already exists").And.Contain("--overwrite"));
         Assert.That(File.Exists(Path.Combine(output, "keep.txt")), Is.True);
@@ -224,16 +221,7 @@ public class CheckpointMergerTests
     public void Overwriting_refuses_a_folder_that_holds_an_input_or_is_no_checkpoint_and_deletes_nothing()
     {
         using var dir = new TempDirectory();
-        using var baseModel = T.RandomModel(104);
-        using var e1 = T.Expert(baseModel, 105);
-        var request = new CheckpointMergeRequest
-        {
-            BaseModel = Save(dir, Path.Combine("models", "base"), baseModel),
-            Experts = [Save(dir, Path.Combine("models", "e1"), e1)],
-            Method = new TaskArithmeticMerge(),
-            OutputDirectory = Path.Combine(dir.Path, "models"),
-            Overwrite = true,
-        };
+        var request = OneExpertRequest(dir, 104, "models") with { OutputDirectory = Path.Combine(dir.Path, "models"), Overwrite = true };
 
         // The folder of the inputs, directly and through a link to it.
         var ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request));
@@ -269,25 +257,16 @@ public class CheckpointMergerTests
     public void A_tokenizer_source_gives_the_tokenizer_files_and_the_base_gives_the_config_with_the_output_dtype()
     {
         using var dir = new TempDirectory();
-        using var baseModel = T.RandomModel(106);
-        using var e1 = T.Expert(baseModel, 107);
-        string basePath = Save(dir, "base", baseModel), expertPath = Save(dir, "e1", e1);
+        var request = OneExpertRequest(dir, 106);
+        string basePath = request.BaseModel!, expertPath = request.Experts[0];
         File.WriteAllText(Path.Combine(basePath, "config.json"), "{\n  \"model_type\": \"llama\",\n  \"torch_dtype\": \"bfloat16\"\n}\n");
         File.WriteAllText(Path.Combine(basePath, "generation_config.json"), "{\"from\": \"base\"}");
         File.WriteAllText(Path.Combine(basePath, "tokenizer.json"), "{\"from\": \"base\"}");
         File.WriteAllText(Path.Combine(basePath, "tokenizer.model"), "base");
         File.WriteAllText(Path.Combine(expertPath, "config.json"), "{\"model_type\": \"donor\"}");
         File.WriteAllText(Path.Combine(expertPath, "tokenizer.json"), "{\"from\": \"donor\"}");
-        string output = Path.Combine(dir.Path, "out");
-        CheckpointMerger.Merge(new CheckpointMergeRequest
-        {
-            BaseModel = basePath,
-            Experts = [expertPath],
-            Method = new TaskArithmeticMerge(),
-            OutputDirectory = output,
-            TokenizerFilesFrom = expertPath,
-            OutputDType = ScalarType.Float16,
-        });
+        string output = request.OutputDirectory;
+        CheckpointMerger.Merge(request with { TokenizerFilesFrom = expertPath, OutputDType = ScalarType.Float16 });
 
         Assert.That(File.ReadAllText(Path.Combine(output, "tokenizer.json")), Does.Contain("donor"));
         Assert.That(File.Exists(Path.Combine(output, "tokenizer.model")), Is.False, "the tokenizer is the donor's alone, not mixed with the base's");
