@@ -75,6 +75,11 @@ public sealed record MergeConfig
         ArgumentNullException.ThrowIfNull(options);
         options.Validate();
         string yaml;
+        if (Directory.Exists(path))
+        {
+            throw new MergeConfigException(path, null, null, "this is a folder; give the path of a YAML merge config file.");
+        }
+
         try
         {
             long length = new FileInfo(path).Length;

@@ -130,13 +130,14 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
     /// <returns>The events, for building the document without parsing the text again.</returns>
     private List<ParsingEvent> CheckLimits(string yaml)
     {
-        var parser = new Parser(new StringReader(yaml));
+        var scanner = new Scanner(new StringReader(yaml));
+        var parser = new Parser(scanner);
         var events = new List<ParsingEvent>();
         var anchorSizes = new Dictionary<string, long>(StringComparer.Ordinal);
         // The collections open around the current event: anchor (if any) and the node count at their start.
         var open = new Stack<(string? Anchor, long Start)>();
         long nodes = 0;
-        while (parser.MoveNext())
+        while (MoveNext(parser, scanner))
         {
             var e = parser.Current!;
             events.Add(e);
@@ -196,6 +197,22 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
         }
 
         return events;
+    }
+
+    /// <summary>The parser's next event; where YamlDotNet's scanner fails with an
+    /// <see cref="InvalidOperationException"/> (it does on some malformed input, e.g. a flow mapping left
+    /// open before a block), the error names the line the scanner had reached.</summary>
+    private bool MoveNext(Parser parser, Scanner scanner)
+    {
+        try
+        {
+            return parser.MoveNext();
+        }
+        catch (InvalidOperationException e)
+        {
+            int? line = scanner.CurrentPosition.Line > 0 ? (int)scanner.CurrentPosition.Line : null;
+            throw new MergeConfigException(sourcePath, line, null, "invalid YAML: a bracket or brace opened on or before this line is not closed, or the indentation is wrong.", e);
+        }
     }
 
     /// <summary>Hands recorded parsing events to the document loader.</summary>

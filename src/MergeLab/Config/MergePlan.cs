@@ -290,8 +290,11 @@ public sealed class MergePlan
             }
             catch (ArgumentException e)
             {
-                throw new MergeConfigException(Config.SourcePath, null, "parameters",
-                    $"the parameters of tensor '{tensorName}' do not make a valid '{_spec.Name}' merge: {e.Message.Replace($" (Parameter '{e.ParamName}')", "", StringComparison.Ordinal)}", e);
+                // The values may come from several places (each model's parameters, the top-level ones, a
+                // default), so the message states them instead of naming one key.
+                throw new MergeConfigException(Config.SourcePath, null, null,
+                    $"the parameters of tensor '{tensorName}' ({resolved.Describe(_spec.Parameters)}) do not make a valid '{_spec.Name}' merge: " +
+                    $"{e.Message.Replace($" (Parameter '{e.ParamName}')", "", StringComparison.Ordinal)}", e);
             }
         });
     }

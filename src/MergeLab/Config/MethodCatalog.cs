@@ -53,6 +53,15 @@ internal sealed class ResolvedParameters
         string.Join(";", Global.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => $"{kv.Key}={R(kv.Value)}")
             .Concat(PerModel.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => $"{kv.Key}=[{string.Join(",", kv.Value.Select(R))}]")));
 
+    /// <summary>The values as a config states them, in <paramref name="parameters"/>' order, for messages:
+    /// <c>normalize: true, weight: [1, -1]</c>.</summary>
+    public string Describe(IEnumerable<ParameterSpec> parameters) =>
+        string.Join(", ", parameters.Select(p => p.Scope == ParameterScope.Global
+            ? $"{p.Name}: {Text(p, Global[p.Name])}"
+            : $"{p.Name}: [{string.Join(", ", PerModel[p.Name].Select(v => Text(p, v)))}]"));
+
+    private static string Text(ParameterSpec p, double v) => p.IsBoolean ? (v != 0 ? "true" : "false") : R(v);
+
     private static string R(double v) => v.ToString("R", CultureInfo.InvariantCulture);
 }
 

@@ -224,6 +224,12 @@ public class MergeConfigParseTests
         var yaml = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("models: [a\nmerge_method: linear\n", "x.yml"))!;
         Assert.That(yaml.Message, Does.Contain("x.yml").And.Contain("invalid YAML"));
 
+        // YamlDotNet's scanner fails on a flow mapping left open before a block with an
+        // InvalidOperationException that has no position; the message still names the line reached.
+        var open = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("merge_method: ties\nbase_model: {a: 1\nmodels:\n  - model: x\n", "x.yml"))!;
+        Assert.That(open.Message, Does.Contain("line 3").And.Contain("not closed"));
+        Assert.That(open.InnerException, Is.InstanceOf<InvalidOperationException>());
+
         var duplicate = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("""
             models: [{model: a}]
             merge_method: linear
@@ -245,5 +251,10 @@ public class MergeConfigParseTests
     {
         var ex = Assert.Throws<MergeConfigException>(() => MergeConfig.Load("/nonexistent/merge.yml"))!;
         Assert.That(ex.Message, Does.Contain("/nonexistent/merge.yml").And.Contain("cannot read"));
+
+        // A folder given by mistake (e.g. a model folder) is named as one, not as a missing file.
+        string folder = Path.GetTempPath();
+        var dir = Assert.Throws<MergeConfigException>(() => MergeConfig.Load(folder))!;
+        Assert.That(dir.Message, Does.Contain("is a folder").And.Not.Contain("Could not find"));
     }
 }

@@ -50,6 +50,18 @@ public sealed class MergePlanTests : IDisposable
         Assert.That(plan.ExpertPaths, Is.EqualTo(new[] { Path.Combine(_folder.Root, "math"), Path.Combine(_folder.Root, "code") }));
         Assert.That(plan.OutputDType, Is.EqualTo(ScalarType.BFloat16));
         Assert.That(plan.TokenizerSource, Is.EqualTo(Path.Combine(_folder.Root, "math")));
+
+        // Weights that sum to 0 cannot be normalized; the values come from several keys, so the message
+        // states them (it named a top-level 'parameters' key the file did not have).
+        var ex = Assert.Throws<MergeConfigException>(() => Plan("""
+            models:
+              - model: math
+                parameters: {weight: 1}
+              - model: code
+                parameters: {weight: -1}
+            merge_method: linear
+            """))!;
+        Assert.That(ex.Message, Does.Contain("(normalize: true, weight: [1, -1])").And.Contain("sum to 0").And.Not.Contain("parameters:"));
     }
 
     [Test]
