@@ -271,7 +271,7 @@ public sealed class AdaMerging
             }
         }
 
-        StateDictChecks.CheckCompatible(null, taskVectors.Select(v => v.Deltas).ToArray(), requiresBase: false);
+        StateDictChecks.CheckTaskVectors(taskVectors, nameof(taskVectors));
         var names = taskVectors[0].Names;
         if (names.Count == 0)
         {

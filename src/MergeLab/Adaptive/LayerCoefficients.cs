@@ -92,7 +92,7 @@ public sealed class LayerCoefficients
             throw new ArgumentException($"There are {TaskCount} rows of coefficients but {taskVectors.Count} task vectors.", nameof(taskVectors));
         }
 
-        StateDictChecks.CheckCompatible(null, taskVectors.Select(v => v.Deltas).ToArray(), requiresBase: false);
+        StateDictChecks.CheckTaskVectors(taskVectors, nameof(taskVectors));
         StateDictChecks.CheckCovers(baseModel, taskVectors[0].Deltas, "the task vectors");
 
         var result = new StateDict();

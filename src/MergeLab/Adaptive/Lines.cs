@@ -187,7 +187,7 @@ public static class Lines
     {
         ArgumentNullException.ThrowIfNull(baseModel);
         ArgumentNullException.ThrowIfNull(fineTuned);
-        var names = StateDictChecks.CheckCompatible(baseModel, [fineTuned], requiresBase: true);
+        var names = StateDictChecks.CheckCompatible(baseModel, [fineTuned], requiresBase: true, _ => "the fine-tuned model");
         var factors = Factors(names, options);
         var result = new StateDict();
         try

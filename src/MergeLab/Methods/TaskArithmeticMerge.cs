@@ -20,7 +20,9 @@ public sealed record TaskArithmeticOptions
         }
     } = 1.0;
 
-    /// <summary>Divide Σ w_k·τ_k by Σ w_k (mergekit's <c>normalize</c>). Default false.</summary>
+    /// <summary>Divide Σ w_k·τ_k by Σ w_k (mergekit's <c>normalize</c>). Default false. As in mergekit, weights
+    /// whose sum is 0 (|Σ w_k| &lt; 1e-8, e.g. [1, −1]) are divided by 1, not refused (weight averaging refuses
+    /// them): the result is then Σ w_k·τ_k.</summary>
     public bool Normalize { get; init; }
 }
 

@@ -8,10 +8,12 @@ internal static class StateDictChecks
     /// <summary>
     /// Checks that every expert has exactly the reference's tensor names, with equal shapes, and
     /// returns the names in the reference's order. The reference is the base when given, otherwise
-    /// the first expert.
+    /// the first expert. <paramref name="label"/> names expert k in messages (default "expert k").
     /// </summary>
-    public static IReadOnlyList<string> CheckCompatible(StateDict? baseModel, IReadOnlyList<StateDict> experts, bool requiresBase)
+    public static IReadOnlyList<string> CheckCompatible(StateDict? baseModel, IReadOnlyList<StateDict> experts, bool requiresBase,
+        Func<int, string>? label = null)
     {
+        label ??= k => $"expert {k}";
         ArgumentNullException.ThrowIfNull(experts);
         if (experts.Count == 0)
         {
@@ -24,26 +26,37 @@ internal static class StateDictChecks
         }
 
         var reference = baseModel ?? experts[0];
-        string referenceLabel = baseModel is null ? "expert 0" : "the base model";
+        string referenceLabel = baseModel is null ? label(0) : "the base model";
         for (int k = 0; k < experts.Count; k++)
         {
-            var expert = experts[k] ?? throw new MergeException($"Expert {k} is null.");
+            string self = label(k);
+            var expert = experts[k] ?? throw new MergeException($"{char.ToUpperInvariant(self[0])}{self[1..]} is null.");
             if (FirstUncovered(reference, expert) is var (name, other, tensor))
             {
                 throw other is null
-                    ? new MergeException(name, $"expert {k} has no tensor of this name, which {referenceLabel} has.")
+                    ? new MergeException(name, $"{self} has no tensor of this name, which {referenceLabel} has.")
                     : new MergeException(name,
-                        $"expert {k} has shape [{string.Join(", ", other.shape)}] but {referenceLabel} has [{string.Join(", ", tensor.shape)}].");
+                        $"{self} has shape [{string.Join(", ", other.shape)}] but {referenceLabel} has [{string.Join(", ", tensor.shape)}].");
             }
 
             if (expert.Count != reference.Count)
             {
                 var extra = expert.Names.First(n => !reference.ContainsKey(n));
-                throw new MergeException(extra, $"expert {k} has this tensor but {referenceLabel} does not.");
+                throw new MergeException(extra, $"{self} has this tensor but {referenceLabel} does not.");
             }
         }
 
         return reference.Names;
+    }
+
+    /// <summary>Checks that the task vectors (none null) have the same names and shapes, naming each
+    /// "task vector k" in messages, and returns the names in the first one's order.</summary>
+    /// <param name="taskVectors">The task vectors.</param>
+    /// <param name="paramName">The argument's name, for a null entry's message.</param>
+    public static IReadOnlyList<string> CheckTaskVectors(IReadOnlyList<TaskVector> taskVectors, string paramName)
+    {
+        var deltas = taskVectors.Select((v, k) => v?.Deltas ?? throw new ArgumentException($"Task vector {k} is null.", paramName)).ToArray();
+        return CheckCompatible(null, deltas, requiresBase: false, k => $"task vector {k}");
     }
 
     /// <summary>Throws a <see cref="MergeException"/> naming the first tensor of <paramref name="deltas"/>

@@ -163,6 +163,7 @@ public class LinesTests
         Assert.That(edited["steps"].item<long>(), Is.EqualTo(9));
 
         using var wrong = new StateDict { { "blocks.0.w", ones(3) }, { "blocks.1.w", ones(2) }, { "steps", tensor(new long[] { 3 }) } };
-        Assert.Throws<MergeException>(() => Lines.Edit(baseModel, wrong));
+        Assert.That(() => Lines.Edit(baseModel, wrong), Throws.TypeOf<MergeException>()
+            .With.Message.Contain("the fine-tuned model has shape [3] but the base model has [2]"));
     }
 }

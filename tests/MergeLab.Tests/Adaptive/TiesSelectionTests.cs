@@ -61,4 +61,14 @@ public class TiesSelectionTests
             s.Dispose();
         }
     }
+
+    [Test]
+    public void Mismatched_or_missing_task_vectors_are_named_as_task_vectors()
+    {
+        using var a = TaskVector.FromDeltas(new StateDict { { "w", zeros(4) } });
+        using var b = TaskVector.FromDeltas(new StateDict { { "w", zeros(3) } });
+        Assert.That(() => TiesSelection.Select([a, b]), Throws.TypeOf<MergeException>()
+            .With.Message.Contain("task vector 1 has shape [3] but task vector 0 has [4]"));
+        Assert.That(() => TiesSelection.Select([a, null!]), Throws.ArgumentException.With.Message.Contain("Task vector 1 is null"));
+    }
 }
