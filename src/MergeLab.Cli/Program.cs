@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.CommandLine.Help;
 using System.Runtime.InteropServices;
 using MergeLab.Cli.Commands;
 
@@ -11,8 +12,12 @@ internal static class Program
     /// <summary>Runs the command line and returns the process exit code.</summary>
     internal static int Main(string[] args)
     {
-        var root = new RootCommand("MergeLab: merge fine-tuned checkpoints that share a base model.")
+        // A plain command named as the tool is installed, not RootCommand, which takes the assembly's name
+        // (MergeLab.Cli) for the usage text; it then needs the help and version options added.
+        var root = new Command("mergelab", "MergeLab: merge fine-tuned checkpoints that share a base model.")
         {
+            new HelpOption(),
+            new VersionOption(),
             MergeCommand.Create(),
             InspectCommand.Create(),
         };
@@ -20,7 +25,11 @@ internal static class Program
         if (parse.Errors.Count > 0)
         {
             // The error contract: one line on standard error (System.CommandLine would add the whole help).
-            Console.Error.WriteLine($"mergelab: {parse.Errors[0].Message.ReplaceLineEndings(" ")} See '--help'.");
+            // A token it did not recognise says more than the missing command it then also reports
+            // ("mergelab frob").
+            var error = parse.Errors.FirstOrDefault(e => parse.UnmatchedTokens.Any(t => e.Message.Contains($"'{t}'", StringComparison.Ordinal)))
+                ?? parse.Errors[0];
+            Console.Error.WriteLine($"mergelab: {error.Message.ReplaceLineEndings(" ")} See '--help'.");
             return 1;
         }
 

@@ -73,7 +73,7 @@ internal static class MergeCommand
         var clock = Stopwatch.StartNew();
         CheckpointMergeResult result = ConsoleOutput.Interactive
             ? AnsiConsole.Progress()
-                .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn(), new TransferSpeedColumn(), new RemainingTimeColumn())
+                .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn())
                 .Start(ctx => CheckpointMerger.Merge(request, new LiveProgress(ctx), ct))
             : CheckpointMerger.Merge(request, new LineProgress(), ct);
         Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
@@ -101,22 +101,58 @@ internal static class MergeCommand
         return device;
     }
 
-    /// <summary>A Spectre progress bar per pass: bytes read of the pass, speed, ETA.</summary>
+    /// <summary>
+    /// Each pass's rate and time left, measured from where the pass began: the end of the pass before it
+    /// (or the merge's start). The engine first reports a pass when its first tensor is done, so a clock
+    /// started at that report would credit the first tensor's bytes to no time at all (Spectre's own speed
+    /// column showed TiB/s for a moment at the start of every pass).
+    /// </summary>
+    private sealed class PassClock
+    {
+        private readonly Stopwatch _clock = Stopwatch.StartNew();
+        private (string, int) _pass;
+        private TimeSpan _passStart, _lastReport;
+
+        /// <summary>Records a report; returns true when it is the first of a new pass.</summary>
+        public bool Observe(CheckpointMergeProgress p)
+        {
+            bool first = _pass != (p.Stage, p.Pass);
+            if (first)
+            {
+                (_pass, _passStart) = ((p.Stage, p.Pass), _lastReport);
+            }
+
+            _lastReport = _clock.Elapsed;
+            return first;
+        }
+
+        /// <summary>The pass's input bytes per second so far.</summary>
+        public double Rate(long bytesDone) => bytesDone / Math.Max((_clock.Elapsed - _passStart).TotalSeconds, 1e-3);
+
+        /// <summary>"1.23 GB/s, ETA 0:00:12" for the current pass.</summary>
+        public string Describe(long bytesDone, long bytesTotal)
+        {
+            double rate = Rate(bytesDone);
+            double eta = rate > 0 ? (bytesTotal - bytesDone) / rate : 0;
+            return string.Create(CultureInfo.InvariantCulture, $"{rate / 1e9:0.00} GB/s, ETA {TimeSpan.FromSeconds(Math.Round(eta)):c}");
+        }
+    }
+
+    /// <summary>A Spectre progress bar per pass: bytes read of the pass, then its rate and time left.</summary>
     private sealed class LiveProgress(ProgressContext context) : IProgress<CheckpointMergeProgress>
     {
+        private readonly PassClock _clock = new();
         private ProgressTask? _task;
-        private (string, int) _pass;
 
         public void Report(CheckpointMergeProgress p)
         {
-            if (_task is null || _pass != (p.Stage, p.Pass))
+            if (_clock.Observe(p) || _task is null)
             {
                 _task?.StopTask();
-                _pass = (p.Stage, p.Pass);
                 _task = context.AddTask(Label(p), maxValue: Math.Max(p.BytesTotal, 1));
             }
 
-            _task.Description = Label(p);
+            _task.Description = $"{Label(p)}  {_clock.Describe(p.BytesDone, p.BytesTotal)}";
             _task.Value = p.BytesDone;
         }
 
@@ -127,17 +163,14 @@ internal static class MergeCommand
     /// <summary>Plain progress lines for redirected output: one per tenth of each pass.</summary>
     private sealed class LineProgress : IProgress<CheckpointMergeProgress>
     {
-        private readonly Stopwatch _clock = Stopwatch.StartNew();
-        private (string, int) _pass;
+        private readonly PassClock _clock = new();
         private int _nextTenth;
 
         public void Report(CheckpointMergeProgress p)
         {
-            if (_pass != (p.Stage, p.Pass))
+            if (_clock.Observe(p))
             {
-                _pass = (p.Stage, p.Pass);
                 _nextTenth = 1;
-                _clock.Restart();
             }
 
             if (p.TensorsDone * 10 < _nextTenth * p.TensorCount && p.TensorsDone != p.TensorCount)
@@ -146,11 +179,7 @@ internal static class MergeCommand
             }
 
             _nextTenth = p.TensorsDone * 10 / p.TensorCount + 1;
-            double seconds = Math.Max(_clock.Elapsed.TotalSeconds, 1e-9);
-            double rate = p.BytesDone / seconds;
-            double eta = rate > 0 ? (p.BytesTotal - p.BytesDone) / rate : 0;
-            Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
-                $"{p.Stage} pass {p.Pass}: {p.TensorsDone}/{p.TensorCount} tensors, {rate / 1e9:0.00} GB/s, ETA {TimeSpan.FromSeconds(Math.Round(eta)):c}"));
+            Console.WriteLine($"{p.Stage} pass {p.Pass}: {p.TensorsDone}/{p.TensorCount} tensors, {_clock.Describe(p.BytesDone, p.BytesTotal)}");
         }
     }
 }

@@ -197,5 +197,21 @@ public class CliTests
         (exit, _, error) = Run("merge", "config.yaml", "out", "--device", "gpu");
         Assert.That(exit, Is.EqualTo(1));
         Assert.That(error, Does.Contain("--device gpu").And.Contain("cpu, cuda or cuda:N"));
+
+        // A mistyped command is named (System.CommandLine reports the missing command first).
+        (exit, _, error) = Run("marge", "config.yaml", "out");
+        Assert.That(exit, Is.EqualTo(1));
+        Assert.That(error, Does.Contain("'marge'").And.Not.Contain("Required command"));
+    }
+
+    [Test]
+    public void Help_names_the_tool_as_it_is_installed()
+    {
+        var (exit, output, _) = Run("merge", "--help");
+        Assert.That(exit, Is.EqualTo(0));
+        Assert.That(output, Does.Contain("mergelab merge <CONFIG> <OUT_DIR> [options]").And.Not.Contain("MergeLab.Cli"));
+        (exit, output, _) = Run("--version");
+        Assert.That(exit, Is.EqualTo(0));
+        Assert.That(output, Is.Not.Empty);
     }
 }
