@@ -440,6 +440,19 @@ public static class CheckpointMerger
             {
                 throw new MergeException($"The output '{output}' holds the input '{input}'; MergeLab never writes over its inputs.");
             }
+
+            // An input folder's files may be links into the output (a checkpoint assembled from an earlier
+            // merge's shards, or a cache of blobs): replacing the output would change that input.
+            if (Directory.Exists(real))
+            {
+                foreach (var entry in new DirectoryInfo(real).EnumerateFileSystemInfos())
+                {
+                    if (entry.LinkTarget is not null && PathCase.IsInside(RealPath(entry.FullName), realOutput))
+                    {
+                        throw new MergeException($"The input '{input}' has '{entry.Name}' linked into the output '{output}'; MergeLab never writes over its inputs.");
+                    }
+                }
+            }
         }
 
         CheckReplaceable(output);

@@ -230,6 +230,18 @@ public class CheckpointMergerTests
         Directory.CreateSymbolicLink(link, Path.Combine(dir.Path, "models"));
         Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = link }));
 
+        // An earlier output whose weights file an input links to (an expert assembled from its shards).
+        string earlier = Path.Combine(dir.Path, "earlier");
+        Directory.CreateDirectory(earlier);
+        string weights = Path.Combine(request.Experts[0], SafetensorsCheckpoint.SingleFileName);
+        File.Move(weights, Path.Combine(earlier, SafetensorsCheckpoint.SingleFileName));
+        File.CreateSymbolicLink(weights, Path.Combine(earlier, SafetensorsCheckpoint.SingleFileName));
+        ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = earlier }));
+        Assert.That(ex!.Message, Does.Contain($"has '{SafetensorsCheckpoint.SingleFileName}' linked into the output"));
+        File.Delete(weights);
+        File.Move(Path.Combine(earlier, SafetensorsCheckpoint.SingleFileName), weights);
+        Directory.Delete(earlier);
+
         // A folder with a subfolder, or with files but no weights: not a checkpoint this could have written.
         string other = Path.Combine(dir.Path, "other");
         Directory.CreateDirectory(Path.Combine(other, "sub"));
