@@ -1,0 +1,109 @@
+using System.Diagnostics;
+using System.Runtime.InteropServices;
+using MergeLab.IO;
+using MergeLab.Tensors;
+using MergeLab.Tests.IO;
+using NUnit.Framework;
+using static TorchSharp.torch;
+
+namespace MergeLab.Tests.Cli;
+
+/// <summary>Ctrl+C and SIGTERM sent to a real <c>mergelab merge</c> process: it stops, removes what it
+/// wrote and exits with 130. (The in-process tests cannot send a signal; the handling lives in Main.)</summary>
+[NonParallelizable]
+[Platform("Linux")]
+public partial class CliSignalTests
+{
+    private const int SigInt = 2, SigTerm = 15;
+
+    [LibraryImport("libc", SetLastError = true)]
+    private static partial int kill(int pid, int sig);
+
+    [TestCase(SigInt)]
+    [TestCase(SigTerm)]
+    public void A_signal_during_a_merge_removes_its_output_and_exits_130(int signal)
+    {
+        using var dir = new TempDirectory();
+        string config = WriteModels(dir);
+        string output = dir.File("out");
+
+        // PCB over the whole model reads every input in four statistics passes before the merge pass, and
+        // 6,000 small tensors take a second or more (the per-tensor work dominates), so the merge is still
+        // running when the first progress line (a tenth of pass 1) has been printed.
+        var start = new ProcessStartInfo(DotnetHost(), [Path.Combine(AppContext.BaseDirectory, "MergeLab.Cli.dll"), "merge", config, output])
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            WorkingDirectory = dir.Path,
+        };
+        using var process = Process.Start(start)!;
+        var error = process.StandardError.ReadToEndAsync();
+        string? first = process.StandardOutput.ReadLine();
+        if (first is null || !first.StartsWith("statistics pass 1:", StringComparison.Ordinal))
+        {
+            process.WaitForExit(30_000);
+            Assert.Fail($"expected a progress line, got '{first}'; stderr: {(process.HasExited ? error.Result : "")}");
+        }
+
+        int sent = kill(process.Id, signal);
+        Assert.That(sent, Is.EqualTo(0), $"errno {Marshal.GetLastPInvokeError()}, exited {process.HasExited}");
+        var rest = process.StandardOutput.ReadToEndAsync();
+        Assert.That(process.WaitForExit(60_000), Is.True, "the process ends after the signal");
+
+        if (process.ExitCode == 0)
+        {
+            Assert.Inconclusive("the merge finished before the signal arrived");
+        }
+
+        Assert.That(process.ExitCode, Is.EqualTo(130), $"stdout: {rest.Result} stderr: {error.Result}");
+        Assert.That(error.Result, Does.Contain("cancelling").And.Contain("cancelled; nothing was written."));
+        Assert.That(Directory.Exists(output), Is.False);
+        Assert.That(Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName),
+            Is.EquivalentTo(new[] { "base", "e1", "e2", "e3", "pcb.yaml" }), "no temporary folder left");
+    }
+
+    /// <summary>A base and three experts of 6,000 float32 tensors of 256 entries (6 MiB each), and a PCB config.</summary>
+    private static string WriteModels(TempDirectory dir)
+    {
+        var generator = new Generator(seed: 7);
+        using var baseModel = new StateDict();
+        for (int i = 0; i < 6_000; i++)
+        {
+            baseModel.Add($"layers.{i}.weight", randn([256], generator: generator));
+        }
+
+        Save(dir, "base", baseModel);
+        for (int k = 1; k <= 3; k++)
+        {
+            using var expert = new StateDict();
+            foreach (var name in baseModel.Names)
+            {
+                using var noise = randn([256], generator: generator);
+                expert.Add(name, baseModel[name].add(noise, alpha: 0.01));
+            }
+
+            Save(dir, $"e{k}", expert);
+        }
+
+        string config = dir.File("pcb.yaml");
+        File.WriteAllText(config, """
+            merge_method: pcb
+            base_model: base
+            models:
+              - model: e1
+              - model: e2
+              - model: e3
+            """);
+        return config;
+    }
+
+    private static void Save(TempDirectory dir, string name, StateDict model)
+    {
+        string path = Directory.CreateDirectory(dir.File(name)).FullName;
+        SafetensorsWriter.Write(Path.Combine(path, SafetensorsCheckpoint.SingleFileName), model);
+    }
+
+    /// <summary>The dotnet host running these tests (the test host runs under it), else dotnet on the PATH.</summary>
+    private static string DotnetHost() =>
+        Environment.ProcessPath is { } host && Path.GetFileNameWithoutExtension(host) == "dotnet" ? host : "dotnet";
+}
