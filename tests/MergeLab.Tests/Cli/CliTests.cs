@@ -1,3 +1,4 @@
+using MergeLab.Engine;
 using MergeLab.IO;
 using MergeLab.Methods;
 using MergeLab.Tensors;
@@ -161,9 +162,21 @@ public class CliTests
         File.WriteAllText(config, "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: math\n    parameters: {weight: 0.5}\n");
 
         long before = MergeLab.IO.MappedTensors.MappedCount;
-        var (exit, _, stderr) = Run("merge", config, dir.File("mapped"));
-        Assert.That(exit, Is.EqualTo(0), stderr);
-        long mapped = MergeLab.IO.MappedTensors.MappedCount - before;
+        CheckpointSet.SmallGroupBytes = 0; // map even these small tensors
+        int exit;
+        string stderr;
+        long mapped;
+        try
+        {
+            (exit, _, stderr) = Run("merge", config, dir.File("mapped"));
+            Assert.That(exit, Is.EqualTo(0), stderr);
+            mapped = MergeLab.IO.MappedTensors.MappedCount - before;
+        }
+        finally
+        {
+            CheckpointSet.SmallGroupBytes = 256 * 1024;
+        }
+
         (exit, _, stderr) = Run("merge", config, dir.File("copied"), "--read", "copy");
         Assert.That(exit, Is.EqualTo(0), stderr);
 

@@ -105,10 +105,31 @@ public class CheckpointMergerTests
             OutputDirectory = Path.Combine(dir.Path, "mapped"),
         };
 
+        // By default these small tensors are copied: mapping one costs more than copying it.
         long before = MappedTensors.MappedCount;
-        var mapped = CheckpointMerger.Merge(request);
-        long count = MappedTensors.MappedCount - before;
+        var small = CheckpointMerger.Merge(request with { OutputDirectory = Path.Combine(dir.Path, "small") });
+        Assert.That(MappedTensors.MappedCount, Is.EqualTo(before), "groups under CheckpointSet.SmallGroupBytes are copied");
+
+        CheckpointMergeResult mapped;
+        long count;
+        CheckpointSet.SmallGroupBytes = 0;
+        try
+        {
+            before = MappedTensors.MappedCount;
+            mapped = CheckpointMerger.Merge(request);
+            count = MappedTensors.MappedCount - before;
+        }
+        finally
+        {
+            CheckpointSet.SmallGroupBytes = 256 * 1024;
+        }
+
         var copied = CheckpointMerger.Merge(request with { OutputDirectory = Path.Combine(dir.Path, "copied"), MapInputs = false });
+        Assert.That(small.Files, Is.EqualTo(mapped.Files));
+        foreach (var f in small.Files)
+        {
+            Assert.That(File.ReadAllBytes(Path.Combine(small.OutputDirectory, f)), Is.EqualTo(File.ReadAllBytes(Path.Combine(mapped.OutputDirectory, f))), f);
+        }
 
         Assert.That(count, Is.EqualTo(4 * 3 * baseModel.Count), "every input tensor mapped on each of the four passes");
         Assert.That(MappedTensors.MappedCount - before, Is.EqualTo(count), "nothing mapped with MapInputs off");
