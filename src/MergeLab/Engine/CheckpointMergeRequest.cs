@@ -68,7 +68,8 @@ public sealed record CheckpointMergeRequest
     /// one cut short while tensors mapped from it are being merged stops the process with a bus error
     /// (SIGBUS), as with any memory-mapped reader (Python's <c>safetensors</c> included). Set false where
     /// inputs may be rewritten during a merge. Tensors whose offset in the file is not a multiple of their
-    /// element size, and every tensor merged on another device, are copied regardless.</para>
+    /// element size, groups of tensors under 256 KiB in all (norms, biases: copying a few pages costs less
+    /// than mapping and unmapping them), and every tensor merged on another device, are copied regardless.</para>
     /// </remarks>
     public bool MapInputs { get; init; } = true;
 
