@@ -133,8 +133,10 @@ internal static class MergeCommand
         public string Describe(long bytesDone, long bytesTotal)
         {
             double rate = Rate(bytesDone);
+            // A pass that has read almost nothing yet can predict any time at all; beyond 100 days, say so.
             double eta = rate > 0 ? (bytesTotal - bytesDone) / rate : 0;
-            return string.Create(CultureInfo.InvariantCulture, $"{rate / 1e9:0.00} GB/s, ETA {TimeSpan.FromSeconds(Math.Round(eta)):c}");
+            string left = eta < 100 * 86_400 ? TimeSpan.FromSeconds(Math.Round(eta)).ToString("c", CultureInfo.InvariantCulture) : "--:--:--";
+            return string.Create(CultureInfo.InvariantCulture, $"{rate / 1e9:0.00} GB/s, ETA {left}");
         }
     }
 

@@ -242,8 +242,8 @@ public sealed class AdaMerging
     /// <param name="progress">Receives each finished step and its entropy.</param>
     /// <param name="cancellationToken">Checked before each step.</param>
     /// <returns>The learned coefficients and the merged state dict.</returns>
-    /// <exception cref="ArgumentException">The counts disagree, a task has no batches, or a task-vector
-    /// name is not a parameter or buffer of the module (the message names it).</exception>
+    /// <exception cref="ArgumentException">The counts disagree, a task vector is null, a task has no batches,
+    /// or a task-vector name is not a parameter or buffer of the module (the message names it).</exception>
     public AdaMergingResult Learn(nn.Module<Tensor, Tensor> module, IReadOnlyList<TaskVector> taskVectors,
         IReadOnlyList<IReadOnlyList<Tensor>> unlabeledBatches, Func<Tensor, int, Tensor> taskLogits,
         IProgress<AdaMergingProgress>? progress = null, CancellationToken cancellationToken = default)

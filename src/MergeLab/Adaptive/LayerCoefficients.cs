@@ -80,7 +80,7 @@ public sealed class LayerCoefficients
     /// θ_p = θ0_p + Σ_t λ_{t,l(p)}·τ_{t,p}, computed in float32 (float64 for a float64 base tensor)
     /// and cast to each base tensor's dtype; base tensors the task vectors do not cover are copied.
     /// </summary>
-    /// <exception cref="ArgumentException">The number of task vectors differs from <see cref="TaskCount"/>.</exception>
+    /// <exception cref="ArgumentException">The number of task vectors differs from <see cref="TaskCount"/>, or one is null.</exception>
     /// <exception cref="MergeException">The task vectors disagree in names or shapes, or name a tensor
     /// the base lacks.</exception>
     public StateDict ApplyTo(StateDict baseModel, IReadOnlyList<TaskVector> taskVectors)

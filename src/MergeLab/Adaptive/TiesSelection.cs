@@ -23,7 +23,8 @@ public static class TiesSelection
     /// <param name="density">Fraction of each task vector kept by the trim, in [0, 1]. Default 0.2
     /// (the reference's K = 20).</param>
     /// <returns>New task vectors, one per task, in the same order; the caller owns them.</returns>
-    /// <exception cref="MergeException">The task vectors disagree in names or shapes, or the list is empty.</exception>
+    /// <exception cref="MergeException">The task vectors disagree in names or shapes.</exception>
+    /// <exception cref="ArgumentException">The list is empty or holds null.</exception>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="density"/> is outside [0, 1].</exception>
     public static IReadOnlyList<TaskVector> Select(IReadOnlyList<TaskVector> taskVectors, double density = 0.2)
     {

@@ -96,9 +96,8 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
         }
         catch (Exception e) when (e is InvalidOperationException or ArgumentException)
         {
-            // YamlDotNet's scanner throws InvalidOperationException on some malformed input (e.g. an
-            // unclosed flow sequence), and its loader an ArgumentException on others (a mapping entry with
-            // an empty key, "- : x").
+            // The loader throws an ArgumentException on some malformed input (a mapping entry with an empty
+            // key, "- : x"); the scanner's InvalidOperationException is caught in MoveNext, with a line.
             throw new MergeConfigException(sourcePath, null, null, $"invalid YAML ({e.Message}); check brackets, quotes and indentation.", e);
         }
 
@@ -211,7 +210,8 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
         catch (InvalidOperationException e)
         {
             int? line = scanner.CurrentPosition.Line > 0 ? (int)scanner.CurrentPosition.Line : null;
-            throw new MergeConfigException(sourcePath, line, null, "invalid YAML: a bracket or brace opened on or before this line is not closed, or the indentation is wrong.", e);
+            throw new MergeConfigException(sourcePath, line, null,
+                "invalid YAML: a bracket or brace opened on or before this line may not be closed, or the indentation is wrong.", e);
         }
     }
 

@@ -85,6 +85,11 @@ public sealed record CheckpointMergeRequest
     /// <summary>Test seam: the output writes fail, as on a full disk, once this many tensor bytes have
     /// been written. Null (the default) in real use.</summary>
     internal long? SimulatedDiskSpace { get; init; }
+
+    /// <summary>Groups of fewer input bytes than this are read on the merge's reader thread one input after
+    /// another and copied, not mapped (<see cref="CheckpointSet.SmallGroupBytes"/>). Tests set 0 to map and
+    /// read in parallel even their small tensors.</summary>
+    internal long SmallGroupBytes { get; init; } = CheckpointSet.DefaultSmallGroupBytes;
 }
 
 /// <summary>Progress of a checkpoint merge, reported on the thread that called

@@ -66,7 +66,7 @@ public static class CheckpointMerger
         {
             var baseCheckpoint = request.BaseModel is null ? null : Open(request.BaseModel, request, inputs);
             var experts = request.Experts.Select(p => Open(p, request, inputs)).ToArray();
-            var model = new CheckpointSet(baseCheckpoint, experts, request.Method.RequiresBase) { MapInputs = request.MapInputs };
+            var model = new CheckpointSet(baseCheckpoint, experts, request.Method.RequiresBase) { MapInputs = request.MapInputs, SmallGroupBytes = request.SmallGroupBytes };
             var methods = model.Names.ToDictionary(n => n, n => request.MethodForTensor?.Invoke(n) ?? request.Method, StringComparer.Ordinal);
             return Run(request, model, methods, output, progress, cancellationToken);
         }
@@ -441,16 +441,28 @@ public static class CheckpointMerger
                 throw new MergeException($"The output '{output}' holds the input '{input}'; MergeLab never writes over its inputs.");
             }
 
-            // An input folder's files may be links into the output (a checkpoint assembled from an earlier
-            // merge's shards, or a cache of blobs): replacing the output would change that input.
-            if (Directory.Exists(real))
+            // An input's files may be links into the output (a checkpoint assembled from an earlier merge's
+            // shards, or a cache of blobs): replacing the output would change that input.
+            foreach (var entry in new DirectoryInfo(Folder(real)).EnumerateFileSystemInfos())
             {
-                foreach (var entry in new DirectoryInfo(real).EnumerateFileSystemInfos())
+                if (entry.LinkTarget is null)
                 {
-                    if (entry.LinkTarget is not null && PathCase.IsInside(RealPath(entry.FullName), realOutput))
-                    {
-                        throw new MergeException($"The input '{input}' has '{entry.Name}' linked into the output '{output}'; MergeLab never writes over its inputs.");
-                    }
+                    continue;
+                }
+
+                string target;
+                try
+                {
+                    target = RealPath(entry.FullName);
+                }
+                catch (IOException e)
+                {
+                    throw new MergeException($"The input '{input}' has the link '{entry.Name}', which cannot be followed ({e.Message}).", e);
+                }
+
+                if (PathCase.Comparer.Equals(target, realOutput) || PathCase.IsInside(target, realOutput))
+                {
+                    throw new MergeException($"The input '{input}' has '{entry.Name}' linked into the output '{output}'; MergeLab never writes over its inputs.");
                 }
             }
         }

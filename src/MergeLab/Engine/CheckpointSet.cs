@@ -83,14 +83,16 @@ internal sealed class CheckpointSet
 
     public long Bytes(string name) => _bytes[name];
 
+    /// <summary>The default of <see cref="SmallGroupBytes"/>: 256 KiB.</summary>
+    public const long DefaultSmallGroupBytes = 256 * 1024;
+
     /// <summary>
     /// Groups of fewer input bytes than this (all inputs together; norms and biases) are read on the
     /// calling thread and copied, not mapped. Mapping a tensor and unmapping it (which interrupts every CPU
     /// to flush its TLB) and handing the inputs to worker threads cost more than copying a few pages: a
-    /// whole-model PCB merge of 3,000 tensors of 1 KiB spent a fifth of its time unmapping. Tests set it
-    /// to 0 to map even their small tensors.
+    /// whole-model PCB merge of 3,000 tensors of 1 KiB spent a fifth of its time unmapping.
     /// </summary>
-    internal static long SmallGroupBytes { get; set; } = 256 * 1024;
+    public long SmallGroupBytes { get; init; } = DefaultSmallGroupBytes;
 
     /// <summary>What the merge writes for <paramref name="name"/>: floating-point tensors in the requested
     /// dtype (default the reference's), other tensors as the reference has them (they are copied).</summary>
@@ -104,8 +106,9 @@ internal sealed class CheckpointSet
     /// <summary>Reads one name's tensors from every input onto <paramref name="device"/>; with
     /// <paramref name="checkFinite"/>, float32 and bfloat16 values are checked for NaN and ±∞ as they are
     /// read (<see cref="LoadedGroup.FoundFinite"/>). With <see cref="MapInputs"/>, CPU tensors are mapped from
-    /// their files instead of copied (<see cref="MappedTensors"/>); the check then reads the mapping.</summary>
-    /// <remarks>The inputs are read in parallel, up to torch's thread count at a time: one thread copying
+    /// their files instead of copied (<see cref="MappedTensors"/>); the check then reads the mapping. A group
+    /// under <see cref="SmallGroupBytes"/> is copied, one input after another, on the calling thread.</summary>
+    /// <remarks>Larger groups' inputs are read in parallel, up to torch's thread count at a time: one thread copying
     /// file pages into memory is the slowest stage of a merge on a small machine (about 3.3 GB/s inside a
     /// 4 × 1.1B merge on 2 cores); mapped, the page faults and the check are spread the same way. If
     /// reads fail, the error of the first failing input (base, then the experts in order) is thrown, as a

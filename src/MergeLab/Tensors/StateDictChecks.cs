@@ -55,6 +55,11 @@ internal static class StateDictChecks
     /// <param name="paramName">The argument's name, for a null entry's message.</param>
     public static IReadOnlyList<string> CheckTaskVectors(IReadOnlyList<TaskVector> taskVectors, string paramName)
     {
+        if (taskVectors.Count == 0)
+        {
+            throw new ArgumentException("There are no task vectors.", paramName);
+        }
+
         var deltas = taskVectors.Select((v, k) => v?.Deltas ?? throw new ArgumentException($"Task vector {k} is null.", paramName)).ToArray();
         return CheckCompatible(null, deltas, requiresBase: false, k => $"task vector {k}");
     }

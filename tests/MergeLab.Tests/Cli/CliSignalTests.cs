@@ -37,29 +37,53 @@ public partial class CliSignalTests
             WorkingDirectory = dir.Path,
         };
         using var process = Process.Start(start)!;
-        var error = process.StandardError.ReadToEndAsync();
-        string? first = process.StandardOutput.ReadLine();
-        if (first is null || !first.StartsWith("statistics pass 1:", StringComparison.Ordinal))
+        try
         {
-            process.WaitForExit(30_000);
-            Assert.Fail($"expected a progress line, got '{first}'; stderr: {(process.HasExited ? error.Result : "")}");
+            var error = process.StandardError.ReadToEndAsync();
+            var firstLine = process.StandardOutput.ReadLineAsync();
+            Assert.That(firstLine.Wait(TimeSpan.FromSeconds(60)), Is.True, "a progress line within a minute");
+            string? first = firstLine.Result;
+            if (first is null || !first.StartsWith("statistics pass 1:", StringComparison.Ordinal))
+            {
+                process.WaitForExit(30_000);
+                Assert.Fail($"expected a progress line, got '{first}'; stderr: {(process.HasExited ? error.Result : "")}");
+            }
+
+            // .NET leaves a signal its process inherited as ignored ignored (a background job of a
+            // non-interactive shell ignores SIGINT); the handling cannot be tested there.
+            if (signal == SigInt && IgnoresSigInt(process.Id))
+            {
+                Assert.Ignore("this process tree ignores SIGINT (started in the background by a non-interactive shell?)");
+            }
+
+            int sent = kill(process.Id, signal);
+            Assert.That(sent, Is.EqualTo(0), $"errno {Marshal.GetLastPInvokeError()}, exited {process.HasExited}");
+            var rest = process.StandardOutput.ReadToEndAsync();
+            Assert.That(process.WaitForExit(60_000), Is.True, "the process ends after the signal");
+
+            // The signal comes at a tenth of the first of five passes; a merge that completes anyway has
+            // not honoured it.
+            Assert.That(process.ExitCode, Is.EqualTo(130), $"stdout: {rest.Result} stderr: {error.Result}");
+            Assert.That(error.Result, Does.Contain("cancelling").And.Contain("cancelled; nothing was written."));
+            Assert.That(Directory.Exists(output), Is.False);
+            Assert.That(Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName),
+                Is.EquivalentTo(new[] { "base", "e1", "e2", "e3", "pcb.yaml" }), "no temporary folder left");
         }
-
-        int sent = kill(process.Id, signal);
-        Assert.That(sent, Is.EqualTo(0), $"errno {Marshal.GetLastPInvokeError()}, exited {process.HasExited}");
-        var rest = process.StandardOutput.ReadToEndAsync();
-        Assert.That(process.WaitForExit(60_000), Is.True, "the process ends after the signal");
-
-        if (process.ExitCode == 0)
+        finally
         {
-            Assert.Inconclusive("the merge finished before the signal arrived");
+            if (!process.HasExited)
+            {
+                process.Kill(entireProcessTree: true);
+                process.WaitForExit();
+            }
         }
+    }
 
-        Assert.That(process.ExitCode, Is.EqualTo(130), $"stdout: {rest.Result} stderr: {error.Result}");
-        Assert.That(error.Result, Does.Contain("cancelling").And.Contain("cancelled; nothing was written."));
-        Assert.That(Directory.Exists(output), Is.False);
-        Assert.That(Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName),
-            Is.EquivalentTo(new[] { "base", "e1", "e2", "e3", "pcb.yaml" }), "no temporary folder left");
+    /// <summary>Whether the process ignores SIGINT (bit 2 of SigIgn in /proc/PID/status).</summary>
+    private static bool IgnoresSigInt(int pid)
+    {
+        string? line = File.ReadLines($"/proc/{pid}/status").FirstOrDefault(l => l.StartsWith("SigIgn:", StringComparison.Ordinal));
+        return line is not null && (Convert.ToUInt64(line["SigIgn:".Length..].Trim(), 16) & (1UL << (SigInt - 1))) != 0;
     }
 
     /// <summary>A base and three experts of 6,000 float32 tensors of 256 entries (6 MiB each), and a PCB config.</summary>
@@ -103,7 +127,10 @@ public partial class CliSignalTests
         SafetensorsWriter.Write(Path.Combine(path, SafetensorsCheckpoint.SingleFileName), model);
     }
 
-    /// <summary>The dotnet host running these tests (the test host runs under it), else dotnet on the PATH.</summary>
+    /// <summary>The dotnet host: the one the SDK names for the tests (DOTNET_HOST_PATH), the one running them,
+    /// else dotnet on the PATH.</summary>
     private static string DotnetHost() =>
-        Environment.ProcessPath is { } host && Path.GetFileNameWithoutExtension(host) == "dotnet" ? host : "dotnet";
+        Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } sdkHost && File.Exists(sdkHost) ? sdkHost
+        : Environment.ProcessPath is { } host && Path.GetFileNameWithoutExtension(host) == "dotnet" ? host
+        : "dotnet";
 }

@@ -227,7 +227,7 @@ public class MergeConfigParseTests
         // YamlDotNet's scanner fails on a flow mapping left open before a block with an
         // InvalidOperationException that has no position; the message still names the line reached.
         var open = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("merge_method: ties\nbase_model: {a: 1\nmodels:\n  - model: x\n", "x.yml"))!;
-        Assert.That(open.Message, Does.Contain("line 3").And.Contain("not closed"));
+        Assert.That(open.Message, Does.Contain("line 3").And.Contain("bracket or brace"));
         Assert.That(open.InnerException, Is.InstanceOf<InvalidOperationException>());
 
         var duplicate = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("""

@@ -110,21 +110,11 @@ public class CheckpointMergerTests
         var small = CheckpointMerger.Merge(request with { OutputDirectory = Path.Combine(dir.Path, "small") });
         Assert.That(MappedTensors.MappedCount, Is.EqualTo(before), "groups under CheckpointSet.SmallGroupBytes are copied");
 
-        CheckpointMergeResult mapped;
-        long count;
-        CheckpointSet.SmallGroupBytes = 0;
-        try
-        {
-            before = MappedTensors.MappedCount;
-            mapped = CheckpointMerger.Merge(request);
-            count = MappedTensors.MappedCount - before;
-        }
-        finally
-        {
-            CheckpointSet.SmallGroupBytes = 256 * 1024;
-        }
+        before = MappedTensors.MappedCount;
+        var mapped = CheckpointMerger.Merge(request with { SmallGroupBytes = 0 });
+        long count = MappedTensors.MappedCount - before;
 
-        var copied = CheckpointMerger.Merge(request with { OutputDirectory = Path.Combine(dir.Path, "copied"), MapInputs = false });
+        var copied = CheckpointMerger.Merge(request with { OutputDirectory = Path.Combine(dir.Path, "copied"), MapInputs = false, SmallGroupBytes = 0 });
         Assert.That(small.Files, Is.EqualTo(mapped.Files));
         foreach (var f in small.Files)
         {
@@ -259,6 +249,8 @@ public class CheckpointMergerTests
         File.CreateSymbolicLink(weights, Path.Combine(earlier, SafetensorsCheckpoint.SingleFileName));
         ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = earlier }));
         Assert.That(ex!.Message, Does.Contain($"has '{SafetensorsCheckpoint.SingleFileName}' linked into the output"));
+        ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = earlier, Experts = [weights] }));
+        Assert.That(ex!.Message, Does.Contain("never writes over its inputs"), "an input given as its weights file");
         File.Delete(weights);
         File.Move(Path.Combine(earlier, SafetensorsCheckpoint.SingleFileName), weights);
         Directory.Delete(earlier);

@@ -44,6 +44,7 @@ public sealed class MergeFaultTests : IDisposable
         Method = method ?? new TaskArithmeticMerge(),
         OutputDirectory = _dir.File("out"),
         ReadAhead = readAhead,
+        SmallGroupBytes = 0, // these small tensors too are mapped and read in parallel, as large ones are
     };
 
     /// <summary>Runs <paramref name="merge"/>, which must fail, and checks that it left nothing and
