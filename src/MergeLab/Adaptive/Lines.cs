@@ -85,15 +85,14 @@ public static class Lines
     /// The reference's α for a merged multi-task vector: ‖Σ_t τ_t‖₁ / (T·‖τ_MTL‖₁), where τ_MTL is the
     /// merged task vector before any λ (1/T for task arithmetic's plain sum).
     /// </summary>
-    /// <exception cref="ArgumentException">No task vectors, or the merged vector is all zeros.</exception>
+    /// <exception cref="ArgumentException">No task vectors, a null one, or the merged vector is all zeros.</exception>
+    /// <exception cref="MergeException">The task vectors, or the merged vector, disagree in names or shapes.</exception>
     public static double MultiTaskAlpha(IReadOnlyList<TaskVector> taskVectors, TaskVector merged)
     {
         ArgumentNullException.ThrowIfNull(taskVectors);
         ArgumentNullException.ThrowIfNull(merged);
-        if (taskVectors.Count == 0)
-        {
-            throw new ArgumentException("MultiTaskAlpha needs at least one task vector.", nameof(taskVectors));
-        }
+        StateDictChecks.CheckTaskVectors(taskVectors, nameof(taskVectors));
+        StateDictChecks.CheckCompatible(taskVectors[0].Deltas, [merged.Deltas], requiresBase: false, _ => "the merged task vector", "task vector 0");
 
         double summed = 0, mtl = 0;
         foreach (var name in merged.Names)

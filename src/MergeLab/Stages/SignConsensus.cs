@@ -43,6 +43,15 @@ public sealed record SignConsensus(
     ZeroSignRule ZeroRule = ZeroSignRule.Positive,
     SelectionScope MajorityScope = SelectionScope.PerTensor)
 {
+    /// <summary>What the sign is elected from (checked when set).</summary>
+    public SignElection Election { get; init => field = Options.Defined(value, nameof(Election)); } = Options.Defined(Election, nameof(Election));
+
+    /// <summary>The sign of a parameter whose election sums to 0 (checked when set).</summary>
+    public ZeroSignRule ZeroRule { get; init => field = Options.Defined(value, nameof(ZeroRule)); } = Options.Defined(ZeroRule, nameof(ZeroRule));
+
+    /// <summary>The majority's scope for <see cref="ZeroSignRule.Majority"/> (checked when set).</summary>
+    public SelectionScope MajorityScope { get; init => field = Options.Defined(value, nameof(MajorityScope)); } = Options.Defined(MajorityScope, nameof(MajorityScope));
+
     /// <summary>Whether the zero rule needs a whole-model pass.</summary>
     public bool NeedsWholeModelMajority => ZeroRule == ZeroSignRule.Majority && MajorityScope == SelectionScope.WholeModel;
 

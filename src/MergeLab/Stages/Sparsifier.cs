@@ -92,7 +92,7 @@ public sealed record TopKMagnitude : Sparsifier
         }
 
         Density = density;
-        RescaleNorm = rescale;
+        RescaleNorm = Options.Defined(rescale, nameof(rescale));
     }
 
     /// <summary>Fraction of entries kept, in [0, 1].</summary>
@@ -131,7 +131,7 @@ public sealed record KthMagnitudeThreshold : Sparsifier
     {
         Options.RequireInRange(density, nameof(density), 0, 1);
         Density = density;
-        Scope = scope;
+        Scope = Options.Defined(scope, nameof(scope));
     }
 
     /// <summary>Fraction of entries kept, in [0, 1].</summary>
@@ -186,7 +186,7 @@ public sealed record RandomDrop : Sparsifier
     {
         Options.RequireInRange(dropRate, nameof(dropRate), 0, 1, maxInclusive: false);
         DropRate = dropRate;
-        RescaleNorm = rescale;
+        RescaleNorm = Options.Defined(rescale, nameof(rescale));
         Seed = seed;
     }
 
@@ -322,7 +322,7 @@ public sealed record BreadcrumbsMask : Sparsifier
         Options.RequireInRange(gamma, nameof(gamma), 0, 1);
         Density = density;
         Gamma = gamma;
-        Variant = variant;
+        Variant = Options.Defined(variant, nameof(variant));
     }
 
     /// <summary>β: the fraction kept.</summary>

@@ -8,10 +8,11 @@ internal static class StateDictChecks
     /// <summary>
     /// Checks that every expert has exactly the reference's tensor names, with equal shapes, and
     /// returns the names in the reference's order. The reference is the base when given, otherwise
-    /// the first expert. <paramref name="label"/> names expert k in messages (default "expert k").
+    /// the first expert. <paramref name="label"/> names expert k in messages (default "expert k"), and
+    /// <paramref name="baseLabel"/> the base.
     /// </summary>
     public static IReadOnlyList<string> CheckCompatible(StateDict? baseModel, IReadOnlyList<StateDict> experts, bool requiresBase,
-        Func<int, string>? label = null)
+        Func<int, string>? label = null, string baseLabel = "the base model")
     {
         label ??= k => $"expert {k}";
         ArgumentNullException.ThrowIfNull(experts);
@@ -26,7 +27,7 @@ internal static class StateDictChecks
         }
 
         var reference = baseModel ?? experts[0];
-        string referenceLabel = baseModel is null ? label(0) : "the base model";
+        string referenceLabel = baseModel is null ? label(0) : baseLabel;
         for (int k = 0; k < experts.Count; k++)
         {
             string self = label(k);

@@ -79,14 +79,14 @@ public sealed class TaskVector : IDisposable
     }
 
     /// <summary>Σ_k w_k·τ_k over several task vectors (w_k = 1 when <paramref name="weights"/> is null).</summary>
-    /// <exception cref="MergeException">The list is empty, or names or shapes disagree.</exception>
-    /// <exception cref="ArgumentException">The weight count differs from the vector count, or a weight
-    /// is not finite.</exception>
+    /// <exception cref="MergeException">Names or shapes disagree.</exception>
+    /// <exception cref="ArgumentException">The list is empty or holds null, the weight count differs from the
+    /// vector count, or a weight is not finite.</exception>
     public static TaskVector Combine(IReadOnlyList<TaskVector> vectors, IReadOnlyList<double>? weights = null)
     {
         ArgumentNullException.ThrowIfNull(vectors);
+        StateDictChecks.CheckTaskVectors(vectors, nameof(vectors));
         var deltas = vectors.Select(v => v.Deltas).ToArray();
-        StateDictChecks.CheckCompatible(null, deltas, requiresBase: false);
         var w = Options.Weights(weights, vectors.Count);
         var sum = new StateDict();
         try

@@ -150,6 +150,12 @@ public class LinesTests
         Assert.That(Lines.MultiTaskAlpha([tau1, tau2], half), Is.EqualTo(2.0).Within(1e-6));
         var o = Lines.MultiTask([tau1, tau2], half, beta: 0.7);
         Assert.That((o.Alpha, o.Beta), Is.EqualTo((Lines.MultiTaskAlpha([tau1, tau2], half), 0.7)));
+
+        // Mismatches are named (they reached libtorch as a native error, or a KeyNotFoundException).
+        using var narrow = TaskVector.FromDeltas(new StateDict(e1.Names.Select(n => KeyValuePair.Create(n, zeros(1)))));
+        Assert.That(() => Lines.MultiTaskAlpha([tau1, narrow], sum), Throws.TypeOf<MergeException>().With.Message.Contain("task vector 1 has shape [1]"));
+        Assert.That(() => Lines.MultiTaskAlpha([tau1, tau2], narrow), Throws.TypeOf<MergeException>().With.Message.Contain("the merged task vector has shape [1]"));
+        Assert.That(() => Lines.MultiTaskAlpha([tau1, null!], sum), Throws.ArgumentException.With.Message.Contain("Task vector 1 is null"));
     }
 
     [Test]

@@ -212,6 +212,15 @@ public class ValidationTests
         yield return new TestCaseData(new TestDelegate(() => _ = new TiesOptions { Aggregation = (Aggregation)9 }), "Aggregation").SetName("TIES aggregation not an enum value");
         yield return new TestCaseData(new TestDelegate(() => _ = new DareOptions { Rescale = (RescaleNorm)7 }), "Rescale").SetName("DARE rescale not an enum value");
         yield return new TestCaseData(new TestDelegate(() => _ = new PcbOptions { Scope = (SelectionScope)5 }), "Scope").SetName("PCB scope not an enum value");
+
+        // The pipeline stages (PipelineMerge's building blocks) check theirs as the option records do.
+        yield return new TestCaseData(new TestDelegate(() => _ = new RandomDrop(0.5, (RescaleNorm)9)), "rescale").SetName("RandomDrop rescale not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new TopKMagnitude(0.5, (RescaleNorm)9)), "rescale").SetName("TopKMagnitude rescale not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new BreadcrumbsMask(0.5, 0.1, (BreadcrumbsVariant)5)), "variant").SetName("BreadcrumbsMask variant not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new KthMagnitudeThreshold(0.5, (SelectionScope)5)), "scope").SetName("KthMagnitudeThreshold scope not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new SignConsensus((SignElection)7)), "Election").SetName("SignConsensus election not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new SignConsensus() with { ZeroRule = (ZeroSignRule)7 }), "ZeroRule").SetName("SignConsensus zero rule not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new SignConsensus(MajorityScope: (SelectionScope)7)), "MajorityScope").SetName("SignConsensus scope not an enum value");
     }
 
     [TestCaseSource(nameof(BadOptions))]

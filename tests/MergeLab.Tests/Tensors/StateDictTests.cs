@@ -116,6 +116,13 @@ public class TaskVectorTests
         T.Near(scaled["w"], [-2, -4]);
         using var combined = TaskVector.Combine([t1, t2], [2, .5]);
         T.Near(combined["w"], [3.5, 3.5]);
+
+        // Task vectors are named as such when they do not combine.
+        using var e3 = new StateDict { { "w", T.Vec(1, 2, 3) } };
+        using var t3 = TaskVector.FromDeltas(e3.Clone());
+        Assert.That(() => t1.Add(t3), Throws.TypeOf<MergeException>().With.Message.Contain("task vector 1 has shape [3] but task vector 0 has [2]"));
+        Assert.That(() => TaskVector.Combine([]), Throws.ArgumentException.With.Message.Contain("no task vectors"));
+        Assert.That(() => TaskVector.Combine([t1, null!]), Throws.ArgumentException.With.Message.Contain("Task vector 1 is null"));
     }
 
     [Test]
