@@ -83,6 +83,16 @@ public static class CheckpointMerger
         string output, IProgress<CheckpointMergeProgress>? progress, CancellationToken ct)
     {
         var device = request.Device ?? CPU;
+
+        // A separate tokenizer source gives every file but config.json and generation_config.json.
+        string filesFrom = Folder(request.CopyFilesFrom ?? request.BaseModel ?? model.Reference.Path);
+        string tokenizerFrom = Folder(request.TokenizerFilesFrom);
+        bool separateTokenizer = tokenizerFrom.Length > 0 && !PathCase.Comparer.Equals(tokenizerFrom, filesFrom);
+        if (separateTokenizer)
+        {
+            CheckTokenizerSource(request.TokenizerFilesFrom!, tokenizerFrom);
+        }
+
         string temp = Path.Combine(Path.GetDirectoryName(output)!, $".{Path.GetFileName(output)}.mergelab-{Guid.NewGuid():N}");
         Directory.CreateDirectory(temp);
         try
@@ -90,10 +100,6 @@ public static class CheckpointMerger
             // The small non-weight files go first, so a problem with them (a link out of the model folder)
             // stops the merge before the long part rather than after it. The merge writes only weights,
             // which are never among them.
-            // A separate tokenizer source gives every file but config.json and generation_config.json.
-            string filesFrom = Folder(request.CopyFilesFrom ?? request.BaseModel ?? model.Reference.Path);
-            string tokenizerFrom = Folder(request.TokenizerFilesFrom);
-            bool separateTokenizer = tokenizerFrom.Length > 0 && !PathCase.Comparer.Equals(tokenizerFrom, filesFrom);
             if (filesFrom.Length > 0)
             {
                 NonWeightFiles.Copy(filesFrom, temp, include: separateTokenizer ? NonWeightFiles.IsModelFile : null);
@@ -468,6 +474,22 @@ public static class CheckpointMerger
         }
 
         CheckReplaceable(output);
+    }
+
+    /// <summary>A separate tokenizer source must hold a tokenizer: the other model's tokenizer files are left
+    /// out, so the output would silently have none.</summary>
+    private static void CheckTokenizerSource(string source, string folder)
+    {
+        if (!Directory.Exists(folder))
+        {
+            throw new MergeException($"The tokenizer source '{source}' does not exist.");
+        }
+
+        if (!Directory.EnumerateFiles(folder).Any(NonWeightFiles.IsTokenizerFile))
+        {
+            throw new MergeException($"The tokenizer source '{source}' holds no tokenizer files (tokenizer.json, "
+                + "tokenizer.model, tokenizer_config.json, vocab.json, …), so the output would have no tokenizer.");
+        }
     }
 
     /// <summary>The folder of a model path (a folder, or a file in it); empty for none.</summary>

@@ -116,6 +116,20 @@ public static class NonWeightFiles
         return name.Equals("config.json", StringComparison.OrdinalIgnoreCase) || name.Equals("generation_config.json", StringComparison.OrdinalIgnoreCase);
     }
 
+    /// <summary>Whether <paramref name="fileName"/> is one of the files a Hugging Face tokenizer is loaded
+    /// from: <c>tokenizer*</c> (tokenizer.json, tokenizer.model, tokenizer_config.json), a vocabulary or
+    /// merges file, a SentencePiece model, or the special and added tokens.</summary>
+    public static bool IsTokenizerFile(string fileName)
+    {
+        ArgumentNullException.ThrowIfNull(fileName);
+        string name = Path.GetFileName(fileName);
+        return name.StartsWith("tokenizer", StringComparison.OrdinalIgnoreCase)
+            || TokenizerFileNames.Contains(name, StringComparer.OrdinalIgnoreCase);
+    }
+
+    private static readonly string[] TokenizerFileNames =
+        ["vocab.json", "vocab.txt", "merges.txt", "spiece.model", "sentencepiece.bpe.model", "special_tokens_map.json", "added_tokens.json"];
+
     /// <summary>
     /// Sets the dtype a Hugging Face <c>config.json</c> declares (<c>torch_dtype</c>, and <c>dtype</c>, the
     /// newer name, where present) to <paramref name="dtype"/>, as mergekit does for its output. A missing

@@ -291,6 +291,12 @@ public class CheckpointMergerTests
         File.WriteAllText(Path.Combine(expertPath, "config.json"), "{\"model_type\": \"donor\"}");
         File.WriteAllText(Path.Combine(expertPath, "tokenizer.json"), "{\"from\": \"donor\"}");
         string output = request.OutputDirectory;
+
+        // A source without a tokenizer would leave the output with none: refused before anything is written.
+        var none = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { TokenizerFilesFrom = dir.Path }));
+        Assert.That(none!.Message, Does.Contain("holds no tokenizer files"));
+        Assert.That(Directory.Exists(output), Is.False);
+
         CheckpointMerger.Merge(request with { TokenizerFilesFrom = expertPath, OutputDType = ScalarType.Float16 });
 
         Assert.That(File.ReadAllText(Path.Combine(output, "tokenizer.json")), Does.Contain("donor"));
