@@ -147,6 +147,16 @@ public sealed class MergePlan
                 $"cannot read the tensor names of '{reference}': {e.Message}");
         }
 
+        // Every other model must hold weights too; the engine would find out only when the merge starts,
+        // without the config's line.
+        foreach (var input in plan._inputs)
+        {
+            if (SafetensorsCheckpoint.MissingWeights(input.Path) is { } missing)
+            {
+                throw config.Error(input.KeyPath == "base_model" ? "base_model" : $"{input.KeyPath}.model", missing);
+            }
+        }
+
         return plan.Bind(names);
     }
 

@@ -102,8 +102,24 @@ public sealed class SafetensorsCheckpoint : IDisposable
             return OpenIndex(path, index, options);
         }
 
-        throw new FileNotFoundException(
-            $"The directory '{path}' has neither {SingleFileName} nor {IndexFileName}.", single);
+        throw new FileNotFoundException(MissingWeights(path), single);
+    }
+
+    /// <summary>Why the directory <paramref name="path"/> holds no safetensors checkpoint, or null when it
+    /// holds one (or is not a directory).</summary>
+    internal static string? MissingWeights(string path)
+    {
+        if (!Directory.Exists(path)
+            || File.Exists(System.IO.Path.Combine(path, SingleFileName)) || File.Exists(System.IO.Path.Combine(path, IndexFileName)))
+        {
+            return null;
+        }
+
+        bool pytorch = Directory.EnumerateFiles(path).Any(f => f.EndsWith(".bin", StringComparison.OrdinalIgnoreCase)
+                                                             || f.EndsWith(".pt", StringComparison.OrdinalIgnoreCase)
+                                                             || f.EndsWith(".pth", StringComparison.OrdinalIgnoreCase));
+        return $"The directory '{path}' has neither {SingleFileName} nor {IndexFileName}"
+            + (pytorch ? "; it has PyTorch weights (.bin/.pt), which MergeLab does not read: convert them to safetensors first." : ".");
     }
 
     /// <summary>Whether the checkpoint has a tensor named <paramref name="name"/>.</summary>

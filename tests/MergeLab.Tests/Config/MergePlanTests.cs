@@ -357,7 +357,7 @@ public sealed class MergePlanTests : IDisposable
     public void Tensor_names_can_come_from_the_base_checkpoint()
     {
         _folder.Checkpoint("ckpt/base", ThreeLayers);
-        _folder.Model("ckpt/math");
+        string math = _folder.Model("ckpt/math");
         var path = _folder.Write("""
             models:
               - model: math
@@ -366,6 +366,12 @@ public sealed class MergePlanTests : IDisposable
             merge_method: ties
             parameters: {density: [0.2, 0.8]}
             """, "ckpt/merge.yml");
+        // An expert folder without weights is named with its config line; PyTorch weights are named as such.
+        File.WriteAllText(Path.Combine(math, "pytorch_model.bin"), "");
+        var empty = Assert.Throws<MergeConfigException>(() => MergePlan.Create(MergeConfig.Load(path)))!;
+        Assert.That(empty.Message, Does.Contain("line 2, models[0].model").And.Contain("has neither model.safetensors").And.Contain("convert them to safetensors"));
+
+        _folder.Checkpoint("ckpt/math", ThreeLayers);
         var plan = MergePlan.Create(MergeConfig.Load(path), seed: 5);
         Assert.That(plan.Seed, Is.EqualTo(5));
         Assert.That(plan.Methods, Has.Count.EqualTo(3));
