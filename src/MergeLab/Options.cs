@@ -36,7 +36,7 @@ internal static class Options
 
         if (weights.Count != expertCount)
         {
-            throw new ArgumentException($"{name} has {weights.Count} values but there are {expertCount} experts.", name);
+            throw new ArgumentException($"{name} has {weights.Count} {(weights.Count == 1 ? "value" : "values")} but there are {expertCount} experts.", name);
         }
 
         for (int k = 0; k < weights.Count; k++)

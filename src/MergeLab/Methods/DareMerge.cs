@@ -89,7 +89,8 @@ public sealed class DareMerge : PipelineMerge
             MergeLab.Options.RequireInRange(p, $"DropRates[{k}]", 0, 1, maxInclusive: false);
             return (Sparsifier)new RandomDrop(p, o.Rescale, o.Seed);
         }).ToArray();
-        return Combine(sparsifiers, o.Combination, o.ConsensusPreset, o.Aggregation, o.Weights, o.Lambda);
+        return Combine(sparsifiers, o.Combination, o.ConsensusPreset, o.Aggregation, o.Weights, o.Lambda)
+            with { SparsifierSource = $"{nameof(DareOptions)}.{nameof(DareOptions.DropRates)}" };
     }
 
     /// <summary>The pipeline of a sparsify-then-combine method (DARE, Breadcrumbs).</summary>

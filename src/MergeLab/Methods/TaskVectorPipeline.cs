@@ -18,6 +18,9 @@ public sealed record TaskVectorPipeline
     /// expert in expert order.</summary>
     public IReadOnlyList<Sparsifier> Sparsifiers { get; init; } = [];
 
+    /// <summary>The option the sparsifiers come from, for messages (e.g. <c>TiesOptions.Densities</c>).</summary>
+    internal string SparsifierSource { get; init; } = nameof(Sparsifiers);
+
     /// <summary>Per-expert weights w_k; null (the default) means 1 for every expert.</summary>
     public IReadOnlyList<double>? Weights { get; init; }
 
@@ -49,7 +52,7 @@ public sealed record TaskVectorPipeline
         1 => Sparsifiers[0],
         _ when Sparsifiers.Count == expertCount => Sparsifiers[k],
         _ => throw new ArgumentException(
-            $"The pipeline has {Sparsifiers.Count} sparsifiers but there are {expertCount} experts; give one, or one per expert."),
+            $"{SparsifierSource} has {Sparsifiers.Count} values but there are {expertCount} experts; give one, or one per expert."),
     };
 
     /// <summary>Checks the stages fit together and the expert count.</summary>

@@ -112,6 +112,7 @@ public sealed class TiesMerge : PipelineMerge
         return new TaskVectorPipeline
         {
             Sparsifiers = sparsifiers,
+            SparsifierSource = $"{nameof(TiesOptions)}.{nameof(TiesOptions.Densities)}",
             Weights = o.Weights,
             Consensus = consensus,
             Aggregation = o.Aggregation ?? aggregation,

@@ -236,6 +236,14 @@ public class ValidationTests
         var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Weights = [1, 2, 3] });
         var ex = Assert.Throws<ArgumentException>(() => T.MergeDeltas(ties, [1, 2], [3, 4]));
         Assert.That(ex!.Message, Does.Contain("3 values").And.Contain("2 experts"));
+
+        // Per-expert sparsifier settings are named by their option.
+        var densities = new TiesMerge(new TiesOptions { Densities = [.2, .3, .4] });
+        ex = Assert.Throws<ArgumentException>(() => T.MergeDeltas(densities, [1, 2], [3, 4]));
+        Assert.That(ex!.Message, Does.Contain("TiesOptions.Densities has 3 values but there are 2 experts"));
+        var one = new TaskArithmeticMerge(new TaskArithmeticOptions { Weights = [1] });
+        ex = Assert.Throws<ArgumentException>(() => T.MergeDeltas(one, [1, 2], [3, 4]));
+        Assert.That(ex!.Message, Does.Contain("has 1 value but"));
     }
 
     [Test]
