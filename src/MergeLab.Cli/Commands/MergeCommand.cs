@@ -129,7 +129,7 @@ internal static class MergeCommand
         /// <summary>The pass's input bytes per second so far.</summary>
         public double Rate(long bytesDone) => bytesDone / Math.Max((_clock.Elapsed - _passStart).TotalSeconds, 1e-3);
 
-        /// <summary>"1.23 GB/s, ETA 0:00:12" for the current pass.</summary>
+        /// <summary>"1.23 GB/s, ETA 00:00:12" for the current pass.</summary>
         public string Describe(long bytesDone, long bytesTotal)
         {
             double rate = Rate(bytesDone);
