@@ -78,6 +78,14 @@ internal static class MergeCommand
             : CheckpointMerger.Merge(request, new LineProgress(), ct);
         Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"Merged {result.TensorCount} tensors ({ConsoleOutput.Bytes(result.BytesWritten)}) into {result.OutputDirectory} in {clock.Elapsed.TotalSeconds:0.0} s."));
+        if (!result.Files.Contains("config.json", StringComparer.OrdinalIgnoreCase))
+        {
+            // mergekit stops without a config to copy; MergeLab writes the weights anyway (they may not be
+            // for a Hugging Face model), but says so.
+            Console.Error.WriteLine("mergelab: note: the output has no config.json, because the model its other files come from "
+                + "(base_model, else the first model) has none; Hugging Face loaders need one.");
+        }
+
         return 0;
     }
 

@@ -106,6 +106,27 @@ public class CliTests
     }
 
     [Test]
+    public void A_merge_whose_source_has_no_config_json_says_so()
+    {
+        using var dir = new TempDirectory();
+        using var a = T.RandomModel(125);
+        using var b = T.Expert(a, 126);
+        SafetensorsWriter.Write(Path.Combine(Directory.CreateDirectory(dir.File("a")).FullName, SafetensorsCheckpoint.SingleFileName), a);
+        Save(dir, "b", b); // only the second model has a config.json
+        string config = dir.File("linear.yaml");
+        File.WriteAllText(config, "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n  - model: b\n    parameters: {weight: 1}\n");
+        var (exit, stdout, stderr) = Run("merge", config, dir.File("out"));
+        Assert.That(exit, Is.EqualTo(0), stderr);
+        Assert.That(stdout, Does.Contain("Merged 4 tensors"));
+        Assert.That(stderr, Does.Contain("note: the output has no config.json"));
+
+        File.WriteAllText(dir.File("swapped.yaml"), "merge_method: linear\nmodels:\n  - model: b\n    parameters: {weight: 1}\n  - model: a\n    parameters: {weight: 1}\n");
+        (exit, _, stderr) = Run("merge", dir.File("swapped.yaml"), dir.File("out3"));
+        Assert.That(exit, Is.EqualTo(0), stderr);
+        Assert.That(stderr, Is.Empty, "a config.json was copied");
+    }
+
+    [Test]
     public void Inspecting_a_malformed_file_fails_cleanly()
     {
         using var dir = new TempDirectory();
