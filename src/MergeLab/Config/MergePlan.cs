@@ -153,7 +153,7 @@ public sealed class MergePlan
         {
             if (SafetensorsCheckpoint.MissingWeights(input.Path) is { } missing)
             {
-                throw config.Error(input.KeyPath == "base_model" ? "base_model" : $"{input.KeyPath}.model", missing);
+                throw config.Error(input.PathKey, missing);
             }
         }
 
@@ -209,7 +209,7 @@ public sealed class MergePlan
         RequireExists(config, "base_model", basePath);
         foreach (var m in models)
         {
-            RequireExists(config, $"{m.KeyPath}.model", m.Path);
+            RequireExists(config, m.PathKey, m.Path);
         }
 
         RequireExists(config, "tokenizer_source", config.TokenizerSource is null or "base" ? null : tokenizer);
@@ -389,5 +389,9 @@ public sealed class MergePlan
 
     /// <summary>One input model: its absolute path, its config entry (null for linear's appended base)
     /// and its key path for messages.</summary>
-    private sealed record Input(string Path, ModelReference? Model, string KeyPath);
+    private sealed record Input(string Path, ModelReference? Model, string KeyPath)
+    {
+        /// <summary>The key of the input's path in the config: <c>models[i].model</c>, or <c>base_model</c>.</summary>
+        public string PathKey => Model is null ? KeyPath : $"{KeyPath}.model";
+    }
 }

@@ -447,33 +447,33 @@ public static class CheckpointMerger
                 throw new MergeException($"The output '{output}' holds the input '{input}'; MergeLab never writes over its inputs.");
             }
 
-            // An input's files may be links into the output (a checkpoint assembled from an earlier merge's
-            // shards, or a cache of blobs): replacing the output would change that input.
-            foreach (var entry in new DirectoryInfo(Folder(real)).EnumerateFileSystemInfos())
-            {
-                if (entry.LinkTarget is null)
-                {
-                    continue;
-                }
-
-                string target;
-                try
-                {
-                    target = RealPath(entry.FullName);
-                }
-                catch (IOException e)
-                {
-                    throw new MergeException($"The input '{input}' has the link '{entry.Name}', which cannot be followed ({e.Message}).", e);
-                }
-
-                if (PathCase.Comparer.Equals(target, realOutput) || PathCase.IsInside(target, realOutput))
-                {
-                    throw new MergeException($"The input '{input}' has '{entry.Name}' linked into the output '{output}'; MergeLab never writes over its inputs.");
-                }
-            }
+            RequireNoLinkInto(input!, real, output, realOutput);
         }
 
         CheckReplaceable(output);
+    }
+
+    /// <summary>An input's files may be links into the output (a checkpoint assembled from an earlier merge's
+    /// shards, or a cache of blobs): replacing the output would change that input, so it is refused.</summary>
+    private static void RequireNoLinkInto(string input, string realInput, string output, string realOutput)
+    {
+        foreach (var entry in new DirectoryInfo(Folder(realInput)).EnumerateFileSystemInfos().Where(e => e.LinkTarget is not null))
+        {
+            string target;
+            try
+            {
+                target = RealPath(entry.FullName);
+            }
+            catch (IOException e)
+            {
+                throw new MergeException($"The input '{input}' has the link '{entry.Name}', which cannot be followed ({e.Message}).", e);
+            }
+
+            if (PathCase.Comparer.Equals(target, realOutput) || PathCase.IsInside(target, realOutput))
+            {
+                throw new MergeException($"The input '{input}' has '{entry.Name}' linked into the output '{output}'; MergeLab never writes over its inputs.");
+            }
+        }
     }
 
     /// <summary>A separate tokenizer source must hold a tokenizer: the other model's tokenizer files are left

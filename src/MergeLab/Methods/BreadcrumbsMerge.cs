@@ -97,7 +97,7 @@ public sealed class BreadcrumbsMerge : PipelineMerge
     {
         var pairs = o.PerExpert ?? [(o.Density, o.Gamma)];
         var sparsifiers = pairs.Select(p => (Sparsifier)new BreadcrumbsMask(p.Density, p.Gamma, o.Variant)).ToArray();
-        return DareMerge.Combine(sparsifiers, o.Combination, o.ConsensusPreset,
-            o.Aggregation, o.Weights, o.Lambda) with { SparsifierSource = $"{nameof(BreadcrumbsOptions)}.{nameof(BreadcrumbsOptions.PerExpert)}" };
+        return DareMerge.Combine(sparsifiers, $"{nameof(BreadcrumbsOptions)}.{nameof(BreadcrumbsOptions.PerExpert)}", o.Combination,
+            o.ConsensusPreset, o.Aggregation, o.Weights, o.Lambda);
     }
 }

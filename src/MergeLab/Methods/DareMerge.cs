@@ -89,12 +89,13 @@ public sealed class DareMerge : PipelineMerge
             MergeLab.Options.RequireInRange(p, $"DropRates[{k}]", 0, 1, maxInclusive: false);
             return (Sparsifier)new RandomDrop(p, o.Rescale, o.Seed);
         }).ToArray();
-        return Combine(sparsifiers, o.Combination, o.ConsensusPreset, o.Aggregation, o.Weights, o.Lambda)
-            with { SparsifierSource = $"{nameof(DareOptions)}.{nameof(DareOptions.DropRates)}" };
+        return Combine(sparsifiers, $"{nameof(DareOptions)}.{nameof(DareOptions.DropRates)}", o.Combination, o.ConsensusPreset,
+            o.Aggregation, o.Weights, o.Lambda);
     }
 
-    /// <summary>The pipeline of a sparsify-then-combine method (DARE, Breadcrumbs).</summary>
-    internal static TaskVectorPipeline Combine(Sparsifier[] sparsifiers, Combination combination, TiesPreset preset,
+    /// <summary>The pipeline of a sparsify-then-combine method (DARE, Breadcrumbs); <paramref name="source"/>
+    /// names the option the sparsifiers come from, for messages.</summary>
+    internal static TaskVectorPipeline Combine(Sparsifier[] sparsifiers, string source, Combination combination, TiesPreset preset,
         Aggregation? aggregation, IReadOnlyList<double>? weights, double lambda)
     {
         SignConsensus? consensus = null;
@@ -111,6 +112,7 @@ public sealed class DareMerge : PipelineMerge
         return new TaskVectorPipeline
         {
             Sparsifiers = sparsifiers,
+            SparsifierSource = source,
             Weights = weights,
             Consensus = consensus,
             Aggregation = aggregation ?? defaultAggregation,

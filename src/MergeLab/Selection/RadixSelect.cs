@@ -153,9 +153,7 @@ internal sealed class RadixSelect(bool signed = false)
 
         int tables = offsets[^1];
 
-        // The fine pass counts only keys in the wanted bins: below the lowest, a source need not compute
-        // them exactly (a key written below it lands in no wanted bin).
-        var floors = selects.Select(select => coarse || select._fineBins.Length == 0 ? 0u : (uint)select._fineBins.Min() << 16).ToArray();
+        var floors = selects.Select(select => select.Floor(coarse)).ToArray();
         int threads = n < ParallelThreshold ? 1 : CpuParallel.Threads;
         const int block = ExactSelector.BlockSize;
         long blocks = CpuParallel.BlockCount(n, block);
@@ -218,6 +216,10 @@ internal sealed class RadixSelect(bool signed = false)
         });
     }
 
+    /// <summary>The lowest key a pass needs exactly: the fine pass counts only keys in the wanted bins, so below
+    /// the lowest a source need not compute them (a key written below it lands in no wanted bin).</summary>
+    private uint Floor(bool coarse) => coarse || _fineBins.Length == 0 ? 0u : (uint)_fineBins.Min() << 16;
+
     /// <summary>
     /// <see cref="Accumulate"/> for sources of one block or less, on the calling thread: the keys are kept
     /// and counted straight into each selection's histograms. Clearing and adding whole per-thread tables
@@ -236,9 +238,7 @@ internal sealed class RadixSelect(bool signed = false)
             {
                 for (int s = 0; s < selects.Count; s++)
                 {
-                    var select = selects[s];
-                    uint floor = coarse || select._fineBins.Length == 0 ? 0u : (uint)select._fineBins.Min() << 16;
-                    keys[s].FillFrom(0, n, (uint*)scratch, floats, floor);
+                    keys[s].FillFrom(0, n, (uint*)scratch, floats, selects[s].Floor(coarse));
                     Buffer.MemoryCopy(scratch, all + ((long)s * n), n * 4L, n * 4L);
                 }
             }

@@ -1,6 +1,5 @@
 using System.Diagnostics;
 using System.Runtime.InteropServices;
-using MergeLab.IO;
 using MergeLab.Tensors;
 using MergeLab.Tests.IO;
 using NUnit.Framework;
@@ -96,7 +95,7 @@ public partial class CliSignalTests
             baseModel.Add($"layers.{i}.weight", randn([256], generator: generator));
         }
 
-        Save(dir, "base", baseModel);
+        CliTests.Save(dir, "base", baseModel);
         for (int k = 1; k <= 3; k++)
         {
             using var expert = new StateDict();
@@ -106,7 +105,7 @@ public partial class CliSignalTests
                 expert.Add(name, baseModel[name].add(noise, alpha: 0.01));
             }
 
-            Save(dir, $"e{k}", expert);
+            CliTests.Save(dir, $"e{k}", expert);
         }
 
         string config = dir.File("pcb.yaml");
@@ -119,12 +118,6 @@ public partial class CliSignalTests
               - model: e3
             """);
         return config;
-    }
-
-    private static void Save(TempDirectory dir, string name, StateDict model)
-    {
-        string path = Directory.CreateDirectory(dir.File(name)).FullName;
-        SafetensorsWriter.Write(Path.Combine(path, SafetensorsCheckpoint.SingleFileName), model);
     }
 
     /// <summary>The dotnet host: the one the SDK names for the tests (DOTNET_HOST_PATH), the one running them,

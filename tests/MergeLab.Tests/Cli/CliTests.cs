@@ -29,7 +29,9 @@ public class CliTests
         }
     }
 
-    private static string Save(TempDirectory dir, string name, StateDict model)
+    /// <summary>Saves <paramref name="model"/> as the checkpoint folder <paramref name="name"/> of
+    /// <paramref name="dir"/>, with a small config.json; returns the folder.</summary>
+    internal static string Save(TempDirectory dir, string name, StateDict model)
     {
         string path = Directory.CreateDirectory(Path.Combine(dir.Path, name)).FullName;
         SafetensorsWriter.Write(Path.Combine(path, SafetensorsCheckpoint.SingleFileName), model);
