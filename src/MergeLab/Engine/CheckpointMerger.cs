@@ -2,6 +2,7 @@ using System.Collections.Concurrent;
 using MergeLab.Config;
 using MergeLab.IO;
 using MergeLab.Methods;
+using MergeLab.Selection;
 using static TorchSharp.torch;
 
 namespace MergeLab.Engine;
@@ -122,7 +123,8 @@ public static class CheckpointMerger
             while (statistic is { IsComplete: false })
             {
                 passes++;
-                Stream(model, device, request.ReadAhead, "statistics", passes, checkFinite, progress, statistic.Observe, ct);
+                bool check = checkFinite;
+                Stream(model, device, request.ReadAhead, "statistics", passes, _ => check, progress, statistic.Observe, ct);
                 checkFinite = false;
                 statistic.EndPass();
             }
@@ -135,8 +137,13 @@ public static class CheckpointMerger
                 // the write-behind thread writes merged tensors while the next group is merged.
                 using (var behind = new WriteBehind(writer, temp, WriteBehindTensors, ct))
                 {
-                    Stream(model, device, request.ReadAhead, "merge", 1, checkFinite, progress,
-                        group => behind.Add(group.Name, methods[group.Name].MergeTensor(group, statistic, request.OutputDType)), ct);
+                    // A method whose kernels may vouch for its inputs (FiniteWitness) has them checked after
+                    // its merge, and only those not vouched for: one read of every input less.
+                    bool Deferred(string name) => checkFinite && methods[name].MayVouchForFiniteInputs;
+                    Stream(model, device, request.ReadAhead, "merge", 1, name => checkFinite && !Deferred(name), progress,
+                        group => behind.Add(group.Name, Deferred(group.Name)
+                            ? MergeThenCheck(model, methods[group.Name], group, statistic, request.OutputDType)
+                            : methods[group.Name].MergeTensor(group, statistic, request.OutputDType)), ct);
                     behind.Complete();
                 }
 
@@ -157,11 +164,41 @@ public static class CheckpointMerger
         }
     }
 
+    /// <summary>Merges <paramref name="group"/>, then checks for NaN and ±∞ the inputs that the method's
+    /// kernels did not vouch for. If the merge fails, the inputs are checked first, so that a non-finite
+    /// input is reported as such rather than as whatever it made the method do.</summary>
+    private static Tensor MergeThenCheck(CheckpointSet model, MergeMethod method, TensorGroup group, ModelStatistic? statistic, ScalarType? outputType)
+    {
+        using var witness = FiniteWitness.Begin();
+        Tensor merged;
+        try
+        {
+            merged = method.MergeTensor(group, statistic, outputType);
+        }
+        catch (Exception e) when (e is not OperationCanceledException)
+        {
+            FiniteCheck.Require(model, group, witness: null);
+            throw;
+        }
+
+        try
+        {
+            FiniteCheck.Require(model, group, witness);
+        }
+        catch
+        {
+            merged.Dispose();
+            throw;
+        }
+
+        return merged;
+    }
+
     /// <summary>Reads every tensor group in name order on a background reader, <paramref name="readAhead"/>
-    /// groups ahead (checking them for NaN and ±∞ when <paramref name="checkFinite"/>), and hands each to
+    /// groups ahead (checking for NaN and ±∞ those for which <paramref name="checkFinite"/> says so), and hands each to
     /// <paramref name="consume"/>, disposing it afterwards. An error on either side stops both at once and
     /// is thrown naming the tensor it happened on.</summary>
-    private static void Stream(CheckpointSet model, Device device, int readAhead, string stage, int pass, bool checkFinite,
+    private static void Stream(CheckpointSet model, Device device, int readAhead, string stage, int pass, Func<string, bool> checkFinite,
         IProgress<CheckpointMergeProgress>? progress, Action<TensorGroup> consume, CancellationToken ct)
     {
         using var queue = new BlockingCollection<LoadedGroup>(readAhead);
@@ -172,7 +209,7 @@ public static class CheckpointMerger
             {
                 foreach (var name in model.Names)
                 {
-                    var group = Read(model, name, device, checkFinite);
+                    var group = Read(model, name, device, checkFinite(name));
                     try
                     {
                         queue.Add(group, stop.Token);

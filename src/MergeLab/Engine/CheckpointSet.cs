@@ -169,19 +169,26 @@ internal static class FiniteCheck
 
     /// <summary>Throws a <see cref="NonFiniteInputException"/> for the first tensor of
     /// <paramref name="loaded"/> (base first, then the experts in order) that holds NaN or ±∞.</summary>
-    public static void Require(CheckpointSet model, LoadedGroup loaded)
+    public static void Require(CheckpointSet model, LoadedGroup loaded) =>
+        Require(model, loaded.Group, (index, _) => loaded.FoundFinite(index));
+
+    /// <summary>As <see cref="Require(CheckpointSet, LoadedGroup)"/> for a group whose inputs were not
+    /// checked as they were read, skipping those that <paramref name="witness"/> saw vouched for.</summary>
+    public static void Require(CheckpointSet model, TensorGroup group, FiniteWitness? witness) =>
+        Require(model, group, (_, tensor) => witness?.Covers(tensor) == true ? true : null);
+
+    private static void Require(CheckpointSet model, TensorGroup group, Func<int, Tensor, bool?> known)
     {
-        var group = loaded.Group;
-        int first = 0; // the experts' index in loaded.Finite
+        int first = 0; // the experts' index among the group's inputs
         if (group.Base is not null)
         {
-            Require(group.Base, group.Name, model.Base!, loaded.FoundFinite(0));
+            Require(group.Base, group.Name, model.Base!, known(0, group.Base));
             first = 1;
         }
 
         for (int k = 0; k < group.Experts.Count; k++)
         {
-            Require(group.Experts[k], group.Name, model.Experts[k], loaded.FoundFinite(first + k));
+            Require(group.Experts[k], group.Name, model.Experts[k], known(first + k, group.Experts[k]));
         }
     }
 

@@ -92,6 +92,26 @@ internal static unsafe class MappedTensors
         return tensor;
     }
 
+    /// <summary>Touches one byte of every page of the contiguous CPU tensor <paramref name="t"/>, so its
+    /// pages are faulted in (read from the disk if need be) here rather than inside a merge kernel.</summary>
+    public static void Prefault(Tensor t)
+    {
+        long bytes = t.numel() * t.element_size();
+        var p = (byte*)Selection.CpuTensors.Pointer(t);
+        const long block = 1 << 20;
+        Selection.CpuParallel.For(Selection.CpuParallel.BlockCount(bytes, block), b =>
+        {
+            long end = Math.Min(bytes, (b + 1) * block);
+            int sum = 0;
+            for (long i = b * block; i < end; i += 4096)
+            {
+                sum += Volatile.Read(ref p[i]);
+            }
+
+            GC.KeepAlive(sum);
+        });
+    }
+
     private static void Unmap(nint data)
     {
         MemoryMappedViewAccessor? view;

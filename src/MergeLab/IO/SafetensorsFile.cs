@@ -281,6 +281,13 @@ public sealed class SafetensorsFile : IDisposable
         try
         {
             finite = checkFinite ? FiniteValues.AllFinite(tensor) : null;
+            if (!checkFinite)
+            {
+                // The check touches every page; without it, one touch per page still faults them in here,
+                // on the reader, rather than one by one inside the merge (from the disk, a wait each).
+                MappedTensors.Prefault(tensor);
+            }
+
             return tensor;
         }
         catch

@@ -74,6 +74,12 @@ public abstract class MergeMethod
         return merged.to(type).MoveToOuterDisposeScope();
     }
 
+    /// <summary>Whether this method's CPU kernels may read every input value of a tensor and vouch that all
+    /// are finite (<see cref="Selection.FiniteWitness"/>), so the checkpoint engine checks inputs for NaN and
+    /// ±∞ after the merge, and only those nobody vouched for, instead of reading every input once more
+    /// before it. Default false.</summary>
+    internal virtual bool MayVouchForFiniteInputs => false;
+
     /// <summary>Merges straight into <paramref name="outputType"/> with a fused CPU kernel, or returns
     /// null to take <see cref="MergeFloat32"/>. The result must equal that path's, cast.</summary>
     private protected virtual Tensor? MergeDirect(TensorGroup group, ModelStatistic? statistic, ScalarType outputType) => null;

@@ -90,6 +90,9 @@ public sealed class PcbMerge : MergeMethod
         Options.Scope == SelectionScope.WholeModel ? new PcbStatistic(this, expertCount) : null;
 
     /// <inheritdoc />
+    /// <summary>Per tensor, the clamp quantiles' selection reads every value of each expert and of the base.</summary>
+    internal override bool MayVouchForFiniteInputs => Options.Scope == SelectionScope.PerTensor;
+
     private protected override Tensor? MergeDirect(TensorGroup group, ModelStatistic? statistic, ScalarType outputType)
     {
         bool wholeModel = Options.Scope == SelectionScope.WholeModel;

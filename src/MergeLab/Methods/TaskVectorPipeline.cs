@@ -182,6 +182,12 @@ public class PipelineMerge : MergeMethod
     protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic) =>
         Pipeline.Merge(group, Prepare(group, statistic));
 
+    /// <summary>The fused pipeline's exact selection over a whole tensor reads every value of each expert it
+    /// trims and of the base (<see cref="Selection.ExactSelector"/>); Breadcrumbs' paper variant selects
+    /// per row, which vouches for nothing.</summary>
+    internal override bool MayVouchForFiniteInputs => Pipeline.Sparsifiers.Any(s =>
+        s is TopKMagnitude or KthMagnitudeThreshold { Scope: SelectionScope.PerTensor } or BreadcrumbsMask { Variant: BreadcrumbsVariant.Mergekit });
+
     private protected override Tensor? MergeDirect(TensorGroup group, ModelStatistic? statistic, ScalarType outputType) =>
         FusedPipeline.TryMerge(Pipeline, group, Prepare(group, statistic), outputType);
 

@@ -186,6 +186,10 @@ internal static unsafe class ExactSelector
             bool fused = differences.Length == sources.Length && bySource.All(g => g.Length <= 2)
                 && differences.All(d => d.Base.Pointer == differences[0].Base.Pointer);
             bool wide = WideScan && PackWithCompress;
+
+            // The fused scan reads every value of each expert and of the base; a key |θ − θ_base| below +∞
+            // everywhere means both were finite, which it vouches for (FiniteWitness) when a witness listens.
+            var nonFinite = fused && FiniteWitness.Listening ? new int[sources.Length] : null;
             CpuParallel.For(blocks, block =>
             {
                 long start = block * BlockSize;
@@ -200,22 +204,24 @@ internal static unsafe class ExactSelector
                     for (int s = 0; s < sources.Length; s++)
                     {
                         var group = bySource[s];
+                        uint top = 0;
                         if (wide && group.Length == 2)
                         {
-                            ScanDifferenceWide(group[0], group[1], block, differences[s].Expert, bse, start, count, local, keys);
-                            continue;
+                            top = ScanDifferenceWide(group[0], group[1], block, differences[s].Expert, bse, start, count, local, keys);
+                        }
+                        else
+                        {
+                            foreach (var q in group)
+                            {
+                                top = wide
+                                    ? ScanDifferenceWide(q, block, differences[s].Expert, bse, start, count, local)
+                                    : ScanDifference(q, block, differences[s].Expert, bse, start, count, local);
+                            }
                         }
 
-                        foreach (var q in group)
+                        if (nonFinite is not null && top >= FloatKeys.NonFiniteMagnitude)
                         {
-                            if (wide)
-                            {
-                                ScanDifferenceWide(q, block, differences[s].Expert, bse, start, count, local);
-                            }
-                            else
-                            {
-                                ScanDifference(q, block, differences[s].Expert, bse, start, count, local);
-                            }
+                            Volatile.Write(ref nonFinite[s], 1);
                         }
                     }
 
@@ -246,6 +252,18 @@ internal static unsafe class ExactSelector
                     }
                 }
             });
+
+            if (nonFinite is not null)
+            {
+                for (int s = 0; s < sources.Length; s++)
+                {
+                    if (nonFinite[s] == 0)
+                    {
+                        Vouch(differences[s].Expert);
+                        Vouch(differences[s].Base);
+                    }
+                }
+            }
 
             var resolved = new bool[queries.Count];
             CpuParallel.For(queries.Count, i =>
@@ -285,6 +303,8 @@ internal static unsafe class ExactSelector
 
         return pending;
     }
+
+    private static void Vouch(CpuFloats values) => FiniteWitness.Vouch(values.Pointer, values.Length * (values.IsBFloat16 ? 2 : 4));
 
     /// <summary>Counts the keys below the bracket (and <paramref name="below"/> more, left out by the
     /// source) and at its two ends, and keeps those strictly inside it as this block's segment.</summary>
@@ -359,9 +379,10 @@ internal static unsafe class ExactSelector
         Record(q, block, lessCount, lowTies, highTies, local, found);
     }
 
-    /// <summary><see cref="Scan"/> of the keys |θ − θ_base| computed in registers as they are read.</summary>
+    /// <summary><see cref="Scan"/> of the keys |θ − θ_base| computed in registers as they are read.
+    /// Returns the largest key (at least <see cref="FloatKeys.NonFiniteMagnitude"/> when an input was NaN or ±∞).</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void ScanDifference(SelectionQuery q, long block, CpuFloats expert, float* bse, long start, int count, uint* local)
+    private static uint ScanDifference(SelectionQuery q, long block, CpuFloats expert, float* bse, long start, int count, uint* local)
     {
         uint lo = q.Low, hi = q.High;
         int w = Vector<float>.Count;
@@ -372,7 +393,7 @@ internal static unsafe class ExactSelector
         // Strictly inside ⟺ k − (lo + 1) < hi − lo − 1, unsigned.
         var insideFrom = new Vector<uint>(lo + 1);
         var insideSpan = new Vector<uint>(hi > lo ? hi - lo - 1 : 0);
-        Vector<uint> below = Vector<uint>.Zero, atLow = Vector<uint>.Zero, atHigh = Vector<uint>.Zero;
+        Vector<uint> below = Vector<uint>.Zero, atLow = Vector<uint>.Zero, atHigh = Vector<uint>.Zero, top = Vector<uint>.Zero;
         var pair = stackalloc uint[2 * w];
         bool compress = PackWithCompress && Avx512F.VL.IsSupported && Vector<uint>.Count == Vector256<uint>.Count;
         int found = 0;
@@ -382,6 +403,7 @@ internal static unsafe class ExactSelector
             DifferenceMagnitudeKeys.Load(expert, start + i, out var e0, out var e1);
             var k0 = Vector.AsVectorUInt32(e0 - Vector.Load(bse + i)) & mask;
             var k1 = Vector.AsVectorUInt32(e1 - Vector.Load(bse + i + w)) & mask;
+            top = Vector.Max(top, Vector.Max(k0, k1));
             below -= Vector.LessThan(k0, vlo) + Vector.LessThan(k1, vlo);
             atLow -= Vector.Equals(k0, vlo) + Vector.Equals(k1, vlo);
             atHigh -= (Vector.Equals(k0, vhi) + Vector.Equals(k1, vhi)) & highMask;
@@ -415,17 +437,26 @@ internal static unsafe class ExactSelector
         // subtract 0, 1 or 2 per lane, as wanted.
         long lessCount = Vector.Sum(below);
         int lowTies = (int)Vector.Sum(atLow), highTies = (int)Vector.Sum(atHigh);
+        uint largest = 0;
+        for (int lane = 0; lane < Vector<uint>.Count; lane++)
+        {
+            largest = Math.Max(largest, top[lane]);
+        }
+
         for (; i < count; i++)
         {
-            Classify(FloatKeys.Magnitude(expert.At(start + i) - bse[i]), lo, hi, ref lessCount, ref lowTies, ref highTies, local, ref found);
+            uint key = FloatKeys.Magnitude(expert.At(start + i) - bse[i]);
+            largest = Math.Max(largest, key);
+            Classify(key, lo, hi, ref lessCount, ref lowTies, ref highTies, local, ref found);
         }
 
         Record(q, block, lessCount, lowTies, highTies, local, found);
+        return largest;
     }
 
-    /// <summary><see cref="ScanDifference"/> on 512-bit vectors, candidates packed by AVX-512 compress.</summary>
+    /// <summary><see cref="ScanDifference"/> on 512-bit vectors, candidates packed by AVX-512 compress; returns the largest key.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void ScanDifferenceWide(SelectionQuery q, long block, CpuFloats expert, float* bse, long start, int count, uint* local)
+    private static uint ScanDifferenceWide(SelectionQuery q, long block, CpuFloats expert, float* bse, long start, int count, uint* local)
     {
         uint lo = q.Low, hi = q.High;
         const int w = 16;
@@ -436,10 +467,12 @@ internal static unsafe class ExactSelector
         long lessCount = 0;
         int lowTies = 0, highTies = 0;
         int found = 0;
+        var top = Vector512<uint>.Zero;
         int i = 0;
         for (; i <= count - 2 * w; i += 2 * w)
         {
             DifferenceKeys(pointer, bf16, start + i, bse + i, out var k0, out var k1);
+            top = Vector512.Max(top, Vector512.Max(k0, k1));
             bracket.Classify(k0, k1, ref lessCount, ref lowTies, ref highTies, local, ref found);
         }
 
@@ -448,19 +481,36 @@ internal static unsafe class ExactSelector
             highTies = 0;
         }
 
+        uint largest = Largest(top);
         for (; i < count; i++)
         {
-            Classify(FloatKeys.Magnitude(expert.At(start + i) - bse[i]), lo, hi, ref lessCount, ref lowTies, ref highTies, local, ref found);
+            uint key = FloatKeys.Magnitude(expert.At(start + i) - bse[i]);
+            largest = Math.Max(largest, key);
+            Classify(key, lo, hi, ref lessCount, ref lowTies, ref highTies, local, ref found);
         }
 
         Record(q, block, lessCount, lowTies, highTies, local, found);
+        return largest;
+    }
+
+    /// <summary>The largest lane of <paramref name="keys"/>.</summary>
+    private static uint Largest(Vector512<uint> keys)
+    {
+        var half = Vector256.Max(keys.GetLower(), keys.GetUpper());
+        uint largest = 0;
+        for (int lane = 0; lane < Vector256<uint>.Count; lane++)
+        {
+            largest = Math.Max(largest, half.GetElement(lane));
+        }
+
+        return largest;
     }
 
     /// <summary><see cref="ScanDifferenceWide(SelectionQuery, long, CpuFloats, float*, long, int, uint*)"/>
     /// for two queries on one task vector (PCB's two clamp quantiles): each key computed once, classified
-    /// against both brackets, packed into <paramref name="local0"/> and <paramref name="local1"/>.</summary>
+    /// against both brackets, packed into <paramref name="local0"/> and <paramref name="local1"/>. Returns the largest key.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void ScanDifferenceWide(SelectionQuery q0, SelectionQuery q1, long block, CpuFloats expert, float* bse, long start, int count, uint* local0, uint* local1)
+    private static uint ScanDifferenceWide(SelectionQuery q0, SelectionQuery q1, long block, CpuFloats expert, float* bse, long start, int count, uint* local0, uint* local1)
     {
         const int w = 16;
         var bracket0 = new WideBracket(q0.Low, q0.High);
@@ -470,25 +520,30 @@ internal static unsafe class ExactSelector
         long less0 = 0, less1 = 0;
         int lowTies0 = 0, highTies0 = 0, lowTies1 = 0, highTies1 = 0;
         int found0 = 0, found1 = 0;
+        var top = Vector512<uint>.Zero;
         int i = 0;
         for (; i <= count - 2 * w; i += 2 * w)
         {
             DifferenceKeys(pointer, bf16, start + i, bse + i, out var k0, out var k1);
+            top = Vector512.Max(top, Vector512.Max(k0, k1));
             bracket0.ClassifyExtreme(k0, k1, ref less0, ref lowTies0, ref highTies0, local0, ref found0);
             bracket1.ClassifyExtreme(k0, k1, ref less1, ref lowTies1, ref highTies1, local1, ref found1);
         }
 
         highTies0 = q0.High > q0.Low ? highTies0 : 0;
         highTies1 = q1.High > q1.Low ? highTies1 : 0;
+        uint largest = Largest(top);
         for (; i < count; i++)
         {
             uint key = FloatKeys.Magnitude(expert.At(start + i) - bse[i]);
+            largest = Math.Max(largest, key);
             Classify(key, q0.Low, q0.High, ref less0, ref lowTies0, ref highTies0, local0, ref found0);
             Classify(key, q1.Low, q1.High, ref less1, ref lowTies1, ref highTies1, local1, ref found1);
         }
 
         Record(q0, block, less0, lowTies0, highTies0, local0, found0);
         Record(q1, block, less1, lowTies1, highTies1, local1, found1);
+        return largest;
     }
 
     /// <summary>The keys |θ − θ_base| of the 32 entries from <paramref name="index"/> of an expert's

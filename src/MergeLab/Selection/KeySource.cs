@@ -15,6 +15,9 @@ internal static class FloatKeys
 {
     public const uint MagnitudeMask = 0x7FFF_FFFF;
 
+    /// <summary>The smallest magnitude key of a non-finite value (+∞); NaN keys lie above it.</summary>
+    public const uint NonFiniteMagnitude = 0x7F80_0000;
+
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static uint Magnitude(float value) => BitConverter.SingleToUInt32Bits(value) & MagnitudeMask;
 

@@ -1,6 +1,7 @@
 using MergeLab.Engine;
 using MergeLab.IO;
 using MergeLab.Methods;
+using MergeLab.Stages;
 using MergeLab.Tensors;
 using MergeLab.Tests.Engine;
 using MergeLab.Tests.IO;
@@ -44,9 +45,11 @@ public sealed class NonFiniteInputTests : IDisposable
         _dir.Dispose();
     }
 
-    private CheckpointMergeRequest Request(MergeMethod method, params string[] experts) => new()
+    private CheckpointMergeRequest Request(MergeMethod method, params string[] experts) => Request(method, _base, experts);
+
+    private CheckpointMergeRequest Request(MergeMethod method, StateDict baseModel, params string[] experts) => new()
     {
-        BaseModel = MergeFixtures.Save(_dir, "base", _base),
+        BaseModel = MergeFixtures.Save(_dir, "base", baseModel),
         Experts = experts,
         Method = method,
         OutputDirectory = _dir.File("out"),
@@ -97,6 +100,108 @@ public sealed class NonFiniteInputTests : IDisposable
         Assert.Throws<NonFiniteInputException>(() => CheckpointMerger.Merge(
             Request(new TiesMerge(), MergeFixtures.Save(_dir, "poisoned", _poisoned)), new SynchronousProgress<CheckpointMergeProgress>(reports.Add)));
         Assert.That(reports, Has.All.Matches<CheckpointMergeProgress>(r => r.Stage == "statistics" && r.Pass == 1));
+    }
+
+    /// <summary>Methods whose per-tensor selection reads every input: the engine checks after their merge,
+    /// and only what the kernel did not vouch for.</summary>
+    private static IEnumerable<TestCaseData> SelectingMethods()
+    {
+        yield return new TestCaseData(new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 0.3 })).SetArgDisplayNames("TIES mergekit");
+        yield return new TestCaseData(new TiesMerge(new TiesOptions { Scope = SelectionScope.PerTensor })).SetArgDisplayNames("TIES paper per tensor");
+        yield return new TestCaseData(new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit, Density = 0.5 })).SetArgDisplayNames("Breadcrumbs mergekit");
+        yield return new TestCaseData(new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor })).SetArgDisplayNames("PCB per tensor");
+    }
+
+    /// <summary>A model whose tensor <see cref="Large"/> is large enough for the selection's vouching scan
+    /// (the small ones are selected in memory, unvouched, and checked by the engine).</summary>
+    private const string Large = "model.embed.weight";
+
+    private static StateDict WithLarge(StateDict model, long seed, Action<Tensor>? poison = null)
+    {
+        using var g = new Generator((ulong)seed);
+        var large = randn([400, 400], generator: g).to(ScalarType.BFloat16);
+        if (poison is not null)
+        {
+            using var flat = large.view(-1);
+            poison(flat);
+        }
+
+        var copy = model.Map(t => t.clone());
+        copy.Add(Large, large);
+        return copy;
+    }
+
+    [TestCaseSource(nameof(SelectingMethods))]
+    public void Per_tensor_selections_report_a_nan_as_the_check_before_the_merge_did(MergeMethod method)
+    {
+        using var bse = WithLarge(_base, 1);
+        using var clean = WithLarge(_clean, 2);
+        using var poisoned = WithLarge(_clean, 3, flat =>
+        {
+            flat[159_999] = tensor(float.NaN);
+            flat[80_000] = tensor(float.PositiveInfinity);
+        });
+        var reports = new List<CheckpointMergeProgress>();
+        var ex = Assert.Throws<NonFiniteInputException>(() => CheckpointMerger.Merge(
+            Request(method, bse, MergeFixtures.Save(_dir, "clean", clean), MergeFixtures.Save(_dir, "poisoned", poisoned)),
+            new SynchronousProgress<CheckpointMergeProgress>(reports.Add)))!;
+        Assert.That((ex.TensorName, ex.NaNCount, ex.InfinityCount), Is.EqualTo((Large, 1L, 1L)));
+        Assert.That(ex.FilePath, Is.EqualTo(Path.Combine(_dir.Path, "poisoned", SafetensorsCheckpoint.SingleFileName)));
+        Assert.That(reports.Select(r => r.Tensor), Has.None.EqualTo(Large), "the merged tensor is never handed on");
+        MergeFixtures.AssertNothingLeft(_dir, "base", "clean", "poisoned");
+    }
+
+    [TestCaseSource(nameof(SelectingMethods))]
+    public void Per_tensor_selections_report_an_infinity_in_the_base(MergeMethod method)
+    {
+        using var bse = WithLarge(_base, 1, flat => flat[123] = tensor(float.NegativeInfinity));
+        using var clean = WithLarge(_clean, 2);
+        var ex = Assert.Throws<NonFiniteInputException>(() => CheckpointMerger.Merge(
+            Request(method, bse, MergeFixtures.Save(_dir, "clean", clean))))!;
+        Assert.That((ex.TensorName, ex.NaNCount, ex.InfinityCount), Is.EqualTo((Large, 0L, 1L)));
+        Assert.That(ex.FilePath, Is.EqualTo(Path.Combine(_dir.Path, "base", SafetensorsCheckpoint.SingleFileName)));
+    }
+
+    [Test]
+    public void A_task_vector_that_overflows_to_infinity_is_a_false_alarm_the_check_clears()
+    {
+        // Finite inputs whose difference is beyond float32's range: the selection's key is +∞, so the kernel
+        // vouches for nothing, and the engine's own check finds every input finite and lets the merge finish.
+        using var bse = WithLarge(_base, 1, flat => flat[5] = tensor(-3e38f));
+        using var expert = WithLarge(_clean, 2, flat => flat[5] = tensor(3e38f));
+        var method = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 0.3 });
+        var result = CheckpointMerger.Merge(Request(method, bse, MergeFixtures.Save(_dir, "expert", expert)));
+
+        using var merged = SafetensorsCheckpoint.Open(result.OutputDirectory);
+        using var expected = method.Merge(bse, [expert]);
+        using var actual = merged.ReadTensor(Large);
+        Assert.That(TensorAssert.RawBytes(actual), Is.EqualTo(TensorAssert.RawBytes(expected[Large])));
+    }
+
+    [Test]
+    public void A_method_that_fails_on_a_non_finite_input_is_reported_as_the_input_not_the_failure()
+    {
+        string poisoned = MergeFixtures.Save(_dir, "poisoned", _poisoned);
+        var ex = Assert.Throws<NonFiniteInputException>(() => CheckpointMerger.Merge(Request(new FailsOnNaN(), poisoned)))!;
+        Assert.That((ex.TensorName, ex.NaNCount, ex.InfinityCount), Is.EqualTo((Bad, 3L, 1L)));
+    }
+
+    /// <summary>A method that asks the engine to check after its merge and fails on NaN.</summary>
+    private sealed class FailsOnNaN : MergeMethod
+    {
+        public override string Name => "fails_on_nan";
+
+        internal override bool MayVouchForFiniteInputs => true;
+
+        protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic)
+        {
+            if (group.Experts.Any(e => e.isnan().any().item<bool>()))
+            {
+                throw new InvalidOperationException("NaN");
+            }
+
+            return group.Base!.to(ScalarType.Float32);
+        }
     }
 
     [Test]
