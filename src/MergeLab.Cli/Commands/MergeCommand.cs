@@ -52,6 +52,13 @@ internal static class MergeCommand
     {
         long maxShard = ConsoleOutput.ParseSize(shardSize);
         var device = ParseDevice(deviceName);
+        if (device.type == DeviceType.CPU)
+        {
+            // Loading libtorch (a few hundred milliseconds of its static initialisation) overlaps reading the
+            // config and the inputs' headers; a failure here is left to the merge to report.
+            _ = Task.Run(() => torch.TryInitializeDeviceType(DeviceType.CPU));
+        }
+
         var config = MergeConfig.Load(configPath);
         var plan = MergePlan.Create(config, seed);
         var request = new CheckpointMergeRequest
