@@ -149,7 +149,7 @@ public static class EndToEnd
             Console.WriteLine($"| read the files alone (raw) | {Spread(raw)} | {inputBytes / Median(raw) / 1e9:F2} | - |");
             Console.WriteLine($"| read every tensor alone (MergeLab reader) | {Spread(tensors)} | {inputBytes / Median(tensors) / 1e9:F2} | - |");
             Console.WriteLine($"| read every group alone, copied (a group's inputs in parallel; the merge with --read copy) | {Spread(groups)} | {inputBytes / Median(groups) / 1e9:F2} | - |");
-            Console.WriteLine($"| read every group alone, mapped and checked for NaN/∞ (the merge's default) | {Spread(mapped)} | {inputBytes / Median(mapped) / 1e9:F2} | - |");
+            Console.WriteLine($"| read every group alone, mapped and checked for NaN/∞ (the merge's read; per-tensor selections such as TIES check after merging instead) | {Spread(mapped)} | {inputBytes / Median(mapped) / 1e9:F2} | - |");
             Console.WriteLine($"| write the output's {outputBytes / 1e9:F2} GB alone, then fsync (of which fsync) | {write + flush:F2} ({flush:F2}) | - | - |");
             string flags = string.Join(' ', extra) + (options.Has("omp-passive") ? " OMP_WAIT_POLICY=PASSIVE" : "");
             Console.WriteLine($"| mergelab merge ({method}{(flags.Length > 0 ? ", " + flags.Trim() : "")}) | {Spread(wall)} | {inputBytes / Median(wall) / 1e9:F2} | {(peakKb > 0 ? $"{peakKb / 1024.0 / 1024.0:F2} GiB" : "n/a")} |");
