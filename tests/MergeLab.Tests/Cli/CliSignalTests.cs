@@ -8,7 +8,8 @@ using static TorchSharp.torch;
 namespace MergeLab.Tests.Cli;
 
 /// <summary>Ctrl+C and SIGTERM sent to a real <c>mergelab merge</c> process: it stops, removes what it
-/// wrote and exits with 130. (The in-process tests cannot send a signal; the handling lives in Main.)</summary>
+/// wrote and exits with 130. (The in-process tests cannot send a signal; the handling lives in Main.) And
+/// Main's own ending of a merge process, which the in-process tests do not reach.</summary>
 [NonParallelizable]
 [Platform("Linux")]
 public partial class CliSignalTests
@@ -76,6 +77,52 @@ public partial class CliSignalTests
                 process.WaitForExit();
             }
         }
+    }
+
+    /// <summary>A completed merge ends the process without libtorch's teardown (<c>_exit</c>); its output,
+    /// exit code and console lines must all be there.</summary>
+    [TestCase(false)]
+    [TestCase(true)]
+    public void A_completed_or_failed_merge_process_keeps_its_output_and_exit_code(bool fail)
+    {
+        using var dir = new TempDirectory();
+        var generator = new Generator(seed: 3);
+        using var baseModel = new StateDict();
+        baseModel.Add("w", randn([64, 64], generator: generator));
+        using var expert = new StateDict();
+        expert.Add("w", randn([64, 64], generator: generator));
+        CliTests.Save(dir, "base", baseModel);
+        CliTests.Save(dir, "e1", expert);
+        string config = dir.File("ta.yaml");
+        File.WriteAllText(config, "merge_method: task_arithmetic\nbase_model: base\nmodels:\n  - model: e1\n    parameters: {weight: 1.0}\n");
+        string output = dir.File("out");
+        if (fail)
+        {
+            Directory.CreateDirectory(output);
+            File.WriteAllText(Path.Combine(output, "notes.txt"), "not a checkpoint");
+        }
+
+        var start = new ProcessStartInfo(DotnetHost(), [Path.Combine(AppContext.BaseDirectory, "MergeLab.Cli.dll"), "merge", config, output])
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            WorkingDirectory = dir.Path,
+        };
+        using var process = Process.Start(start)!;
+        var stdout = process.StandardOutput.ReadToEndAsync();
+        var stderr = process.StandardError.ReadToEndAsync();
+        Assert.That(process.WaitForExit(120_000), Is.True);
+        if (fail)
+        {
+            Assert.That((process.ExitCode, stderr.Result), Is.EqualTo((1, $"mergelab: The output '{output}' already exists; choose a new directory or allow overwriting (the CLI's --overwrite).{Environment.NewLine}")));
+            return;
+        }
+
+        Assert.That(process.ExitCode, Is.EqualTo(0), stderr.Result);
+        string last = stdout.Result.TrimEnd().Split('\n')[^1];
+        Assert.That(last, Does.StartWith("Merged 1 tensors (").And.Contain($") into {output} in ").And.EndWith(" s."), stdout.Result);
+        using var merged = MergeLab.IO.SafetensorsCheckpoint.Open(output);
+        Assert.That(merged.TensorNames, Is.EqualTo(new[] { "w" }));
     }
 
     /// <summary>Whether the process ignores SIGINT (bit 2 of SigIgn in /proc/PID/status).</summary>

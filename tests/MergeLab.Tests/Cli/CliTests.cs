@@ -19,7 +19,7 @@ public class CliTests
         Console.SetError(e);
         try
         {
-            int exit = MergeLab.Cli.Program.Main(args);
+            int exit = MergeLab.Cli.Program.Run(args, out _);
             return (exit, o.ToString(), e.ToString());
         }
         finally
