@@ -71,10 +71,9 @@ internal static partial class Program
             }
         }
 
-        bool merging = parse.CommandResult.Command.Name == MergeCommand.Name;
-        merge = merging;
-        using var interrupt = merging ? PosixSignalRegistration.Create(PosixSignal.SIGINT, Stop) : null;
-        using var terminate = merging ? PosixSignalRegistration.Create(PosixSignal.SIGTERM, Stop) : null;
+        merge = parse.CommandResult.Command.Name == MergeCommand.Name;
+        using var interrupt = merge ? PosixSignalRegistration.Create(PosixSignal.SIGINT, Stop) : null;
+        using var terminate = merge ? PosixSignalRegistration.Create(PosixSignal.SIGTERM, Stop) : null;
         return parse.InvokeAsync(new InvocationConfiguration { ProcessTerminationTimeout = null }, cancel.Token).GetAwaiter().GetResult();
     }
 }

@@ -89,10 +89,10 @@ public sealed class PcbMerge : MergeMethod
     public override ModelStatistic? CreateStatistic(int expertCount) =>
         Options.Scope == SelectionScope.WholeModel ? new PcbStatistic(this, expertCount) : null;
 
-    /// <inheritdoc />
     /// <summary>Per tensor, the clamp quantiles' selection reads every value of each expert and of the base.</summary>
     internal override bool MayVouchForFiniteInputs => Options.Scope == SelectionScope.PerTensor;
 
+    /// <inheritdoc />
     private protected override Tensor? MergeDirect(TensorGroup group, ModelStatistic? statistic, ScalarType outputType)
     {
         bool wholeModel = Options.Scope == SelectionScope.WholeModel;
