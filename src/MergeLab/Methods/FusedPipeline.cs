@@ -1978,12 +1978,17 @@ internal static unsafe class FusedPipeline
 
         public bool Scale { get; init; }
 
+        /// <remarks>Every input takes part in every result, multiplied by a finite coefficient and summed, so a
+        /// NaN or ±∞ anywhere in the inputs makes that result NaN or ±∞. A loop whose results are all finite
+        /// (in float32, before any rounding to the output's dtype) has therefore read only finite inputs, and
+        /// vouches for them (<see cref="FiniteWitness"/>).</remarks>
         public Tensor Run(long n, long[] shape, ScalarType outputType)
         {
             int count = experts.Length;
             var pointers = experts.Select(e => (nint)e.Pointer).ToArray();
             var narrow = experts.Select(e => e.IsBFloat16).ToArray();
-            return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
+            int nonFinite = 0;
+            var result = CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
             {
                 var output = (void*)address;
                 CpuParallel.For(CpuParallel.BlockCount(n, Chunk), b =>
@@ -1994,15 +1999,32 @@ internal static unsafe class FusedPipeline
                     fixed (bool* isBf16 = narrow)
                     fixed (float* w = weights)
                     {
-                        Loop(p, isBf16, w, count, start, end, output, bf16);
+                        if (Loop(p, isBf16, w, count, start, end, output, bf16) >= FloatKeys.NonFiniteMagnitude)
+                        {
+                            Volatile.Write(ref nonFinite, 1);
+                        }
                     }
                 });
             });
+
+            if (nonFinite == 0 && FiniteWitness.Listening)
+            {
+                foreach (var x in bse is { } b ? experts.Append(b) : experts)
+                {
+                    FiniteWitness.Vouch(x.Pointer, n * (x.IsBFloat16 ? 2 : 4));
+                }
+            }
+
+            return result;
         }
 
+        /// <summary>Entries [start, end); returns the largest magnitude key of the float32 results.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private void Loop(nint* p, bool* isBf16, float* w, int count, long start, long end, void* output, bool outBf16)
+        private uint Loop(nint* p, bool* isBf16, float* w, int count, long start, long end, void* output, bool outBf16)
         {
+            var top = Vector<uint>.Zero;
+            var magnitude = new Vector<uint>(FloatKeys.MagnitudeMask);
+            uint largest = 0;
             int width = Vector<float>.Count;
             var divisor = new Vector<float>(Divisor);
             var lambda = new Vector<float>(Lambda);
@@ -2061,7 +2083,13 @@ internal static unsafe class FusedPipeline
                     acc1 = b1 + acc1;
                 }
 
+                top = Vector.Max(top, Vector.Max(Vector.AsVectorUInt32(acc0) & magnitude, Vector.AsVectorUInt32(acc1) & magnitude));
                 Store(output, outBf16, i, acc0, acc1);
+            }
+
+            for (int lane = 0; lane < Vector<uint>.Count; lane++)
+            {
+                largest = Math.Max(largest, top[lane]);
             }
 
             for (; i < end; i++)
@@ -2099,6 +2127,7 @@ internal static unsafe class FusedPipeline
                     acc = bi + acc;
                 }
 
+                largest = Math.Max(largest, FloatKeys.Magnitude(acc));
                 if (outBf16)
                 {
                     ((ushort*)output)[i] = Kernels.ToBFloat16(acc);
@@ -2108,6 +2137,8 @@ internal static unsafe class FusedPipeline
                     ((float*)output)[i] = acc;
                 }
             }
+
+            return largest;
         }
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]

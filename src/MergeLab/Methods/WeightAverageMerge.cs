@@ -44,6 +44,11 @@ public sealed class WeightAverageMerge : MergeMethod
     /// <inheritdoc />
     public override bool RequiresBase => false;
 
+    /// <summary>The fused average sees every expert's value in every result (the base, not averaged, is
+    /// checked by the engine).</summary>
+    internal override bool MayVouchForFiniteInputs => true;
+
+    /// <inheritdoc />
     private protected override Tensor? MergeDirect(TensorGroup group, ModelStatistic? statistic, ScalarType outputType) =>
         FusedPipeline.TryAverage(group, MergeLab.Options.Weights(Options.Weights, group.ExpertCount), Options.Normalize, outputType);
 

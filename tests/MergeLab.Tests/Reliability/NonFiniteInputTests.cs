@@ -102,10 +102,17 @@ public sealed class NonFiniteInputTests : IDisposable
         Assert.That(reports, Has.All.Matches<CheckpointMergeProgress>(r => r.Stage == "statistics" && r.Pass == 1));
     }
 
-    /// <summary>Methods whose per-tensor selection reads every input: the engine checks after their merge,
-    /// and only what the kernel did not vouch for.</summary>
-    private static IEnumerable<TestCaseData> SelectingMethods()
+    /// <summary>Methods whose kernels may vouch for their inputs (a per-tensor selection reads every input;
+    /// every input takes part in every result of task arithmetic and averaging): the engine checks after
+    /// their merge, and only what the kernel did not vouch for.</summary>
+    private static IEnumerable<TestCaseData> VouchingMethods(bool readsBase)
     {
+        yield return new TestCaseData(new TaskArithmeticMerge()).SetArgDisplayNames("task arithmetic");
+        if (!readsBase)
+        {
+            yield return new TestCaseData(new WeightAverageMerge()).SetArgDisplayNames("weight averaging"); // reads no base
+        }
+
         yield return new TestCaseData(new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 0.3 })).SetArgDisplayNames("TIES mergekit");
         yield return new TestCaseData(new TiesMerge(new TiesOptions { Scope = SelectionScope.PerTensor })).SetArgDisplayNames("TIES paper per tensor");
         yield return new TestCaseData(new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit, Density = 0.5 })).SetArgDisplayNames("Breadcrumbs mergekit");
@@ -131,8 +138,8 @@ public sealed class NonFiniteInputTests : IDisposable
         return copy;
     }
 
-    [TestCaseSource(nameof(SelectingMethods))]
-    public void Per_tensor_selections_report_a_nan_as_the_check_before_the_merge_did(MergeMethod method)
+    [TestCaseSource(nameof(VouchingMethods), new object[] { false })]
+    public void Vouching_methods_report_a_nan_as_the_check_before_the_merge_did(MergeMethod method)
     {
         using var bse = WithLarge(_base, 1);
         using var clean = WithLarge(_clean, 2);
@@ -151,8 +158,8 @@ public sealed class NonFiniteInputTests : IDisposable
         MergeFixtures.AssertNothingLeft(_dir, "base", "clean", "poisoned");
     }
 
-    [TestCaseSource(nameof(SelectingMethods))]
-    public void Per_tensor_selections_report_an_infinity_in_the_base(MergeMethod method)
+    [TestCaseSource(nameof(VouchingMethods), new object[] { true })]
+    public void Vouching_methods_report_an_infinity_in_the_base(MergeMethod method)
     {
         using var bse = WithLarge(_base, 1, flat => flat[123] = tensor(float.NegativeInfinity));
         using var clean = WithLarge(_clean, 2);

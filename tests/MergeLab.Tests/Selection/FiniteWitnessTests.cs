@@ -13,8 +13,9 @@ namespace MergeLab.Tests.Selection;
 /// </summary>
 public class FiniteWitnessTests
 {
-    // Above the in-memory selection's limit (2^17 entries); the last block of 16384 ends in a scalar tail of 16.
-    private const long Rows = 400, Columns = 401;
+    // Above the in-memory selection's limit (2^17 entries); the last entry falls in a scalar tail of both the
+    // selection's blocks (16384 entries, 32 at a time) and task arithmetic's (65536, 16 or 32 at a time).
+    private const long Rows = 401, Columns = 401;
 
     private static Tensor Random(long seed, ScalarType dtype)
     {
@@ -70,6 +71,36 @@ public class FiniteWitnessTests
 
         // Without a witness open, nothing is recorded (and nothing fails).
         using var plain = ties.MergeTensor(group);
+    }
+
+    [TestCase(ScalarType.BFloat16)]
+    [TestCase(ScalarType.Float32)]
+    public void Task_arithmetic_and_averaging_vouch_for_what_every_result_was_computed_from(ScalarType dtype)
+    {
+        using var bse = Random(1, dtype);
+        using var e0 = Random(2, dtype);
+        using var e1 = Random(3, dtype);
+        var group = new TensorGroup("w", bse, [e0, e1]);
+        var ta = new TaskArithmeticMerge(new TaskArithmeticOptions { Lambda = 0.3 });
+        var average = new WeightAverageMerge();
+        Assert.That(Vouched(false, () => ta.MergeTensor(group), bse, e0, e1), Is.All.True);
+        Assert.That(Vouched(false, () => average.MergeTensor(group), bse, e0, e1), Is.EqualTo(new[] { false, true, true }),
+            "the base takes no part in an average");
+
+        foreach (long at in new[] { 77L, (Rows * Columns) - 1 }) // in a vector, in the scalar tail
+        {
+            foreach (var poisoned in new[] { bse, e1 })
+            {
+                using var flat = poisoned.view(-1);
+                using var kept = flat[at].clone();
+                flat[at] = tensor(float.NaN);
+                Assert.That(Vouched(false, () => ta.MergeTensor(group), bse, e0, e1), Is.All.False, $"task arithmetic, NaN at {at}");
+                flat[at] = tensor(float.NegativeInfinity);
+                bool[] expected = ReferenceEquals(poisoned, bse) ? [false, true, true] : [false, false, false];
+                Assert.That(Vouched(false, () => average.MergeTensor(group), bse, e0, e1), Is.EqualTo(expected), $"average, -inf at {at}");
+                flat[at] = kept;
+            }
+        }
     }
 
     [TestCaseSource(nameof(Scans))]
