@@ -14,11 +14,13 @@ internal static partial class Program
     internal static int Main(string[] args)
     {
         int exit = Run(args, out bool merge);
-        if (merge && OperatingSystem.IsLinux())
+        if (merge && OperatingSystem.IsLinux() && Environment.GetEnvironmentVariable("MERGELAB_FULL_EXIT") != "1")
         {
             // Everything is written and renamed into place; what is left of a normal exit is libtorch's
             // static destructors deregistering each of its thousands of operator kernels, about 0.1 s of a
-            // few-second merge. The console writers flush as they write; flushed again to be sure.
+            // few-second merge. The console writers flush as they write; flushed again to be sure. .NET's
+            // own exit handlers are skipped too: tools that write their files then (a dotnet-trace session,
+            // coverage of this process) need MERGELAB_FULL_EXIT=1.
             Console.Out.Flush();
             Console.Error.Flush();
             ExitNow(exit);

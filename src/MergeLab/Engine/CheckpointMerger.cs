@@ -139,11 +139,12 @@ public static class CheckpointMerger
                 {
                     // A method whose kernels may vouch for its inputs (FiniteWitness) has them checked after
                     // its merge, and only those not vouched for: one read of every input less.
-                    bool Deferred(string name) => checkFinite && methods[name].MayVouchForFiniteInputs;
+                    // (Only on the CPU: no kernel vouches elsewhere.)
+                    bool Deferred(string name) => checkFinite && device.type == TorchSharp.DeviceType.CPU && methods[name].MayVouchForFiniteInputs;
                     Stream(model, device, request.ReadAhead, "merge", 1, name => checkFinite && !Deferred(name), progress,
                         group => behind.Add(group.Name, Deferred(group.Name)
                             ? MergeThenCheck(model, methods[group.Name], group, statistic, request.OutputDType)
-                            : methods[group.Name].MergeTensor(group, statistic, request.OutputDType)), ct);
+                            : methods[group.Name].MergeTensor(group, statistic, request.OutputDType)), ct, Deferred);
                     behind.Complete();
                 }
 
@@ -195,11 +196,12 @@ public static class CheckpointMerger
     }
 
     /// <summary>Reads every tensor group in name order on a background reader, <paramref name="readAhead"/>
-    /// groups ahead (checking for NaN and ±∞ those for which <paramref name="checkFinite"/> says so), and hands each to
+    /// groups ahead (checking for NaN and ±∞ those for which <paramref name="checkFinite"/> says so, the others
+    /// being checked by <paramref name="consume"/> where <paramref name="checkedAfter"/> says so), and hands each to
     /// <paramref name="consume"/>, disposing it afterwards. An error on either side stops both at once and
     /// is thrown naming the tensor it happened on.</summary>
     private static void Stream(CheckpointSet model, Device device, int readAhead, string stage, int pass, Func<string, bool> checkFinite,
-        IProgress<CheckpointMergeProgress>? progress, Action<TensorGroup> consume, CancellationToken ct)
+        IProgress<CheckpointMergeProgress>? progress, Action<TensorGroup> consume, CancellationToken ct, Func<string, bool>? checkedAfter = null)
     {
         using var queue = new BlockingCollection<LoadedGroup>(readAhead);
         using var stop = CancellationTokenSource.CreateLinkedTokenSource(ct);
@@ -270,6 +272,19 @@ public static class CheckpointMerger
             }
             catch (AggregateException)
             {
+            }
+
+            // Groups read before the one that failed, whose check was left to their merge, are checked now,
+            // in order: a NaN in one of them is the first problem, as a check on reading would have found.
+            while (checkedAfter is not null && queue.TryTake(out var left))
+            {
+                using (left)
+                {
+                    if (checkedAfter(left.Group.Name))
+                    {
+                        FiniteCheck.Require(model, left.Group, witness: null);
+                    }
+                }
             }
 
             reader.GetAwaiter().GetResult();

@@ -108,6 +108,8 @@ internal static unsafe class MappedTensors
                 sum += Volatile.Read(ref p[i]);
             }
 
+            sum += Volatile.Read(ref p[end - 1]); // the block's last page, when the tensor does not start on a page
+
             GC.KeepAlive(sum);
         });
     }

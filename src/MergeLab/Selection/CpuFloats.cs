@@ -128,6 +128,11 @@ internal static unsafe class CpuTensors
 /// <summary>NaN and ±∞ detection straight from tensor memory (no temporaries, no libtorch ops).</summary>
 internal static unsafe class FiniteValues
 {
+    private static long _checks;
+
+    /// <summary>Tensors checked by <see cref="AllFinite"/> since the process started (for tests).</summary>
+    public static long Checks => Interlocked.Read(ref _checks);
+
     /// <summary>Whether every entry of <paramref name="t"/> is finite, read from its CPU memory, or null when
     /// the tensor is not a contiguous float32/bfloat16 CPU tensor (use <c>isfinite()</c> then).</summary>
     /// <remarks>An entry is non-finite exactly when its exponent bits are all ones; the test is an OR of
@@ -138,6 +143,8 @@ internal static unsafe class FiniteValues
         {
             return null;
         }
+
+        Interlocked.Increment(ref _checks);
 
         long n = t.numel();
         if (n == 0)

@@ -18,6 +18,7 @@ internal sealed unsafe class FiniteWitness : IDisposable
 
     private readonly FiniteWitness? _outer;
     private readonly List<(nint Start, long Bytes)> _finite = [];
+    private bool _closed;
 
     private FiniteWitness(FiniteWitness? outer) => _outer = outer;
 
@@ -52,12 +53,13 @@ internal sealed unsafe class FiniteWitness : IDisposable
         return false;
     }
 
-    /// <summary>Closes the witness; the one open before it (if any) listens again.</summary>
+    /// <summary>Closes the witness; the innermost one still open before it (if any) listens again.</summary>
     public void Dispose()
     {
-        if (_current == this)
+        _closed = true;
+        while (_current is { _closed: true } closed)
         {
-            _current = _outer;
+            _current = closed._outer;
         }
     }
 }

@@ -186,6 +186,65 @@ public sealed class NonFiniteInputTests : IDisposable
     }
 
     [Test]
+    public void Inputs_a_merge_vouched_for_are_not_read_again()
+    {
+        using var bse = WithLarge(_base, 1);
+        using var clean = WithLarge(_clean, 2);
+        string expert = MergeFixtures.Save(_dir, "clean", clean);
+        long Checks(MergeMethod method, string output)
+        {
+            long before = MergeLab.Selection.FiniteValues.Checks;
+            CheckpointMerger.Merge(Request(method, bse, expert) with { OutputDirectory = _dir.File(output), SmallGroupBytes = 0 });
+            return MergeLab.Selection.FiniteValues.Checks - before;
+        }
+
+        Assert.That(Checks(new TaskArithmeticMerge(), "ta"), Is.Zero, "task arithmetic vouches for every input");
+        Assert.That(Checks(new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 0.3 }), "ties"), Is.EqualTo(2 * 10),
+            "TIES vouches for the large tensor's two inputs; the ten small ones are selected in memory and checked after");
+        Assert.That(Checks(new DareMerge(new DareOptions { DropRate = 0.5 }), "dare"), Is.EqualTo(2 * 11), "DARE does not vouch: all checked on reading");
+    }
+
+    [Test]
+    public void With_checks_on_reading_and_after_merging_the_first_bad_tensor_is_reported()
+    {
+        // layers.5 is merged with TIES (checked after its merge), layers.6 with DARE (checked as it is read).
+        // A slow merge of layers.4 lets the reader reach layers.6 and fail while layers.5 waits in its queue.
+        using (var flat = _poisoned["model.layers.5.weight"].view(-1))
+        {
+            flat[3] = tensor(float.NaN);
+        }
+
+        var slow = new SlowMerge();
+        var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 0.3 });
+        var dare = new DareMerge(new DareOptions { DropRate = 0.5 });
+        var ta = new TaskArithmeticMerge();
+        var request = Request(ta, MergeFixtures.Save(_dir, "poisoned", _poisoned)) with
+        {
+            MethodForTensor = name => name switch
+            {
+                "model.layers.4.weight" => slow,
+                "model.layers.5.weight" => ties,
+                Bad => dare,
+                _ => ta,
+            },
+        };
+        var ex = Assert.Throws<NonFiniteInputException>(() => CheckpointMerger.Merge(request))!;
+        Assert.That(ex.TensorName, Is.EqualTo("model.layers.5.weight"));
+    }
+
+    /// <summary>Task arithmetic that takes half a second.</summary>
+    private sealed class SlowMerge : MergeMethod
+    {
+        public override string Name => "slow";
+
+        protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic)
+        {
+            Thread.Sleep(500);
+            return group.Base!.to(ScalarType.Float32);
+        }
+    }
+
+    [Test]
     public void A_method_that_fails_on_a_non_finite_input_is_reported_as_the_input_not_the_failure()
     {
         string poisoned = MergeFixtures.Save(_dir, "poisoned", _poisoned);

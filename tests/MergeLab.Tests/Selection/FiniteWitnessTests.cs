@@ -1,6 +1,7 @@
 using MergeLab.Methods;
 using MergeLab.Selection;
 using MergeLab.Stages;
+using MergeLab.Tests.IO;
 using NUnit.Framework;
 using static TorchSharp.torch;
 
@@ -69,8 +70,15 @@ public class FiniteWitnessTests
         var pcb = new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor });
         Assert.That(Vouched(wide, () => pcb.MergeTensor(group), bse, e0, e1), Is.All.True, "PCB: two queries per expert");
 
-        // Without a witness open, nothing is recorded (and nothing fails).
+        // Vouching changes nothing in the result.
         using var plain = ties.MergeTensor(group);
+        using (FiniteWitness.Begin())
+        using (var witnessed = ties.MergeTensor(group))
+        {
+            Assert.That(TensorAssert.RawBytes(witnessed), Is.EqualTo(TensorAssert.RawBytes(plain)));
+        }
+
+        Assert.That(FiniteWitness.Listening, Is.False);
     }
 
     [TestCase(ScalarType.BFloat16)]
@@ -187,5 +195,13 @@ public class FiniteWitnessTests
 
         witness.Dispose();
         Assert.That(FiniteWitness.Listening, Is.False, "disposing the outermost witness stops the recording");
+
+        // Closed out of order, the outer one does not listen again once the inner one closes.
+        var outer = FiniteWitness.Begin();
+        var inner = FiniteWitness.Begin();
+        outer.Dispose();
+        Assert.That(FiniteWitness.Listening, Is.True, "the inner one still listens");
+        inner.Dispose();
+        Assert.That(FiniteWitness.Listening, Is.False);
     }
 }
