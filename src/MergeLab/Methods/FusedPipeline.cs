@@ -565,20 +565,47 @@ internal static unsafe class FusedPipeline
             var expert = inputs.Experts[k];
             long blocks = CpuParallel.BlockCount(n, DropMask.NormBlock);
             var norms = new (double Before, double After)[blocks];
-            CpuParallel.For(blocks, b =>
+
+            // Whole blocks eight at a time (DropMask.BlockNorms8: the same sums, side by side), the rest alone.
+            const int lanes = DropMask.NormLanes;
+            long full = n / DropMask.NormBlock;
+            long groups = full / lanes;
+            long singles = blocks - (groups * lanes);
+            CpuParallel.For(groups + singles, g =>
             {
-                long start = b * DropMask.NormBlock;
-                int count = (int)Math.Min(DropMask.NormBlock, n - start);
-                var scratch = (float*)ThreadScratch.Get(DropMask.NormBlock * 16L);
+                const int block = DropMask.NormBlock;
+
+                // Blocks a cache line more than a block apart: at a block apart, the eight lanes' entries would
+                // all fall in one set of the first-level cache and evict each other.
+                const int stride = block + 16;
+                var scratch = (float*)ThreadScratch.Get(4L * ((2 * lanes * stride) + (2 * block)));
                 var tau = scratch;
-                var masked = scratch + DropMask.NormBlock;
-                var tmp = scratch + 2 * DropMask.NormBlock;
-                var e = expert.Block(start, count, tmp);
-                var bse = inputs.Base.Block(start, count, tmp + DropMask.NormBlock);
-                Subtract(e, bse, tau, count);
-                Buffer.MemoryCopy(tau, masked, count * 4L, count * 4L);
-                DropMask.Apply(r.Stream, r.Threshold, start, count, masked);
-                norms[b] = DropMask.BlockNorms(tau, masked, count);
+                var masked = scratch + (lanes * stride);
+                var tmp = scratch + (2 * lanes * stride);
+                long first = g < groups ? g * lanes : (groups * lanes) + (g - groups);
+                int count = g < groups ? lanes : 1;
+                for (int j = 0; j < count; j++)
+                {
+                    long start = (first + j) * block;
+                    int length = (int)Math.Min(block, n - start);
+                    var e = expert.Block(start, length, tmp);
+                    var bse = inputs.Base.Block(start, length, tmp + block);
+                    Subtract(e, bse, tau + ((long)j * stride), length);
+                    Buffer.MemoryCopy(tau + ((long)j * stride), masked + ((long)j * stride), length * 4L, length * 4L);
+                    DropMask.Apply(r.Stream, r.Threshold, start, length, masked + ((long)j * stride));
+                    if (count == 1)
+                    {
+                        norms[first] = DropMask.BlockNorms(tau, masked, length);
+                    }
+                }
+
+                if (count == lanes)
+                {
+                    fixed ((double Before, double After)* at = &norms[first])
+                    {
+                        DropMask.BlockNorms8(tau, masked, stride, block, at);
+                    }
+                }
             });
 
             var (before, after) = DropMask.SumNorms(norms);

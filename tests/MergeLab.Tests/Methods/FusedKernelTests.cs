@@ -424,6 +424,54 @@ public class FusedKernelTests
         }
     }
 
+    [Test]
+    public void Dare_l1_norms_of_eight_blocks_at_once_equal_the_libtorch_sums()
+    {
+        // 512×700 entries: two groups of eight norm blocks (DropMask.BlockNorms8), then five blocks alone.
+        foreach (var method in new MergeMethod[]
+        {
+            new DareMerge(new DareOptions { DropRate = .6, Seed = 4, Rescale = RescaleNorm.L1 }),
+            new DareMerge(new DareOptions { DropRate = .3, Seed = 5, Rescale = RescaleNorm.L1, Combination = Combination.Ties, ConsensusPreset = TiesPreset.Mergekit }),
+        })
+        {
+            Check(method, 3, ScalarType.BFloat16, [[512, 700]], 61);
+            Check(method, 2, ScalarType.Float32, [[512, 700]], 62);
+        }
+    }
+
+    [Test]
+    public unsafe void Eight_block_norms_have_the_bits_of_one_block_norms()
+    {
+        const int block = DropMask.NormBlock, lanes = DropMask.NormLanes;
+        var random = new Random(7);
+        var tau = new float[lanes * block];
+        var masked = new float[lanes * block];
+        for (int i = 0; i < tau.Length; i++)
+        {
+            // Magnitudes over many binades (so the float64 sums round), zeros of both signs, an infinity.
+            tau[i] = (float)((random.NextDouble() - 0.5) * Math.Pow(2, random.Next(-40, 40)));
+            tau[i] = i % 97 == 0 ? -0f : tau[i];
+            masked[i] = random.Next(3) == 0 ? 0f : tau[i];
+        }
+
+        tau[(5 * block) + 123] = float.NegativeInfinity;
+        var eight = new (double Before, double After)[lanes];
+        fixed (float* t = tau)
+        fixed (float* m = masked)
+        fixed ((double Before, double After)* e = eight)
+        {
+            DropMask.BlockNorms8(t, m, block, block, e);
+            for (int j = 0; j < lanes; j++)
+            {
+                var one = DropMask.BlockNorms(t + (j * block), m + (j * block), block);
+                Assert.That(BitConverter.DoubleToInt64Bits(eight[j].Before), Is.EqualTo(BitConverter.DoubleToInt64Bits(one.Before)), $"block {j}");
+                Assert.That(BitConverter.DoubleToInt64Bits(eight[j].After), Is.EqualTo(BitConverter.DoubleToInt64Bits(one.After)), $"block {j}");
+            }
+        }
+
+        Assert.That(double.IsPositiveInfinity(eight[5].Before), Is.True);
+    }
+
     // ---- The plain reference -------------------------------------------------------------------
 
     /// <summary>The pipeline written out per entry, in the order the README states it.</summary>
