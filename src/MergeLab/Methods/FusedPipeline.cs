@@ -611,6 +611,14 @@ internal static unsafe class FusedPipeline
             var (before, after) = DropMask.SumNorms(norms);
             r.Factor = DropMask.L1Factor(before, after);
             r.Divide = false;
+
+            // Σ|θ − θ_base| over every entry, in float64 (which no sum of float32 magnitudes overflows): finite
+            // only if the expert and the base were finite everywhere (FiniteWitness).
+            if (double.IsFinite(before) && FiniteWitness.Listening)
+            {
+                FiniteWitness.Vouch(expert.Pointer, n * (expert.IsBFloat16 ? 2 : 4));
+                FiniteWitness.Vouch(inputs.Base.Pointer, n * (inputs.Base.IsBFloat16 ? 2 : 4));
+            }
         }
     }
 

@@ -183,13 +183,13 @@ public class PipelineMerge : MergeMethod
         Pipeline.Merge(group, Prepare(group, statistic));
 
     /// <summary>The fused pipeline's exact selection over a whole tensor reads every value of each expert it
-    /// trims and of the base (<see cref="Selection.ExactSelector"/>), and plain task arithmetic's loop sees
-    /// every input in every result; Breadcrumbs' paper variant selects per row and DARE's drops can hide a
-    /// value, which vouch for nothing.</summary>
+    /// trims and of the base (<see cref="Selection.ExactSelector"/>), DARE's L1 rescale sums |τ| over every
+    /// entry, and plain task arithmetic's loop sees every input in every result; Breadcrumbs' paper variant
+    /// selects per row and DARE's other rescales let a dropped value go unseen, which vouch for nothing.</summary>
     internal override bool MayVouchForFiniteInputs =>
         (Pipeline.Consensus is null && Pipeline.Sparsifiers.All(s => s is null))
-        || Pipeline.Sparsifiers.Any(s =>
-            s is TopKMagnitude or KthMagnitudeThreshold { Scope: SelectionScope.PerTensor } or BreadcrumbsMask { Variant: BreadcrumbsVariant.Mergekit });
+        || Pipeline.Sparsifiers.Any(s => s is TopKMagnitude or KthMagnitudeThreshold { Scope: SelectionScope.PerTensor }
+            or BreadcrumbsMask { Variant: BreadcrumbsVariant.Mergekit } or RandomDrop { RescaleNorm: RescaleNorm.L1 });
 
     private protected override Tensor? MergeDirect(TensorGroup group, ModelStatistic? statistic, ScalarType outputType) =>
         FusedPipeline.TryMerge(Pipeline, group, Prepare(group, statistic), outputType);

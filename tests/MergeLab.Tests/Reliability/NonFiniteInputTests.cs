@@ -117,6 +117,8 @@ public sealed class NonFiniteInputTests : IDisposable
         yield return new TestCaseData(new TiesMerge(new TiesOptions { Scope = SelectionScope.PerTensor })).SetArgDisplayNames("TIES paper per tensor");
         yield return new TestCaseData(new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit, Density = 0.5 })).SetArgDisplayNames("Breadcrumbs mergekit");
         yield return new TestCaseData(new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor })).SetArgDisplayNames("PCB per tensor");
+        yield return new TestCaseData(new DareMerge(new DareOptions { DropRate = 0.5, Rescale = RescaleNorm.L1, Combination = Combination.Ties }))
+            .SetArgDisplayNames("DARE-TIES, L1 rescale");
     }
 
     /// <summary>A model whose tensor <see cref="Large"/> is large enough for the selection's vouching scan

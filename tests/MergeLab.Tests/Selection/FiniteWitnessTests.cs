@@ -111,6 +111,30 @@ public class FiniteWitnessTests
         }
     }
 
+    [TestCase(ScalarType.BFloat16)]
+    [TestCase(ScalarType.Float32)]
+    public void Dare_with_the_l1_rescale_vouches_through_its_norm_of_every_task_vector_entry(ScalarType dtype)
+    {
+        using var bse = Random(1, dtype);
+        using var e0 = Random(2, dtype);
+        using var e1 = Random(3, dtype);
+        var group = new TensorGroup("w", bse, [e0, e1]);
+        var l1 = new DareMerge(new DareOptions { DropRate = 0.9, Rescale = RescaleNorm.L1, Combination = Combination.Ties });
+        var inverse = new DareMerge(new DareOptions { DropRate = 0.9 });
+        Assert.That(Vouched(false, () => l1.MergeTensor(group), bse, e0, e1), Is.All.True);
+        Assert.That(Vouched(false, () => inverse.MergeTensor(group), bse, e0, e1), Is.All.False, "1/(1 − p) sums no norm");
+
+        // A NaN that the drop discards (p = 0.9: most are) still reaches the norm of τ.
+        foreach (long at in new[] { 77L, (Rows * Columns) - 1 })
+        {
+            using var flat = e1.view(-1);
+            using var kept = flat[at].clone();
+            flat[at] = tensor(float.NaN);
+            Assert.That(Vouched(false, () => l1.MergeTensor(group), bse, e0, e1), Is.EqualTo(new[] { true, true, false }), $"NaN at {at}");
+            flat[at] = kept;
+        }
+    }
+
     [TestCaseSource(nameof(Scans))]
     public void A_nan_or_an_infinity_leaves_its_input_unvouched(ScalarType dtype, bool wide)
     {
