@@ -124,8 +124,9 @@ public class FiniteWitnessTests
         Assert.That(Vouched(false, () => l1.MergeTensor(group), bse, e0, e1), Is.All.True);
         Assert.That(Vouched(false, () => inverse.MergeTensor(group), bse, e0, e1), Is.All.False, "1/(1 − p) sums no norm");
 
-        // A NaN that the drop discards (p = 0.9: most are) still reaches the norm of τ.
-        foreach (long at in new[] { 77L, (Rows * Columns) - 1 })
+        // A NaN that the drop discards (p = 0.9: most are) still reaches the norm of τ: in the first and the
+        // sixth block of the eight summed side by side, in a block summed alone, in the short last block.
+        foreach (long at in new[] { 77L, (5 * DropMask.NormBlock) + 100, (8 * DropMask.NormBlock) + 3, (Rows * Columns) - 1 })
         {
             using var flat = e1.view(-1);
             using var kept = flat[at].clone();
