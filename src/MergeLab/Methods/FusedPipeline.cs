@@ -569,7 +569,7 @@ internal static unsafe class FusedPipeline
             // Whole blocks eight at a time (DropMask.BlockNorms8: the same sums, side by side), the rest alone.
             const int lanes = DropMask.NormLanes;
             long full = n / DropMask.NormBlock;
-            long groups = full / lanes;
+            long groups = DropMask.SideBySideNorms ? full / lanes : 0;
             long singles = blocks - (groups * lanes);
             CpuParallel.For(groups + singles, g =>
             {

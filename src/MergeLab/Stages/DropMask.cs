@@ -211,6 +211,10 @@ internal static unsafe class DropMask
     /// <summary>Blocks whose norms <see cref="BlockNorms8"/> sums at once.</summary>
     public const int NormLanes = 8;
 
+    /// <summary>Whether <see cref="BlockNorms8"/> sums its blocks side by side (AVX-512); otherwise it sums
+    /// them one after another, and callers gain nothing by grouping them.</summary>
+    public static bool SideBySideNorms => Avx512F.IsSupported;
+
     /// <summary>
     /// <see cref="BlockNorms"/> of <see cref="NormLanes"/> blocks of <paramref name="count"/> entries (a
     /// multiple of 8) at once, block j's values at <paramref name="tau"/> and <paramref name="masked"/> +
@@ -222,7 +226,7 @@ internal static unsafe class DropMask
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     public static void BlockNorms8(float* tau, float* masked, int stride, int count, (double Before, double After)* norms)
     {
-        if (!System.Runtime.Intrinsics.X86.Avx512F.IsSupported || count % 8 != 0)
+        if (!SideBySideNorms || count % 8 != 0)
         {
             for (int j = 0; j < NormLanes; j++)
             {
