@@ -30,8 +30,8 @@ public static class TiesSelection
     {
         ArgumentNullException.ThrowIfNull(taskVectors);
         MergeLab.Options.RequireInRange(density, nameof(density), 0, 1);
-        var names = StateDictChecks.CheckTaskVectors(taskVectors, nameof(taskVectors));
-        var deltas = taskVectors.Select(v => v.Deltas).ToArray();
+        var deltas = StateDictChecks.CheckTaskVectors(taskVectors, nameof(taskVectors));
+        var names = deltas[0].Names;
         var ties = new TiesMerge(new TiesOptions { Density = density, Aggregation = Aggregation.Sum });
         var pipeline = ties.Pipeline;
         var consensus = pipeline.Consensus!;

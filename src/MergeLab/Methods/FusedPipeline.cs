@@ -616,8 +616,8 @@ internal static unsafe class FusedPipeline
             // only if the expert and the base were finite everywhere (FiniteWitness).
             if (double.IsFinite(before) && FiniteWitness.Listening)
             {
-                FiniteWitness.Vouch(expert.Pointer, n * (expert.IsBFloat16 ? 2 : 4));
-                FiniteWitness.Vouch(inputs.Base.Pointer, n * (inputs.Base.IsBFloat16 ? 2 : 4));
+                FiniteWitness.Vouch(expert);
+                FiniteWitness.Vouch(inputs.Base);
             }
         }
     }
@@ -2046,7 +2046,7 @@ internal static unsafe class FusedPipeline
             {
                 foreach (var x in bse is { } b ? experts.Append(b) : experts)
                 {
-                    FiniteWitness.Vouch(x.Pointer, n * (x.IsBFloat16 ? 2 : 4));
+                    FiniteWitness.Vouch(x);
                 }
             }
 
@@ -2059,7 +2059,6 @@ internal static unsafe class FusedPipeline
         {
             var top = Vector<uint>.Zero;
             var magnitude = new Vector<uint>(FloatKeys.MagnitudeMask);
-            uint largest = 0;
             int width = Vector<float>.Count;
             var divisor = new Vector<float>(Divisor);
             var lambda = new Vector<float>(Lambda);
@@ -2122,10 +2121,7 @@ internal static unsafe class FusedPipeline
                 Store(output, outBf16, i, acc0, acc1);
             }
 
-            for (int lane = 0; lane < Vector<uint>.Count; lane++)
-            {
-                largest = Math.Max(largest, top[lane]);
-            }
+            uint largest = Kernels.Largest(top);
 
             for (; i < end; i++)
             {

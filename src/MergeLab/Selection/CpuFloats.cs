@@ -27,9 +27,12 @@ internal readonly unsafe struct CpuFloats
 
     public bool IsBFloat16 { get; }
 
+    /// <summary>Bytes per entry: 2 for bfloat16, 4 for float32.</summary>
+    public int ElementSize => IsBFloat16 ? 2 : 4;
+
     /// <summary>Entries [<paramref name="start"/>, start + <paramref name="length"/>) as their own span.</summary>
     public CpuFloats Slice(long start, long length) =>
-        new((byte*)Pointer + start * (IsBFloat16 ? 2 : 4), length, IsBFloat16);
+        new((byte*)Pointer + start * ElementSize, length, IsBFloat16);
 
     /// <summary>Entry <paramref name="i"/> as float32.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -222,6 +225,31 @@ internal static unsafe class FiniteValues
 /// <summary>Vectorized element loops shared by the CPU kernels.</summary>
 internal static unsafe class Kernels
 {
+    /// <summary>The largest lane of <paramref name="keys"/>.</summary>
+    public static uint Largest(Vector<uint> keys)
+    {
+        uint largest = 0;
+        for (int lane = 0; lane < Vector<uint>.Count; lane++)
+        {
+            largest = Math.Max(largest, keys[lane]);
+        }
+
+        return largest;
+    }
+
+    /// <summary>The largest lane of <paramref name="keys"/>.</summary>
+    public static uint Largest(Vector512<uint> keys)
+    {
+        var half = Vector256.Max(keys.GetLower(), keys.GetUpper());
+        uint largest = 0;
+        for (int lane = 0; lane < Vector256<uint>.Count; lane++)
+        {
+            largest = Math.Max(largest, half.GetElement(lane));
+        }
+
+        return largest;
+    }
+
     /// <summary>The most significant bit of each lane of <paramref name="mask"/>, lane 0 in bit 0.</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     public static ulong LaneBits(Vector<uint> mask) => Vector<uint>.Count switch

@@ -259,8 +259,8 @@ internal static unsafe class ExactSelector
                 {
                     if (nonFinite[s] == 0)
                     {
-                        Vouch(differences[s].Expert);
-                        Vouch(differences[s].Base);
+                        FiniteWitness.Vouch(differences[s].Expert);
+                        FiniteWitness.Vouch(differences[s].Base);
                     }
                 }
             }
@@ -303,8 +303,6 @@ internal static unsafe class ExactSelector
 
         return pending;
     }
-
-    private static void Vouch(CpuFloats values) => FiniteWitness.Vouch(values.Pointer, values.Length * (values.IsBFloat16 ? 2 : 4));
 
     /// <summary>Counts the keys below the bracket (and <paramref name="below"/> more, left out by the
     /// source) and at its two ends, and keeps those strictly inside it as this block's segment.</summary>
@@ -437,12 +435,7 @@ internal static unsafe class ExactSelector
         // subtract 0, 1 or 2 per lane, as wanted.
         long lessCount = Vector.Sum(below);
         int lowTies = (int)Vector.Sum(atLow), highTies = (int)Vector.Sum(atHigh);
-        uint largest = 0;
-        for (int lane = 0; lane < Vector<uint>.Count; lane++)
-        {
-            largest = Math.Max(largest, top[lane]);
-        }
-
+        uint largest = Kernels.Largest(top);
         for (; i < count; i++)
         {
             uint key = FloatKeys.Magnitude(expert.At(start + i) - bse[i]);
@@ -481,7 +474,7 @@ internal static unsafe class ExactSelector
             highTies = 0;
         }
 
-        uint largest = Largest(top);
+        uint largest = Kernels.Largest(top);
         for (; i < count; i++)
         {
             uint key = FloatKeys.Magnitude(expert.At(start + i) - bse[i]);
@@ -490,19 +483,6 @@ internal static unsafe class ExactSelector
         }
 
         Record(q, block, lessCount, lowTies, highTies, local, found);
-        return largest;
-    }
-
-    /// <summary>The largest lane of <paramref name="keys"/>.</summary>
-    private static uint Largest(Vector512<uint> keys)
-    {
-        var half = Vector256.Max(keys.GetLower(), keys.GetUpper());
-        uint largest = 0;
-        for (int lane = 0; lane < Vector256<uint>.Count; lane++)
-        {
-            largest = Math.Max(largest, half.GetElement(lane));
-        }
-
         return largest;
     }
 
@@ -532,7 +512,7 @@ internal static unsafe class ExactSelector
 
         highTies0 = q0.High > q0.Low ? highTies0 : 0;
         highTies1 = q1.High > q1.Low ? highTies1 : 0;
-        uint largest = Largest(top);
+        uint largest = Kernels.Largest(top);
         for (; i < count; i++)
         {
             uint key = FloatKeys.Magnitude(expert.At(start + i) - bse[i]);

@@ -28,9 +28,8 @@ internal sealed unsafe class FiniteWitness : IDisposable
     /// <summary>Whether a witness is open on this thread (kernels skip the bookkeeping otherwise).</summary>
     public static bool Listening => _current is not null;
 
-    /// <summary>Records that the <paramref name="bytes"/> bytes at <paramref name="start"/> hold only finite
-    /// values, if a witness is open on this thread.</summary>
-    public static void Vouch(void* start, long bytes) => _current?._finite.Add(((nint)start, bytes));
+    /// <summary>Records that every entry of <paramref name="values"/> is finite, if a witness is open on this thread.</summary>
+    public static void Vouch(CpuFloats values) => _current?._finite.Add(((nint)values.Pointer, values.Length * values.ElementSize));
 
     /// <summary>Whether every byte of the contiguous CPU tensor <paramref name="t"/> lies in memory vouched for.</summary>
     public bool Covers(Tensor t)

@@ -301,7 +301,7 @@ internal static unsafe class DropMask
 
     /// <summary>Eight float32 values as float64 (exact).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<double> Widen(Vector256<float> x) => System.Runtime.Intrinsics.X86.Avx512F.ConvertToVector512Double(x);
+    private static Vector512<double> Widen(Vector256<float> x) => Avx512F.ConvertToVector512Double(x);
 
     /// <summary>The block norms summed in block order.</summary>
     public static (double Before, double After) SumNorms(ReadOnlySpan<(double Before, double After)> blocks)

@@ -51,10 +51,10 @@ internal static class StateDictChecks
     }
 
     /// <summary>Checks that the task vectors (none null) have the same names and shapes, naming each
-    /// "task vector k" in messages, and returns the names in the first one's order.</summary>
+    /// "task vector k" in messages, and returns their deltas (the first one's names give the order).</summary>
     /// <param name="taskVectors">The task vectors.</param>
     /// <param name="paramName">The argument's name, for a null entry's message.</param>
-    public static IReadOnlyList<string> CheckTaskVectors(IReadOnlyList<TaskVector> taskVectors, string paramName)
+    public static StateDict[] CheckTaskVectors(IReadOnlyList<TaskVector> taskVectors, string paramName)
     {
         if (taskVectors.Count == 0)
         {
@@ -62,7 +62,8 @@ internal static class StateDictChecks
         }
 
         var deltas = taskVectors.Select((v, k) => v?.Deltas ?? throw new ArgumentException($"Task vector {k} is null.", paramName)).ToArray();
-        return CheckCompatible(null, deltas, requiresBase: false, k => $"task vector {k}");
+        CheckCompatible(null, deltas, requiresBase: false, k => $"task vector {k}");
+        return deltas;
     }
 
     /// <summary>Throws a <see cref="MergeException"/> naming the first tensor of <paramref name="deltas"/>

@@ -85,8 +85,7 @@ public sealed class TaskVector : IDisposable
     public static TaskVector Combine(IReadOnlyList<TaskVector> vectors, IReadOnlyList<double>? weights = null)
     {
         ArgumentNullException.ThrowIfNull(vectors);
-        StateDictChecks.CheckTaskVectors(vectors, nameof(vectors));
-        var deltas = vectors.Select(v => v.Deltas).ToArray();
+        var deltas = StateDictChecks.CheckTaskVectors(vectors, nameof(vectors));
         var w = Options.Weights(weights, vectors.Count);
         var sum = new StateDict();
         try

@@ -30,13 +30,7 @@ public partial class CliSignalTests
         // PCB over the whole model reads every input in four statistics passes before the merge pass, and
         // 6,000 small tensors take a second or more (the per-tensor work dominates), so the merge is still
         // running when the first progress line (a tenth of pass 1) has been printed.
-        var start = new ProcessStartInfo(DotnetHost(), [Path.Combine(AppContext.BaseDirectory, "MergeLab.Cli.dll"), "merge", config, output])
-        {
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            WorkingDirectory = dir.Path,
-        };
-        using var process = Process.Start(start)!;
+        using var process = StartMerge(dir, config, output);
         try
         {
             var error = process.StandardError.ReadToEndAsync();
@@ -102,13 +96,7 @@ public partial class CliSignalTests
             File.WriteAllText(Path.Combine(output, "notes.txt"), "not a checkpoint");
         }
 
-        var start = new ProcessStartInfo(DotnetHost(), [Path.Combine(AppContext.BaseDirectory, "MergeLab.Cli.dll"), "merge", config, output])
-        {
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            WorkingDirectory = dir.Path,
-        };
-        using var process = Process.Start(start)!;
+        using var process = StartMerge(dir, config, output);
         var stdout = process.StandardOutput.ReadToEndAsync();
         var stderr = process.StandardError.ReadToEndAsync();
         Assert.That(process.WaitForExit(120_000), Is.True);
@@ -166,6 +154,15 @@ public partial class CliSignalTests
             """);
         return config;
     }
+
+    /// <summary>Starts <c>mergelab merge CONFIG OUT_DIR</c> as a process in <paramref name="dir"/>, its output redirected.</summary>
+    private static Process StartMerge(TempDirectory dir, string config, string output) =>
+        Process.Start(new ProcessStartInfo(DotnetHost(), [Path.Combine(AppContext.BaseDirectory, "MergeLab.Cli.dll"), "merge", config, output])
+        {
+            RedirectStandardOutput = true,
+            RedirectStandardError = true,
+            WorkingDirectory = dir.Path,
+        })!;
 
     /// <summary>The dotnet host: the one the SDK names for the tests (DOTNET_HOST_PATH), the one running them,
     /// else dotnet on the PATH.</summary>

@@ -24,6 +24,45 @@ public class FiniteWitnessTests
         return randn([Rows, Columns], generator: g).to(dtype);
     }
 
+    /// <summary>A base and two experts of random values, and their group.</summary>
+    private sealed class Inputs : IDisposable
+    {
+        public Inputs(ScalarType dtype)
+        {
+            (Base, E0, E1) = (Random(1, dtype), Random(2, dtype), Random(3, dtype));
+            Group = new TensorGroup("w", Base, [E0, E1]);
+        }
+
+        public Tensor Base { get; }
+
+        public Tensor E0 { get; }
+
+        public Tensor E1 { get; }
+
+        public TensorGroup Group { get; }
+
+        /// <summary>The base, then the experts.</summary>
+        public Tensor[] All => [Base, E0, E1];
+
+        public void Dispose()
+        {
+            Base.Dispose();
+            E0.Dispose();
+            E1.Dispose();
+        }
+    }
+
+    /// <summary>Sets entry <paramref name="at"/> (flat index) of <paramref name="t"/> to <paramref name="value"/>;
+    /// returns the value it had.</summary>
+    private static float Set(Tensor t, long at, float value)
+    {
+        using var flat = t.view(-1);
+        using var entry = flat[at];
+        float old = entry.to(ScalarType.Float32).item<float>();
+        flat[at] = tensor(value);
+        return old;
+    }
+
     private static IEnumerable<TestCaseData> Scans()
     {
         foreach (var dtype in new[] { ScalarType.BFloat16, ScalarType.Float32 })
@@ -61,19 +100,16 @@ public class FiniteWitnessTests
     [TestCaseSource(nameof(Scans))]
     public void A_top_k_selection_vouches_for_every_finite_input_it_read(ScalarType dtype, bool wide)
     {
-        using var bse = Random(1, dtype);
-        using var e0 = Random(2, dtype);
-        using var e1 = Random(3, dtype);
-        var group = new TensorGroup("w", bse, [e0, e1]);
+        using var x = new Inputs(dtype);
         var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 0.2 });
-        Assert.That(Vouched(wide, () => ties.MergeTensor(group), bse, e0, e1), Is.All.True, "TIES: one query per expert");
+        Assert.That(Vouched(wide, () => ties.MergeTensor(x.Group), x.All), Is.All.True, "TIES: one query per expert");
         var pcb = new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor });
-        Assert.That(Vouched(wide, () => pcb.MergeTensor(group), bse, e0, e1), Is.All.True, "PCB: two queries per expert");
+        Assert.That(Vouched(wide, () => pcb.MergeTensor(x.Group), x.All), Is.All.True, "PCB: two queries per expert");
 
         // Vouching changes nothing in the result.
-        using var plain = ties.MergeTensor(group);
+        using var plain = ties.MergeTensor(x.Group);
         using (FiniteWitness.Begin())
-        using (var witnessed = ties.MergeTensor(group))
+        using (var witnessed = ties.MergeTensor(x.Group))
         {
             Assert.That(TensorAssert.RawBytes(witnessed), Is.EqualTo(TensorAssert.RawBytes(plain)));
         }
@@ -85,28 +121,23 @@ public class FiniteWitnessTests
     [TestCase(ScalarType.Float32)]
     public void Task_arithmetic_and_averaging_vouch_for_what_every_result_was_computed_from(ScalarType dtype)
     {
-        using var bse = Random(1, dtype);
-        using var e0 = Random(2, dtype);
-        using var e1 = Random(3, dtype);
-        var group = new TensorGroup("w", bse, [e0, e1]);
+        using var x = new Inputs(dtype);
         var ta = new TaskArithmeticMerge(new TaskArithmeticOptions { Lambda = 0.3 });
         var average = new WeightAverageMerge();
-        Assert.That(Vouched(false, () => ta.MergeTensor(group), bse, e0, e1), Is.All.True);
-        Assert.That(Vouched(false, () => average.MergeTensor(group), bse, e0, e1), Is.EqualTo(new[] { false, true, true }),
+        Assert.That(Vouched(false, () => ta.MergeTensor(x.Group), x.All), Is.All.True);
+        Assert.That(Vouched(false, () => average.MergeTensor(x.Group), x.All), Is.EqualTo(new[] { false, true, true }),
             "the base takes no part in an average");
 
         foreach (long at in new[] { 77L, (Rows * Columns) - 1 }) // in a vector, in the scalar tail
         {
-            foreach (var poisoned in new[] { bse, e1 })
+            foreach (var poisoned in new[] { x.Base, x.E1 })
             {
-                using var flat = poisoned.view(-1);
-                using var kept = flat[at].clone();
-                flat[at] = tensor(float.NaN);
-                Assert.That(Vouched(false, () => ta.MergeTensor(group), bse, e0, e1), Is.All.False, $"task arithmetic, NaN at {at}");
-                flat[at] = tensor(float.NegativeInfinity);
-                bool[] expected = ReferenceEquals(poisoned, bse) ? [false, true, true] : [false, false, false];
-                Assert.That(Vouched(false, () => average.MergeTensor(group), bse, e0, e1), Is.EqualTo(expected), $"average, -inf at {at}");
-                flat[at] = kept;
+                float kept = Set(poisoned, at, float.NaN);
+                Assert.That(Vouched(false, () => ta.MergeTensor(x.Group), x.All), Is.All.False, $"task arithmetic, NaN at {at}");
+                Set(poisoned, at, float.NegativeInfinity);
+                bool[] expected = ReferenceEquals(poisoned, x.Base) ? [false, true, true] : [false, false, false];
+                Assert.That(Vouched(false, () => average.MergeTensor(x.Group), x.All), Is.EqualTo(expected), $"average, -inf at {at}");
+                Set(poisoned, at, kept);
             }
         }
     }
@@ -115,71 +146,44 @@ public class FiniteWitnessTests
     [TestCase(ScalarType.Float32)]
     public void Dare_with_the_l1_rescale_vouches_through_its_norm_of_every_task_vector_entry(ScalarType dtype)
     {
-        using var bse = Random(1, dtype);
-        using var e0 = Random(2, dtype);
-        using var e1 = Random(3, dtype);
-        var group = new TensorGroup("w", bse, [e0, e1]);
+        using var x = new Inputs(dtype);
         var l1 = new DareMerge(new DareOptions { DropRate = 0.9, Rescale = RescaleNorm.L1, Combination = Combination.Ties });
         var inverse = new DareMerge(new DareOptions { DropRate = 0.9 });
-        Assert.That(Vouched(false, () => l1.MergeTensor(group), bse, e0, e1), Is.All.True);
-        Assert.That(Vouched(false, () => inverse.MergeTensor(group), bse, e0, e1), Is.All.False, "1/(1 − p) sums no norm");
+        Assert.That(Vouched(false, () => l1.MergeTensor(x.Group), x.All), Is.All.True);
+        Assert.That(Vouched(false, () => inverse.MergeTensor(x.Group), x.All), Is.All.False, "1/(1 − p) sums no norm");
 
         // A NaN that the drop discards (p = 0.9: most are) still reaches the norm of τ: in the first and the
         // sixth block of the eight summed side by side, in a block summed alone, in the short last block.
         foreach (long at in new[] { 77L, (5 * DropMask.NormBlock) + 100, (8 * DropMask.NormBlock) + 3, (Rows * Columns) - 1 })
         {
-            using var flat = e1.view(-1);
-            using var kept = flat[at].clone();
-            flat[at] = tensor(float.NaN);
-            Assert.That(Vouched(false, () => l1.MergeTensor(group), bse, e0, e1), Is.EqualTo(new[] { true, true, false }), $"NaN at {at}");
-            flat[at] = kept;
+            float kept = Set(x.E1, at, float.NaN);
+            Assert.That(Vouched(false, () => l1.MergeTensor(x.Group), x.All), Is.EqualTo(new[] { true, true, false }), $"NaN at {at}");
+            Set(x.E1, at, kept);
         }
     }
 
     [TestCaseSource(nameof(Scans))]
     public void A_nan_or_an_infinity_leaves_its_input_unvouched(ScalarType dtype, bool wide)
     {
-        using var bse = Random(1, dtype);
-        using var e0 = Random(2, dtype);
-        using var e1 = Random(3, dtype);
-        using (var flat = e1.view(-1))
-        {
-            flat[Rows * Columns - 1] = tensor(float.NaN); // in the scan's scalar tail when the size is not a multiple of 32
-        }
-
+        using var x = new Inputs(dtype);
+        Set(x.E1, (Rows * Columns) - 1, float.NaN); // in the scan's scalar tail when the size is not a multiple of 32
         var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 0.2 });
-        Assert.That(Vouched(wide, () => ties.MergeTensor(new TensorGroup("w", bse, [e0, e1])), bse, e0, e1),
+        Assert.That(Vouched(wide, () => ties.MergeTensor(x.Group), x.All),
             Is.EqualTo(new[] { true, true, false }), "the base is vouched for by the clean expert's differences");
 
-        using (var flat = e1.view(-1))
-        {
-            flat[Rows * Columns - 1] = tensor(0.5f);
-            flat[77] = tensor(float.NegativeInfinity); // in the vector body
-        }
-
-        Assert.That(Vouched(wide, () => ties.MergeTensor(new TensorGroup("w", bse, [e0, e1])), bse, e0, e1),
-            Is.EqualTo(new[] { true, true, false }));
+        Set(x.E1, (Rows * Columns) - 1, 0.5f);
+        Set(x.E1, 77, float.NegativeInfinity); // in the vector body
+        Assert.That(Vouched(wide, () => ties.MergeTensor(x.Group), x.All), Is.EqualTo(new[] { true, true, false }));
     }
 
     [TestCaseSource(nameof(Scans))]
     public void A_non_finite_base_is_never_vouched_for(ScalarType dtype, bool wide)
     {
-        using var bse = Random(1, dtype);
-        using var e0 = Random(2, dtype);
-        using (var flat = bse.view(-1))
-        {
-            flat[1000] = tensor(float.PositiveInfinity);
-        }
-
-        // Expert and base both +∞ at that entry: ∞ − ∞ is NaN, still a non-finite key.
-        using (var flat = e0.view(-1))
-        {
-            flat[1000] = tensor(float.PositiveInfinity);
-        }
-
-        using var e1 = Random(3, dtype);
+        using var x = new Inputs(dtype);
+        Set(x.Base, 1000, float.PositiveInfinity);
+        Set(x.E0, 1000, float.PositiveInfinity); // expert and base both +∞ there: ∞ − ∞ is NaN, still a non-finite key
         var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 0.2 });
-        Assert.That(Vouched(wide, () => ties.MergeTensor(new TensorGroup("w", bse, [e0, e1])), bse, e0, e1), Is.All.False,
+        Assert.That(Vouched(wide, () => ties.MergeTensor(x.Group), x.All), Is.All.False,
             "every expert's difference is non-finite there");
     }
 
@@ -188,13 +192,8 @@ public class FiniteWitnessTests
     {
         using var bse = Random(1, ScalarType.Float32);
         using var e0 = Random(2, ScalarType.Float32);
-        using (var b = bse.view(-1))
-        using (var e = e0.view(-1))
-        {
-            b[9] = tensor(-3e38f);
-            e[9] = tensor(3e38f);
-        }
-
+        Set(bse, 9, -3e38f);
+        Set(e0, 9, 3e38f);
         var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 0.2 });
         Assert.That(Vouched(ExactSelector.WideScan, () => ties.MergeTensor(new TensorGroup("w", bse, [e0])), bse, e0), Is.All.False);
     }
