@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using Microsoft.Win32.SafeHandles;
 
@@ -18,6 +19,8 @@ internal sealed unsafe class AlignedFileWriter : IDisposable
     /// size of common devices.</summary>
     public const int BlockSize = 4096;
 
+    private static long _inPlaceBytes;
+
     private readonly Dictionary<long, (nint Data, int Filled)> _partial = [];
     private readonly long _length;
 
@@ -26,6 +29,10 @@ internal sealed unsafe class AlignedFileWriter : IDisposable
         Handle = handle;
         _length = length;
     }
+
+    /// <summary>Bytes written by every instance straight from the caller's memory, without the staging
+    /// copy (for tests).</summary>
+    internal static long InPlaceBytes => Interlocked.Read(ref _inPlaceBytes);
 
     /// <summary>The open file.</summary>
     public SafeFileHandle Handle { get; }
@@ -48,8 +55,9 @@ internal sealed unsafe class AlignedFileWriter : IDisposable
         }
     }
 
-    /// <summary>Writes <paramref name="bytes"/> at <paramref name="offset"/>; whole blocks go out at once
-    /// through <paramref name="staging"/> (<see cref="BlockSize"/>-aligned, <paramref name="stagingBytes"/>
+    /// <summary>Writes <paramref name="bytes"/> at <paramref name="offset"/>; whole blocks go out at once,
+    /// from <paramref name="bytes"/> itself where they start on a <see cref="BlockSize"/> boundary of memory,
+    /// else through <paramref name="staging"/> (<see cref="BlockSize"/>-aligned, <paramref name="stagingBytes"/>
     /// long, a multiple of <see cref="BlockSize"/>).</summary>
     public void Write(ReadOnlySpan<byte> bytes, long offset, byte* staging, int stagingBytes)
     {
@@ -60,8 +68,20 @@ internal sealed unsafe class AlignedFileWriter : IDisposable
             long blockStart = block * BlockSize;
             if (within == 0 && bytes.Length >= BlockSize)
             {
-                // Whole blocks, none of them the file's short last block (the bytes end inside the file).
-                int n = (int)Math.Min(bytes.Length / BlockSize * (long)BlockSize, stagingBytes);
+                // Whole blocks, none of them the file's short last block (the bytes end inside the file):
+                // straight from the caller's memory where it is aligned as a block (a result placed for
+                // this offset, CpuTensors.PlaceResults), else through the staging buffer.
+                int whole = bytes.Length / BlockSize * BlockSize;
+                if (((nint)Unsafe.AsPointer(ref MemoryMarshal.GetReference(bytes)) & (BlockSize - 1)) == 0)
+                {
+                    RandomAccess.Write(Handle, bytes[..whole], blockStart);
+                    Interlocked.Add(ref _inPlaceBytes, whole);
+                    bytes = bytes[whole..];
+                    offset += whole;
+                    continue;
+                }
+
+                int n = Math.Min(whole, stagingBytes);
                 bytes[..n].CopyTo(new Span<byte>(staging, n));
                 RandomAccess.Write(Handle, new ReadOnlySpan<byte>(staging, n), blockStart);
                 bytes = bytes[n..];

@@ -19,8 +19,8 @@ public sealed record PlannedTensor(string Name, ScalarType DType, long[] Shape)
 /// Writes a checkpoint whose every tensor (name, dtype, shape) is known before the first is written —
 /// as in a merge, where the output layout follows the inputs' headers. The shards, their headers and
 /// each tensor's offset are fixed up front, so <see cref="Write"/> puts a tensor's bytes straight into
-/// its place with positioned writes — direct I/O where the file system allows it, through an 8 MiB
-/// staging buffer, holding only the few 4 KiB blocks shared with tensors not yet written: memory stays
+/// its place with positioned writes — direct I/O where the file system allows it, from the tensor's own
+/// memory where it lies at its file offset's remainder modulo 4 KiB, else through an 8 MiB staging buffer, holding only the few 4 KiB blocks shared with tensors not yet written: memory stays
 /// at one tensor whatever the model size, unlike <see cref="ShardedCheckpointWriter"/>, which must buffer a shard.
 /// </summary>
 /// <remarks>
@@ -130,6 +130,11 @@ public sealed unsafe class PlannedCheckpointWriter : IDisposable
             TensorBytes.DefaultChunkBytes);
         _bytesWritten += place.Entry.ByteLength;
     }
+
+    /// <summary>Where the bytes of the planned tensor <paramref name="name"/> go in its shard (0 for a name not
+    /// planned). A CPU tensor whose memory has this offset's remainder modulo 4 KiB is written from that memory
+    /// (<see cref="Selection.CpuTensors.PlaceResults"/>) instead of through the staging buffer.</summary>
+    internal long FileOffset(string name) => _places.TryGetValue(name, out var place) ? place.Shard.DataStart + place.Entry.Begin : 0;
 
     /// <summary>Checks every planned tensor was written, flushes the shards to disk and gives them their
     /// final names (<c>model.safetensors</c>, or <c>model-0000k-of-0000N.safetensors</c> plus the index).</summary>

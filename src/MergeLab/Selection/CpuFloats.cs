@@ -79,6 +79,28 @@ internal static unsafe class CpuTensors
         return Unsafe.AsPointer(ref MemoryMarshal.GetReference(first.bytes));
     }
 
+    [ThreadStatic]
+    private static int _resultPhase;
+
+    /// <summary>Until disposed, places the kernel results made on this thread (<see cref="WriteKernelResult"/>)
+    /// in memory with the remainder that <paramref name="fileOffset"/> leaves modulo
+    /// <see cref="NativeBufferPool.Alignment"/>, so that a result bound for that offset of a file is written
+    /// there straight from its memory (the engine places each merged tensor where its output goes).</summary>
+    public static ResultPlacement PlaceResults(long fileOffset)
+    {
+        ArgumentOutOfRangeException.ThrowIfNegative(fileOffset);
+        var placement = new ResultPlacement(_resultPhase);
+        _resultPhase = (int)(fileOffset % NativeBufferPool.Alignment);
+        return placement;
+    }
+
+    /// <summary>The scope of <see cref="PlaceResults"/>: disposing it restores the placement before it.</summary>
+    public readonly struct ResultPlacement(int previous) : IDisposable
+    {
+        /// <summary>Restores the placement before this scope.</summary>
+        public void Dispose() => _resultPhase = previous;
+    }
+
     /// <summary>
     /// A kernel's result of <paramref name="shape"/> in <paramref name="outputType"/>: <paramref name="write"/>
     /// fills pooled memory (its address, and whether it is bfloat16; else float32), which is the result when
@@ -87,7 +109,7 @@ internal static unsafe class CpuTensors
     /// </summary>
     public static Tensor WriteKernelResult(long[] shape, ScalarType outputType, Action<nint, bool> write)
     {
-        var result = NativeBufferPool.Empty(shape, outputType is ScalarType.Float32 or ScalarType.BFloat16 ? outputType : ScalarType.Float32);
+        var result = NativeBufferPool.Empty(shape, outputType is ScalarType.Float32 or ScalarType.BFloat16 ? outputType : ScalarType.Float32, _resultPhase);
         try
         {
             write((nint)Pointer(result), result.dtype == ScalarType.BFloat16);

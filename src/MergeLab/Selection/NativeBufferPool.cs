@@ -27,9 +27,13 @@ internal static unsafe class NativeBufferPool
     private const long Granularity = 64 * 1024;
     private static readonly object Gate = new();
     private static readonly Dictionary<nint, long> Live = [];
+    private static readonly Dictionary<nint, nint> Shifted = [];
     private static readonly List<(nint Pointer, long Size)> Idle = [];
     private static long _idleBytes;
     private static bool _fromBlobUnavailable;
+
+    /// <summary>The alignment of every pooled buffer: a page (and a block of direct file I/O).</summary>
+    public const int Alignment = 4096;
 
     /// <summary>How many times larger than a request an idle buffer may be and still serve it.</summary>
     public const long MaxSlack = 8;
@@ -51,8 +55,17 @@ internal static unsafe class NativeBufferPool
 
     /// <summary>An uninitialized contiguous CPU tensor of <paramref name="shape"/> and
     /// <paramref name="dtype"/> over pooled memory; the caller owns it.</summary>
-    public static Tensor Empty(ReadOnlySpan<long> shape, ScalarType dtype)
+    public static Tensor Empty(ReadOnlySpan<long> shape, ScalarType dtype) => Empty(shape, dtype, phase: 0);
+
+    /// <summary>An uninitialized contiguous CPU tensor of <paramref name="shape"/> and <paramref name="dtype"/>
+    /// over pooled memory whose first byte lies <paramref name="phase"/> bytes past an <see cref="Alignment"/>
+    /// boundary: placed so, a tensor bound for a file offset with the same remainder can be written there by
+    /// direct I/O straight from its memory (<see cref="IO.AlignedFileWriter"/>). The caller owns it.</summary>
+    /// <exception cref="ArgumentOutOfRangeException"><paramref name="phase"/> is outside [0, <see cref="Alignment"/>).</exception>
+    public static Tensor Empty(ReadOnlySpan<long> shape, ScalarType dtype, int phase)
     {
+        ArgumentOutOfRangeException.ThrowIfNegative(phase);
+        ArgumentOutOfRangeException.ThrowIfGreaterThanOrEqual(phase, Alignment);
         long count = 1;
         foreach (long s in shape)
         {
@@ -65,7 +78,7 @@ internal static unsafe class NativeBufferPool
             return empty(shape, dtype);
         }
 
-        var pointer = Rent(bytes);
+        var pointer = Rent(bytes, phase);
         try
         {
             if (BlobTensor.Create(pointer, shape, dtype, &ReleaseFromTorch) is { } tensor)
@@ -84,8 +97,28 @@ internal static unsafe class NativeBufferPool
         }
     }
 
-    /// <summary>Rents at least <paramref name="bytes"/> bytes (64-byte aligned); give them back with <see cref="Return"/>.</summary>
-    public static nint Rent(long bytes)
+    /// <summary>Rents at least <paramref name="bytes"/> bytes (<see cref="Alignment"/>-aligned); give them back with <see cref="Return"/>.</summary>
+    public static nint Rent(long bytes) => Rent(bytes, phase: 0);
+
+    /// <summary>Rents at least <paramref name="bytes"/> bytes starting <paramref name="phase"/> bytes past an
+    /// <see cref="Alignment"/> boundary; give them back with <see cref="Return"/>.</summary>
+    private static nint Rent(long bytes, int phase)
+    {
+        var start = RentAligned(bytes + phase);
+        if (phase == 0)
+        {
+            return start;
+        }
+
+        lock (Gate)
+        {
+            Shifted[start + phase] = start;
+        }
+
+        return start + phase;
+    }
+
+    private static nint RentAligned(long bytes)
     {
         long size = (Math.Max(bytes, 1) + Granularity - 1) / Granularity * Granularity;
         lock (Gate)
@@ -120,7 +153,7 @@ internal static unsafe class NativeBufferPool
             }
         }
 
-        var fresh = (nint)NativeMemory.AlignedAlloc((nuint)size, 64);
+        var fresh = (nint)NativeMemory.AlignedAlloc((nuint)size, Alignment);
         lock (Gate)
         {
             Live[fresh] = size;
@@ -129,12 +162,17 @@ internal static unsafe class NativeBufferPool
         return fresh;
     }
 
-    /// <summary>Gives back memory from <see cref="Rent"/>; it is kept for reuse or freed.</summary>
+    /// <summary>Gives back memory from <see cref="Rent(long)"/> (or a pooled tensor's, as it is freed); it is kept for reuse or freed.</summary>
     public static void Return(nint pointer)
     {
         List<nint>? toFree = null;
         lock (Gate)
         {
+            if (Shifted.Remove(pointer, out var start))
+            {
+                pointer = start;
+            }
+
             if (!Live.Remove(pointer, out long size))
             {
                 return;

@@ -71,6 +71,44 @@ public class CheckpointMergerTests
         Assert.That(File.ReadAllText(Path.Combine(result.OutputDirectory, "config.json")), Does.Contain("base"));
     }
 
+    [Test]
+    public void Merged_tensors_are_placed_as_in_their_file_and_written_from_their_own_memory()
+    {
+        // Tensors of several 4 KiB blocks at offsets that are not multiples of 4 KiB (the header's length
+        // and the tensors before each decide them): each merged tensor is placed at its offset's remainder,
+        // so all its whole blocks go to the file without the staging copy, with the same bytes.
+        using var dir = new TempDirectory();
+        using var g = new Generator(97);
+        using var baseModel = new StateDict();
+        baseModel.Add("a.weight", randn([3, 1000], generator: g).to(ScalarType.BFloat16));
+        baseModel.Add("b.weight", randn([40, 130], generator: g).to(ScalarType.BFloat16));
+        baseModel.Add("c.weight", randn([7, 1003], generator: g));
+        using var e1 = T.Expert(baseModel, 98);
+        using var e2 = T.Expert(baseModel, 99);
+        var method = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .3 });
+        var request = new CheckpointMergeRequest
+        {
+            BaseModel = Save(dir, "base", baseModel),
+            Experts = [Save(dir, "e1", e1), Save(dir, "e2", e2)],
+            Method = method,
+            OutputDirectory = Path.Combine(dir.Path, "out"),
+        };
+        long before = AlignedFileWriter.InPlaceBytes;
+        var result = CheckpointMerger.Merge(request);
+        long inPlace = AlignedFileWriter.InPlaceBytes - before;
+
+        long bytes = baseModel.Sum(kv => kv.Value.numel() * kv.Value.element_size());
+        Assert.That(inPlace, Is.GreaterThan(bytes - (3 * 2 * AlignedFileWriter.BlockSize)).And.LessThanOrEqualTo(bytes),
+            "all but each tensor's first and last partial block from the tensors' memory");
+        using var expected = method.Merge(baseModel, [e1, e2]);
+        using var merged = SafetensorsCheckpoint.Open(result.OutputDirectory);
+        foreach (var name in expected.Names)
+        {
+            using var actual = merged.ReadTensor(name);
+            T.BitEqual(actual, expected[name]);
+        }
+    }
+
     /// <summary>A task-arithmetic request over a random base (<paramref name="seed"/>) and one expert (seed + 1),
     /// saved as <c>base</c> and <c>e1</c> under <paramref name="folder"/> of <paramref name="dir"/>, into
     /// <c>out</c> there.</summary>

@@ -66,6 +66,57 @@ public class PlannedCheckpointWriterTests
         }
     }
 
+    [TestCase(true)]
+    [TestCase(false)]
+    public void Tensors_placed_at_their_offsets_remainder_are_written_from_their_own_memory_with_the_same_bytes(bool placed)
+    {
+        using var dir = new TempDirectory();
+        using var g = new Generator(6);
+        using var x = randn([5000], generator: g);
+        using var y = randn([3, 2500], generator: g).to(ScalarType.BFloat16);
+        var tensors = new[] { ("x", x), ("y", y) };
+        string reference = Directory.CreateDirectory(dir.File("reference")).FullName;
+        using (var writer = new ShardedCheckpointWriter(reference))
+        {
+            foreach (var (name, t) in tensors)
+            {
+                writer.Add(name, t.clone());
+            }
+
+            writer.Complete();
+        }
+
+        string planned = Directory.CreateDirectory(dir.File("planned")).FullName;
+        long before = AlignedFileWriter.InPlaceBytes;
+        using (var writer = new PlannedCheckpointWriter(planned, tensors.Select(p => new PlannedTensor(p.Item1, p.Item2.dtype, p.Item2.shape)).ToArray()))
+        {
+            foreach (var (name, t) in tensors)
+            {
+                // Placed: the remainder of the tensor's file offset; not placed: one byte past it.
+                int phase = (int)((writer.FileOffset(name) + (placed ? 0 : 1)) % AlignedFileWriter.BlockSize);
+                using var copy = MergeLab.Selection.NativeBufferPool.Empty(t.shape, t.dtype, phase);
+                copy.copy_(t);
+                writer.Write(name, copy);
+            }
+
+            writer.Complete();
+        }
+
+        long inPlace = AlignedFileWriter.InPlaceBytes - before;
+        if (placed)
+        {
+            // 20,000 and 15,000 bytes: at least 3 and 2 whole blocks, at most 4 and 3.
+            Assert.That(inPlace, Is.InRange(5L * AlignedFileWriter.BlockSize, 7L * AlignedFileWriter.BlockSize));
+        }
+        else
+        {
+            Assert.That(inPlace, Is.Zero, "memory off the file's block boundaries goes through the staging buffer");
+        }
+
+        var file = SafetensorsCheckpoint.SingleFileName;
+        Assert.That(File.ReadAllBytes(Path.Combine(planned, file)), Is.EqualTo(File.ReadAllBytes(Path.Combine(reference, file))));
+    }
+
     [Test]
     public void Missing_or_mismatched_tensors_are_refused_and_nothing_is_left()
     {

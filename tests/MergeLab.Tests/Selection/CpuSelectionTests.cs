@@ -746,6 +746,62 @@ public class CpuSelectionTests
     }
 
     [Test]
+    public unsafe void Kernel_results_are_placed_at_the_remainder_of_the_file_offset_they_are_bound_for()
+    {
+        static long Remainder(Tensor t) => (long)CpuTensors.Pointer(t) % NativeBufferPool.Alignment;
+        var shape = new long[] { 300, 7 };
+        static void Fill(nint address, bool bf16) => new Span<float>((void*)address, 2100).Fill(2);
+        using (var unplaced = CpuTensors.WriteKernelResult(shape, ScalarType.Float32, Fill))
+        {
+            Assert.That(Remainder(unplaced), Is.Zero, "pooled memory starts on a page");
+        }
+
+        using (CpuTensors.PlaceResults(5 * 4096 + 1234))
+        {
+            using var placed = CpuTensors.WriteKernelResult(shape, ScalarType.Float32, Fill);
+            using (CpuTensors.PlaceResults(70))
+            {
+                using var inner = CpuTensors.WriteKernelResult(shape, ScalarType.Float32, Fill);
+                Assert.That(Remainder(inner), Is.EqualTo(70));
+            }
+
+            using var again = CpuTensors.WriteKernelResult(shape, ScalarType.Float32, Fill);
+            Assert.Multiple(() =>
+            {
+                Assert.That(Remainder(placed), Is.EqualTo(1234));
+                Assert.That(Remainder(again), Is.EqualTo(1234), "the inner scope restores the outer placement");
+                Assert.That(placed.sum().item<float>(), Is.EqualTo(4200));
+            });
+        }
+
+        using var after = CpuTensors.WriteKernelResult(shape, ScalarType.Float32, Fill);
+        Assert.That(Remainder(after), Is.Zero);
+        Assert.Throws<ArgumentOutOfRangeException>(() => NativeBufferPool.Empty(shape, ScalarType.Float32, NativeBufferPool.Alignment));
+    }
+
+    [Test]
+    public unsafe void A_placed_tensor_gives_its_whole_buffer_back_when_freed()
+    {
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        NativeBufferPool.Trim();
+        var placed = NativeBufferPool.Empty([1 << 20], ScalarType.Float32, phase: 4000);
+        long start = (long)CpuTensors.Pointer(placed) - 4000;
+        placed.Dispose();
+        Assert.That(NativeBufferPool.IdleBytes, Is.GreaterThanOrEqualTo((4L << 20) + 4000), "the buffer, not the placed tensor's bytes");
+        nint again = NativeBufferPool.Rent(4L << 20);
+        try
+        {
+            Assert.That((long)again, Is.EqualTo(start), "its buffer serves the next request from its start");
+        }
+        finally
+        {
+            NativeBufferPool.Return(again);
+            NativeBufferPool.Trim();
+        }
+    }
+
+    [Test]
     public void The_pool_serves_a_request_from_its_own_size_else_the_smallest_larger_idle_buffer_within_its_slack()
     {
         // Pooled tensors that earlier tests left to the finalizer would hand their buffers back mid-test.
