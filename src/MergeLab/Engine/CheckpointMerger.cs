@@ -320,8 +320,8 @@ public static class CheckpointMerger
     }
 
     /// <summary>Writes merged tensors into a <see cref="PlannedCheckpointWriter"/> on a background thread,
-    /// at most <c>capacity</c> tensors behind the merge, so writing (a copy into the writer's staging
-    /// buffer and a direct or buffered write) overlaps merging. It owns every tensor handed to
+    /// at most <c>capacity</c> tensors behind the merge, so writing (a direct or buffered write, from the
+    /// tensor's placed memory or through the writer's staging buffer) overlaps merging. It owns every tensor handed to
     /// <see cref="Add"/> and disposes it once written or abandoned. A write error stops it and is thrown,
     /// naming the tensor, by the next <see cref="Add"/> or by <see cref="Complete"/>.</summary>
     private sealed class WriteBehind : IDisposable

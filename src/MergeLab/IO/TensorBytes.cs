@@ -62,7 +62,8 @@ internal static class TensorBytes
         ForEachChunk(source, chunkBytes, (span, _) => stream.Write(span));
 
     /// <summary>Writes the bytes of the contiguous CPU tensor <paramref name="source"/> at
-    /// <paramref name="fileOffset"/> of <paramref name="file"/>, through its aligned staging buffer.</summary>
+    /// <paramref name="fileOffset"/> of <paramref name="file"/>: from the tensor's memory where it is aligned as
+    /// the file's blocks, else through the aligned staging buffer.</summary>
     public static unsafe void WriteAt(AlignedFileWriter file, long fileOffset, Tensor source, byte* staging, int stagingBytes, int chunkBytes) =>
         ForEachChunk(source, chunkBytes, (span, byteOffset) => file.Write(span, fileOffset + byteOffset, staging, stagingBytes));
 
