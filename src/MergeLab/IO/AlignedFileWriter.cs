@@ -1,4 +1,3 @@
-using System.Runtime.CompilerServices;
 using System.Runtime.InteropServices;
 using Microsoft.Win32.SafeHandles;
 
@@ -6,9 +5,10 @@ namespace MergeLab.IO;
 
 /// <summary>
 /// Writes a file of known length whose every byte is written exactly once, in any order, as whole
-/// aligned blocks, so the file can be opened for direct I/O (<c>O_DIRECT</c>): the bytes go from a warm
-/// staging buffer to the device instead of being copied into freshly allocated page-cache pages, which
-/// on a virtual machine costs more than the merge that produced them. Bytes that share a block with
+/// aligned blocks, so the file can be opened for direct I/O (<c>O_DIRECT</c>): the bytes go from the
+/// caller's memory where it is aligned as the file's blocks, else from a warm staging buffer, to the device
+/// instead of being copied into freshly allocated page-cache pages, which on a virtual machine costs more
+/// than the merge that produced them. Bytes that share a block with
 /// bytes not yet written wait in a small block buffer until the block is complete. Where the file system
 /// refuses direct I/O the file is opened normally and written the same way.
 /// </summary>
@@ -72,13 +72,17 @@ internal sealed unsafe class AlignedFileWriter : IDisposable
                 // straight from the caller's memory where it is aligned as a block (a result placed for
                 // this offset, CpuTensors.PlaceResults), else through the staging buffer.
                 int whole = bytes.Length / BlockSize * BlockSize;
-                if (((nint)Unsafe.AsPointer(ref MemoryMarshal.GetReference(bytes)) & (BlockSize - 1)) == 0)
+                fixed (byte* start = bytes)
                 {
-                    RandomAccess.Write(Handle, bytes[..whole], blockStart);
-                    Interlocked.Add(ref _inPlaceBytes, whole);
-                    bytes = bytes[whole..];
-                    offset += whole;
-                    continue;
+                    // Pinned while checked and written: managed bytes (a header) could move in between.
+                    if (((nint)start & (BlockSize - 1)) == 0)
+                    {
+                        RandomAccess.Write(Handle, new ReadOnlySpan<byte>(start, whole), blockStart);
+                        Interlocked.Add(ref _inPlaceBytes, whole);
+                        bytes = bytes[whole..];
+                        offset += whole;
+                        continue;
+                    }
                 }
 
                 int n = Math.Min(whole, stagingBytes);

@@ -19,9 +19,11 @@ public sealed record PlannedTensor(string Name, ScalarType DType, long[] Shape)
 /// Writes a checkpoint whose every tensor (name, dtype, shape) is known before the first is written —
 /// as in a merge, where the output layout follows the inputs' headers. The shards, their headers and
 /// each tensor's offset are fixed up front, so <see cref="Write"/> puts a tensor's bytes straight into
-/// its place with positioned writes — direct I/O where the file system allows it, from the tensor's own
-/// memory where it lies at its file offset's remainder modulo 4 KiB, else through an 8 MiB staging buffer, holding only the few 4 KiB blocks shared with tensors not yet written: memory stays
-/// at one tensor whatever the model size, unlike <see cref="ShardedCheckpointWriter"/>, which must buffer a shard.
+/// its place with positioned writes (direct I/O where the file system allows it): from the tensor's own
+/// memory where that lies at its file offset's remainder modulo 4 KiB, else through an 8 MiB staging
+/// buffer. Besides that buffer the writer holds only the few 4 KiB blocks shared with tensors not yet
+/// written: memory stays at one tensor whatever the model size, unlike <see cref="ShardedCheckpointWriter"/>,
+/// which must buffer a shard.
 /// </summary>
 /// <remarks>
 /// The files are byte-identical to <see cref="ShardedCheckpointWriter"/>'s for the same tensors in the

@@ -104,7 +104,7 @@ internal static unsafe class CpuTensors
     /// <summary>
     /// A kernel's result of <paramref name="shape"/> in <paramref name="outputType"/>: <paramref name="write"/>
     /// fills pooled memory (its address, and whether it is bfloat16; else float32), which is the result when
-    /// <paramref name="outputType"/> is float32 or bfloat16 and is converted into it otherwise. If
+    /// <paramref name="outputType"/> is float32 or bfloat16 and is converted into more pooled memory otherwise. If
     /// <paramref name="write"/> throws, the memory is freed.
     /// </summary>
     public static Tensor WriteKernelResult(long[] shape, ScalarType outputType, Action<nint, bool> write)
@@ -125,9 +125,20 @@ internal static unsafe class CpuTensors
             return result;
         }
 
+        // Another floating output dtype (float16, float64) is converted into pooled memory placed the same way.
         using (result)
         {
-            return result.to(outputType);
+            var converted = NativeBufferPool.Empty(shape, outputType, _resultPhase);
+            try
+            {
+                converted.copy_(result);
+                return converted;
+            }
+            catch
+            {
+                converted.Dispose();
+                throw;
+            }
         }
     }
 

@@ -60,7 +60,8 @@ internal static unsafe class NativeBufferPool
     /// <summary>An uninitialized contiguous CPU tensor of <paramref name="shape"/> and <paramref name="dtype"/>
     /// over pooled memory whose first byte lies <paramref name="phase"/> bytes past an <see cref="Alignment"/>
     /// boundary: placed so, a tensor bound for a file offset with the same remainder can be written there by
-    /// direct I/O straight from its memory (<see cref="IO.AlignedFileWriter"/>). The caller owns it.</summary>
+    /// direct I/O straight from its memory (<see cref="IO.AlignedFileWriter"/>). The caller owns it. An empty
+    /// tensor, or one made by <c>torch.empty</c> where the pool cannot wrap native memory, is not placed.</summary>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="phase"/> is outside [0, <see cref="Alignment"/>).</exception>
     public static Tensor Empty(ReadOnlySpan<long> shape, ScalarType dtype, int phase)
     {

@@ -766,11 +766,17 @@ public class CpuSelectionTests
             }
 
             using var again = CpuTensors.WriteKernelResult(shape, ScalarType.Float32, Fill);
+            using var half = CpuTensors.WriteKernelResult(shape, ScalarType.Float16, Fill); // converted from float32
+            using var sum = placed.sum();
+            using var halfSum = half.to(ScalarType.Float32).sum();
             Assert.Multiple(() =>
             {
                 Assert.That(Remainder(placed), Is.EqualTo(1234));
                 Assert.That(Remainder(again), Is.EqualTo(1234), "the inner scope restores the outer placement");
-                Assert.That(placed.sum().item<float>(), Is.EqualTo(4200));
+                Assert.That(Remainder(half), Is.EqualTo(1234), "a converted result is placed too");
+                Assert.That(half.dtype, Is.EqualTo(ScalarType.Float16));
+                Assert.That(sum.item<float>(), Is.EqualTo(4200));
+                Assert.That(halfSum.item<float>(), Is.EqualTo(4200));
             });
         }
 
