@@ -96,19 +96,15 @@ internal static unsafe class MappedTensors
     /// pages are faulted in (read from the disk if need be) here rather than inside a merge kernel.</summary>
     public static void Prefault(Tensor t)
     {
-        long bytes = t.numel() * t.element_size();
-        var p = (byte*)Selection.CpuTensors.Pointer(t);
-        const long block = 1 << 20;
-        Selection.CpuParallel.For(Selection.CpuParallel.BlockCount(bytes, block), b =>
+        Selection.CpuParallel.ForByteBlocks((byte*)Selection.CpuTensors.Pointer(t), t.numel() * t.element_size(), (start, length) =>
         {
-            long end = Math.Min(bytes, (b + 1) * block);
             int sum = 0;
-            for (long i = b * block; i < end; i += 4096)
+            for (int i = 0; i < length; i += 4096)
             {
-                sum += Volatile.Read(ref p[i]);
+                sum += Volatile.Read(ref start[i]);
             }
 
-            sum += Volatile.Read(ref p[end - 1]); // the block's last page, when the tensor does not start on a page
+            sum += Volatile.Read(ref start[length - 1]); // the block's last page, when the tensor does not start on a page
 
             GC.KeepAlive(sum);
         });

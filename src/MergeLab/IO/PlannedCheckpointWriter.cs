@@ -128,7 +128,7 @@ public sealed unsafe class PlannedCheckpointWriter : IDisposable
         using var scope = torch.NewDisposeScope();
         var cpu = tensor.device_type == DeviceType.CPU ? tensor : tensor.to(CPU);
         var contiguous = cpu.is_contiguous() ? cpu : cpu.contiguous();
-        TensorBytes.WriteAt(place.Shard.File!, place.Shard.DataStart + place.Entry.Begin, contiguous, Staging(), StagingBytes,
+        TensorBytes.WriteAt(place.Shard.File!, Offset(place), contiguous, Staging(), StagingBytes,
             TensorBytes.DefaultChunkBytes);
         _bytesWritten += place.Entry.ByteLength;
     }
@@ -136,7 +136,9 @@ public sealed unsafe class PlannedCheckpointWriter : IDisposable
     /// <summary>Where the bytes of the planned tensor <paramref name="name"/> go in its shard (0 for a name not
     /// planned). A CPU tensor whose memory has this offset's remainder modulo 4 KiB is written from that memory
     /// (<see cref="Selection.CpuTensors.PlaceResults"/>) instead of through the staging buffer.</summary>
-    internal long FileOffset(string name) => _places.TryGetValue(name, out var place) ? place.Shard.DataStart + place.Entry.Begin : 0;
+    internal long FileOffset(string name) => _places.TryGetValue(name, out var place) ? Offset(place) : 0;
+
+    private static long Offset((Shard Shard, SafetensorsHeader.Entry Entry) place) => place.Shard.DataStart + place.Entry.Begin;
 
     /// <summary>Checks every planned tensor was written, flushes the shards to disk and gives them their
     /// final names (<c>model.safetensors</c>, or <c>model-0000k-of-0000N.safetensors</c> plus the index).</summary>

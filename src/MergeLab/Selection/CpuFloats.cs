@@ -189,19 +189,10 @@ internal static unsafe class FiniteValues
         }
 
         bool bf16 = t.dtype == ScalarType.BFloat16;
-        var p = (byte*)CpuTensors.Pointer(t);
-        long bytes = n * (bf16 ? 2 : 4);
-        const long block = 1 << 20;
         int found = 0;
-        CpuParallel.For(CpuParallel.BlockCount(bytes, block), b =>
+        CpuParallel.ForByteBlocks((byte*)CpuTensors.Pointer(t), n * (bf16 ? 2 : 4), (start, length) =>
         {
-            if (Volatile.Read(ref found) != 0)
-            {
-                return;
-            }
-
-            long start = b * block;
-            if (!BlockFinite(p + start, (int)Math.Min(block, bytes - start), bf16))
+            if (Volatile.Read(ref found) == 0 && !BlockFinite(start, length, bf16))
             {
                 Volatile.Write(ref found, 1);
             }
@@ -408,4 +399,15 @@ internal static class CpuParallel
 
     /// <summary>The number of blocks of <paramref name="blockSize"/> covering <paramref name="length"/>.</summary>
     public static long BlockCount(long length, long blockSize) => (length + blockSize - 1) / blockSize;
+
+    /// <summary>The size of the blocks of <see cref="ForByteBlocks"/>: 1 MiB.</summary>
+    public const int ByteBlock = 1 << 20;
+
+    /// <summary>A block of memory: its first byte and its length.</summary>
+    public unsafe delegate void ByteBlockBody(byte* start, int length);
+
+    /// <summary>Runs <paramref name="body"/> on each <see cref="ByteBlock"/> bytes of the <paramref name="bytes"/>
+    /// bytes at <paramref name="p"/> (the last block shorter), as <see cref="For"/> runs blocks.</summary>
+    public static unsafe void ForByteBlocks(byte* p, long bytes, ByteBlockBody body) =>
+        For(BlockCount(bytes, ByteBlock), b => body(p + (b * ByteBlock), (int)Math.Min(ByteBlock, bytes - (b * ByteBlock))));
 }
