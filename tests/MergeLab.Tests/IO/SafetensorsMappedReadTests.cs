@@ -177,4 +177,107 @@ public class SafetensorsMappedReadTests
             .And.Message.Contains("was truncated or rewritten"));
         Assert.That(MappedTensors.MappedCount, Is.EqualTo(before));
     }
+
+    /// <summary>A tensor of 3 MiB + 100 bytes of float32 at a data offset that is not on a page, written to
+    /// a file: its prefault spans four 1 MiB blocks and a page shared with the header.</summary>
+    private static (string Path, Tensor Written) WriteLarge(TempDirectory dir)
+    {
+        string path = dir.File("large.safetensors");
+        var written = torch.arange(0f, ((3 << 20) + 100) / 4f);
+        using var small = torch.ones(5);
+        SafetensorsWriter.Write(path, new Dictionary<string, Tensor> { ["a"] = small, ["b"] = written });
+        return (path, written);
+    }
+
+    /// <summary>How many of the pages holding <paramref name="t"/>'s bytes this process has mapped
+    /// (the present bit of <c>/proc/self/pagemap</c>).</summary>
+    private static unsafe int PresentPages(Tensor t)
+    {
+        long page = Environment.SystemPageSize;
+        long start = (long)MergeLab.Selection.CpuTensors.Pointer(t);
+        long first = start / page, last = (start + (t.numel() * t.element_size()) - 1) / page;
+        using var map = new FileStream("/proc/self/pagemap", FileMode.Open, FileAccess.Read, FileShare.ReadWrite, 1);
+        var entry = new byte[8];
+        int present = 0;
+        for (long p = first; p <= last; p++)
+        {
+            map.Position = p * 8;
+            map.ReadExactly(entry);
+            present += (int)(BitConverter.ToUInt64(entry) >> 63);
+        }
+
+        return present;
+    }
+
+    [TestCase(true, TestName = "Prefault maps every page of a mapped tensor: from the page cache")]
+    [TestCase(false, TestName = "Prefault maps every page of a mapped tensor: from the disk")]
+    public unsafe void Prefault_maps_every_page_of_a_mapped_tensor(bool cached)
+    {
+        Assume.That(OperatingSystem.IsLinux(), "pagemap, mincore and posix_fadvise are Linux's");
+        using var dir = new TempDirectory();
+        var (path, written) = WriteLarge(dir);
+        using var _ = written;
+        if (!cached)
+        {
+            DropFromPageCache(path);
+        }
+
+        using var file = SafetensorsFile.Open(path);
+        var info = file.GetInfo("b");
+        Assert.That(info.DataOffset % Environment.SystemPageSize, Is.Not.Zero, "the case this test is about");
+        using var mapping = System.IO.MemoryMappedFiles.MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0,
+            System.IO.MemoryMappedFiles.MemoryMappedFileAccess.CopyOnWrite);
+        using var mapped = MappedTensors.Map(mapping, info.DataOffset, info.ByteLength, info.Shape, info.DType);
+        int pages = (int)((((long)MergeLab.Selection.CpuTensors.Pointer(mapped) % Environment.SystemPageSize) + info.ByteLength
+            + Environment.SystemPageSize - 1) / Environment.SystemPageSize);
+        Assert.That(PresentPages(mapped), Is.Zero, "nothing touched the mapping yet");
+
+        MappedTensors.Prefault(mapped);
+
+        Assert.That(PresentPages(mapped), Is.EqualTo(pages), "every page, the first and last partial ones included");
+        T.BitEqual(mapped, written);
+    }
+
+    /// <summary>Writes back <paramref name="path"/>'s pages and asks the kernel to drop them from the page
+    /// cache; the test is skipped where they stay (a file system in memory).</summary>
+    private static unsafe void DropFromPageCache(string path)
+    {
+        using (var handle = File.OpenHandle(path, FileMode.Open, FileAccess.Read))
+        {
+            int fd = (int)handle.DangerousGetHandle();
+            Assert.That(FDataSync(fd), Is.Zero, "fdatasync");
+            Assert.That(FAdvise(fd, 0, 0, 4 /* POSIX_FADV_DONTNEED */), Is.Zero, "posix_fadvise");
+        }
+
+        using var mapping = System.IO.MemoryMappedFiles.MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0,
+            System.IO.MemoryMappedFiles.MemoryMappedFileAccess.Read);
+        using var view = mapping.CreateViewAccessor(0, 0, System.IO.MemoryMappedFiles.MemoryMappedFileAccess.Read);
+        byte* p = null;
+        view.SafeMemoryMappedViewHandle.AcquirePointer(ref p);
+        try
+        {
+            long pageSize = Environment.SystemPageSize;
+            long pages = (new FileInfo(path).Length + pageSize - 1) / pageSize;
+            var resident = new byte[pages];
+            fixed (byte* v = resident)
+            {
+                Assert.That(Mincore((nint)(p + view.PointerOffset), (nuint)new FileInfo(path).Length, v), Is.Zero, "mincore");
+            }
+
+            Assume.That(resident.Count(r => (r & 1) != 0), Is.LessThan(pages / 2), "the file system keeps the file's pages in memory");
+        }
+        finally
+        {
+            view.SafeMemoryMappedViewHandle.ReleasePointer();
+        }
+    }
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "fdatasync")]
+    private static extern int FDataSync(int fd);
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "posix_fadvise")]
+    private static extern int FAdvise(int fd, long offset, long length, int advice);
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "mincore")]
+    private static extern unsafe int Mincore(nint address, nuint length, byte* vector);
 }
