@@ -301,13 +301,22 @@ public sealed class MergePlan
             catch (ArgumentException e)
             {
                 // The values may come from several places (each model's parameters, the top-level ones, a
-                // default), so the message states them instead of naming one key.
+                // default), so the message states them instead of naming one key; the tensor only where a
+                // value depends on it (otherwise it would be whichever tensor came first, an integer buffer
+                // that is never merged included).
+                string which = AnyVariesByTensor() ? $"the parameters of tensor '{tensorName}'" : "the parameters";
                 throw new MergeConfigException(Config.SourcePath, null, null,
-                    $"the parameters of tensor '{tensorName}' ({resolved.Describe(_spec.Parameters)}) do not make a valid '{_spec.Name}' merge: " +
+                    $"{which} ({resolved.Describe(_spec.Parameters)}) do not make a valid '{_spec.Name}' merge: " +
                     $"{e.Message.Replace($" (Parameter '{e.ParamName}')", "", StringComparison.Ordinal)}", e);
             }
         });
     }
+
+    /// <summary>Whether any parameter of the method is set, globally or for a model, to a value that
+    /// depends on the tensor (a gradient, or a list of conditions).</summary>
+    private bool AnyVariesByTensor() =>
+        _spec.Parameters.Any(p => Config.Parameters.GetValueOrDefault(p.Name)?.VariesByTensor == true
+            || _inputs.Any(i => i.Model?.Parameters.GetValueOrDefault(p.Name)?.VariesByTensor == true));
 
     /// <summary>A parameter's value for one tensor: the model's setting, else the global one, else the
     /// default (mergekit's <c>ConfigReader.parameter</c>); checked.</summary>
@@ -315,34 +324,43 @@ public sealed class MergePlan
     {
         double? value = null;
         string? source = null;
-        if (input?.Model?.Parameters.GetValueOrDefault(p.Name) is { } own && own.Resolve(tensorName, t) is double v1)
+        var own = input?.Model?.Parameters.GetValueOrDefault(p.Name);
+        var shared = Config.Parameters.GetValueOrDefault(p.Name);
+        bool varies = false; // whether the value, or its absence, depends on the tensor
+        if (own?.Resolve(tensorName, t) is double v1)
         {
-            (value, source) = (v1, $"{input.KeyPath}.parameters.{p.Name}");
+            (value, source, varies) = (v1, $"{input!.KeyPath}.parameters.{p.Name}", own.VariesByTensor);
         }
-        else if (Config.Parameters.GetValueOrDefault(p.Name) is { } shared && shared.Resolve(tensorName, t) is double v2)
+        else if (shared?.Resolve(tensorName, t) is double v2)
         {
-            (value, source) = (v2, $"parameters.{p.Name}");
+            (value, source, varies) = (v2, $"parameters.{p.Name}", shared.VariesByTensor || own is not null);
+        }
+        else
+        {
+            varies = own is not null || shared is not null; // a list of conditions that missed this tensor
         }
 
         value ??= p.Default;
+        string tensor = varies ? $" (tensor '{tensorName}')" : "";
         if (value is not double result)
         {
             if (input?.Model is null)
             {
                 throw Config.Error("base_model",
                     $"'{_spec.Name}' averages base_model with the listed models (mergekit adds it to the inputs when it is not listed), " +
-                    $"so it needs a '{p.Name}' too, and none is set (tensor '{tensorName}'): list it under models with a {p.Name}, " +
+                    $"so it needs a '{p.Name}' too, and none is set{tensor}: list it under models with a {p.Name}, " +
                     $"set a global {p.Name}, or remove base_model.");
             }
 
             throw Config.Error(input.KeyPath,
-                $"no '{p.Name}' for '{input.Model.Path}' (tensor '{tensorName}'); '{_spec.Name}' needs one for every model, as in mergekit: " +
+                $"no '{p.Name}' for '{input.Model.Path}'{tensor}; '{_spec.Name}' needs one for every model, as in mergekit: " +
                 "set it in the model's parameters or in the global parameters.", input.Model.Line);
         }
 
         if (p.Check(result) is { } problem)
         {
-            throw Config.Error(source ?? "parameters", $"'{p.Name}' {problem} (tensor '{tensorName}', layer position t = {t.ToString("0.###", CultureInfo.InvariantCulture)}).");
+            string where = varies ? $" (tensor '{tensorName}', layer position t = {t.ToString("0.###", CultureInfo.InvariantCulture)})" : "";
+            throw Config.Error(source ?? "parameters", $"'{p.Name}' {problem}{where}.");
         }
 
         return result;

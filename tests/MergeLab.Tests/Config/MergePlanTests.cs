@@ -62,6 +62,8 @@ public sealed class MergePlanTests : IDisposable
             merge_method: linear
             """))!;
         Assert.That(ex.Message, Does.Contain("(normalize: true, weight: [1, -1])").And.Contain("sum to 0").And.Not.Contain("parameters:"));
+        Assert.That(ex.Message, Does.Contain("the parameters (normalize").And.Not.Contain("tensor"),
+            "no value depends on the tensor, so none is named (it would be the first one, " + Embed + ")");
     }
 
     [Test]
@@ -269,6 +271,12 @@ public sealed class MergePlanTests : IDisposable
 
         var dare = Assert.Throws<MergeConfigException>(() => Plan(TwoExperts("dare_ties", "weight: 1, density: 0", "weight: 1")))!;
         Assert.That(dare.Message, Does.Contain("models[0].parameters.density").And.Contain("(0, 1]"));
+        Assert.That(dare.Message, Does.Not.Contain("tensor"), "one value for every tensor: no tensor named (it would be the first, " + Embed + ")");
+
+        // A model's list of conditions that misses a tensor falls through to the global value, which is out
+        // of range: the value depends on the tensor, so the first tensor that gets it is named.
+        var fallThrough = Assert.Throws<MergeConfigException>(() => Plan(TwoExperts("ties", "weight: 1, density: [{filter: mlp, value: 0.3}]", "weight: 1", "density: 1.5")))!;
+        Assert.That(fallThrough.Message, Does.Contain("parameters.density").And.Contain($"tensor '{Embed}'"));
     }
 
     [Test]
@@ -276,6 +284,11 @@ public sealed class MergePlanTests : IDisposable
     {
         var ex = Assert.Throws<MergeConfigException>(() => Plan(TwoExperts("ties", "weight: 1", "density: 0.5")))!;
         Assert.That(ex.Message, Does.Contain("models[1]").And.Contain("no 'weight'").And.Contain("code"));
+        Assert.That(ex.Message, Does.Not.Contain("tensor"), "missing for every tensor alike");
+
+        // Conditions that give a weight to the MLP tensors only leave the others without one: named.
+        var partial = Assert.Throws<MergeConfigException>(() => Plan(TwoExperts("ties", "weight: 1", "weight: [{filter: mlp, value: 1}]")))!;
+        Assert.That(partial.Message, Does.Contain("models[1]").And.Contain("no 'weight'").And.Contain($"tensor '{Embed}'"));
     }
 
     [Test]
