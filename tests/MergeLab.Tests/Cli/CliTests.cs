@@ -241,4 +241,15 @@ public class CliTests
         Assert.That(exit, Is.EqualTo(0));
         Assert.That(output, Is.Not.Empty);
     }
+
+    [Test]
+    public void Compiling_ahead_stops_once_libtorch_is_loaded_and_otherwise_compiles_the_engine_without_failing()
+    {
+        Assert.That(MergeLab.Cli.Commands.MergeCommand.CompileAhead(Task.CompletedTask), Is.Zero, "loaded already: nothing to wait for");
+
+        // A load that never ends: the whole sweep, every method of the engine's namespaces that can be compiled.
+        var never = new TaskCompletionSource().Task;
+        int compiled = MergeLab.Cli.Commands.MergeCommand.CompileAhead(never);
+        Assert.That(compiled, Is.GreaterThan(800), "about 800 fit in the wait; the namespaces hold more");
+    }
 }
