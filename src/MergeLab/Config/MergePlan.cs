@@ -304,19 +304,13 @@ public sealed class MergePlan
                 // default), so the message states them instead of naming one key; the tensor only where a
                 // value depends on it (otherwise it would be whichever tensor came first, an integer buffer
                 // that is never merged included).
-                string which = AnyVariesByTensor() ? $"the parameters of tensor '{tensorName}'" : "the parameters";
+                string which = VaryingParameters().Count > 0 ? $"the parameters of tensor '{tensorName}'" : "the parameters";
                 throw new MergeConfigException(Config.SourcePath, null, null,
                     $"{which} ({resolved.Describe(_spec.Parameters)}) do not make a valid '{_spec.Name}' merge: " +
                     $"{e.Message.Replace($" (Parameter '{e.ParamName}')", "", StringComparison.Ordinal)}", e);
             }
         });
     }
-
-    /// <summary>Whether any parameter of the method is set, globally or for a model, to a value that
-    /// depends on the tensor (a gradient, or a list of conditions).</summary>
-    private bool AnyVariesByTensor() =>
-        _spec.Parameters.Any(p => Config.Parameters.GetValueOrDefault(p.Name)?.VariesByTensor == true
-            || _inputs.Any(i => i.Model?.Parameters.GetValueOrDefault(p.Name)?.VariesByTensor == true));
 
     /// <summary>A parameter's value for one tensor: the model's setting, else the global one, else the
     /// default (mergekit's <c>ConfigReader.parameter</c>); checked.</summary>
@@ -326,24 +320,21 @@ public sealed class MergePlan
         string? source = null;
         var own = input?.Model?.Parameters.GetValueOrDefault(p.Name);
         var shared = Config.Parameters.GetValueOrDefault(p.Name);
-        bool varies = false; // whether the value, or its absence, depends on the tensor
+        bool varies = false; // whether the value found depends on the tensor (a gradient, or a list of conditions)
         if (own?.Resolve(tensorName, t) is double v1)
         {
             (value, source, varies) = (v1, $"{input!.KeyPath}.parameters.{p.Name}", own.VariesByTensor);
         }
         else if (shared?.Resolve(tensorName, t) is double v2)
         {
-            (value, source, varies) = (v2, $"parameters.{p.Name}", shared.VariesByTensor || own is not null);
-        }
-        else
-        {
-            varies = own is not null || shared is not null; // a list of conditions that missed this tensor
+            (value, source, varies) = (v2, $"parameters.{p.Name}", shared.VariesByTensor);
         }
 
         value ??= p.Default;
-        string tensor = varies ? $" (tensor '{tensorName}')" : "";
         if (value is not double result)
         {
+            // Missing here, but not everywhere when a list of conditions missed this tensor: then it is named.
+            string tensor = own is not null || shared is not null ? $" (tensor '{tensorName}')" : "";
             if (input?.Model is null)
             {
                 throw Config.Error("base_model",

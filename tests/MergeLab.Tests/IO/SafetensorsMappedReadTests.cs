@@ -213,7 +213,7 @@ public class SafetensorsMappedReadTests
     [TestCase(false, TestName = "Prefault maps every page of a mapped tensor: from the disk")]
     public unsafe void Prefault_maps_every_page_of_a_mapped_tensor(bool cached)
     {
-        Assume.That(OperatingSystem.IsLinux(), "pagemap, mincore and posix_fadvise are Linux's");
+        Assume.That(OperatingSystem.IsLinux() && File.Exists("/proc/self/pagemap"), "pagemap, mincore and posix_fadvise are Linux's");
         using var dir = new TempDirectory();
         var (path, written) = WriteLarge(dir);
         using var _ = written;
@@ -237,6 +237,53 @@ public class SafetensorsMappedReadTests
         Assert.That(PresentPages(mapped), Is.EqualTo(pages), "every page, the first and last partial ones included");
         T.BitEqual(mapped, written);
     }
+
+    /// <summary>
+    /// The touch pattern itself, on anonymous memory (no neighbouring pages are mapped along with a touched
+    /// one, as file pages are): a tensor starting 200 bytes into a page, 3 MiB + 4 KiB long, so its last
+    /// block is 4 KiB that crosses into one more page than its first byte's, which only the block's last
+    /// byte reaches.
+    /// </summary>
+    [Test]
+    public unsafe void Prefault_touches_every_page_a_tensor_spans()
+    {
+        Assume.That(OperatingSystem.IsLinux() && File.Exists("/proc/self/pagemap"), "pagemap is Linux's");
+        long page = Environment.SystemPageSize;
+        long bytes = (3 << 20) + 4096;
+        nuint length = (nuint)(bytes + (2 * page));
+        var memory = Mmap(0, length, 3 /* PROT_READ | PROT_WRITE */, 0x22 /* MAP_PRIVATE | MAP_ANONYMOUS */, -1, 0);
+        Assert.That(memory, Is.Not.EqualTo((nint)(-1)), "mmap");
+        try
+        {
+            // No huge pages (one touch would then map 2 MiB).
+            Assert.That(Madvise(memory, length, 15 /* MADV_NOHUGEPAGE */), Is.Zero, "madvise");
+            using var t = MergeLab.Tensors.BlobTensor.Create(memory + 200, [bytes / 4], ScalarType.Float32, &KeepMemory)!;
+            Assert.That(PresentPages(t), Is.Zero, "nothing touched yet");
+
+            MappedTensors.Prefault(t);
+
+            long first = (memory + 200) / page, last = (memory + 200 + bytes - 1) / page;
+            Assert.That(PresentPages(t), Is.EqualTo(last - first + 1));
+        }
+        finally
+        {
+            _ = Munmap(memory, length);
+        }
+    }
+
+    [System.Runtime.InteropServices.UnmanagedCallersOnly(CallConvs = [typeof(System.Runtime.CompilerServices.CallConvCdecl)])]
+    private static void KeepMemory(IntPtr data)
+    {
+    }
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "mmap")]
+    private static extern nint Mmap(nint address, nuint length, int protection, int flags, int fd, long offset);
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "munmap")]
+    private static extern int Munmap(nint address, nuint length);
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "madvise")]
+    private static extern int Madvise(nint address, nuint length, int advice);
 
     /// <summary>Writes back <paramref name="path"/>'s pages and asks the kernel to drop them from the page
     /// cache; the test is skipped where they stay (a file system in memory).</summary>
