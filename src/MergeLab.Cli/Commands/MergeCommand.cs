@@ -97,7 +97,11 @@ internal static class MergeCommand
         CheckpointMergeResult result = ConsoleOutput.Interactive
             ? AnsiConsole.Progress()
                 .Columns(new TaskDescriptionColumn(), new ProgressBarColumn(), new PercentageColumn())
-                .Start(ctx => CheckpointMerger.Merge(request, new LiveProgress(ctx), ct))
+                .Start(ctx =>
+                {
+                    using var live = new LiveProgress(ctx);
+                    return CheckpointMerger.Merge(request, live, ct);
+                })
             : CheckpointMerger.Merge(request, new LineProgress(), ct);
         Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"Merged {result.TensorCount} tensors ({ConsoleOutput.Bytes(result.BytesWritten)}) into {result.OutputDirectory} in {clock.Elapsed.TotalSeconds:0.0} s."));
@@ -183,13 +187,25 @@ internal static class MergeCommand
     /// Each pass's rate and time left, measured from where the pass began: the end of the pass before it
     /// (or the merge's start). The engine first reports a pass when its first tensor is done, so a clock
     /// started at that report would credit the first tensor's bytes to no time at all (Spectre's own speed
-    /// column showed TiB/s for a moment at the start of every pass).
+    /// column showed TiB/s for a moment at the start of every pass). Between reports (one large tensor can
+    /// take a minute), <see cref="Tick"/> counts the time left down from the last one.
     /// </summary>
-    private sealed class PassClock
+    internal sealed class PassClock
     {
-        private readonly Stopwatch _clock = Stopwatch.StartNew();
+        private readonly Func<TimeSpan> _now;
         private (string, int) _pass;
         private TimeSpan _passStart, _lastReport;
+        private double _rate, _eta;
+
+        /// <summary>A clock that starts now.</summary>
+        public PassClock()
+        {
+            var clock = Stopwatch.StartNew();
+            _now = () => clock.Elapsed;
+        }
+
+        /// <summary>A clock reading <paramref name="now"/>, the time since the merge started (for tests).</summary>
+        internal PassClock(Func<TimeSpan> now) => _now = now;
 
         /// <summary>Records a report; returns true when it is the first of a new pass.</summary>
         public bool Observe(CheckpointMergeProgress p)
@@ -200,40 +216,77 @@ internal static class MergeCommand
                 (_pass, _passStart) = ((p.Stage, p.Pass), _lastReport);
             }
 
-            _lastReport = _clock.Elapsed;
+            _lastReport = _now();
             return first;
         }
 
         /// <summary>The pass's input bytes per second so far.</summary>
-        public double Rate(long bytesDone) => bytesDone / Math.Max((_clock.Elapsed - _passStart).TotalSeconds, 1e-3);
+        public double Rate(long bytesDone) => bytesDone / Math.Max((_now() - _passStart).TotalSeconds, 1e-3);
 
-        /// <summary>"1.23 GB/s, ETA 00:00:12" for the current pass.</summary>
+        /// <summary>"1.23 GB/s, ETA 00:00:12" for the current pass, as of the report just observed.</summary>
         public string Describe(long bytesDone, long bytesTotal)
         {
-            double rate = Rate(bytesDone);
+            _rate = Rate(bytesDone);
+            _eta = _rate > 0 ? (bytesTotal - bytesDone) / _rate : 0;
+            return Format(_rate, _eta);
+        }
+
+        /// <summary>As <see cref="Describe"/> said at the last report, with the time left less the time
+        /// since that report (down to 0).</summary>
+        public string Tick() => Format(_rate, Math.Max(0, _eta - (_now() - _lastReport).TotalSeconds));
+
+        private static string Format(double rate, double eta)
+        {
             // A pass that has read almost nothing yet can predict any time at all; beyond 100 days, say so.
-            double eta = rate > 0 ? (bytesTotal - bytesDone) / rate : 0;
             string left = eta < 100 * 86_400 ? TimeSpan.FromSeconds(Math.Round(eta)).ToString("c", CultureInfo.InvariantCulture) : "--:--:--";
             return string.Create(CultureInfo.InvariantCulture, $"{rate / 1e9:0.00} GB/s, ETA {left}");
         }
     }
 
-    /// <summary>A Spectre progress bar per pass: bytes read of the pass, then its rate and time left.</summary>
-    private sealed class LiveProgress(ProgressContext context) : IProgress<CheckpointMergeProgress>
+    /// <summary>A Spectre progress bar per pass: bytes read of the pass, then its rate and time left, the
+    /// time left counted down every second between the engine's reports.</summary>
+    private sealed class LiveProgress : IProgress<CheckpointMergeProgress>, IDisposable
     {
+        private readonly ProgressContext _context;
         private readonly PassClock _clock = new();
+        private readonly Lock _gate = new();
+        private readonly Timer _timer;
         private ProgressTask? _task;
+        private string _label = "";
+
+        public LiveProgress(ProgressContext context)
+        {
+            _context = context;
+            _timer = new Timer(_ => Tick(), null, TimeSpan.FromSeconds(1), TimeSpan.FromSeconds(1));
+        }
 
         public void Report(CheckpointMergeProgress p)
         {
-            if (_clock.Observe(p) || _task is null)
+            lock (_gate)
             {
-                _task?.StopTask();
-                _task = context.AddTask(Label(p), maxValue: Math.Max(p.BytesTotal, 1));
-            }
+                if (_clock.Observe(p) || _task is null)
+                {
+                    _task?.StopTask();
+                    _task = _context.AddTask(Label(p), maxValue: Math.Max(p.BytesTotal, 1));
+                }
 
-            _task.Description = $"{Label(p)}  {_clock.Describe(p.BytesDone, p.BytesTotal)}";
-            _task.Value = p.BytesDone;
+                _label = Label(p);
+                _task.Description = $"{_label}  {_clock.Describe(p.BytesDone, p.BytesTotal)}";
+                _task.Value = p.BytesDone;
+            }
+        }
+
+        public void Dispose() => _timer.Dispose();
+
+        private void Tick()
+        {
+            lock (_gate)
+            {
+                if (_task is not null)
+                {
+                    _task.Description = $"{_label}  {_clock.Tick()}";
+                }
+            }
         }
 
         private static string Label(CheckpointMergeProgress p) =>

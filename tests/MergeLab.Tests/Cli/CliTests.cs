@@ -258,4 +258,27 @@ public class CliTests
             .Count(m => !m.IsAbstract && !m.ContainsGenericParameters && m.GetMethodBody() is not null);
         Assert.That(compiled, Is.EqualTo(expected).And.GreaterThan(800));
     }
+
+    [Test]
+    public void Between_reports_the_time_left_counts_down_from_the_last_one()
+    {
+        var now = TimeSpan.Zero;
+        var clock = new MergeLab.Cli.Commands.MergeCommand.PassClock(() => now);
+        static MergeLab.Engine.CheckpointMergeProgress Merged(long done) => new("merge", 1, 1, 4, done, 10_000_000_000, "t");
+
+        // The pass began with the merge; half its bytes in 10 s: 0.5 GB/s, 10 s left.
+        now = TimeSpan.FromSeconds(10);
+        Assert.That(clock.Observe(Merged(5_000_000_000)), Is.True);
+        Assert.That(clock.Describe(5_000_000_000, 10_000_000_000), Is.EqualTo("0.50 GB/s, ETA 00:00:10"));
+
+        // One large tensor under way: no report, the time left goes down, the rate stays.
+        now = TimeSpan.FromSeconds(13);
+        Assert.That(clock.Tick(), Is.EqualTo("0.50 GB/s, ETA 00:00:07"));
+        now = TimeSpan.FromSeconds(25);
+        Assert.That(clock.Tick(), Is.EqualTo("0.50 GB/s, ETA 00:00:00"), "not below 0 when the tensor takes longer than foreseen");
+
+        // The next report starts from its own figures: 6 GB in 25 s, 4 GB left at 0.24 GB/s.
+        Assert.That(clock.Observe(Merged(6_000_000_000)), Is.False);
+        Assert.That(clock.Describe(6_000_000_000, 10_000_000_000), Is.EqualTo("0.24 GB/s, ETA 00:00:17"));
+    }
 }
