@@ -122,8 +122,8 @@ internal static class MergeCommand
     /// merge needs libtorch from its first tensor on, so until libtorch is loaded this thread would only wait
     /// (about 0.13 s here); the compiler needs no native binding, so it does not wait on the loader's lock.
     /// About 800 methods fit, and a small merge then ends about 30 ms sooner. Only an optimisation: a method
-    /// that cannot be compiled ahead, or any failure of the sweep, ends it quietly (the method is compiled,
-    /// or fails, when called). Compiling may run a type's static initialiser early, as a first call would.
+    /// that cannot be compiled ahead is skipped, and a failure to list the types or methods ends the sweep,
+    /// quietly (what the merge calls is compiled, or fails, when called). Compiling may run a type's static initialiser early, as a first call would.
     /// Returns how many methods it compiled.
     /// </summary>
     internal static int CompileAhead(Task loading)
@@ -147,17 +147,26 @@ internal static class MergeCommand
                         return compiled;
                     }
 
-                    if (!method.IsAbstract && !method.ContainsGenericParameters && method.GetMethodBody() is not null)
+                    if (method.IsAbstract || method.ContainsGenericParameters || method.GetMethodBody() is null)
+                    {
+                        continue;
+                    }
+
+                    try
                     {
                         RuntimeHelpers.PrepareMethod(method.MethodHandle);
                         compiled++;
+                    }
+                    catch (Exception e) when (e is not OutOfMemoryException)
+                    {
+                        // This one is compiled, or fails, when called.
                     }
                 }
             }
         }
         catch (Exception e) when (e is not OutOfMemoryException)
         {
-            // The merge compiles what it calls anyway.
+            // Types or methods that cannot be listed: the merge compiles what it calls anyway.
         }
 
         return compiled;
