@@ -117,50 +117,34 @@ internal static class MergeCommand
     }
 
     /// <summary>
-    /// Until <paramref name="loading"/> completes, compiles the methods of the library's engine, reading,
-    /// selection, merging and tensor namespaces (in metadata order: much of what a merge calls first). The
-    /// merge needs libtorch from its first tensor on, so until libtorch is loaded this thread would only wait
+    /// Until <paramref name="loading"/> completes, compiles <see cref="MethodsToCompileAhead"/>. The merge
+    /// needs libtorch from its first tensor on, so until libtorch is loaded this thread would only wait
     /// (about 0.13 s here); the compiler needs no native binding, so it does not wait on the loader's lock.
     /// About 800 methods fit, and a small merge then ends about 30 ms sooner. Only an optimisation: a method
     /// that cannot be compiled ahead is skipped, and a failure to list the types or methods ends the sweep,
-    /// quietly (what the merge calls is compiled, or fails, when called). Compiling may run a type's static initialiser early, as a first call would.
-    /// Returns how many methods it compiled.
+    /// quietly (what the merge calls is compiled, or fails, when called). Compiling may run a type's static
+    /// initialiser early, as a first call would. Returns how many methods it compiled.
     /// </summary>
     internal static int CompileAhead(Task loading)
     {
-        const BindingFlags all = BindingFlags.Public | BindingFlags.NonPublic | BindingFlags.Instance | BindingFlags.Static | BindingFlags.DeclaredOnly;
-        string[] namespaces = ["MergeLab.Engine", "MergeLab.IO", "MergeLab.Selection", "MergeLab.Methods", "MergeLab.Tensors"];
         int compiled = 0;
         try
         {
-            foreach (var type in typeof(CheckpointMerger).Assembly.GetTypes())
+            foreach (var method in MethodsToCompileAhead())
             {
-                if (type.ContainsGenericParameters || !namespaces.Contains(type.Namespace))
+                if (loading.IsCompleted)
                 {
-                    continue;
+                    return compiled;
                 }
 
-                foreach (var method in type.GetMethods(all))
+                try
                 {
-                    if (loading.IsCompleted)
-                    {
-                        return compiled;
-                    }
-
-                    if (method.IsAbstract || method.ContainsGenericParameters || method.GetMethodBody() is null)
-                    {
-                        continue;
-                    }
-
-                    try
-                    {
-                        RuntimeHelpers.PrepareMethod(method.MethodHandle);
-                        compiled++;
-                    }
-                    catch (Exception e) when (e is not OutOfMemoryException)
-                    {
-                        // This one is compiled, or fails, when called.
-                    }
+                    RuntimeHelpers.PrepareMethod(method.MethodHandle);
+                    compiled++;
+                }
+                catch (Exception e) when (e is not OutOfMemoryException)
+                {
+                    // This one is compiled, or fails, when called.
                 }
             }
         }
@@ -170,6 +154,18 @@ internal static class MergeCommand
         }
 
         return compiled;
+    }
+
+    /// <summary>The methods with a body, neither abstract nor generic, of the library's engine, reading,
+    /// selection, merging and tensor namespaces, in metadata order (much of what a merge calls first).</summary>
+    internal static IEnumerable<MethodInfo> MethodsToCompileAhead()
+    {
+        const BindingFlags all = BindingFlags.Public | BindingFlags.NonPublic | BindingFlags.Instance | BindingFlags.Static | BindingFlags.DeclaredOnly;
+        string[] namespaces = ["MergeLab.Engine", "MergeLab.IO", "MergeLab.Selection", "MergeLab.Methods", "MergeLab.Tensors"];
+        return typeof(CheckpointMerger).Assembly.GetTypes()
+            .Where(type => !type.ContainsGenericParameters && namespaces.Contains(type.Namespace))
+            .SelectMany(type => type.GetMethods(all))
+            .Where(method => !method.IsAbstract && !method.ContainsGenericParameters && method.GetMethodBody() is not null);
     }
 
     private static torch.Device ParseDevice(string name)

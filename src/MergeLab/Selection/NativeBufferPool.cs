@@ -27,7 +27,6 @@ internal static unsafe class NativeBufferPool
     private const long Granularity = 64 * 1024;
     private static readonly object Gate = new();
     private static readonly Dictionary<nint, long> Live = [];
-    private static readonly Dictionary<nint, nint> Shifted = [];
     private static readonly List<(nint Pointer, long Size)> Idle = [];
     private static long _idleBytes;
     private static bool _fromBlobUnavailable;
@@ -103,21 +102,7 @@ internal static unsafe class NativeBufferPool
 
     /// <summary>Rents at least <paramref name="bytes"/> bytes starting <paramref name="phase"/> bytes past an
     /// <see cref="Alignment"/> boundary; give them back with <see cref="Return"/>.</summary>
-    private static nint Rent(long bytes, int phase)
-    {
-        var start = RentAligned(bytes + phase);
-        if (phase == 0)
-        {
-            return start;
-        }
-
-        lock (Gate)
-        {
-            Shifted[start + phase] = start;
-        }
-
-        return start + phase;
-    }
+    private static nint Rent(long bytes, int phase) => RentAligned(bytes + phase) + phase;
 
     private static nint RentAligned(long bytes)
     {
@@ -167,13 +152,10 @@ internal static unsafe class NativeBufferPool
     public static void Return(nint pointer)
     {
         List<nint>? toFree = null;
+        // A buffer starts on an Alignment boundary and is handed out at most Alignment − 1 bytes past it.
+        pointer &= ~(nint)(Alignment - 1);
         lock (Gate)
         {
-            if (Shifted.Remove(pointer, out var start))
-            {
-                pointer = start;
-            }
-
             if (!Live.Remove(pointer, out long size))
             {
                 return;
