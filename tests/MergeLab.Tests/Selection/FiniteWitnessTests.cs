@@ -59,7 +59,8 @@ public class FiniteWitnessTests
         using var flat = t.view(-1);
         using var entry = flat[at];
         float old = entry.to(ScalarType.Float32).item<float>();
-        flat[at] = tensor(value);
+        using var replacement = tensor(value);
+        flat[at] = replacement;
         return old;
     }
 
