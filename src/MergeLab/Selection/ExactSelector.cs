@@ -1,5 +1,6 @@
 using System.Numerics;
 using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
 
@@ -68,6 +69,12 @@ internal static unsafe class ExactSelector
 
     /// <summary>Forces the histogram path (for tests).</summary>
     internal static bool ForceHistogram { get; set; }
+
+    private static long _bracketMisses;
+
+    /// <summary>How many queries the bracket pass has left to the exact fallback since the process
+    /// started (for tests: a sample that gives wrong brackets shows here, not in the answers).</summary>
+    internal static long BracketMisses => Interlocked.Read(ref _bracketMisses);
 
     /// <summary>Whether the bracket pass may pack candidates with AVX-512 compress where the CPU has it;
     /// false takes the portable bit loop (for tests).</summary>
@@ -282,6 +289,7 @@ internal static unsafe class ExactSelector
                 if (!resolved[i])
                 {
                     pending.Add(queries[i]);
+                    Interlocked.Increment(ref _bracketMisses);
                 }
             }
         }
@@ -713,49 +721,98 @@ internal static unsafe class ExactSelector
     }
 
     /// <summary>The <paramref name="rank"/>-th smallest of <paramref name="count"/> keys (all in
-    /// [<paramref name="low"/>, <paramref name="high"/>]) by a two-step radix select on key − low, and how
-    /// many keys are below it. The first step's bins are sized so that the bracket spans at most 2^16 of
-    /// them, so the second step looks at one narrow bin; the counts live in reused thread scratch.</summary>
-    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    /// [<paramref name="low"/>, <paramref name="high"/>]) and how many keys are below it (<see cref="SelectKeys"/>).</summary>
     private static (uint Key, long Below) SelectKey(uint* keys, long count, long rank, uint low, uint high)
     {
+        Span<(uint Key, long Below)> result = stackalloc (uint, long)[1];
+        SelectKeys(keys, count, [rank], result, low, high);
+        return result[0];
+    }
+
+    /// <summary>The keys at the 0-based, ascending <paramref name="ranks"/> among <paramref name="count"/>
+    /// keys (all in [<paramref name="low"/>, <paramref name="high"/>]) and how many keys are below each, by a
+    /// radix select on key − low, a digit of 8 to 16 bits at a time (about a quarter as many bins as keys, so
+    /// that clearing the counts never outweighs counting a small sample). The first digit is counted once for
+    /// every rank; each further digit counts, for one rank, the keys of the bin it lies in, which a vector
+    /// compare finds. The counts live in reused thread scratch.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    internal static void SelectKeys(uint* keys, long count, ReadOnlySpan<long> ranks, Span<(uint Key, long Below)> results, uint low, uint high)
+    {
         // Every key must lie in [low, high]: the bins are indexed by key − low without a check.
-        System.Diagnostics.Debug.Assert(rank >= 0 && rank < count && low <= high, "SelectKey needs a rank among the keys and low <= high.");
+        System.Diagnostics.Debug.Assert(low <= high && ranks.Length == results.Length, "SelectKeys needs low <= high and a result per rank.");
+        int digit = Math.Clamp(BitOperations.Log2((ulong)Math.Max(count, 1)) - 2, 8, 16);
+        var counts = (long*)ThreadScratch.Get((1L << digit) * 8 + 64);
         uint span = high - low;
-        int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(span) - 16);
-        int bins = (int)(span >> shift) + 1;
-        var counts = (long*)ThreadScratch.Get((1L << 16) * 8 + 64);
-        new Span<long>(counts, bins).Clear();
+        int shift = Math.Max(0, 32 - BitOperations.LeadingZeroCount(span) - digit);
+        new Span<long>(counts, (int)(span >> shift) + 1).Clear();
         for (long i = 0; i < count; i++)
         {
             counts[(keys[i] - low) >> shift]++;
         }
 
+        // Each rank's bin and the keys below it, in one sweep (the ranks ascend).
         long below = 0;
-        uint top = 0;
-        while (below + counts[top] <= rank)
+        uint bin = 0;
+        for (int r = 0; r < ranks.Length; r++)
         {
-            below += counts[top++];
-        }
-
-        uint mask = (uint)((1L << shift) - 1);
-        new Span<long>(counts, (int)mask + 1).Clear();
-        for (long i = 0; i < count; i++)
-        {
-            uint r = keys[i] - low;
-            if (r >> shift == top)
+            System.Diagnostics.Debug.Assert(ranks[r] >= below && ranks[r] < count, "SelectKeys needs ascending ranks among the keys.");
+            while (below + counts[bin] <= ranks[r])
             {
-                counts[r & mask]++;
+                below += counts[bin++];
             }
+
+            results[r] = (low + (bin << shift), below);
         }
 
-        uint lowBits = 0;
-        while (below + counts[lowBits] <= rank)
+        for (int r = 0; r < ranks.Length; r++)
         {
-            below += counts[lowBits++];
-        }
+            var (binLow, rankBelow) = results[r];
+            for (int width = shift; width > 0;)
+            {
+                // The bin's keys are binLow + [0, 2^width); count them by their next digit.
+                uint mask = (uint)((1UL << width) - 1);
+                int next = Math.Max(0, width - digit);
+                new Span<long>(counts, (int)(mask >> next) + 1).Clear();
+                var lowest = new Vector<uint>(binLow);
+                var widest = new Vector<uint>(mask);
+                long i = 0;
+                for (; i + Vector<uint>.Count <= count; i += Vector<uint>.Count)
+                {
+                    var offsets = *(Vector<uint>*)(keys + i) - lowest;
+                    var inBin = Vector.LessThanOrEqual(offsets, widest);
+                    if (inBin != Vector<uint>.Zero)
+                    {
+                        for (int lane = 0; lane < Vector<uint>.Count; lane++)
+                        {
+                            if (inBin[lane] != 0)
+                            {
+                                counts[offsets[lane] >> next]++;
+                            }
+                        }
+                    }
+                }
 
-        return (low + ((top << shift) | lowBits), below);
+                for (; i < count; i++)
+                {
+                    uint offset = keys[i] - binLow;
+                    if (offset <= mask)
+                    {
+                        counts[offset >> next]++;
+                    }
+                }
+
+                uint sub = 0;
+                while (rankBelow + counts[sub] <= ranks[r])
+                {
+                    rankBelow += counts[sub++];
+                }
+
+                binLow += sub << next;
+                width = next;
+            }
+
+            results[r] = (binLow, rankBelow);
+        }
     }
 
     /// <summary>The index of occurrence <paramref name="ascending"/> (0-based, in index order) of
@@ -827,11 +884,22 @@ internal static unsafe class ExactSelector
                 max = Math.Max(max, s[j]);
             }
 
+            // Every query's two ends in one radix select (the ends outside the sample are open).
+            var ranks = new List<long>(2 * queries.Length);
+            foreach (var (lo, hi) in bounds)
+            {
+                ranks.AddRange(new[] { lo, hi }.Where(r => r >= 0 && r < sampleCount));
+            }
+
+            ranks.Sort();
+            var keys = new (uint Key, long Below)[ranks.Count];
+            SelectKeys(s, sampleCount, CollectionsMarshal.AsSpan(ranks), keys, min, max);
+            uint KeyAt(long rank) => keys[ranks.BinarySearch(rank)].Key;
             for (int i = 0; i < queries.Length; i++)
             {
                 var (lo, hi) = bounds[i];
-                queries[i].Low = lo < 0 ? 0 : SelectKey(s, sampleCount, lo, min, max).Key;
-                queries[i].High = hi >= sampleCount ? uint.MaxValue : SelectKey(s, sampleCount, hi, min, max).Key;
+                queries[i].Low = lo < 0 ? 0 : KeyAt(lo);
+                queries[i].High = hi >= sampleCount ? uint.MaxValue : KeyAt(hi);
             }
         }
     }

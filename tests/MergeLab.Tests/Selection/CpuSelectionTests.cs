@@ -136,6 +136,7 @@ public class CpuSelectionTests
     public void Bracket_and_histogram_paths_select_the_same_entries_in_both_tie_orders()
     {
         using var x = Awkward(500_000, 11);
+        long misses = ExactSelector.BracketMisses;
         unsafe
         {
             var floats = CpuTensors.Floats(x, out var copy);
@@ -162,6 +163,48 @@ public class CpuSelectionTests
                         Assert.That(histogram.Composite, Is.EqualTo(bracket.Composite), $"position {position}, descending {descending}");
                     }
                 }
+            }
+        }
+
+        // The sample's brackets held every rank, so the bracket pass answered each query itself.
+        Assert.That(ExactSelector.BracketMisses, Is.EqualTo(misses));
+    }
+
+    [Test]
+    public void Radix_select_of_several_ranks_equals_the_sorted_keys()
+    {
+        var random = new Random(5);
+        foreach (var (low, high, count) in new (uint, uint, int)[] { (0, uint.MaxValue, 70_001), (0x3C00_0000, 0x3C00_FFFF, 5_003), (1000, 1000 + 40_000, 65_536), (7, 7, 33) })
+        {
+            // Keys in [low, high], both ends present, heavy ties on a few values, and runs that fill vectors.
+            var keys = new uint[count];
+            for (int i = 0; i < count; i++)
+            {
+                keys[i] = (i % 5) switch
+                {
+                    0 => low + (uint)random.NextInt64((long)(high - low) + 1),
+                    1 => low + (uint)((high - low) / 3),
+                    _ => low + (uint)random.NextInt64(Math.Min((long)(high - low) + 1, 64)),
+                };
+            }
+
+            keys[count / 2] = low;
+            keys[count - 1] = high;
+            var sorted = keys.Order().ToArray();
+            long[] ranks = [0, 1, count / 3, count / 3, count / 2, count - 2, count - 1];
+            var results = new (uint Key, long Below)[ranks.Length];
+            unsafe
+            {
+                fixed (uint* k = keys)
+                {
+                    ExactSelector.SelectKeys(k, count, ranks, results, low, high);
+                }
+            }
+
+            for (int r = 0; r < ranks.Length; r++)
+            {
+                uint expected = sorted[ranks[r]];
+                Assert.That(results[r], Is.EqualTo((expected, (long)Array.IndexOf(sorted, expected))), $"keys in [{low}, {high}], rank {ranks[r]}");
             }
         }
     }
