@@ -731,10 +731,11 @@ internal static unsafe class ExactSelector
 
     /// <summary>The keys at the 0-based, ascending <paramref name="ranks"/> among <paramref name="count"/>
     /// keys (all in [<paramref name="low"/>, <paramref name="high"/>]) and how many keys are below each, by a
-    /// radix select on key − low, a digit of 8 to 16 bits at a time (about a quarter as many bins as keys, so
-    /// that clearing the counts never outweighs counting a small sample). The first digit is counted once for
-    /// every rank; each further digit counts, for one rank, the keys of the bin it lies in, which a vector
-    /// compare finds. The counts live in reused thread scratch.</summary>
+    /// radix select on key − low, a digit of 8 to 16 bits at a time (an eighth to a quarter as many bins as
+    /// keys between 1,024 and 2^18 keys, so that clearing the counts does not outweigh counting a small
+    /// sample). The first digit is counted once for every rank; each further digit reads every key again
+    /// but counts, for one rank, only the keys of the bin it lies in, which a vector compare finds. The
+    /// counts live in reused thread scratch.</summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     internal static void SelectKeys(uint* keys, long count, ReadOnlySpan<long> ranks, Span<(uint Key, long Below)> results, uint low, uint high)
     {
@@ -873,8 +874,9 @@ internal static unsafe class ExactSelector
             bounds[i] = (lo, hi);
         }
 
-        // The sample's order statistics by the radix select of the candidates (two counting passes over
-        // the sample each): several times faster than a quickselect's data-dependent branches.
+        // The sample's order statistics by a radix select (one count of the first digit for every rank, then
+        // a vector pass over the sample per further digit and rank): several times faster than a
+        // quickselect's data-dependent branches.
         fixed (uint* s = sample)
         {
             uint min = uint.MaxValue, max = 0;
@@ -888,7 +890,15 @@ internal static unsafe class ExactSelector
             var ranks = new List<long>(2 * queries.Length);
             foreach (var (lo, hi) in bounds)
             {
-                ranks.AddRange(new[] { lo, hi }.Where(r => r >= 0 && r < sampleCount));
+                if (lo >= 0)
+                {
+                    ranks.Add(lo);
+                }
+
+                if (hi < sampleCount)
+                {
+                    ranks.Add(hi);
+                }
             }
 
             ranks.Sort();

@@ -174,9 +174,10 @@ public class CpuSelectionTests
     public void Radix_select_of_several_ranks_equals_the_sorted_keys()
     {
         var random = new Random(5);
-        foreach (var (low, high, count) in new (uint, uint, int)[] { (0, uint.MaxValue, 70_001), (0x3C00_0000, 0x3C00_FFFF, 5_003), (1000, 1000 + 40_000, 65_536), (7, 7, 33) })
+        foreach (var (low, high, count) in new (uint, uint, int)[] { (0, uint.MaxValue, 70_001), (0x3C00_0000, 0x3C00_FFFF, 5_003), (1000, 1000 + 40_000, 65_536), (0, 0x00FF_FFFF, 300_000), (0, uint.MaxValue, 33), (7, 7, 33) })
         {
-            // Keys in [low, high], both ends present, heavy ties on a few values, and runs that fill vectors.
+            // Keys in [low, high], both ends present, heavy ties on a few values, and runs that fill vectors; the
+            // counts take digits of 8 (33 keys over 32 bits: three further digits), 10, 14 and 16 bits.
             var keys = new uint[count];
             for (int i = 0; i < count; i++)
             {
