@@ -226,7 +226,7 @@ internal static class MergeCommand
         }
 
         /// <summary>The pass's input bytes per second so far.</summary>
-        public double Rate(long bytesDone) => bytesDone / Math.Max((_now() - _passStart).TotalSeconds, 1e-3);
+        private double Rate(long bytesDone) => bytesDone / Math.Max((_now() - _passStart).TotalSeconds, 1e-3);
 
         /// <summary>"1.23 GB/s, ETA 00:00:12" for the current pass, as of the report just observed.</summary>
         public string Describe(long bytesDone, long bytesTotal)
@@ -269,13 +269,13 @@ internal static class MergeCommand
         {
             lock (_gate)
             {
+                _label = Label(p);
                 if (_clock.Observe(p) || _task is null)
                 {
                     _task?.StopTask();
-                    _task = _context.AddTask(Label(p), maxValue: Math.Max(p.BytesTotal, 1));
+                    _task = _context.AddTask(_label, maxValue: Math.Max(p.BytesTotal, 1));
                 }
 
-                _label = Label(p);
                 _task.Description = $"{_label}  {_clock.Describe(p.BytesDone, p.BytesTotal)}";
                 _task.Value = p.BytesDone;
             }

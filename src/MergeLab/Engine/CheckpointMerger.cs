@@ -141,19 +141,15 @@ public static class CheckpointMerger
                     // its merge, and only those not vouched for: one read of every input less.
                     // (Only on the CPU: no kernel vouches elsewhere.)
                     bool Deferred(string name) => checkFinite && device.type == TorchSharp.DeviceType.CPU && methods[name].MayVouchForFiniteInputs;
-                    // Each merged tensor is placed in memory as its bytes lie in the file, so the writer sends
-                    // them from that memory instead of copying them into its staging buffer first.
+                    // A merged tensor that a CPU kernel writes (CpuTensors.WriteKernelResult) is placed in
+                    // memory as its bytes lie in the file, so the writer sends them from that memory instead of
+                    // copying them into its staging buffer first.
                     Stream(model, device, request.ReadAhead, "merge", 1, name => checkFinite && !Deferred(name), progress, group =>
                     {
-                        Tensor merged;
-                        using (CpuTensors.PlaceResults(writer.FileOffset(group.Name)))
-                        {
-                            merged = Deferred(group.Name)
-                                ? MergeThenCheck(model, methods[group.Name], group, statistic, request.OutputDType)
-                                : methods[group.Name].MergeTensor(group, statistic, request.OutputDType);
-                        }
-
-                        behind.Add(group.Name, merged);
+                        using var placement = CpuTensors.PlaceResults(writer.FileOffset(group.Name));
+                        behind.Add(group.Name, Deferred(group.Name)
+                            ? MergeThenCheck(model, methods[group.Name], group, statistic, request.OutputDType)
+                            : methods[group.Name].MergeTensor(group, statistic, request.OutputDType));
                     }, ct, Deferred);
                     behind.Complete();
                 }

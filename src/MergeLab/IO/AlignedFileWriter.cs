@@ -15,9 +15,9 @@ namespace MergeLab.IO;
 /// <remarks>Not thread-safe; the caller writes from one thread at a time.</remarks>
 internal sealed unsafe class AlignedFileWriter : IDisposable
 {
-    /// <summary>The alignment of every write's offset, length and memory: the largest logical block
-    /// size of common devices.</summary>
-    public const int BlockSize = 4096;
+    /// <summary>The alignment of every write's offset, length and memory: 4 KiB, the largest logical block
+    /// size of common devices, and the buffer pool's alignment, so that results it places start on a block.</summary>
+    public const int BlockSize = Selection.NativeBufferPool.Alignment;
 
     private static long _inPlaceBytes;
 
@@ -72,22 +72,24 @@ internal sealed unsafe class AlignedFileWriter : IDisposable
                 // straight from the caller's memory where it is aligned as a block (a result placed for
                 // this offset, CpuTensors.PlaceResults), else through the staging buffer.
                 int whole = bytes.Length / BlockSize * BlockSize;
+                int n;
                 fixed (byte* start = bytes)
                 {
                     // Pinned while checked and written: managed bytes (a header) could move in between.
-                    if (((nint)start & (BlockSize - 1)) == 0)
+                    bool inPlace = ((nint)start & (BlockSize - 1)) == 0;
+                    n = inPlace ? whole : Math.Min(whole, stagingBytes);
+                    if (!inPlace)
                     {
-                        RandomAccess.Write(Handle, new ReadOnlySpan<byte>(start, whole), blockStart);
-                        Interlocked.Add(ref _inPlaceBytes, whole);
-                        bytes = bytes[whole..];
-                        offset += whole;
-                        continue;
+                        bytes[..n].CopyTo(new Span<byte>(staging, n));
+                    }
+
+                    RandomAccess.Write(Handle, new ReadOnlySpan<byte>(inPlace ? start : staging, n), blockStart);
+                    if (inPlace)
+                    {
+                        Interlocked.Add(ref _inPlaceBytes, n);
                     }
                 }
 
-                int n = Math.Min(whole, stagingBytes);
-                bytes[..n].CopyTo(new Span<byte>(staging, n));
-                RandomAccess.Write(Handle, new ReadOnlySpan<byte>(staging, n), blockStart);
                 bytes = bytes[n..];
                 offset += n;
                 continue;

@@ -25,6 +25,7 @@ internal static unsafe class MappedTensors
     private static readonly object Gate = new();
     private static readonly Dictionary<nint, MemoryMappedViewAccessor> Live = [];
     private static long _mapped;
+    private static readonly int PageSize = Environment.SystemPageSize;
 
     /// <summary>Tensors mapped since the process started (for tests and diagnostics).</summary>
     public static long MappedCount => Interlocked.Read(ref _mapped);
@@ -115,8 +116,6 @@ internal static unsafe class MappedTensors
         sum += Volatile.Read(ref start[length - 1]); // the block's last page, when the tensor does not start on a page
         GC.KeepAlive(sum);
     }
-
-    private static readonly int PageSize = Environment.SystemPageSize;
 
     private static void Unmap(nint data)
     {

@@ -593,10 +593,6 @@ internal static unsafe class FusedPipeline
                     Subtract(e, bse, tau + ((long)j * stride), length);
                     Buffer.MemoryCopy(tau + ((long)j * stride), masked + ((long)j * stride), length * 4L, length * 4L);
                     DropMask.Apply(r.Stream, r.Threshold, start, length, masked + ((long)j * stride));
-                    if (count == 1)
-                    {
-                        norms[first] = DropMask.BlockNorms(tau, masked, length);
-                    }
                 }
 
                 if (count == lanes)
@@ -606,6 +602,10 @@ internal static unsafe class FusedPipeline
                         DropMask.BlockNorms8(tau, masked, stride, block, at);
                     }
                 }
+                else
+                {
+                    norms[first] = DropMask.BlockNorms(tau, masked, (int)Math.Min(block, n - (first * block)));
+                }
             });
 
             var (before, after) = DropMask.SumNorms(norms);
@@ -614,7 +614,7 @@ internal static unsafe class FusedPipeline
 
             // Σ|θ − θ_base| over every entry, in float64 (which no sum of float32 magnitudes overflows): finite
             // only if the expert and the base were finite everywhere (FiniteWitness).
-            if (double.IsFinite(before) && FiniteWitness.Listening)
+            if (double.IsFinite(before))
             {
                 FiniteWitness.Vouch(expert);
                 FiniteWitness.Vouch(inputs.Base);

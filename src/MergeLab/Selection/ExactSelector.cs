@@ -780,16 +780,9 @@ internal static unsafe class ExactSelector
                 for (; i + Vector<uint>.Count <= count; i += Vector<uint>.Count)
                 {
                     var offsets = *(Vector<uint>*)(keys + i) - lowest;
-                    var inBin = Vector.LessThanOrEqual(offsets, widest);
-                    if (inBin != Vector<uint>.Zero)
+                    for (ulong bits = Kernels.LaneBits(Vector.LessThanOrEqual(offsets, widest)); bits != 0; bits &= bits - 1)
                     {
-                        for (int lane = 0; lane < Vector<uint>.Count; lane++)
-                        {
-                            if (inBin[lane] != 0)
-                            {
-                                counts[offsets[lane] >> next]++;
-                            }
-                        }
+                        counts[offsets[BitOperations.TrailingZeroCount(bits)] >> next]++;
                     }
                 }
 

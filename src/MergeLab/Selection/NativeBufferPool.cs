@@ -78,7 +78,7 @@ internal static unsafe class NativeBufferPool
             return empty(shape, dtype);
         }
 
-        var pointer = Rent(bytes, phase);
+        var pointer = Rent(bytes + phase) + phase;
         try
         {
             if (BlobTensor.Create(pointer, shape, dtype, &ReleaseFromTorch) is { } tensor)
@@ -98,13 +98,7 @@ internal static unsafe class NativeBufferPool
     }
 
     /// <summary>Rents at least <paramref name="bytes"/> bytes (<see cref="Alignment"/>-aligned); give them back with <see cref="Return"/>.</summary>
-    public static nint Rent(long bytes) => Rent(bytes, phase: 0);
-
-    /// <summary>Rents at least <paramref name="bytes"/> bytes starting <paramref name="phase"/> bytes past an
-    /// <see cref="Alignment"/> boundary; give them back with <see cref="Return"/>.</summary>
-    private static nint Rent(long bytes, int phase) => RentAligned(bytes + phase) + phase;
-
-    private static nint RentAligned(long bytes)
+    public static nint Rent(long bytes)
     {
         long size = (Math.Max(bytes, 1) + Granularity - 1) / Granularity * Granularity;
         lock (Gate)
