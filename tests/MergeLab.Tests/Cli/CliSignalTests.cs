@@ -30,47 +30,37 @@ public partial class CliSignalTests
         // PCB over the whole model reads every input in four statistics passes before the merge pass, and
         // 6,000 small tensors take a second or more (the per-tensor work dominates), so the merge is still
         // running when the first progress line (a tenth of pass 1) has been printed.
-        using var process = StartMerge(dir, config, output);
-        try
+        using var child = StartMerge(dir.Path, config, output);
+        var process = child.Process;
+        var error = process.StandardError.ReadToEndAsync();
+        var firstLine = process.StandardOutput.ReadLineAsync();
+        Assert.That(firstLine.Wait(TimeSpan.FromSeconds(60)), Is.True, "a progress line within a minute");
+        string? first = firstLine.Result;
+        if (first is null || !first.StartsWith("statistics pass 1:", StringComparison.Ordinal))
         {
-            var error = process.StandardError.ReadToEndAsync();
-            var firstLine = process.StandardOutput.ReadLineAsync();
-            Assert.That(firstLine.Wait(TimeSpan.FromSeconds(60)), Is.True, "a progress line within a minute");
-            string? first = firstLine.Result;
-            if (first is null || !first.StartsWith("statistics pass 1:", StringComparison.Ordinal))
-            {
-                process.WaitForExit(30_000);
-                Assert.Fail($"expected a progress line, got '{first}'; stderr: {(process.HasExited ? error.Result : "")}");
-            }
-
-            // .NET leaves a signal its process inherited as ignored ignored (a background job of a
-            // non-interactive shell ignores SIGINT); the handling cannot be tested there.
-            if (signal == SigInt && IgnoresSigInt(process.Id))
-            {
-                Assert.Ignore("this process tree ignores SIGINT (started in the background by a non-interactive shell?)");
-            }
-
-            int sent = kill(process.Id, signal);
-            Assert.That(sent, Is.EqualTo(0), $"errno {Marshal.GetLastPInvokeError()}, exited {process.HasExited}");
-            var rest = process.StandardOutput.ReadToEndAsync();
-            Assert.That(process.WaitForExit(60_000), Is.True, "the process ends after the signal");
-
-            // The signal comes at a tenth of the first of five passes; a merge that completes anyway has
-            // not honoured it.
-            Assert.That(process.ExitCode, Is.EqualTo(130), $"stdout: {rest.Result} stderr: {error.Result}");
-            Assert.That(error.Result, Does.Contain("cancelling").And.Contain("cancelled; nothing was written."));
-            Assert.That(Directory.Exists(output), Is.False);
-            Assert.That(Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName),
-                Is.EquivalentTo(new[] { "base", "e1", "e2", "e3", "pcb.yaml" }), "no temporary folder left");
+            process.WaitForExit(30_000);
+            Assert.Fail($"expected a progress line, got '{first}'; stderr: {(process.HasExited ? error.Result : "")}");
         }
-        finally
+
+        // .NET leaves a signal its process inherited as ignored ignored (a background job of a
+        // non-interactive shell ignores SIGINT); the handling cannot be tested there.
+        if (signal == SigInt && IgnoresSigInt(process.Id))
         {
-            if (!process.HasExited)
-            {
-                process.Kill(entireProcessTree: true);
-                process.WaitForExit();
-            }
+            Assert.Ignore("this process tree ignores SIGINT (started in the background by a non-interactive shell?)");
         }
+
+        int sent = kill(process.Id, signal);
+        Assert.That(sent, Is.EqualTo(0), $"errno {Marshal.GetLastPInvokeError()}, exited {process.HasExited}");
+        var rest = process.StandardOutput.ReadToEndAsync();
+        Assert.That(process.WaitForExit(60_000), Is.True, "the process ends after the signal");
+
+        // The signal comes at a tenth of the first of five passes; a merge that completes anyway has
+        // not honoured it.
+        Assert.That(process.ExitCode, Is.EqualTo(130), $"stdout: {rest.Result} stderr: {error.Result}");
+        Assert.That(error.Result, Does.Contain("cancelling").And.Contain("cancelled; nothing was written."));
+        Assert.That(Directory.Exists(output), Is.False);
+        Assert.That(Directory.GetFileSystemEntries(dir.Path).Select(Path.GetFileName),
+            Is.EquivalentTo(new[] { "base", "e1", "e2", "e3", "pcb.yaml" }), "no temporary folder left");
     }
 
     /// <summary>A completed merge ends the process without libtorch's teardown (<c>_exit</c>); its output,
@@ -96,7 +86,8 @@ public partial class CliSignalTests
             File.WriteAllText(Path.Combine(output, "notes.txt"), "not a checkpoint");
         }
 
-        using var process = StartMerge(dir, config, output);
+        using var child = StartMerge(dir.Path, config, output);
+        var process = child.Process;
         var stdout = process.StandardOutput.ReadToEndAsync();
         var stderr = process.StandardError.ReadToEndAsync();
         Assert.That(process.WaitForExit(120_000), Is.True);
@@ -155,14 +146,33 @@ public partial class CliSignalTests
         return config;
     }
 
-    /// <summary>Starts <c>mergelab merge CONFIG OUT_DIR</c> as a process in <paramref name="dir"/>, its output redirected.</summary>
-    private static Process StartMerge(TempDirectory dir, string config, string output) =>
-        Process.Start(new ProcessStartInfo(DotnetHost(), [Path.Combine(AppContext.BaseDirectory, "MergeLab.Cli.dll"), "merge", config, output])
+    /// <summary>Starts <c>mergelab merge CONFIG OUT_DIR</c> as a process in <paramref name="directory"/>, its
+    /// output redirected; disposing the result kills the process tree if it is still running (a failed
+    /// assertion leaves no merge behind).</summary>
+    private static ChildProcess StartMerge(string directory, string config, string output) =>
+        new(Process.Start(new ProcessStartInfo(DotnetHost(), [Path.Combine(AppContext.BaseDirectory, "MergeLab.Cli.dll"), "merge", config, output])
         {
             RedirectStandardOutput = true,
             RedirectStandardError = true,
-            WorkingDirectory = dir.Path,
-        })!;
+            WorkingDirectory = directory,
+        })!);
+
+    /// <summary>A started process that is killed, with its children, when disposed before it ends.</summary>
+    private sealed class ChildProcess(Process process) : IDisposable
+    {
+        public Process Process { get; } = process;
+
+        public void Dispose()
+        {
+            if (!Process.HasExited)
+            {
+                Process.Kill(entireProcessTree: true);
+                Process.WaitForExit();
+            }
+
+            Process.Dispose();
+        }
+    }
 
     /// <summary>The dotnet host: the one the SDK names for the tests (DOTNET_HOST_PATH), the one running them,
     /// else dotnet on the PATH.</summary>

@@ -20,6 +20,25 @@ public class PlannedCheckpointWriterTests
         ];
     }
 
+    /// <summary>Writes copies of <paramref name="tensors"/> with the buffering writer into a new folder
+    /// <paramref name="folder"/>, and returns its full path.</summary>
+    private static string WriteBuffered(string folder, IEnumerable<(string Name, Tensor Tensor)> tensors, long maxShard = ShardedCheckpointWriter.DefaultMaxShardBytes)
+    {
+        string path = Directory.CreateDirectory(folder).FullName;
+        using var writer = new ShardedCheckpointWriter(path, maxShard);
+        foreach (var (name, t) in tensors)
+        {
+            writer.Add(name, t.clone());
+        }
+
+        writer.Complete();
+        return path;
+    }
+
+    /// <summary>The plan of <paramref name="tensors"/>: their names, dtypes and shapes, in order.</summary>
+    private static PlannedTensor[] Plan(IEnumerable<(string Name, Tensor Tensor)> tensors) =>
+        tensors.Select(p => new PlannedTensor(p.Name, p.Tensor.dtype, p.Tensor.shape)).ToArray();
+
     [TestCase(100L)]
     [TestCase(10_000L)]
     public void Files_are_byte_identical_to_the_buffering_writer_whatever_the_write_order(long maxShard)
@@ -28,21 +47,10 @@ public class PlannedCheckpointWriterTests
         var tensors = Tensors();
         try
         {
-            string buffered = Directory.CreateDirectory(dir.File("buffered")).FullName;
-            using (var writer = new ShardedCheckpointWriter(buffered, maxShard))
-            {
-                foreach (var (name, t) in tensors)
-                {
-                    writer.Add(name, t.clone());
-                }
-
-                writer.Complete();
-            }
-
+            string buffered = WriteBuffered(dir.File("buffered"), tensors.Select(kv => (kv.Key, kv.Value)), maxShard);
             string planned = Directory.CreateDirectory(dir.File("planned")).FullName;
-            var plan = tensors.Select(kv => new PlannedTensor(kv.Key, kv.Value.dtype, kv.Value.shape)).ToArray();
             IReadOnlyList<string> files;
-            using (var writer = new PlannedCheckpointWriter(planned, plan, maxShard))
+            using (var writer = new PlannedCheckpointWriter(planned, Plan(tensors.Select(kv => (kv.Key, kv.Value))), maxShard))
             {
                 foreach (var (name, t) in Enumerable.Reverse(tensors))
                 {
@@ -75,20 +83,10 @@ public class PlannedCheckpointWriterTests
         using var x = randn([5000], generator: g);
         using var y = randn([3, 2500], generator: g).to(ScalarType.BFloat16);
         var tensors = new[] { ("x", x), ("y", y) };
-        string reference = Directory.CreateDirectory(dir.File("reference")).FullName;
-        using (var writer = new ShardedCheckpointWriter(reference))
-        {
-            foreach (var (name, t) in tensors)
-            {
-                writer.Add(name, t.clone());
-            }
-
-            writer.Complete();
-        }
-
+        string reference = WriteBuffered(dir.File("reference"), tensors);
         string planned = Directory.CreateDirectory(dir.File("planned")).FullName;
         long before = AlignedFileWriter.InPlaceBytes;
-        using (var writer = new PlannedCheckpointWriter(planned, tensors.Select(p => new PlannedTensor(p.Item1, p.Item2.dtype, p.Item2.shape)).ToArray()))
+        using (var writer = new PlannedCheckpointWriter(planned, Plan(tensors)))
         {
             foreach (var (name, t) in tensors)
             {

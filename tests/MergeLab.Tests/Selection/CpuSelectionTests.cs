@@ -829,12 +829,19 @@ public class CpuSelectionTests
         Assert.Throws<ArgumentOutOfRangeException>(() => NativeBufferPool.Empty(shape, ScalarType.Float32, NativeBufferPool.Alignment));
     }
 
-    [Test]
-    public unsafe void A_placed_tensor_gives_its_whole_buffer_back_when_freed()
+    /// <summary>Empties the pool, first letting pooled tensors that earlier tests left to the finalizer hand
+    /// their buffers back (they would otherwise do it mid-test).</summary>
+    private static void SettlePool()
     {
         GC.Collect();
         GC.WaitForPendingFinalizers();
         NativeBufferPool.Trim();
+    }
+
+    [Test]
+    public unsafe void A_placed_tensor_gives_its_whole_buffer_back_when_freed()
+    {
+        SettlePool();
         var placed = NativeBufferPool.Empty([1 << 20], ScalarType.Float32, phase: 4000);
         long start = (long)CpuTensors.Pointer(placed) - 4000;
         placed.Dispose();
@@ -854,10 +861,7 @@ public class CpuSelectionTests
     [Test]
     public void The_pool_serves_a_request_from_its_own_size_else_the_smallest_larger_idle_buffer_within_its_slack()
     {
-        // Pooled tensors that earlier tests left to the finalizer would hand their buffers back mid-test.
-        GC.Collect();
-        GC.WaitForPendingFinalizers();
-        NativeBufferPool.Trim();
+        SettlePool();
         const long Mib = 1 << 20;
         nint small = NativeBufferPool.Rent(2 * Mib), medium = NativeBufferPool.Rent(4 * Mib), large = NativeBufferPool.Rent(8 * Mib);
         nint exact = 0, larger = 0, tiny = 0, fresh = 0;

@@ -58,7 +58,8 @@ public class FiniteWitnessTests
     {
         using var flat = t.view(-1);
         using var entry = flat[at];
-        float old = entry.to(ScalarType.Float32).item<float>();
+        using var widened = entry.to(ScalarType.Float32);
+        float old = widened.item<float>();
         using var replacement = tensor(value);
         flat[at] = replacement;
         return old;
