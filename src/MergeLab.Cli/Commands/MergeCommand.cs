@@ -65,8 +65,16 @@ internal static class MergeCommand
             // calls the config's loading makes, on a small file of the tool's own (the config itself would
             // then be read twice). Where that file is absent (a single-file build) the bindings come later.
             _ = CultureInfo.CurrentCulture.CompareInfo.Compare("a", "B", CompareOptions.IgnoreCase);
-            var own = new FileInfo(Path.Combine(AppContext.BaseDirectory, "MergeLab.Cli.runtimeconfig.json"));
-            _ = own.Exists && own.Length > 0 ? File.ReadAllText(own.FullName) : null;
+            try
+            {
+                var own = new FileInfo(Path.Combine(AppContext.BaseDirectory, "MergeLab.Cli.runtimeconfig.json"));
+                _ = own.Exists && own.Length > 0 ? File.ReadAllText(own.FullName) : null;
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // Only a warm-up: the bindings are then made by the config's loading.
+            }
+
             _ = Directory.Exists(output);
             loading = Task.Run(() => torch.TryInitializeDeviceType(DeviceType.CPU));
         }
@@ -258,6 +266,7 @@ internal static class MergeCommand
         private readonly Timer _timer;
         private ProgressTask? _task;
         private string _label = "";
+        private bool _stopped;
 
         public LiveProgress(ProgressContext context)
         {
@@ -281,13 +290,21 @@ internal static class MergeCommand
             }
         }
 
-        public void Dispose() => _timer.Dispose();
+        public void Dispose()
+        {
+            lock (_gate)
+            {
+                _stopped = true; // a tick already under way leaves the bar as it is
+            }
+
+            _timer.Dispose();
+        }
 
         private void Tick()
         {
             lock (_gate)
             {
-                if (_task is not null)
+                if (_task is not null && !_stopped)
                 {
                     _task.Description = $"{_label}  {_clock.Tick()}";
                 }

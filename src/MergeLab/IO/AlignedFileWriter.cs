@@ -71,22 +71,20 @@ internal sealed unsafe class AlignedFileWriter : IDisposable
                 // Whole blocks, none of them the file's short last block (the bytes end inside the file):
                 // straight from the caller's memory where it is aligned as a block (a result placed for
                 // this offset, CpuTensors.PlaceResults), else through the staging buffer.
-                int whole = bytes.Length / BlockSize * BlockSize;
-                int n;
+                int n = bytes.Length / BlockSize * BlockSize;
                 fixed (byte* start = bytes)
                 {
                     // Pinned while checked and written: managed bytes (a header) could move in between.
-                    bool inPlace = ((nint)start & (BlockSize - 1)) == 0;
-                    n = inPlace ? whole : Math.Min(whole, stagingBytes);
-                    if (!inPlace)
+                    if (((nint)start & (BlockSize - 1)) == 0)
                     {
-                        bytes[..n].CopyTo(new Span<byte>(staging, n));
-                    }
-
-                    RandomAccess.Write(Handle, new ReadOnlySpan<byte>(inPlace ? start : staging, n), blockStart);
-                    if (inPlace)
-                    {
+                        RandomAccess.Write(Handle, new ReadOnlySpan<byte>(start, n), blockStart);
                         Interlocked.Add(ref _inPlaceBytes, n);
+                    }
+                    else
+                    {
+                        n = Math.Min(n, stagingBytes);
+                        bytes[..n].CopyTo(new Span<byte>(staging, n));
+                        RandomAccess.Write(Handle, new ReadOnlySpan<byte>(staging, n), blockStart);
                     }
                 }
 

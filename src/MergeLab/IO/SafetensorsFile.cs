@@ -280,12 +280,8 @@ public sealed class SafetensorsFile : IDisposable
         var tensor = MappedTensors.Map(file, info.DataOffset, info.ByteLength, info.Shape, info.DType);
         try
         {
-            finite = null;
-            if (checkFinite)
-            {
-                finite = FiniteValues.AllFinite(tensor);
-            }
-            else
+            finite = checkFinite ? FiniteValues.AllFinite(tensor) : null;
+            if (!checkFinite)
             {
                 // The check touches every page; without it, one touch per page still faults them in here,
                 // on the reader, rather than one by one inside the merge (from the disk, a wait each).

@@ -109,7 +109,8 @@ internal static unsafe class CpuTensors
     /// </summary>
     public static Tensor WriteKernelResult(long[] shape, ScalarType outputType, Action<nint, bool> write)
     {
-        var result = NativeBufferPool.Empty(shape, outputType is ScalarType.Float32 or ScalarType.BFloat16 ? outputType : ScalarType.Float32, _resultPhase);
+        bool direct = outputType is ScalarType.Float32 or ScalarType.BFloat16;
+        var result = NativeBufferPool.Empty(shape, direct ? outputType : ScalarType.Float32, direct ? _resultPhase : 0);
         try
         {
             write((nint)Pointer(result), result.dtype == ScalarType.BFloat16);
@@ -120,25 +121,15 @@ internal static unsafe class CpuTensors
             throw;
         }
 
-        if (result.dtype == outputType)
+        if (direct)
         {
             return result;
         }
 
-        // Another floating output dtype (float16, float64) is converted into pooled memory placed the same way.
+        // Another floating output dtype (float16, float64) is converted into pooled memory, placed.
         using (result)
         {
-            var converted = NativeBufferPool.Empty(shape, outputType, _resultPhase);
-            try
-            {
-                converted.copy_(result);
-                return converted;
-            }
-            catch
-            {
-                converted.Dispose();
-                throw;
-            }
+            return NativeBufferPool.CopyOf(result, outputType, _resultPhase);
         }
     }
 
@@ -155,8 +146,7 @@ internal static unsafe class CpuTensors
             return new CpuFloats(Pointer(t), t.numel(), t.dtype == ScalarType.BFloat16);
         }
 
-        copy = NativeBufferPool.Empty(t.shape, ScalarType.Float32);
-        copy.copy_(t);
+        copy = NativeBufferPool.CopyOf(t, ScalarType.Float32);
         return new CpuFloats(Pointer(copy), copy.numel(), bfloat16: false);
     }
 }

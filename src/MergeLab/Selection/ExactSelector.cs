@@ -896,7 +896,10 @@ internal static unsafe class ExactSelector
 
             ranks.Sort();
             var keys = new (uint Key, long Below)[ranks.Count];
-            SelectKeys(s, sampleCount, CollectionsMarshal.AsSpan(ranks), keys, min, max);
+            if (ranks.Count > 0)
+            {
+                SelectKeys(s, sampleCount, CollectionsMarshal.AsSpan(ranks), keys, min, max);
+            }
             uint KeyAt(long rank) => keys[ranks.BinarySearch(rank)].Key;
             for (int i = 0; i < queries.Length; i++)
             {

@@ -97,6 +97,23 @@ internal static unsafe class NativeBufferPool
         }
     }
 
+    /// <summary><paramref name="source"/>'s values in a new tensor of <paramref name="dtype"/> over pooled memory
+    /// placed as <see cref="Empty(ReadOnlySpan{long}, ScalarType, int)"/> places it; the caller owns it.</summary>
+    public static Tensor CopyOf(Tensor source, ScalarType dtype, int phase = 0)
+    {
+        var copy = Empty(source.shape, dtype, phase);
+        try
+        {
+            copy.copy_(source);
+            return copy;
+        }
+        catch
+        {
+            copy.Dispose();
+            throw;
+        }
+    }
+
     /// <summary>Rents at least <paramref name="bytes"/> bytes (<see cref="Alignment"/>-aligned); give them back with <see cref="Return"/>.</summary>
     public static nint Rent(long bytes)
     {

@@ -74,8 +74,13 @@ public class CheckpointMergerTests
         using var dir = new TempDirectory();
         using var g = new Generator(97);
         using var baseModel = new StateDict();
-        baseModel.Add("a.weight", randn([3, 1000], generator: g).to(ScalarType.BFloat16));
-        baseModel.Add("b.weight", randn([40, 130], generator: g).to(ScalarType.BFloat16));
+        using (var a = randn([3, 1000], generator: g))
+        using (var b = randn([40, 130], generator: g))
+        {
+            baseModel.Add("a.weight", a.to(ScalarType.BFloat16));
+            baseModel.Add("b.weight", b.to(ScalarType.BFloat16));
+        }
+
         baseModel.Add("c.weight", randn([7, 1003], generator: g));
         using var e1 = T.Expert(baseModel, 98);
         using var e2 = T.Expert(baseModel, 99);

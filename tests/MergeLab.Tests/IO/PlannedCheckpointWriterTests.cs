@@ -47,10 +47,11 @@ public class PlannedCheckpointWriterTests
         var tensors = Tensors();
         try
         {
-            string buffered = WriteBuffered(dir.File("buffered"), tensors.Select(kv => (kv.Key, kv.Value)), maxShard);
+            var pairs = tensors.Select(kv => (kv.Key, kv.Value)).ToArray();
+            string buffered = WriteBuffered(dir.File("buffered"), pairs, maxShard);
             string planned = Directory.CreateDirectory(dir.File("planned")).FullName;
             IReadOnlyList<string> files;
-            using (var writer = new PlannedCheckpointWriter(planned, Plan(tensors.Select(kv => (kv.Key, kv.Value))), maxShard))
+            using (var writer = new PlannedCheckpointWriter(planned, Plan(pairs), maxShard))
             {
                 foreach (var (name, t) in Enumerable.Reverse(tensors))
                 {
@@ -81,7 +82,8 @@ public class PlannedCheckpointWriterTests
         using var dir = new TempDirectory();
         using var g = new Generator(6);
         using var x = randn([5000], generator: g);
-        using var y = randn([3, 2500], generator: g).to(ScalarType.BFloat16);
+        using var yFloat = randn([3, 2500], generator: g);
+        using var y = yFloat.to(ScalarType.BFloat16);
         var tensors = new[] { ("x", x), ("y", y) };
         string reference = WriteBuffered(dir.File("reference"), tensors);
         string planned = Directory.CreateDirectory(dir.File("planned")).FullName;

@@ -304,11 +304,12 @@ public class SafetensorsMappedReadTests
         try
         {
             long pageSize = Environment.SystemPageSize;
-            long pages = (new FileInfo(path).Length + pageSize - 1) / pageSize;
+            long length = new FileInfo(path).Length;
+            long pages = (length + pageSize - 1) / pageSize;
             var resident = new byte[pages];
             fixed (byte* v = resident)
             {
-                Assert.That(Mincore((nint)(p + view.PointerOffset), (nuint)new FileInfo(path).Length, v), Is.Zero, "mincore");
+                Assert.That(Mincore((nint)(p + view.PointerOffset), (nuint)length, v), Is.Zero, "mincore");
             }
 
             Assume.That(resident.Count(r => (r & 1) != 0), Is.LessThan(pages / 2), "the file system keeps the file's pages in memory");
