@@ -85,10 +85,14 @@ public static class SyntheticCheckpoints
         var sw = System.Diagnostics.Stopwatch.StartNew();
         var dirs = Generate(output, shape, experts, seed, shardBytes);
         long bytes = dirs.Sum(d => Directory.GetFiles(d).Sum(f => new FileInfo(f).Length));
-        Console.WriteLine($"Wrote {dirs.Count} checkpoints of {shape.Parameters / 1e9:F2}B parameters ({shape.Name}, bfloat16) to {output}: " +
+        Console.WriteLine($"Wrote {dirs.Count} checkpoints of {Count(shape.Parameters)} parameters ({shape.Name}, bfloat16) to {output}: " +
             $"{bytes / 1e9:F2} GB in {sw.Elapsed.TotalSeconds:F1} s.");
         return 0;
     }
+
+    /// <summary>A parameter count in billions, or in millions below one billion (the tiny shape has about 2M).</summary>
+    private static string Count(long parameters) =>
+        parameters >= 1_000_000_000 ? $"{parameters / 1e9:F2}B" : $"{parameters / 1e6:F2}M";
 
     /// <summary>Writes the base and <paramref name="experts"/> experts; returns their directories.</summary>
     public static IReadOnlyList<string> Generate(string output, LlamaShape shape, int experts, long seed, long shardBytes)
