@@ -135,8 +135,8 @@ internal static class MethodCatalog
 
     // ---- parameter definitions -------------------------------------------------------------------
 
-    private static ParameterSpec Bool(string name, bool @default, Func<bool, string?>? check = null) =>
-        new(name, ParameterScope.Global, true, @default ? 1 : 0, false, v => check?.Invoke(v != 0));
+    private static ParameterSpec Bool(string name, bool @default) =>
+        new(name, ParameterScope.Global, true, @default ? 1 : 0, false, _ => null);
 
     private static ParameterSpec Lambda() =>
         new("lambda", ParameterScope.Global, false, 1.0, false, _ => null);
@@ -159,11 +159,12 @@ internal static class MethodCatalog
     /// as a boolean either way, so it never changes the numbers. Accepted and ignored.</summary>
     private static ParameterSpec Int8Mask() => Bool("int8_mask", false);
 
-    private static Func<bool, string?> Unsupported(string method, string why) =>
-        on => on ? $"cannot be true for {method}: {why}" : null;
-
     private static Aggregation Aggregate(ResolvedParameters p) =>
         p.Flag("normalize") ? Aggregation.WeightNormalized : Aggregation.Sum;
+
+    /// <summary>mergekit's <c>rescale</c>: true multiplies each sparsified task vector by the ratio of its L1
+    /// norms before and after (<c>RescaleNorm.l1</c>, the only norm its configs reach).</summary>
+    private static RescaleNorm Rescale(ResolvedParameters p) => p.Flag("rescale") ? RescaleNorm.L1 : RescaleNorm.None;
 
     // ---- methods ---------------------------------------------------------------------------------
 
@@ -188,16 +189,13 @@ internal static class MethodCatalog
         });
 
     private static MethodSpec Ties() => new("ties",
-        [
-            Int8Mask(), Bool("normalize", true),
-            Bool("rescale", false, Unsupported("ties", "MergeLab's TIES trims without rescaling (mergekit's default, rescale: false)")),
-            Lambda(), Weight(required: true), Density(1.0),
-        ],
+        [Int8Mask(), Bool("normalize", true), Bool("rescale", false), Lambda(), Weight(required: true), Density(1.0)],
         BaseUse.Required, WholeModel: false,
         (p, _) => new TiesMerge(new TiesOptions
         {
             Preset = TiesPreset.Mergekit,
             Densities = p.Each("density"),
+            Rescale = Rescale(p),
             Weights = p.Each("weight"),
             Lambda = p.Number("lambda"),
             Aggregation = Aggregate(p),
@@ -209,7 +207,7 @@ internal static class MethodCatalog
         (p, seed) => new DareMerge(new DareOptions
         {
             DropRates = p.Each("density").Select(d => 1 - d).ToArray(),
-            Rescale = p.Flag("rescale") ? RescaleNorm.L1 : RescaleNorm.None,
+            Rescale = Rescale(p),
             Combination = combination,
             ConsensusPreset = TiesPreset.Mergekit,
             Aggregation = Aggregate(p),
@@ -220,9 +218,7 @@ internal static class MethodCatalog
 
     private static MethodSpec Breadcrumbs(string name, Combination combination) => new(name,
         [
-            Int8Mask(), Bool("normalize", false),
-            Bool("rescale", false, Unsupported(name, "MergeLab's Breadcrumbs mask does not rescale (mergekit's default, rescale: false)")),
-            Lambda(), Weight(required: true), Density(1.0),
+            Int8Mask(), Bool("normalize", false), Bool("rescale", false), Lambda(), Weight(required: true), Density(1.0),
             Fraction("gamma", ParameterScope.PerModel, 0.01, "[0, 1]", v => v >= 0 && v <= 1),
         ],
         BaseUse.Required, WholeModel: false,
@@ -230,6 +226,7 @@ internal static class MethodCatalog
         {
             Variant = BreadcrumbsVariant.Mergekit,
             PerExpert = p.Each("density").Zip(p.Each("gamma")).ToArray(),
+            Rescale = Rescale(p),
             Combination = combination,
             ConsensusPreset = TiesPreset.Mergekit,
             Aggregation = Aggregate(p),

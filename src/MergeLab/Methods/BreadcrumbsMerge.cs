@@ -49,6 +49,12 @@ public sealed record BreadcrumbsOptions
         }
     }
 
+    /// <summary>How each masked task vector is rescaled. Default <see cref="RescaleNorm.None"/> (the paper,
+    /// mergekit's <c>rescale: false</c>); <see cref="RescaleNorm.L1"/> multiplies the kept entries of each tensor
+    /// by ‖τ_k‖₁ / ‖mask(τ_k)‖₁ (mergekit's <c>rescale: true</c>). On the CPU such a merge runs as libtorch
+    /// operations, stage by stage, not as the fused kernel.</summary>
+    public RescaleNorm Rescale { get; init => field = Sparsifier.MaskRescale(value, nameof(Rescale), "The Breadcrumbs mask"); }
+
     /// <summary>Linear (default; mergekit <c>breadcrumbs</c>) or TIES consensus (<c>breadcrumbs_ties</c>).</summary>
     public Combination Combination { get; init => field = MergeLab.Options.Defined(value, nameof(Combination)); } = Combination.Linear;
 
@@ -96,7 +102,7 @@ public sealed class BreadcrumbsMerge : PipelineMerge
     private static TaskVectorPipeline Build(BreadcrumbsOptions o)
     {
         var pairs = o.PerExpert ?? [(o.Density, o.Gamma)];
-        var sparsifiers = pairs.Select(p => (Sparsifier)new BreadcrumbsMask(p.Density, p.Gamma, o.Variant)).ToArray();
+        var sparsifiers = pairs.Select(p => (Sparsifier)new BreadcrumbsMask(p.Density, p.Gamma, o.Variant, o.Rescale)).ToArray();
         return DareMerge.Combine(sparsifiers, $"{nameof(BreadcrumbsOptions)}.{nameof(BreadcrumbsOptions.PerExpert)}", o.Combination,
             o.ConsensusPreset, o.Aggregation, o.Weights, o.Lambda);
     }

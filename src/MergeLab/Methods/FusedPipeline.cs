@@ -368,6 +368,11 @@ internal static unsafe class FusedPipeline
 
                 case BreadcrumbsMask crumbs:
                 {
+                    if (crumbs.RescaleNorm != RescaleNorm.None)
+                    {
+                        return null;
+                    }
+
                     var shape = group.Reference.shape;
                     if (crumbs.Variant == BreadcrumbsVariant.Paper)
                     {

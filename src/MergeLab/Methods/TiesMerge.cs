@@ -47,6 +47,13 @@ public sealed record TiesOptions
     /// <summary>Per-expert weights w_k, applied after trimming; null (default) means 1 each.</summary>
     public IReadOnlyList<double>? Weights { get; init; }
 
+    /// <summary>How each trimmed task vector is rescaled. Default <see cref="RescaleNorm.None"/> (the paper,
+    /// PEFT, mergekit's <c>rescale: false</c>); <see cref="RescaleNorm.L1"/> multiplies the kept entries of
+    /// each tensor by ‖τ_k‖₁ / ‖trim(τ_k)‖₁ (mergekit's <c>rescale: true</c>), for the
+    /// <see cref="TiesPreset.Mergekit"/> and <see cref="TiesPreset.Peft"/> presets only. On the CPU such a merge
+    /// runs as libtorch operations, stage by stage, not as the fused kernel.</summary>
+    public RescaleNorm Rescale { get; init => field = Sparsifier.MaskRescale(value, nameof(Rescale), "A TIES trim"); }
+
     /// <summary>λ, the scale of the merged task vector. Default 1 (the paper tunes it in 0.8–2.5 on
     /// validation data).</summary>
     public double Lambda
@@ -102,11 +109,17 @@ public sealed class TiesMerge : PipelineMerge
             throw new ArgumentException($"The {o.Preset} preset trims exactly ⌊density·n⌋ entries per tensor; only the Paper preset has a whole-model scope.");
         }
 
+        if (o.Rescale != RescaleNorm.None && o.Preset == TiesPreset.Paper)
+        {
+            throw new ArgumentException($"{nameof(TiesOptions)}.{nameof(TiesOptions.Rescale)} {o.Rescale} needs the Mergekit or Peft preset " +
+                "(mergekit's rescale goes with their exact-count trim); the Paper preset does not rescale.");
+        }
+
         var densities = o.Densities ?? [o.Density];
         var sparsifiers = densities.Select((d, k) =>
         {
             MergeLab.Options.RequireInRange(d, $"Densities[{k}]", 0, 1);
-            return o.Preset == TiesPreset.Paper ? (Sparsifier)new KthMagnitudeThreshold(d, scope) : new TopKMagnitude(d);
+            return o.Preset == TiesPreset.Paper ? (Sparsifier)new KthMagnitudeThreshold(d, scope) : new TopKMagnitude(d, o.Rescale);
         }).ToArray();
         var (consensus, aggregation) = TiesConsensus.For(o.Preset, o.Election, scope);
         return new TaskVectorPipeline

@@ -52,7 +52,10 @@ public abstract record Sparsifier
     /// <param name="context">The tensor name, expert index and any whole-model threshold.</param>
     public abstract Tensor Apply(Tensor taskVector, SparsifyContext context);
 
-    /// <summary>Scales the masked tensor by ‖τ‖₁ / ‖masked‖₁ (mergekit's <c>rescaled_masked_tensor</c>).</summary>
+    /// <summary>τ·mask, rescaled as <paramref name="norm"/> says. <see cref="RescaleNorm.L1"/> multiplies by
+    /// the float32 factor ‖τ‖₁ / ‖masked‖₁ (mergekit's <c>rescaled_masked_tensor</c>) with both norms summed in
+    /// float64, as DARE's L1 rescale does (<see cref="DropMask.L1Factor"/>): mergekit sums in float32, whose
+    /// bits depend on the summation order and so on torch's thread count.</summary>
     private protected static Tensor Rescale(Tensor taskVector, Tensor mask, RescaleNorm norm, double keepProbability = 1)
     {
         var masked = taskVector * mask;
@@ -61,13 +64,29 @@ public abstract record Sparsifier
             case RescaleNorm.InverseKeepProbability:
                 return masked.div_(keepProbability);
             case RescaleNorm.L1:
-                double before = taskVector.abs().sum().item<float>();
-                double after = masked.abs().sum().item<float>();
-                return before < 1e-7 || after < 1e-7 ? masked : masked.mul_(before / after);
+                using (var absolute = taskVector.abs())
+                using (var before = absolute.sum(ScalarType.Float64))
+                using (var kept = masked.abs())
+                using (var after = kept.sum(ScalarType.Float64))
+                {
+                    float factor = DropMask.L1Factor(before.item<double>(), after.item<double>());
+                    return factor == 1f ? masked : masked.mul_(factor);
+                }
+
             default:
                 return masked;
         }
     }
+
+    /// <summary>Checks the rescale of a deterministic mask (a trim or a rank window), which has no keep
+    /// probability: <see cref="RescaleNorm.None"/> or <see cref="RescaleNorm.L1"/>.</summary>
+    /// <param name="value">The rescale asked for.</param>
+    /// <param name="name">The option or parameter that asked.</param>
+    /// <param name="mask">What masks, for the message.</param>
+    internal static RescaleNorm MaskRescale(RescaleNorm value, string name, string mask) =>
+        value == RescaleNorm.InverseKeepProbability
+            ? throw new ArgumentOutOfRangeException(name, value, $"{mask} has no keep probability; use None or L1.")
+            : Options.Defined(value, name);
 
     /// <summary>⌊n·fraction⌋ computed in double as Python's <c>int(n * fraction)</c> does.</summary>
     private protected static long FloorCount(long n, double fraction) => (long)Math.Floor(n * fraction);
@@ -86,13 +105,8 @@ public sealed record TopKMagnitude : Sparsifier
     public TopKMagnitude(double density, RescaleNorm rescale = RescaleNorm.None)
     {
         Options.RequireInRange(density, nameof(density), 0, 1);
-        if (rescale == RescaleNorm.InverseKeepProbability)
-        {
-            throw new ArgumentOutOfRangeException(nameof(rescale), "Magnitude pruning has no keep probability; use None or L1.");
-        }
-
         Density = density;
-        RescaleNorm = Options.Defined(rescale, nameof(rescale));
+        RescaleNorm = MaskRescale(rescale, nameof(rescale), "Magnitude pruning");
     }
 
     /// <summary>Fraction of entries kept, in [0, 1].</summary>
@@ -316,13 +330,16 @@ public sealed record BreadcrumbsMask : Sparsifier
     /// <param name="density">β: the fraction kept, in [0, 1].</param>
     /// <param name="gamma">γ: the fraction of largest magnitudes removed, in [0, 1].</param>
     /// <param name="variant">Per row (paper) or per tensor (mergekit).</param>
-    public BreadcrumbsMask(double density, double gamma, BreadcrumbsVariant variant = BreadcrumbsVariant.Paper)
+    /// <param name="rescale">How kept entries are rescaled: none (default; the paper, mergekit's
+    /// <c>rescale: false</c>) or <see cref="RescaleNorm.L1"/> over the whole tensor (mergekit's <c>rescale: true</c>).</param>
+    public BreadcrumbsMask(double density, double gamma, BreadcrumbsVariant variant = BreadcrumbsVariant.Paper, RescaleNorm rescale = RescaleNorm.None)
     {
         Options.RequireInRange(density, nameof(density), 0, 1);
         Options.RequireInRange(gamma, nameof(gamma), 0, 1);
         Density = density;
         Gamma = gamma;
         Variant = Options.Defined(variant, nameof(variant));
+        RescaleNorm = MaskRescale(rescale, nameof(rescale), "The Breadcrumbs mask");
     }
 
     /// <summary>β: the fraction kept.</summary>
@@ -333,6 +350,9 @@ public sealed record BreadcrumbsMask : Sparsifier
 
     /// <summary>Per row (paper) or per tensor (mergekit).</summary>
     public BreadcrumbsVariant Variant { get; }
+
+    /// <summary>How kept entries are rescaled.</summary>
+    public RescaleNorm RescaleNorm { get; }
 
     /// <inheritdoc />
     public override Tensor Apply(Tensor taskVector, SparsifyContext context)
@@ -368,6 +388,6 @@ public sealed record BreadcrumbsMask : Sparsifier
         }
 
         var mask = MagnitudeThreshold.RankWindowMask(magnitudes, low, high).view(taskVector.shape);
-        return (taskVector * mask).MoveToOuterDisposeScope();
+        return Rescale(taskVector, mask, RescaleNorm).MoveToOuterDisposeScope();
     }
 }

@@ -143,13 +143,20 @@ public sealed class MergePlanTests : IDisposable
         Assert.That(ties.Options.PerExpert, Is.EqualTo(new[] { (0.9, 0.02), (0.9, 0.02) }));
     }
 
-    [Test]
-    public void Rescale_true_is_refused_where_mergelab_cannot_rescale()
+    [TestCase("ties")]
+    [TestCase("breadcrumbs")]
+    [TestCase("breadcrumbs_ties")]
+    public void Rescale_maps_to_the_l1_rescale_and_defaults_to_none(string method)
     {
-        var ex = Assert.Throws<MergeConfigException>(() => Plan(TwoExperts("breadcrumbs", global: "rescale: true")))!;
-        Assert.That(ex.Message, Does.Contain("parameters.rescale").And.Contain("cannot be true for breadcrumbs"));
-        Assert.That(() => Plan(TwoExperts("ties", global: "rescale: true")),
-            Throws.TypeOf<MergeConfigException>().With.Message.Contain("cannot be true for ties"));
+        RescaleNorm RescaleOf(string global)
+        {
+            var m = Plan(TwoExperts(method, global: global)).MethodFor(Mlp(0));
+            return m is TiesMerge ties ? ties.Options.Rescale : ((BreadcrumbsMerge)m).Options.Rescale;
+        }
+
+        Assert.That(RescaleOf("rescale: true"), Is.EqualTo(RescaleNorm.L1));
+        Assert.That(RescaleOf("rescale: false"), Is.EqualTo(RescaleNorm.None));
+        Assert.That(RescaleOf("lambda: 1"), Is.EqualTo(RescaleNorm.None), "mergekit's default for this method is rescale: false");
     }
 
     [Test]

@@ -30,6 +30,19 @@ public class BreadcrumbsTests
         T.Near(kept, [5, 0, 0, 0, -4, 0, 0, 3, 4, 0]);
     }
 
+    [TestCase(BreadcrumbsVariant.Paper, 0, 0, 3, 0, -4, 0, 0, 3, 4, 0)]
+    [TestCase(BreadcrumbsVariant.Mergekit, 5, 0, 0, 0, -4, 0, 0, 3, 4, 0)]
+    public void L1_rescale_restores_the_tensors_l1_norm(BreadcrumbsVariant variant, params double[] kept)
+    {
+        // The masks of the two tests above; ‖τ‖₁ = 28.5 over the whole tensor, rescaled as mergekit's
+        // rescale: true does (per tensor, for the per-row variant too).
+        var mask = new BreadcrumbsMask(density: .4, gamma: variant == BreadcrumbsVariant.Paper ? .2 : .1, variant, RescaleNorm.L1);
+        using var tau = T.Mat(Rows, 2, 5);
+        using var rescaled = mask.Apply(tau, new SparsifyContext("w", 0));
+        float factor = (float)(28.5 / kept.Sum(Math.Abs));
+        T.Near(rescaled, kept.Select(v => (double)((float)v * factor)));
+    }
+
     [TestCase(BreadcrumbsVariant.Paper)]
     [TestCase(BreadcrumbsVariant.Mergekit)]
     public void Gamma_zero_removes_nothing(BreadcrumbsVariant variant)

@@ -87,9 +87,11 @@ public class DTypeTests
         new TiesMerge(),
         new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit }),
         new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft }),
+        new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Rescale = RescaleNorm.L1 }),
         new DareMerge(new DareOptions { Combination = Combination.Ties, Seed = 1 }),
         new BreadcrumbsMerge(),
         new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit }),
+        new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit, Rescale = RescaleNorm.L1 }),
         new PcbMerge(),
         new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor }),
     ];
@@ -211,12 +213,16 @@ public class ValidationTests
         yield return new TestCaseData(new TestDelegate(() => _ = new TiesOptions { Election = (SignElection)9 }), "Election").SetName("TIES election not an enum value");
         yield return new TestCaseData(new TestDelegate(() => _ = new TiesOptions { Aggregation = (Aggregation)9 }), "Aggregation").SetName("TIES aggregation not an enum value");
         yield return new TestCaseData(new TestDelegate(() => _ = new DareOptions { Rescale = (RescaleNorm)7 }), "Rescale").SetName("DARE rescale not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new TiesOptions { Rescale = (RescaleNorm)7 }), "Rescale").SetName("TIES rescale not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new TiesOptions { Rescale = RescaleNorm.InverseKeepProbability }), "Rescale").SetName("TIES rescale by a keep probability");
+        yield return new TestCaseData(new TestDelegate(() => _ = new BreadcrumbsOptions { Rescale = RescaleNorm.InverseKeepProbability }), "Rescale").SetName("Breadcrumbs rescale by a keep probability");
         yield return new TestCaseData(new TestDelegate(() => _ = new PcbOptions { Scope = (SelectionScope)5 }), "Scope").SetName("PCB scope not an enum value");
 
         // The pipeline stages (PipelineMerge's building blocks) check theirs as the option records do.
         yield return new TestCaseData(new TestDelegate(() => _ = new RandomDrop(0.5, (RescaleNorm)9)), "rescale").SetName("RandomDrop rescale not an enum value");
         yield return new TestCaseData(new TestDelegate(() => _ = new TopKMagnitude(0.5, (RescaleNorm)9)), "rescale").SetName("TopKMagnitude rescale not an enum value");
         yield return new TestCaseData(new TestDelegate(() => _ = new BreadcrumbsMask(0.5, 0.1, (BreadcrumbsVariant)5)), "variant").SetName("BreadcrumbsMask variant not an enum value");
+        yield return new TestCaseData(new TestDelegate(() => _ = new BreadcrumbsMask(0.5, 0.1, BreadcrumbsVariant.Mergekit, RescaleNorm.InverseKeepProbability)), "rescale").SetName("BreadcrumbsMask rescale by a keep probability");
         yield return new TestCaseData(new TestDelegate(() => _ = new KthMagnitudeThreshold(0.5, (SelectionScope)5)), "scope").SetName("KthMagnitudeThreshold scope not an enum value");
         yield return new TestCaseData(new TestDelegate(() => _ = new SignConsensus((SignElection)7)), "Election").SetName("SignConsensus election not an enum value");
         yield return new TestCaseData(new TestDelegate(() => _ = new SignConsensus() with { ZeroRule = (ZeroSignRule)7 }), "ZeroRule").SetName("SignConsensus zero rule not an enum value");
@@ -296,6 +302,13 @@ public class ValidationTests
         Assert.Throws<ObjectDisposedException>(() => expert.ContainsKey("layers.0.bias"));
         Assert.Throws<ObjectDisposedException>(() => expert.GetEnumerator());
         expert.Dispose(); // a second Dispose is allowed
+    }
+
+    [Test]
+    public void The_l1_rescale_of_ties_is_refused_with_the_paper_preset()
+    {
+        var ex = Assert.Throws<ArgumentException>(() => _ = new TiesMerge(new TiesOptions { Preset = TiesPreset.Paper, Rescale = RescaleNorm.L1 }));
+        Assert.That(ex!.Message, Does.Contain("TiesOptions.Rescale").And.Contain("Mergekit or Peft preset"));
     }
 
     [Test]

@@ -160,6 +160,28 @@ public class TiesTests
         T.Near(merged, [1, 1, 3, 1]);
     }
 
+    [TestCase(TiesPreset.Mergekit)]
+    [TestCase(TiesPreset.Peft)]
+    public void L1_rescale_keeps_the_trimmed_task_vectors_l1_norm(TiesPreset preset)
+    {
+        // One expert, so the merge is its trimmed and rescaled τ: the ⌊.3·n⌋ largest entries, each times
+        // ‖τ‖₁ / ‖trim(τ)‖₁. 50,000 entries take the libtorch path (the fused kernel does not rescale).
+        using var scope = NewDisposeScope();
+        var generator = new TorchSharp.torch.Generator(11);
+        var tau = randn(250, 200, generator: generator) * exp(randn(250, 1, generator: generator));
+        var ties = new TiesMerge(new TiesOptions { Preset = preset, Density = .3, Rescale = RescaleNorm.L1 });
+        var plain = new TiesMerge(new TiesOptions { Preset = preset, Density = .3 });
+        var merged = ties.MergeTensor(new TensorGroup("w", zeros_like(tau), [tau]));
+        var trimmed = plain.MergeTensor(new TensorGroup("w", zeros_like(tau), [tau]));
+
+        Assert.That(merged.count_nonzero().item<long>(), Is.EqualTo(15_000));
+        double before = tau.abs().sum(ScalarType.Float64).item<double>();
+        double after = trimmed.abs().sum(ScalarType.Float64).item<double>();
+        Assert.That(after, Is.LessThan(before * .8), "the trim removes mass");
+        Assert.That(merged.abs().sum(ScalarType.Float64).item<double>(), Is.EqualTo(before).Within(1e-5).Percent);
+        T.BitEqual(merged, trimmed * (float)(before / after));
+    }
+
     [Test]
     public void Whole_model_method_refuses_a_lone_tensor_without_its_statistic()
     {
