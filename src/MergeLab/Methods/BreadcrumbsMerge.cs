@@ -51,8 +51,9 @@ public sealed record BreadcrumbsOptions
 
     /// <summary>How each masked task vector is rescaled. Default <see cref="RescaleNorm.None"/> (the paper,
     /// mergekit's <c>rescale: false</c>); <see cref="RescaleNorm.L1"/> multiplies the kept entries of each tensor
-    /// by ‖τ_k‖₁ / ‖mask(τ_k)‖₁ (mergekit's <c>rescale: true</c>). On the CPU such a merge runs as libtorch
-    /// operations, stage by stage, not as the fused kernel.</summary>
+    /// by ‖τ_k‖₁ / ‖mask(τ_k)‖₁ (mergekit's <c>rescale: true</c>). The norms are summed in float64; on the
+    /// CPU the fused kernel takes one more pass over the inputs for them (the per-row Paper variant runs as
+    /// libtorch operations).</summary>
     public RescaleNorm Rescale { get; init => field = Sparsifier.MaskRescale(value, nameof(Rescale), "The Breadcrumbs mask"); }
 
     /// <summary>Linear (default; mergekit <c>breadcrumbs</c>) or TIES consensus (<c>breadcrumbs_ties</c>).</summary>

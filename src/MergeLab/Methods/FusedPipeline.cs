@@ -300,19 +300,16 @@ internal static unsafe class FusedPipeline
                     break;
                 case TopKMagnitude top:
                 {
-                    if (top.RescaleNorm != RescaleNorm.None)
+                    long keep = top.Density >= 1 ? n : (long)Math.Floor(n * top.Density);
+                    if (keep >= n)
                     {
-                        return null;
+                        rules[k] = Rule.Of(RuleKind.KeepAll); // density 1: τ as it is, not rescaled
+                        break;
                     }
 
-                    long keep = top.Density >= 1 ? n : (long)Math.Floor(n * top.Density);
                     if (keep <= 0)
                     {
                         rules[k] = Rule.Of(RuleKind.DropAll);
-                    }
-                    else if (keep >= n)
-                    {
-                        rules[k] = Rule.Of(RuleKind.KeepAll);
                     }
                     else
                     {
@@ -321,6 +318,7 @@ internal static unsafe class FusedPipeline
                         rules[k] = new Rule { Kind = RuleKind.Top, UpperQuery = q };
                     }
 
+                    rules[k].Rescale = top.RescaleNorm;
                     break;
                 }
 
@@ -368,14 +366,14 @@ internal static unsafe class FusedPipeline
 
                 case BreadcrumbsMask crumbs:
                 {
-                    if (crumbs.RescaleNorm != RescaleNorm.None)
-                    {
-                        return null;
-                    }
-
                     var shape = group.Reference.shape;
                     if (crumbs.Variant == BreadcrumbsVariant.Paper)
                     {
+                        if (crumbs.RescaleNorm != RescaleNorm.None)
+                        {
+                            return null; // the row windows are selected during the merge, after the factor is due
+                        }
+
                         if (shape.Length == 0)
                         {
                             rules[k] = Rule.Of(RuleKind.KeepAll);
@@ -412,6 +410,7 @@ internal static unsafe class FusedPipeline
                         }
                     }
 
+                    rule.Rescale = crumbs.RescaleNorm;
                     rules[k] = rule;
                     break;
                 }
@@ -554,14 +553,14 @@ internal static unsafe class FusedPipeline
         }
     }
 
-    /// <summary>mergekit's L1 rescale for DARE: ‖τ‖₁ / ‖masked τ‖₁ per expert, summed as
-    /// <see cref="RandomDrop"/> does on a materialized τ (float64, fixed blocks, block order).</summary>
+    /// <summary>mergekit's L1 rescale (DARE, TIES, Breadcrumbs): ‖τ‖₁ / ‖masked τ‖₁ per expert, summed as
+    /// the sparsifiers do on a materialized τ (float64, fixed blocks, block order).</summary>
     private static void ComputeL1Factors(Rule[] rules, Inputs inputs)
     {
         for (int k = 0; k < rules.Length; k++)
         {
             var r = rules[k];
-            if (r.Kind != RuleKind.Random || r.Rescale != RescaleNorm.L1)
+            if (r.Rescale != RescaleNorm.L1)
             {
                 continue;
             }
@@ -597,7 +596,14 @@ internal static unsafe class FusedPipeline
                     var bse = inputs.Base.Block(start, length, tmp + block);
                     Subtract(e, bse, tau + ((long)j * stride), length);
                     Buffer.MemoryCopy(tau + ((long)j * stride), masked + ((long)j * stride), length * 4L, length * 4L);
-                    DropMask.Apply(r.Stream, r.Threshold, start, length, masked + ((long)j * stride));
+                    if (r.Kind == RuleKind.Random)
+                    {
+                        DropMask.Apply(r.Stream, r.Threshold, start, length, masked + ((long)j * stride));
+                    }
+                    else
+                    {
+                        Kernel.Mask(r, masked + ((long)j * stride), start, length);
+                    }
                 }
 
                 if (count == lanes)
@@ -1711,6 +1717,23 @@ internal static unsafe class FusedPipeline
                 {
                     ((float*)output)[start + j] = result[j];
                 }
+            }
+        }
+
+        /// <summary>τ·mask of <paramref name="r"/> (a rule of one tensor, not a row window and not yet
+        /// rescaled) over the <paramref name="count"/> entries from flat index <paramref name="start"/> at
+        /// <paramref name="values"/>, in place, 2·lanes at a time: the buffer must have room up to the next
+        /// multiple of 2·lanes.</summary>
+        public static void Mask(Rule r, float* values, long start, int count)
+        {
+            int w = Vector<float>.Count;
+            for (int i = 0; i < count; i += 2 * w)
+            {
+                var t0 = Vector.Load(values + i);
+                var t1 = Vector.Load(values + i + w);
+                Sparsify(r, ref t0, ref t1, start + i, 0);
+                Vector.Store(t0, values + i);
+                Vector.Store(t1, values + i + w);
             }
         }
 

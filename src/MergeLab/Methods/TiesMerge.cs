@@ -50,8 +50,8 @@ public sealed record TiesOptions
     /// <summary>How each trimmed task vector is rescaled. Default <see cref="RescaleNorm.None"/> (the paper,
     /// PEFT, mergekit's <c>rescale: false</c>); <see cref="RescaleNorm.L1"/> multiplies the kept entries of
     /// each tensor by ‖τ_k‖₁ / ‖trim(τ_k)‖₁ (mergekit's <c>rescale: true</c>), for the
-    /// <see cref="TiesPreset.Mergekit"/> and <see cref="TiesPreset.Peft"/> presets only. On the CPU such a merge
-    /// runs as libtorch operations, stage by stage, not as the fused kernel.</summary>
+    /// <see cref="TiesPreset.Mergekit"/> and <see cref="TiesPreset.Peft"/> presets only. The norms are summed in float64 (see
+    /// <see cref="RescaleNorm.L1"/>); on the CPU the fused kernel takes one more pass over the inputs for them.</summary>
     public RescaleNorm Rescale { get; init => field = Sparsifier.MaskRescale(value, nameof(Rescale), "A TIES trim"); }
 
     /// <summary>λ, the scale of the merged task vector. Default 1 (the paper tunes it in 0.8–2.5 on

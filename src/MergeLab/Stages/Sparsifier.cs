@@ -24,7 +24,9 @@ public enum RescaleNorm
     InverseKeepProbability,
 
     /// <summary>Kept entries are multiplied by ‖τ‖₁ / ‖masked τ‖₁ so the tensor keeps its L1 norm
-    /// (mergekit's <c>rescale</c>); left unscaled when either norm is below 1e-7.</summary>
+    /// (mergekit's <c>rescale</c>); left unscaled when either norm is below 1e-7. Both norms are summed in
+    /// float64 and the factor rounded to float32 (mergekit sums in float32, in an order that depends on
+    /// torch's thread count, so its factor can differ in the last bit).</summary>
     L1,
 }
 
@@ -64,18 +66,43 @@ public abstract record Sparsifier
             case RescaleNorm.InverseKeepProbability:
                 return masked.div_(keepProbability);
             case RescaleNorm.L1:
-                using (var absolute = taskVector.abs())
-                using (var before = absolute.sum(ScalarType.Float64))
-                using (var kept = masked.abs())
-                using (var after = kept.sum(ScalarType.Float64))
-                {
-                    float factor = DropMask.L1Factor(before.item<double>(), after.item<double>());
-                    return factor == 1f ? masked : masked.mul_(factor);
-                }
-
+                float factor = L1Factor(taskVector, masked);
+                return factor == 1f ? masked : masked.mul_(factor);
             default:
                 return masked;
         }
+    }
+
+    /// <summary><see cref="DropMask.L1Factor"/> of ‖τ‖₁ and ‖masked‖₁, summed in float64: where the CPU
+    /// kernels run, block by block (<see cref="DropMask.NormBlock"/>) in index order, as the fused kernel sums
+    /// them; elsewhere by libtorch.</summary>
+    private static unsafe float L1Factor(Tensor taskVector, Tensor masked)
+    {
+        if (MagnitudeThreshold.UseCpuKernels(taskVector) && masked.dtype == ScalarType.Float32 && masked.is_contiguous())
+        {
+            var tau = CpuTensors.Floats(taskVector, out var copy);
+            using (copy)
+            {
+                long n = tau.Length;
+                var kept = (float*)CpuTensors.Pointer(masked);
+                var norms = new (double Before, double After)[CpuParallel.BlockCount(n, DropMask.NormBlock)];
+                CpuParallel.For(norms.Length, b =>
+                {
+                    long start = b * DropMask.NormBlock;
+                    int count = (int)Math.Min(DropMask.NormBlock, n - start);
+                    var scratch = (float*)ThreadScratch.Get(DropMask.NormBlock * 4L);
+                    norms[b] = DropMask.BlockNorms(tau.Block(start, count, scratch), kept + start, count);
+                });
+                var (before, after) = DropMask.SumNorms(norms);
+                return DropMask.L1Factor(before, after);
+            }
+        }
+
+        using var absolute = taskVector.abs();
+        using var total = absolute.sum(ScalarType.Float64);
+        using var keptAbsolute = masked.abs();
+        using var keptTotal = keptAbsolute.sum(ScalarType.Float64);
+        return DropMask.L1Factor(total.item<double>(), keptTotal.item<double>());
     }
 
     /// <summary>Checks the rescale of a deterministic mask (a trim or a rank window), which has no keep

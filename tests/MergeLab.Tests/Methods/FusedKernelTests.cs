@@ -54,6 +54,15 @@ public class FusedKernelTests
         yield return Case("breadcrumbs mergekit", new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit, Density = .3, Gamma = .05 }));
         yield return Case("breadcrumbs ties", new BreadcrumbsMerge(new BreadcrumbsOptions { Combination = Combination.Ties, ConsensusPreset = TiesPreset.Paper }));
         yield return Case("magnitude prune", new PipelineMerge("prune", new TaskVectorPipeline { Sparsifiers = [new TopKMagnitude(.3)], Lambda = 1.1 }));
+        yield return Case("ties mergekit l1", new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .2, Rescale = RescaleNorm.L1 }));
+        yield return Case("ties peft l1", new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Density = .4, Rescale = RescaleNorm.L1, Lambda = .8 }));
+        yield return Case("breadcrumbs mergekit l1", new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit, Density = .3, Gamma = .05, Rescale = RescaleNorm.L1 }));
+        yield return Case("breadcrumbs ties mergekit l1", new BreadcrumbsMerge(new BreadcrumbsOptions
+        {
+            Variant = BreadcrumbsVariant.Mergekit, Density = .4, Gamma = .02, Combination = Combination.Ties, Aggregation = Aggregation.WeightNormalized, Rescale = RescaleNorm.L1,
+        }));
+        yield return Case("breadcrumbs paper l1", new BreadcrumbsMerge(new BreadcrumbsOptions { Density = .3, Gamma = .1, Rescale = RescaleNorm.L1 }));
+        yield return Case("magnitude prune l1", new PipelineMerge("prune", new TaskVectorPipeline { Sparsifiers = [new TopKMagnitude(.3, RescaleNorm.L1)], Lambda = 1.1 }));
     }
 
     private static TestCaseData Case(string name, MergeMethod method) => new TestCaseData(method).SetArgDisplayNames(name);
@@ -659,7 +668,8 @@ public class FusedKernelTests
         foreach (var data in Methods())
         {
             if (data.Arguments[0] is PipelineMerge p && !p.Pipeline.NeedsWholeModelStatistic
-                && !p.Pipeline.Sparsifiers.Any(s => s is RandomDrop { RescaleNorm: RescaleNorm.L1 }))
+                && !p.Pipeline.Sparsifiers.Any(s => s is RandomDrop { RescaleNorm: RescaleNorm.L1 } or TopKMagnitude { RescaleNorm: RescaleNorm.L1 }
+                    or BreadcrumbsMask { RescaleNorm: RescaleNorm.L1 }))
             {
                 yield return data;
             }
