@@ -23,7 +23,8 @@ namespace MergeLab.Methods;
 /// kernel always adds in expert order, so its result never depends on the thread count.</para>
 /// <para>Selections (top-k, k-th magnitude, Breadcrumbs windows) run first, exact, over the same memory
 /// (<see cref="ExactSelector"/>, <see cref="RowSelector"/>). Methods fall back to libtorch off the CPU,
-/// for unknown sparsifiers, for mergekit's L1 rescale of top-k, and beyond 64 experts.</para>
+/// for unknown sparsifiers, for mergekit's L1 rescale of the per-row (Paper) Breadcrumbs mask, and beyond 64
+/// experts.</para>
 /// </remarks>
 internal static unsafe class FusedPipeline
 {
@@ -1748,9 +1749,9 @@ internal static unsafe class FusedPipeline
                 case RuleKind.KeepAll:
                     return;
                 case RuleKind.DropAll:
-                    t0 *= Vector<float>.Zero;
-                    t1 *= Vector<float>.Zero;
-                    return;
+                    // τ·0, then any L1 factor: NaN where τ held a NaN or ∞, as the sparsifiers' rescale gives.
+                    keep0 = keep1 = Vector<uint>.Zero;
+                    break;
                 case RuleKind.KeyAtLeast:
                 {
                     var limit = new Vector<uint>(r.Key);

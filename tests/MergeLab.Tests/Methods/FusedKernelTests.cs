@@ -427,6 +427,10 @@ public class FusedKernelTests
             new TiesMerge(new TiesOptions { Density = .1, Scope = SelectionScope.PerTensor }),
             new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit }),
             new BreadcrumbsMerge(),
+
+            // 358,400 entries: mergekit's L1 rescale sums two groups of eight norm blocks side by side, then five alone.
+            new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .2, Rescale = RescaleNorm.L1 }),
+            new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit, Rescale = RescaleNorm.L1 }),
         })
         {
             Check(method, 3, ScalarType.BFloat16, [[512, 700]], 60);

@@ -23,7 +23,7 @@ public class MergekitReferenceTests
     public void Ties_with_rescale_matches_mergekit()
     {
         // magnitude with rescale_norm=l1: τ1 keeps [.5, −1, 3] × 4.8/4.5, τ2 [−2, 1, −1.5] × 5.25/4.5,
-        // τ3 [.6, −.9, −2] × 4.72/3.5; then the weighted sign election and the agreeing weights' mean.
+        // τ3 [−.9, −2, .7] × 4.72/3.6; then the weighted sign election and the agreeing weights' mean.
         var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .5, Weights = Weights, Rescale = RescaleNorm.L1 });
         using var merged = T.MergeDeltas(ties, Tau1, Tau2, Tau3);
         T.Near(merged, [0.5333333015441895, -1.4888887405395508, -1.1799999475479126, -2.6222221851348877, 1.6785184144973755, 0]);

@@ -1,4 +1,5 @@
 using MergeLab.Methods;
+using MergeLab.Selection;
 using MergeLab.Stages;
 using MergeLab.Tensors;
 using NUnit.Framework;
@@ -165,21 +166,43 @@ public class TiesTests
     public void L1_rescale_keeps_the_trimmed_task_vectors_l1_norm(TiesPreset preset)
     {
         // One expert, so the merge is its trimmed and rescaled τ: the ⌊.3·n⌋ largest entries, each times
-        // ‖τ‖₁ / ‖trim(τ)‖₁. 50,000 entries take the libtorch path (the fused kernel does not rescale).
+        // ‖τ‖₁ / ‖trim(τ)‖₁. 150,000 entries: nine whole norm blocks and a part, so the fused kernel sums
+        // eight blocks side by side and the rest alone, and must agree with the sparsifier's own pass.
         using var scope = NewDisposeScope();
         var generator = new TorchSharp.torch.Generator(11);
-        var tau = randn(250, 200, generator: generator) * exp(randn(250, 1, generator: generator));
+        var tau = randn(250, 600, generator: generator) * exp(randn(250, 1, generator: generator));
         var ties = new TiesMerge(new TiesOptions { Preset = preset, Density = .3, Rescale = RescaleNorm.L1 });
         var plain = new TiesMerge(new TiesOptions { Preset = preset, Density = .3 });
         var merged = ties.MergeTensor(new TensorGroup("w", zeros_like(tau), [tau]));
         var trimmed = plain.MergeTensor(new TensorGroup("w", zeros_like(tau), [tau]));
 
-        Assert.That(merged.count_nonzero().item<long>(), Is.EqualTo(15_000));
+        Assert.That(merged.count_nonzero().item<long>(), Is.EqualTo(45_000));
         double before = tau.abs().sum(ScalarType.Float64).item<double>();
         double after = trimmed.abs().sum(ScalarType.Float64).item<double>();
         Assert.That(after, Is.LessThan(before * .8), "the trim removes mass");
         Assert.That(merged.abs().sum(ScalarType.Float64).item<double>(), Is.EqualTo(before).Within(1e-5).Percent);
         T.BitEqual(merged, trimmed * (float)(before / after));
+        var sparsified = new TopKMagnitude(.3, RescaleNorm.L1).Apply(tau, new SparsifyContext("w", 0));
+        Assert.That(merged.eq(sparsified).all().item<bool>(), Is.True, "the fused kernel and the sparsifier agree");
+    }
+
+    [TestCase(true)]
+    [TestCase(false)]
+    public void L1_rescale_of_a_trim_that_keeps_nothing_spreads_a_non_finite_entry_as_mergekit_does(bool cpuKernels)
+    {
+        // ⌊3·.2⌋ = 0 entries kept: τ·0 holds a NaN where τ is ∞, so ‖masked‖₁ is NaN and so is the factor;
+        // mergekit's masked * (before / after) then makes the whole tensor NaN, and so must both paths.
+        var ties = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .2, Rescale = RescaleNorm.L1 });
+        MagnitudeThreshold.CpuKernelsEnabled = cpuKernels;
+        try
+        {
+            using var merged = T.MergeDeltas(ties, [1, float.PositiveInfinity, -2]);
+            Assert.That(T.Values(merged).All(float.IsNaN), Is.True, string.Join(", ", T.Values(merged)));
+        }
+        finally
+        {
+            MagnitudeThreshold.CpuKernelsEnabled = true;
+        }
     }
 
     [Test]
