@@ -54,10 +54,10 @@ public abstract record Sparsifier
     /// <param name="context">The tensor name, expert index and any whole-model threshold.</param>
     public abstract Tensor Apply(Tensor taskVector, SparsifyContext context);
 
-    /// <summary>τ·mask, rescaled as <paramref name="norm"/> says. <see cref="RescaleNorm.L1"/> multiplies by
-    /// the float32 factor ‖τ‖₁ / ‖masked‖₁ (mergekit's <c>rescaled_masked_tensor</c>) with both norms summed in
-    /// float64, as DARE's L1 rescale does (<see cref="DropMask.L1Factor"/>): mergekit sums in float32, whose
-    /// bits depend on the summation order and so on torch's thread count.</summary>
+    /// <summary>τ·mask, rescaled as <paramref name="norm"/> says: divided by <paramref name="keepProbability"/>
+    /// (DARE's paper), or multiplied by the float32 factor ‖τ‖₁ / ‖masked‖₁ (mergekit's
+    /// <c>rescaled_masked_tensor</c>) with both norms summed in float64 (<see cref="DropMask.L1Factor"/>):
+    /// mergekit sums in float32, whose bits depend on the summation order and so on torch's thread count.</summary>
     private protected static Tensor Rescale(Tensor taskVector, Tensor mask, RescaleNorm norm, double keepProbability = 1)
     {
         var masked = taskVector * mask;
@@ -256,25 +256,7 @@ public sealed record RandomDrop : Sparsifier
 
         using var scope = NewDisposeScope();
         var keep = DropMask.Keep(taskVector, DropRate, stream);
-        var masked = taskVector.to(ScalarType.Float32) * keep;
-        switch (RescaleNorm)
-        {
-            case RescaleNorm.InverseKeepProbability:
-                masked.div_(1 - DropRate);
-                break;
-            case RescaleNorm.L1:
-                double before = taskVector.abs().sum(ScalarType.Float64).item<double>();
-                double after = masked.abs().sum(ScalarType.Float64).item<double>();
-                float factor = DropMask.L1Factor(before, after); // the CPU kernel's float32 factor, NaN included
-                if (factor != 1f)
-                {
-                    masked.mul_(factor);
-                }
-
-                break;
-        }
-
-        return masked.MoveToOuterDisposeScope();
+        return Rescale(taskVector.to(ScalarType.Float32), keep, RescaleNorm, 1 - DropRate).MoveToOuterDisposeScope();
     }
 
     /// <summary>The CPU kernel: the same mask, rescaled in the same float32 operations, with the L1

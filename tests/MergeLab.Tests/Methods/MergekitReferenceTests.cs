@@ -1,24 +1,19 @@
 using MergeLab.Methods;
 using MergeLab.Stages;
 using NUnit.Framework;
+using static MergeLab.Tests.ReferenceTaskVectors;
 
 namespace MergeLab.Tests.Methods;
 
 /// <summary>
 /// Reference values from the reference code itself: mergekit a6e4028's <c>sparsify</c> and
 /// <c>get_mask</c> with <c>GTATask.execute</c>'s arithmetic, and the PCB authors' <c>PCB_merge</c>, run with
-/// PyTorch in float32 on the PEFT reference vector's task vectors (τ1 = [.5, −1, .2, 0, 3, −.1],
-/// τ2 = [−.4, −2, .3, 1, −1.5, .05], τ3 = [.6, .5, −.9, −2, .7, .02]), weights [1, .5, 2], density .5,
+/// PyTorch in float32 on the reference vector's task vectors and weights (<see cref="ReferenceTaskVectors"/>), density .5,
 /// γ .2, each method as the CLI maps mergekit's config onto it. mergekit sums the L1 norms of its
 /// <c>rescale</c> in float32 and MergeLab in float64, so the values may differ in the last bits.
 /// </summary>
 public class MergekitReferenceTests
 {
-    private static readonly float[] Tau1 = [.5f, -1f, .2f, 0f, 3f, -.1f];
-    private static readonly float[] Tau2 = [-.4f, -2f, .3f, 1f, -1.5f, .05f];
-    private static readonly float[] Tau3 = [.6f, .5f, -.9f, -2f, .7f, .02f];
-    private static readonly double[] Weights = [1, .5, 2];
-
     [Test]
     public void Ties_with_rescale_matches_mergekit()
     {

@@ -1,21 +1,16 @@
 using MergeLab.Methods;
 using MergeLab.Stages;
 using NUnit.Framework;
+using static MergeLab.Tests.ReferenceTaskVectors;
 
 namespace MergeLab.Tests.Methods;
 
 /// <summary>
-/// The reference vector of the foundation issue, checked against PEFT's own code:
-/// τ1 = [.5, −1, .2, 0, 3, −.1], τ2 = [−.4, −2, .3, 1, −1.5, .05], τ3 = [.6, .5, −.9, −2, .7, .02],
-/// weights [1, .5, 2], density .5 (so 3 of 6 entries kept per task).
+/// The reference vector of the foundation issue (<see cref="ReferenceTaskVectors"/>), checked against PEFT's
+/// own code: density .5 (so 3 of 6 entries kept per task).
 /// </summary>
 public class PeftReferenceVectorTests
 {
-    private static readonly float[] Tau1 = [.5f, -1f, .2f, 0f, 3f, -.1f];
-    private static readonly float[] Tau2 = [-.4f, -2f, .3f, 1f, -1.5f, .05f];
-    private static readonly float[] Tau3 = [.6f, .5f, -.9f, -2f, .7f, .02f];
-    private static readonly double[] Weights = [1, .5, 2];
-
     [Test]
     public void Ties_total_matches_peft()
     {
