@@ -320,14 +320,14 @@ public sealed class MergePlan
         string? source = null;
         var own = input?.Model?.Parameters.GetValueOrDefault(p.Name);
         var shared = Config.Parameters.GetValueOrDefault(p.Name);
-        bool varies = false; // whether the value found depends on the tensor (a gradient, or a list of conditions)
+        ParameterValue? from = null; // the setting that answered
         if (own?.Resolve(tensorName, t) is double v1)
         {
-            (value, source, varies) = (v1, $"{input!.KeyPath}.parameters.{p.Name}", own.VariesByTensor);
+            (value, source, from) = (v1, $"{input!.KeyPath}.parameters.{p.Name}", own);
         }
         else if (shared?.Resolve(tensorName, t) is double v2)
         {
-            (value, source, varies) = (v2, $"parameters.{p.Name}", shared.VariesByTensor);
+            (value, source, from) = (v2, $"parameters.{p.Name}", shared);
         }
 
         value ??= p.Default;
@@ -350,7 +350,8 @@ public sealed class MergePlan
 
         if (p.Check(result) is { } problem)
         {
-            string where = varies ? $" (tensor '{tensorName}', layer position t = {t.ToString("0.###", CultureInfo.InvariantCulture)})" : "";
+            // Named only where the value found depends on the tensor (a gradient, or a list of conditions).
+            string where = from?.VariesByTensor == true ? $" (tensor '{tensorName}', layer position t = {t.ToString("0.###", CultureInfo.InvariantCulture)})" : "";
             throw Config.Error(source ?? "parameters", $"'{p.Name}' {problem}{where}.");
         }
 

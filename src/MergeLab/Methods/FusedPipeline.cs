@@ -597,14 +597,7 @@ internal static unsafe class FusedPipeline
                     var bse = inputs.Base.Block(start, length, tmp + block);
                     Subtract(e, bse, tau + ((long)j * stride), length);
                     Buffer.MemoryCopy(tau + ((long)j * stride), masked + ((long)j * stride), length * 4L, length * 4L);
-                    if (r.Kind == RuleKind.Random)
-                    {
-                        DropMask.Apply(r.Stream, r.Threshold, start, length, masked + ((long)j * stride));
-                    }
-                    else
-                    {
-                        Kernel.Mask(r, masked + ((long)j * stride), start, length);
-                    }
+                    Kernel.Mask(r, masked + ((long)j * stride), start, length);
                 }
 
                 if (count == lanes)
@@ -1721,8 +1714,8 @@ internal static unsafe class FusedPipeline
             }
         }
 
-        /// <summary>τ·mask of <paramref name="r"/> (a rule of one tensor, not a row window and not yet
-        /// rescaled) over the <paramref name="count"/> entries from flat index <paramref name="start"/> at
+        /// <summary>τ·mask of <paramref name="r"/> (a rule of one tensor, random or not, not a row window and
+        /// not yet rescaled) over the <paramref name="count"/> entries from flat index <paramref name="start"/> at
         /// <paramref name="values"/>, in place, 2·lanes at a time: the buffer must have room up to the next
         /// multiple of 2·lanes.</summary>
         public static void Mask(Rule r, float* values, long start, int count)

@@ -58,7 +58,13 @@ public abstract record Sparsifier
     /// (DARE's paper), or multiplied by the float32 factor ‖τ‖₁ / ‖masked‖₁ (mergekit's
     /// <c>rescaled_masked_tensor</c>) with both norms summed in float64 (<see cref="DropMask.L1Factor"/>):
     /// mergekit sums in float32, whose bits depend on the summation order and so on torch's thread count.</summary>
-    private protected static Tensor Rescale(Tensor taskVector, Tensor mask, RescaleNorm norm, double keepProbability = 1)
+    /// <param name="taskVector">τ in float32.</param>
+    /// <param name="mask">1 where kept, 0 elsewhere.</param>
+    /// <param name="norm">The rescale.</param>
+    /// <param name="keepProbability">DARE's 1 − p.</param>
+    /// <param name="magnitudes">|τ| when the caller has it (any shape with τ's entries in order), so the L1
+    /// norm need not take it again.</param>
+    private protected static Tensor Rescale(Tensor taskVector, Tensor mask, RescaleNorm norm, double keepProbability = 1, Tensor? magnitudes = null)
     {
         var masked = taskVector * mask;
         switch (norm)
@@ -66,7 +72,7 @@ public abstract record Sparsifier
             case RescaleNorm.InverseKeepProbability:
                 return masked.div_(keepProbability);
             case RescaleNorm.L1:
-                float factor = L1Factor(taskVector, masked);
+                float factor = L1Factor(taskVector, masked, magnitudes);
                 return factor == 1f ? masked : masked.mul_(factor);
             default:
                 return masked;
@@ -76,7 +82,7 @@ public abstract record Sparsifier
     /// <summary><see cref="DropMask.L1Factor"/> of ‖τ‖₁ and ‖masked‖₁, summed in float64: where the CPU
     /// kernels run, block by block (<see cref="DropMask.NormBlock"/>) in index order, as the fused kernel sums
     /// them; elsewhere by libtorch.</summary>
-    private static unsafe float L1Factor(Tensor taskVector, Tensor masked)
+    private static unsafe float L1Factor(Tensor taskVector, Tensor masked, Tensor? magnitudes)
     {
         if (MagnitudeThreshold.UseCpuKernels(taskVector) && masked.dtype == ScalarType.Float32 && masked.is_contiguous())
         {
@@ -98,8 +104,8 @@ public abstract record Sparsifier
             }
         }
 
-        using var absolute = taskVector.abs();
-        using var total = absolute.sum(ScalarType.Float64);
+        using var absolute = magnitudes is null ? taskVector.abs() : null;
+        using var total = (magnitudes ?? absolute!).sum(ScalarType.Float64);
         using var keptAbsolute = masked.abs();
         using var keptTotal = keptAbsolute.sum(ScalarType.Float64);
         return DropMask.L1Factor(total.item<double>(), keptTotal.item<double>());
@@ -153,7 +159,7 @@ public sealed record TopKMagnitude : Sparsifier
         using var scope = NewDisposeScope();
         using var magnitudes = taskVector.abs();
         var mask = MagnitudeThreshold.TopKMask(magnitudes, FloorCount(taskVector.numel(), Density));
-        return Rescale(taskVector, mask, RescaleNorm).MoveToOuterDisposeScope();
+        return Rescale(taskVector, mask, RescaleNorm, magnitudes: magnitudes).MoveToOuterDisposeScope();
     }
 }
 
@@ -397,6 +403,6 @@ public sealed record BreadcrumbsMask : Sparsifier
         }
 
         var mask = MagnitudeThreshold.RankWindowMask(magnitudes, low, high).view(taskVector.shape);
-        return Rescale(taskVector, mask, RescaleNorm).MoveToOuterDisposeScope();
+        return Rescale(taskVector, mask, RescaleNorm, magnitudes: magnitudes).MoveToOuterDisposeScope();
     }
 }
