@@ -10,7 +10,7 @@ namespace MergeLab.Benchmarks;
 
 /// <summary>
 /// <c>e2e --dir DIR [--params 1B] [--models 4] [--seed 1] [--method ties] [--nonfinite fail|pass]
-/// [--read map|copy] [--omp-passive] [--cold] [--repeat 3] [--keep]</c>: the end-to-end
+/// [--read map|copy] [--omp-passive] [--cold] [--repeat 3] [--keep] [--clean]</c>: the end-to-end
 /// streaming merge. Generates the synthetic checkpoints into DIR unless they are there, then measures,
 /// on the same files:
 /// <list type="number">
@@ -33,7 +33,8 @@ namespace MergeLab.Benchmarks;
 /// so that a drift of the machine's speed (large on a shared virtual machine) falls on all of them alike;
 /// the table gives each step's median and range, and each throughput ratio is the median of the rounds'
 /// own ratios. A failed merge ends the rounds and prints no table.
-/// The output (and, without --keep, the generated checkpoints) is deleted at the end.
+/// The output is deleted at the end, and so are the checkpoints this run generated (unless <c>--keep</c>) or found
+/// there already (with <c>--clean</c>).
 /// </summary>
 public static class EndToEnd
 {
@@ -42,14 +43,29 @@ public static class EndToEnd
         var options = Args.Parse(args);
         string dir = Path.GetFullPath(options.Get("dir") ?? throw new ArgumentException("e2e needs --dir DIR."));
         string method = options.Get("method") ?? "ties";
-        int experts = int.Parse(options.Get("models") ?? "4", CultureInfo.InvariantCulture);
+        if (MethodCatalog.Find(method) is null)
+        {
+            throw new ArgumentException(MethodCatalog.UnknownMethodProblem(method)); // before generating gigabytes
+        }
+
+        if (options.Get("nonfinite") is { } nonFiniteMode and not ("fail" or "pass"))
+        {
+            throw new ArgumentException($"--nonfinite must be fail or pass, not '{nonFiniteMode}'.");
+        }
+
+        if (options.Get("read") is { } mode and not ("map" or "copy"))
+        {
+            throw new ArgumentException($"--read must be map or copy, not '{mode}'.");
+        }
+
+        int experts = options.Models();
         bool generated = false;
         if (!Directory.Exists(Path.Combine(dir, "base")))
         {
-            var shape = LlamaShape.Known.First(s => s.Name.Equals(options.Get("params") ?? "1B", StringComparison.OrdinalIgnoreCase));
+            var shape = options.Shape();
             Console.WriteLine($"Generating {experts} experts and a base ({shape.Name}) in {dir} ...");
             var sw = Stopwatch.StartNew();
-            SyntheticCheckpoints.Generate(dir, shape, experts, long.Parse(options.Get("seed") ?? "1", CultureInfo.InvariantCulture), 1_000_000_000);
+            SyntheticCheckpoints.Generate(dir, shape, experts, options.Long("seed", 1), 1_000_000_000);
             Console.WriteLine($"  generated in {sw.Elapsed.TotalSeconds:F1} s");
             generated = true;
         }
@@ -63,10 +79,10 @@ public static class EndToEnd
 
         try
         {
-            int repeat = int.Parse(options.Get("repeat") ?? "3", CultureInfo.InvariantCulture);
-            if (repeat < 1)
+            long repeat = options.Long("repeat", 3);
+            if (repeat is < 1 or > 1000)
             {
-                throw new ArgumentException("--repeat must be at least 1.");
+                throw new ArgumentException($"--repeat must be between 1 and 1000, not {repeat}.");
             }
 
             torch.set_num_threads(2);

@@ -14,14 +14,25 @@ using BenchmarkDotNet.Running;
 using BenchmarkDotNet.Toolchains.InProcess.Emit;
 using MergeLab.Benchmarks;
 
-if (args.Length > 0 && args[0] == "generate")
+try
 {
-    return SyntheticCheckpoints.Run(args[1..]);
-}
+    if (args.Length > 0 && args[0] == "generate")
+    {
+        return SyntheticCheckpoints.Run(args[1..]);
+    }
 
-if (args.Length > 0 && args[0] == "e2e")
+    if (args.Length > 0 && args[0] == "e2e")
+    {
+        return EndToEnd.Run(args[1..]);
+    }
+}
+catch (ArgumentException e)
 {
-    return EndToEnd.Run(args[1..]);
+    // A mistyped option is the user's to fix: the message, the usage, no stack trace.
+    Console.Error.WriteLine($"error: {e.Message}");
+    Console.Error.WriteLine("usage: generate --out DIR [--params tiny|100M|1B|7B] [--models 4] [--seed 1] [--shard-size 1GB]");
+    Console.Error.WriteLine("       e2e --dir DIR [--params 1B] [--models 4] [--seed 1] [--method ties] [--nonfinite fail|pass] [--read map|copy] [--omp-passive] [--cold] [--repeat 3] [--keep] [--clean]");
+    return 2;
 }
 
 // --device cpu|cuda is ours; everything else goes to BenchmarkDotNet.
@@ -30,12 +41,14 @@ for (int i = 0; i < args.Length; i++)
 {
     if (args[i] == "--device" && i + 1 < args.Length)
     {
-        BenchmarkDevice.Name = args[++i].ToLowerInvariant() switch
+        string device = args[++i].ToLowerInvariant();
+        if (device is not ("cpu" or "cuda"))
         {
-            "cpu" => "cpu",
-            "cuda" => "cuda",
-            var other => throw new ArgumentException($"--device must be cpu or cuda, not '{other}'."),
-        };
+            Console.Error.WriteLine($"error: --device must be cpu or cuda, not '{args[i]}'.");
+            return 2;
+        }
+
+        BenchmarkDevice.Name = device;
     }
     else
     {

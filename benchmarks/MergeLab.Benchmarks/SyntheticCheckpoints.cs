@@ -77,10 +77,9 @@ public static class SyntheticCheckpoints
     {
         var options = Args.Parse(args);
         string output = options.Get("out") ?? throw new ArgumentException("generate needs --out DIR.");
-        var shape = LlamaShape.Known.FirstOrDefault(s => s.Name.Equals(options.Get("params") ?? "1B", StringComparison.OrdinalIgnoreCase))
-            ?? throw new ArgumentException($"--params must be one of {string.Join(", ", LlamaShape.Known.Select(s => s.Name))}.");
-        int experts = int.Parse(options.Get("models") ?? "4", CultureInfo.InvariantCulture);
-        long seed = long.Parse(options.Get("seed") ?? "1", CultureInfo.InvariantCulture);
+        var shape = options.Shape();
+        int experts = options.Models();
+        long seed = options.Long("seed", 1);
         long shardBytes = Args.Bytes(options.Get("shard-size") ?? "1GB");
         var sw = System.Diagnostics.Stopwatch.StartNew();
         var dirs = Generate(output, shape, experts, seed, shardBytes);
@@ -176,11 +175,34 @@ internal sealed class Args
 
     public bool Has(string name) => _values.ContainsKey(name);
 
+    /// <summary>The integer option <c>--name</c>, or <paramref name="fallback"/> when it is absent.</summary>
+    public long Long(string name, long fallback) =>
+        Get(name) is not { } text ? fallback
+        : long.TryParse(text, NumberStyles.Integer, CultureInfo.InvariantCulture, out long value) ? value
+        : throw new ArgumentException($"--{name} must be an integer, not '{text}'.");
+
+    /// <summary><c>--models</c>: how many experts (default 4, at least 1).</summary>
+    public int Models()
+    {
+        long models = Long("models", 4);
+        return models is >= 1 and <= 64 ? (int)models : throw new ArgumentException($"--models must be between 1 and 64, not {models}.");
+    }
+
+    /// <summary><c>--params</c>: one of <see cref="LlamaShape.Known"/> by name (default 1B).</summary>
+    public LlamaShape Shape()
+    {
+        string name = Get("params") ?? "1B";
+        return LlamaShape.Known.FirstOrDefault(s => s.Name.Equals(name, StringComparison.OrdinalIgnoreCase))
+            ?? throw new ArgumentException($"--params must be one of {string.Join(", ", LlamaShape.Known.Select(s => s.Name))}, not '{name}'.");
+    }
+
     /// <summary>"1GB", "500MB", "123" (bytes).</summary>
     public static long Bytes(string text)
     {
-        text = text.Trim().ToUpperInvariant();
-        long unit = text.EndsWith("GB", StringComparison.Ordinal) ? 1_000_000_000 : text.EndsWith("MB", StringComparison.Ordinal) ? 1_000_000 : 1;
-        return (long)(double.Parse(unit == 1 ? text : text[..^2], CultureInfo.InvariantCulture) * unit);
+        string upper = text.Trim().ToUpperInvariant();
+        long unit = upper.EndsWith("GB", StringComparison.Ordinal) ? 1_000_000_000 : upper.EndsWith("MB", StringComparison.Ordinal) ? 1_000_000 : 1;
+        return double.TryParse(unit == 1 ? upper : upper[..^2], NumberStyles.Float, CultureInfo.InvariantCulture, out double value) && value >= 1 && value * unit < long.MaxValue
+            ? (long)(value * unit)
+            : throw new ArgumentException($"A size must be a positive number of bytes, MB or GB (e.g. 1GB or 500MB), not '{text}'.");
     }
 }
