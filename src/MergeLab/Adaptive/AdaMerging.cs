@@ -500,21 +500,25 @@ public sealed class AdaMerging
             }
         }
 
-        /// <summary>Copies θ0 + λ·τ into the module (no autograd history).</summary>
+        /// <summary>Copies θ0 + λ·τ into the module (no autograd history). The coefficients go to each
+        /// device once, as one [T, layers] tensor, so a GPU module is not waited on once per tensor.</summary>
         public void Load(double[,] coefficients, int[] layerOfName)
         {
             using var noGrad = no_grad();
             using var scope = NewDisposeScope();
-            int taskCount = coefficients.GetLength(0);
+            var onHost = tensor(coefficients, ScalarType.Float64);
+            var onDevice = new Dictionary<(DeviceType, int), Tensor>();
             for (int i = 0; i < _names.Count; i++)
             {
-                var lambda = new double[taskCount];
-                for (int t = 0; t < taskCount; t++)
+                var device = _stacked[i].device;
+                if (!onDevice.TryGetValue((device.type, device.index), out var all))
                 {
-                    lambda[t] = coefficients[t, layerOfName[i]];
+                    all = onHost.to(device);
+                    onDevice.Add((device.type, device.index), all);
                 }
 
-                var l = tensor(lambda, ScalarType.Float64, _stacked[i].device).to(_stacked[i].dtype);
+                // Contiguous, as the vector of one layer's coefficients was before they travelled together.
+                var l = all.select(1, layerOfName[i]).to(_stacked[i].dtype).contiguous();
                 var merged = _base[i] + l.matmul(_stacked[i]).view(_base[i].shape);
                 _targets[i].copy_(merged);
             }
@@ -527,9 +531,13 @@ public sealed class AdaMerging
         {
             int taskCount = (int)_stacked[0].shape[0];
             var total = new Tensor?[_parameterIndex.Length];
-            double entropy = 0;
-            var gradient = new double[taskCount, layerCount];
             using var scope = NewDisposeScope();
+            // The loss and the gradient add up on the device, in the order and float64 arithmetic the host
+            // would use (a sum starting at 0, one term at a time), and come back once per step: on a GPU,
+            // reading each term back would wait for the device once per task and per parameter chunk.
+            var device = _stacked[_parameterIndex.Length > 0 ? _parameterIndex[0] : 0].device;
+            var entropy = zeros(1, ScalarType.Float64, device);
+            var gradient = zeros([taskCount, layerCount], ScalarType.Float64, device);
             for (int t = 0; t < taskCount; t++)
             {
                 using var taskScope = NewDisposeScope();
@@ -555,7 +563,7 @@ public sealed class AdaMerging
                     }
                 }
 
-                entropy += h.to(ScalarType.Float64).item<double>();
+                entropy.add_(h.detach().to(ScalarType.Float64).view(1).to(device));
             }
 
             for (int j = 0; j < _parameterIndex.Length; j++)
@@ -566,6 +574,7 @@ public sealed class AdaMerging
                 }
 
                 int i = _parameterIndex[j];
+                var column = gradient.select(1, layerOfName[i]);
                 // ⟨∂L/∂θ_p, τ_{t,p}⟩ for every task at once: [T, n] @ [n] in float64, over column chunks
                 // so that the float64 copy of τ stays small however large the parameter is.
                 var flat = g.flatten();
@@ -575,16 +584,22 @@ public sealed class AdaMerging
                     using var chunkScope = NewDisposeScope();
                     long length = Math.Min(_innerProductChunk, n - start);
                     var inner = _stacked[i].narrow(1, start, length).to(ScalarType.Float64)
-                        .matmul(flat.narrow(0, start, length).to(ScalarType.Float64)).cpu();
-                    var values = inner.data<double>().ToArray();
-                    for (int t = 0; t < taskCount; t++)
-                    {
-                        gradient[t, layerOfName[i]] += values[t];
-                    }
+                        .matmul(flat.narrow(0, start, length).to(ScalarType.Float64));
+                    column.add_(inner.to(device));
                 }
             }
 
-            return (entropy, gradient);
+            var values = cat([entropy, gradient.flatten()]).cpu().data<double>().ToArray();
+            var result = new double[taskCount, layerCount];
+            for (int t = 0; t < taskCount; t++)
+            {
+                for (int l = 0; l < layerCount; l++)
+                {
+                    result[t, l] = values[1 + t * layerCount + l];
+                }
+            }
+
+            return (values[0], result);
         }
 
         /// <summary>The module's state dict with the merged tensors replaced, in state-dict order.</summary>
