@@ -40,34 +40,57 @@ public static class EndToEnd
 {
     public static int Run(string[] args)
     {
-        var options = Args.Parse(args);
-        string dir = Path.GetFullPath(options.Get("dir") ?? throw new ArgumentException("e2e needs --dir DIR."));
+        var options = Args.Parse(args, "e2e", ["dir", "params", "models", "seed", "method", "nonfinite", "read", "repeat"], ["omp-passive", "cold", "keep", "clean"]);
+        // Every option is checked before gigabytes are generated or read.
+        string dir = Path.GetFullPath(options.Get("dir") ?? throw new UsageException("e2e needs --dir DIR."));
         string method = options.Get("method") ?? "ties";
         if (MethodCatalog.Find(method) is null)
         {
-            throw new ArgumentException(MethodCatalog.UnknownMethodProblem(method)); // before generating gigabytes
+            throw new UsageException(MethodCatalog.UnknownMethodProblem(method));
         }
 
         if (options.Get("nonfinite") is { } nonFiniteMode and not ("fail" or "pass"))
         {
-            throw new ArgumentException($"--nonfinite must be fail or pass, not '{nonFiniteMode}'.");
+            throw new UsageException($"--nonfinite must be fail or pass, not '{nonFiniteMode}'.");
         }
 
         if (options.Get("read") is { } mode and not ("map" or "copy"))
         {
-            throw new ArgumentException($"--read must be map or copy, not '{mode}'.");
+            throw new UsageException($"--read must be map or copy, not '{mode}'.");
+        }
+
+        long repeat = options.Long("repeat", 3);
+        if (repeat is < 1 or > 1000)
+        {
+            throw new UsageException($"--repeat must be between 1 and 1000, not {repeat}.");
+        }
+
+        bool cold = options.Has("cold");
+        if (cold && !OperatingSystem.IsLinux())
+        {
+            throw new UsageException("--cold drops files from the page cache with posix_fadvise, which needs Linux.");
         }
 
         int experts = options.Models();
+        var shape = options.Shape();
+        long seed = options.Long("seed", 1);
         bool generated = false;
         if (!Directory.Exists(Path.Combine(dir, "base")))
         {
-            var shape = options.Shape();
             Console.WriteLine($"Generating {experts} experts and a base ({shape.Name}) in {dir} ...");
             var sw = Stopwatch.StartNew();
-            SyntheticCheckpoints.Generate(dir, shape, experts, options.Long("seed", 1), 1_000_000_000);
+            SyntheticCheckpoints.Generate(dir, shape, experts, seed, 1_000_000_000);
             Console.WriteLine($"  generated in {sw.Elapsed.TotalSeconds:F1} s");
             generated = true;
+        }
+        else if (options.Has("params") || options.Has("seed"))
+        {
+            Console.WriteLine($"Using the checkpoints already in {dir}: --params and --seed only apply when they are generated.");
+        }
+
+        if (Enumerable.Range(1, experts).Select(k => Path.Combine(dir, $"expert-{k}")).FirstOrDefault(d => !Directory.Exists(d)) is { } missing)
+        {
+            throw new UsageException($"{dir} has no {Path.GetFileName(missing)} for --models {experts}; give fewer models, or a new --dir to generate them.");
         }
 
         var models = new[] { Path.Combine(dir, "base") }.Concat(Enumerable.Range(1, experts).Select(k => Path.Combine(dir, $"expert-{k}"))).ToArray();
@@ -79,12 +102,6 @@ public static class EndToEnd
 
         try
         {
-            long repeat = options.Long("repeat", 3);
-            if (repeat is < 1 or > 1000)
-            {
-                throw new ArgumentException($"--repeat must be between 1 and 1000, not {repeat}.");
-            }
-
             torch.set_num_threads(2);
             var outputSizes = Directory.GetFiles(models[0], "*.safetensors").Select(f => new FileInfo(f).Length).ToArray();
             long outputBytes = outputSizes.Sum();
@@ -98,12 +115,6 @@ public static class EndToEnd
             if (options.Get("read") is { } readMode)
             {
                 extra.AddRange(["--read", readMode]);
-            }
-
-            bool cold = options.Has("cold");
-            if (cold && !OperatingSystem.IsLinux())
-            {
-                throw new ArgumentException("--cold drops files from the page cache with posix_fadvise, which needs Linux.");
             }
 
             if (!cold)

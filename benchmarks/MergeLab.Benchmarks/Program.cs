@@ -26,7 +26,7 @@ try
         return EndToEnd.Run(args[1..]);
     }
 }
-catch (ArgumentException e)
+catch (UsageException e)
 {
     // A mistyped option is the user's to fix: the message, the usage, no stack trace.
     Console.Error.WriteLine($"error: {e.Message}");
@@ -39,12 +39,13 @@ catch (ArgumentException e)
 var rest = new List<string>();
 for (int i = 0; i < args.Length; i++)
 {
-    if (args[i] == "--device" && i + 1 < args.Length)
+    if (args[i] == "--device")
     {
-        string device = args[++i].ToLowerInvariant();
+        string device = i + 1 < args.Length ? args[++i].ToLowerInvariant() : "";
         if (device is not ("cpu" or "cuda"))
         {
-            Console.Error.WriteLine($"error: --device must be cpu or cuda, not '{args[i]}'.");
+            Console.Error.WriteLine($"error: --device must be cpu or cuda{(device.Length > 0 ? $", not '{args[i]}'" : "")}.");
+            Console.Error.WriteLine("usage: [--filter PATTERN ...] [--device cpu|cuda] [BenchmarkDotNet options]");
             return 2;
         }
 

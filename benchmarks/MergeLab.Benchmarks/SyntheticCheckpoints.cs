@@ -75,8 +75,8 @@ public static class SyntheticCheckpoints
 {
     public static int Run(string[] args)
     {
-        var options = Args.Parse(args);
-        string output = options.Get("out") ?? throw new ArgumentException("generate needs --out DIR.");
+        var options = Args.Parse(args, "generate", ["out", "params", "models", "seed", "shard-size"], []);
+        string output = options.Get("out") ?? throw new UsageException("generate needs --out DIR.");
         var shape = options.Shape();
         int experts = options.Models();
         long seed = options.Long("seed", 1);
@@ -148,24 +148,58 @@ public static class SyntheticCheckpoints
         (ulong)seed * 0x9E3779B97F4A7C15UL ^ ((ulong)model << 40) ^ (ulong)tensor * 0xBF58476D1CE4E5B9UL;
 }
 
-/// <summary>Minimal <c>--name value</c> parsing for the non-BenchmarkDotNet commands.</summary>
+/// <summary>A mistake in a benchmark command's arguments: reported with the usage, not as a crash.</summary>
+public sealed class UsageException : Exception
+{
+    public UsageException()
+    {
+    }
+
+    public UsageException(string message)
+        : base(message)
+    {
+    }
+
+    public UsageException(string message, Exception innerException)
+        : base(message, innerException)
+    {
+    }
+}
+
+/// <summary>Minimal <c>--name value</c> parsing for the non-BenchmarkDotNet commands: each command names
+/// the options that take a value and the flags it knows; anything else is a <see cref="UsageException"/>.</summary>
 internal sealed class Args
 {
     private readonly Dictionary<string, string?> _values = new(StringComparer.Ordinal);
 
-    public static Args Parse(string[] args)
+    public static Args Parse(string[] args, string command, IReadOnlyCollection<string> values, IReadOnlyCollection<string> flags)
     {
         var result = new Args();
         for (int i = 0; i < args.Length; i++)
         {
             if (!args[i].StartsWith("--", StringComparison.Ordinal))
             {
-                throw new ArgumentException($"Unexpected argument '{args[i]}'.");
+                throw new UsageException($"Unexpected argument '{args[i]}'.");
             }
 
             string name = args[i][2..];
-            string? value = i + 1 < args.Length && !args[i + 1].StartsWith("--", StringComparison.Ordinal) ? args[++i] : null;
-            result._values[name] = value;
+            if (flags.Contains(name))
+            {
+                result._values[name] = null;
+            }
+            else if (values.Contains(name))
+            {
+                if (i + 1 >= args.Length || args[i + 1].StartsWith("--", StringComparison.Ordinal))
+                {
+                    throw new UsageException($"--{name} needs a value.");
+                }
+
+                result._values[name] = args[++i];
+            }
+            else
+            {
+                throw new UsageException($"{command} has no option '--{name}'.");
+            }
         }
 
         return result;
@@ -179,13 +213,13 @@ internal sealed class Args
     public long Long(string name, long fallback) =>
         Get(name) is not { } text ? fallback
         : long.TryParse(text, NumberStyles.Integer, CultureInfo.InvariantCulture, out long value) ? value
-        : throw new ArgumentException($"--{name} must be an integer, not '{text}'.");
+        : throw new UsageException($"--{name} must be an integer, not '{text}'.");
 
     /// <summary><c>--models</c>: how many experts (default 4, at least 1).</summary>
     public int Models()
     {
         long models = Long("models", 4);
-        return models is >= 1 and <= 64 ? (int)models : throw new ArgumentException($"--models must be between 1 and 64, not {models}.");
+        return models is >= 1 and <= int.MaxValue ? (int)models : throw new UsageException($"--models must be at least 1, not {models}.");
     }
 
     /// <summary><c>--params</c>: one of <see cref="LlamaShape.Known"/> by name (default 1B).</summary>
@@ -193,16 +227,17 @@ internal sealed class Args
     {
         string name = Get("params") ?? "1B";
         return LlamaShape.Known.FirstOrDefault(s => s.Name.Equals(name, StringComparison.OrdinalIgnoreCase))
-            ?? throw new ArgumentException($"--params must be one of {string.Join(", ", LlamaShape.Known.Select(s => s.Name))}, not '{name}'.");
+            ?? throw new UsageException($"--params must be one of {string.Join(", ", LlamaShape.Known.Select(s => s.Name))}, not '{name}'.");
     }
 
-    /// <summary>"1GB", "500MB", "123" (bytes).</summary>
+    /// <summary>"1GB", "500MB", "0.5GB", "123" (bytes): at least one byte.</summary>
     public static long Bytes(string text)
     {
         string upper = text.Trim().ToUpperInvariant();
         long unit = upper.EndsWith("GB", StringComparison.Ordinal) ? 1_000_000_000 : upper.EndsWith("MB", StringComparison.Ordinal) ? 1_000_000 : 1;
-        return double.TryParse(unit == 1 ? upper : upper[..^2], NumberStyles.Float, CultureInfo.InvariantCulture, out double value) && value >= 1 && value * unit < long.MaxValue
+        return double.TryParse(unit == 1 ? upper : upper[..^2], NumberStyles.Float | NumberStyles.AllowThousands, CultureInfo.InvariantCulture, out double value)
+            && value * unit >= 1 && value * unit < long.MaxValue
             ? (long)(value * unit)
-            : throw new ArgumentException($"A size must be a positive number of bytes, MB or GB (e.g. 1GB or 500MB), not '{text}'.");
+            : throw new UsageException($"A size must be a positive number of bytes, MB or GB (e.g. 1GB or 500MB), not '{text}'.");
     }
 }
