@@ -183,8 +183,9 @@ internal static class MergeCommand
         {
             device = new torch.Device(name);
         }
-        catch (ArgumentException)
+        catch (Exception e) when (e is ArgumentException or FormatException or OverflowException)
         {
+            // TorchSharp's parser throws FormatException for an index that is not a number (cuda:x).
             throw new ArgumentException($"--device {name}: not a device; use cpu, cuda or cuda:N.");
         }
 

@@ -225,6 +225,12 @@ public class CliTests
         Assert.That(exit, Is.EqualTo(1));
         Assert.That(error, Does.Contain("--device gpu").And.Contain("cpu, cuda or cuda:N"));
 
+        // An index that is not a number: TorchSharp's parser throws FormatException, not ArgumentException.
+        (exit, _, error) = Run("merge", "config.yaml", "out", "--device", "cuda:x");
+        Assert.That(exit, Is.EqualTo(1));
+        Assert.That(error.TrimEnd().Split('\n'), Has.Length.EqualTo(1));
+        Assert.That(error, Does.Contain("--device cuda:x").And.Contain("cpu, cuda or cuda:N"));
+
         // A mistyped command is named (System.CommandLine reports the missing command first).
         (exit, _, error) = Run("marge", "config.yaml", "out");
         Assert.That(exit, Is.EqualTo(1));
