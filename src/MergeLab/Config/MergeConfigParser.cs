@@ -73,6 +73,22 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
         };
     }
 
+    /// <summary>The 1-based number of the first line whose indentation holds a tab, or null.</summary>
+    private static int? FirstTabIndentedLine(string yaml)
+    {
+        var lines = yaml.Split('\n');
+        for (int i = 0; i < lines.Length; i++)
+        {
+            string indentation = lines[i][..(lines[i].Length - lines[i].TrimStart(' ', '\t').Length)];
+            if (indentation.Contains('\t', StringComparison.Ordinal))
+            {
+                return i + 1;
+            }
+        }
+
+        return null;
+    }
+
     private YamlNode LoadRoot(string yaml)
     {
         if (yaml.Length > options.MaxLength)
@@ -90,8 +106,15 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
         }
         catch (YamlException e)
         {
-            // YamlDotNet reports a repeated key as a YamlException too, with the key's position.
+            // YamlDotNet reports a repeated key as a YamlException too, with the key's position. A tab in
+            // the indentation it reports at the start of the enclosing mapping (line 1 for the top level),
+            // so that line is found here: YAML allows no tab there.
             int? line = e.Start.Line > 0 ? (int)e.Start.Line : null;
+            if (e.Message.Contains("tab", StringComparison.Ordinal) && FirstTabIndentedLine(yaml) is int tabbed)
+            {
+                line = tabbed;
+            }
+
             throw new MergeConfigException(sourcePath, line, null, $"invalid YAML: {e.Message}", e);
         }
         catch (Exception e) when (e is InvalidOperationException or ArgumentException)

@@ -237,6 +237,11 @@ public class MergeConfigParseTests
             """))!;
         Assert.That(duplicate.Message, Does.Contain("line 3"));
 
+        // A tab in the indentation: YamlDotNet puts it at the enclosing mapping's start (line 1 here);
+        // the message names the tabbed line.
+        var tab = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("merge_method: linear\nmodels:\n  - model: a\n\t- model: b\n", "x.yml"))!;
+        Assert.That(tab.Message, Does.Contain("line 4").And.Contain("tab"));
+
         Assert.That(() => MergeConfig.Parse("models: [{model: a}]\n"), Throws.TypeOf<MergeConfigException>().With.Message.Contain("'merge_method' is required"));
         Assert.That(() => MergeConfig.Parse("merge_method: linear\n"), Throws.TypeOf<MergeConfigException>().With.Message.Contain("'models' is required"));
         Assert.That(() => MergeConfig.Parse(""), Throws.TypeOf<MergeConfigException>().With.Message.Contain("empty"));
