@@ -14,25 +14,29 @@ using BenchmarkDotNet.Running;
 using BenchmarkDotNet.Toolchains.InProcess.Emit;
 using MergeLab.Benchmarks;
 
-try
+const string Usage = """
+    usage: generate --out DIR [--params tiny|100M|1B|7B] [--models 4] [--seed 1] [--shard-size 1GB]
+           e2e --dir DIR [--params 1B] [--models 4] [--seed 1] [--method ties] [--nonfinite fail|pass] [--read map|copy] [--omp-passive] [--cold] [--repeat 3] [--keep] [--clean]
+    """;
+if (args.Length > 0 && args[0] is "generate" or "e2e")
 {
-    if (args.Length > 0 && args[0] == "generate")
+    if (args.Skip(1).Any(a => a is "--help" or "-h" or "-?"))
     {
-        return SyntheticCheckpoints.Run(args[1..]);
+        Console.WriteLine(Usage);
+        return 0;
     }
 
-    if (args.Length > 0 && args[0] == "e2e")
+    try
     {
-        return EndToEnd.Run(args[1..]);
+        return args[0] == "generate" ? SyntheticCheckpoints.Run(args[1..]) : EndToEnd.Run(args[1..]);
     }
-}
-catch (UsageException e)
-{
-    // A mistyped option is the user's to fix: the message, the usage, no stack trace.
-    Console.Error.WriteLine($"error: {e.Message}");
-    Console.Error.WriteLine("usage: generate --out DIR [--params tiny|100M|1B|7B] [--models 4] [--seed 1] [--shard-size 1GB]");
-    Console.Error.WriteLine("       e2e --dir DIR [--params 1B] [--models 4] [--seed 1] [--method ties] [--nonfinite fail|pass] [--read map|copy] [--omp-passive] [--cold] [--repeat 3] [--keep] [--clean]");
-    return 2;
+    catch (UsageException e)
+    {
+        // A mistyped option is the user's to fix: the message, the usage, no stack trace.
+        Console.Error.WriteLine($"error: {e.Message}");
+        Console.Error.WriteLine(Usage);
+        return 2;
+    }
 }
 
 // --device cpu|cuda is ours; everything else goes to BenchmarkDotNet.
