@@ -44,10 +44,7 @@ public static class EndToEnd
         // Every option is checked before gigabytes are generated or read.
         string dir = Path.GetFullPath(options.Get("dir") ?? throw new UsageException("e2e needs --dir DIR."));
         string method = options.Get("method") ?? "ties";
-        if (MethodCatalog.Find(method) is null)
-        {
-            throw new UsageException(MethodCatalog.UnknownMethodProblem(method));
-        }
+        var spec = MethodCatalog.Find(method) ?? throw new UsageException(MethodCatalog.UnknownMethodProblem(method));
 
         if (options.Get("nonfinite") is { } nonFiniteMode and not ("fail" or "pass"))
         {
@@ -88,17 +85,17 @@ public static class EndToEnd
             Console.WriteLine($"Using the checkpoints already in {dir}: --params and --seed only apply when they are generated.");
         }
 
-        if (Enumerable.Range(1, experts).Select(k => Path.Combine(dir, $"expert-{k}")).FirstOrDefault(d => !Directory.Exists(d)) is { } missing)
+        var models = new[] { Path.Combine(dir, "base") }.Concat(Enumerable.Range(1, experts).Select(k => Path.Combine(dir, $"expert-{k}"))).ToArray();
+        if (models.Skip(1).FirstOrDefault(d => !Directory.Exists(d)) is { } missing)
         {
             throw new UsageException($"{dir} has no {Path.GetFileName(missing)} for --models {experts}; give fewer models, or a new --dir to generate them.");
         }
 
-        var models = new[] { Path.Combine(dir, "base") }.Concat(Enumerable.Range(1, experts).Select(k => Path.Combine(dir, $"expert-{k}"))).ToArray();
         var files = models.SelectMany(m => Directory.GetFiles(m, "*.safetensors")).ToArray();
         long inputBytes = files.Sum(f => new FileInfo(f).Length);
         string output = Path.Combine(dir, "merged");
         string config = Path.Combine(dir, $"{method}.yaml");
-        File.WriteAllText(config, Config(method, models));
+        File.WriteAllText(config, Config(spec, models));
 
         try
         {
@@ -228,15 +225,14 @@ public static class EndToEnd
 
     /// <summary>The merge config: each expert with weight 1 and density 0.2 where <paramref name="method"/>
     /// takes them per model (PCB takes neither), the method's defaults otherwise.</summary>
-    private static string Config(string method, string[] models)
+    private static string Config(MethodSpec spec, string[] models)
     {
-        var spec = MethodCatalog.Find(method) ?? throw new ArgumentException(MethodCatalog.UnknownMethodProblem(method));
         var perModel = new[] { ("weight", "1.0"), ("density", "0.2") }
             .Where(p => spec.Find(p.Item1)?.Scope == ParameterScope.PerModel)
             .Select(p => $"{p.Item1}: {p.Item2}")
             .ToArray();
         var yaml = new StringBuilder();
-        yaml.AppendLine(CultureInfo.InvariantCulture, $"merge_method: {method}");
+        yaml.AppendLine(CultureInfo.InvariantCulture, $"merge_method: {spec.Name}");
         yaml.AppendLine(CultureInfo.InvariantCulture, $"base_model: {models[0]}");
         yaml.AppendLine("models:");
         foreach (var m in models.Skip(1))

@@ -77,16 +77,8 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
     private static int? FirstTabIndentedLine(string yaml)
     {
         var lines = yaml.Split('\n');
-        for (int i = 0; i < lines.Length; i++)
-        {
-            string indentation = lines[i][..(lines[i].Length - lines[i].TrimStart(' ', '\t').Length)];
-            if (indentation.Contains('\t', StringComparison.Ordinal))
-            {
-                return i + 1;
-            }
-        }
-
-        return null;
+        int index = Array.FindIndex(lines, line => line.TakeWhile(c => c is ' ' or '\t').Contains('\t'));
+        return index < 0 ? null : index + 1;
     }
 
     private YamlNode LoadRoot(string yaml)

@@ -561,7 +561,8 @@ internal static unsafe class FusedPipeline
         for (int k = 0; k < rules.Length; k++)
         {
             var r = rules[k];
-            if (r.Rescale != RescaleNorm.L1)
+            // KeepAll (density 1) is never rescaled: mergekit returns τ as it is there, and so does the kernel.
+            if (r.Rescale != RescaleNorm.L1 || r.Kind == RuleKind.KeepAll)
             {
                 continue;
             }
@@ -589,10 +590,11 @@ internal static unsafe class FusedPipeline
                 var tmp = scratch + (2 * lanes * stride);
                 long first = g < groups ? g * lanes : (groups * lanes) + (g - groups);
                 int count = g < groups ? lanes : 1;
+                int length = 0;
                 for (int j = 0; j < count; j++)
                 {
                     long start = (first + j) * block;
-                    int length = (int)Math.Min(block, n - start);
+                    length = (int)Math.Min(block, n - start);
                     var e = expert.Block(start, length, tmp);
                     var bse = inputs.Base.Block(start, length, tmp + block);
                     Subtract(e, bse, tau + ((long)j * stride), length);
@@ -609,7 +611,7 @@ internal static unsafe class FusedPipeline
                 }
                 else
                 {
-                    norms[first] = DropMask.BlockNorms(tau, masked, (int)Math.Min(block, n - (first * block)));
+                    norms[first] = DropMask.BlockNorms(tau, masked, length); // one block, perhaps the short last one
                 }
             });
 

@@ -316,6 +316,24 @@ internal static unsafe class DropMask
         return (before, after);
     }
 
+    /// <summary>The L1 factor of a materialized τ and its masked copy (<paramref name="masked"/>, float32, as many
+    /// entries as τ): both norms summed in float64 block by block (<see cref="NormBlock"/>), the blocks in
+    /// parallel and their sums in block order, as the fused kernel sums them.</summary>
+    public static float L1Factor(CpuFloats tau, float* masked)
+    {
+        long n = tau.Length;
+        var norms = new (double Before, double After)[CpuParallel.BlockCount(n, NormBlock)];
+        CpuParallel.For(norms.Length, b =>
+        {
+            long start = b * NormBlock;
+            int count = (int)Math.Min(NormBlock, n - start);
+            var scratch = (float*)ThreadScratch.Get(NormBlock * 4L);
+            norms[b] = BlockNorms(tau.Block(start, count, scratch), masked + start, count);
+        });
+        var (before, after) = SumNorms(norms);
+        return L1Factor(before, after);
+    }
+
     /// <summary>
     /// The float32 factor of the L1 rescale, ‖τ‖₁ / ‖masked‖₁ from the two norms: 1 when either is below
     /// 1e-7 (mergekit then leaves the masked tensor unscaled); a NaN (from a NaN or infinite τ) always as

@@ -56,7 +56,7 @@ public abstract record Sparsifier
 
     /// <summary>τ·mask, rescaled as <paramref name="norm"/> says: divided by <paramref name="keepProbability"/>
     /// (DARE's paper), or multiplied by the float32 factor ‖τ‖₁ / ‖masked‖₁ (mergekit's
-    /// <c>rescaled_masked_tensor</c>) with both norms summed in float64 (<see cref="DropMask.L1Factor"/>):
+    /// <c>rescaled_masked_tensor</c>) with both norms summed in float64 (<see cref="DropMask.L1Factor(double, double)"/>):
     /// mergekit sums in float32, whose bits depend on the summation order and so on torch's thread count.</summary>
     /// <param name="taskVector">τ in float32.</param>
     /// <param name="mask">1 where kept, 0 elsewhere.</param>
@@ -79,9 +79,9 @@ public abstract record Sparsifier
         }
     }
 
-    /// <summary><see cref="DropMask.L1Factor"/> of ‖τ‖₁ and ‖masked‖₁, summed in float64: where the CPU
-    /// kernels run, block by block (<see cref="DropMask.NormBlock"/>) in index order, as the fused kernel sums
-    /// them; elsewhere by libtorch.</summary>
+    /// <summary><see cref="DropMask.L1Factor(double, double)"/> of ‖τ‖₁ and ‖masked‖₁, summed in float64: where the CPU
+    /// kernels run, block by block as the fused kernel sums them
+    /// (<see cref="DropMask.L1Factor(CpuFloats, float*)"/>); elsewhere by libtorch.</summary>
     private static unsafe float L1Factor(Tensor taskVector, Tensor masked, Tensor? magnitudes)
     {
         if (MagnitudeThreshold.UseCpuKernels(taskVector) && masked.dtype == ScalarType.Float32 && masked.is_contiguous())
@@ -89,18 +89,7 @@ public abstract record Sparsifier
             var tau = CpuTensors.Floats(taskVector, out var copy);
             using (copy)
             {
-                long n = tau.Length;
-                var kept = (float*)CpuTensors.Pointer(masked);
-                var norms = new (double Before, double After)[CpuParallel.BlockCount(n, DropMask.NormBlock)];
-                CpuParallel.For(norms.Length, b =>
-                {
-                    long start = b * DropMask.NormBlock;
-                    int count = (int)Math.Min(DropMask.NormBlock, n - start);
-                    var scratch = (float*)ThreadScratch.Get(DropMask.NormBlock * 4L);
-                    norms[b] = DropMask.BlockNorms(tau.Block(start, count, scratch), kept + start, count);
-                });
-                var (before, after) = DropMask.SumNorms(norms);
-                return DropMask.L1Factor(before, after);
+                return DropMask.L1Factor(tau, (float*)CpuTensors.Pointer(masked));
             }
         }
 

@@ -169,7 +169,7 @@ public class TiesTests
         // ‖τ‖₁ / ‖trim(τ)‖₁. 150,000 entries: nine whole norm blocks and a part, so the fused kernel sums
         // eight blocks side by side and the rest alone, and must agree with the sparsifier's own pass.
         using var scope = NewDisposeScope();
-        var generator = new TorchSharp.torch.Generator(11);
+        using var generator = new TorchSharp.torch.Generator(11);
         var tau = randn(250, 600, generator: generator) * exp(randn(250, 1, generator: generator));
         var ties = new TiesMerge(new TiesOptions { Preset = preset, Density = .3, Rescale = RescaleNorm.L1 });
         var plain = new TiesMerge(new TiesOptions { Preset = preset, Density = .3 });

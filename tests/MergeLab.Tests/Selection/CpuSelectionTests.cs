@@ -773,7 +773,7 @@ public class CpuSelectionTests
     [Test]
     public void Pooled_tensors_return_their_memory_when_freed()
     {
-        NativeBufferPool.Trim();
+        SettlePool();
         var shape = new long[] { 1000, 1000 };
         var t = NativeBufferPool.Empty(shape, ScalarType.Float32);
         t.fill_(3);
