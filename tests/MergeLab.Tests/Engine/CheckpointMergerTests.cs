@@ -59,7 +59,7 @@ public class CheckpointMergerTests
         var result = CheckpointMerger.Merge(request);
 
         using var expected = method.Merge(baseModel, [e1, e2, e3]);
-        AssertWritten(result.OutputDirectory, expected, sameNames: true);
+        T.CheckpointHolds(result.OutputDirectory, expected, sameNames: true);
 
         Assert.That(result.Files, Does.Contain("config.json").And.Contain(SafetensorsCheckpoint.IndexFileName));
         Assert.That(File.ReadAllText(Path.Combine(result.OutputDirectory, "config.json")), Does.Contain("base"));
@@ -106,24 +106,7 @@ public class CheckpointMergerTests
         }
 
         using var expected = method.Merge(baseModel, [e1, e2]);
-        AssertWritten(result.OutputDirectory, expected);
-    }
-
-    /// <summary>Asserts that the checkpoint in <paramref name="outputDirectory"/> holds every tensor of
-    /// <paramref name="expected"/> with the same bits (and, when <paramref name="sameNames"/>, no other).</summary>
-    private static void AssertWritten(string outputDirectory, StateDict expected, bool sameNames = false)
-    {
-        using var merged = SafetensorsCheckpoint.Open(outputDirectory);
-        if (sameNames)
-        {
-            Assert.That(merged.TensorNames.Order(), Is.EqualTo(expected.Names.Order()));
-        }
-
-        foreach (var name in expected.Names)
-        {
-            using var actual = merged.ReadTensor(name);
-            T.BitEqual(actual, expected[name]);
-        }
+        T.CheckpointHolds(result.OutputDirectory, expected);
     }
 
     /// <summary>A task-arithmetic request over a random base (<paramref name="seed"/>) and one expert (seed + 1),
@@ -185,7 +168,7 @@ public class CheckpointMergerTests
         }
 
         using var expected = request.Method.Merge(baseModel, [e1, e2]);
-        AssertWritten(mapped.OutputDirectory, expected);
+        T.CheckpointHolds(mapped.OutputDirectory, expected);
     }
 
     [Test]

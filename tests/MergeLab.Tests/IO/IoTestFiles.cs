@@ -65,24 +65,3 @@ internal static class SafetensorsBytes
     public static byte[] LittleEndian(params long[] values) =>
         values.SelectMany(v => { var b = new byte[8]; BinaryPrimitives.WriteInt64LittleEndian(b, v); return b; }).ToArray();
 }
-
-/// <summary>Exact tensor comparison: same dtype, same shape, same bytes (so NaN payloads and -0 count).</summary>
-internal static class TensorAssert
-{
-    public static byte[] RawBytes(Tensor t)
-    {
-        using var cpu = t.cpu();
-        using var contiguous = cpu.contiguous();
-        return contiguous.bytes.ToArray();
-    }
-
-    public static void Identical(Tensor actual, Tensor expected, string name = "")
-    {
-        using (Assert.EnterMultipleScope())
-        {
-            Assert.That(actual.dtype, Is.EqualTo(expected.dtype), $"dtype of {name}");
-            Assert.That(actual.shape, Is.EqualTo(expected.shape), $"shape of {name}");
-            Assert.That(RawBytes(actual), Is.EqualTo(RawBytes(expected)), $"bytes of {name}");
-        }
-    }
-}

@@ -52,7 +52,7 @@ public class SafetensorsLazyReadTests
             Parallel.ForEach(tensors, new ParallelOptions { MaxDegreeOfParallelism = 4 }, t =>
             {
                 using var read = file.ReadTensor(t.Name);
-                Assert.That(TensorAssert.RawBytes(read), Is.EqualTo(TensorAssert.RawBytes(t.Tensor)));
+                Assert.That(T.RawBytes(read), Is.EqualTo(T.RawBytes(t.Tensor)));
             });
         }
         finally

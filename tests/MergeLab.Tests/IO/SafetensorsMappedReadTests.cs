@@ -52,7 +52,7 @@ public class SafetensorsMappedReadTests
             using var mapped = Mapped(file, name);
             Assert.That(mapped.dtype, Is.EqualTo(copied.dtype), name);
             Assert.That(mapped.shape, Is.EqualTo(copied.shape), name);
-            Assert.That(TensorAssert.RawBytes(mapped), Is.EqualTo(TensorAssert.RawBytes(copied)), name);
+            Assert.That(T.RawBytes(mapped), Is.EqualTo(T.RawBytes(copied)), name);
         }
 
         Assert.That(MappedTensors.MappedCount - before, Is.EqualTo(file.Count), "every tensor was mapped, not copied");

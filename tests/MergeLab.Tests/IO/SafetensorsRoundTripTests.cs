@@ -41,7 +41,7 @@ public class SafetensorsRoundTripTests
             foreach (var (name, expected) in made)
             {
                 using var actual = file.ReadTensor(name);
-                TensorAssert.Identical(actual, expected, name);
+                T.BitEqual(actual, expected, name);
                 Assert.That(file.GetInfo(name).DType, Is.EqualTo(expected.dtype));
             }
         }
@@ -109,9 +109,9 @@ public class SafetensorsRoundTripTests
         using var s = file.ReadTensor("scalar");
         using var e = file.ReadTensor("empty");
         using var t = file.ReadTensor("transposed");
-        TensorAssert.Identical(s, scalar, "scalar");
-        TensorAssert.Identical(e, empty, "empty");
-        TensorAssert.Identical(t, transposed, "transposed");
+        T.BitEqual(s, scalar, "scalar");
+        T.BitEqual(e, empty, "empty");
+        T.BitEqual(t, transposed, "transposed");
         Assert.That(file.GetInfo("scalar").Shape, Is.Empty);
         Assert.That(file.GetInfo("empty").ByteLength, Is.Zero);
     }
@@ -130,8 +130,8 @@ public class SafetensorsRoundTripTests
         {
             using var ra = file.ReadTensor("a", null, chunk);
             using var rb = file.ReadTensor("b", null, chunk);
-            TensorAssert.Identical(ra, a, $"a in {chunk}-byte chunks");
-            TensorAssert.Identical(rb, b, $"b in {chunk}-byte chunks");
+            T.BitEqual(ra, a, $"a in {chunk}-byte chunks");
+            T.BitEqual(rb, b, $"b in {chunk}-byte chunks");
         }
     }
 
@@ -155,7 +155,7 @@ public class SafetensorsRoundTripTests
             {
                 using var read = file.ReadTensor(name, null, chunk, checkFinite: true, out var finite);
                 Assert.That(finite, Is.EqualTo(expected), $"{name} in {chunk}-byte chunks");
-                TensorAssert.Identical(read, source, $"{name} in {chunk}-byte chunks");
+                T.BitEqual(read, source, $"{name} in {chunk}-byte chunks");
             }
 
             using var plain = file.ReadTensor("last", null, chunk, checkFinite: false, out var notChecked);
@@ -173,8 +173,8 @@ public class SafetensorsRoundTripTests
         using var file = SafetensorsFile.Open(dir.File("x.safetensors"));
         using var all = file.ReadAll(torch.CPU);
         Assert.That(all.Names, Is.EqualTo(new[] { "b", "a" }), "I64 is written before F32");
-        TensorAssert.Identical(all["a"], a);
-        TensorAssert.Identical(all["b"], b);
+        T.BitEqual(all["a"], a);
+        T.BitEqual(all["b"], b);
     }
 
     [Test]

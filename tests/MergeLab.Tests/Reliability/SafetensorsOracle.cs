@@ -1,6 +1,5 @@
 using System.Numerics;
 using MergeLab.IO;
-using MergeLab.Tests.IO;
 using NUnit.Framework;
 
 namespace MergeLab.Tests.Reliability;
@@ -43,7 +42,7 @@ internal static class SafetensorsOracle
     {
         Assert.That(t.dtype, Is.EqualTo(info.DType), $"dtype of '{info.Name}'");
         Assert.That(t.shape, Is.EqualTo(info.Shape), $"shape of '{info.Name}'");
-        Assert.That(TensorAssert.RawBytes(t), Is.EqualTo(fileBytes.AsSpan((int)info.DataOffset, (int)info.ByteLength).ToArray()),
+        Assert.That(T.RawBytes(t), Is.EqualTo(fileBytes.AsSpan((int)info.DataOffset, (int)info.ByteLength).ToArray()),
             $"bytes of '{info.Name}'");
     }
 }

@@ -1,7 +1,6 @@
 using MergeLab.Methods;
 using MergeLab.Selection;
 using MergeLab.Stages;
-using MergeLab.Tests.IO;
 using NUnit.Framework;
 using static TorchSharp.torch;
 
@@ -113,7 +112,7 @@ public class FiniteWitnessTests
         using (FiniteWitness.Begin())
         using (var witnessed = ties.MergeTensor(x.Group))
         {
-            Assert.That(TensorAssert.RawBytes(witnessed), Is.EqualTo(TensorAssert.RawBytes(plain)));
+            Assert.That(T.RawBytes(witnessed), Is.EqualTo(T.RawBytes(plain)));
         }
 
         Assert.That(FiniteWitness.Listening, Is.False);

@@ -1,3 +1,4 @@
+using MergeLab.IO;
 using MergeLab.Methods;
 using MergeLab.Tensors;
 using NUnit.Framework;
@@ -31,24 +32,44 @@ internal static class T
     public static void Near(Tensor actual, Tensor expected, double tol = Tol) =>
         Near(actual, Values(expected).Select(v => (double)v), tol);
 
-    public static void BitEqual(Tensor actual, Tensor expected)
+    /// <summary>Asserts the same dtype, shape and bytes (so the sign of a zero and a NaN's payload count).</summary>
+    public static void BitEqual(Tensor actual, Tensor expected, string name = "")
     {
-        Assert.That(actual.shape, Is.EqualTo(expected.shape), "shape");
-        Assert.That(actual.dtype, Is.EqualTo(expected.dtype), "dtype");
-        Assert.That(Same(actual, expected), Is.True, "tensors differ");
+        using (Assert.EnterMultipleScope())
+        {
+            Assert.That(actual.dtype, Is.EqualTo(expected.dtype), $"dtype of {name}");
+            Assert.That(actual.shape, Is.EqualTo(expected.shape), $"shape of {name}");
+            Assert.That(RawBytes(actual), Is.EqualTo(RawBytes(expected)), $"bytes of {name}");
+        }
     }
 
-    /// <summary>Same shape, dtype and every element bit-equal (NaN never equals).</summary>
-    public static bool Same(Tensor a, Tensor b)
+    /// <summary>Same shape, dtype and bytes: −0 differs from +0, and a NaN equals a NaN of the same bits.</summary>
+    public static bool Same(Tensor a, Tensor b) =>
+        a.shape.SequenceEqual(b.shape) && a.dtype == b.dtype && RawBytes(a).AsSpan().SequenceEqual(RawBytes(b));
+
+    /// <summary>The tensor's bytes, in row-major order, copied to the host.</summary>
+    public static byte[] RawBytes(Tensor t)
     {
-        if (!a.shape.SequenceEqual(b.shape) || a.dtype != b.dtype)
+        using var cpu = t.cpu();
+        using var contiguous = cpu.contiguous();
+        return contiguous.bytes.ToArray();
+    }
+
+    /// <summary>Asserts that the checkpoint in <paramref name="directory"/> holds every tensor of
+    /// <paramref name="expected"/> with the same bytes (and, when <paramref name="sameNames"/>, no other).</summary>
+    public static void CheckpointHolds(string directory, StateDict expected, bool sameNames = false)
+    {
+        using var written = SafetensorsCheckpoint.Open(directory);
+        if (sameNames)
         {
-            return false;
+            Assert.That(written.TensorNames.Order(), Is.EqualTo(expected.Names.Order()));
         }
 
-        using var eq = a.eq(b);
-        using var all = eq.all();
-        return all.item<bool>();
+        foreach (var name in expected.Names)
+        {
+            using var actual = written.ReadTensor(name);
+            BitEqual(actual, expected[name], name);
+        }
     }
 
     /// <summary>Merges one tensor group of a base of zeros and experts whose task vectors are <paramref name="taus"/>.</summary>
