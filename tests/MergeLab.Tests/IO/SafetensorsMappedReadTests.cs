@@ -189,13 +189,20 @@ public class SafetensorsMappedReadTests
         return (path, written);
     }
 
-    /// <summary>How many of the pages holding <paramref name="t"/>'s bytes this process has mapped
-    /// (the present bit of <c>/proc/self/pagemap</c>).</summary>
-    private static unsafe int PresentPages(Tensor t)
+    /// <summary>The first and last page (numbers of <see cref="Environment.SystemPageSize"/> pages) that
+    /// <paramref name="t"/>'s bytes touch.</summary>
+    private static unsafe (long First, long Last) PagesOf(Tensor t)
     {
         long page = Environment.SystemPageSize;
         long start = (long)MergeLab.Selection.CpuTensors.Pointer(t);
-        long first = start / page, last = (start + (t.numel() * t.element_size()) - 1) / page;
+        return (start / page, (start + (t.numel() * t.element_size()) - 1) / page);
+    }
+
+    /// <summary>How many of the pages holding <paramref name="t"/>'s bytes this process has mapped
+    /// (the present bit of <c>/proc/self/pagemap</c>).</summary>
+    private static int PresentPages(Tensor t)
+    {
+        var (first, last) = PagesOf(t);
         using var map = new FileStream("/proc/self/pagemap", FileMode.Open, FileAccess.Read, FileShare.ReadWrite, 1);
         var entry = new byte[8];
         int present = 0;
@@ -228,13 +235,12 @@ public class SafetensorsMappedReadTests
         using var mapping = System.IO.MemoryMappedFiles.MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0,
             System.IO.MemoryMappedFiles.MemoryMappedFileAccess.CopyOnWrite);
         using var mapped = MappedTensors.Map(mapping, info.DataOffset, info.ByteLength, info.Shape, info.DType);
-        int pages = (int)((((long)MergeLab.Selection.CpuTensors.Pointer(mapped) % Environment.SystemPageSize) + info.ByteLength
-            + Environment.SystemPageSize - 1) / Environment.SystemPageSize);
+        var (first, last) = PagesOf(mapped);
         Assert.That(PresentPages(mapped), Is.Zero, "nothing touched the mapping yet");
 
         MappedTensors.Prefault(mapped);
 
-        Assert.That(PresentPages(mapped), Is.EqualTo(pages), "every page, the first and last partial ones included");
+        Assert.That(PresentPages(mapped), Is.EqualTo(last - first + 1), "every page, the first and last partial ones included");
         T.BitEqual(mapped, written);
     }
 
@@ -262,7 +268,8 @@ public class SafetensorsMappedReadTests
 
             MappedTensors.Prefault(t);
 
-            long first = (memory + 200) / page, last = (memory + 200 + bytes - 1) / page;
+            var (first, last) = PagesOf(t);
+            Assert.That(last - first + 1, Is.EqualTo((bytes / page) + 1), "the last block crosses into one more page");
             Assert.That(PresentPages(t), Is.EqualTo(last - first + 1));
         }
         finally
