@@ -234,13 +234,12 @@ internal static class MergeCommand
             return first;
         }
 
-        /// <summary>The pass's input bytes per second so far.</summary>
-        private double Rate(long bytesDone) => bytesDone / Math.Max((_now() - _passStart).TotalSeconds, 1e-3);
-
-        /// <summary>"1.23 GB/s, ETA 00:00:12" for the current pass, as of the report just observed.</summary>
+        /// <summary>"1.23 GB/s, ETA 00:00:12" for the current pass, as of the report just observed: the
+        /// pass's input bytes per second so far and the time left at that rate, both kept for
+        /// <see cref="Tick"/> to count down from.</summary>
         public string Describe(long bytesDone, long bytesTotal)
         {
-            _rate = Rate(bytesDone);
+            _rate = bytesDone / Math.Max((_now() - _passStart).TotalSeconds, 1e-3);
             _eta = _rate > 0 ? (bytesTotal - bytesDone) / _rate : 0;
             return Format(_rate, _eta);
         }
