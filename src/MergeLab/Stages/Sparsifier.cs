@@ -49,6 +49,10 @@ public abstract record Sparsifier
     /// <summary>Whether the sparsifier needs a whole-model threshold before any tensor is merged.</summary>
     public virtual bool NeedsWholeModelThreshold => false;
 
+    /// <summary>How the entries the sparsifier keeps are rescaled; <see cref="RescaleNorm.None"/> unless the
+    /// sparsifier says otherwise.</summary>
+    public virtual RescaleNorm RescaleNorm => RescaleNorm.None;
+
     /// <summary>Returns the sparsified task vector as a new float32 tensor on τ's device.</summary>
     /// <param name="taskVector">τ_k in float32; not modified.</param>
     /// <param name="context">The tensor name, expert index and any whole-model threshold.</param>
@@ -135,7 +139,7 @@ public sealed record TopKMagnitude : Sparsifier
     public double Density { get; }
 
     /// <summary>How kept entries are rescaled.</summary>
-    public RescaleNorm RescaleNorm { get; }
+    public override RescaleNorm RescaleNorm { get; }
 
     /// <inheritdoc />
     public override Tensor Apply(Tensor taskVector, SparsifyContext context)
@@ -230,7 +234,7 @@ public sealed record RandomDrop : Sparsifier
     public double DropRate { get; }
 
     /// <summary>How survivors are rescaled.</summary>
-    public RescaleNorm RescaleNorm { get; }
+    public override RescaleNorm RescaleNorm { get; }
 
     /// <summary>The random seed.</summary>
     public long Seed { get; }
@@ -356,7 +360,7 @@ public sealed record BreadcrumbsMask : Sparsifier
     public BreadcrumbsVariant Variant { get; }
 
     /// <summary>How kept entries are rescaled.</summary>
-    public RescaleNorm RescaleNorm { get; }
+    public override RescaleNorm RescaleNorm { get; }
 
     /// <inheritdoc />
     public override Tensor Apply(Tensor taskVector, SparsifyContext context)
