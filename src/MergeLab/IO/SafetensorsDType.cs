@@ -65,6 +65,10 @@ public static class SafetensorsDType
     /// <exception cref="ArgumentException">The type has no safetensors name MergeLab supports.</exception>
     public static int ElementSize(ScalarType type) => Find(type).Size;
 
+    /// <summary>The bytes <paramref name="tensor"/>'s entries take in a safetensors file (its entry count
+    /// times <see cref="ElementSize"/>); throws for an element type safetensors cannot hold.</summary>
+    internal static long ByteLength(Tensor tensor) => checked(tensor.numel() * ElementSize(tensor.dtype));
+
     /// <summary>Whether <paramref name="name"/> is a dtype the format defines but MergeLab cannot load.</summary>
     internal static bool IsKnownUnsupported(string name) => KnownUnsupported.Contains(name);
 

@@ -280,11 +280,15 @@ public sealed class SafetensorsFile : IDisposable
         var tensor = MappedTensors.Map(file, info.DataOffset, info.ByteLength, info.Shape, info.DType);
         try
         {
-            finite = checkFinite ? FiniteValues.AllFinite(tensor) : null;
-            if (!checkFinite)
+            if (checkFinite)
+            {
+                finite = FiniteValues.AllFinite(tensor);
+            }
+            else
             {
                 // The check touches every page; without it, one touch per page still faults them in here,
                 // on the reader, rather than one by one inside the merge (from the disk, a wait each).
+                finite = null;
                 MappedTensors.Prefault(tensor);
             }
 

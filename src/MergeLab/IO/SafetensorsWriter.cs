@@ -58,7 +58,7 @@ public static class SafetensorsWriter
         long offset = 0;
         foreach (var (name, tensor) in ordered)
         {
-            long bytes = checked(tensor.numel() * SafetensorsDType.ElementSize(tensor.dtype));
+            long bytes = SafetensorsDType.ByteLength(tensor);
             entries.Add(new SafetensorsHeader.Entry(name, tensor.dtype, tensor.shape, offset, offset + bytes));
             offset += bytes;
         }

@@ -102,7 +102,7 @@ public sealed class ShardedCheckpointWriter : IDisposable
 
         // Checks the name and the element type before taking ownership.
         SafetensorsWriter.Order([new(name, tensor)]);
-        long bytes = checked(tensor.numel() * SafetensorsDType.ElementSize(tensor.dtype));
+        long bytes = SafetensorsDType.ByteLength(tensor);
         var owned = ToContiguousCpu(tensor.DetachFromDisposeScope());
         _names.Add(name);
         TotalSize += bytes;
