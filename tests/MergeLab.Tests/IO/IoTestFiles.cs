@@ -1,8 +1,5 @@
 using System.Buffers.Binary;
 using System.Text;
-using NUnit.Framework;
-using TorchSharp;
-using static TorchSharp.torch;
 
 namespace MergeLab.Tests.IO;
 

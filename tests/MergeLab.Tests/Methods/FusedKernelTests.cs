@@ -132,7 +132,6 @@ public class FusedKernelTests
         }
     }
 
-    /// <summary>eq() calls −0 and +0 equal; the kernel must also reproduce the sign of zeros.</summary>
     private static readonly long[][] OddShapes = [[37, 129], [5003], [3, 4, 5], [], [1, 1]];
 
     private static readonly long[][] AlignedShapes = [[48, 256], [8192], [2, 3, 128]];

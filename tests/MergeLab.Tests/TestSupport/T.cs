@@ -35,11 +35,12 @@ internal static class T
     /// <summary>Asserts the same dtype, shape and bytes (so the sign of a zero and a NaN's payload count).</summary>
     public static void BitEqual(Tensor actual, Tensor expected, string name = "")
     {
+        string of = name.Length == 0 ? "" : $" of {name}";
         using (Assert.EnterMultipleScope())
         {
-            Assert.That(actual.dtype, Is.EqualTo(expected.dtype), $"dtype of {name}");
-            Assert.That(actual.shape, Is.EqualTo(expected.shape), $"shape of {name}");
-            Assert.That(RawBytes(actual), Is.EqualTo(RawBytes(expected)), $"bytes of {name}");
+            Assert.That(actual.dtype, Is.EqualTo(expected.dtype), "dtype" + of);
+            Assert.That(actual.shape, Is.EqualTo(expected.shape), "shape" + of);
+            Assert.That(RawBytes(actual), Is.EqualTo(RawBytes(expected)), "bytes" + of);
         }
     }
 
