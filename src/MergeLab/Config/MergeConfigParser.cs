@@ -73,11 +73,13 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
         };
     }
 
-    /// <summary>The 1-based number of the first line whose indentation holds a tab, or null.</summary>
-    private static int? FirstTabIndentedLine(string yaml)
+    /// <summary>The 1-based number of the first line from line <paramref name="from"/> on whose indentation
+    /// holds a tab, or null.</summary>
+    private static int? FirstTabIndentedLine(string yaml, int from)
     {
         var lines = yaml.Split('\n');
-        int index = Array.FindIndex(lines, line => line.TakeWhile(c => c is ' ' or '\t').Contains('\t'));
+        int start = Math.Clamp(from - 1, 0, lines.Length);
+        int index = Array.FindIndex(lines, start, line => line.TakeWhile(c => c is ' ' or '\t').Contains('\t'));
         return index < 0 ? null : index + 1;
     }
 
@@ -99,10 +101,11 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
         catch (YamlException e)
         {
             // YamlDotNet reports a repeated key as a YamlException too, with the key's position. A tab in
-            // the indentation it reports at the start of the enclosing mapping (line 1 for the top level),
-            // so that line is found here: YAML allows no tab there.
+            // the indentation it reports at the start of the enclosing mapping (line 1 for the top level) or
+            // the line before, so the tabbed line is found here, from there on (a tab leading a quoted
+            // scalar's continuation line earlier on is allowed).
             int? line = e.Start.Line > 0 ? (int)e.Start.Line : null;
-            if (e.Message.Contains("tab", StringComparison.Ordinal) && FirstTabIndentedLine(yaml) is int tabbed)
+            if (e.Message.Contains("tab", StringComparison.Ordinal) && FirstTabIndentedLine(yaml, line ?? 1) is int tabbed)
             {
                 line = tabbed;
             }

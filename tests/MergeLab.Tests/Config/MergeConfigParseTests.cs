@@ -242,6 +242,10 @@ public class MergeConfigParseTests
         var tab = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("merge_method: linear\nmodels:\n  - model: a\n\t- model: b\n", "x.yml"))!;
         Assert.That(tab.Message, Does.Contain("line 4").And.Contain("tab"));
 
+        // A tab YAML allows earlier on (leading a quoted scalar's continuation line) is not the one reported.
+        tab = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("merge_method: \"linear\n\tx\"\nmodels:\n  - model: a\n\t- model: b\n", "x.yml"))!;
+        Assert.That(tab.Message, Does.Contain("line 5").And.Contain("tab"));
+
         Assert.That(() => MergeConfig.Parse("models: [{model: a}]\n"), Throws.TypeOf<MergeConfigException>().With.Message.Contain("'merge_method' is required"));
         Assert.That(() => MergeConfig.Parse("merge_method: linear\n"), Throws.TypeOf<MergeConfigException>().With.Message.Contain("'models' is required"));
         Assert.That(() => MergeConfig.Parse(""), Throws.TypeOf<MergeConfigException>().With.Message.Contain("empty"));
