@@ -591,13 +591,7 @@ public sealed class AdaMerging
 
             var values = cat([entropy, gradient.flatten()]).cpu().data<double>().ToArray();
             var result = new double[taskCount, layerCount];
-            for (int t = 0; t < taskCount; t++)
-            {
-                for (int l = 0; l < layerCount; l++)
-                {
-                    result[t, l] = values[1 + t * layerCount + l];
-                }
-            }
+            Buffer.BlockCopy(values, sizeof(double), result, 0, taskCount * layerCount * sizeof(double)); // row-major, as flattened
 
             return (values[0], result);
         }

@@ -319,7 +319,6 @@ internal static unsafe class FusedPipeline
                         rules[k] = new Rule { Kind = RuleKind.Top, UpperQuery = q };
                     }
 
-                    rules[k].Rescale = top.RescaleNorm;
                     break;
                 }
 
@@ -358,7 +357,6 @@ internal static unsafe class FusedPipeline
                         Kind = RuleKind.Random,
                         Stream = DropMask.StreamSeed(drop.Seed, group.Name, k),
                         Threshold = DropMask.KeepThreshold(drop.DropRate),
-                        Rescale = drop.RescaleNorm,
                         Factor = drop.RescaleNorm == RescaleNorm.InverseKeepProbability ? (float)(1 - drop.DropRate) : 1f,
                         Divide = drop.RescaleNorm == RescaleNorm.InverseKeepProbability,
                     };
@@ -411,7 +409,6 @@ internal static unsafe class FusedPipeline
                         }
                     }
 
-                    rule.Rescale = crumbs.RescaleNorm;
                     rules[k] = rule;
                     break;
                 }
@@ -419,6 +416,9 @@ internal static unsafe class FusedPipeline
                 default:
                     return null;
             }
+
+            // Read only by the L1 norms pass, which skips KeepAll rules.
+            rules[k].Rescale = sparsifier?.RescaleNorm ?? RescaleNorm.None;
         }
 
         ExactSelector.Solve(queries);
