@@ -53,10 +53,15 @@ public class WeightAverageTests
         }
     }
 
-    [Test]
-    public void Weights_summing_to_zero_are_refused()
+    [TestCase(new[] { 1.0, -1.0 })]
+    [TestCase(new[] { 0.1, 0.2, -0.3 })] // 5.6e-17 in doubles: dividing by it would scale the merge by 1.8e16
+    public void Weights_summing_to_zero_are_refused(double[] weights)
     {
-        var ex = Assert.Throws<ArgumentException>(() => new WeightAverageMerge(new WeightAverageOptions { Weights = [1, -1] }));
+        var ex = Assert.Throws<ArgumentException>(() => new WeightAverageMerge(new WeightAverageOptions { Weights = weights }));
         Assert.That(ex!.Message, Does.Contain("sum to 0"));
     }
+
+    [Test]
+    public void Weights_summing_to_just_above_the_tolerance_are_accepted() =>
+        Assert.DoesNotThrow(() => new WeightAverageMerge(new WeightAverageOptions { Weights = [1, -1 + 1e-7] }));
 }
