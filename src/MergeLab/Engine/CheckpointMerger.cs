@@ -602,13 +602,35 @@ public static class CheckpointMerger
         return current;
     }
 
-    private static void MoveIntoPlace(string temp, string output, bool overwrite)
+    /// <summary>Renames the finished <paramref name="temp"/> to <paramref name="output"/>; with
+    /// <paramref name="overwrite"/>, an existing output is first moved aside and deleted only once the new
+    /// one is in place, and moved back if that rename fails, so a failure never leaves the user's old output
+    /// under a hidden name.</summary>
+    internal static void MoveIntoPlace(string temp, string output, bool overwrite)
     {
         if (overwrite && Directory.Exists(output))
         {
             string old = temp + ".old";
             Directory.Move(output, old);
-            Directory.Move(temp, output);
+            try
+            {
+                Directory.Move(temp, output);
+            }
+            catch
+            {
+                try
+                {
+                    Directory.Move(old, output);
+                }
+                catch (Exception restore) when (restore is IOException or UnauthorizedAccessException)
+                {
+                    // Something took the output's name meanwhile; the old output stays beside it, under the
+                    // temporary name, rather than being deleted.
+                }
+
+                throw;
+            }
+
             TryDelete(old);
         }
         else

@@ -262,6 +262,20 @@ public class CheckpointMergerTests
     }
 
     [Test]
+    public void A_failed_rename_into_place_puts_the_old_output_back()
+    {
+        using var dir = new TempDirectory();
+        string output = Path.Combine(dir.Path, "out");
+        Directory.CreateDirectory(output);
+        File.WriteAllText(Path.Combine(output, "model.safetensors"), "earlier merge");
+        string missing = Path.Combine(dir.Path, ".out.mergelab-test"); // the finished merge, gone before its rename
+
+        Assert.Throws<DirectoryNotFoundException>(() => CheckpointMerger.MoveIntoPlace(missing, output, overwrite: true));
+        Assert.That(File.ReadAllText(Path.Combine(output, "model.safetensors")), Is.EqualTo("earlier merge"));
+        Assert.That(Directory.GetFileSystemEntries(dir.Path), Is.EqualTo(new[] { output }), "nothing left under a temporary name");
+    }
+
+    [Test]
     public void Overwriting_refuses_a_folder_that_holds_an_input_or_is_no_checkpoint_and_deletes_nothing()
     {
         using var dir = new TempDirectory();
