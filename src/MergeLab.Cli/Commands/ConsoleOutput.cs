@@ -25,7 +25,9 @@ internal static class ConsoleOutput
         return u == 0 ? $"{bytes} B" : v.ToString("0.00", CultureInfo.InvariantCulture) + " " + units[u];
     }
 
-    /// <summary>Parses sizes such as <c>5GB</c>, <c>500MB</c>, <c>2GiB</c> or a plain byte count.</summary>
+    /// <summary>Parses sizes such as <c>5GB</c>, <c>500MB</c>, <c>2GiB</c> or a plain byte count, from 1 byte
+    /// to <see cref="long.MaxValue"/> bytes.</summary>
+    /// <exception cref="FormatException">Not a size, or one outside that range.</exception>
     public static long ParseSize(string text)
     {
         var t = text.Trim();
@@ -39,7 +41,11 @@ internal static class ConsoleOutput
             if (t.EndsWith(suffix, StringComparison.OrdinalIgnoreCase)
                 && double.TryParse(t[..^suffix.Length], NumberStyles.Float, CultureInfo.InvariantCulture, out var n) && n > 0)
             {
-                return checked((long)(n * factor));
+                // Whole bytes, at least one; 2^63 is the first double above long's range.
+                double bytes = Math.Floor(n * factor);
+                return bytes >= 1 && bytes < 9.2233720368547758E18
+                    ? (long)bytes
+                    : throw new FormatException($"'{text}' is out of range; a size is from 1 byte to {Bytes(long.MaxValue)}.");
             }
         }
 

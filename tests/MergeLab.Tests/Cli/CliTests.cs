@@ -199,12 +199,15 @@ public class CliTests
         Assert.That(stderr, Does.Contain("maybe"));
     }
 
-    [Test]
-    public void A_bad_shard_size_is_refused()
+    [TestCase("lots", "'lots' is not a size")]
+    [TestCase("1e30GB", "'1e30GB' is out of range")] // overflowed a checked conversion: exit 2, "internal error"
+    [TestCase("InfinityGB", "'InfinityGB' is out of range")]
+    [TestCase("0.5B", "'0.5B' is out of range")] // rounded down to a shard size of 0 bytes
+    public void A_bad_shard_size_is_refused(string size, string message)
     {
-        var (exit, _, stderr) = Run("merge", "x.yaml", "out", "--shard-size", "lots");
+        var (exit, _, stderr) = Run("merge", "x.yaml", "out", "--shard-size", size);
         Assert.That(exit, Is.EqualTo(1));
-        Assert.That(stderr, Does.Contain("'lots' is not a size"));
+        Assert.That(stderr, Does.Contain(message));
     }
 
     [Test]
