@@ -387,6 +387,16 @@ internal static class CpuParallel
         });
     }
 
+    /// <summary>How many tasks to cut <paramref name="blocks"/> blocks of <paramref name="blockSize"/> entries
+    /// into when each task counts into histograms of 32-bit counters: one per thread, or more where a task
+    /// would count 2^32 entries or more (a counter could then wrap: one thread, a 2^32-entry tensor, one bin).
+    /// The counts are summed, so the answer does not depend on it.</summary>
+    public static int CountingTasks(long blocks, int blockSize)
+    {
+        long mostBlocks = uint.MaxValue / blockSize;
+        return (int)Math.Max(Threads, BlockCount(blocks, mostBlocks));
+    }
+
     /// <summary>The number of blocks of <paramref name="blockSize"/> covering <paramref name="length"/>.</summary>
     public static long BlockCount(long length, long blockSize) => (length + blockSize - 1) / blockSize;
 

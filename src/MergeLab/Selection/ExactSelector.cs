@@ -951,7 +951,7 @@ internal static unsafe class ExactSelector
     {
         var total = new long[1 << 16];
         var gate = new object();
-        int threads = CpuParallel.Threads;
+        int threads = CpuParallel.CountingTasks(blocks, BlockSize);
         long perThread = CpuParallel.BlockCount(blocks, threads);
         CpuParallel.For(threads, t =>
         {

@@ -9,7 +9,9 @@ namespace MergeLab.Selection;
 /// </summary>
 /// <remarks>On the CPU these run an O(n) selection over the float bits (<see cref="ExactSelector"/>,
 /// <see cref="RowSelector"/>), vectorized and multi-threaded; on other devices they use libtorch
-/// (<c>kthvalue</c>, <c>sort</c>). Both give identical answers.</remarks>
+/// (<c>kthvalue</c>, <c>sort</c>). Both give identical answers. Values are compared as float32, as the
+/// merges compute (a float64 input is rounded to float32 first, so values that round alike tie), and NaN
+/// ranks above every number, as in <c>torch.sort</c>, <c>kthvalue</c> and <c>topk</c>.</remarks>
 public static class MagnitudeThreshold
 {
     /// <summary>
@@ -34,6 +36,7 @@ public static class MagnitudeThreshold
             {
                 var query = new SelectionQuery(new SignedKeys(floats), k - 1);
                 ExactSelector.Solve([query]);
+                GC.KeepAlive(values); // its memory was read in place; a temporary argument must not be finalized first
                 return FloatKeys.Value(query.Key, signed: true);
             }
         }
@@ -73,16 +76,20 @@ public static class MagnitudeThreshold
                 var source = new SignedKeys(floats);
                 var query = new SelectionQuery(source, n - keep, indexDescending: true);
                 ExactSelector.Solve([query]);
-                return MaskFromSource(source, magnitudes.shape, query.Composite);
+                var mask = MaskFromSource(source, magnitudes.shape, query.Composite);
+                GC.KeepAlive(magnitudes);
+                return mask;
             }
         }
 
         using var scope = NewDisposeScope();
-        // The keep-th largest is the (n - keep + 1)-th smallest.
-        float boundary = KthSmallest(magnitudes, n - keep + 1);
-        var above = magnitudes > boundary;
+        var m = AsCompared(magnitudes);
+        // The keep-th largest is the (n - keep + 1)-th smallest. NaN is above every number and equal to NaN.
+        float boundary = KthSmallest(m, n - keep + 1);
+        var nan = m.isnan();
+        var above = float.IsNaN(boundary) ? zeros_like(m, ScalarType.Bool) : m.gt(boundary).logical_or_(nan);
         long strictlyAbove = above.sum().item<long>();
-        var atBoundary = magnitudes == boundary;
+        var atBoundary = float.IsNaN(boundary) ? nan : m.eq(boundary);
         var firstTies = atBoundary.flatten().cumsum(0, ScalarType.Int64).le(keep - strictlyAbove).view(magnitudes.shape);
         return above.logical_or_(atBoundary.logical_and_(firstTies)).MoveToOuterDisposeScope();
     }
@@ -95,23 +102,34 @@ public static class MagnitudeThreshold
     public static Tensor RankWindowMask(Tensor magnitudes, long low, long high)
     {
         ArgumentNullException.ThrowIfNull(magnitudes);
+        if (magnitudes.numel() == 0)
+        {
+            return zeros_like(magnitudes, ScalarType.Bool);
+        }
+
         long d = magnitudes.shape.Length == 0 ? 1 : magnitudes.shape[^1];
         if (UseCpuKernels(magnitudes) && d <= ExactSelector.MaxLength)
         {
             var floats = CpuTensors.Floats(magnitudes, out var copy);
             using (copy)
             {
-                return CpuRankWindowMask(floats, magnitudes.shape, d, low, high);
+                var window = CpuRankWindowMask(floats, magnitudes.shape, d, low, high);
+                GC.KeepAlive(magnitudes);
+                return window;
             }
         }
 
         using var scope = NewDisposeScope();
-        var rows = magnitudes.reshape(-1, d);
+        var rows = AsCompared(magnitudes).reshape(-1, d);
         var (_, order) = rows.sort(dim: 1, descending: false, stable: true);
         var ranks = empty_like(order).scatter_(1, order, arange(d, ScalarType.Int64, rows.device).expand(rows.shape[0], d));
         var mask = ranks.ge(low).logical_and_(ranks.lt(high));
         return mask.view(magnitudes.shape).MoveToOuterDisposeScope();
     }
+
+    /// <summary><paramref name="t"/> as the selection compares it: float64 rounded to float32 (the CPU kernels
+    /// read float32), anything else as it is.</summary>
+    private static Tensor AsCompared(Tensor t) => t.dtype == ScalarType.Float64 ? t.to(ScalarType.Float32) : t;
 
     /// <summary>Whether the CPU kernels handle <paramref name="t"/> (switched off to test them against libtorch).</summary>
     internal static bool UseCpuKernels(Tensor t) =>

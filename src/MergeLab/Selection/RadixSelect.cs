@@ -154,9 +154,9 @@ internal sealed class RadixSelect(bool signed = false)
         int tables = offsets[^1];
 
         var floors = selects.Select(select => select.Floor(coarse)).ToArray();
-        int threads = n < ParallelThreshold ? 1 : CpuParallel.Threads;
         const int block = ExactSelector.BlockSize;
         long blocks = CpuParallel.BlockCount(n, block);
+        int threads = n < ParallelThreshold ? 1 : CpuParallel.CountingTasks(blocks, block);
         long perThread = CpuParallel.BlockCount(blocks, threads);
         CpuParallel.For(threads, t =>
         {

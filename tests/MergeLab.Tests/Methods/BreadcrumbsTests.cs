@@ -43,6 +43,21 @@ public class BreadcrumbsTests
         T.Near(rescaled, kept.Select(v => (double)((float)v * factor)));
     }
 
+    [TestCase(BreadcrumbsVariant.Paper, RescaleNorm.None)]
+    [TestCase(BreadcrumbsVariant.Mergekit, RescaleNorm.None)]
+    [TestCase(BreadcrumbsVariant.Mergekit, RescaleNorm.L1)]
+    public void An_empty_task_vector_stays_empty(BreadcrumbsVariant variant, RescaleNorm rescale)
+    {
+        // The rank window reshaped to rows of the last dimension, which fails for 0 entries.
+        var mask = new BreadcrumbsMask(density: .4, gamma: .1, variant, rescale);
+        foreach (var shape in new long[][] { [0], [3, 0], [0, 5] })
+        {
+            using var tau = zeros(shape);
+            using var kept = mask.Apply(tau, new SparsifyContext("w", 0));
+            Assert.That(kept.shape, Is.EqualTo(shape));
+        }
+    }
+
     [TestCase(BreadcrumbsVariant.Paper)]
     [TestCase(BreadcrumbsVariant.Mergekit)]
     public void Gamma_zero_removes_nothing(BreadcrumbsVariant variant)

@@ -660,6 +660,82 @@ public class CpuSelectionTests
         }
     }
 
+    [Test]
+    public void Counting_tasks_split_where_one_task_would_count_two_to_the_32_entries()
+    {
+        int threads = torch.get_num_threads();
+        try
+        {
+            torch.set_num_threads(1);
+            Assert.That(CpuParallel.CountingTasks(262_143, ExactSelector.BlockSize), Is.EqualTo(1), "262,143 blocks of 16,384: 2^32 - 16,384 entries");
+            Assert.That(CpuParallel.CountingTasks(262_144, ExactSelector.BlockSize), Is.EqualTo(2), "2^32 entries would wrap a counter");
+            Assert.That(CpuParallel.CountingTasks(1_048_576, 1), Is.EqualTo(1));
+            torch.set_num_threads(2);
+            Assert.That(CpuParallel.CountingTasks(600_000, ExactSelector.BlockSize), Is.EqualTo(3));
+            Assert.That(CpuParallel.CountingTasks(10, ExactSelector.BlockSize), Is.EqualTo(2));
+        }
+        finally
+        {
+            torch.set_num_threads(threads);
+        }
+    }
+
+    [Test]
+    public void NaN_ranks_above_every_number_on_both_paths()
+    {
+        // A NaN at the boundary and NaNs above a finite boundary with ties: the libtorch mask compared with
+        // > and ==, which NaN fails, so it kept none ([NaN, 1, 2], 1) or a tie instead of the NaN.
+        float nan = float.NaN;
+        foreach (var (values, keep, expected) in new (float[], long, bool[])[]
+        {
+            ([nan, 1, 2], 1, [true, false, false]),
+            ([nan, 1, 1, 1], 2, [true, true, false, false]),
+            ([3, nan, 1, nan, 3], 3, [true, true, false, true, false]),
+        })
+        {
+            using var m = tensor(values);
+            using var fast = MagnitudeThreshold.TopKMask(m, keep);
+            using var reference = Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
+            Assert.That(fast.data<bool>().ToArray(), Is.EqualTo(expected), $"CPU, keep {keep} of [{string.Join(", ", values)}]");
+            Assert.That(reference.data<bool>().ToArray(), Is.EqualTo(expected), $"libtorch, keep {keep} of [{string.Join(", ", values)}]");
+        }
+    }
+
+    [Test]
+    public void Float64_values_are_compared_as_float32_on_both_paths()
+    {
+        // 1 + 1e-12 rounds to 1 in float32, so the two tie and the lower position wins; libtorch compared the
+        // float64 values with the float32 boundary and kept neither.
+        using var m = tensor(new[] { 1.0, 1 + 1e-12, 0.1, 0.1 });
+        foreach (var (keep, expected) in new (long, bool[])[] { (1, [true, false, false, false]), (3, [true, true, true, false]) })
+        {
+            using var fast = MagnitudeThreshold.TopKMask(m, keep);
+            using var reference = Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
+            Assert.That(fast.data<bool>().ToArray(), Is.EqualTo(expected), $"CPU, keep {keep}");
+            Assert.That(reference.data<bool>().ToArray(), Is.EqualTo(expected), $"libtorch, keep {keep}");
+        }
+
+        using var rows = tensor(new[] { 1 + 1e-12, 1.0, 0.5 });
+        using var window = MagnitudeThreshold.RankWindowMask(rows, 2, 3);
+        using var windowReference = Libtorch(() => MagnitudeThreshold.RankWindowMask(rows, 2, 3));
+        Assert.That(window.data<bool>().ToArray(), Is.EqualTo(new[] { false, true, false }), "the tie ranks by position");
+        T.BitEqual(windowReference, window);
+    }
+
+    [Test]
+    public void An_empty_tensor_gets_an_empty_rank_window_of_its_shape()
+    {
+        foreach (var shape in new long[][] { [0], [3, 0], [0, 5] })
+        {
+            using var m = zeros(shape);
+            using var mask = MagnitudeThreshold.RankWindowMask(m, 0, 1);
+            using var reference = Libtorch(() => MagnitudeThreshold.RankWindowMask(m, 0, 1));
+            Assert.That(mask.shape, Is.EqualTo(shape));
+            Assert.That(mask.dtype, Is.EqualTo(ScalarType.Bool));
+            T.BitEqual(reference, mask);
+        }
+    }
+
     [TestCase(false)]
     [TestCase(true)]
     public void Radix_select_over_large_bfloat16_chunks_equals_kthvalue(bool signedValues)
