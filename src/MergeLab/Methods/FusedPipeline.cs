@@ -196,7 +196,7 @@ internal static unsafe class FusedPipeline
 
     internal sealed class Inputs : IDisposable
     {
-        private readonly List<Tensor> _copies = [];
+        private readonly List<FloatsLease> _leases = [];
 
         private Inputs(long length) => Length = length;
 
@@ -245,20 +245,16 @@ internal static unsafe class FusedPipeline
 
         private CpuFloats Read(Tensor t)
         {
-            var floats = CpuTensors.Floats(t, out var copy);
-            if (copy is not null)
-            {
-                _copies.Add(copy);
-            }
-
+            var floats = CpuTensors.Floats(t, out var lease);
+            _leases.Add(lease);
             return floats;
         }
 
         public void Dispose()
         {
-            foreach (var c in _copies)
+            foreach (var lease in _leases)
             {
-                c.Dispose();
+                lease.Dispose();
             }
         }
     }

@@ -158,8 +158,8 @@ public sealed class PcbMerge : MergeMethod
         long n = rows.shape[0], d = rows.shape[1];
         if (MagnitudeThreshold.UseCpuKernels(rows) && rows.is_contiguous() && rows.dtype == ScalarType.Float32)
         {
-            var floats = CpuTensors.Floats(rows, out var copy);
-            using var ownedCopy = copy;
+            var floats = CpuTensors.Floats(rows, out var lease);
+            using var rowsRead = lease;
             var queries = new SelectionQuery[n];
             for (long i = 0; i < n; i++)
             {

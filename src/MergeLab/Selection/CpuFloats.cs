@@ -135,19 +135,32 @@ internal static unsafe class CpuTensors
 
     /// <summary>
     /// <paramref name="t"/> (a CPU floating tensor) as float32/bfloat16 memory. Tensors in other dtypes or
-    /// layouts are converted into a pooled float32 copy, returned in <paramref name="copy"/> for the
-    /// caller to dispose when done.
+    /// layouts are converted into a pooled float32 copy. The caller disposes <paramref name="lease"/> when
+    /// done reading: that frees the copy, and until then keeps <paramref name="t"/> alive (its memory is read
+    /// through a pointer, so a temporary argument must not be finalized meanwhile).
     /// </summary>
-    public static CpuFloats Floats(Tensor t, out Tensor? copy)
+    public static CpuFloats Floats(Tensor t, out FloatsLease lease)
     {
         if (IsDirect(t))
         {
-            copy = null;
+            lease = new FloatsLease(t, null);
             return new CpuFloats(Pointer(t), t.numel(), t.dtype == ScalarType.BFloat16);
         }
 
-        copy = NativeBufferPool.CopyOf(t, ScalarType.Float32);
+        var copy = NativeBufferPool.CopyOf(t, ScalarType.Float32);
+        lease = new FloatsLease(t, copy);
         return new CpuFloats(Pointer(copy), copy.numel(), bfloat16: false);
+    }
+}
+
+/// <summary>What <see cref="CpuTensors.Floats"/> lent: disposing it frees the pooled float32 copy, if one was
+/// made, and keeps the source tensor reachable up to that point.</summary>
+internal readonly struct FloatsLease(Tensor source, Tensor? copy) : IDisposable
+{
+    public void Dispose()
+    {
+        copy?.Dispose();
+        GC.KeepAlive(source);
     }
 }
 

@@ -31,12 +31,11 @@ public static class MagnitudeThreshold
 
         if (UseCpuKernels(values))
         {
-            var floats = CpuTensors.Floats(values, out var copy);
-            using (copy)
+            var floats = CpuTensors.Floats(values, out var lease);
+            using (lease)
             {
                 var query = new SelectionQuery(new SignedKeys(floats), k - 1);
                 ExactSelector.Solve([query]);
-                GC.KeepAlive(values); // its memory was read in place; a temporary argument must not be finalized first
                 return FloatKeys.Value(query.Key, signed: true);
             }
         }
@@ -70,15 +69,13 @@ public static class MagnitudeThreshold
 
         if (UseCpuKernels(magnitudes))
         {
-            var floats = CpuTensors.Floats(magnitudes, out var copy);
-            using (copy)
+            var floats = CpuTensors.Floats(magnitudes, out var lease);
+            using (lease)
             {
                 var source = new SignedKeys(floats);
                 var query = new SelectionQuery(source, n - keep, indexDescending: true);
                 ExactSelector.Solve([query]);
-                var mask = MaskFromSource(source, magnitudes.shape, query.Composite);
-                GC.KeepAlive(magnitudes);
-                return mask;
+                return MaskFromSource(source, magnitudes.shape, query.Composite);
             }
         }
 
@@ -110,12 +107,10 @@ public static class MagnitudeThreshold
         long d = magnitudes.shape.Length == 0 ? 1 : magnitudes.shape[^1];
         if (UseCpuKernels(magnitudes) && d <= ExactSelector.MaxLength)
         {
-            var floats = CpuTensors.Floats(magnitudes, out var copy);
-            using (copy)
+            var floats = CpuTensors.Floats(magnitudes, out var lease);
+            using (lease)
             {
-                var window = CpuRankWindowMask(floats, magnitudes.shape, d, low, high);
-                GC.KeepAlive(magnitudes);
-                return window;
+                return CpuRankWindowMask(floats, magnitudes.shape, d, low, high);
             }
         }
 

@@ -336,18 +336,18 @@ internal sealed class RadixSelect(bool signed = false)
     private TensorKeys Source(Tensor values)
     {
         var cpu = CpuTensors.OnCpu(values) ? null : values.cpu();
-        var floats = CpuTensors.Floats(cpu ?? values, out var copy);
+        var floats = CpuTensors.Floats(cpu ?? values, out var lease);
         KeySource keys = signed ? new SignedKeys(floats) : new MagnitudeKeys(floats);
-        return new TensorKeys(keys, cpu, copy);
+        return new TensorKeys(keys, cpu, lease);
     }
 
-    private readonly struct TensorKeys(KeySource keys, Tensor? cpu, Tensor? copy) : IDisposable
+    private readonly struct TensorKeys(KeySource keys, Tensor? cpu, FloatsLease lease) : IDisposable
     {
         public KeySource Keys { get; } = keys;
 
         public void Dispose()
         {
-            copy?.Dispose();
+            lease.Dispose();
             cpu?.Dispose();
         }
     }

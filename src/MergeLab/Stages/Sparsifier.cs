@@ -90,8 +90,8 @@ public abstract record Sparsifier
     {
         if (MagnitudeThreshold.UseCpuKernels(taskVector) && masked.dtype == ScalarType.Float32 && masked.is_contiguous())
         {
-            var tau = CpuTensors.Floats(taskVector, out var copy);
-            using (copy)
+            var tau = CpuTensors.Floats(taskVector, out var lease);
+            using (lease)
             {
                 return DropMask.L1Factor(tau, (float*)CpuTensors.Pointer(masked));
             }
@@ -262,8 +262,8 @@ public sealed record RandomDrop : Sparsifier
     /// norms summed in float64 block by block (<see cref="DropMask.NormBlock"/>) in index order.</summary>
     private unsafe Tensor ApplyOnCpu(Tensor taskVector, long stream)
     {
-        var tau = CpuTensors.Floats(taskVector, out var copy);
-        using (copy)
+        var tau = CpuTensors.Floats(taskVector, out var lease);
+        using (lease)
         {
             long n = tau.Length;
             var result = NativeBufferPool.Empty(taskVector.shape, ScalarType.Float32);
