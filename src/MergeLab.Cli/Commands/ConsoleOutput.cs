@@ -41,9 +41,9 @@ internal static class ConsoleOutput
             if (t.EndsWith(suffix, StringComparison.OrdinalIgnoreCase)
                 && double.TryParse(t[..^suffix.Length], NumberStyles.Float, CultureInfo.InvariantCulture, out var n) && n > 0)
             {
-                // Whole bytes, at least one; 2^63 is the first double above long's range.
+                // Whole bytes, at least one; long.MaxValue as a double rounds up to 2^63, just past the range.
                 double bytes = Math.Floor(n * factor);
-                return bytes >= 1 && bytes < 9.2233720368547758E18
+                return bytes >= 1 && bytes < long.MaxValue
                     ? (long)bytes
                     : throw new FormatException($"'{text}' is out of range; a size is from 1 byte to {Bytes(long.MaxValue)}.");
             }
