@@ -120,7 +120,9 @@ public sealed class BenchmarkData : IDisposable
         for (long start = 0; start < n; start += batchSize)
         {
             long end = Math.Min(n, start + batchSize);
-            using var index = arange(start, end, ScalarType.Int64);
+            using var first = start.ToScalar();
+            using var stop = end.ToScalar();
+            using var index = arange(first, stop, ScalarType.Int64);
             yield return Batch(task, index, noise);
         }
     }
@@ -128,7 +130,8 @@ public sealed class BenchmarkData : IDisposable
     private (Tensor Inputs, Tensor Labels) Batch(int task, Tensor index, Generator noise)
     {
         using var raw = _trainImages.index_select(0, index);
-        using var images = raw.to(ScalarType.Float32).div_(255);
+        using var levels = 255.ToScalar();
+        using var images = raw.to(ScalarType.Float32).div_(levels);
         using var labels = _trainLabels.index_select(0, index);
         return (Tasks[task].Inputs(images, noise), Tasks[task].Labels(labels));
     }
@@ -136,7 +139,8 @@ public sealed class BenchmarkData : IDisposable
     private static TaskSplit Prepare(ImageTask task, Tensor images, Tensor labels, long seed)
     {
         using var g = new Generator((ulong)seed);
-        using var x = images.to(ScalarType.Float32).div_(255);
+        using var levels = 255.ToScalar();
+        using var x = images.to(ScalarType.Float32).div_(levels);
         return new TaskSplit(task.Inputs(x, g).DetachFromDisposeScope(), task.Labels(labels).DetachFromDisposeScope());
     }
 

@@ -51,7 +51,9 @@ public sealed class ImageTask
         ArgumentNullException.ThrowIfNull(images01);
         using var scope = NewDisposeScope();
         var x = _transform(images01, noise);
-        return x.mul(2).sub_(1).reshape(x.shape[0], FashionMnist.Pixels).MoveToOuterDisposeScope();
+        using var two = 2.ToScalar();
+        using var one = 1.ToScalar();
+        return x.mul(two).sub_(one).reshape(x.shape[0], FashionMnist.Pixels).MoveToOuterDisposeScope();
     }
 
     /// <summary>The task's labels for Fashion-MNIST labels (int64).</summary>
@@ -92,9 +94,19 @@ public static class BenchmarkTasks
         [
             new("plain", "the 10 classes as they are", 10, (x, _) => x.alias()),
             new("rotated", "rotated 90° clockwise", 10, (x, _) => x.rot90(-1, (1, 2))),
-            new("inverted", "intensities inverted (1 − x)", 10, (x, _) => x.neg().add_(1)),
+            new("inverted", "intensities inverted (1 − x)", 10, (x, _) =>
+            {
+                using var one = 1.ToScalar();
+                return x.neg().add_(one);
+            }),
             new("flipped_noisy", "mirrored left-right, plus Gaussian noise σ = 0.3", 10,
-                (x, g) => (x.flip(2) + randn(x.shape, generator: g) * 0.3).clamp_(0, 1)),
+                (x, g) =>
+                {
+                    using var sigma = 0.3.ToScalar();
+                    using var zero = 0.ToScalar();
+                    using var one = 1.ToScalar();
+                    return (x.flip(2) + randn(x.shape, generator: g) * sigma).clamp_(zero, one);
+                }),
             new("coarse", "4 classes: tops, bottoms, footwear, bags", 4, (x, _) => x.alias(), [.. CoarseLabels]),
             new("patch_shuffled", "the 49 4×4 patches in a fixed random order", 10,
                 (x, _) =>
@@ -110,7 +122,11 @@ public static class BenchmarkTasks
                     var small = x.reshape(b, 7, 4, 7, 4).mean([2, 4]);
                     return small.repeat_interleave(4, 1).repeat_interleave(4, 2).MoveToOuterDisposeScope();
                 }),
-            new("thresholded", "binarised at 0.5 (silhouettes)", 10, (x, _) => x.ge(0.5).to(ScalarType.Float32)),
+            new("thresholded", "binarised at 0.5 (silhouettes)", 10, (x, _) =>
+            {
+                using var half = 0.5.ToScalar();
+                return x.ge(half).to(ScalarType.Float32);
+            }),
         ];
     }
 

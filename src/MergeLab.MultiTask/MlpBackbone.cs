@@ -56,7 +56,8 @@ public sealed class MlpBackbone : nn.Module<Tensor, Tensor>
             x = nn.functional.relu(block.call(x));
         }
 
-        return nn.functional.normalize(x, p: 2, dim: -1).mul_(Math.Sqrt(FeatureWidth)).MoveToOuterDisposeScope();
+        using var scale = Math.Sqrt(FeatureWidth).ToScalar();
+        return nn.functional.normalize(x, p: 2, dim: -1).mul_(scale).MoveToOuterDisposeScope();
     }
 
     /// <summary>A copy of the parameters as a state dict (float32, detached).</summary>

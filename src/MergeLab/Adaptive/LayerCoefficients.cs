@@ -1,5 +1,6 @@
 using MergeLab.Methods;
 using MergeLab.Tensors;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MergeLab.Adaptive;
@@ -110,7 +111,8 @@ public sealed class LayerCoefficients
                 var merged = b.to(b.dtype == ScalarType.Float64 ? ScalarType.Float64 : ScalarType.Float32, copy: true);
                 for (int t = 0; t < taskVectors.Count; t++)
                 {
-                    merged.add_(taskVectors[t][name].to(b.device), alpha: For(t, name));
+                    using var alpha = For(t, name).ToScalar();
+                    merged.add_(taskVectors[t][name].to(b.device), alpha: alpha);
                 }
 
                 result.Add(name, merged.to(b.dtype).MoveToOuterDisposeScope());

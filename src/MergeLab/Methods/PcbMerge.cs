@@ -1,5 +1,6 @@
 using MergeLab.Selection;
 using MergeLab.Stages;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MergeLab.Methods;
@@ -127,10 +128,12 @@ public sealed class PcbMerge : MergeMethod
         score ??= Score(x, low, high);
         var clamped = Workspace(x).copy_(x).abs_().clamp_(low, high).mul_(x.sign_());
         var s = MinMaxInPlace(score.clamp_(threshold, top), threshold, top);
-        var merged = clamped.mul_(s).sum(dim: 0).div_(s.sum(dim: 0).clamp_min(1e-12));
+        using var tiny = 1e-12.ToScalar();
+        var merged = clamped.mul_(s).sum(dim: 0).div_(s.sum(dim: 0).clamp_min(tiny));
         if (Options.Lambda != 1.0)
         {
-            merged.mul_(Options.Lambda);
+            using var lambda = Options.Lambda.ToScalar();
+            merged.mul_(lambda);
         }
 
         using var base32 = group.Base!.to(ScalarType.Float32);
@@ -145,7 +148,9 @@ public sealed class PcbMerge : MergeMethod
     internal static Tensor Score(Tensor x, Tensor low, Tensor high)
     {
         long n = x.shape[0];
-        var intra = MinMaxInPlace(Workspace(x).copy_(x).abs_().clamp_(low, high), low, high).pow_(2).mul_(n).exp_();
+        using var two = 2.ToScalar();
+        using var count = n.ToScalar();
+        var intra = MinMaxInPlace(Workspace(x).copy_(x).abs_().clamp_(low, high), low, high).pow_(two).mul_(count).exp_();
         using var total = x.sum(dim: 0, keepdim: true);
         using var inter = Workspace(x).copy_(x).mul_(total).tanh_();
         return intra.mul_(inter);
@@ -180,9 +185,10 @@ public sealed class PcbMerge : MergeMethod
     private static Tensor MinMaxInPlace(Tensor x, Tensor min, Tensor max)
     {
         using var scope = NewDisposeScope();
+        using var zero = 0.ToScalar();
         var range = max - min;
-        var safe = where(range.eq(0), ones_like(range), range);
-        return x.sub_(min).div_(safe).masked_fill_(range.eq(0).expand_as(x), 0);
+        var safe = where(range.eq(zero), ones_like(range), range);
+        return x.sub_(min).div_(safe).masked_fill_(range.eq(zero).expand_as(x), zero);
     }
 
     /// <summary>An uninitialized tensor like <paramref name="x"/>, from the buffer pool on the CPU.</summary>

@@ -1,4 +1,6 @@
 using MergeLab.Stages;
+using MergeLab.Tensors;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MergeLab.Methods;
@@ -121,11 +123,11 @@ public sealed record TaskVectorPipeline
             switch (Aggregation)
             {
                 case Aggregation.MeanOfAgreeing:
-                    merged.div_(agree.sum(dim: 0).clamp_min(1));
+                    merged.div_(agree.sum(dim: 0).clamp_min(ScalarArgs.One));
                     break;
                 case Aggregation.WeightNormalized:
                     var divisor = (weights * agree).sum(dim: 0);
-                    merged.div_(divisor.masked_fill_(divisor.eq(0), 1));
+                    merged.div_(divisor.masked_fill_(divisor.eq(ScalarArgs.Zero), ScalarArgs.One));
                     break;
             }
         }
@@ -135,13 +137,15 @@ public sealed record TaskVectorPipeline
             if (Aggregation == Aggregation.WeightNormalized)
             {
                 double divisor = Options.Weights(Weights, group.ExpertCount).Sum();
-                merged.div_(Math.Abs(divisor) < 1e-8 ? 1.0 : divisor);
+                using var by = (Math.Abs(divisor) < 1e-8 ? 1.0 : divisor).ToScalar();
+                merged.div_(by);
             }
         }
 
         if (Lambda != 1.0)
         {
-            merged.mul_(Lambda);
+            using var lambda = Lambda.ToScalar();
+            merged.mul_(lambda);
         }
 
         using var base32 = group.Base!.to(ScalarType.Float32);

@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MergeLab.Methods;
@@ -57,12 +58,15 @@ public sealed class WeightAverageMerge : MergeMethod
     protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic)
     {
         var w = MergeLab.Options.Weights(Options.Weights, group.ExpertCount);
-        var sum = group.Experts[0].to(ScalarType.Float32).mul(w[0]);
+        using var first = w[0].ToScalar();
+        var sum = group.Experts[0].to(ScalarType.Float32).mul(first);
         for (int k = 1; k < w.Length; k++)
         {
-            sum.add_(group.Experts[k].to(ScalarType.Float32), alpha: w[k]);
+            using var alpha = w[k].ToScalar();
+            sum.add_(group.Experts[k].to(ScalarType.Float32), alpha: alpha);
         }
 
-        return Options.Normalize ? sum.div_(w.Sum()) : sum;
+        using var total = w.Sum().ToScalar();
+        return Options.Normalize ? sum.div_(total) : sum;
     }
 }

@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MergeLab.Selection;
@@ -83,11 +84,13 @@ public static class MagnitudeThreshold
         var m = AsCompared(magnitudes);
         // The keep-th largest is the (n - keep + 1)-th smallest. NaN is above every number and equal to NaN.
         float boundary = KthSmallest(m, n - keep + 1);
+        using var boundaryScalar = boundary.ToScalar();
         var nan = m.isnan();
-        var above = float.IsNaN(boundary) ? zeros_like(m, ScalarType.Bool) : m.gt(boundary).logical_or_(nan);
+        var above = float.IsNaN(boundary) ? zeros_like(m, ScalarType.Bool) : m.gt(boundaryScalar).logical_or_(nan);
         long strictlyAbove = above.sum().item<long>();
-        var atBoundary = float.IsNaN(boundary) ? nan : m.eq(boundary);
-        var firstTies = atBoundary.flatten().cumsum(0, ScalarType.Int64).le(keep - strictlyAbove).view(magnitudes.shape);
+        var atBoundary = float.IsNaN(boundary) ? nan : m.eq(boundaryScalar);
+        using var tiesKept = (keep - strictlyAbove).ToScalar();
+        var firstTies = atBoundary.flatten().cumsum(0, ScalarType.Int64).le(tiesKept).view(magnitudes.shape);
         return above.logical_or_(atBoundary.logical_and_(firstTies)).MoveToOuterDisposeScope();
     }
 
@@ -117,8 +120,11 @@ public static class MagnitudeThreshold
         using var scope = NewDisposeScope();
         var rows = AsCompared(magnitudes).reshape(-1, d);
         var (_, order) = rows.sort(dim: 1, descending: false, stable: true);
-        var ranks = empty_like(order).scatter_(1, order, arange(d, ScalarType.Int64, rows.device).expand(rows.shape[0], d));
-        var mask = ranks.ge(low).logical_and_(ranks.lt(high));
+        using var width = d.ToScalar();
+        using var lowScalar = low.ToScalar();
+        using var highScalar = high.ToScalar();
+        var ranks = empty_like(order).scatter_(1, order, arange(width, ScalarType.Int64, rows.device).expand(rows.shape[0], d));
+        var mask = ranks.ge(lowScalar).logical_and_(ranks.lt(highScalar));
         return mask.view(magnitudes.shape).MoveToOuterDisposeScope();
     }
 

@@ -1,3 +1,5 @@
+using MergeLab.Tensors;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MergeLab.Stages;
@@ -69,12 +71,13 @@ public sealed record SignConsensus(
     /// <param name="wholeModelMajority">The majority sign over the whole model, when that is the scope.</param>
     public Tensor ResolveZeros(Tensor rawSign, float? wholeModelMajority = null)
     {
-        using var zero = rawSign.eq(0);
+        using var zero = rawSign.eq(ScalarArgs.Zero);
         float fill = ZeroRule == ZeroSignRule.Positive ? 1f
             : MajorityScope == SelectionScope.WholeModel
                 ? wholeModelMajority ?? throw new InvalidOperationException("The whole-model majority sign was not computed.")
                 : Math.Sign(rawSign.sum().item<float>());
-        return rawSign.masked_fill_(zero, fill);
+        using var fillScalar = fill.ToScalar();
+        return rawSign.masked_fill_(zero, fillScalar);
     }
 
     /// <summary>Which entries agree with the elected sign: where sign &gt; 0, the positive entries;
@@ -82,6 +85,6 @@ public sealed record SignConsensus(
     public static Tensor Agreement(Tensor electorate, Tensor sign)
     {
         using var scope = NewDisposeScope();
-        return where(sign.gt(0), electorate.gt(0), electorate.lt(0)).MoveToOuterDisposeScope();
+        return where(sign.gt(ScalarArgs.Zero), electorate.gt(ScalarArgs.Zero), electorate.lt(ScalarArgs.Zero)).MoveToOuterDisposeScope();
     }
 }

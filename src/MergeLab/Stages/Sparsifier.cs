@@ -1,4 +1,5 @@
 using MergeLab.Selection;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MergeLab.Stages;
@@ -74,10 +75,18 @@ public abstract record Sparsifier
         switch (norm)
         {
             case RescaleNorm.InverseKeepProbability:
-                return masked.div_(keepProbability);
+                using (var probability = keepProbability.ToScalar())
+                {
+                    return masked.div_(probability);
+                }
+
             case RescaleNorm.L1:
                 float factor = L1Factor(taskVector, masked, magnitudes);
-                return factor == 1f ? masked : masked.mul_(factor);
+                using (var factorScalar = factor.ToScalar())
+                {
+                    return factor == 1f ? masked : masked.mul_(factorScalar);
+                }
+
             default:
                 return masked;
         }
@@ -205,7 +214,8 @@ public sealed record KthMagnitudeThreshold : Sparsifier
         {
             return taskVector.clone().MoveToOuterDisposeScope();
         }
-        var keep = taskVector.abs().ge(threshold.Value);
+        using var thresholdScalar = threshold.Value.ToScalar();
+        var keep = taskVector.abs().ge(thresholdScalar);
         return (taskVector * keep).MoveToOuterDisposeScope();
     }
 }

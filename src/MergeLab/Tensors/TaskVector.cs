@@ -1,3 +1,4 @@
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MergeLab.Tensors;
@@ -96,7 +97,8 @@ public sealed class TaskVector : IDisposable
                 var acc = deltas[0][name] * w[0];
                 for (int k = 1; k < deltas.Length; k++)
                 {
-                    acc.add_(deltas[k][name], alpha: w[k]);
+                    using var alpha = w[k].ToScalar();
+                    acc.add_(deltas[k][name], alpha: alpha);
                 }
 
                 sum.Add(name, acc.MoveToOuterDisposeScope());
@@ -132,7 +134,8 @@ public sealed class TaskVector : IDisposable
                 }
 
                 using var scope = NewDisposeScope();
-                var merged = b.to(ScalarType.Float32).add(delta, alpha: lambda);
+                using var alpha = lambda.ToScalar();
+                var merged = b.to(ScalarType.Float32).add(delta, alpha: alpha);
                 result.Add(name, merged.to(b.dtype).MoveToOuterDisposeScope());
             }
         }
