@@ -22,7 +22,8 @@ public static class TiesSelection
     /// <param name="taskVectors">τ_t per task, all with the same names and shapes; not modified.</param>
     /// <param name="density">Fraction of each task vector kept by the trim, in [0, 1]. Default 0.2
     /// (the reference's K = 20).</param>
-    /// <returns>New task vectors, one per task, in the same order; the caller owns them.</returns>
+    /// <returns>New task vectors, one per task, in the same order and dtypes, holding each kept entry's own
+    /// value and 0 elsewhere (the trim and the election compute in float32); the caller owns them.</returns>
     /// <exception cref="MergeException">The task vectors disagree in names or shapes.</exception>
     /// <exception cref="ArgumentException">The list is empty or holds null.</exception>
     /// <exception cref="ArgumentOutOfRangeException"><paramref name="density"/> is outside [0, 1].</exception>
@@ -57,10 +58,12 @@ public static class TiesSelection
                 var group = new TensorGroup(name, zero, deltas.Select(d => d[name]).ToArray());
                 var trimmed = pipeline.SparseTaskVectors(group, statistic);
                 var sign = consensus.ResolveZeros(consensus.RawSign(trimmed), statistic?.MajoritySign);
-                var kept = trimmed * SignConsensus.Agreement(trimmed, sign).to(ScalarType.Float32);
+                var agree = SignConsensus.Agreement(trimmed, sign);
                 for (int t = 0; t < selected.Length; t++)
                 {
-                    selected[t].Add(name, kept[t].clone().MoveToOuterDisposeScope());
+                    // The kept entries are τ's own values, in τ's dtype (the selection itself works in float32).
+                    var original = deltas[t][name];
+                    selected[t].Add(name, original.where(agree[t], zeros_like(original)).MoveToOuterDisposeScope());
                 }
             }
         }

@@ -62,6 +62,31 @@ public class TiesSelectionTests
         }
     }
 
+    [TestCase(ScalarType.Float64)]
+    [TestCase(ScalarType.BFloat16)]
+    [TestCase(ScalarType.Float16)]
+    public void The_selection_keeps_each_task_vectors_dtype_and_exact_values(ScalarType dtype)
+    {
+        // 1 + 2^-40 is not a float32: a float64 τ must come back with its own value, not float32's.
+        double fine = dtype == ScalarType.Float64 ? Math.Pow(2, -40) : 0;
+        using var a = TaskVector.FromDeltas(new StateDict { { "w", tensor(new[] { 4 + fine, -3, 0.5, 2 }).to(dtype) } });
+        using var b = TaskVector.FromDeltas(new StateDict { { "w", tensor(new[] { -1, -5 - fine, 3, 0.125 }).to(dtype) } });
+        var selected = TiesSelection.Select([a, b], density: 0.5);
+        try
+        {
+            Assert.That(selected.Select(s => s["w"].dtype), Is.All.EqualTo(dtype));
+            Assert.That(selected[0]["w"].to(ScalarType.Float64).data<double>().ToArray(), Is.EqualTo(new[] { 4 + fine, -3, 0, 2 }));
+            Assert.That(selected[1]["w"].to(ScalarType.Float64).data<double>().ToArray(), Is.EqualTo(new[] { 0, -5 - fine, 3, 0 }));
+        }
+        finally
+        {
+            foreach (var s in selected)
+            {
+                s.Dispose();
+            }
+        }
+    }
+
     [Test]
     public void Mismatched_or_missing_task_vectors_are_named_as_task_vectors()
     {
