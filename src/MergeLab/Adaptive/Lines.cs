@@ -131,7 +131,9 @@ public static class Lines
         if (blockCount < 2)
         {
             throw new ArgumentException(
-                $"LiNeS needs at least 2 blocks, but {(o.BlockCount is null ? "the names imply" : "BlockCount is")} {blockCount}; set BlockCount or BlockOf.",
+                o.BlockCount is not null ? $"LiNeS needs at least 2 blocks, but BlockCount is {blockCount}."
+                : o.BlockOf is not null ? $"LiNeS needs at least 2 blocks, but the names imply {blockCount} (1 + their largest '.i.' component); with a custom BlockOf, set BlockCount too."
+                : $"LiNeS needs at least 2 blocks, but the names imply {blockCount} (1 + their largest '.i.' component); set BlockCount, or BlockOf and BlockCount.",
                 nameof(options));
         }
 

@@ -128,7 +128,13 @@ public class LinesTests
     [Test]
     public void Fewer_than_two_blocks_is_an_error()
     {
-        Assert.Throws<ArgumentException>(() => Lines.Factors(["a.weight", "b.weight"]));
+        var inferred = Assert.Throws<ArgumentException>(() => Lines.Factors(["a.weight", "b.weight"]));
+        Assert.That(inferred!.Message, Does.Contain("the names imply 0"));
+        // A custom block rule alone cannot help: the count is still inferred from the names.
+        var custom = Assert.Throws<ArgumentException>(() => Lines.Factors(["a.weight", "b.weight"], new LinesOptions { BlockOf = n => n[0] == 'a' ? 0 : 1 }));
+        Assert.That(custom!.Message, Does.Contain("with a custom BlockOf, set BlockCount too"));
+        Assert.That(Lines.Factors(["a.weight", "b.weight"], new LinesOptions { BlockOf = n => n[0] == 'a' ? 0 : 1, BlockCount = 2, Alpha = 0.5, Beta = 0.5 }),
+            Is.EqualTo(new Dictionary<string, double> { ["a.weight"] = 0.5, ["b.weight"] = 1.0 }));
         Assert.Throws<ArgumentOutOfRangeException>(() => _ = new LinesOptions { BlockCount = 1 });
         Assert.Throws<ArgumentOutOfRangeException>(() => _ = new LinesOptions { Alpha = double.NaN });
     }
