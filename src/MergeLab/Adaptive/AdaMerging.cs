@@ -24,7 +24,8 @@ public sealed record AdaMergingOptions
     /// paper's better variant).</summary>
     public AdaMergingGranularity Granularity { get; init => field = MergeLab.Options.Defined(value, nameof(Granularity)); } = AdaMergingGranularity.LayerWise;
 
-    /// <summary>The initial λ of every task and layer (the reference's <c>prior</c>). Default 0.3; finite.</summary>
+    /// <summary>The initial λ of every task and layer (the reference's <c>prior</c>). Default 0.3; finite,
+    /// and within [<see cref="ClampMin"/>, <see cref="ClampMax"/>] (checked when <see cref="AdaMerging"/> is created).</summary>
     public double InitialCoefficient
     {
         get;
@@ -212,13 +213,21 @@ public sealed class AdaMerging
     public const string AllParametersLayer = "*";
 
     /// <summary>Creates the method; default options are the paper's (layer-wise).</summary>
-    /// <exception cref="ArgumentException">ClampMin exceeds ClampMax.</exception>
+    /// <exception cref="ArgumentException">ClampMin exceeds ClampMax, or InitialCoefficient lies outside
+    /// [ClampMin, ClampMax] (where the clamp passes no gradient, so the coefficients could never move).</exception>
     public AdaMerging(AdaMergingOptions? options = null)
     {
         Options = options ?? new AdaMergingOptions();
         if (Options.ClampMin > Options.ClampMax)
         {
             throw new ArgumentException($"ClampMin ({Options.ClampMin}) exceeds ClampMax ({Options.ClampMax}).", nameof(options));
+        }
+
+        if (Options.InitialCoefficient < Options.ClampMin || Options.InitialCoefficient > Options.ClampMax)
+        {
+            throw new ArgumentException(
+                $"InitialCoefficient ({Options.InitialCoefficient}) lies outside [ClampMin, ClampMax] = [{Options.ClampMin}, {Options.ClampMax}]: " +
+                "the clamp passes no gradient there, so the coefficients would never move.", nameof(options));
         }
     }
 
@@ -227,8 +236,9 @@ public sealed class AdaMerging
 
     /// <summary>
     /// Learns the coefficients. The module must hold the pretrained weights θ0 when called; it is put
-    /// in evaluation mode for the run and left with its original weights, training mode and
-    /// <c>requires_grad</c> flags afterwards.
+    /// in evaluation mode for the run and left with its original weights, the training mode of each of
+    /// its submodules and its <c>requires_grad</c> flags afterwards. Gradients are enabled for the run,
+    /// also when the caller is inside <c>torch.no_grad()</c>.
     /// </summary>
     /// <param name="module">The model whose parameters are merged (e.g. a shared backbone). Every name in
     /// the task vectors must be one of its parameters or floating-point buffers (buffers are merged with
@@ -243,7 +253,14 @@ public sealed class AdaMerging
     /// <param name="cancellationToken">Checked before each step.</param>
     /// <returns>The learned coefficients and the merged state dict.</returns>
     /// <exception cref="ArgumentException">The counts disagree, a task vector is null, a task has no batches,
-    /// or a task-vector name is not a parameter or buffer of the module (the message names it).</exception>
+    /// a task-vector name is not a parameter or buffer of the module (the message names it), the task
+    /// vectors name no parameter at all (buffers alone give no gradient), a task's loss does not depend on
+    /// the module's merged parameters (e.g. <paramref name="taskLogits"/> detaches the output), or the loss
+    /// is not finite because a task vector, a batch used or the module's own weights hold NaN or ∞ (the
+    /// message names the tensor and the step).</exception>
+    /// <exception cref="MergeException">The task vectors disagree in names or shapes.</exception>
+    /// <exception cref="InvalidOperationException">The loss or its gradient became NaN or ∞ with finite
+    /// inputs (the coefficients diverged, or the module produces non-finite logits); the message names the step.</exception>
     public AdaMergingResult Learn(nn.Module<Tensor, Tensor> module, IReadOnlyList<TaskVector> taskVectors,
         IReadOnlyList<IReadOnlyList<Tensor>> unlabeledBatches, Func<Tensor, int, Tensor> taskLogits,
         IProgress<AdaMergingProgress>? progress = null, CancellationToken cancellationToken = default)
@@ -296,13 +313,17 @@ public sealed class AdaMerging
         var initial = new LayerCoefficients(layers, raw, layerOf);
         var adam = new AdamState(raw.Length);
         var order = new BatchOrder(unlabeledBatches, Options.Seed);
-        var history = new List<double>(Options.Steps);
+        var history = new List<double>(Math.Min(Options.Steps, 1024)); // Steps may be int.MaxValue, "until cancelled"
         for (int step = 0; step < Options.Steps; step++)
         {
             cancellationToken.ThrowIfCancellationRequested();
             var clamped = Clamp(raw);
             run.Load(clamped, layerOfName);
             var (entropy, grad) = run.EntropyAndGradient(order, taskLogits, layerOfName, layers.Count, Options.DiversityWeight);
+            if (!double.IsFinite(entropy) || grad.Cast<double>().Any(g => !double.IsFinite(g)))
+            {
+                throw run.NonFinite(step + 1, entropy, taskVectors, order);
+            }
             for (int t = 0; t < taskCount; t++)
             {
                 for (int l = 0; l < layers.Count; l++)
@@ -420,7 +441,7 @@ public sealed class AdaMerging
         private readonly Tensor[] _parameters;     // their module tensors, the inputs of autograd.grad
         private readonly Tensor[] _stacked;        // [T, numel] float32 per name
         private readonly bool[] _requiredGrad;
-        private readonly bool _wasTraining;
+        private readonly (nn.Module Module, bool Training)[] _wasTraining; // every submodule, in pre-order
         private readonly StateDict _originalState;
 
         public Run(nn.Module<Tensor, Tensor> module, IReadOnlyList<TaskVector> taskVectors, IReadOnlyList<string> names,
@@ -465,10 +486,47 @@ public sealed class AdaMerging
             }
 
             _parameterIndex = Enumerable.Range(0, n).Where(i => _isParameter[i]).ToArray();
+            if (_parameterIndex.Length == 0)
+            {
+                throw new ArgumentException(
+                    $"The task vectors name only buffers of the module ('{string.Join("', '", names.Take(3))}'{(n > 3 ? ", …" : "")}); " +
+                    "AdaMerging learns from the gradients of parameters, so at least one name must be a parameter.", nameof(taskVectors));
+            }
+
             _parameters = _parameterIndex.Select(i => _targets[i]).ToArray();
-            _wasTraining = module.training;
+            // train(bool) sets a module and all its submodules, so restoring a module before its descendants
+            // (by depth of name) gives each one back its own mode.
+            _wasTraining = module.named_modules()
+                .Where(m => m.name.Length > 0)
+                .Select(m => (Depth: m.name.Count(c => c == '.'), m.module))
+                .OrderBy(m => m.Depth)
+                .Select(m => (m.module, m.module.training))
+                .Prepend(((nn.Module)module, module.training))
+                .ToArray();
             _originalState = StateDict.FromModule(module);
+            try
+            {
+                StackTaskVectors(taskVectors, names);
+            }
+            catch
+            {
+                DisposeTensors();
+                throw;
+            }
+
+            module.eval();
             for (int i = 0; i < n; i++)
+            {
+                if (_isParameter[i])
+                {
+                    _targets[i].requires_grad_(true);
+                }
+            }
+        }
+
+        private void StackTaskVectors(IReadOnlyList<TaskVector> taskVectors, IReadOnlyList<string> names)
+        {
+            for (int i = 0; i < names.Count; i++)
             {
                 var device = _targets[i].device;
                 // Float32 arithmetic, or float64 for a float64 module.
@@ -488,15 +546,6 @@ public sealed class AdaMerging
                 _stacked[i] = stack(taskVectors.Select(v => v[names[i]].to(device).to(dtype).flatten()).ToArray())
                     .MoveToOuterDisposeScope().DetachFromDisposeScope();
                 _requiredGrad[i] = _targets[i].requires_grad;
-            }
-
-            module.eval();
-            for (int i = 0; i < n; i++)
-            {
-                if (_isParameter[i])
-                {
-                    _targets[i].requires_grad_(true);
-                }
             }
         }
 
@@ -531,6 +580,7 @@ public sealed class AdaMerging
         {
             int taskCount = (int)_stacked[0].shape[0];
             var total = new Tensor?[_parameterIndex.Length];
+            using var gradMode = enable_grad(); // also under a caller's no_grad()
             using var scope = NewDisposeScope();
             // The loss and the gradient add up on the device, in the order and float64 arithmetic the host
             // would use (a sum starting at 0, one term at a time), and come back once per step: on a GPU,
@@ -544,7 +594,14 @@ public sealed class AdaMerging
                 var batch = order.Next(t);
                 var output = _module.call(batch);
                 var h = TaskLoss(taskLogits(output, t), diversityWeight);
+                // libtorch's error for a loss without a graph ends the process instead of throwing, so check first.
+                if (!h.requires_grad)
+                {
+                    throw DoesNotDepend(t);
+                }
+
                 var grads = autograd.grad([h], _parameters, allow_unused: true);
+                bool any = false;
                 for (int j = 0; j < grads.Count; j++)
                 {
                     var g = grads[j];
@@ -553,6 +610,7 @@ public sealed class AdaMerging
                         continue;
                     }
 
+                    any = true;
                     if (total[j] is null)
                     {
                         total[j] = g.detach().clone().MoveToOuterDisposeScope();
@@ -561,6 +619,11 @@ public sealed class AdaMerging
                     {
                         total[j]!.add_(g);
                     }
+                }
+
+                if (!any)
+                {
+                    throw DoesNotDepend(t);
                 }
 
                 entropy.add_(h.detach().to(ScalarType.Float64).view(1).to(device));
@@ -596,6 +659,63 @@ public sealed class AdaMerging
             return (values[0], result);
         }
 
+        private static ArgumentException DoesNotDepend(int task) => InputError(
+            $"Task {task}'s loss does not depend on the module's merged parameters: taskLogits must compute the logits " +
+            "from the module's output without detaching it.", "taskLogits");
+
+        /// <summary>An error about one of <see cref="Learn"/>'s arguments, named by <paramref name="parameter"/>.</summary>
+        private static ArgumentException InputError(string message, string parameter) => new(message, parameter);
+
+        /// <summary>The error for a loss or gradient that is not finite at <paramref name="step"/>, naming the
+        /// first input that holds NaN or ∞: a task vector, a batch the step used, or the module's own weights.</summary>
+        public Exception NonFinite(int step, double loss, IReadOnlyList<TaskVector> taskVectors, BatchOrder order)
+        {
+            for (int t = 0; t < taskVectors.Count; t++)
+            {
+                foreach (var name in _names)
+                {
+                    if (!AllFinite(taskVectors[t][name]))
+                    {
+                        return new ArgumentException(
+                            $"Task vector {t}'s '{name}' holds NaN or ∞, so the merged model's loss is not finite (step {step}).", nameof(taskVectors));
+                    }
+                }
+            }
+
+            for (int t = 0; t < taskVectors.Count; t++)
+            {
+                var (batch, index) = order.Last(t);
+                if (!AllFinite(batch))
+                {
+                    return InputError($"Task {t}'s unlabeled batch {index} holds NaN or ∞, so the loss is not finite (step {step}).", "unlabeledBatches");
+                }
+            }
+
+            for (int i = 0; i < _names.Count; i++)
+            {
+                if (!AllFinite(_base[i]))
+                {
+                    return InputError($"The module's own '{_names[i]}' holds NaN or ∞, so the loss is not finite (step {step}).", "module");
+                }
+            }
+
+            return new InvalidOperationException(
+                $"At step {step} the loss ({loss}) or its gradient is not finite although the task vectors, the batches and the module's " +
+                "weights are: the coefficients diverged (lower LearningRate) or the module or taskLogits produce NaN or ∞.");
+
+            static bool AllFinite(Tensor t)
+            {
+                if (!t.is_floating_point() && !t.is_complex())
+                {
+                    return true;
+                }
+
+                using var finite = t.isfinite();
+                using var all = finite.all();
+                return all.item<bool>();
+            }
+        }
+
         /// <summary>The module's state dict with the merged tensors replaced, in state-dict order.</summary>
         public StateDict MergedStateDict(LayerCoefficients coefficients, IReadOnlyList<TaskVector> taskVectors) =>
             coefficients.ApplyTo(_originalState, taskVectors); // ApplyTo copies; the original stays as it is
@@ -614,7 +734,16 @@ public sealed class AdaMerging
                 }
             }
 
-            _module.train(_wasTraining);
+            foreach (var (module, training) in _wasTraining)
+            {
+                module.train(training);
+            }
+
+            DisposeTensors();
+        }
+
+        private void DisposeTensors()
+        {
             foreach (var t in _base.Where((_, i) => _ownsBase[i]).Concat(_stacked))
             {
                 t?.Dispose();
@@ -657,6 +786,13 @@ public sealed class AdaMerging
             }
 
             return _batches[task][_order[task][_position[task]++]];
+        }
+
+        /// <summary>The batch <see cref="Next"/> last returned for <paramref name="task"/>, and its index.</summary>
+        public (Tensor Batch, int Index) Last(int task)
+        {
+            int index = _order[task][_position[task] - 1];
+            return (_batches[task][index], index);
         }
 
         private void Shuffle(int task)

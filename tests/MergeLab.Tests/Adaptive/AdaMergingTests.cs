@@ -338,6 +338,8 @@ public class AdaMergingTests
         using var stray = TaskVector.FromDeltas(new StateDict { { "third.weight", zeros(2) } });
         var ex = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, [stray], [p.Batches[0]], p.Logits));
         Assert.That(ex!.Message, Does.Contain("third.weight"));
+        using var shortVector = TaskVector.FromDeltas(new StateDict { { "first.weight", zeros(5, 4) } });
+        Assert.Throws<MergeException>(() => ada.Learn(p.Net, [p.Vectors[0], shortVector], p.Batches, p.Logits));
         Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, [p.Batches[0]], p.Logits));
         Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, [p.Batches[0], []], p.Logits));
         Assert.Throws<ArgumentException>(() => _ = new AdaMerging(new AdaMergingOptions { ClampMin = 1, ClampMax = 0 }));
@@ -356,6 +358,130 @@ public class AdaMergingTests
         cts.Cancel();
         Assert.Throws<OperationCanceledException>(() =>
             new AdaMerging(new AdaMergingOptions { Steps = 3 }).Learn(p.Net, p.Vectors, p.Batches, p.Logits, cancellationToken: cts.Token));
+    }
+
+    [Test]
+    public void Learn_enables_gradients_under_a_callers_no_grad()
+    {
+        using var p = MakeProblem();
+        var options = new AdaMergingOptions { Steps = 4, LearningRate = 0.05 };
+        using var plain = new AdaMerging(options).Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+        AdaMergingResult underNoGrad;
+        using (no_grad())
+        {
+            underNoGrad = new AdaMerging(options).Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+        }
+
+        using (underNoGrad)
+        {
+            Assert.That(underNoGrad.Coefficients.ToArray(), Is.EqualTo(plain.Coefficients.ToArray()));
+            Assert.That(underNoGrad.EntropyHistory, Is.EqualTo(plain.EntropyHistory));
+        }
+    }
+
+    [Test]
+    public void A_loss_without_a_path_to_the_merged_parameters_is_refused_and_the_module_restored()
+    {
+        // libtorch's own error here ends the process; Learn must throw a .NET exception instead.
+        using var p = MakeProblem();
+        var before = p.Net.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
+        var ada = new AdaMerging(new AdaMergingOptions { Steps = 2 });
+        var detached = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, p.Batches, (o, t) => p.Logits(o.detach(), t)));
+        Assert.That(detached!.ParamName, Is.EqualTo("taskLogits"));
+        Assert.That(detached.Message, Does.Contain("Task 0's loss does not depend on the module's merged parameters"));
+
+        // Only the head's parameters in the graph: still no gradient for any coefficient.
+        using var head = nn.Linear(3, 3);
+        var headOnly = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, p.Batches, (o, _) => head.call(o.detach())));
+        Assert.That(headOnly!.Message, Does.Contain("does not depend"));
+        foreach (var (name, value) in p.Net.state_dict())
+        {
+            T.BitEqual(value.detach(), before[name]);
+        }
+    }
+
+    [Test]
+    public void Task_vectors_of_buffers_only_are_refused()
+    {
+        using var net = nn.Sequential(("bn", nn.BatchNorm1d(4)), ("fc", nn.Linear(4, 3)));
+        using var deltas = new StateDict { { "bn.running_mean", ones(4) } };
+        using var vector = TaskVector.FromDeltas(deltas.Clone());
+        using var batch = randn(6, 4);
+        var ex = Assert.Throws<ArgumentException>(() => new AdaMerging(new AdaMergingOptions { Steps = 1 })
+            .Learn(net, [vector], [[batch]], (o, _) => o));
+        Assert.That(ex!.Message, Does.Contain("only buffers").And.Contain("bn.running_mean"));
+    }
+
+    [Test]
+    public void Each_submodules_training_mode_is_restored()
+    {
+        using var p = MakeProblem();
+        p.Net.train();
+        var first = p.Net.named_children().Single(c => c.name == "first").module;
+        first.eval();
+        using var result = new AdaMerging(new AdaMergingOptions { Steps = 1 }).Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+        Assert.That(p.Net.training, Is.True);
+        Assert.That(first.training, Is.False);
+        Assert.That(p.Net.named_children().Single(c => c.name == "second").module.training, Is.True);
+    }
+
+    [Test]
+    public void A_non_finite_loss_names_its_input_and_step()
+    {
+        using var p = MakeProblem();
+        var ada = new AdaMerging(new AdaMergingOptions { Steps = 50 });
+        int steps = 0;
+        var counting = new SyncProgress<AdaMergingProgress>(_ => steps++);
+
+        using (var deltas = new StateDict())
+        {
+            foreach (var name in p.Vectors[1].Names)
+            {
+                deltas.Add(name, p.Vectors[1][name].clone());
+            }
+
+            deltas["second.weight"][1, 2] = float.NaN;
+            using var nanVector = TaskVector.FromDeltas(deltas.Clone());
+            var ex = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, [p.Vectors[0], nanVector], p.Batches, p.Logits, counting));
+            Assert.That(ex!.Message, Does.Contain("Task vector 1's 'second.weight' holds NaN").And.Contain("step 1"));
+            Assert.That(steps, Is.Zero, "stopped at the first step, not after all of them");
+        }
+
+        using var nanBatch = p.Batches[0][1].clone();
+        nanBatch[0, 0] = float.PositiveInfinity * 0;
+        var batches = new[] { new[] { p.Batches[0][0], nanBatch }, p.Batches[1] };
+        var batchError = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, batches, p.Logits));
+        Assert.That(batchError!.Message, Does.Contain("Task 0's unlabeled batch 1 holds NaN"));
+
+        var diverging = Assert.Throws<InvalidOperationException>(() => ada.Learn(p.Net, p.Vectors, p.Batches, (o, t) => p.Logits(o, t) * float.PositiveInfinity));
+        Assert.That(diverging!.Message, Does.Contain("step 1").And.Contain("not finite"));
+    }
+
+    [Test]
+    public void Steps_may_be_unbounded_until_cancelled()
+    {
+        using var p = MakeProblem();
+        using var cts = new CancellationTokenSource();
+        int steps = 0;
+        var progress = new SyncProgress<AdaMergingProgress>(_ =>
+        {
+            if (++steps == 3)
+            {
+                cts.Cancel();
+            }
+        });
+        Assert.Throws<OperationCanceledException>(() => new AdaMerging(new AdaMergingOptions { Steps = int.MaxValue })
+            .Learn(p.Net, p.Vectors, p.Batches, p.Logits, progress, cts.Token));
+        Assert.That(steps, Is.EqualTo(3));
+    }
+
+    [Test]
+    public void An_initial_coefficient_outside_the_clamp_is_refused()
+    {
+        var ex = Assert.Throws<ArgumentException>(() => _ = new AdaMerging(new AdaMergingOptions { InitialCoefficient = 1.2 }));
+        Assert.That(ex!.Message, Does.Contain("InitialCoefficient (1.2) lies outside [ClampMin, ClampMax] = [0, 1]"));
+        Assert.DoesNotThrow(() => _ = new AdaMerging(new AdaMergingOptions { InitialCoefficient = 1.2, ClampMax = 2 }));
+        Assert.DoesNotThrow(() => _ = new AdaMerging(new AdaMergingOptions { InitialCoefficient = 0 }));
     }
 
     private sealed class SyncProgress<TValue>(Action<TValue> report) : IProgress<TValue>
