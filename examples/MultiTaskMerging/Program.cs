@@ -32,13 +32,13 @@ for (int i = 0; i < args.Length; i++)
         case "--no-cache":
             noCache = true;
             break;
-        case "--out" when i + 1 < args.Length:
+        case "--out" when i + 1 < args.Length && IsValue(args[i + 1]):
             outDir = args[++i];
             break;
-        case "--data" when i + 1 < args.Length:
+        case "--data" when i + 1 < args.Length && IsValue(args[i + 1]):
             dataDir = args[++i];
             break;
-        case "--cache" when i + 1 < args.Length:
+        case "--cache" when i + 1 < args.Length && IsValue(args[i + 1]):
             cacheDir = args[++i];
             break;
         case "--seed" when i + 1 < args.Length && int.TryParse(args[i + 1], NumberStyles.Integer, CultureInfo.InvariantCulture, out seed):
@@ -57,11 +57,27 @@ for (int i = 0; i < args.Length; i++)
     }
 }
 
+if (File.Exists(outDir) || (!noCache && cacheDir is not null && File.Exists(cacheDir)))
+{
+    Console.Error.WriteLine($"error: '{(File.Exists(outDir) ? outDir : cacheDir)}' is a file; --out and --cache take a folder (created if missing).");
+    return 1;
+}
+
 if (!FashionMnist.IsAvailable(dataDir))
 {
     Console.Error.WriteLine("error: " + new FashionMnistNotFoundException(
         $"Fashion-MNIST is not in '{FashionMnist.ResolveDirectory(dataDir)}'.").Message);
     Console.Error.WriteLine($"Install it with: sudo apt-get install dataset-fashion-mnist   (or pass --data DIR / set {FashionMnist.EnvironmentVariable}).");
+    return 1;
+}
+
+try
+{
+    Directory.CreateDirectory(outDir); // before the training, not after it
+}
+catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+{
+    Console.Error.WriteLine($"error: cannot create the output folder '{outDir}': {e.Message}");
     return 1;
 }
 
@@ -97,6 +113,15 @@ catch (OperationCanceledException)
     Console.Error.WriteLine("Cancelled.");
     return 130;
 }
+catch (Exception e) when (e is IOException or UnauthorizedAccessException or InvalidDataException)
+{
+    // Unreadable data or cache, an output folder that cannot be written: one line, not a stack trace.
+    Console.Error.WriteLine($"error: {e.Message}");
+    return 1;
+}
+
+// A value, not the next option (so "--out --quick" is an error, not a folder named "--quick").
+static bool IsValue(string arg) => arg.Length > 0 && !arg.StartsWith("--", StringComparison.Ordinal);
 
 /// <summary>Prints each line at once, on the calling thread (Progress&lt;T&gt; would post to the thread pool).</summary>
 internal sealed class SynchronousProgress(Action<string> write) : IProgress<string>

@@ -1,3 +1,4 @@
+using System.Globalization;
 using MergeLab.MultiTask;
 using ScottPlot;
 
@@ -16,7 +17,7 @@ internal static class ResultsChart
             Position = i,
             Value = row.Average,
             FillColor = ColorOf(row.Method),
-            Label = row.Average.ToString("F1"),
+            Label = row.Average.ToString("F1", CultureInfo.InvariantCulture),
         }).ToArray();
         var barPlot = plot.Add.Bars(bars);
         barPlot.ValueLabelStyle.FontSize = 13;
@@ -51,7 +52,7 @@ internal static class ResultsChart
         plot.YLabel("test accuracy (%)");
         plot.Title($"Merging 8 Fashion-MNIST experts ({results.Options.Name} configuration): average over tasks");
         plot.ShowLegend(Edge.Bottom);
-        plot.SavePng(path, width, height);
+        BenchmarkResults.WriteAtomically(path, temporary => plot.SavePng(temporary, width, height));
     }
 
     private static Color ColorOf(string method) => method switch

@@ -111,16 +111,46 @@ public sealed class BenchmarkResults
     }
 
     /// <summary>Writes <c>results.md</c> and <c>results.csv</c> into <paramref name="directory"/>
-    /// (created if missing) and returns their paths.</summary>
+    /// (created if missing) and returns their paths. Each file is written under a temporary name and
+    /// then renamed over the old one, so a crash never leaves a cut-short table.</summary>
     public (string Markdown, string Csv) Write(string directory)
     {
         ArgumentException.ThrowIfNullOrEmpty(directory);
         Directory.CreateDirectory(directory);
         var md = Path.Combine(directory, "results.md");
         var csv = Path.Combine(directory, "results.csv");
-        File.WriteAllText(md, ToMarkdown());
-        File.WriteAllText(csv, ToCsv());
+        WriteAtomically(md, ToMarkdown());
+        WriteAtomically(csv, ToCsv());
         return (md, csv);
+    }
+
+    /// <summary>Writes <paramref name="text"/> to a temporary file beside <paramref name="path"/>, then
+    /// renames it to <paramref name="path"/> (replacing any old file).</summary>
+    public static void WriteAtomically(string path, string text)
+    {
+        ArgumentNullException.ThrowIfNull(text);
+        WriteAtomically(path, temporary => File.WriteAllText(temporary, text));
+    }
+
+    /// <summary>Lets <paramref name="write"/> create a temporary file beside <paramref name="path"/>, then
+    /// renames it to <paramref name="path"/> (replacing any old file); the temporary file is deleted if
+    /// <paramref name="write"/> fails.</summary>
+    public static void WriteAtomically(string path, Action<string> write)
+    {
+        ArgumentException.ThrowIfNullOrEmpty(path);
+        ArgumentNullException.ThrowIfNull(write);
+        // The extension stays last, for writers that look at it (an image library's SavePng).
+        var temporary = Path.Combine(Path.GetDirectoryName(Path.GetFullPath(path))!,
+            $".{Path.GetFileNameWithoutExtension(path)}.{Guid.NewGuid():N}.tmp{Path.GetExtension(path)}");
+        try
+        {
+            write(temporary);
+            File.Move(temporary, path, overwrite: true);
+        }
+        finally
+        {
+            File.Delete(temporary); // gone after the move; left only if write or the move failed
+        }
     }
 
     private static string F(double v) => v.ToString("F2", CultureInfo.InvariantCulture);

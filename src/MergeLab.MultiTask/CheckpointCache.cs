@@ -1,3 +1,5 @@
+using System.Security.Cryptography;
+using System.Text;
 using MergeLab.IO;
 using MergeLab.Tensors;
 
@@ -14,10 +16,17 @@ internal sealed class CheckpointCache
     private const string FingerprintKey = "mergelab_multitask_fingerprint";
     private readonly string? _directory;
     private readonly string _fingerprint;
+    private readonly IProgress<string>? _log;
 
-    public CheckpointCache(string? root, BenchmarkOptions options)
+    /// <param name="root">The cache's root folder; null: no cache.</param>
+    /// <param name="options">The configuration; its <see cref="BenchmarkOptions.TrainingFingerprint"/> is part of the key.</param>
+    /// <param name="dataFingerprint">The data's <see cref="FashionMnist.Fingerprint"/>, the other part: other
+    /// images or labels (another <c>--data</c> folder) must not reuse models trained on these.</param>
+    /// <param name="log">Told when a cached file cannot be read and is trained again.</param>
+    public CheckpointCache(string? root, BenchmarkOptions options, string dataFingerprint, IProgress<string>? log = null)
     {
-        _fingerprint = options.TrainingFingerprint();
+        _fingerprint = Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(options.TrainingFingerprint() + "|" + dataFingerprint)))[..12];
+        _log = log;
         if (root is not null)
         {
             _directory = Path.Combine(root, $"{options.Name}-{_fingerprint}");
@@ -41,14 +50,23 @@ internal sealed class CheckpointCache
             return null;
         }
 
-        using var checkpoint = SafetensorsCheckpoint.Open(path);
-        var header = checkpoint.Shards[0].Metadata;
-        if (header is null || !header.TryGetValue(FingerprintKey, out var stored) || stored != _fingerprint)
+        try
         {
+            using var checkpoint = SafetensorsCheckpoint.Open(path);
+            var header = checkpoint.Shards[0].Metadata;
+            if (header is null || !header.TryGetValue(FingerprintKey, out var stored) || stored != _fingerprint)
+            {
+                return null;
+            }
+
+            return checkpoint.ReadAll();
+        }
+        catch (Exception e) when (e is SafetensorsFormatException or IOException or UnauthorizedAccessException)
+        {
+            // A damaged cache file (cut short, overwritten) is trained again and replaced, not fatal.
+            _log?.Report($"cached '{path}' cannot be read ({e.Message}); training it again");
             return null;
         }
-
-        return checkpoint.ReadAll();
     }
 
     /// <summary>Writes checkpoint <paramref name="name"/> (no-op without a cache).</summary>

@@ -1,5 +1,6 @@
 using System.Buffers.Binary;
 using System.IO.Compression;
+using System.Security.Cryptography;
 
 namespace MergeLab.MultiTask;
 
@@ -66,10 +67,24 @@ public sealed class FashionMnist
         TestImagesBytes = testImages;
         TestLabelsBytes = testLabels;
         Directory = directory;
+        using var hash = IncrementalHash.CreateHash(HashAlgorithmName.SHA256);
+        Span<byte> length = stackalloc byte[8];
+        foreach (var part in new[] { trainImages, trainLabels, testImages, testLabels })
+        {
+            BinaryPrimitives.WriteInt64LittleEndian(length, part.Length);
+            hash.AppendData(length);
+            hash.AppendData(part);
+        }
+
+        Fingerprint = Convert.ToHexStringLower(hash.GetHashAndReset())[..12];
     }
 
     /// <summary>The directory the files were read from.</summary>
     public string Directory { get; }
+
+    /// <summary>A short hash of the images and labels (not of where they were read from), so trained
+    /// checkpoints are reused only for the same data.</summary>
+    public string Fingerprint { get; }
 
     /// <summary>Training images, row-major, <see cref="Pixels"/> bytes each (0 = background).</summary>
     public byte[] TrainImagesBytes { get; }
@@ -111,7 +126,8 @@ public sealed class FashionMnist
 
     /// <summary>Reads the four IDX files (each plain or gzipped) from the resolved directory.</summary>
     /// <exception cref="FashionMnistNotFoundException">A file is missing; the message says how to install it.</exception>
-    /// <exception cref="InvalidDataException">A file is not a valid IDX file of the expected shape.</exception>
+    /// <exception cref="InvalidDataException">A file is not a valid IDX file of the expected shape, is cut
+    /// short or not valid gzip, or holds a label outside 0–9 (the message names the file).</exception>
     public static FashionMnist Load(string? directory = null)
     {
         var dir = ResolveDirectory(directory);
@@ -122,6 +138,15 @@ public sealed class FashionMnist
         if (trainImages.Length != trainLabels.Length * Pixels || testImages.Length != testLabels.Length * Pixels)
         {
             throw new InvalidDataException($"The image and label counts of Fashion-MNIST in '{dir}' disagree.");
+        }
+
+        foreach (var (labels, name) in new[] { (trainLabels, TrainLabels), (testLabels, TestLabels) })
+        {
+            int bad = Array.FindIndex(labels, l => l >= ClassNames.Count);
+            if (bad >= 0)
+            {
+                throw new InvalidDataException($"'{Find(dir, name)}' has label {labels[bad]} at item {bad}; Fashion-MNIST's labels are 0–{ClassNames.Count - 1}.");
+            }
         }
 
         return new FashionMnist(trainImages, trainLabels, testImages, testLabels, dir);
@@ -145,6 +170,22 @@ public sealed class FashionMnist
     internal static byte[] ReadIdx(string directory, string name, int magic, int[] itemShape)
     {
         var path = Find(directory, name) ?? throw new FashionMnistNotFoundException(FashionMnistNotFoundException.Explain(directory, name));
+        try
+        {
+            return ReadIdx(path, magic, itemShape);
+        }
+        catch (EndOfStreamException)
+        {
+            throw new InvalidDataException($"'{path}' is cut short: it ends before the items its header declares.");
+        }
+        catch (InvalidDataException e) when (!e.Message.Contains(path, StringComparison.Ordinal))
+        {
+            throw new InvalidDataException($"'{path}' is not valid: {e.Message}", e); // e.g. corrupt gzip
+        }
+    }
+
+    private static byte[] ReadIdx(string path, int magic, int[] itemShape)
+    {
         using var file = File.OpenRead(path);
         using Stream stream = path.EndsWith(".gz", StringComparison.Ordinal) ? new GZipStream(file, CompressionMode.Decompress) : file;
         Span<byte> word = stackalloc byte[4];

@@ -4,6 +4,7 @@ using MergeLab.Adaptive;
 using MergeLab.Methods;
 using MergeLab.Tensors;
 using TorchSharp.Modules;
+using static System.FormattableString;
 using static TorchSharp.torch;
 
 namespace MergeLab.MultiTask;
@@ -14,8 +15,9 @@ namespace MergeLab.MultiTask;
 /// every merge method's single backbone evaluated on every task with that task's head.
 /// </summary>
 /// <remarks>
-/// <para>Protocol. The backbone is pretrained on the plain 10-class task over a subset of the training
-/// split (the "generic" pretraining). Each task's head is a linear probe of the pretrained backbone's
+/// <para>Protocol. The backbone is pretrained without labels, by reconstructing batches of every task's
+/// inputs over a subset of the training split (the "generic" pretraining; <see cref="BenchmarkOptions.Pretraining"/>
+/// picks another objective). Each task's head is a linear probe of the pretrained backbone's
 /// frozen features; that is the <c>pretrained</c> row (the "zero-shot" floor). Each expert fine-tunes the
 /// backbone with the task's head frozen (as the papers' vision experts keep the zero-shot head), so all
 /// rows share the heads and differ only in the backbone; <c>individual</c> is each expert on its own
@@ -52,7 +54,7 @@ public static class MultiTaskBenchmark
         using var data = new BenchmarkData(mnist, tasks, options.TrainCount, options.ValidationCount, options.TestCount, options.Seed);
         Lap("data");
 
-        var cache = new CheckpointCache(options.CacheDirectory, options);
+        var cache = new CheckpointCache(options.CacheDirectory, options, mnist.Fingerprint, log);
         using var models = TrainedModels.LoadOrTrain(data, options, cache, log, cancellationToken);
         notes["checkpoints"] = cache.Directory is null ? "trained in memory (no cache)"
             : $"{(models.FromCache ? "reused" : "trained and saved")} in `{cache.Directory}`";
@@ -146,11 +148,11 @@ public static class MultiTaskBenchmark
                 coefficients[name] = (result.InitialCoefficients, c);
                 var all = c.ToArray().Cast<double>().ToArray();
                 notes[$"{name} coefficients"] = granularity == AdaMergingGranularity.TaskWise
-                    ? string.Join(", ", Enumerable.Range(0, c.TaskCount).Select(t => $"{tasks[t].Name} {c[t, 0]:F2}"))
-                    : $"{c.TaskCount}×{c.Layers.Count} (layers {string.Join(", ", c.Layers)}), range {all.Min():F2}–{all.Max():F2}, mean {all.Average():F2}";
+                    ? string.Join(", ", Enumerable.Range(0, c.TaskCount).Select(t => Invariant($"{tasks[t].Name} {c[t, 0]:F2}")))
+                    : Invariant($"{c.TaskCount}×{c.Layers.Count} (layers {string.Join(", ", c.Layers)}), range {all.Min():F2}–{all.Max():F2}, mean {all.Average():F2}");
                 // With the class-balance term the history is the loss (entropy less the weighted batch-mean entropy).
                 bool paperLoss = options.AdaMergingDiversityWeight == 0;
-                notes[$"{name} {(paperLoss ? "entropy" : "loss")}"] = $"{result.EntropyHistory[0]:F3} → {result.EntropyHistory[^1]:F3}";
+                notes[$"{name} {(paperLoss ? "entropy" : "loss")}"] = Invariant($"{result.EntropyHistory[0]:F3} → {result.EntropyHistory[^1]:F3}");
                 return new(name, evaluator.Test(result.Merged),
                     $"{(granularity == AdaMergingGranularity.TaskWise ? "task-wise" : "layer-wise")}{(name == "adamerging_pp" ? " on TIES-selected τ" : "")}, {options.AdaMergingSteps} steps"
                     + (paperLoss ? "" : $", diversity weight {options.AdaMergingDiversityWeight.ToString(CultureInfo.InvariantCulture)}"));
@@ -161,7 +163,7 @@ public static class MultiTaskBenchmark
                 double alpha = Lines.MultiTaskAlpha(taskVectors, merged);
                 double bestBeta = BestOnValidation(betas, beta => Lines.Apply(baseModel, merged, new LinesOptions { Alpha = alpha, Beta = beta }));
                 using var chosen = Lines.Apply(baseModel, merged, new LinesOptions { Alpha = alpha, Beta = bestBeta });
-                return new(name, evaluator.Test(chosen), $"α = {alpha:F3}, β = {bestBeta:F1} (validation)");
+                return new(name, evaluator.Test(chosen), Invariant($"α = {alpha:F3}, β = {bestBeta:F1} (validation)"));
             }
         }
         finally
@@ -182,12 +184,12 @@ public static class MultiTaskBenchmark
         }
 
         void Report(MethodResult row) =>
-            log?.Report($"{row.Method,-17} average {row.Average:F1}%  [{string.Join(" ", row.Accuracies.Select(a => a.ToString("F1", CultureInfo.InvariantCulture)))}]  {row.Setting}");
+            log?.Report(Invariant($"{row.Method,-17} average {row.Average:F1}%  [{string.Join(" ", row.Accuracies.Select(a => a.ToString("F1", CultureInfo.InvariantCulture)))}]  {row.Setting}"));
 
         void Lap(string phase)
         {
             timings[phase] = clock.Elapsed - timings.Values.Aggregate(TimeSpan.Zero, (a, b) => a + b);
-            log?.Report($"-- {phase} done in {timings[phase].TotalSeconds:F1} s");
+            log?.Report(Invariant($"-- {phase} done in {timings[phase].TotalSeconds:F1} s"));
         }
 
         MethodResult TunedLambda(string name, Func<double, MergeMethod> method, IReadOnlyList<double> grid, string setting)
@@ -212,7 +214,7 @@ public static class MultiTaskBenchmark
             {
                 using var model = modelAt(value);
                 double score = evaluator.Validation(model).Average();
-                curve?.Add($"{value:0.0#}: {score:F1}");
+                curve?.Add(Invariant($"{value:0.0#}: {score:F1}"));
                 if (score > bestScore)
                 {
                     (bestScore, best) = (score, value);

@@ -1,6 +1,7 @@
 using System.Diagnostics;
 using MergeLab.Tensors;
 using TorchSharp.Modules;
+using static System.FormattableString;
 using static TorchSharp.torch;
 
 namespace MergeLab.MultiTask;
@@ -48,7 +49,7 @@ internal sealed class TrainedModels : IDisposable
             Training.Pretrain(fresh, data, o, ct);
             pretrained = fresh.ToStateDict();
             cache.Save("pretrained", pretrained);
-            log?.Report($"pretrained the backbone in {clock.Elapsed.TotalSeconds:F1} s");
+            log?.Report(Invariant($"pretrained the backbone in {clock.Elapsed.TotalSeconds:F1} s"));
         }
 
         backbone.Load(pretrained);
@@ -76,7 +77,7 @@ internal sealed class TrainedModels : IDisposable
                 }
 
                 cache.Save("probe_heads", all);
-                log?.Report($"trained {tasks.Count} linear probes ({clock.Elapsed.TotalSeconds:F1} s)");
+                log?.Report(Invariant($"trained {tasks.Count} linear probes ({clock.Elapsed.TotalSeconds:F1} s)"));
             }
         }
 
@@ -116,7 +117,7 @@ internal sealed class TrainedModels : IDisposable
             using var save = experts[t].Clone();
             AddHead(save, heads[t], "head.");
             cache.Save(name, save);
-            log?.Report($"fine-tuned expert '{tasks[t].Name}' ({clock.Elapsed.TotalSeconds:F1} s)");
+            log?.Report(Invariant($"fine-tuned expert '{tasks[t].Name}' ({clock.Elapsed.TotalSeconds:F1} s)"));
         }
 
         return new TrainedModels(pretrained, probes, experts, heads, allCached);

@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.IO.Compression;
 using MergeLab.MultiTask;
 using MergeLab.Tensors;
@@ -81,6 +82,51 @@ public class MultiTaskUnitTests
         WriteDataset(train: 3, test: 2, gzip: false);
         File.WriteAllBytes(Path.Combine(_dir, "train-labels-idx1-ubyte"), Idx(0x0803, [3, 28, 28], new byte[3 * 784]));
         Assert.Throws<InvalidDataException>(() => FashionMnist.Load(_dir));
+    }
+
+    [TestCase(true)]
+    [TestCase(false)]
+    public void A_cut_short_file_is_named_as_invalid_data(bool gzip)
+    {
+        WriteDataset(train: 12, test: 5, gzip);
+        var name = "train-images-idx3-ubyte" + (gzip ? ".gz" : "");
+        var path = Path.Combine(_dir, name);
+        var bytes = File.ReadAllBytes(path);
+        File.WriteAllBytes(path, bytes[..(bytes.Length / 2)]);
+        var ex = Assert.Throws<InvalidDataException>(() => FashionMnist.Load(_dir));
+        Assert.That(ex!.Message, Does.Contain(path));
+    }
+
+    [Test]
+    public void A_label_outside_0_to_9_is_rejected_with_its_file()
+    {
+        WriteDataset(train: 3, test: 2, gzip: false);
+        File.WriteAllBytes(Path.Combine(_dir, "t10k-labels-idx1-ubyte"), Idx(0x0801, [2], [4, 200]));
+        var ex = Assert.Throws<InvalidDataException>(() => FashionMnist.Load(_dir));
+        Assert.That(ex!.Message, Does.Contain("t10k-labels-idx1-ubyte").And.Contain("label 200 at item 1"));
+    }
+
+    [Test]
+    public void The_data_fingerprint_follows_the_images_and_labels_not_the_folder()
+    {
+        WriteDataset(train: 12, test: 5, gzip: false);
+        var plain = FashionMnist.Load(_dir).Fingerprint;
+        var copy = Directory.CreateTempSubdirectory("mergelab-mt-copy-").FullName;
+        try
+        {
+            foreach (var file in Directory.GetFiles(_dir))
+            {
+                File.Copy(file, Path.Combine(copy, Path.GetFileName(file)));
+            }
+
+            Assert.That(FashionMnist.Load(copy).Fingerprint, Is.EqualTo(plain));
+            File.WriteAllBytes(Path.Combine(copy, "train-labels-idx1-ubyte"), Idx(0x0801, [12], Enumerable.Range(0, 12).Select(i => (byte)((i + 1) % 10)).ToArray()));
+            Assert.That(FashionMnist.Load(copy).Fingerprint, Is.Not.EqualTo(plain), "labels shifted by one");
+        }
+        finally
+        {
+            Directory.Delete(copy, recursive: true);
+        }
     }
 
     [Test]
@@ -204,6 +250,62 @@ public class MultiTaskUnitTests
         Assert.That(File.Exists(mdPath), Is.True);
     }
 
+    [Test]
+    public void A_damaged_cache_file_is_trained_again_not_fatal()
+    {
+        var messages = new List<string>();
+        var cache = new CheckpointCache(_dir, BenchmarkOptions.Quick, "data-a", new SyncLog(messages.Add));
+        using (var sd = new StateDict { { "blocks.0.weight", arange(6f).reshape(2, 3) } })
+        {
+            cache.Save("pretrained", sd);
+        }
+
+        var path = Path.Combine(cache.Directory!, "pretrained.safetensors");
+        var bytes = File.ReadAllBytes(path);
+        File.WriteAllBytes(path, bytes[..(bytes.Length - 5)]);
+        Assert.That(cache.TryLoad("pretrained"), Is.Null);
+        File.WriteAllBytes(path, []);
+        Assert.That(cache.TryLoad("pretrained"), Is.Null);
+        Assert.That(messages, Has.Count.EqualTo(2).And.All.Contain("cannot be read").And.All.Contain("training it again"));
+    }
+
+    [Test]
+    public void Results_are_written_whole_under_any_culture_and_leave_no_temporary_files()
+    {
+        var saved = CultureInfo.CurrentCulture;
+        try
+        {
+            CultureInfo.CurrentCulture = CultureInfo.GetCultureInfo("de-DE");
+            var rows = new[] { new MethodResult("task_arithmetic", [60, 61, 62, 63, 64, 65, 66, 67.126], "λ = 0.3") };
+            var results = new BenchmarkResults(BenchmarkTasks.All, rows, BenchmarkOptions.Quick, new Dictionary<string, TimeSpan> { ["total"] = TimeSpan.FromSeconds(1.5) },
+                new Dictionary<string, string>(), new Dictionary<string, (MergeLab.Adaptive.LayerCoefficients, MergeLab.Adaptive.LayerCoefficients)>());
+            var output = Path.Combine(_dir, "out");
+            results.Write(output);
+            File.WriteAllText(Path.Combine(output, "results.csv"), "old");
+            var (md, csv) = results.Write(output);
+            Assert.That(File.ReadAllText(csv), Does.Contain("67.13,63.52"));
+            Assert.That(File.ReadAllText(md), Does.Contain("total 1.5 s").And.Not.Contain("1,5"));
+            Assert.That(Directory.GetFiles(output).Select(Path.GetFileName), Is.EquivalentTo(new[] { "results.md", "results.csv" }));
+            Assert.Throws<DirectoryNotFoundException>(() => BenchmarkResults.WriteAtomically(Path.Combine(_dir, "missing", "x.md"), "text"));
+            Assert.Throws<InvalidOperationException>(() => BenchmarkResults.WriteAtomically(Path.Combine(output, "results.md"), temporary =>
+            {
+                File.WriteAllText(temporary, "half");
+                throw new InvalidOperationException("writer failed");
+            }));
+            Assert.That(File.ReadAllText(md), Does.Contain("task_arithmetic"), "a failed write leaves the old file");
+            Assert.That(Directory.GetFiles(output).Select(Path.GetFileName), Is.EquivalentTo(new[] { "results.md", "results.csv" }));
+        }
+        finally
+        {
+            CultureInfo.CurrentCulture = saved;
+        }
+    }
+
+    private sealed class SyncLog(Action<string> report) : IProgress<string>
+    {
+        public void Report(string value) => report(value);
+    }
+
     [TestCase(-0.5)]
     [TestCase(double.NaN)]
     [TestCase(double.PositiveInfinity)]
@@ -218,7 +320,7 @@ public class MultiTaskUnitTests
     public void The_checkpoint_cache_round_trips_and_ignores_other_configurations()
     {
         var options = BenchmarkOptions.Quick with { CacheDirectory = _dir };
-        var cache = new CheckpointCache(_dir, options);
+        var cache = new CheckpointCache(_dir, options, "data-a");
         Assert.That(cache.TryLoad("pretrained"), Is.Null);
         using (var sd = new StateDict { { "blocks.0.weight", arange(6f).reshape(2, 3) } })
         {
@@ -231,9 +333,12 @@ public class MultiTaskUnitTests
             T.Near(loaded!["blocks.0.weight"], [0, 1, 2, 3, 4, 5]);
         }
 
-        var other = new CheckpointCache(_dir, options with { Seed = 1 });
+        var other = new CheckpointCache(_dir, options with { Seed = 1 }, "data-a");
         Assert.That(other.Directory, Is.Not.EqualTo(cache.Directory));
         Assert.That(other.TryLoad("pretrained"), Is.Null);
+        var otherData = new CheckpointCache(_dir, options, "data-b");
+        Assert.That(otherData.Directory, Is.Not.EqualTo(cache.Directory), "other images or labels train other models");
+        Assert.That(otherData.TryLoad("pretrained"), Is.Null);
         Assert.That(options.TrainingFingerprint(), Is.EqualTo((options with { AdaMergingSteps = 1, AdaMergingDiversityWeight = 3 }).TrainingFingerprint()),
             "merge-time settings do not invalidate trained checkpoints");
     }

@@ -1,4 +1,5 @@
 using System.Diagnostics;
+using System.Globalization;
 using MergeLab.MultiTask;
 using NUnit.Framework;
 
@@ -35,8 +36,22 @@ public class QuickBenchmarkTests
         get
         {
             _ = Results;
-            _balanced ??= MultiTaskBenchmark.Run(BenchmarkOptions.Quick with { CacheDirectory = CacheDirectory, AdaMergingDiversityWeight = 3 },
-                log: new Progress<string>(line => TestContext.Progress.WriteLine(line)));
+            if (_balanced is null)
+            {
+                // Under a culture with decimal commas: the notes and settings must still read "0.125".
+                var saved = CultureInfo.CurrentCulture;
+                CultureInfo.CurrentCulture = CultureInfo.GetCultureInfo("de-DE");
+                try
+                {
+                    _balanced = MultiTaskBenchmark.Run(BenchmarkOptions.Quick with { CacheDirectory = CacheDirectory, AdaMergingDiversityWeight = 3 },
+                        log: new Progress<string>(line => TestContext.Progress.WriteLine(line)));
+                }
+                finally
+                {
+                    CultureInfo.CurrentCulture = saved;
+                }
+            }
+
             return _balanced;
         }
     }
@@ -138,8 +153,19 @@ public class QuickBenchmarkTests
         Assert.That(balanced, Is.GreaterThan(Results["task_arithmetic"].Average - 0.5), "to within half a point of task arithmetic");
         Assert.That(Balanced["adamerging_layer"].Setting, Does.EndWith("diversity weight 3"));
         Assert.That(Balanced.Notes.ContainsKey("adamerging_layer entropy"), Is.False, "the history is the loss, named so");
-        var loss = Balanced.Notes["adamerging_layer loss"].Split(" → ").Select(double.Parse).ToArray();
+        var loss = Balanced.Notes["adamerging_layer loss"].Split(" → ").Select(v => double.Parse(v, CultureInfo.InvariantCulture)).ToArray();
         Assert.That(loss[1], Is.LessThan(loss[0]));
+    }
+
+    [Test]
+    public void Notes_and_settings_use_the_invariant_culture_under_any_culture()
+    {
+        // Balanced ran under de-DE.
+        Assert.That(Balanced["lines_ta"].Setting, Does.Match(@"^α = \d\.\d{3}, β = \d\.\d \(validation\)$"));
+        Assert.That(Balanced.Notes["task_arithmetic validation curve (λ: average %)"], Does.Match(@"^0\.1: \d+\.\d, 0\.2: \d+\.\d, "));
+        Assert.That(Balanced.Notes["adamerging_layer loss"], Does.Match(@"^-?\d+\.\d{3} → -?\d+\.\d{3}$"));
+        Assert.That(Balanced.Notes["adamerging_task coefficients"], Does.Match(@"^plain \d\.\d\d, rotated \d\.\d\d, "));
+        Assert.That(Balanced.Notes["adamerging_layer coefficients"], Does.Match(@"range \d\.\d\d–\d\.\d\d, mean \d\.\d\d$"));
     }
 
     [TestCase("adamerging_task")]
@@ -154,7 +180,7 @@ public class QuickBenchmarkTests
         Assert.That(after.Zip(before).Max(p => Math.Abs(p.First - p.Second)), Is.GreaterThan(0.1));
         Assert.That(learned.Layers, Has.Count.EqualTo(method == "adamerging_task" ? 1 : 3));
         Assert.That(Results.Notes[$"{method} entropy"], Does.Match(@"^\d+\.\d+ → \d+\.\d+$"));
-        var parts = Results.Notes[$"{method} entropy"].Split(" → ").Select(double.Parse).ToArray();
+        var parts = Results.Notes[$"{method} entropy"].Split(" → ").Select(v => double.Parse(v, CultureInfo.InvariantCulture)).ToArray();
         Assert.That(parts[1], Is.LessThan(parts[0]));
     }
 }
