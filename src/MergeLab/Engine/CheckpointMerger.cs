@@ -47,7 +47,11 @@ public static class CheckpointMerger
     /// size during the merge, before the tensor being read was read or mapped; then
     /// <see cref="SafetensorsFormatException.TensorName"/> says which tensor that was.</exception>
     /// <exception cref="IOException">The output cannot be created (e.g. the disk has no room for the whole
-    /// checkpoint, which is reserved before merging where the file system supports it) or completed.</exception>
+    /// checkpoint, which is reserved before merging where the file system supports it) or completed; or an
+    /// input is missing (<see cref="FileNotFoundException"/>, <see cref="DirectoryNotFoundException"/>).</exception>
+    /// <exception cref="ArgumentException">The request has no output directory, or an option is out of
+    /// range (<see cref="ArgumentOutOfRangeException"/>: <see cref="CheckpointMergeRequest.MaxShardBytes"/>
+    /// below 1, <see cref="CheckpointMergeRequest.ReadAhead"/> below 1).</exception>
     /// <exception cref="OperationCanceledException">Cancelled; nothing was written.</exception>
     public static CheckpointMergeResult Merge(CheckpointMergeRequest request, IProgress<CheckpointMergeProgress>? progress = null,
         CancellationToken cancellationToken = default)

@@ -39,7 +39,9 @@ public abstract class MergeMethod
     /// <returns>A new tensor the caller owns, on the inputs' device.</returns>
     /// <exception cref="MergeException">The group is inconsistent, or the method needs a whole-model
     /// statistic that was not given, or the statistic was created for another number of experts.</exception>
-    /// <exception cref="ArgumentException"><paramref name="outputType"/> is not a floating-point dtype.</exception>
+    /// <exception cref="ArgumentException"><paramref name="outputType"/> is not a floating-point dtype, or a
+    /// per-expert option (<c>Weights</c>, <c>Densities</c>, <c>DropRates</c>, Breadcrumbs' <c>PerExpert</c>) has
+    /// another length than the group's experts.</exception>
     public Tensor MergeTensor(TensorGroup group, ModelStatistic? statistic = null, ScalarType? outputType = null)
     {
         ArgumentNullException.ThrowIfNull(group);
@@ -104,7 +106,9 @@ public abstract class MergeMethod
     /// <returns>A new state dict the caller owns.</returns>
     /// <exception cref="MergeException">Missing names, shape mismatches, or no experts; the message
     /// names the tensor and the expert.</exception>
-    /// <exception cref="ArgumentException"><paramref name="outputType"/> is not a floating-point dtype.</exception>
+    /// <exception cref="ArgumentException"><paramref name="outputType"/> is not a floating-point dtype, or a
+    /// per-expert option (<c>Weights</c>, <c>Densities</c>, <c>DropRates</c>, Breadcrumbs' <c>PerExpert</c>) has
+    /// another length than <paramref name="experts"/>.</exception>
     /// <exception cref="ObjectDisposedException">The base or an expert has been disposed.</exception>
     public StateDict Merge(StateDict? baseModel, IReadOnlyList<StateDict> experts, ScalarType? outputType = null,
         IProgress<MergeProgress>? progress = null, CancellationToken cancellationToken = default)

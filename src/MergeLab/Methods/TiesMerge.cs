@@ -7,8 +7,9 @@ public enum TiesPreset
 {
     /// <summary>The authors' code (Yadav et al., 2023, <c>ties-merging/src/utils/merge_utils.py</c>):
     /// trim keeps |τ| ≥ the k-th smallest |τ| with k = n − ⌊n·density⌋ over the whole model by default;
-    /// sign = sign(Σ_k τ_k), a zero sum taking the sign of the sum of all elected signs; mean over the
-    /// agreeing experts (<c>dis-mean</c>).</summary>
+    /// weights applied after trimming; sign = sign(Σ_k w_k·τ_k) (the authors' code has no weights: with
+    /// the default weights of 1 this is their Σ_k τ_k), a zero sum taking the sign of the sum of all
+    /// elected signs; mean over the agreeing experts (<c>dis-mean</c>).</summary>
     Paper,
 
     /// <summary>mergekit (<c>sparsify.magnitude</c> + <c>generalized_task_arithmetic</c>): exactly
