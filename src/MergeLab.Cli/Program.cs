@@ -68,8 +68,16 @@ internal static partial class Program
             if (!cancel.IsCancellationRequested)
             {
                 context.Cancel = true;
-                Console.Error.WriteLine("mergelab: cancelling (again to stop at once)…");
+                Console.Error.WriteLine("mergelab: cancelling (again to stop at once, leaving the unfinished output behind)…");
                 _ = cancel.CancelAsync(); // the token's callbacks run off the signal thread
+            }
+            else
+            {
+                // The process ends with the signal's default action, so nothing removes the hidden folder.
+                var output = parse.GetValue<string>("OUT_DIR");
+                Console.Error.WriteLine(output is null ? "mergelab: stopped at once."
+                    : $"mergelab: stopped at once; the unfinished output stays in the hidden folder '.{Path.GetFileName(Path.GetFullPath(output).TrimEnd(Path.DirectorySeparatorChar))}.mergelab-…' "
+                        + $"beside '{output}': delete it.");
             }
         }
 

@@ -101,6 +101,7 @@ internal static class MergeCommand
             MapInputs = mapInputs,
         };
 
+        NoteLeftovers(output);
         var clock = Stopwatch.StartNew();
         CheckpointMergeResult result = ConsoleOutput.Interactive
             ? AnsiConsole.Progress()
@@ -122,6 +123,48 @@ internal static class MergeCommand
         }
 
         return 0;
+    }
+
+    /// <summary>The hidden folders beside <paramref name="output"/> that merges into it write first
+    /// (<c>.NAME.mergelab-*</c>): a merge stopped at once by a second signal leaves its own behind.</summary>
+    internal static IReadOnlyList<string> Leftovers(string output)
+    {
+        var full = Path.GetFullPath(output).TrimEnd(Path.DirectorySeparatorChar);
+        var parent = Path.GetDirectoryName(full);
+        if (parent is null || !Directory.Exists(parent))
+        {
+            return [];
+        }
+
+        try
+        {
+            return Directory.GetDirectories(parent, $".{Path.GetFileName(full)}.mergelab-*");
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return [];
+        }
+    }
+
+    /// <summary>Says on standard error which <see cref="Leftovers"/> there are and how much room they take;
+    /// they are not deleted, since another merge into the same folder may be writing one.</summary>
+    private static void NoteLeftovers(string output)
+    {
+        foreach (var folder in Leftovers(output))
+        {
+            long bytes = 0;
+            try
+            {
+                bytes = new DirectoryInfo(folder).EnumerateFiles("*", SearchOption.AllDirectories).Sum(f => f.Length);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // The size is only for the note.
+            }
+
+            Console.Error.WriteLine($"mergelab: note: '{folder}' ({ConsoleOutput.Bytes(bytes)}) is the unfinished output of a merge into "
+                + "the same folder that was stopped at once; delete it to free the space, unless that merge is still running.");
+        }
     }
 
     /// <summary>

@@ -76,6 +76,37 @@ public class CliTests
     }
 
     [Test]
+    public void A_merge_notes_the_hidden_folder_a_merge_stopped_at_once_left_behind()
+    {
+        using var dir = new TempDirectory();
+        using var baseModel = T.RandomModel(130);
+        using var e1 = T.Expert(baseModel, 131);
+        Save(dir, "base", baseModel);
+        Save(dir, "one", e1);
+        string config = dir.File("linear.yaml");
+        File.WriteAllText(config, """
+            merge_method: linear
+            parameters: {weight: 1.0}
+            models:
+              - model: base
+              - model: one
+            dtype: float32
+            """);
+        string output = dir.File("merged");
+        var leftover = Directory.CreateDirectory(dir.File(".merged.mergelab-0123abcd")).FullName;
+        File.WriteAllBytes(Path.Combine(leftover, "model-00001-of-00001.safetensors"), new byte[3000]);
+        Directory.CreateDirectory(dir.File(".other.mergelab-0123abcd")); // another output's: not named
+
+        var (exit, _, stderr) = Run("merge", config, output);
+
+        Assert.That(exit, Is.EqualTo(0), stderr);
+        Assert.That(stderr, Does.Contain($"note: '{leftover}' (3.00 KB) is the unfinished output of a merge into the same folder"));
+        Assert.That(stderr, Does.Not.Contain(".other.mergelab-"));
+        Assert.That(Directory.Exists(leftover), Is.True, "noted, not deleted");
+        Assert.That(MergeLab.Cli.Commands.MergeCommand.Leftovers(output + "/"), Is.EqualTo(new[] { leftover }), "a trailing separator names the same folder");
+    }
+
+    [Test]
     public void Inspect_lists_tensors_and_totals()
     {
         using var dir = new TempDirectory();
