@@ -39,7 +39,8 @@ public sealed record CheckpointMergeRequest
 
     /// <summary>The model directory whose non-weight files (config.json, tokenizer files,
     /// generation_config.json) are copied into the output; null means the base model's directory (or the
-    /// first expert's for base-free methods). Set it to an empty string to copy nothing. The copied
+    /// first expert's for base-free methods). Set it to an empty string to copy nothing; a path that does
+    /// not exist is a <see cref="MergeException"/> before anything is written. The copied
     /// config.json's <c>torch_dtype</c> (and <c>dtype</c>) name <see cref="OutputDType"/> when it is set.</summary>
     public string? CopyFilesFrom { get; init; }
 

@@ -98,6 +98,12 @@ public static class CheckpointMerger
             CheckTokenizerSource(request.TokenizerFilesFrom!, tokenizerFrom);
         }
 
+        if (!string.IsNullOrEmpty(request.CopyFilesFrom) && !Directory.Exists(request.CopyFilesFrom) && !File.Exists(request.CopyFilesFrom))
+        {
+            // A mistyped folder would otherwise copy nothing, and the output would silently lack config.json.
+            throw new MergeException($"CopyFilesFrom '{request.CopyFilesFrom}' does not exist (an empty string copies nothing).");
+        }
+
         string temp = Path.Combine(Path.GetDirectoryName(output)!, $".{Path.GetFileName(output)}.mergelab-{Guid.NewGuid():N}");
         Directory.CreateDirectory(temp);
         try

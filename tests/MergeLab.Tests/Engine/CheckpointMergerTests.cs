@@ -344,6 +344,12 @@ public class CheckpointMergerTests
         Assert.That(none!.Message, Does.Contain("holds no tokenizer files"));
         Assert.That(Directory.Exists(output), Is.False);
 
+        // So would a mistyped folder to copy the other files from.
+        var missing = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { CopyFilesFrom = Path.Combine(dir.Path, "no-such-model") }));
+        Assert.That(missing!.Message, Does.Contain("no-such-model' does not exist"));
+        Assert.That(Directory.Exists(output), Is.False);
+        Assert.That(Directory.GetDirectories(Path.GetDirectoryName(output)!, ".*"), Is.Empty, "no temporary folder left");
+
         CheckpointMerger.Merge(request with { TokenizerFilesFrom = expertPath, OutputDType = ScalarType.Float16 });
 
         Assert.That(File.ReadAllText(Path.Combine(output, "tokenizer.json")), Does.Contain("donor"));
