@@ -100,11 +100,11 @@ var clock = Stopwatch.StartNew();
 try
 {
     var results = MultiTaskBenchmark.Run(options, dataDir, new SynchronousProgress(line => Console.WriteLine($"[{clock.Elapsed:mm\\:ss}] {line}")), cts.Token);
+    Console.WriteLine();
+    Console.WriteLine(results.ToMarkdown()); // first, so a failure to write the files does not lose the table
     var (md, csv) = results.Write(outDir);
     var png = Path.Combine(outDir, "results.png");
     ResultsChart.Save(results, png);
-    Console.WriteLine();
-    Console.WriteLine(results.ToMarkdown());
     Console.WriteLine($"Wrote {md}, {csv} and {png} in {clock.Elapsed.TotalSeconds:F0} s.");
     return 0;
 }

@@ -2,6 +2,7 @@ using System.CommandLine;
 using System.CommandLine.Help;
 using System.Runtime.InteropServices;
 using MergeLab.Cli.Commands;
+using MergeLab.Engine;
 
 namespace MergeLab.Cli;
 
@@ -73,11 +74,13 @@ internal static partial class Program
             }
             else
             {
-                // The process ends with the signal's default action, so nothing removes the hidden folder.
+                // The process ends with the signal's default action, so nothing removes the hidden folder
+                // (if the merge got as far as making it, or the first signal's cleanup has not removed it yet).
                 var output = parse.GetValue<string>("OUT_DIR");
-                Console.Error.WriteLine(output is null ? "mergelab: stopped at once."
-                    : $"mergelab: stopped at once; the unfinished output stays in the hidden folder '.{Path.GetFileName(Path.GetFullPath(output).TrimEnd(Path.DirectorySeparatorChar))}.mergelab-…' "
-                        + $"beside '{output}': delete it.");
+                var left = string.IsNullOrWhiteSpace(output) ? []
+                    : CheckpointMerger.FindLeftovers(output).Where(l => !l.IsPreviousOutput).Select(l => $"'{l.Path}'").ToArray();
+                Console.Error.WriteLine(left.Length == 0 ? "mergelab: stopped at once."
+                    : $"mergelab: stopped at once; the unfinished output may stay in {string.Join(", ", left)}: delete it if so.");
             }
         }
 

@@ -147,9 +147,18 @@ public sealed class BenchmarkResults
             write(temporary);
             File.Move(temporary, path, overwrite: true);
         }
-        finally
+        catch
         {
-            File.Delete(temporary); // gone after the move; left only if write or the move failed
+            try
+            {
+                File.Delete(temporary);
+            }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                // The write's own error is the one to report.
+            }
+
+            throw;
         }
     }
 

@@ -58,5 +58,6 @@ internal static class Options
     public static T? Defined<T>(T? value, string name)
         where T : struct, Enum => value is { } v ? Defined(v, name) : null;
 
-    private static string Format(double v) => v.ToString("R", CultureInfo.InvariantCulture);
+    /// <summary>A number as messages show it: round-trip digits, invariant culture.</summary>
+    public static string Format(double v) => v.ToString("R", CultureInfo.InvariantCulture);
 }

@@ -125,45 +125,28 @@ internal static class MergeCommand
         return 0;
     }
 
-    /// <summary>The hidden folders beside <paramref name="output"/> that merges into it write first
-    /// (<c>.NAME.mergelab-*</c>): a merge stopped at once by a second signal leaves its own behind.</summary>
-    internal static IReadOnlyList<string> Leftovers(string output)
-    {
-        var full = Path.GetFullPath(output).TrimEnd(Path.DirectorySeparatorChar);
-        var parent = Path.GetDirectoryName(full);
-        if (parent is null || !Directory.Exists(parent))
-        {
-            return [];
-        }
-
-        try
-        {
-            return Directory.GetDirectories(parent, $".{Path.GetFileName(full)}.mergelab-*");
-        }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            return [];
-        }
-    }
-
-    /// <summary>Says on standard error which <see cref="Leftovers"/> there are and how much room they take;
-    /// they are not deleted, since another merge into the same folder may be writing one.</summary>
+    /// <summary>Says on standard error which folders merges into <paramref name="output"/> left behind
+    /// (<see cref="CheckpointMerger.FindLeftovers"/>) and how much room they take; they are not deleted,
+    /// since another merge into the same folder may be writing one.</summary>
     private static void NoteLeftovers(string output)
     {
-        foreach (var folder in Leftovers(output))
+        foreach (var leftover in CheckpointMerger.FindLeftovers(output))
         {
             long bytes = 0;
             try
             {
-                bytes = new DirectoryInfo(folder).EnumerateFiles("*", SearchOption.AllDirectories).Sum(f => f.Length);
+                bytes = new DirectoryInfo(leftover.Path).EnumerateFiles("*", SearchOption.AllDirectories).Sum(f => f.Length);
             }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException)
             {
                 // The size is only for the note.
             }
 
-            Console.Error.WriteLine($"mergelab: note: '{folder}' ({ConsoleOutput.Bytes(bytes)}) is the unfinished output of a merge into "
-                + "the same folder that was stopped at once; delete it to free the space, unless that merge is still running.");
+            Console.Error.WriteLine(leftover.IsPreviousOutput
+                ? $"mergelab: note: '{leftover.Path}' ({ConsoleOutput.Bytes(bytes)}) is an earlier output of this folder that an --overwrite "
+                    + "merge moved aside and could not move back; move it back or delete it, unless a merge into the same folder is still running."
+                : $"mergelab: note: '{leftover.Path}' ({ConsoleOutput.Bytes(bytes)}) is the unfinished output of a merge into "
+                    + "the same folder that was stopped at once; delete it to free the space, unless that merge is still running.");
         }
     }
 

@@ -220,13 +220,15 @@ public sealed class AdaMerging
         Options = options ?? new AdaMergingOptions();
         if (Options.ClampMin > Options.ClampMax)
         {
-            throw new ArgumentException($"ClampMin ({Options.ClampMin}) exceeds ClampMax ({Options.ClampMax}).", nameof(options));
+            throw new ArgumentException(
+                $"ClampMin ({MergeLab.Options.Format(Options.ClampMin)}) exceeds ClampMax ({MergeLab.Options.Format(Options.ClampMax)}).", nameof(options));
         }
 
         if (Options.InitialCoefficient < Options.ClampMin || Options.InitialCoefficient > Options.ClampMax)
         {
             throw new ArgumentException(
-                $"InitialCoefficient ({Options.InitialCoefficient}) lies outside [ClampMin, ClampMax] = [{Options.ClampMin}, {Options.ClampMax}]: " +
+                $"InitialCoefficient ({MergeLab.Options.Format(Options.InitialCoefficient)}) lies outside [ClampMin, ClampMax] = " +
+                $"[{MergeLab.Options.Format(Options.ClampMin)}, {MergeLab.Options.Format(Options.ClampMax)}]: " +
                 "the clamp passes no gradient there, so the coefficients would never move.", nameof(options));
         }
     }
@@ -691,17 +693,17 @@ public sealed class AdaMerging
                 }
             }
 
-            for (int i = 0; i < _names.Count; i++)
+            foreach (var (name, weight) in _originalState)
             {
-                if (!AllFinite(_base[i]))
+                if (!AllFinite(weight))
                 {
-                    return InputError($"The module's own '{_names[i]}' holds NaN or ∞, so the loss is not finite (step {step}).", "module");
+                    return InputError($"The module's own '{name}' holds NaN or ∞, so the loss is not finite (step {step}).", "module");
                 }
             }
 
             return new InvalidOperationException(
-                $"At step {step} the loss ({loss}) or its gradient is not finite although the task vectors, the batches and the module's " +
-                "weights are: the coefficients diverged (lower LearningRate) or the module or taskLogits produce NaN or ∞.");
+                $"At step {step} the loss ({MergeLab.Options.Format(loss)}) or its gradient is not finite although the task vectors, the batches " +
+                "and the module's state dict are: the coefficients diverged (lower LearningRate) or the module or taskLogits produce NaN or ∞.");
 
             static bool AllFinite(Tensor t)
             {

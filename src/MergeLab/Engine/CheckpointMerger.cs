@@ -37,10 +37,47 @@ public static class CheckpointMerger
     /// next group merges; each is one output tensor, a fifth or less of its group's inputs.</summary>
     private const int WriteBehindTensors = 2;
 
+    /// <summary>The end of the name of the hidden folder an <c>--overwrite</c> merge moves the old output to.</summary>
+    private const string MovedAsideSuffix = ".old";
+
+    /// <summary>The hidden sibling folders' common start for <paramref name="output"/> (a full path):
+    /// <c>PARENT/.NAME.mergelab-</c>; a merge writes into that plus a fresh id.</summary>
+    private static string TemporaryPrefix(string output) =>
+        Path.Combine(Path.GetDirectoryName(output)!, $".{Path.GetFileName(output)}.mergelab-");
+
+    /// <summary>
+    /// The hidden folders beside <paramref name="outputDirectory"/> that merges into it leave behind when
+    /// they are stopped at once (the process killed, a second Ctrl+C in the CLI): a merge's unfinished
+    /// output, as large as the output can get, or, rarely, a previous output that <see cref="CheckpointMergeRequest.Overwrite"/>
+    /// moved aside and could not move back. A merge into the same folder that is running now has one too,
+    /// so they are reported, never deleted here.
+    /// </summary>
+    /// <param name="outputDirectory">The output directory, as given to a merge.</param>
+    /// <returns>The folders found, in name order; empty when there are none or the parent cannot be read.</returns>
+    public static IReadOnlyList<LeftoverFolder> FindLeftovers(string outputDirectory)
+    {
+        ArgumentException.ThrowIfNullOrWhiteSpace(outputDirectory);
+        var prefix = TemporaryPrefix(Path.TrimEndingDirectorySeparator(Path.GetFullPath(outputDirectory)));
+        var parent = Path.GetDirectoryName(prefix)!;
+        try
+        {
+            return Directory.Exists(parent)
+                ? Directory.GetDirectories(parent, Path.GetFileName(prefix) + "*").Order(StringComparer.Ordinal)
+                    .Select(path => new LeftoverFolder(path, path.EndsWith(MovedAsideSuffix, StringComparison.Ordinal))).ToArray()
+                : [];
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            return [];
+        }
+    }
+
     /// <summary>Runs the merge described by <paramref name="request"/>.</summary>
     /// <exception cref="MergeException">Inputs are inconsistent, the method failed on a tensor, writing a
     /// tensor failed (a full disk), or reading one failed for a reason other than its format; the message
-    /// and <see cref="MergeException.TensorName"/> name the tensor. Or the output directory exists.</exception>
+    /// and <see cref="MergeException.TensorName"/> name the tensor. Or the output directory exists, or
+    /// <see cref="CheckpointMergeRequest.CopyFilesFrom"/> or <see cref="CheckpointMergeRequest.TokenizerFilesFrom"/>
+    /// does not exist (checked before anything is written).</exception>
     /// <exception cref="NonFiniteInputException">An input tensor holds NaN or ±∞ and
     /// <see cref="CheckpointMergeRequest.NonFinite"/> is <see cref="NonFiniteInputs.Fail"/> (the default).</exception>
     /// <exception cref="SafetensorsFormatException">An input file is malformed, or was truncated or changed
@@ -104,7 +141,7 @@ public static class CheckpointMerger
             throw new MergeException($"CopyFilesFrom '{request.CopyFilesFrom}' does not exist (an empty string copies nothing).");
         }
 
-        string temp = Path.Combine(Path.GetDirectoryName(output)!, $".{Path.GetFileName(output)}.mergelab-{Guid.NewGuid():N}");
+        string temp = TemporaryPrefix(output) + Guid.NewGuid().ToString("N");
         Directory.CreateDirectory(temp);
         try
         {
@@ -620,7 +657,7 @@ public static class CheckpointMerger
     {
         if (overwrite && Directory.Exists(output))
         {
-            string old = temp + ".old";
+            string old = temp + MovedAsideSuffix;
             Directory.Move(output, old);
             try
             {

@@ -216,7 +216,7 @@ public class AdaMergingTests
         using var p = MakeProblem(batchesPerTask: 1);
         var ada = new AdaMerging(new AdaMergingOptions { Steps = 40, LearningRate = 1e-2 });
         var reports = new List<AdaMergingProgress>();
-        using var result = ada.Learn(p.Net, p.Vectors, p.Batches, p.Logits, new SyncProgress<AdaMergingProgress>(reports.Add));
+        using var result = ada.Learn(p.Net, p.Vectors, p.Batches, p.Logits, new SynchronousProgress<AdaMergingProgress>(reports.Add));
 
         Assert.That(result.EntropyHistory, Has.Count.EqualTo(40));
         Assert.That(reports.Select(r => r.Step), Is.EqualTo(Enumerable.Range(1, 40)));
@@ -384,16 +384,19 @@ public class AdaMergingTests
     {
         // libtorch's own error here ends the process; Learn must throw a .NET exception instead.
         using var p = MakeProblem();
+        using var scope = NewDisposeScope();
         var before = p.Net.state_dict().ToDictionary(kv => kv.Key, kv => kv.Value.detach().clone());
         var ada = new AdaMerging(new AdaMergingOptions { Steps = 2 });
+
+        // Logits with no graph at all (the output detached, no head): libtorch's own error ends the process.
+        var noGraph = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, p.Batches, (o, _) => o.detach()));
+        Assert.That(noGraph!.ParamName, Is.EqualTo("taskLogits"));
+        Assert.That(noGraph.Message, Does.Contain("Task 0's loss does not depend on the module's merged parameters"));
+
+        // A graph through the heads only: still no gradient for any coefficient.
         var detached = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, p.Batches, (o, t) => p.Logits(o.detach(), t)));
         Assert.That(detached!.ParamName, Is.EqualTo("taskLogits"));
         Assert.That(detached.Message, Does.Contain("Task 0's loss does not depend on the module's merged parameters"));
-
-        // Only the head's parameters in the graph: still no gradient for any coefficient.
-        using var head = nn.Linear(3, 3);
-        var headOnly = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, p.Batches, (o, _) => head.call(o.detach())));
-        Assert.That(headOnly!.Message, Does.Contain("does not depend"));
         foreach (var (name, value) in p.Net.state_dict())
         {
             T.BitEqual(value.detach(), before[name]);
@@ -429,9 +432,10 @@ public class AdaMergingTests
     public void A_non_finite_loss_names_its_input_and_step()
     {
         using var p = MakeProblem();
+        using var scope = NewDisposeScope();
         var ada = new AdaMerging(new AdaMergingOptions { Steps = 50 });
         int steps = 0;
-        var counting = new SyncProgress<AdaMergingProgress>(_ => steps++);
+        var counting = new SynchronousProgress<AdaMergingProgress>(_ => steps++);
 
         using (var deltas = new StateDict())
         {
@@ -455,6 +459,23 @@ public class AdaMergingTests
 
         var diverging = Assert.Throws<InvalidOperationException>(() => ada.Learn(p.Net, p.Vectors, p.Batches, (o, t) => p.Logits(o, t) * float.PositiveInfinity));
         Assert.That(diverging!.Message, Does.Contain("step 1").And.Contain("not finite"));
+
+        // A NaN in a weight the task vectors do not cover (a head's, here the module's second layer with
+        // only the first in the task vectors) is named too, not reported as divergence.
+        using var firstOnly = new StateDict();
+        foreach (var name in new[] { "first.weight", "first.bias" })
+        {
+            firstOnly.Add(name, p.Vectors[0][name].clone());
+        }
+
+        using var firstVector = TaskVector.FromDeltas(firstOnly.Clone());
+        using (no_grad())
+        {
+            p.Net.named_parameters().Single(n => n.name == "second.bias").parameter[0] = float.NaN;
+        }
+
+        var unmerged = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, [firstVector], [p.Batches[0]], p.Logits));
+        Assert.That(unmerged!.Message, Does.Contain("The module's own 'second.bias' holds NaN"));
     }
 
     [Test]
@@ -463,7 +484,7 @@ public class AdaMergingTests
         using var p = MakeProblem();
         using var cts = new CancellationTokenSource();
         int steps = 0;
-        var progress = new SyncProgress<AdaMergingProgress>(_ =>
+        var progress = new SynchronousProgress<AdaMergingProgress>(_ =>
         {
             if (++steps == 3)
             {
@@ -482,10 +503,5 @@ public class AdaMergingTests
         Assert.That(ex!.Message, Does.Contain("InitialCoefficient (1.2) lies outside [ClampMin, ClampMax] = [0, 1]"));
         Assert.DoesNotThrow(() => _ = new AdaMerging(new AdaMergingOptions { InitialCoefficient = 1.2, ClampMax = 2 }));
         Assert.DoesNotThrow(() => _ = new AdaMerging(new AdaMergingOptions { InitialCoefficient = 0 }));
-    }
-
-    private sealed class SyncProgress<TValue>(Action<TValue> report) : IProgress<TValue>
-    {
-        public void Report(TValue value) => report(value);
     }
 }

@@ -1,3 +1,4 @@
+using MergeLab.Engine;
 using MergeLab.IO;
 using MergeLab.Methods;
 using MergeLab.Tensors;
@@ -96,14 +97,17 @@ public class CliTests
         var leftover = Directory.CreateDirectory(dir.File(".merged.mergelab-0123abcd")).FullName;
         File.WriteAllBytes(Path.Combine(leftover, "model-00001-of-00001.safetensors"), new byte[3000]);
         Directory.CreateDirectory(dir.File(".other.mergelab-0123abcd")); // another output's: not named
+        var movedAside = Directory.CreateDirectory(dir.File(".merged.mergelab-4567cdef.old")).FullName;
 
         var (exit, _, stderr) = Run("merge", config, output);
 
         Assert.That(exit, Is.EqualTo(0), stderr);
         Assert.That(stderr, Does.Contain($"note: '{leftover}' (3.00 KB) is the unfinished output of a merge into the same folder"));
         Assert.That(stderr, Does.Not.Contain(".other.mergelab-"));
+        Assert.That(stderr, Does.Contain($"note: '{movedAside}' (0 B) is an earlier output of this folder that an --overwrite merge moved aside"));
         Assert.That(Directory.Exists(leftover), Is.True, "noted, not deleted");
-        Assert.That(MergeLab.Cli.Commands.MergeCommand.Leftovers(output + "/"), Is.EqualTo(new[] { leftover }), "a trailing separator names the same folder");
+        Assert.That(CheckpointMerger.FindLeftovers(output + "/"), Is.EqualTo(new[] { new LeftoverFolder(leftover, false), new LeftoverFolder(movedAside, true) }),
+            "a trailing separator names the same folder");
     }
 
     [Test]

@@ -366,9 +366,3 @@ public class CheckpointMergerTests
         protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic) => throw new InvalidOperationException("boom");
     }
 }
-
-/// <summary>An IProgress that reports on the calling thread (Progress&lt;T&gt; posts to the thread pool).</summary>
-internal sealed class SynchronousProgress<T>(Action<T> report) : IProgress<T>
-{
-    public void Report(T value) => report(value);
-}

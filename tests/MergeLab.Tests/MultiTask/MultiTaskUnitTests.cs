@@ -254,7 +254,7 @@ public class MultiTaskUnitTests
     public void A_damaged_cache_file_is_trained_again_not_fatal()
     {
         var messages = new List<string>();
-        var cache = new CheckpointCache(_dir, BenchmarkOptions.Quick, "data-a", new SyncLog(messages.Add));
+        var cache = new CheckpointCache(_dir, BenchmarkOptions.Quick, "data-a", new SynchronousProgress<string>(messages.Add));
         using (var sd = new StateDict { { "blocks.0.weight", arange(6f).reshape(2, 3) } })
         {
             cache.Save("pretrained", sd);
@@ -299,11 +299,6 @@ public class MultiTaskUnitTests
         {
             CultureInfo.CurrentCulture = saved;
         }
-    }
-
-    private sealed class SyncLog(Action<string> report) : IProgress<string>
-    {
-        public void Report(string value) => report(value);
     }
 
     [TestCase(-0.5)]
