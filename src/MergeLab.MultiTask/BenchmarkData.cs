@@ -122,7 +122,8 @@ public sealed class BenchmarkData : IDisposable
             long end = Math.Min(n, start + batchSize);
             using var first = start.ToScalar();
             using var stop = end.ToScalar();
-            using var index = arange(first, stop, ScalarType.Int64);
+            using var step = 1.ToScalar(); // arange's own default step, held (TorchSharp would not hold it)
+            using var index = arange(first, stop, step, ScalarType.Int64);
             yield return Batch(task, index, noise);
         }
     }
@@ -130,17 +131,22 @@ public sealed class BenchmarkData : IDisposable
     private (Tensor Inputs, Tensor Labels) Batch(int task, Tensor index, Generator noise)
     {
         using var raw = _trainImages.index_select(0, index);
-        using var levels = 255.ToScalar();
-        using var images = raw.to(ScalarType.Float32).div_(levels);
+        using var images = UnitRange(raw);
         using var labels = _trainLabels.index_select(0, index);
         return (Tasks[task].Inputs(images, noise), Tasks[task].Labels(labels));
+    }
+
+    /// <summary>Pixel bytes as float32 in [0, 1].</summary>
+    private static Tensor UnitRange(Tensor pixels)
+    {
+        using var levels = 255.ToScalar();
+        return pixels.to(ScalarType.Float32).div_(levels);
     }
 
     private static TaskSplit Prepare(ImageTask task, Tensor images, Tensor labels, long seed)
     {
         using var g = new Generator((ulong)seed);
-        using var levels = 255.ToScalar();
-        using var x = images.to(ScalarType.Float32).div_(levels);
+        using var x = UnitRange(images);
         return new TaskSplit(task.Inputs(x, g).DetachFromDisposeScope(), task.Labels(labels).DetachFromDisposeScope());
     }
 

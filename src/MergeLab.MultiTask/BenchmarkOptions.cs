@@ -172,8 +172,12 @@ public sealed record BenchmarkOptions
             PretrainLearningRate, ProbeExamples, ProbeEpochs, ProbeLearningRate, FineTuneExamples, FineTuneEpochs,
             FineTuneLearningRate, FineTuneSgd, FineTuneHead, string.Join(',', BenchmarkTasks.All.Select(t => t.Name)),
         }.Select(o => Convert.ToString(o, CultureInfo.InvariantCulture)));
-        return Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(text)))[..12];
+        return ShortHash(text);
     }
+
+    /// <summary>The first 12 hex digits of the SHA-256 of <paramref name="text"/>'s UTF-8 bytes: the
+    /// benchmark's cache keys.</summary>
+    internal static string ShortHash(string text) => Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(text)))[..12];
 
     private static double[] Grid(double from, double to, double step)
     {

@@ -1,5 +1,3 @@
-using System.Security.Cryptography;
-using System.Text;
 using MergeLab.IO;
 using MergeLab.Tensors;
 
@@ -25,7 +23,7 @@ internal sealed class CheckpointCache
     /// <param name="log">Told when a cached file cannot be read and is trained again.</param>
     public CheckpointCache(string? root, BenchmarkOptions options, string dataFingerprint, IProgress<string>? log = null)
     {
-        _fingerprint = Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(options.TrainingFingerprint() + "|" + dataFingerprint)))[..12];
+        _fingerprint = BenchmarkOptions.ShortHash(options.TrainingFingerprint() + "|" + dataFingerprint);
         _log = log;
         if (root is not null)
         {

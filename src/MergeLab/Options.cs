@@ -58,6 +58,10 @@ internal static class Options
     public static T? Defined<T>(T? value, string name)
         where T : struct, Enum => value is { } v ? Defined(v, name) : null;
 
+    /// <summary>Whether a weight sum counts as 0 for normalising (|Σ w| &lt; 1e-8): task arithmetic's divisor
+    /// and the weights of a normalised average are then not divided by.</summary>
+    public static bool SumsToZero(double sum) => Math.Abs(sum) < 1e-8;
+
     /// <summary>A number as messages show it: round-trip digits, invariant culture.</summary>
     public static string Format(double v) => v.ToString("R", CultureInfo.InvariantCulture);
 }

@@ -1,3 +1,4 @@
+using MergeLab.Selection;
 using MergeLab.Tensors;
 using TorchSharp;
 using TorchSharp.Modules;
@@ -394,7 +395,8 @@ public sealed class AdaMerging
 
         using var scope = NewDisposeScope();
         var logp = nn.functional.log_softmax(logits, -1);
-        var logMean = logp.logsumexp(0) - Math.Log(logits.shape[0]);
+        using var logCount = Math.Log(logits.shape[0]).ToScalar();
+        var logMean = logp.logsumexp(0).sub(logCount);
         return (-(logMean.exp() * logMean).sum()).MoveToOuterDisposeScope();
     }
 
@@ -408,7 +410,8 @@ public sealed class AdaMerging
         }
 
         using var scope = NewDisposeScope();
-        return (MeanEntropy(logits) - diversityWeight * MarginalEntropy(logits)).MoveToOuterDisposeScope();
+        using var weight = diversityWeight.ToScalar();
+        return (MeanEntropy(logits) - MarginalEntropy(logits).mul(weight)).MoveToOuterDisposeScope();
     }
 
     private double[,] Clamp(double[,] raw)
@@ -443,7 +446,7 @@ public sealed class AdaMerging
         private readonly Tensor[] _parameters;     // their module tensors, the inputs of autograd.grad
         private readonly Tensor[] _stacked;        // [T, numel] float32 per name
         private readonly bool[] _requiredGrad;
-        private readonly (nn.Module Module, bool Training)[] _wasTraining; // every submodule, in pre-order
+        private readonly (nn.Module Module, bool Training)[] _wasTraining; // the module, then its submodules by depth
         private readonly StateDict _originalState;
 
         public Run(nn.Module<Tensor, Tensor> module, IReadOnlyList<TaskVector> taskVectors, IReadOnlyList<string> names,
@@ -676,7 +679,7 @@ public sealed class AdaMerging
             {
                 foreach (var name in _names)
                 {
-                    if (!AllFinite(taskVectors[t][name]))
+                    if (!FiniteValues.IsAllFinite(taskVectors[t][name]))
                     {
                         return new ArgumentException(
                             $"Task vector {t}'s '{name}' holds NaN or ∞, so the merged model's loss is not finite (step {step}).", nameof(taskVectors));
@@ -687,7 +690,7 @@ public sealed class AdaMerging
             for (int t = 0; t < taskVectors.Count; t++)
             {
                 var (batch, index) = order.Last(t);
-                if (!AllFinite(batch))
+                if (!FiniteValues.IsAllFinite(batch))
                 {
                     return InputError($"Task {t}'s unlabeled batch {index} holds NaN or ∞, so the loss is not finite (step {step}).", "unlabeledBatches");
                 }
@@ -695,7 +698,7 @@ public sealed class AdaMerging
 
             foreach (var (name, weight) in _originalState)
             {
-                if (!AllFinite(weight))
+                if (!FiniteValues.IsAllFinite(weight))
                 {
                     return InputError($"The module's own '{name}' holds NaN or ∞, so the loss is not finite (step {step}).", "module");
                 }
@@ -704,18 +707,6 @@ public sealed class AdaMerging
             return new InvalidOperationException(
                 $"At step {step} the loss ({MergeLab.Options.Format(loss)}) or its gradient is not finite although the task vectors, the batches " +
                 "and the module's state dict are: the coefficients diverged (lower LearningRate) or the module or taskLogits produce NaN or ∞.");
-
-            static bool AllFinite(Tensor t)
-            {
-                if (!t.is_floating_point() && !t.is_complex())
-                {
-                    return true;
-                }
-
-                using var finite = t.isfinite();
-                using var all = finite.all();
-                return all.item<bool>();
-            }
         }
 
         /// <summary>The module's state dict with the merged tensors replaced, in state-dict order.</summary>

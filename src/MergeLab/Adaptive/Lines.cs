@@ -1,5 +1,6 @@
 using MergeLab.Methods;
 using MergeLab.Tensors;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MergeLab.Adaptive;
@@ -165,7 +166,14 @@ public static class Lines
             foreach (var (name, delta) in taskVector.Deltas)
             {
                 double f = factors[name];
-                scaled.Add(name, f == 1.0 ? delta.clone() : delta * f);
+                if (f == 1.0)
+                {
+                    scaled.Add(name, delta.clone());
+                    continue;
+                }
+
+                using var scale = f.ToScalar();
+                scaled.Add(name, delta.mul(scale));
             }
         }
         catch
@@ -205,7 +213,8 @@ public static class Lines
 
                 using var scope = NewDisposeScope();
                 var b = baseModel[name].to(ScalarType.Float32);
-                var edited = b + (ft.to(ScalarType.Float32) - b) * f;
+                using var scale = f.ToScalar();
+                var edited = b + (ft.to(ScalarType.Float32) - b).mul(scale);
                 result.Add(name, edited.to(ft.dtype).MoveToOuterDisposeScope());
             }
         }

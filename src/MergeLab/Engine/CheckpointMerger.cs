@@ -651,8 +651,8 @@ public static class CheckpointMerger
 
     /// <summary>Renames the finished <paramref name="temp"/> to <paramref name="output"/>; with
     /// <paramref name="overwrite"/>, an existing output is first moved aside and deleted only once the new
-    /// one is in place, and moved back if that rename fails, so a failure never leaves the user's old output
-    /// under a hidden name.</summary>
+    /// one is in place, and moved back if that rename fails, so a failure leaves the user's old output under
+    /// a hidden name only when its own name was taken meanwhile (<see cref="FindLeftovers"/> reports it).</summary>
     internal static void MoveIntoPlace(string temp, string output, bool overwrite)
     {
         if (overwrite && Directory.Exists(output))

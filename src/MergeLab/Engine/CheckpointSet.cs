@@ -163,10 +163,6 @@ internal sealed class CheckpointSet
 /// <summary>Finds NaN and ±∞ in the tensors of a loaded group.</summary>
 internal static class FiniteCheck
 {
-    /// <summary>Elements checked at a time, so the check's temporary (one byte per element) stays small
-    /// next to the tensor however large the tensor is.</summary>
-    private const long ChunkElements = 1 << 24;
-
     /// <summary>Throws a <see cref="NonFiniteInputException"/> for the first tensor of
     /// <paramref name="loaded"/> (base first, then the experts in order) that holds NaN or ±∞.</summary>
     public static void Require(CheckpointSet model, LoadedGroup loaded) =>
@@ -195,7 +191,7 @@ internal static class FiniteCheck
     private static void Require(Tensor tensor, string name, SafetensorsCheckpoint source, bool? knownFinite)
     {
         // Found finite as it was read: nothing to check. Found otherwise: counted below for the message.
-        if (knownFinite == true || !tensor.is_floating_point() || (knownFinite is null && AllFinite(tensor)))
+        if (knownFinite == true || !tensor.is_floating_point() || (knownFinite is null && FiniteValues.IsAllFinite(tensor)))
         {
             return;
         }
@@ -204,30 +200,6 @@ internal static class FiniteCheck
         long nan = tensor.isnan().sum().item<long>();
         long inf = tensor.isinf().sum().item<long>();
         throw new NonFiniteInputException(name, source.GetShard(name).Path, nan, inf);
-    }
-
-    private static bool AllFinite(Tensor tensor)
-    {
-        // Contiguous float32/bfloat16 CPU tensors: one vectorized pass over their memory.
-        if (MergeLab.Selection.FiniteValues.AllFinite(tensor) is bool known)
-        {
-            return known;
-        }
-
-        using var scope = NewDisposeScope();
-        var flat = tensor.reshape(-1);
-        long n = flat.shape[0];
-        for (long start = 0; start < n; start += ChunkElements)
-        {
-            // Each chunk's temporaries (its flags are a byte per element) go before the next chunk.
-            using var chunk = NewDisposeScope();
-            if (!flat.narrow(0, start, Math.Min(ChunkElements, n - start)).isfinite().all().item<bool>())
-            {
-                return false;
-            }
-        }
-
-        return true;
     }
 }
 

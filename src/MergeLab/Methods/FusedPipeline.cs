@@ -661,7 +661,7 @@ internal static unsafe class FusedPipeline
             if (_consensus is null && _aggregation == Aggregation.WeightNormalized)
             {
                 double divisor = weights.Sum();
-                _plainDivisor = (float)(Math.Abs(divisor) < 1e-8 ? 1.0 : divisor);
+                _plainDivisor = (float)(Options.SumsToZero(divisor) ? 1.0 : divisor);
                 _plainNormalize = true;
             }
 

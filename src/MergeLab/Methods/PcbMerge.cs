@@ -1,5 +1,6 @@
 using MergeLab.Selection;
 using MergeLab.Stages;
+using MergeLab.Tensors;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -185,10 +186,10 @@ public sealed class PcbMerge : MergeMethod
     private static Tensor MinMaxInPlace(Tensor x, Tensor min, Tensor max)
     {
         using var scope = NewDisposeScope();
-        using var zero = 0.ToScalar();
         var range = max - min;
-        var safe = where(range.eq(zero), ones_like(range), range);
-        return x.sub_(min).div_(safe).masked_fill_(range.eq(zero).expand_as(x), zero);
+        var constant = range.eq(ScalarArgs.Zero);
+        var safe = where(constant, ones_like(range), range);
+        return x.sub_(min).div_(safe).masked_fill_(constant.expand_as(x), ScalarArgs.Zero);
     }
 
     /// <summary>An uninitialized tensor like <paramref name="x"/>, from the buffer pool on the CPU.</summary>

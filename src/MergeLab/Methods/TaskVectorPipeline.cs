@@ -137,7 +137,7 @@ public sealed record TaskVectorPipeline
             if (Aggregation == Aggregation.WeightNormalized)
             {
                 double divisor = Options.Weights(Weights, group.ExpertCount).Sum();
-                using var by = (Math.Abs(divisor) < 1e-8 ? 1.0 : divisor).ToScalar();
+                using var by = (Options.SumsToZero(divisor) ? 1.0 : divisor).ToScalar();
                 merged.div_(by);
             }
         }

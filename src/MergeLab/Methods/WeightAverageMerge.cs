@@ -30,7 +30,7 @@ public sealed class WeightAverageMerge : MergeMethod
         if (Options.Weights is { } w)
         {
             var checkedWeights = MergeLab.Options.Weights(w, w.Count);
-            if (Options.Normalize && Math.Abs(checkedWeights.Sum()) < 1e-8)
+            if (Options.Normalize && MergeLab.Options.SumsToZero(checkedWeights.Sum()))
             {
                 throw new ArgumentException("The weights sum to 0, so they cannot be normalized.", nameof(options));
             }
@@ -66,7 +66,12 @@ public sealed class WeightAverageMerge : MergeMethod
             sum.add_(group.Experts[k].to(ScalarType.Float32), alpha: alpha);
         }
 
+        if (!Options.Normalize)
+        {
+            return sum;
+        }
+
         using var total = w.Sum().ToScalar();
-        return Options.Normalize ? sum.div_(total) : sum;
+        return sum.div_(total);
     }
 }

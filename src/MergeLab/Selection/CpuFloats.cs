@@ -172,8 +172,43 @@ internal static unsafe class FiniteValues
     /// <summary>Tensors checked by <see cref="AllFinite"/> since the process started (for tests).</summary>
     public static long Checks => Interlocked.Read(ref _checks);
 
+    /// <summary>Elements <see cref="IsAllFinite"/> checks at a time with libtorch, so the check's temporary
+    /// (one byte per element) stays small next to the tensor however large the tensor is.</summary>
+    private const long ChunkElements = 1 << 24;
+
+    /// <summary>Whether every entry of <paramref name="t"/> is finite, on any device and for any dtype
+    /// (true for integer and boolean tensors): <see cref="AllFinite"/> where it applies, else libtorch's
+    /// <c>isfinite</c> over chunks of the tensor.</summary>
+    public static bool IsAllFinite(Tensor t)
+    {
+        if (!t.is_floating_point() && !t.is_complex())
+        {
+            return true;
+        }
+
+        if (AllFinite(t) is bool known)
+        {
+            return known;
+        }
+
+        using var scope = NewDisposeScope();
+        var flat = t.reshape(-1);
+        long n = flat.shape[0];
+        for (long start = 0; start < n; start += ChunkElements)
+        {
+            // Each chunk's temporaries (its flags are a byte per element) go before the next chunk.
+            using var chunk = NewDisposeScope();
+            if (!flat.narrow(0, start, Math.Min(ChunkElements, n - start)).isfinite().all().item<bool>())
+            {
+                return false;
+            }
+        }
+
+        return true;
+    }
+
     /// <summary>Whether every entry of <paramref name="t"/> is finite, read from its CPU memory, or null when
-    /// the tensor is not a contiguous float32/bfloat16 CPU tensor (use <c>isfinite()</c> then).</summary>
+    /// the tensor is not a contiguous float32/bfloat16 CPU tensor (use <see cref="IsAllFinite"/> then).</summary>
     /// <remarks>An entry is non-finite exactly when its exponent bits are all ones; the test is an OR of
     /// the exponent fields over blocks, vectorized and split over torch's thread count.</remarks>
     public static bool? AllFinite(Tensor t)

@@ -1,3 +1,4 @@
+using MergeLab.Tensors;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -86,9 +87,10 @@ public static class MagnitudeThreshold
         float boundary = KthSmallest(m, n - keep + 1);
         using var boundaryScalar = boundary.ToScalar();
         var nan = m.isnan();
-        var above = float.IsNaN(boundary) ? zeros_like(m, ScalarType.Bool) : m.gt(boundaryScalar).logical_or_(nan);
+        var (above, atBoundary) = float.IsNaN(boundary)
+            ? (zeros_like(m, ScalarType.Bool), nan)
+            : (m.gt(boundaryScalar).logical_or_(nan), m.eq(boundaryScalar));
         long strictlyAbove = above.sum().item<long>();
-        var atBoundary = float.IsNaN(boundary) ? nan : m.eq(boundaryScalar);
         using var tiesKept = (keep - strictlyAbove).ToScalar();
         var firstTies = atBoundary.flatten().cumsum(0, ScalarType.Int64).le(tiesKept).view(magnitudes.shape);
         return above.logical_or_(atBoundary.logical_and_(firstTies)).MoveToOuterDisposeScope();
@@ -123,7 +125,7 @@ public static class MagnitudeThreshold
         using var width = d.ToScalar();
         using var lowScalar = low.ToScalar();
         using var highScalar = high.ToScalar();
-        var ranks = empty_like(order).scatter_(1, order, arange(width, ScalarType.Int64, rows.device).expand(rows.shape[0], d));
+        var ranks = empty_like(order).scatter_(1, order, arange(ScalarArgs.Zero, width, ScalarArgs.One, ScalarType.Int64, rows.device).expand(rows.shape[0], d));
         var mask = ranks.ge(lowScalar).logical_and_(ranks.lt(highScalar));
         return mask.view(magnitudes.shape).MoveToOuterDisposeScope();
     }

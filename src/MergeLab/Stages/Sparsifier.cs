@@ -82,9 +82,14 @@ public abstract record Sparsifier
 
             case RescaleNorm.L1:
                 float factor = L1Factor(taskVector, masked, magnitudes);
+                if (factor == 1f)
+                {
+                    return masked;
+                }
+
                 using (var factorScalar = factor.ToScalar())
                 {
-                    return factor == 1f ? masked : masked.mul_(factorScalar);
+                    return masked.mul_(factorScalar);
                 }
 
             default:

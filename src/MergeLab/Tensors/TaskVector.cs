@@ -68,7 +68,8 @@ public sealed class TaskVector : IDisposable
     public TaskVector Scale(double lambda)
     {
         Options.RequireFinite(lambda, nameof(lambda));
-        return new TaskVector(Deltas.Map(t => t * lambda));
+        using var scale = lambda.ToScalar();
+        return new TaskVector(Deltas.Map(t => t.mul(scale)));
     }
 
     /// <summary>τ + <paramref name="other"/>, a new task vector.</summary>
@@ -94,7 +95,8 @@ public sealed class TaskVector : IDisposable
             foreach (var name in deltas[0].Names)
             {
                 using var scope = NewDisposeScope();
-                var acc = deltas[0][name] * w[0];
+                using var first = w[0].ToScalar();
+                var acc = deltas[0][name].mul(first);
                 for (int k = 1; k < deltas.Length; k++)
                 {
                     using var alpha = w[k].ToScalar();

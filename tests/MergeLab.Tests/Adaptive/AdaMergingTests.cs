@@ -407,8 +407,7 @@ public class AdaMergingTests
     public void Task_vectors_of_buffers_only_are_refused()
     {
         using var net = nn.Sequential(("bn", nn.BatchNorm1d(4)), ("fc", nn.Linear(4, 3)));
-        using var deltas = new StateDict { { "bn.running_mean", ones(4) } };
-        using var vector = TaskVector.FromDeltas(deltas.Clone());
+        using var vector = TaskVector.FromDeltas(new StateDict { { "bn.running_mean", ones(4) } });
         using var batch = randn(6, 4);
         var ex = Assert.Throws<ArgumentException>(() => new AdaMerging(new AdaMergingOptions { Steps = 1 })
             .Learn(net, [vector], [[batch]], (o, _) => o));
@@ -437,15 +436,9 @@ public class AdaMergingTests
         int steps = 0;
         var counting = new SynchronousProgress<AdaMergingProgress>(_ => steps++);
 
-        using (var deltas = new StateDict())
+        using (var nanVector = TaskVector.FromDeltas(p.Vectors[1].Deltas.Clone()))
         {
-            foreach (var name in p.Vectors[1].Names)
-            {
-                deltas.Add(name, p.Vectors[1][name].clone());
-            }
-
-            deltas["second.weight"][1, 2] = float.NaN;
-            using var nanVector = TaskVector.FromDeltas(deltas.Clone());
+            nanVector["second.weight"][1, 2] = float.NaN;
             var ex = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, [p.Vectors[0], nanVector], p.Batches, p.Logits, counting));
             Assert.That(ex!.Message, Does.Contain("Task vector 1's 'second.weight' holds NaN").And.Contain("step 1"));
             Assert.That(steps, Is.Zero, "stopped at the first step, not after all of them");
@@ -462,13 +455,11 @@ public class AdaMergingTests
 
         // A NaN in a weight the task vectors do not cover (a head's, here the module's second layer with
         // only the first in the task vectors) is named too, not reported as divergence.
-        using var firstOnly = new StateDict();
-        foreach (var name in new[] { "first.weight", "first.bias" })
+        using var firstVector = TaskVector.FromDeltas(new StateDict
         {
-            firstOnly.Add(name, p.Vectors[0][name].clone());
-        }
-
-        using var firstVector = TaskVector.FromDeltas(firstOnly.Clone());
+            { "first.weight", p.Vectors[0]["first.weight"].clone() },
+            { "first.bias", p.Vectors[0]["first.bias"].clone() },
+        });
         using (no_grad())
         {
             p.Net.named_parameters().Single(n => n.name == "second.bias").parameter[0] = float.NaN;

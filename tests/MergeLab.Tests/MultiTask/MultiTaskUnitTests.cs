@@ -1,7 +1,7 @@
-using System.Globalization;
 using System.IO.Compression;
 using MergeLab.MultiTask;
 using MergeLab.Tensors;
+using MergeLab.Tests.IO;
 using NUnit.Framework;
 using static TorchSharp.torch;
 
@@ -111,22 +111,15 @@ public class MultiTaskUnitTests
     {
         WriteDataset(train: 12, test: 5, gzip: false);
         var plain = FashionMnist.Load(_dir).Fingerprint;
-        var copy = Directory.CreateTempSubdirectory("mergelab-mt-copy-").FullName;
-        try
+        using var copy = new TempDirectory();
+        foreach (var file in Directory.GetFiles(_dir))
         {
-            foreach (var file in Directory.GetFiles(_dir))
-            {
-                File.Copy(file, Path.Combine(copy, Path.GetFileName(file)));
-            }
+            File.Copy(file, copy.File(Path.GetFileName(file)));
+        }
 
-            Assert.That(FashionMnist.Load(copy).Fingerprint, Is.EqualTo(plain));
-            File.WriteAllBytes(Path.Combine(copy, "train-labels-idx1-ubyte"), Idx(0x0801, [12], Enumerable.Range(0, 12).Select(i => (byte)((i + 1) % 10)).ToArray()));
-            Assert.That(FashionMnist.Load(copy).Fingerprint, Is.Not.EqualTo(plain), "labels shifted by one");
-        }
-        finally
-        {
-            Directory.Delete(copy, recursive: true);
-        }
+        Assert.That(FashionMnist.Load(copy.Path).Fingerprint, Is.EqualTo(plain));
+        File.WriteAllBytes(copy.File("train-labels-idx1-ubyte"), Idx(0x0801, [12], Enumerable.Range(0, 12).Select(i => (byte)((i + 1) % 10)).ToArray()));
+        Assert.That(FashionMnist.Load(copy.Path).Fingerprint, Is.Not.EqualTo(plain), "labels shifted by one");
     }
 
     [Test]
@@ -270,35 +263,27 @@ public class MultiTaskUnitTests
     }
 
     [Test]
+    [SetCulture("de-DE")]
     public void Results_are_written_whole_under_any_culture_and_leave_no_temporary_files()
     {
-        var saved = CultureInfo.CurrentCulture;
-        try
+        var rows = new[] { new MethodResult("task_arithmetic", [60, 61, 62, 63, 64, 65, 66, 67.126], "λ = 0.3") };
+        var results = new BenchmarkResults(BenchmarkTasks.All, rows, BenchmarkOptions.Quick, new Dictionary<string, TimeSpan> { ["total"] = TimeSpan.FromSeconds(1.5) },
+            new Dictionary<string, string>(), new Dictionary<string, (MergeLab.Adaptive.LayerCoefficients, MergeLab.Adaptive.LayerCoefficients)>());
+        var output = Path.Combine(_dir, "out");
+        results.Write(output);
+        File.WriteAllText(Path.Combine(output, "results.csv"), "old");
+        var (md, csv) = results.Write(output);
+        Assert.That(File.ReadAllText(csv), Does.Contain("67.13,63.52"));
+        Assert.That(File.ReadAllText(md), Does.Contain("total 1.5 s").And.Not.Contain("1,5"));
+        Assert.That(Directory.GetFiles(output).Select(Path.GetFileName), Is.EquivalentTo(new[] { "results.md", "results.csv" }));
+        Assert.Throws<DirectoryNotFoundException>(() => BenchmarkResults.WriteAtomically(Path.Combine(_dir, "missing", "x.md"), "text"));
+        Assert.Throws<InvalidOperationException>(() => BenchmarkResults.WriteAtomically(Path.Combine(output, "results.md"), temporary =>
         {
-            CultureInfo.CurrentCulture = CultureInfo.GetCultureInfo("de-DE");
-            var rows = new[] { new MethodResult("task_arithmetic", [60, 61, 62, 63, 64, 65, 66, 67.126], "λ = 0.3") };
-            var results = new BenchmarkResults(BenchmarkTasks.All, rows, BenchmarkOptions.Quick, new Dictionary<string, TimeSpan> { ["total"] = TimeSpan.FromSeconds(1.5) },
-                new Dictionary<string, string>(), new Dictionary<string, (MergeLab.Adaptive.LayerCoefficients, MergeLab.Adaptive.LayerCoefficients)>());
-            var output = Path.Combine(_dir, "out");
-            results.Write(output);
-            File.WriteAllText(Path.Combine(output, "results.csv"), "old");
-            var (md, csv) = results.Write(output);
-            Assert.That(File.ReadAllText(csv), Does.Contain("67.13,63.52"));
-            Assert.That(File.ReadAllText(md), Does.Contain("total 1.5 s").And.Not.Contain("1,5"));
-            Assert.That(Directory.GetFiles(output).Select(Path.GetFileName), Is.EquivalentTo(new[] { "results.md", "results.csv" }));
-            Assert.Throws<DirectoryNotFoundException>(() => BenchmarkResults.WriteAtomically(Path.Combine(_dir, "missing", "x.md"), "text"));
-            Assert.Throws<InvalidOperationException>(() => BenchmarkResults.WriteAtomically(Path.Combine(output, "results.md"), temporary =>
-            {
-                File.WriteAllText(temporary, "half");
-                throw new InvalidOperationException("writer failed");
-            }));
-            Assert.That(File.ReadAllText(md), Does.Contain("task_arithmetic"), "a failed write leaves the old file");
-            Assert.That(Directory.GetFiles(output).Select(Path.GetFileName), Is.EquivalentTo(new[] { "results.md", "results.csv" }));
-        }
-        finally
-        {
-            CultureInfo.CurrentCulture = saved;
-        }
+            File.WriteAllText(temporary, "half");
+            throw new InvalidOperationException("writer failed");
+        }));
+        Assert.That(File.ReadAllText(md), Does.Contain("task_arithmetic"), "a failed write leaves the old file");
+        Assert.That(Directory.GetFiles(output).Select(Path.GetFileName), Is.EquivalentTo(new[] { "results.md", "results.csv" }));
     }
 
     [TestCase(-0.5)]
