@@ -18,9 +18,11 @@ namespace MergeLab.Methods;
 /// (τ = e − b; τ·mask with mask 1 or 0; ·w_k; Σ over experts from +0 in expert order; sign; agreement;
 /// division; ·λ; b + merged; round to the output dtype), so the result is the libtorch result. The only
 /// freedom libtorch takes that this kernel does not is its summation order over the expert dimension:
-/// <c>sum(dim: 0)</c> adds in expert order except in the last few columns of each of its thread chunks,
-/// where with four or more experts it pairs them (ILP-4); there the two can differ in the last bit. The
-/// kernel always adds in expert order, so its result never depends on the thread count.</para>
+/// on the CPU, <c>sum(dim: 0)</c> adds up to 17 experts in expert order except in the last few columns of
+/// each of its thread chunks, where with four or more experts it pairs them (ILP-4), and from 18 experts
+/// on it adds them in groups of 16 and then the groups' sums (its cascade sum); there the two can differ
+/// in the last bit (in most entries from 18 experts on). The kernel always adds in expert order, so its
+/// result never depends on the thread count.</para>
 /// <para>Selections (top-k, k-th magnitude, Breadcrumbs windows) run first, exact, over the same memory
 /// (<see cref="ExactSelector"/>, <see cref="RowSelector"/>). Methods fall back to libtorch off the CPU,
 /// for unknown sparsifiers, for mergekit's L1 rescale of the per-row (Paper) Breadcrumbs mask, and beyond 64

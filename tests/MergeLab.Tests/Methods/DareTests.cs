@@ -1,5 +1,7 @@
 using MergeLab.Methods;
+using MergeLab.Selection;
 using MergeLab.Stages;
+using MergeLab.Tensors;
 using NUnit.Framework;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -24,26 +26,135 @@ public class DareTests
     }
 
     [Test]
-    public void Same_seed_gives_identical_output_on_one_and_two_threads()
+    public void Same_seed_gives_identical_output_on_one_two_and_three_threads()
     {
-        using var baseModel = T.RandomModel(20);
+        // Tensors of 330,000 and 77,777 entries: ten and three of the kernels' 32,768-entry blocks, so the
+        // blocks are split over the threads (a tiny model runs on one thread whatever the count).
+        using var g = new Generator(20);
+        using var baseModel = new StateDict();
+        baseModel.Add("w", randn([300, 1100], generator: g).to(ScalarType.BFloat16));
+        baseModel.Add("v", randn([77_777], generator: g));
         using var e1 = T.Expert(baseModel, 21);
         using var e2 = T.Expert(baseModel, 22);
-        var method = new DareMerge(new DareOptions { DropRate = .7, Seed = 42, Combination = Combination.Ties });
+        foreach (var method in new[]
+        {
+            new DareMerge(new DareOptions { DropRate = .7, Seed = 42, Combination = Combination.Ties }),
+            new DareMerge(new DareOptions { DropRate = .6, Seed = 43, Rescale = RescaleNorm.L1 }),
+        })
+        {
+            int threads = torch.get_num_threads();
+            try
+            {
+                torch.set_num_threads(1);
+                using var one = method.Merge(baseModel, [e1, e2]);
+                foreach (int n in new[] { 2, 3 })
+                {
+                    torch.set_num_threads(n);
+                    using var other = method.Merge(baseModel, [e1, e2]);
+                    foreach (var name in one.Names)
+                    {
+                        T.BitEqual(other[name], one[name], $"{name}, {method.Name}, {n} threads");
+                    }
+                }
+            }
+            finally
+            {
+                torch.set_num_threads(threads);
+            }
+        }
+    }
+
+    /// <summary>
+    /// A seed's masks are part of the results users reproduce, so the first bits of two streams are pinned
+    /// to values computed outside MergeLab, by a script of the documented generator (the stream seed from
+    /// FNV-1a of the name and SplitMix64; word c = mix(s + (c + 1)·γ), low half to entry 2c, high half to
+    /// 2c + 1; kept when bits ≫ 8 ≥ ⌈p·2²⁴⌉). Both the CPU kernel and the libtorch path (other devices).
+    /// </summary>
+    [TestCase(true)]
+    [TestCase(false)]
+    public void Keep_masks_are_pinned_to_the_documented_generator(bool cpuKernels)
+    {
+        bool enabled = MagnitudeThreshold.CpuKernelsEnabled;
+        try
+        {
+            MagnitudeThreshold.CpuKernelsEnabled = cpuKernels;
+            using var tau = ones(64);
+            using var a = new RandomDrop(.5, RescaleNorm.None, seed: 42).Apply(tau, new SparsifyContext("w", 0));
+            AssertKeepBits(a, 0x0413_52bd_bfa7_e556UL);
+
+            // Entries 1000–1063 of a longer stream: the counter is the entry's index in the tensor.
+            using var longer = ones(1064);
+            using var b = new RandomDrop(.9, RescaleNorm.None, seed: 7).Apply(longer, new SparsifyContext("model.layers.0.mlp.up_proj.weight", 3));
+            using var tail = b.narrow(0, 1000, 64);
+            AssertKeepBits(tail, 0x0408_2000_2000_0090UL);
+        }
+        finally
+        {
+            MagnitudeThreshold.CpuKernelsEnabled = enabled;
+        }
+    }
+
+    private static void AssertKeepBits(Tensor mask, ulong expected)
+    {
+        var values = mask.data<float>().ToArray();
+        Assert.That(values, Has.Length.EqualTo(64));
+        ulong bits = 0;
+        for (int i = 0; i < 64; i++)
+        {
+            Assert.That(values[i], Is.EqualTo(0f).Or.EqualTo(1f), $"entry {i}");
+            bits |= values[i] == 1f ? 1UL << i : 0;
+        }
+
+        Assert.That(bits.ToString("x16", System.Globalization.CultureInfo.InvariantCulture), Is.EqualTo(expected.ToString("x16", System.Globalization.CultureInfo.InvariantCulture)));
+    }
+
+    /// <summary>
+    /// The standalone sparsifier's CPU kernel (what <see cref="RandomDrop.Apply"/> runs on CPU tensors, and
+    /// merges of more experts than the fused kernel takes) gives the libtorch path's bits for every
+    /// rescale rule, on 1, 2 and 3 threads, over three whole 16,384-entry blocks and an odd tail.
+    /// </summary>
+    [TestCase(RescaleNorm.None)]
+    [TestCase(RescaleNorm.InverseKeepProbability)]
+    [TestCase(RescaleNorm.L1)]
+    public void Cpu_kernel_gives_the_libtorch_paths_bits_on_any_thread_count(RescaleNorm rescale)
+    {
+        const int n = (3 * 16384) + 5;
+        using var g = new Generator(3);
+        using var tau = randn([n], generator: g);
+        var drop = new RandomDrop(.7, rescale, seed: 3);
+        var context = new SparsifyContext("w", 1);
+        bool enabled = MagnitudeThreshold.CpuKernelsEnabled;
         int threads = torch.get_num_threads();
         try
         {
-            torch.set_num_threads(1);
-            using var one = method.Merge(baseModel, [e1, e2]);
-            torch.set_num_threads(2);
-            using var two = method.Merge(baseModel, [e1, e2]);
-            foreach (var name in one.Names)
+            MagnitudeThreshold.CpuKernelsEnabled = false;
+            using var reference = drop.Apply(tau, context);
+            MagnitudeThreshold.CpuKernelsEnabled = true;
+            foreach (int count in new[] { 1, 2, 3 })
             {
-                T.BitEqual(two[name], one[name]);
+                torch.set_num_threads(count);
+                using var fast = drop.Apply(tau, context);
+                T.BitEqual(fast, reference, $"{count} threads");
+            }
+
+            // The mask itself, entry by entry (the scalar generator, not the vector one): zero exactly where
+            // the generator drops, and τ's sign wherever it keeps.
+            var values = reference.data<float>().ToArray();
+            var source = tau.data<float>().ToArray();
+            long stream = DropMask.StreamSeed(3, "w", 1);
+            uint threshold = DropMask.KeepThreshold(.7);
+            for (int i = 0; i < n; i++)
+            {
+                bool kept = DropMask.IsKept(stream, i, threshold);
+                if (kept != (values[i] != 0) || (kept && Math.Sign(values[i]) != Math.Sign(source[i])))
+                {
+                    Assert.Fail($"entry {i}: kept {kept}, τ {source[i]}, result {values[i]}");
+                }
             }
         }
         finally
         {
+            MagnitudeThreshold.CpuKernelsEnabled = enabled;
             torch.set_num_threads(threads);
         }
     }

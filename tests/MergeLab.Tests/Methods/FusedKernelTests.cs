@@ -83,7 +83,7 @@ public class FusedKernelTests
 
     /// <summary>A model of a few shapes (2-D with odd widths, 1-D, 3-D, 0-d) and experts with ties and
     /// exact zeros in their task vectors.</summary>
-    private static (StateDict Base, StateDict[] Experts) Model(int experts, ScalarType dtype, long[][] shapes, long seed)
+    private static (StateDict Base, StateDict[] Experts) Model(int experts, ScalarType dtype, long[][] shapes, long seed, ScalarType[]? expertTypes = null)
     {
         using var g = new Generator((ulong)seed);
         var b = new StateDict();
@@ -102,16 +102,16 @@ public class FusedKernelTests
                 var u = rand(t.shape, generator: g);
                 delta = where(u < .1, zeros_like(delta), delta);                       // unchanged entries
                 delta = where((u >= .1) & (u < .2), (delta * 200).round() / 200, delta); // ties
-                return (t.to(ScalarType.Float32) + delta).to(dtype).MoveToOuterDisposeScope();
+                return (t.to(ScalarType.Float32) + delta).to(expertTypes?[k] ?? dtype).MoveToOuterDisposeScope();
             });
         }
 
         return (b, list);
     }
 
-    private static void Check(MergeMethod method, int experts, ScalarType dtype, long[][] shapes, long seed, bool weights = true)
+    private static void Check(MergeMethod method, int experts, ScalarType dtype, long[][] shapes, long seed, bool weights = true, ScalarType[]? expertTypes = null)
     {
-        var (b, list) = Model(experts, dtype, shapes, seed);
+        var (b, list) = Model(experts, dtype, shapes, seed, expertTypes);
         try
         {
             var weighted = weights ? Weighted(method, experts) : method;
@@ -119,7 +119,7 @@ public class FusedKernelTests
             using var reference = Libtorch(() => weighted.Merge(b, list));
             foreach (var name in b.Names)
             {
-                Assert.That(T.Same(fast[name], reference[name]), Is.True, $"{name} {string.Join("x", b[name].shape)}, {experts} experts, {dtype}");
+                Assert.That(T.Same(fast[name], reference[name]), Is.True, $"{method.Name}: {name} {string.Join("x", b[name].shape)}, {experts} experts, {dtype}{(expertTypes is null ? "" : " base, experts " + string.Join("/", expertTypes))}");
             }
         }
         finally
@@ -157,6 +157,101 @@ public class FusedKernelTests
         }
 
         Check(method, 6, ScalarType.BFloat16, AlignedShapes, 40);
+    }
+
+    /// <summary>Each input's dtype is read separately (a bfloat16 flag per input): a bfloat16 base with
+    /// float32, bfloat16 and float16 experts in every small-count loop (2 to 4 experts) and the general
+    /// one, and float64 models, whose inputs and output the kernel converts.</summary>
+    [TestCaseSource(nameof(Methods))]
+    public void Fused_kernel_equals_libtorch_on_mixed_and_float64_inputs(MergeMethod method)
+    {
+        ScalarType[] mixed = [ScalarType.Float32, ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32, ScalarType.BFloat16];
+        foreach (int n in new[] { 2, 3, 4, 5 })
+        {
+            Check(method, n, ScalarType.BFloat16, OddShapes, 100 + n, expertTypes: mixed[..n]);
+        }
+
+        Check(method, 3, ScalarType.Float32, AlignedShapes, 106, expertTypes: [ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32]);
+        Check(method, 3, ScalarType.Float64, OddShapes, 107);
+        Check(method, 2, ScalarType.Float64, AlignedShapes, 108, weights: false);
+    }
+
+    /// <summary>
+    /// Up to 64 experts take the kernel (smaller consensus tiles above 16); more take libtorch's operations.
+    /// From 18 experts on, libtorch's <c>sum(dim: 0)</c> on the CPU adds the experts in groups of 16 and
+    /// then the groups' sums, where the kernel adds them in expert order, so the two are compared to within
+    /// about ten float32 roundings of the tensor's largest entry (a wrong mask, weight or sign moves an entry by
+    /// about 10⁻²);
+    /// <see cref="Kernel_adds_many_experts_in_expert_order"/> checks the kernel's own order bit for bit.
+    /// </summary>
+    [TestCase(17)]
+    [TestCase(18)]
+    [TestCase(64)]
+    [TestCase(65)]
+    public void Fused_kernel_equals_libtorch_for_many_experts_to_within_rounding(int experts)
+    {
+        foreach (var method in new MergeMethod[]
+        {
+            new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .3 }),
+            new TiesMerge(new TiesOptions { Density = .3, Scope = SelectionScope.PerTensor }),
+            new DareMerge(new DareOptions { DropRate = .5, Seed = 12, Combination = Combination.Ties }),
+            new DareMerge(new DareOptions { DropRate = .4, Seed = 13, Rescale = RescaleNorm.L1 }),
+            new TaskArithmeticMerge(new TaskArithmeticOptions { Lambda = .3 }),
+        })
+        {
+            var (b, list) = Model(experts, ScalarType.Float32, [[37, 129], [5]], 110 + experts);
+            try
+            {
+                var weighted = Weighted(method, experts);
+                using var fast = weighted.Merge(b, list);
+                using var reference = Libtorch(() => weighted.Merge(b, list));
+                foreach (var name in b.Names)
+                {
+                    using var scope = NewDisposeScope();
+                    float largest = reference[name].abs().max().item<float>();
+                    float error = (fast[name] - reference[name]).abs().max().item<float>();
+                    Assert.That(error, Is.LessThanOrEqualTo(1e-6f * Math.Max(largest, 1f)), $"{method.Name}: {name}, {experts} experts, largest |entry| {largest}");
+                }
+            }
+            finally
+            {
+                b.Dispose();
+                foreach (var e in list)
+                {
+                    e.Dispose();
+                }
+            }
+        }
+    }
+
+    /// <summary>The kernel sums the experts' weighted task vectors in expert order from +0 for any count:
+    /// bit for bit the result of adding them one at a time in libtorch.</summary>
+    [TestCase(18)]
+    [TestCase(64)]
+    public void Kernel_adds_many_experts_in_expert_order(int experts)
+    {
+        var (b, list) = Model(experts, ScalarType.Float32, [[37, 129]], 120 + experts);
+        try
+        {
+            var weights = Weights(experts);
+            using var merged = new TaskArithmeticMerge(new TaskArithmeticOptions { Weights = weights, Lambda = .3 }).Merge(b, list);
+            using var scope = NewDisposeScope();
+            var sum = zeros_like(b["t0"]);
+            for (int k = 0; k < experts; k++)
+            {
+                sum = sum + ((list[k]["t0"] - b["t0"]) * weights[k]);
+            }
+
+            T.BitEqual(merged["t0"], b["t0"] + (sum * .3));
+        }
+        finally
+        {
+            b.Dispose();
+            foreach (var e in list)
+            {
+                e.Dispose();
+            }
+        }
     }
 
     /// <summary>The sign-election loop runs on 512-bit vectors where the CPU has them; both widths must
@@ -382,7 +477,15 @@ public class FusedKernelTests
         Check(method, 4, ScalarType.BFloat16, AlignedShapes, 72, weights: false);
     }
 
-    [TestCaseSource(nameof(Methods))]
+    /// <summary>The methods of <see cref="Methods"/> and PCB, per tensor and over the whole model.</summary>
+    private static IEnumerable<TestCaseData> MethodsAndPcb() =>
+        Methods().Concat(
+        [
+            Case("pcb", new PcbMerge()),
+            Case("pcb per tensor", new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor, Ratio = .3 })),
+        ]);
+
+    [TestCaseSource(nameof(MethodsAndPcb))]
     public void Fused_kernel_does_not_depend_on_the_thread_count(MergeMethod method)
     {
         var (b, list) = Model(5, ScalarType.BFloat16, [[300, 1100], [77_777]], 50);
@@ -391,11 +494,14 @@ public class FusedKernelTests
         {
             torch.set_num_threads(1);
             using var one = method.Merge(b, list);
-            torch.set_num_threads(2);
-            using var two = method.Merge(b, list);
-            foreach (var name in b.Names)
+            foreach (int n in new[] { 2, 3 })
             {
-                T.BitEqual(two[name], one[name]);
+                torch.set_num_threads(n);
+                using var other = method.Merge(b, list);
+                foreach (var name in b.Names)
+                {
+                    T.BitEqual(other[name], one[name], $"{name}, {n} threads");
+                }
             }
         }
         finally

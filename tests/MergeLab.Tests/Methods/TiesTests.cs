@@ -44,6 +44,26 @@ public class TiesTests
     }
 
     [Test]
+    public void Peft_elects_on_the_unweighted_and_mergekit_on_the_weighted_task_vectors()
+    {
+        // τ = [1] and [−.6] with weights .5 and 1. Unweighted, the sum 1 − .6 elects +, so PEFT keeps the
+        // weighted .5 alone (mean of one agreeing entry); weighted, .5 − .6 elects −, so mergekit keeps
+        // −.6 and divides by the agreeing weight 1.
+        var peft = new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Density = 1, Weights = [.5, 1] });
+        using var p = T.MergeDeltas(peft, [1], [-.6f]);
+        T.Near(p, [.5]);
+
+        var mergekit = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = 1, Weights = [.5, 1] });
+        using var m = T.MergeDeltas(mergekit, [1], [-.6f]);
+        T.Near(m, [-.6]);
+
+        // The paper elects on the weighted sum too (its weights are λ-free, 1 by default).
+        var paper = new TiesMerge(new TiesOptions { Density = 1, Scope = SelectionScope.PerTensor, Weights = [.5, 1] });
+        using var q = T.MergeDeltas(paper, [1], [-.6f]);
+        T.Near(q, [-.6]);
+    }
+
+    [Test]
     public void Paper_dis_sum_adds_instead_of_averaging()
     {
         var paper = new TiesMerge(new TiesOptions { Density = 1, Scope = SelectionScope.PerTensor, Aggregation = Aggregation.Sum });
@@ -112,6 +132,34 @@ public class TiesTests
         {
             using var expected = baseModel[name] + delta * delta.abs().ge(threshold);
             T.Near(merged[name], expected, 1e-6);
+        }
+    }
+
+    /// <summary>The same on a model large enough for the CPU's bracket selection (over 2¹⁷ magnitudes,
+    /// 407,777 here, in bfloat16 and float32 tensors, two of them 2-D), against libtorch's kthvalue of the
+    /// concatenated magnitudes, bit for bit.</summary>
+    [TestCase(ScalarType.BFloat16)]
+    [TestCase(ScalarType.Float32)]
+    public void Whole_model_statistic_of_a_large_model_matches_kthvalue(ScalarType dtype)
+    {
+        using var g = new Generator(5);
+        using var baseModel = new StateDict();
+        baseModel.Add("a", randn([300, 1100], generator: g).to(dtype));
+        baseModel.Add("b", randn([77_777], generator: g).to(dtype));
+        baseModel.Add("c", randn([3, 7], generator: g).to(dtype));
+        using var expert = baseModel.Map(t => (t.to(ScalarType.Float32) + (randn(t.shape, generator: g) * .02)).to(t.dtype));
+        using var merged = new TiesMerge(new TiesOptions { Density = .3 }).Merge(baseModel, [expert]);
+
+        using var scope = NewDisposeScope();
+        var deltas = baseModel.Names.ToDictionary(name => name, name => expert[name].to(ScalarType.Float32) - baseModel[name].to(ScalarType.Float32));
+        var all = cat(deltas.Values.Select(d => d.flatten()).ToArray()).abs();
+        long n = all.numel();
+        long k = n - (long)Math.Floor(n * .3);
+        var threshold = all.kthvalue(k, 0, false).values;
+        foreach (var (name, delta) in deltas)
+        {
+            var expected = (baseModel[name].to(ScalarType.Float32) + (delta * delta.abs().ge(threshold))).to(dtype);
+            T.BitEqual(merged[name], expected, name);
         }
     }
 
