@@ -48,6 +48,7 @@ public class SafetensorsMalformedTests
         yield return Case("offsets that end before they begin", Header($"{{{Entry("a", "F32", "[0]", "[4,0]")}}}", 4), "data_offsets [4, 0] end before they begin");
         // The reference's test_invalid_info.
         yield return Case("offsets inconsistent with shape and dtype", Header($"{{{Entry("test", "I32", "[2,2]", "[0,4]")}}}", 4), "span 4 bytes, but shape [2, 2] of I32 needs 16");
+        yield return Case("offsets spanning more than shape and dtype need", Header($"{{{Entry("a", "F32", "[1]", "[0,8]")}}}", 8), "span 8 bytes, but shape [1] of F32 needs 4");
         yield return Case("offsets beyond the data", Header($"{{{Entry("a", "F32", "[4]", "[0,16]")}}}", 8), "data_offsets [0, 16] run past the end of the data buffer, which holds 8 bytes");
         // The reference's test_metadata_incomplete_buffer, second case: two bytes missing.
         yield return Case("missing data bytes", Header($"{{{Entry("test", "I32", "[2,2]", "[0,16]")}}}", 14), "run past the end");

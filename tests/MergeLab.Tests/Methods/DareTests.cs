@@ -206,6 +206,25 @@ public class DareTests
         Assert.That(kept.eq(0).sum().item<long>(), Is.GreaterThan(35_000));
     }
 
+    /// <summary>mergekit's <c>dare_ties</c> and <c>breadcrumbs_ties</c> default to <c>normalize: false</c>:
+    /// the agreeing entries are added, not averaged (the TIES presets' default would give 1 here).</summary>
+    [Test]
+    public void Mergekit_consensus_adds_the_agreeing_entries_by_default()
+    {
+        var dare = new DareMerge(new DareOptions { DropRate = 0, Combination = Combination.Ties });
+        using var d = T.MergeDeltas(dare, [1, -2], [1, 3]);
+        T.Near(d, [2, 3]);
+
+        var crumbs = new BreadcrumbsMerge(new BreadcrumbsOptions { Variant = BreadcrumbsVariant.Mergekit, Density = 1, Gamma = 0, Combination = Combination.Ties });
+        using var c = T.MergeDeltas(crumbs, [1, -2], [1, 3]);
+        T.Near(c, [2, 3]);
+
+        // The PEFT consensus keeps its own default, the mean of the agreeing entries.
+        var peft = new DareMerge(new DareOptions { DropRate = 0, Combination = Combination.Ties, ConsensusPreset = TiesPreset.Peft });
+        using var p = T.MergeDeltas(peft, [1, -2], [1, 3]);
+        T.Near(p, [1, 3]);
+    }
+
     [Test]
     public void Names_follow_the_combination()
     {

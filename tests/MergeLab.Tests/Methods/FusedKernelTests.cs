@@ -515,6 +515,18 @@ public class FusedKernelTests
         }
     }
 
+    /// <summary>Task arithmetic and weight averaging over tensors of several of their loop's 65,536-entry
+    /// chunks, against libtorch (the chunks after the first had only a NaN-reporting test).</summary>
+    [Test]
+    public void Task_arithmetic_and_averaging_over_several_chunks_equal_libtorch()
+    {
+        foreach (var method in new MergeMethod[] { new TaskArithmeticMerge(new TaskArithmeticOptions { Lambda = .7 }), new WeightAverageMerge() })
+        {
+            Check(method, 3, ScalarType.Float32, [[300, 1100], [77_777]], 130);
+            Check(method, 2, ScalarType.BFloat16, [[300, 1100]], 131);
+        }
+    }
+
     [Test]
     public void Large_tensors_take_the_bracket_selection_and_still_equal_libtorch()
     {

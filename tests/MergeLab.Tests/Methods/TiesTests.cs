@@ -63,6 +63,29 @@ public class TiesTests
         T.Near(q, [-.6]);
     }
 
+    /// <summary>The majority that settles a zero sum counts every block of a large tensor: 32,768 entries
+    /// elect −, the next 67,231 elect +, and the last entry's sum is 0, so it takes + (the kernel works
+    /// in blocks of 32,768).</summary>
+    [Test]
+    public void Paper_zero_sum_majority_counts_every_block_of_a_large_tensor()
+    {
+        const int n = 100_000;
+        var t1 = new float[n];
+        var t2 = new float[n];
+        for (int i = 0; i < n; i++)
+        {
+            t1[i] = t2[i] = i < 32_768 ? -1 : 1;
+        }
+
+        t2[n - 1] = -1;
+        var paper = new TiesMerge(new TiesOptions { Density = 1, Scope = SelectionScope.PerTensor });
+        using var merged = T.MergeDeltas(paper, t1, t2);
+        var values = merged.data<float>().ToArray();
+        Assert.That(values[n - 1], Is.EqualTo(1f));
+        Assert.That(values[0], Is.EqualTo(-1f));
+        Assert.That(values[n - 2], Is.EqualTo(1f));
+    }
+
     [Test]
     public void Paper_dis_sum_adds_instead_of_averaging()
     {
