@@ -245,6 +245,36 @@ public class AdaMergingTests
         Assert.That(diverse.Coefficients.ToArray(), Is.Not.EqualTo(plain.Coefficients.ToArray()), "a different loss, different coefficients");
     }
 
+    /// <summary>
+    /// One Adam step moves each coefficient by the learning rate against its gradient's sign: after the
+    /// bias corrections m̂ = g and v̂ = g², so λ₁ = λ₀ − lr·g/(|g| + ε). Also from λ₀ = ClampMin, where
+    /// torch.clamp's backward still passes the gradient, so the coefficients with g &lt; 0 rise.
+    /// </summary>
+    [TestCase(0.3)]
+    [TestCase(0.0)]
+    public void One_adam_step_moves_each_coefficient_by_the_learning_rate(double initial)
+    {
+        using var p = MakeProblem(batchesPerTask: 1);
+        const double lr = 1e-2;
+        var options = new AdaMergingOptions { Steps = 1, LearningRate = lr, InitialCoefficient = initial };
+        using var result = new AdaMerging(options).Learn(p.Net, p.Vectors, p.Batches, p.Logits);
+        var at = result.InitialCoefficients;
+        var (_, gradient) = AdaMerging.EntropyAndGradient(p.Net, p.Vectors, [p.Batches[0][0], p.Batches[1][0]], p.Logits, at);
+        int rising = 0;
+        for (int t = 0; t < at.TaskCount; t++)
+        {
+            for (int l = 0; l < at.Layers.Count; l++)
+            {
+                double g = gradient[t, l];
+                double expected = Math.Clamp(initial - (lr * g / (Math.Abs(g) + 1e-8)), options.ClampMin, options.ClampMax);
+                Assert.That(result.Coefficients[t, l], Is.EqualTo(expected).Within(1e-9), $"task {t}, layer {l}, gradient {g}");
+                rising += g < 0 ? 1 : 0;
+            }
+        }
+
+        Assert.That(rising, Is.GreaterThan(0), "some coefficient must rise, or the clamp case shows nothing");
+    }
+
     [Test]
     public void Learn_returns_the_merge_of_its_coefficients_and_restores_the_module()
     {
