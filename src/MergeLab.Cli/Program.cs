@@ -76,7 +76,7 @@ internal static partial class Program
             {
                 // The process ends with the signal's default action, so nothing removes the hidden folder
                 // (if the merge got as far as making it, or the first signal's cleanup has not removed it yet).
-                var output = parse.GetValue<string>("OUT_DIR");
+                var output = parse.GetValue<string>(MergeCommand.OutputArgument);
                 var left = string.IsNullOrWhiteSpace(output) ? []
                     : CheckpointMerger.FindLeftovers(output).Where(l => !l.IsPreviousOutput).Select(l => $"'{l.Path}'").ToArray();
                 Console.Error.WriteLine(left.Length == 0 ? "mergelab: stopped at once."

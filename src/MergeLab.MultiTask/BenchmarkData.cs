@@ -117,12 +117,12 @@ public sealed class BenchmarkData : IDisposable
     public IEnumerable<(Tensor Inputs, Tensor Labels)> OrderedTrainBatches(int task, int batchSize, Generator noise, long? count = null)
     {
         long n = Math.Min(count ?? TrainCount, TrainCount);
+        using var step = 1.ToScalar(); // arange's own default step, held (TorchSharp would not hold it)
         for (long start = 0; start < n; start += batchSize)
         {
             long end = Math.Min(n, start + batchSize);
             using var first = start.ToScalar();
             using var stop = end.ToScalar();
-            using var step = 1.ToScalar(); // arange's own default step, held (TorchSharp would not hold it)
             using var index = arange(first, stop, step, ScalarType.Int64);
             yield return Batch(task, index, noise);
         }

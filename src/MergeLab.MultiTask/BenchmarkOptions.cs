@@ -177,7 +177,10 @@ public sealed record BenchmarkOptions
 
     /// <summary>The first 12 hex digits of the SHA-256 of <paramref name="text"/>'s UTF-8 bytes: the
     /// benchmark's cache keys.</summary>
-    internal static string ShortHash(string text) => Convert.ToHexStringLower(SHA256.HashData(Encoding.UTF8.GetBytes(text)))[..12];
+    internal static string ShortHash(string text) => ShortHex(SHA256.HashData(Encoding.UTF8.GetBytes(text)));
+
+    /// <summary>The first 12 hex digits of a digest (the benchmark's cache keys and data fingerprint).</summary>
+    internal static string ShortHex(byte[] digest) => Convert.ToHexStringLower(digest)[..12];
 
     private static double[] Grid(double from, double to, double step)
     {

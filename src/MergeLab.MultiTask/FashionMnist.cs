@@ -76,7 +76,7 @@ public sealed class FashionMnist
             hash.AppendData(part);
         }
 
-        Fingerprint = Convert.ToHexStringLower(hash.GetHashAndReset())[..12];
+        Fingerprint = BenchmarkOptions.ShortHex(hash.GetHashAndReset());
     }
 
     /// <summary>The directory the files were read from.</summary>

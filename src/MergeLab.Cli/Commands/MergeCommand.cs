@@ -14,13 +14,16 @@ namespace MergeLab.Cli.Commands;
 /// <summary><c>mergelab merge CONFIG.yaml OUT_DIR</c>: runs a mergekit-style config through the streaming engine.</summary>
 internal static class MergeCommand
 {
+    /// <summary>The name of the output-directory argument (also read by the second-signal handler).</summary>
+    internal const string OutputArgument = "OUT_DIR";
+
     /// <summary>The command's name.</summary>
     public const string Name = "merge";
 
     public static Command Create()
     {
         var config = new Argument<string>("CONFIG") { Description = "A mergekit-style YAML merge config." };
-        var output = new Argument<string>("OUT_DIR") { Description = "The output directory; must not exist." };
+        var output = new Argument<string>(OutputArgument) { Description = "The output directory; must not exist." };
         var device = new Option<string>("--device") { Description = "cpu, cuda or cuda:N.", DefaultValueFactory = _ => "cpu" };
         var seed = new Option<long>("--seed") { Description = "Seed for random methods (DARE).", DefaultValueFactory = _ => 0 };
         var shardSize = new Option<string>("--shard-size") { Description = "Maximum output shard size, e.g. 5GB or 500MB.", DefaultValueFactory = _ => "5GB" };

@@ -63,7 +63,7 @@ public static class TiesSelection
                 {
                     // The kept entries are τ's own values, in τ's dtype (the selection itself works in float32).
                     var original = deltas[t][name];
-                    selected[t].Add(name, original.where(agree[t], zeros_like(original)).MoveToOuterDisposeScope());
+                    selected[t].Add(name, original.masked_fill(agree[t].logical_not(), ScalarArgs.Zero).MoveToOuterDisposeScope());
                 }
             }
         }
