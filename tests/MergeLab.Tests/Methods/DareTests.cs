@@ -28,11 +28,15 @@ public class DareTests
     [Test]
     public void Same_seed_gives_identical_output_on_one_two_and_three_threads()
     {
-        // Tensors of 330,000 and 77,777 entries: ten and three of the kernels' 32,768-entry blocks, so the
-        // blocks are split over the threads (a tiny model runs on one thread whatever the count).
+        // Tensors of 330,000 and 77,777 entries: eleven and three of the kernels' 32,768-entry blocks, so
+        // the blocks are split over the threads (a tiny model runs on one thread whatever the count).
         using var g = new Generator(20);
         using var baseModel = new StateDict();
-        baseModel.Add("w", randn([300, 1100], generator: g).to(ScalarType.BFloat16));
+        using (var w = randn([300, 1100], generator: g))
+        {
+            baseModel.Add("w", w.to(ScalarType.BFloat16));
+        }
+
         baseModel.Add("v", randn([77_777], generator: g));
         using var e1 = T.Expert(baseModel, 21);
         using var e2 = T.Expert(baseModel, 22);
@@ -42,25 +46,7 @@ public class DareTests
             new DareMerge(new DareOptions { DropRate = .6, Seed = 43, Rescale = RescaleNorm.L1 }),
         })
         {
-            int threads = torch.get_num_threads();
-            try
-            {
-                torch.set_num_threads(1);
-                using var one = method.Merge(baseModel, [e1, e2]);
-                foreach (int n in new[] { 2, 3 })
-                {
-                    torch.set_num_threads(n);
-                    using var other = method.Merge(baseModel, [e1, e2]);
-                    foreach (var name in one.Names)
-                    {
-                        T.BitEqual(other[name], one[name], $"{name}, {method.Name}, {n} threads");
-                    }
-                }
-            }
-            finally
-            {
-                torch.set_num_threads(threads);
-            }
+            T.SameOnAnyThreadCount(() => method.Merge(baseModel, [e1, e2]), method.Name);
         }
     }
 
@@ -74,29 +60,21 @@ public class DareTests
     [TestCase(false)]
     public void Keep_masks_are_pinned_to_the_documented_generator(bool cpuKernels)
     {
-        bool enabled = MagnitudeThreshold.CpuKernelsEnabled;
-        try
-        {
-            MagnitudeThreshold.CpuKernelsEnabled = cpuKernels;
-            using var tau = ones(64);
-            using var a = new RandomDrop(.5, RescaleNorm.None, seed: 42).Apply(tau, new SparsifyContext("w", 0));
-            AssertKeepBits(a, 0x0413_52bd_bfa7_e556UL);
+        using var kernels = T.CpuKernels(cpuKernels);
+        using var tau = ones(64);
+        using var a = new RandomDrop(.5, RescaleNorm.None, seed: 42).Apply(tau, new SparsifyContext("w", 0));
+        AssertKeepBits(a, 0x0413_52bd_bfa7_e556UL);
 
-            // Entries 1000–1063 of a longer stream: the counter is the entry's index in the tensor.
-            using var longer = ones(1064);
-            using var b = new RandomDrop(.9, RescaleNorm.None, seed: 7).Apply(longer, new SparsifyContext("model.layers.0.mlp.up_proj.weight", 3));
-            using var tail = b.narrow(0, 1000, 64);
-            AssertKeepBits(tail, 0x0408_2000_2000_0090UL);
-        }
-        finally
-        {
-            MagnitudeThreshold.CpuKernelsEnabled = enabled;
-        }
+        // Entries 1000–1063 of a longer stream: the counter is the entry's index in the tensor.
+        using var longer = ones(1064);
+        using var b = new RandomDrop(.9, RescaleNorm.None, seed: 7).Apply(longer, new SparsifyContext("model.layers.0.mlp.up_proj.weight", 3));
+        using var tail = b.narrow(0, 1000, 64);
+        AssertKeepBits(tail, 0x0408_2000_2000_0090UL);
     }
 
     private static void AssertKeepBits(Tensor mask, ulong expected)
     {
-        var values = mask.data<float>().ToArray();
+        var values = T.Values(mask);
         Assert.That(values, Has.Length.EqualTo(64));
         ulong bits = 0;
         for (int i = 0; i < 64; i++)
@@ -123,39 +101,30 @@ public class DareTests
         using var tau = randn([n], generator: g);
         var drop = new RandomDrop(.7, rescale, seed: 3);
         var context = new SparsifyContext("w", 1);
-        bool enabled = MagnitudeThreshold.CpuKernelsEnabled;
-        int threads = torch.get_num_threads();
-        try
+        using var reference = T.Libtorch(() => drop.Apply(tau, context));
+        using (T.CpuKernels(true))
         {
-            MagnitudeThreshold.CpuKernelsEnabled = false;
-            using var reference = drop.Apply(tau, context);
-            MagnitudeThreshold.CpuKernelsEnabled = true;
             foreach (int count in new[] { 1, 2, 3 })
             {
-                torch.set_num_threads(count);
+                using var threads = T.Threads(count);
                 using var fast = drop.Apply(tau, context);
                 T.BitEqual(fast, reference, $"{count} threads");
             }
-
-            // The mask itself, entry by entry (the scalar generator, not the vector one): zero exactly where
-            // the generator drops, and τ's sign wherever it keeps.
-            var values = reference.data<float>().ToArray();
-            var source = tau.data<float>().ToArray();
-            long stream = DropMask.StreamSeed(3, "w", 1);
-            uint threshold = DropMask.KeepThreshold(.7);
-            for (int i = 0; i < n; i++)
-            {
-                bool kept = DropMask.IsKept(stream, i, threshold);
-                if (kept != (values[i] != 0) || (kept && Math.Sign(values[i]) != Math.Sign(source[i])))
-                {
-                    Assert.Fail($"entry {i}: kept {kept}, τ {source[i]}, result {values[i]}");
-                }
-            }
         }
-        finally
+
+        // The mask itself, entry by entry (the scalar generator, not the vector one): zero exactly where
+        // the generator drops, and τ's sign wherever it keeps.
+        var values = T.Values(reference);
+        var source = T.Values(tau);
+        long stream = DropMask.StreamSeed(3, "w", 1);
+        uint threshold = DropMask.KeepThreshold(.7);
+        for (int i = 0; i < n; i++)
         {
-            MagnitudeThreshold.CpuKernelsEnabled = enabled;
-            torch.set_num_threads(threads);
+            bool kept = DropMask.IsKept(stream, i, threshold);
+            if (kept != (values[i] != 0) || (kept && Math.Sign(values[i]) != Math.Sign(source[i])))
+            {
+                Assert.Fail($"entry {i}: kept {kept}, τ {source[i]}, result {values[i]}");
+            }
         }
     }
 

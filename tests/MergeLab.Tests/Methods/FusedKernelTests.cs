@@ -20,19 +20,6 @@ namespace MergeLab.Tests.Methods;
 /// </remarks>
 public class FusedKernelTests
 {
-    private static T Libtorch<T>(Func<T> f)
-    {
-        MagnitudeThreshold.CpuKernelsEnabled = false;
-        try
-        {
-            return f();
-        }
-        finally
-        {
-            MagnitudeThreshold.CpuKernelsEnabled = true;
-        }
-    }
-
     private static IEnumerable<TestCaseData> Methods()
     {
         yield return Case("task arithmetic", new TaskArithmeticMerge(new TaskArithmeticOptions { Lambda = .7 }));
@@ -109,26 +96,43 @@ public class FusedKernelTests
         return (b, list);
     }
 
-    private static void Check(MergeMethod method, int experts, ScalarType dtype, long[][] shapes, long seed, bool weights = true, ScalarType[]? expertTypes = null)
+    /// <summary>Disposes a <see cref="Model"/>.</summary>
+    private static void Free(StateDict b, StateDict[] list)
+    {
+        b.Dispose();
+        foreach (var e in list)
+        {
+            e.Dispose();
+        }
+    }
+
+    /// <summary>Merges <see cref="Model"/>'s model with the kernel and as libtorch operations and compares
+    /// each tensor: bit for bit, or with <paramref name="compare"/> (fast, reference, label).</summary>
+    private static void Check(MergeMethod method, int experts, ScalarType dtype, long[][] shapes, long seed, bool weights = true, ScalarType[]? expertTypes = null,
+        Action<Tensor, Tensor, string>? compare = null)
     {
         var (b, list) = Model(experts, dtype, shapes, seed, expertTypes);
         try
         {
             var weighted = weights ? Weighted(method, experts) : method;
             using var fast = weighted.Merge(b, list);
-            using var reference = Libtorch(() => weighted.Merge(b, list));
+            using var reference = T.Libtorch(() => weighted.Merge(b, list));
             foreach (var name in b.Names)
             {
-                Assert.That(T.Same(fast[name], reference[name]), Is.True, $"{method.Name}: {name} {string.Join("x", b[name].shape)}, {experts} experts, {dtype}{(expertTypes is null ? "" : " base, experts " + string.Join("/", expertTypes))}");
+                string label = $"{method.Name}: {name} {string.Join("x", b[name].shape)}, {experts} experts, {dtype}{(expertTypes is null ? "" : " base, experts " + string.Join("/", expertTypes))}";
+                if (compare is null)
+                {
+                    Assert.That(T.Same(fast[name], reference[name]), Is.True, label);
+                }
+                else
+                {
+                    compare(fast[name], reference[name], label);
+                }
             }
         }
         finally
         {
-            b.Dispose();
-            foreach (var e in list)
-            {
-                e.Dispose();
-            }
+            Free(b, list);
         }
     }
 
@@ -199,28 +203,13 @@ public class FusedKernelTests
             new TaskArithmeticMerge(new TaskArithmeticOptions { Lambda = .3 }),
         })
         {
-            var (b, list) = Model(experts, ScalarType.Float32, [[37, 129], [5]], 110 + experts);
-            try
+            Check(method, experts, ScalarType.Float32, [[37, 129], [5]], 110 + experts, compare: (fast, reference, label) =>
             {
-                var weighted = Weighted(method, experts);
-                using var fast = weighted.Merge(b, list);
-                using var reference = Libtorch(() => weighted.Merge(b, list));
-                foreach (var name in b.Names)
-                {
-                    using var scope = NewDisposeScope();
-                    float largest = reference[name].abs().max().item<float>();
-                    float error = (fast[name] - reference[name]).abs().max().item<float>();
-                    Assert.That(error, Is.LessThanOrEqualTo(1e-6f * Math.Max(largest, 1f)), $"{method.Name}: {name}, {experts} experts, largest |entry| {largest}");
-                }
-            }
-            finally
-            {
-                b.Dispose();
-                foreach (var e in list)
-                {
-                    e.Dispose();
-                }
-            }
+                using var scope = NewDisposeScope();
+                float largest = reference.abs().max().item<float>();
+                float error = (fast - reference).abs().max().item<float>();
+                Assert.That(error, Is.LessThanOrEqualTo(1e-6f * Math.Max(largest, 1f)), $"{label}, largest |entry| {largest}");
+            });
         }
     }
 
@@ -239,18 +228,16 @@ public class FusedKernelTests
             var sum = zeros_like(b["t0"]);
             for (int k = 0; k < experts; k++)
             {
-                sum = sum + ((list[k]["t0"] - b["t0"]) * weights[k]);
+                using var w = weights[k].ToScalar();
+                sum = sum + (list[k]["t0"] - b["t0"]).mul(w);
             }
 
-            T.BitEqual(merged["t0"], b["t0"] + (sum * .3));
+            using var lambda = .3.ToScalar();
+            T.BitEqual(merged["t0"], b["t0"] + sum.mul(lambda));
         }
         finally
         {
-            b.Dispose();
-            foreach (var e in list)
-            {
-                e.Dispose();
-            }
+            Free(b, list);
         }
     }
 
@@ -352,11 +339,7 @@ public class FusedKernelTests
                 }
                 finally
                 {
-                    b.Dispose();
-                    foreach (var e in list)
-                    {
-                        e.Dispose();
-                    }
+                    Free(b, list);
                 }
             }
         }
@@ -489,29 +472,13 @@ public class FusedKernelTests
     public void Fused_kernel_does_not_depend_on_the_thread_count(MergeMethod method)
     {
         var (b, list) = Model(5, ScalarType.BFloat16, [[300, 1100], [77_777]], 50);
-        int threads = torch.get_num_threads();
         try
         {
-            torch.set_num_threads(1);
-            using var one = method.Merge(b, list);
-            foreach (int n in new[] { 2, 3 })
-            {
-                torch.set_num_threads(n);
-                using var other = method.Merge(b, list);
-                foreach (var name in b.Names)
-                {
-                    T.BitEqual(other[name], one[name], $"{name}, {n} threads");
-                }
-            }
+            T.SameOnAnyThreadCount(() => method.Merge(b, list));
         }
         finally
         {
-            torch.set_num_threads(threads);
-            b.Dispose();
-            foreach (var e in list)
-            {
-                e.Dispose();
-            }
+            Free(b, list);
         }
     }
 
@@ -810,11 +777,7 @@ public class FusedKernelTests
         }
         finally
         {
-            b.Dispose();
-            foreach (var e in list)
-            {
-                e.Dispose();
-            }
+            Free(b, list);
         }
     }
 
@@ -835,11 +798,7 @@ public class FusedKernelTests
         }
         finally
         {
-            b.Dispose();
-            foreach (var e in list)
-            {
-                e.Dispose();
-            }
+            Free(b, list);
         }
     }
 }

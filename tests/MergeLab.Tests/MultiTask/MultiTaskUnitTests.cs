@@ -248,7 +248,8 @@ public class MultiTaskUnitTests
     {
         var messages = new List<string>();
         var cache = new CheckpointCache(_dir, BenchmarkOptions.Quick, "data-a", new SynchronousProgress<string>(messages.Add));
-        using (var sd = new StateDict { { "blocks.0.weight", arange(6f).reshape(2, 3) } })
+        using (var values = T.Vec(0, 1, 2, 3, 4, 5))
+        using (var sd = new StateDict { { "blocks.0.weight", values.reshape(2, 3) } })
         {
             cache.Save("pretrained", sd);
         }

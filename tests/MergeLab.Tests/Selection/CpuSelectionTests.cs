@@ -27,19 +27,6 @@ public class CpuSelectionTests
         return x.MoveToOuterDisposeScope();
     }
 
-    private static T Libtorch<T>(Func<T> f)
-    {
-        MagnitudeThreshold.CpuKernelsEnabled = false;
-        try
-        {
-            return f();
-        }
-        finally
-        {
-            MagnitudeThreshold.CpuKernelsEnabled = true;
-        }
-    }
-
     private static IEnumerable<long> Sizes() => [1, 7, 1000, 300_001];
 
     [Test]
@@ -86,7 +73,7 @@ public class CpuSelectionTests
             }
 
             using var fast = MagnitudeThreshold.TopKMask(m, keep);
-            using var reference = Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
+            using var reference = T.Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
             Assert.That(fast.sum().item<long>(), Is.EqualTo(keep), $"n = {n}, keep = {keep}");
             T.BitEqual(fast, reference);
         }
@@ -100,7 +87,7 @@ public class CpuSelectionTests
         foreach (long keep in new long[] { 1, 27_999, 70_000, 139_999 })
         {
             using var fast = MagnitudeThreshold.TopKMask(m, keep);
-            using var reference = Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
+            using var reference = T.Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
             T.BitEqual(fast, reference);
         }
     }
@@ -116,7 +103,7 @@ public class CpuSelectionTests
             foreach (var (low, high) in new[] { (0L, d), (0L, d / 2), (d / 3, d - d / 10), (d - 1, d), (5L, 5L), (-3L, d + 7) })
             {
                 using var fast = MagnitudeThreshold.RankWindowMask(m, low, high);
-                using var reference = Libtorch(() => MagnitudeThreshold.RankWindowMask(m, low, high));
+                using var reference = T.Libtorch(() => MagnitudeThreshold.RankWindowMask(m, low, high));
                 T.BitEqual(fast, reference);
             }
         }
@@ -128,7 +115,7 @@ public class CpuSelectionTests
         using var x = Awkward((1 << 20) + 17, 10).abs().view(1, -1);
         long d = x.shape[1];
         using var fast = MagnitudeThreshold.RankWindowMask(x, d / 4, d - d / 8);
-        using var reference = Libtorch(() => MagnitudeThreshold.RankWindowMask(x, d / 4, d - d / 8));
+        using var reference = T.Libtorch(() => MagnitudeThreshold.RankWindowMask(x, d / 4, d - d / 8));
         T.BitEqual(fast, reference);
     }
 
@@ -697,7 +684,7 @@ public class CpuSelectionTests
         {
             using var m = tensor(values);
             using var fast = MagnitudeThreshold.TopKMask(m, keep);
-            using var reference = Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
+            using var reference = T.Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
             Assert.That(fast.data<bool>().ToArray(), Is.EqualTo(expected), $"CPU, keep {keep} of [{string.Join(", ", values)}]");
             Assert.That(reference.data<bool>().ToArray(), Is.EqualTo(expected), $"libtorch, keep {keep} of [{string.Join(", ", values)}]");
         }
@@ -712,14 +699,14 @@ public class CpuSelectionTests
         foreach (var (keep, expected) in new (long, bool[])[] { (1, [true, false, false, false]), (3, [true, true, true, false]) })
         {
             using var fast = MagnitudeThreshold.TopKMask(m, keep);
-            using var reference = Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
+            using var reference = T.Libtorch(() => MagnitudeThreshold.TopKMask(m, keep));
             Assert.That(fast.data<bool>().ToArray(), Is.EqualTo(expected), $"CPU, keep {keep}");
             Assert.That(reference.data<bool>().ToArray(), Is.EqualTo(expected), $"libtorch, keep {keep}");
         }
 
         using var rows = tensor(new[] { 1 + 1e-12, 1.0, 0.5 });
         using var window = MagnitudeThreshold.RankWindowMask(rows, 2, 3);
-        using var windowReference = Libtorch(() => MagnitudeThreshold.RankWindowMask(rows, 2, 3));
+        using var windowReference = T.Libtorch(() => MagnitudeThreshold.RankWindowMask(rows, 2, 3));
         Assert.That(window.data<bool>().ToArray(), Is.EqualTo(new[] { false, true, false }), "the tie ranks by position");
         T.BitEqual(windowReference, window);
     }
@@ -731,7 +718,7 @@ public class CpuSelectionTests
         {
             using var m = zeros(shape);
             using var mask = MagnitudeThreshold.RankWindowMask(m, 0, 1);
-            using var reference = Libtorch(() => MagnitudeThreshold.RankWindowMask(m, 0, 1));
+            using var reference = T.Libtorch(() => MagnitudeThreshold.RankWindowMask(m, 0, 1));
             Assert.That(mask.shape, Is.EqualTo(shape));
             Assert.That(mask.dtype, Is.EqualTo(ScalarType.Bool));
             T.BitEqual(reference, mask);

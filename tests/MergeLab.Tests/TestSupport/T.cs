@@ -1,5 +1,6 @@
 using MergeLab.IO;
 using MergeLab.Methods;
+using MergeLab.Selection;
 using MergeLab.Tensors;
 using NUnit.Framework;
 using TorchSharp;
@@ -94,11 +95,13 @@ internal static class T
     public static StateDict RandomModel(long seed, ScalarType dtype = ScalarType.Float32, double scale = 1.0)
     {
         using var g = new Generator((ulong)seed);
+        using var scope = NewDisposeScope();
+        using var s = scale.ToScalar();
         var sd = new StateDict();
-        sd.Add("embed.weight", (randn([16, 8], generator: g) * scale).to(dtype));
-        sd.Add("layers.0.weight", (randn([8, 8], generator: g) * scale).to(dtype));
-        sd.Add("layers.0.bias", (randn([8], generator: g) * scale).to(dtype));
-        sd.Add("layers.1.weight", (randn([4, 8], generator: g) * scale).to(dtype));
+        sd.Add("embed.weight", randn([16, 8], generator: g).mul(s).to(dtype).MoveToOuterDisposeScope());
+        sd.Add("layers.0.weight", randn([8, 8], generator: g).mul(s).to(dtype).MoveToOuterDisposeScope());
+        sd.Add("layers.0.bias", randn([8], generator: g).mul(s).to(dtype).MoveToOuterDisposeScope());
+        sd.Add("layers.1.weight", randn([4, 8], generator: g).mul(s).to(dtype).MoveToOuterDisposeScope());
         return sd;
     }
 
@@ -106,6 +109,65 @@ internal static class T
     public static StateDict Expert(StateDict baseModel, long seed, double scale = 0.1)
     {
         using var g = new Generator((ulong)seed);
-        return baseModel.Map(t => (t.to(ScalarType.Float32) + randn(t.shape, generator: g) * scale).to(t.dtype));
+        using var s = scale.ToScalar();
+        return baseModel.Map(t =>
+        {
+            using var scope = NewDisposeScope();
+            return t.to(ScalarType.Float32).add(randn(t.shape, generator: g).mul(s)).to(t.dtype).MoveToOuterDisposeScope();
+        });
+    }
+
+    /// <summary>Turns MergeLab's CPU kernels on or off until disposed (off: the libtorch formulation,
+    /// which other devices run); restores the previous setting.</summary>
+    public static IDisposable CpuKernels(bool enabled)
+    {
+        bool before = MagnitudeThreshold.CpuKernelsEnabled;
+        MagnitudeThreshold.CpuKernelsEnabled = enabled;
+        return new Restore(() => MagnitudeThreshold.CpuKernelsEnabled = before);
+    }
+
+    /// <summary><paramref name="f"/>'s result with the CPU kernels off.</summary>
+    public static TResult Libtorch<TResult>(Func<TResult> f)
+    {
+        using (CpuKernels(false))
+        {
+            return f();
+        }
+    }
+
+    /// <summary>Sets torch's thread count (which MergeLab's kernels follow) until disposed.</summary>
+    public static IDisposable Threads(int count)
+    {
+        int before = get_num_threads();
+        set_num_threads(count);
+        return new Restore(() => set_num_threads(before));
+    }
+
+    /// <summary>Asserts that <paramref name="merge"/> gives the same bits on 2 and 3 threads as on 1.</summary>
+    public static void SameOnAnyThreadCount(Func<StateDict> merge, string label = "")
+    {
+        StateDict one;
+        using (Threads(1))
+        {
+            one = merge();
+        }
+
+        using (one)
+        {
+            foreach (int n in new[] { 2, 3 })
+            {
+                using var threads = Threads(n);
+                using var other = merge();
+                foreach (var name in one.Names)
+                {
+                    BitEqual(other[name], one[name], $"{name}{(label.Length == 0 ? "" : ", " + label)}, {n} threads");
+                }
+            }
+        }
+    }
+
+    private sealed class Restore(Action restore) : IDisposable
+    {
+        public void Dispose() => restore();
     }
 }
