@@ -117,13 +117,14 @@ public sealed class BenchmarkData : IDisposable
     public IEnumerable<(Tensor Inputs, Tensor Labels)> OrderedTrainBatches(int task, int batchSize, Generator noise, long? count = null)
     {
         long n = Math.Min(count ?? TrainCount, TrainCount);
-        using var step = 1.ToScalar(); // arange's own default step, held (TorchSharp would not hold it)
+        // All three bounds held (TorchSharp would not hold its defaults); each batch is a view of one arange.
+        using var first = 0L.ToScalar();
+        using var stop = n.ToScalar();
+        using var step = 1.ToScalar();
+        using var all = arange(first, stop, step, ScalarType.Int64);
         for (long start = 0; start < n; start += batchSize)
         {
-            long end = Math.Min(n, start + batchSize);
-            using var first = start.ToScalar();
-            using var stop = end.ToScalar();
-            using var index = arange(first, stop, step, ScalarType.Int64);
+            using var index = all.narrow(0, start, Math.Min(n, start + batchSize) - start);
             yield return Batch(task, index, noise);
         }
     }

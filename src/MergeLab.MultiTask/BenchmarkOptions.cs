@@ -162,8 +162,9 @@ public sealed record BenchmarkOptions
     /// <summary>Where pretrained, probe and expert checkpoints are cached; null: no cache.</summary>
     public string? CacheDirectory { get; init; }
 
-    /// <summary>A short hash of everything that determines the trained checkpoints, so a cache is
-    /// reused only by a run that would train the same models.</summary>
+    /// <summary>A short hash of every setting that determines the trained checkpoints (the data's own
+    /// fingerprint is added by the checkpoint cache), so a cache is reused only by a run that would train
+    /// the same models.</summary>
     public string TrainingFingerprint()
     {
         var text = string.Join('|', new object[]

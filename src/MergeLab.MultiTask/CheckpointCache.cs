@@ -6,7 +6,7 @@ namespace MergeLab.MultiTask;
 /// <summary>
 /// Safetensors checkpoints of a benchmark's trained models under
 /// <c>&lt;cache&gt;/&lt;configuration&gt;-&lt;fingerprint&gt;/</c>, so a second run with the same
-/// training settings reuses them. Each file records the fingerprint in its metadata and is written
+/// training settings and data reuses them. Each file records the fingerprint in its metadata and is written
 /// atomically (<see cref="SafetensorsWriter"/>).
 /// </summary>
 internal sealed class CheckpointCache

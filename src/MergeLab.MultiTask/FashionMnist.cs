@@ -127,7 +127,8 @@ public sealed class FashionMnist
     /// <summary>Reads the four IDX files (each plain or gzipped) from the resolved directory.</summary>
     /// <exception cref="FashionMnistNotFoundException">A file is missing; the message says how to install it.</exception>
     /// <exception cref="InvalidDataException">A file is not a valid IDX file of the expected shape, is cut
-    /// short or not valid gzip, or holds a label outside 0–9 (the message names the file).</exception>
+    /// short or not valid gzip, or holds a label outside 0–9 (the message names the file); or the images and
+    /// labels of a split differ in number (the message names the folder).</exception>
     public static FashionMnist Load(string? directory = null)
     {
         var dir = ResolveDirectory(directory);

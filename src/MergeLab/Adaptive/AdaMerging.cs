@@ -256,7 +256,8 @@ public sealed class AdaMerging
     /// <param name="cancellationToken">Checked before each step.</param>
     /// <returns>The learned coefficients and the merged state dict.</returns>
     /// <exception cref="ArgumentException">The counts disagree, a task vector is null, a task has no batches,
-    /// a task-vector name is not a parameter or buffer of the module (the message names it), the task
+    /// a task-vector name is not a parameter or buffer of the module (the message names it) or its shape differs
+    /// from the module's tensor of that name, the task
     /// vectors name no parameter at all (buffers alone give no gradient), a task's loss does not depend on
     /// the module's merged parameters (e.g. <paramref name="taskLogits"/> detaches the output), or the loss
     /// is not finite because a task vector, a batch used or the module's own weights hold NaN or ∞ (the
@@ -590,7 +591,7 @@ public sealed class AdaMerging
             // The loss and the gradient add up on the device, in the order and float64 arithmetic the host
             // would use (a sum starting at 0, one term at a time), and come back once per step: on a GPU,
             // reading each term back would wait for the device once per task and per parameter chunk.
-            var device = _stacked[_parameterIndex.Length > 0 ? _parameterIndex[0] : 0].device;
+            var device = _stacked[_parameterIndex[0]].device; // the constructor refuses a module with none
             var entropy = zeros(1, ScalarType.Float64, device);
             var gradient = zeros([taskCount, layerCount], ScalarType.Float64, device);
             for (int t = 0; t < taskCount; t++)
@@ -668,7 +669,8 @@ public sealed class AdaMerging
             $"Task {task}'s loss does not depend on the module's merged parameters: taskLogits must compute the logits " +
             "from the module's output without detaching it.", "taskLogits");
 
-        /// <summary>An error about one of <see cref="Learn"/>'s arguments, named by <paramref name="parameter"/>.</summary>
+        /// <summary>An error about one of <see cref="Learn"/>'s arguments, named by <paramref name="parameter"/>
+        /// (these helpers are not <see cref="Learn"/>, so naming its parameters directly would trip CA2208).</summary>
         private static ArgumentException InputError(string message, string parameter) => new(message, parameter);
 
         /// <summary>The error for a loss or gradient that is not finite at <paramref name="step"/>, naming the

@@ -122,7 +122,7 @@ public static class Lines
         new() { Alpha = MultiTaskAlpha(taskVectors, merged), Beta = beta, BlockCount = blockCount };
 
     /// <summary>The factor of every name: α + β·l/(L − 1) for a name in block l, α for the others.</summary>
-    /// <exception cref="ArgumentException">L (given or inferred) is below 2, or the block rule returns an
+    /// <exception cref="ArgumentException">L (inferred: a given BlockCount is at least 2) is below 2, or the block rule returns an
     /// index outside 0 … L − 1.</exception>
     public static IReadOnlyDictionary<string, double> Factors(IReadOnlyList<string> names, LinesOptions? options = null)
     {
@@ -132,8 +132,7 @@ public static class Lines
         if (blockCount < 2)
         {
             throw new ArgumentException(
-                o.BlockCount is not null ? $"LiNeS needs at least 2 blocks, but BlockCount is {blockCount}."
-                : o.BlockOf is not null ? $"LiNeS needs at least 2 blocks, but the names imply {blockCount} (1 + their largest '.i.' component); with a custom BlockOf, set BlockCount too."
+                o.BlockOf is not null ? $"LiNeS needs at least 2 blocks, but the names imply {blockCount} (1 + their largest '.i.' component); with a custom BlockOf, set BlockCount too."
                 : $"LiNeS needs at least 2 blocks, but the names imply {blockCount} (1 + their largest '.i.' component); set BlockCount, or BlockOf and BlockCount.",
                 nameof(options));
         }

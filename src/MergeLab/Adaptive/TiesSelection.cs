@@ -58,12 +58,12 @@ public static class TiesSelection
                 var group = new TensorGroup(name, zero, deltas.Select(d => d[name]).ToArray());
                 var trimmed = pipeline.SparseTaskVectors(group, statistic);
                 var sign = consensus.ResolveZeros(consensus.RawSign(trimmed), statistic?.MajoritySign);
-                var agree = SignConsensus.Agreement(trimmed, sign);
+                var disagree = SignConsensus.Agreement(trimmed, sign).logical_not();
                 for (int t = 0; t < selected.Length; t++)
                 {
                     // The kept entries are τ's own values, in τ's dtype (the selection itself works in float32).
                     var original = deltas[t][name];
-                    selected[t].Add(name, original.masked_fill(agree[t].logical_not(), ScalarArgs.Zero).MoveToOuterDisposeScope());
+                    selected[t].Add(name, original.masked_fill(disagree[t], ScalarArgs.Zero).MoveToOuterDisposeScope());
                 }
             }
         }

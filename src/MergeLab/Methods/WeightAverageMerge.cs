@@ -1,4 +1,5 @@
 using TorchSharp;
+using MergeLab.Tensors;
 using static TorchSharp.torch;
 
 namespace MergeLab.Methods;
@@ -58,13 +59,7 @@ public sealed class WeightAverageMerge : MergeMethod
     protected override Tensor MergeFloat32(TensorGroup group, ModelStatistic? statistic)
     {
         var w = MergeLab.Options.Weights(Options.Weights, group.ExpertCount);
-        using var first = w[0].ToScalar();
-        var sum = group.Experts[0].to(ScalarType.Float32).mul(first);
-        for (int k = 1; k < w.Length; k++)
-        {
-            using var alpha = w[k].ToScalar();
-            sum.add_(group.Experts[k].to(ScalarType.Float32), alpha: alpha);
-        }
+        var sum = TaskVector.WeightedSum(group.Experts.Select(e => e.to(ScalarType.Float32)).ToArray(), w);
 
         if (!Options.Normalize)
         {

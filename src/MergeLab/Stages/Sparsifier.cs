@@ -204,6 +204,7 @@ public sealed record KthMagnitudeThreshold : Sparsifier
     public override Tensor Apply(Tensor taskVector, SparsifyContext context)
     {
         using var scope = NewDisposeScope();
+        var magnitudes = taskVector.abs();
         float? threshold;
         if (Scope == SelectionScope.WholeModel)
         {
@@ -212,15 +213,16 @@ public sealed record KthMagnitudeThreshold : Sparsifier
         else
         {
             long k = ThresholdRank(taskVector.numel());
-            threshold = k == 0 ? null : MagnitudeThreshold.KthSmallest(taskVector.abs(), k);
+            threshold = k == 0 ? null : MagnitudeThreshold.KthSmallest(magnitudes, k);
         }
 
         if (threshold is null)
         {
             return taskVector.clone().MoveToOuterDisposeScope();
         }
+
         using var thresholdScalar = threshold.Value.ToScalar();
-        var keep = taskVector.abs().ge(thresholdScalar);
+        var keep = magnitudes.ge(thresholdScalar);
         return (taskVector * keep).MoveToOuterDisposeScope();
     }
 }

@@ -95,15 +95,7 @@ public sealed class TaskVector : IDisposable
             foreach (var name in deltas[0].Names)
             {
                 using var scope = NewDisposeScope();
-                using var first = w[0].ToScalar();
-                var acc = deltas[0][name].mul(first);
-                for (int k = 1; k < deltas.Length; k++)
-                {
-                    using var alpha = w[k].ToScalar();
-                    acc.add_(deltas[k][name], alpha: alpha);
-                }
-
-                sum.Add(name, acc.MoveToOuterDisposeScope());
+                sum.Add(name, WeightedSum(deltas.Select(d => d[name]).ToArray(), w).MoveToOuterDisposeScope());
             }
         }
         catch
@@ -113,6 +105,21 @@ public sealed class TaskVector : IDisposable
         }
 
         return new TaskVector(sum);
+    }
+
+    /// <summary>Σ_k w_k·x_k as libtorch computes it term by term: x_0·w_0, then + w_k·x_k in order (the sum of
+    /// <see cref="Combine"/> and of weight averaging's libtorch path).</summary>
+    internal static Tensor WeightedSum(IReadOnlyList<Tensor> terms, IReadOnlyList<double> weights)
+    {
+        using var first = weights[0].ToScalar();
+        var sum = terms[0].mul(first);
+        for (int k = 1; k < terms.Count; k++)
+        {
+            using var alpha = weights[k].ToScalar();
+            sum.add_(terms[k], alpha: alpha);
+        }
+
+        return sum;
     }
 
     /// <summary>θ = θ_base + λ·τ, a new state dict in the base's dtypes. Base tensors the task vector
@@ -125,6 +132,7 @@ public sealed class TaskVector : IDisposable
         StateDictChecks.CheckCovers(baseModel, Deltas, "the task vector");
 
         var result = new StateDict();
+        using var alpha = lambda.ToScalar();
         try
         {
             foreach (var (name, b) in baseModel)
@@ -136,7 +144,6 @@ public sealed class TaskVector : IDisposable
                 }
 
                 using var scope = NewDisposeScope();
-                using var alpha = lambda.ToScalar();
                 var merged = b.to(ScalarType.Float32).add(delta, alpha: alpha);
                 result.Add(name, merged.to(b.dtype).MoveToOuterDisposeScope());
             }

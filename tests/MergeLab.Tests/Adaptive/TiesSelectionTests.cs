@@ -67,7 +67,7 @@ public class TiesSelectionTests
     [TestCase(ScalarType.Float16)]
     public void The_selection_keeps_each_task_vectors_dtype_and_exact_values(ScalarType dtype)
     {
-        // 1 + 2^-40 is not a float32: a float64 τ must come back with its own value, not float32's.
+        // 4 + 2^-40 (and −5 − 2^-40) are not float32s: a float64 τ must come back with its own value, not float32's.
         using var scope = NewDisposeScope();
         double fine = dtype == ScalarType.Float64 ? Math.Pow(2, -40) : 0;
         using var a = TaskVector.FromDeltas(new StateDict { { "w", tensor(new[] { 4 + fine, -3, 0.5, 2 }).to(dtype) } });

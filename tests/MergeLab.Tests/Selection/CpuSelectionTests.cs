@@ -119,7 +119,8 @@ public class CpuSelectionTests
         T.BitEqual(fast, reference);
     }
 
-    /// <summary>500,017 entries: the last block's 17 keys take the scalar tail of the classifying loops.</summary>
+    /// <summary>500,017 entries: the last 16,384-key block holds 8,497 keys, which leave a scalar tail to the
+    /// classifying loops (17 keys in the 32-wide scan, 1 in the <c>Vector&lt;T&gt;</c> loop).</summary>
     [TestCase(500_000)]
     [TestCase(500_017)]
     public void Bracket_and_histogram_paths_select_the_same_entries_in_both_tie_orders(int n)
@@ -629,43 +630,41 @@ public class CpuSelectionTests
     public void Results_do_not_depend_on_the_thread_count()
     {
         using var x = Awkward(700_000, 12).abs();
-        int threads = torch.get_num_threads();
-        try
+        Tensor one, oneWindow;
+        float oneKth;
+        using (T.Threads(1))
         {
-            torch.set_num_threads(1);
-            using var one = MagnitudeThreshold.TopKMask(x, 140_000);
-            using var oneWindow = MagnitudeThreshold.RankWindowMask(x.view(700, 1000), 600, 900);
-            float oneKth = MagnitudeThreshold.KthSmallest(x, 560_000);
-            torch.set_num_threads(2);
+            one = MagnitudeThreshold.TopKMask(x, 140_000);
+            oneWindow = MagnitudeThreshold.RankWindowMask(x.view(700, 1000), 600, 900);
+            oneKth = MagnitudeThreshold.KthSmallest(x, 560_000);
+        }
+
+        using (one)
+        using (oneWindow)
+        using (T.Threads(2))
+        {
             using var two = MagnitudeThreshold.TopKMask(x, 140_000);
             using var twoWindow = MagnitudeThreshold.RankWindowMask(x.view(700, 1000), 600, 900);
             T.BitEqual(two, one);
             T.BitEqual(twoWindow, oneWindow);
             Assert.That(MagnitudeThreshold.KthSmallest(x, 560_000), Is.EqualTo(oneKth));
         }
-        finally
-        {
-            torch.set_num_threads(threads);
-        }
     }
 
     [Test]
     public void Counting_tasks_split_where_one_task_would_count_two_to_the_32_entries()
     {
-        int threads = torch.get_num_threads();
-        try
+        using (T.Threads(1))
         {
-            torch.set_num_threads(1);
             Assert.That(CpuParallel.CountingTasks(262_143, ExactSelector.BlockSize), Is.EqualTo(1), "262,143 blocks of 16,384: 2^32 - 16,384 entries");
             Assert.That(CpuParallel.CountingTasks(262_144, ExactSelector.BlockSize), Is.EqualTo(2), "2^32 entries would wrap a counter");
             Assert.That(CpuParallel.CountingTasks(1_048_576, 1), Is.EqualTo(1));
-            torch.set_num_threads(2);
+        }
+
+        using (T.Threads(2))
+        {
             Assert.That(CpuParallel.CountingTasks(600_000, ExactSelector.BlockSize), Is.EqualTo(3));
             Assert.That(CpuParallel.CountingTasks(10, ExactSelector.BlockSize), Is.EqualTo(2));
-        }
-        finally
-        {
-            torch.set_num_threads(threads);
         }
     }
 
