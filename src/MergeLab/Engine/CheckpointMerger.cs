@@ -57,14 +57,20 @@ public static class CheckpointMerger
     public static IReadOnlyList<LeftoverFolder> FindLeftovers(string outputDirectory)
     {
         ArgumentException.ThrowIfNullOrWhiteSpace(outputDirectory);
-        var prefix = TemporaryPrefix(Path.TrimEndingDirectorySeparator(Path.GetFullPath(outputDirectory)));
-        var parent = Path.GetDirectoryName(prefix)!;
+        var output = Path.TrimEndingDirectorySeparator(Path.GetFullPath(outputDirectory));
+        if (Path.GetDirectoryName(output) is null)
+        {
+            return []; // a root folder: no merge writes beside it (CheckOutput refuses it)
+        }
+
+        var prefix = Path.GetFileName(TemporaryPrefix(output));
         try
         {
-            return Directory.Exists(parent)
-                ? Directory.GetDirectories(parent, Path.GetFileName(prefix) + "*").Order(StringComparer.Ordinal)
-                    .Select(path => new LeftoverFolder(path, path.EndsWith(MovedAsideSuffix, StringComparison.Ordinal))).ToArray()
-                : [];
+            // Compared by name, not as a search pattern: an output named with '*' or '?' must not match others'.
+            return Directory.EnumerateDirectories(Path.GetDirectoryName(output)!)
+                .Where(path => Path.GetFileName(path).StartsWith(prefix, StringComparison.Ordinal))
+                .Order(StringComparer.Ordinal)
+                .Select(path => new LeftoverFolder(path, path.EndsWith(MovedAsideSuffix, StringComparison.Ordinal))).ToArray();
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
@@ -103,6 +109,12 @@ public static class CheckpointMerger
             throw new ArgumentOutOfRangeException(nameof(request), request.ReadAhead, "ReadAhead must be at least 1.");
         }
 
+        if (request.MaxShardBytes < 1)
+        {
+            // The writer checks it too, but only after the statistic passes.
+            throw new ArgumentOutOfRangeException(nameof(request), request.MaxShardBytes, "MaxShardBytes must be at least 1.");
+        }
+
         var inputs = new List<SafetensorsCheckpoint>();
         try
         {
@@ -127,18 +139,14 @@ public static class CheckpointMerger
         var device = request.Device ?? CPU;
 
         // A separate tokenizer source gives every file but config.json and generation_config.json.
-        string filesFrom = Folder(request.CopyFilesFrom ?? request.BaseModel ?? model.Reference.Path);
-        string tokenizerFrom = Folder(request.TokenizerFilesFrom);
+        string filesFrom = request.CopyFilesFrom is { } copyFrom
+            ? SourceFolder(copyFrom, "CopyFilesFrom", " (an empty string copies nothing)")
+            : Folder(request.BaseModel ?? model.Reference.Path);
+        string tokenizerFrom = SourceFolder(request.TokenizerFilesFrom, "The tokenizer source", "");
         bool separateTokenizer = tokenizerFrom.Length > 0 && !PathCase.Comparer.Equals(tokenizerFrom, filesFrom);
         if (separateTokenizer)
         {
             CheckTokenizerSource(request.TokenizerFilesFrom!, tokenizerFrom);
-        }
-
-        if (!string.IsNullOrEmpty(request.CopyFilesFrom) && !Directory.Exists(request.CopyFilesFrom) && !File.Exists(request.CopyFilesFrom))
-        {
-            // A mistyped folder would otherwise copy nothing, and the output would silently lack config.json.
-            throw new MergeException($"CopyFilesFrom '{request.CopyFilesFrom}' does not exist (an empty string copies nothing).");
         }
 
         string temp = TemporaryPrefix(output) + Guid.NewGuid().ToString("N");
@@ -585,16 +593,24 @@ public static class CheckpointMerger
     /// out, so the output would silently have none.</summary>
     private static void CheckTokenizerSource(string source, string folder)
     {
-        if (!Directory.Exists(folder))
-        {
-            throw new MergeException($"The tokenizer source '{source}' does not exist.");
-        }
-
         if (!Directory.EnumerateFiles(folder).Any(NonWeightFiles.IsTokenizerFile))
         {
             throw new MergeException($"The tokenizer source '{source}' holds no tokenizer files (tokenizer.json, "
                 + "tokenizer.model, tokenizer_config.json, vocab.json, …), so the output would have no tokenizer.");
         }
+    }
+
+    /// <summary>The folder of a source of non-weight files that the request names (<see cref="Folder"/>); a
+    /// path that does not exist is a <see cref="MergeException"/> naming <paramref name="role"/>, since
+    /// <see cref="Folder"/> would take its parent: a typo would copy from there, or nothing.</summary>
+    private static string SourceFolder(string? path, string role, string hint)
+    {
+        if (!string.IsNullOrEmpty(path) && !Directory.Exists(path) && !File.Exists(path))
+        {
+            throw new MergeException($"{role} '{path}' does not exist{hint}.");
+        }
+
+        return Folder(path);
     }
 
     /// <summary>The folder of a model path (a folder, or a file in it); empty for none.</summary>

@@ -350,6 +350,12 @@ public class CheckpointMergerTests
         Assert.That(Directory.Exists(output), Is.False);
         Assert.That(Directory.GetDirectories(Path.GetDirectoryName(output)!, ".*"), Is.Empty, "no temporary folder left");
 
+        // And a mistyped tokenizer source: its parent is the base's folder, which was taken silently instead.
+        var noTokenizer = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { TokenizerFilesFrom = Path.Combine(basePath, "no-such-tokenizer") }));
+        Assert.That(noTokenizer!.Message, Does.Contain("The tokenizer source '").And.Contain("no-such-tokenizer' does not exist"));
+        Assert.That(Directory.Exists(output), Is.False);
+        Assert.That(Directory.GetDirectories(Path.GetDirectoryName(output)!, ".*"), Is.Empty, "no temporary folder left");
+
         CheckpointMerger.Merge(request with { TokenizerFilesFrom = expertPath, OutputDType = ScalarType.Float16 });
 
         Assert.That(File.ReadAllText(Path.Combine(output, "tokenizer.json")), Does.Contain("donor"));
@@ -357,6 +363,18 @@ public class CheckpointMergerTests
         Assert.That(File.ReadAllText(Path.Combine(output, "generation_config.json")), Does.Contain("base"));
         string config = File.ReadAllText(Path.Combine(output, "config.json"));
         Assert.That(config, Does.Contain("\"model_type\": \"llama\"").And.Contain("\"torch_dtype\": \"float16\""));
+    }
+
+    [Test]
+    public void Leftovers_of_a_root_folder_are_none_and_an_output_name_is_not_a_search_pattern()
+    {
+        Assert.That(CheckpointMerger.FindLeftovers(Path.GetPathRoot(Path.GetTempPath())!), Is.Empty, "a root folder has no parent to look in");
+
+        using var dir = new TempDirectory();
+        Directory.CreateDirectory(dir.File(".merged.mergelab-0123abcd"));
+        var own = Directory.CreateDirectory(dir.File(".m*.mergelab-4567cdef")).FullName;
+        Assert.That(CheckpointMerger.FindLeftovers(dir.File("m*")), Is.EqualTo(new[] { new LeftoverFolder(own, false) }),
+            "'m*' is a name: the folder left for 'merged' is not its");
     }
 
     private sealed class FailingMethod : MergeMethod
