@@ -54,7 +54,8 @@ internal static unsafe partial class PcbKernel
         public const int Length = 1024;
 
         private const int Lanes = 16;
-        private const int RowFloats = Length + (2 * Lanes);
+        /// <summary>The floats of one row of a chunk's scratch (a whole chunk and two vectors of slack).</summary>
+        public const int RowFloats = Length + (2 * Lanes);
         private readonly float* _scratch;
 
         /// <summary>A chunk of entries [<paramref name="start"/>, start + <paramref name="count"/>) whose base
@@ -272,19 +273,28 @@ internal static unsafe partial class PcbKernel
 
     /// <summary><see cref="Merge"/> on AVX-512 CPUs, scoring only the entries whose score can exceed their
     /// task's threshold (the others get a factor of exactly 0, as their score would give them).</summary>
-    private static Tensor MergeCandidates(FusedPipeline.Inputs inputs, Bounds bounds, float? lambda, ScalarType outputType, long[] shape)
+    private static Tensor MergeCandidates(FusedPipeline.Inputs inputs, Bounds bounds, float? lambda, ScalarType outputType, long[] shape, CandidateStore? store)
     {
         int n = inputs.Experts.Length;
         long d = inputs.Length;
+        // The kept candidates serve where every task scores only its candidates (or none).
+        var kept = Enumerable.Range(0, n).All(k => Which(bounds.Threshold[k], bounds.Top[k] - bounds.Threshold[k], n) != Candidates.All) ? store : null;
+        long floats = Math.Max(CandidateChunk.ScratchFloats(n), kept is null ? 0 : KeptScratchFloats(n));
         return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
         {
             var levels = bounds.Threshold.Select(ScoreBound.Level).ToArray();
             CpuParallel.For(CpuParallel.BlockCount(d, Block), b =>
             {
-                var scratch = (float*)ThreadScratch.Get(CandidateChunk.ScratchFloats(n) * sizeof(float));
+                var scratch = (float*)ThreadScratch.Get(floats * sizeof(float));
                 long end = Math.Min(d, (b + 1) * Block);
                 for (long start = b * Block; start < end; start += CandidateChunk.Length)
                 {
+                    if (kept is not null && kept.Covers(start / CandidateChunk.Length, bounds))
+                    {
+                        MergeKept(inputs, kept, bounds, lambda, start, (int)Math.Min(CandidateChunk.Length, end - start), address, bf16, scratch);
+                        continue;
+                    }
+
                     var chunk = CandidateChunk.Read(inputs, start, (int)Math.Min(CandidateChunk.Length, end - start), scratch);
                     var num = chunk.Numerator;
                     var den = chunk.Denominator;
@@ -318,34 +328,14 @@ internal static unsafe partial class PcbKernel
                         }
                     }
 
-                    bool partial = chunk.Count % 32 != 0; // stores go by pairs of vectors
-                    for (int i = 0; i < chunk.Padded; i += 32)
+                    for (int i = 0; i < chunk.Padded; i += 16)
                     {
-                        var low = Merged(chunk, i, lambda);
-                        var high = i + 16 < chunk.Padded ? Merged(chunk, i + 16, lambda) : Vector512<float>.Zero;
-                        if (partial)
-                        {
-                            Vector512Lanes.Store(chunk.Staging, bf16, i, low, high);
-                        }
-                        else
-                        {
-                            Vector512Lanes.Store((void*)address, bf16, chunk.Start + i, low, high);
-                        }
+                        Merged<Vector512Lanes, Vector512<float>>(Vector512.Load(num + i), Vector512.Load(den + i), Vector512.Load(chunk.Base + i), lambda).Store(num + i);
                     }
 
-                    if (partial)
-                    {
-                        long bytes = chunk.Count * (bf16 ? 2L : 4L);
-                        Buffer.MemoryCopy(chunk.Staging, (byte*)address + (chunk.Start * (bf16 ? 2 : 4)), bytes, bytes);
-                    }
+                    StorePairs(num, chunk.Start, chunk.Count, chunk.Padded, address, bf16, chunk.Staging);
                 }
             });
         });
     }
-
-    /// <summary>The merged value of entries [i, i + 16).</summary>
-    [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> Merged(in CandidateChunk chunk, int i, float? lambda) =>
-        Merged<Vector512Lanes, Vector512<float>>(
-            Vector512.Load(chunk.Numerator + i), Vector512.Load(chunk.Denominator + i), Vector512.Load(chunk.Base + i), lambda);
 }

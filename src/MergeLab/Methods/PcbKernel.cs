@@ -15,8 +15,9 @@ namespace MergeLab.Methods;
 /// <item>per tensor, each row's score threshold and maximum by exact selection among the scores
 /// exp(n·minmax(|τ̂_k|)²)·tanh(τ_k·Σ_j τ_j), computed block by block as the selection reads them, never
 /// stored whole (with the whole model's thresholds known, this pass is skipped);</item>
-/// <item>the merge: each block's scores computed again, τ̂_k·s_k and s_k summed in expert order, divided,
-/// λ, plus the base, stored in the output dtype.</item>
+/// <item>the merge: each block's scores computed again (or, per tensor on AVX-512 CPUs, taken from the
+/// candidates the selection kept: PcbKernel.KeptCandidates.cs), τ̂_k·s_k and s_k summed in expert order,
+/// divided, λ, plus the base, stored in the output dtype.</item>
 /// </list>
 /// Every operation other than exp and tanh is libtorch's, in libtorch's order, so with
 /// <see cref="LibTorchTranscendentals"/> the result is bit for bit the libtorch formulation's; by default
@@ -49,21 +50,31 @@ internal static unsafe partial class PcbKernel
 
         long d = inputs.Length;
         var (low, high, threshold, top) = whole?.Values ?? default;
+
+        // Per tensor, the selection's bracket pass scores a superset of the merge's candidates; kept, they
+        // spare the merge a second read of every input (PcbKernel.KeptCandidates.cs). The store is taken
+        // before the clamp quantiles' selection gives its buffers back, which would otherwise push the
+        // store's memory (the pool's least recently returned) out of the pool between two tensors.
+        bool buffered = LibTorchTranscendentals || ScoreBuffer;
+        int n = inputs.Experts.Length;
+        using var store = whole is null && !buffered && ScoreCandidatesOnly && KeepCandidates && n <= MaxBoundedExperts && d > ExactSelector.SmallLimit
+            ? new CandidateStore(n, d, method.Options.Ratio)
+            : null;
         if (whole is null)
         {
             (low, high) = Quantiles(inputs, method.LowRank(d), method.HighRank(d));
         }
 
         // Per tensor, each row's threshold and maximum are selected among scores computed block by block
-        // as the selection reads them; the merge then computes each block's scores again. Only libtorch's
-        // exp and tanh (a whole-tensor operation) need the scores in an [n, d] buffer.
-        bool buffered = LibTorchTranscendentals || ScoreBuffer;
+        // as the selection reads them; the merge then takes the kept candidates, or computes each block's
+        // scores again. Only libtorch's exp and tanh (a whole-tensor operation) need the scores in an
+        // [n, d] buffer.
         float[] maxima = [];
         using var scores = buffered ? Scores(inputs, low, high, out maxima) : null;
         if (whole is null)
         {
             (threshold, top) = scores is null
-                ? ScoreQuantiles(new ScoreRows(inputs, low, high), method.ThresholdRank(d))
+                ? ScoreQuantiles(new ScoreRows(inputs, low, high, store), method.ThresholdRank(d))
                 : (RowValues(scores, method.ThresholdRank(d)), maxima);
         }
 
@@ -71,7 +82,7 @@ internal static unsafe partial class PcbKernel
         var bounds = new Bounds(low, high, threshold, top);
         float? factor = lambda == 1.0 ? null : (float)lambda;
         return scores is null && ScoreCandidatesOnly
-            ? MergeCandidates(inputs, bounds, factor, outputType, group.Reference.shape)
+            ? MergeCandidates(inputs, bounds, factor, outputType, group.Reference.shape, store)
             : Merge(inputs, bounds, scores, factor, outputType, group.Reference.shape);
     }
 
@@ -339,7 +350,7 @@ internal static unsafe partial class PcbKernel
     /// (<see cref="KeySource.FillPacked"/>, as <see cref="ExactSelector"/>'s bracket pass does), the row
     /// writes only its candidates' keys, so the bracket pass classifies about a tenth of the entries.
     /// </summary>
-    private sealed class ScoreRows(FusedPipeline.Inputs inputs, float[] low, float[] high)
+    private sealed class ScoreRows(FusedPipeline.Inputs inputs, float[] low, float[] high, CandidateStore? store = null)
     {
         private static long _instances;
 
@@ -460,7 +471,15 @@ internal static unsafe partial class PcbKernel
             {
                 var chunk = new CandidateChunk(start + offset, Math.Min(CandidateChunk.Length, count - offset), sums + offset, sums + stride + offset, scratch);
                 int found = chunk.Pack(chunk.ReadRow(inputs.Experts[k], chunk.ExpertStaging), terms, Candidates.Bounded, level);
-                chunk.Score(found, terms);
+                if (packed && store is not null)
+                {
+                    store.ScoreAndKeep(k, chunk, found, terms, cutoff);
+                }
+                else
+                {
+                    chunk.Score(found, terms);
+                }
+
                 var scores = chunk.Packed;
                 for (int j = 0; j < found; j += 16)
                 {

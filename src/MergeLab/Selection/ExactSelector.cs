@@ -61,7 +61,8 @@ internal sealed class SelectionQuery(KeySource source, long position, bool index
 internal static unsafe class ExactSelector
 {
     public const int BlockSize = 16384;
-    private const long SmallLimit = 1 << 17;
+    /// <summary>The most entries a source may have for the small path (every key materialized, no bracket pass).</summary>
+    internal const long SmallLimit = 1 << 17;
     private const int SampleRun = 16;
 
     /// <summary>The largest number of entries a source may have (indices must fit in 32 bits).</summary>

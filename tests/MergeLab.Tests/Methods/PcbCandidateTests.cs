@@ -141,9 +141,10 @@ public class PcbCandidateTests
     }
 
     /// <summary>With the default ratio 0.1, the merge and the selection score about a tenth of the entries
-    /// exactly, not all of them.</summary>
-    [Test]
-    public void The_candidate_passes_score_few_entries_exactly()
+    /// exactly, not all of them; with the selection's candidates kept, the merge scores none.</summary>
+    [TestCase(false)]
+    [TestCase(true)]
+    public void The_candidate_passes_score_few_entries_exactly(bool keep)
     {
         RequireAvx512();
         using var g = new Generator(96);
@@ -155,18 +156,76 @@ public class PcbCandidateTests
         }).ToArray();
         try
         {
+            PcbKernel.KeepCandidates = keep;
             PcbKernel.CountCandidates = true;
             PcbKernel.Scored = PcbKernel.Offered = 0;
             var pcb = new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor });
             using var merged = pcb.MergeTensor(new TensorGroup("w", b, list));
             TestContext.Out.WriteLine($"scored {PcbKernel.Scored} of {PcbKernel.Offered}");
-            Assert.That(PcbKernel.Offered, Is.GreaterThanOrEqualTo(2L * 3 * 300 * 700), "the selection and the merge both look at every entry of every task");
+            Assert.That(PcbKernel.Offered, Is.EqualTo((keep ? 1L : 2L) * 3 * 300 * 700),
+                keep ? "only the selection looks at every entry of every task" : "the selection and the merge both look at every entry of every task");
             Assert.That(PcbKernel.Scored, Is.LessThan(PcbKernel.Offered / 5));
             Assert.That(PcbKernel.Scored, Is.GreaterThan(PcbKernel.Offered / 20));
         }
         finally
         {
             PcbKernel.CountCandidates = false;
+            PcbKernel.KeepCandidates = true;
+            foreach (var e in list)
+            {
+                e.Dispose();
+            }
+        }
+    }
+
+    /// <summary>A store too small for every chunk keeps some (the merge takes those from it) and scores
+    /// the others again; a task that changes nothing (score range 0, its selection not packed) is left out
+    /// of the kept merge as of the full one. Both with the full passes' bits.</summary>
+    [Test]
+    public void A_store_that_keeps_only_some_chunks_and_an_unchanged_task_keep_the_full_passes_bits()
+    {
+        RequireAvx512();
+        using var g = new Generator(97);
+        using var b = randn([512, 1024], generator: g);
+        var list = Enumerable.Range(0, 3).Select(k =>
+        {
+            using var step = randn([512, 1024], generator: g);
+            return k == 1 ? b.clone() : b + step.mul_(0.01);
+        }).ToArray();
+        long savedArena = PcbKernel.MaxKeptArenaBytes;
+        try
+        {
+            var pcb = new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor });
+            long d = 512 * 1024;
+            foreach (long arena in new[] { savedArena, 300L << 10 })
+            {
+                PcbKernel.MaxKeptArenaBytes = arena;
+                PcbKernel.CountCandidates = true;
+                PcbKernel.Scored = PcbKernel.Offered = 0;
+                AssertSameBits(() => pcb.MergeTensor(new TensorGroup("w", b, list)));
+                PcbKernel.CountCandidates = false;
+
+                // Offered counts, in each of AssertSameBits' two candidate runs, the selection of the two
+                // changed tasks (d each: the unchanged task's cutoff is not positive, so its selection computes
+                // every key without packing); in the run without keeping, the merge's three tasks (3d); in the
+                // kept run, three tasks for each entry of a chunk scored again (the full passes pack nothing).
+                TestContext.Out.WriteLine($"arena {arena}: offered {PcbKernel.Offered}");
+                long scoredAgain = PcbKernel.Offered - (2 * d) - (2 * d) - (3 * d);
+                if (arena == savedArena)
+                {
+                    Assert.That(scoredAgain, Is.Zero, "every chunk kept");
+                }
+                else
+                {
+                    Assert.That(scoredAgain, Is.GreaterThan(0).And.LessThan(3 * d), "some chunks kept, others scored again");
+                    Assert.That(scoredAgain % (3 * 1024), Is.Zero, "whole chunks of 1,024 entries");
+                }
+            }
+        }
+        finally
+        {
+            PcbKernel.CountCandidates = false;
+            PcbKernel.MaxKeptArenaBytes = savedArena;
             foreach (var e in list)
             {
                 e.Dispose();
@@ -277,6 +336,8 @@ public class PcbCandidateTests
         }
     }
 
+    /// <summary>The candidate passes with the selection's candidates kept for the merge, then scored again
+    /// by the merge, against the full passes.</summary>
     private static void AssertSameBits(Func<Tensor> merge)
     {
         RequireAvx512();
@@ -284,14 +345,18 @@ public class PcbCandidateTests
         try
         {
             PcbKernel.ScoreCandidatesOnly = true;
+            using var kept = merge();
+            PcbKernel.KeepCandidates = false;
             using var candidates = merge();
             PcbKernel.ScoreCandidatesOnly = false;
             using var full = merge();
-            Assert.That(candidates.bytes.ToArray(), Is.EqualTo(full.bytes.ToArray()));
+            Assert.That(candidates.bytes.ToArray(), Is.EqualTo(full.bytes.ToArray()), "scored again");
+            Assert.That(kept.bytes.ToArray(), Is.EqualTo(full.bytes.ToArray()), "kept");
         }
         finally
         {
             PcbKernel.ScoreCandidatesOnly = previous;
+            PcbKernel.KeepCandidates = true;
         }
     }
 }

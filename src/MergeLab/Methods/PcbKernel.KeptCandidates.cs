@@ -1,0 +1,306 @@
+using System.Numerics;
+using System.Runtime.CompilerServices;
+using System.Runtime.InteropServices;
+using System.Runtime.Intrinsics;
+using System.Runtime.Intrinsics.X86;
+using MergeLab.Selection;
+
+namespace MergeLab.Methods;
+
+/// <summary>
+/// Per tensor, the score threshold's selection already scores exactly every entry whose bound reaches the
+/// low end of its bracket, which lies at or below the threshold: a superset of the entries the merge must
+/// score. <see cref="CandidateStore"/> keeps what that selection computed for them (which entries,
+/// clamp(|τ|)·sign(τ) and the exact score), so the merge reads the base and the kept candidates instead
+/// of every input again, and computes no bound, no exp and no tanh. A chunk the store could not keep (its
+/// memory is bounded) is merged as before. The bits are the same either way: an entry left out has a
+/// score below the threshold, so a factor of exactly 0, whose terms leave the sums unchanged.
+/// </summary>
+internal static unsafe partial class PcbKernel
+{
+    /// <summary>Whether the per-tensor merge keeps the selection's candidates (AVX-512 CPUs); false scores
+    /// them again in the merge (for tests: both must give the same bits).</summary>
+    internal static bool KeepCandidates { get; set; } = true;
+
+    /// <summary>The most bytes a tensor's kept candidates take (a chunk beyond them is scored again by the
+    /// merge): 512 MiB, which holds them for 8 experts of 4096×11008 at the default ratio (about 400 MiB).</summary>
+    internal static long MaxKeptArenaBytes { get; set; } = 512L << 20;
+
+    /// <summary>
+    /// The candidates of one tensor's score threshold selection, per task and chunk of
+    /// <see cref="CandidateChunk.Length"/> entries: each vector's candidate bits, and, packed in index order,
+    /// clamp(|τ|)·sign(τ) and the exact score of each candidate, with the cutoff the selection packed them at.
+    /// Its memory is bounded (<see cref="MaxKeptArenaBytes"/>); a chunk that does not fit is not kept.
+    /// </summary>
+    private sealed class CandidateStore : IDisposable
+    {
+        private const int Lanes = 16;
+        private const int VectorsPerChunk = CandidateChunk.Length / Lanes;
+
+        /// <summary>The share of entries the arena holds beyond the kept share. The selection's candidates are
+        /// those whose bound reaches the low end of the threshold's bracket, which the sample puts about 0.6%
+        /// of the entries below the kept share from 2^24 entries on and about 2% at 2^18; with the bound's
+        /// slack, 10.8% of each task at the default ratio of 0.1 in a 4096×11008 benchmark tensor.</summary>
+        private const double Margin = 0.05;
+
+        /// <summary>The most floats a thread reserves at a time (256 KiB).</summary>
+        private const long SlabFloats = 1L << 16;
+
+        [ThreadStatic]
+        private static CandidateStore? _slabOwner;
+
+        [ThreadStatic]
+        private static long _slabNext, _slabEnd;
+
+        private readonly int _experts;
+        private readonly long _chunks;
+        private readonly nint _table;
+        private readonly nint _arena;
+        private readonly long _capacity;
+        private readonly long _slabFloats;
+        private long _used;
+
+        /// <summary>A store for <paramref name="experts"/> tasks of <paramref name="length"/> entries, whose
+        /// arena holds about <paramref name="ratio"/> + 5% of the entries (at most <see cref="MaxKeptArenaBytes"/>).</summary>
+        public CandidateStore(int experts, long length, double ratio)
+        {
+            _experts = experts;
+            _chunks = (length + CandidateChunk.Length - 1) / CandidateChunk.Length;
+            long slots = experts * _chunks;
+            // Two floats per candidate, each chunk's two rows rounded up to whole vectors, one vector of slack
+            // at the end for the merge's whole-vector loads.
+            double share = Math.Min(1, ratio + Margin);
+            long wanted = (long)(2 * share * experts * length) + (slots * Lanes) + Lanes;
+            _capacity = Math.Max(Lanes, Math.Min(wanted, MaxKeptArenaBytes / sizeof(float))) - Lanes;
+            // Small enough that the threads' last, partly used slabs leave most of the arena to the chunks.
+            _slabFloats = Math.Clamp(_capacity / (16L * Environment.ProcessorCount), CandidateChunk.RowFloats, SlabFloats);
+            _table = NativeBufferPool.Rent(slots * (sizeof(Slot) + (VectorsPerChunk * sizeof(ushort))));
+            try
+            {
+                _arena = NativeBufferPool.Rent((_capacity + Lanes) * sizeof(float));
+            }
+            catch
+            {
+                NativeBufferPool.Return(_table);
+                throw;
+            }
+
+            NativeMemory.Clear((void*)_table, (nuint)(slots * sizeof(Slot)));
+        }
+
+
+        private Slot* Slots => (Slot*)_table;
+
+        private ushort* Bits => (ushort*)(Slots + (_experts * _chunks));
+
+        /// <summary>
+        /// Scores the <paramref name="found"/> packed candidates of task <paramref name="k"/> in
+        /// <paramref name="chunk"/> as <see cref="CandidateChunk.Score"/> does (into its packed row), and keeps
+        /// them with clamp(|τ|)·sign(τ) and the chunk's masks, packed at <paramref name="cutoff"/>, if they fit.
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        public void ScoreAndKeep(int k, in CandidateChunk chunk, int found, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, float cutoff)
+        {
+            long index = (k * _chunks) + (chunk.Start / CandidateChunk.Length);
+            var slot = Slots + index;
+            slot->Kept = 0;
+            long rounded = (found + Lanes - 1) / Lanes * Lanes;
+            long offset = Reserve(2 * rounded);
+            bool keep = offset >= 0;
+            var values = keep ? (float*)_arena + offset : null;
+            var scores = values + rounded;
+            var packed = chunk.Packed;
+            var products = chunk.PackedProducts;
+            for (int j = 0; j < found; j += Lanes)
+            {
+                var t = Vector512.Load(packed + j);
+                var score = ScoreTerms<Vector512Lanes, Vector512<float>>.Score(terms.IntraArgument(t), Vector512.Load(products + j));
+                score.Store(packed + j);
+                if (keep)
+                {
+                    (terms.ClampedMagnitude(t) * FusedPipeline.SignOf<Vector512Lanes, Vector512<float>>(t)).Store(values + j);
+                    score.Store(scores + j);
+                }
+            }
+
+            if (!keep)
+            {
+                return;
+            }
+
+            var bits = Bits + (index * VectorsPerChunk);
+            var masks = chunk.Masks;
+            for (int i = 0; i < chunk.Padded / Lanes; i++)
+            {
+                bits[i] = (ushort)Vector512.ExtractMostSignificantBits(masks[i]);
+            }
+
+            *slot = new Slot { Offset = offset, Found = found, Cutoff = cutoff, Kept = 1 };
+        }
+
+        /// <summary>The arena offset of <paramref name="floats"/> floats from this thread's slab, a fresh slab
+        /// when it is used up (the threads share one counter per slab, not per chunk), or −1 when the arena is
+        /// full.</summary>
+        private long Reserve(long floats)
+        {
+            if (_slabOwner != this || _slabNext + floats > _slabEnd)
+            {
+                long size = Math.Max(floats, _slabFloats);
+                long start = Interlocked.Add(ref _used, size) - size;
+                if (start + size > _capacity)
+                {
+                    _slabOwner = null;
+                    return -1;
+                }
+
+                (_slabOwner, _slabNext, _slabEnd) = (this, start, start + size);
+            }
+
+            long offset = _slabNext;
+            _slabNext += floats;
+            return offset;
+        }
+
+        /// <summary>Whether every task with a positive score range kept chunk <paramref name="chunk"/> at a
+        /// cutoff no higher than its threshold (so the kept candidates hold all the merge needs).</summary>
+        public bool Covers(long chunk, Bounds bounds)
+        {
+            for (int k = 0; k < _experts; k++)
+            {
+                var slot = Slots + (k * _chunks) + chunk;
+                if (bounds.Top[k] - bounds.Threshold[k] != 0 && (slot->Kept == 0 || !(slot->Cutoff <= bounds.Threshold[k])))
+                {
+                    return false;
+                }
+            }
+
+            return true;
+        }
+
+        /// <summary>Task <paramref name="k"/>'s kept candidates of chunk <paramref name="chunk"/>.</summary>
+        public int Kept(int k, long chunk, out float* values, out float* scores, out ushort* bits)
+        {
+            long index = (k * _chunks) + chunk;
+            var slot = Slots + index;
+            long rounded = (slot->Found + Lanes - 1) / Lanes * Lanes;
+            values = (float*)_arena + slot->Offset;
+            scores = values + rounded;
+            bits = Bits + (index * VectorsPerChunk);
+            return slot->Found;
+        }
+
+        public void Dispose()
+        {
+            NativeBufferPool.Return(_arena);
+            NativeBufferPool.Return(_table);
+        }
+
+        [StructLayout(LayoutKind.Sequential)]
+        private struct Slot
+        {
+            public long Offset;
+            public int Found;
+            public float Cutoff;
+            public int Kept;
+        }
+    }
+
+    /// <summary>The scratch <see cref="MergeKept"/> takes for <paramref name="experts"/> experts, in floats.</summary>
+    private static long KeptScratchFloats(int experts) => (3L + (2L * experts)) * CandidateChunk.RowFloats;
+
+    /// <summary>
+    /// Merges the chunk of entries [<paramref name="start"/>, start + <paramref name="count"/>) from the base
+    /// and the store's kept candidates: each task's weights and weighted values are computed packed, then
+    /// expanded into place and summed in expert order as the full merge sums them.
+    /// </summary>
+    [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+    private static void MergeKept(FusedPipeline.Inputs inputs, CandidateStore store, Bounds bounds, float? lambda, long start, int count, nint address, bool bf16, float* scratch)
+    {
+        const int Lanes = 16;
+        int n = inputs.Experts.Length;
+        int padded = (count + Lanes - 1) / Lanes * Lanes;
+        long rowFloats = CandidateChunk.RowFloats;
+        var output = scratch + rowFloats;
+        var bse = ReadPadded(inputs.Base, start, count, padded, scratch);
+        var weighted = stackalloc nint[n];
+        var weights = stackalloc nint[n];
+        var bits = stackalloc nint[n];
+        var taken = stackalloc int[n];
+        int active = 0;
+        long chunk = start / CandidateChunk.Length;
+        for (int k = 0; k < n; k++)
+        {
+            float range = bounds.Top[k] - bounds.Threshold[k];
+            if (range == 0)
+            {
+                continue; // every factor 0, as the full merge's Candidates.None
+            }
+
+            int found = store.Kept(k, chunk, out var values, out var scores, out var kept);
+            var threshold = Vector512.Create(bounds.Threshold[k]);
+            var top = Vector512.Create(bounds.Top[k]);
+            var width = Vector512.Create(range);
+            var w = scratch + ((3L + (2L * active)) * rowFloats);
+            var wv = w + rowFloats;
+            for (int j = 0; j < found; j += Lanes)
+            {
+                var s = Weight<Vector512Lanes, Vector512<float>>(Vector512.Load(scores + j), threshold, top, width);
+                s.Store(w + j);
+                (Vector512.Load(values + j) * s).Store(wv + j);
+            }
+
+            weights[active] = (nint)w;
+            weighted[active] = (nint)wv;
+            bits[active] = (nint)kept;
+            taken[active] = 0;
+            active++;
+        }
+
+        var laneBits = Vector512.Create(1u, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768);
+        for (int i = 0; i < padded; i += Lanes)
+        {
+            var num = Vector512<float>.Zero;
+            var den = Vector512<float>.Zero;
+            for (int a = 0; a < active; a++)
+            {
+                uint set = ((ushort*)bits[a])[i / Lanes];
+                var mask = Vector512.Equals(Vector512.Create(set) & laneBits, laneBits).AsSingle();
+                int at = taken[a];
+                num += Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load((float*)weighted[a] + at));
+                den += Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load((float*)weights[a] + at));
+                taken[a] = at + BitOperations.PopCount(set);
+            }
+
+            Merged<Vector512Lanes, Vector512<float>>(num, den, Vector512.Load(bse + i), lambda).Store(output + i);
+        }
+
+        StorePairs(output, start, count, padded, address, bf16, scratch + (2 * rowFloats));
+    }
+
+    /// <summary>Stores a chunk's float32 results (<paramref name="padded"/> of them at <paramref name="values"/>)
+    /// into the output by pairs of vectors, through <paramref name="staging"/> when the chunk is not whole
+    /// pairs.</summary>
+    private static void StorePairs(float* values, long start, int count, int padded, nint address, bool bf16, float* staging)
+    {
+        bool partial = count % 32 != 0;
+        for (int i = 0; i < padded; i += 32)
+        {
+            var low = Vector512.Load(values + i);
+            var high = i + 16 < padded ? Vector512.Load(values + i + 16) : Vector512<float>.Zero;
+            if (partial)
+            {
+                Vector512Lanes.Store(staging, bf16, i, low, high);
+            }
+            else
+            {
+                Vector512Lanes.Store((void*)address, bf16, start + i, low, high);
+            }
+        }
+
+        if (partial)
+        {
+            long bytes = count * (bf16 ? 2L : 4L);
+            Buffer.MemoryCopy(staging, (byte*)address + (start * (bf16 ? 2 : 4)), bytes, bytes);
+        }
+    }
+}
