@@ -131,9 +131,9 @@ public static class Lines
         int blockCount = o.BlockCount ?? ParameterLayers.InferBlockCount(names);
         if (blockCount < 2)
         {
+            string remedy = o.BlockOf is not null ? "with a custom BlockOf, set BlockCount too." : "set BlockCount, or BlockOf and BlockCount.";
             throw new ArgumentException(
-                o.BlockOf is not null ? $"LiNeS needs at least 2 blocks, but the names imply {blockCount} (1 + their largest '.i.' component); with a custom BlockOf, set BlockCount too."
-                : $"LiNeS needs at least 2 blocks, but the names imply {blockCount} (1 + their largest '.i.' component); set BlockCount, or BlockOf and BlockCount.",
+                $"LiNeS needs at least 2 blocks, but the names imply {blockCount} (1 + their largest '.i.' component); {remedy}",
                 nameof(options));
         }
 

@@ -277,8 +277,11 @@ internal static unsafe partial class PcbKernel
     {
         int n = inputs.Experts.Length;
         long d = inputs.Length;
-        // The kept candidates serve where every task scores only its candidates (or none).
-        var kept = Enumerable.Range(0, n).All(k => Which(bounds.Threshold[k], bounds.Top[k] - bounds.Threshold[k], n) != Candidates.All) ? store : null;
+        // The kept candidates serve where every task scores only its candidates (or none: a score range of
+        // 0, every factor 0); those that score some must have kept the chunk.
+        var which = Enumerable.Range(0, n).Select(k => Which(bounds.Threshold[k], bounds.Top[k] - bounds.Threshold[k], n)).ToArray();
+        var kept = which.Contains(Candidates.All) ? null : store;
+        var covered = Enumerable.Range(0, n).Where(k => which[k] == Candidates.Bounded).ToArray();
         long floats = Math.Max(CandidateChunk.ScratchFloats(n), kept is null ? 0 : KeptScratchFloats(n));
         return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
         {
@@ -289,9 +292,9 @@ internal static unsafe partial class PcbKernel
                 long end = Math.Min(d, (b + 1) * Block);
                 for (long start = b * Block; start < end; start += CandidateChunk.Length)
                 {
-                    if (kept is not null && kept.Covers(start / CandidateChunk.Length, bounds))
+                    if (kept is not null && kept.Covers(start / CandidateChunk.Length, covered, bounds))
                     {
-                        MergeKept(inputs, kept, bounds, lambda, start, (int)Math.Min(CandidateChunk.Length, end - start), address, bf16, scratch);
+                        MergeKept(inputs, kept, covered, bounds, lambda, start, (int)Math.Min(CandidateChunk.Length, end - start), address, bf16, scratch);
                         continue;
                     }
 

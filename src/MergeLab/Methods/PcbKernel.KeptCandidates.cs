@@ -9,8 +9,9 @@ namespace MergeLab.Methods;
 
 /// <summary>
 /// Per tensor, the score threshold's selection already scores exactly every entry whose bound reaches the
-/// low end of its bracket, which lies at or below the threshold: a superset of the entries the merge must
-/// score. <see cref="CandidateStore"/> keeps what that selection computed for them (which entries,
+/// low end of its bracket, which lies at or below the threshold whenever the bracket holds it: then a
+/// superset of the entries the merge must score (after a bracket miss the merge checks the cutoff and
+/// scores again). <see cref="CandidateStore"/> keeps what that selection computed for them (which entries,
 /// clamp(|τ|)·sign(τ) and the exact score), so the merge reads the base and the kept candidates instead
 /// of every input again, and computes no bound, no exp and no tanh. A chunk the store could not keep (its
 /// memory is bounded) is merged as before. The bits are the same either way: an entry left out has a
@@ -67,17 +68,16 @@ internal static unsafe partial class PcbKernel
             _experts = experts;
             _chunks = (length + CandidateChunk.Length - 1) / CandidateChunk.Length;
             long slots = experts * _chunks;
-            // Two floats per candidate, each chunk's two rows rounded up to whole vectors, one vector of slack
-            // at the end for the merge's whole-vector loads.
+            // Two floats per candidate, each chunk's two rows rounded up to whole vectors.
             double share = Math.Min(1, ratio + Margin);
-            long wanted = (long)(2 * share * experts * length) + (slots * Lanes) + Lanes;
-            _capacity = Math.Max(Lanes, Math.Min(wanted, MaxKeptArenaBytes / sizeof(float))) - Lanes;
+            long wanted = (long)(2 * share * experts * length) + (slots * Lanes);
+            _capacity = Math.Max(Lanes, Math.Min(wanted, MaxKeptArenaBytes / sizeof(float)));
             // Small enough that the threads' last, partly used slabs leave most of the arena to the chunks.
-            _slabFloats = Math.Clamp(_capacity / (16L * Environment.ProcessorCount), CandidateChunk.RowFloats, SlabFloats);
+            _slabFloats = Math.Clamp(_capacity / (16L * CpuParallel.Threads), CandidateChunk.RowFloats, SlabFloats);
             _table = NativeBufferPool.Rent(slots * (sizeof(Slot) + (VectorsPerChunk * sizeof(ushort))));
             try
             {
-                _arena = NativeBufferPool.Rent((_capacity + Lanes) * sizeof(float));
+                _arena = NativeBufferPool.Rent(_capacity * sizeof(float));
             }
             catch
             {
@@ -88,15 +88,14 @@ internal static unsafe partial class PcbKernel
             NativeMemory.Clear((void*)_table, (nuint)(slots * sizeof(Slot)));
         }
 
-
         private Slot* Slots => (Slot*)_table;
 
         private ushort* Bits => (ushort*)(Slots + (_experts * _chunks));
 
         /// <summary>
         /// Scores the <paramref name="found"/> packed candidates of task <paramref name="k"/> in
-        /// <paramref name="chunk"/> as <see cref="CandidateChunk.Score"/> does (into its packed row), and keeps
-        /// them with clamp(|τ|)·sign(τ) and the chunk's masks, packed at <paramref name="cutoff"/>, if they fit.
+        /// <paramref name="chunk"/> (<see cref="CandidateChunk.Score"/>, into its packed row), and keeps them
+        /// with clamp(|τ|)·sign(τ) and the chunk's masks, packed at <paramref name="cutoff"/>, if they fit.
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void ScoreAndKeep(int k, in CandidateChunk chunk, int found, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, float cutoff)
@@ -105,29 +104,23 @@ internal static unsafe partial class PcbKernel
             var slot = Slots + index;
             slot->Kept = 0;
             long rounded = (found + Lanes - 1) / Lanes * Lanes;
-            long offset = Reserve(2 * rounded);
-            bool keep = offset >= 0;
-            var values = keep ? (float*)_arena + offset : null;
-            var scores = values + rounded;
-            var packed = chunk.Packed;
-            var products = chunk.PackedProducts;
-            for (int j = 0; j < found; j += Lanes)
+            long offset = found == 0 ? 0 : Reserve(2 * rounded);
+            if (offset < 0)
             {
-                var t = Vector512.Load(packed + j);
-                var score = ScoreTerms<Vector512Lanes, Vector512<float>>.Score(terms.IntraArgument(t), Vector512.Load(products + j));
-                score.Store(packed + j);
-                if (keep)
-                {
-                    (terms.ClampedMagnitude(t) * FusedPipeline.SignOf<Vector512Lanes, Vector512<float>>(t)).Store(values + j);
-                    score.Store(scores + j);
-                }
-            }
-
-            if (!keep)
-            {
+                chunk.Score(found, terms);
                 return;
             }
 
+            var values = (float*)_arena + offset;
+            var packed = chunk.Packed;
+            for (int j = 0; j < found; j += Lanes)
+            {
+                var t = Vector512.Load(packed + j);
+                (terms.ClampedMagnitude(t) * FusedPipeline.SignOf<Vector512Lanes, Vector512<float>>(t)).Store(values + j);
+            }
+
+            chunk.Score(found, terms);
+            Buffer.MemoryCopy(packed, values + rounded, rounded * sizeof(float), rounded * sizeof(float));
             var bits = Bits + (index * VectorsPerChunk);
             var masks = chunk.Masks;
             for (int i = 0; i < chunk.Padded / Lanes; i++)
@@ -161,14 +154,14 @@ internal static unsafe partial class PcbKernel
             return offset;
         }
 
-        /// <summary>Whether every task with a positive score range kept chunk <paramref name="chunk"/> at a
-        /// cutoff no higher than its threshold (so the kept candidates hold all the merge needs).</summary>
-        public bool Covers(long chunk, Bounds bounds)
+        /// <summary>Whether each task of <paramref name="tasks"/> kept chunk <paramref name="chunk"/> at a cutoff
+        /// no higher than its threshold (so the kept candidates hold all the merge needs).</summary>
+        public bool Covers(long chunk, int[] tasks, Bounds bounds)
         {
-            for (int k = 0; k < _experts; k++)
+            foreach (int k in tasks)
             {
                 var slot = Slots + (k * _chunks) + chunk;
-                if (bounds.Top[k] - bounds.Threshold[k] != 0 && (slot->Kept == 0 || !(slot->Cutoff <= bounds.Threshold[k])))
+                if (slot->Kept == 0 || !(slot->Cutoff <= bounds.Threshold[k]))
                 {
                     return false;
                 }
@@ -210,50 +203,42 @@ internal static unsafe partial class PcbKernel
 
     /// <summary>
     /// Merges the chunk of entries [<paramref name="start"/>, start + <paramref name="count"/>) from the base
-    /// and the store's kept candidates: each task's weights and weighted values are computed packed, then
-    /// expanded into place and summed in expert order as the full merge sums them.
+    /// and the store's kept candidates of <paramref name="tasks"/> (those with a positive score range; the
+    /// others have every factor 0, as the full merge's Candidates.None): each task's weights and weighted
+    /// values are computed packed, then expanded into place and summed in expert order as the full merge
+    /// sums them.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-    private static void MergeKept(FusedPipeline.Inputs inputs, CandidateStore store, Bounds bounds, float? lambda, long start, int count, nint address, bool bf16, float* scratch)
+    private static void MergeKept(FusedPipeline.Inputs inputs, CandidateStore store, int[] tasks, Bounds bounds, float? lambda, long start, int count, nint address, bool bf16, float* scratch)
     {
         const int Lanes = 16;
-        int n = inputs.Experts.Length;
         int padded = (count + Lanes - 1) / Lanes * Lanes;
         long rowFloats = CandidateChunk.RowFloats;
         var output = scratch + rowFloats;
         var bse = ReadPadded(inputs.Base, start, count, padded, scratch);
-        var weighted = stackalloc nint[n];
-        var weights = stackalloc nint[n];
-        var bits = stackalloc nint[n];
-        var taken = stackalloc int[n];
-        int active = 0;
-        long chunk = start / CandidateChunk.Length;
-        for (int k = 0; k < n; k++)
-        {
-            float range = bounds.Top[k] - bounds.Threshold[k];
-            if (range == 0)
-            {
-                continue; // every factor 0, as the full merge's Candidates.None
-            }
 
+        // Task a's weights in row 3 + 2a of the scratch, its weighted values in the row after.
+        var weights = scratch + (3 * rowFloats);
+        var bits = stackalloc nint[tasks.Length];
+        var taken = stackalloc int[tasks.Length];
+        long chunk = start / CandidateChunk.Length;
+        for (int a = 0; a < tasks.Length; a++)
+        {
+            int k = tasks[a];
             int found = store.Kept(k, chunk, out var values, out var scores, out var kept);
             var threshold = Vector512.Create(bounds.Threshold[k]);
             var top = Vector512.Create(bounds.Top[k]);
-            var width = Vector512.Create(range);
-            var w = scratch + ((3L + (2L * active)) * rowFloats);
-            var wv = w + rowFloats;
+            var width = Vector512.Create(bounds.Top[k] - bounds.Threshold[k]);
+            var w = weights + (2L * a * rowFloats);
             for (int j = 0; j < found; j += Lanes)
             {
                 var s = Weight<Vector512Lanes, Vector512<float>>(Vector512.Load(scores + j), threshold, top, width);
                 s.Store(w + j);
-                (Vector512.Load(values + j) * s).Store(wv + j);
+                (Vector512.Load(values + j) * s).Store(w + rowFloats + j);
             }
 
-            weights[active] = (nint)w;
-            weighted[active] = (nint)wv;
-            bits[active] = (nint)kept;
-            taken[active] = 0;
-            active++;
+            bits[a] = (nint)kept;
+            taken[a] = 0;
         }
 
         var laneBits = Vector512.Create(1u, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768);
@@ -261,14 +246,14 @@ internal static unsafe partial class PcbKernel
         {
             var num = Vector512<float>.Zero;
             var den = Vector512<float>.Zero;
-            for (int a = 0; a < active; a++)
+            for (int a = 0; a < tasks.Length; a++)
             {
                 uint set = ((ushort*)bits[a])[i / Lanes];
                 var mask = Vector512.Equals(Vector512.Create(set) & laneBits, laneBits).AsSingle();
-                int at = taken[a];
-                num += Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load((float*)weighted[a] + at));
-                den += Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load((float*)weights[a] + at));
-                taken[a] = at + BitOperations.PopCount(set);
+                var w = weights + (2L * a * rowFloats) + taken[a];
+                num += Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load(w + rowFloats));
+                den += Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load(w));
+                taken[a] += BitOperations.PopCount(set);
             }
 
             Merged<Vector512Lanes, Vector512<float>>(num, den, Vector512.Load(bse + i), lambda).Store(output + i);

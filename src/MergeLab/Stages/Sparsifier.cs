@@ -204,24 +204,18 @@ public sealed record KthMagnitudeThreshold : Sparsifier
     public override Tensor Apply(Tensor taskVector, SparsifyContext context)
     {
         using var scope = NewDisposeScope();
-        var magnitudes = taskVector.abs();
-        float? threshold;
-        if (Scope == SelectionScope.WholeModel)
-        {
-            threshold = context.WholeModelThreshold;
-        }
-        else
-        {
-            long k = ThresholdRank(taskVector.numel());
-            threshold = k == 0 ? null : MagnitudeThreshold.KthSmallest(magnitudes, k);
-        }
-
-        if (threshold is null)
+        bool whole = Scope == SelectionScope.WholeModel;
+        long k = whole ? 0 : ThresholdRank(taskVector.numel());
+        bool keepsAll = whole ? context.WholeModelThreshold is null : k == 0;
+        if (keepsAll)
         {
             return taskVector.clone().MoveToOuterDisposeScope();
         }
 
-        using var thresholdScalar = threshold.Value.ToScalar();
+        // |τ| once, for both the threshold and the mask.
+        var magnitudes = taskVector.abs();
+        float threshold = whole ? context.WholeModelThreshold!.Value : MagnitudeThreshold.KthSmallest(magnitudes, k);
+        using var thresholdScalar = threshold.ToScalar();
         var keep = magnitudes.ge(thresholdScalar);
         return (taskVector * keep).MoveToOuterDisposeScope();
     }

@@ -76,7 +76,8 @@ public class FusedKernelTests
         var b = new StateDict();
         for (int i = 0; i < shapes.Length; i++)
         {
-            b.Add($"t{i}", randn(shapes[i], generator: g).to(dtype));
+            using var drawn = randn(shapes[i], generator: g);
+            b.Add($"t{i}", drawn.to(dtype, copy: true));
         }
 
         var list = new StateDict[experts];

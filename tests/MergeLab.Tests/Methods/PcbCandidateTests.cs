@@ -154,6 +154,7 @@ public class PcbCandidateTests
             using var step = randn([300, 700], generator: g);
             return b + step.mul_(0.01);
         }).ToArray();
+        bool savedKeep = PcbKernel.KeepCandidates;
         try
         {
             PcbKernel.KeepCandidates = keep;
@@ -170,7 +171,7 @@ public class PcbCandidateTests
         finally
         {
             PcbKernel.CountCandidates = false;
-            PcbKernel.KeepCandidates = true;
+            PcbKernel.KeepCandidates = savedKeep;
             foreach (var e in list)
             {
                 e.Dispose();
@@ -190,7 +191,8 @@ public class PcbCandidateTests
         var list = Enumerable.Range(0, 3).Select(k =>
         {
             using var step = randn([512, 1024], generator: g);
-            return k == 1 ? b.clone() : b + step.mul_(0.01);
+            using var scale = 0.01.ToScalar();
+            return k == 1 ? b.clone() : b + step.mul_(scale);
         }).ToArray();
         long savedArena = PcbKernel.MaxKeptArenaBytes;
         try
@@ -341,10 +343,11 @@ public class PcbCandidateTests
     private static void AssertSameBits(Func<Tensor> merge)
     {
         RequireAvx512();
-        bool previous = PcbKernel.ScoreCandidatesOnly;
+        bool previous = PcbKernel.ScoreCandidatesOnly, previousKeep = PcbKernel.KeepCandidates;
         try
         {
             PcbKernel.ScoreCandidatesOnly = true;
+            PcbKernel.KeepCandidates = true;
             using var kept = merge();
             PcbKernel.KeepCandidates = false;
             using var candidates = merge();
@@ -356,7 +359,7 @@ public class PcbCandidateTests
         finally
         {
             PcbKernel.ScoreCandidatesOnly = previous;
-            PcbKernel.KeepCandidates = true;
+            PcbKernel.KeepCandidates = previousKeep;
         }
     }
 }
