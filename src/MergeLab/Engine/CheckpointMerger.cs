@@ -58,7 +58,7 @@ public static class CheckpointMerger
     {
         ArgumentException.ThrowIfNullOrWhiteSpace(outputDirectory);
         var output = Path.TrimEndingDirectorySeparator(Path.GetFullPath(outputDirectory));
-        if (Path.GetDirectoryName(output) is null)
+        if (Path.GetDirectoryName(output) is not { } parent)
         {
             return []; // a root folder: no merge writes beside it (CheckOutput refuses it)
         }
@@ -66,9 +66,10 @@ public static class CheckpointMerger
         var prefix = Path.GetFileName(TemporaryPrefix(output));
         try
         {
-            // Compared by name, not as a search pattern: an output named with '*' or '?' must not match others'.
-            return Directory.EnumerateDirectories(Path.GetDirectoryName(output)!)
-                .Where(path => Path.GetFileName(path).StartsWith(prefix, StringComparison.Ordinal))
+            // Compared by name, not as a search pattern: an output named with '*' or '?' must not match
+            // others'. Case as the platform's paths (PathCase), as the search pattern compared it.
+            return Directory.EnumerateDirectories(parent)
+                .Where(path => Path.GetFileName(path).StartsWith(prefix, PathCase.Comparison))
                 .Order(StringComparer.Ordinal)
                 .Select(path => new LeftoverFolder(path, path.EndsWith(MovedAsideSuffix, StringComparison.Ordinal))).ToArray();
         }
