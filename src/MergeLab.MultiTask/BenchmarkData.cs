@@ -108,7 +108,9 @@ public sealed class BenchmarkData : IDisposable
         for (int start = 0; start + batchSize <= order.Length; start += batchSize)
         {
             using var index = tensor(order.AsSpan(start, batchSize).ToArray());
-            yield return Batch(task, index, noise);
+            using var raw = _trainImages.index_select(0, index);
+            using var labels = _trainLabels.index_select(0, index);
+            yield return Batch(task, raw, labels, noise);
         }
     }
 
@@ -117,23 +119,20 @@ public sealed class BenchmarkData : IDisposable
     public IEnumerable<(Tensor Inputs, Tensor Labels)> OrderedTrainBatches(int task, int batchSize, Generator noise, long? count = null)
     {
         long n = Math.Min(count ?? TrainCount, TrainCount);
-        // All three bounds held (TorchSharp would not hold its defaults); each batch is a view of one arange.
-        using var first = 0L.ToScalar();
-        using var stop = n.ToScalar();
-        using var step = 1.ToScalar();
-        using var all = arange(first, stop, step, ScalarType.Int64);
         for (long start = 0; start < n; start += batchSize)
         {
-            using var index = all.narrow(0, start, Math.Min(n, start + batchSize) - start);
-            yield return Batch(task, index, noise);
+            long length = Math.Min(n, start + batchSize) - start;
+            using var raw = _trainImages.narrow(0, start, length);
+            using var labels = _trainLabels.narrow(0, start, length);
+            yield return Batch(task, raw, labels, noise);
         }
     }
 
-    private (Tensor Inputs, Tensor Labels) Batch(int task, Tensor index, Generator noise)
+    /// <summary>Task <paramref name="task"/>'s inputs and labels made from raw training images and labels
+    /// (both copied: the task's transforms and label map return fresh tensors).</summary>
+    private (Tensor Inputs, Tensor Labels) Batch(int task, Tensor raw, Tensor labels, Generator noise)
     {
-        using var raw = _trainImages.index_select(0, index);
         using var images = UnitRange(raw);
-        using var labels = _trainLabels.index_select(0, index);
         return (Tasks[task].Inputs(images, noise), Tasks[task].Labels(labels));
     }
 

@@ -379,8 +379,7 @@ public sealed class AdaMerging
     {
         ArgumentNullException.ThrowIfNull(logits);
         using var scope = NewDisposeScope();
-        var logp = nn.functional.log_softmax(logits, -1);
-        return (-(logp.exp() * logp).sum(-1)).mean().MoveToOuterDisposeScope();
+        return MeanEntropyOf(nn.functional.log_softmax(logits, -1)).MoveToOuterDisposeScope();
     }
 
     /// <summary>The Shannon entropy of the batch's mean prediction, H(mean_i softmax(logits_i)), over the
@@ -388,21 +387,13 @@ public sealed class AdaMerging
     /// log-probabilities, so a class whose probability underflows to 0 in every example adds 0, not NaN.</summary>
     internal static Tensor MarginalEntropy(Tensor logits)
     {
-        if (logits.dim() != 2)
-        {
-            throw new ArgumentException(
-                $"The class-balance term needs task logits of shape [batch, classes]; they have shape [{string.Join(", ", logits.shape)}].", nameof(logits));
-        }
-
+        CheckBatchOfClasses(logits);
         using var scope = NewDisposeScope();
-        var logp = nn.functional.log_softmax(logits, -1);
-        using var logCount = Math.Log(logits.shape[0]).ToScalar();
-        var logMean = logp.logsumexp(0).sub(logCount);
-        return (-(logMean.exp() * logMean).sum()).MoveToOuterDisposeScope();
+        return MarginalEntropyOf(nn.functional.log_softmax(logits, -1)).MoveToOuterDisposeScope();
     }
 
     /// <summary>One task's loss: its mean entropy, less <paramref name="diversityWeight"/> times its
-    /// batch-mean prediction's entropy when that weight is not 0.</summary>
+    /// batch-mean prediction's entropy when that weight is not 0 (both from one log-softmax).</summary>
     internal static Tensor TaskLoss(Tensor logits, double diversityWeight)
     {
         if (diversityWeight == 0)
@@ -410,9 +401,32 @@ public sealed class AdaMerging
             return MeanEntropy(logits);
         }
 
+        ArgumentNullException.ThrowIfNull(logits);
+        CheckBatchOfClasses(logits);
         using var scope = NewDisposeScope();
         using var weight = diversityWeight.ToScalar();
-        return (MeanEntropy(logits) - MarginalEntropy(logits).mul(weight)).MoveToOuterDisposeScope();
+        var logp = nn.functional.log_softmax(logits, -1);
+        return (MeanEntropyOf(logp) - MarginalEntropyOf(logp).mul(weight)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary><see cref="MeanEntropy"/> from the log-probabilities (in the caller's dispose scope).</summary>
+    private static Tensor MeanEntropyOf(Tensor logp) => (-(logp.exp() * logp).sum(-1)).mean();
+
+    /// <summary><see cref="MarginalEntropy"/> from [batch, classes] log-probabilities (in the caller's dispose scope).</summary>
+    private static Tensor MarginalEntropyOf(Tensor logp)
+    {
+        using var logCount = Math.Log(logp.shape[0]).ToScalar();
+        var logMean = logp.logsumexp(0).sub(logCount);
+        return -(logMean.exp() * logMean).sum();
+    }
+
+    private static void CheckBatchOfClasses(Tensor logits)
+    {
+        if (logits.dim() != 2)
+        {
+            throw new ArgumentException(
+                $"The class-balance term needs task logits of shape [batch, classes]; they have shape [{string.Join(", ", logits.shape)}].", nameof(logits));
+        }
     }
 
     private double[,] Clamp(double[,] raw)

@@ -49,8 +49,8 @@ internal sealed class ResolvedParameters
 
     /// <summary>A key that is equal exactly when two resolutions build the same method.</summary>
     public string Key() =>
-        string.Join(";", Global.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => $"{kv.Key}={MergeLab.Options.Format(kv.Value)}")
-            .Concat(PerModel.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => $"{kv.Key}=[{string.Join(",", kv.Value.Select(MergeLab.Options.Format))}]")));
+        string.Join(";", Global.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => $"{kv.Key}={Options.Format(kv.Value)}")
+            .Concat(PerModel.OrderBy(kv => kv.Key, StringComparer.Ordinal).Select(kv => $"{kv.Key}=[{string.Join(",", kv.Value.Select(Options.Format))}]")));
 
     /// <summary>The values as a config states them, in <paramref name="parameters"/>' order, for messages:
     /// <c>normalize: true, weight: [1, -1]</c>.</summary>
@@ -59,7 +59,7 @@ internal sealed class ResolvedParameters
             ? $"{p.Name}: {Text(p, Global[p.Name])}"
             : $"{p.Name}: [{string.Join(", ", PerModel[p.Name].Select(v => Text(p, v)))}]"));
 
-    private static string Text(ParameterSpec p, double v) => p.IsBoolean ? (v != 0 ? "true" : "false") : MergeLab.Options.Format(v);
+    private static string Text(ParameterSpec p, double v) => p.IsBoolean ? (v != 0 ? "true" : "false") : Options.Format(v);
 
 }
 
@@ -151,7 +151,7 @@ internal static class MethodCatalog
         new(name, scope, false, @default, false, v => InRange(v, range, ok(v)));
 
     private static string? InRange(double v, string range, bool ok) =>
-        ok ? null : $"must be in {range}, but is {MergeLab.Options.Format(v)}";
+        ok ? null : $"must be in {range}, but is {Options.Format(v)}";
 
     /// <summary>mergekit's <c>int8_mask</c>: only the dtype of its sign-agreement mask, which is compared
     /// as a boolean either way, so it never changes the numbers. Accepted and ignored.</summary>

@@ -305,13 +305,12 @@ internal static unsafe partial class PcbKernel
                     new Span<float>(den, chunk.Padded).Clear();
                     for (int k = 0; k < n; k++)
                     {
-                        float range = bounds.Top[k] - bounds.Threshold[k];
                         var threshold = Vector512.Create(bounds.Threshold[k]);
                         var top = Vector512.Create(bounds.Top[k]);
-                        var width = Vector512.Create(range);
+                        var width = Vector512.Create(bounds.Top[k] - bounds.Threshold[k]);
                         var terms = new ScoreTerms<Vector512Lanes, Vector512<float>>(bounds.Low[k], bounds.High[k], n);
                         var expert = chunk.Expert(k);
-                        int found = chunk.Pack(expert, terms, Which(bounds.Threshold[k], range, n), levels[k]);
+                        int found = chunk.Pack(expert, terms, which[k], levels[k]);
                         chunk.Score(found, terms);
                         var packed = chunk.Packed;
                         for (int j = 0; j < found; j += 16)

@@ -57,7 +57,7 @@ internal static unsafe partial class PcbKernel
         // store's memory (the pool's least recently returned) out of the pool between two tensors.
         bool buffered = LibTorchTranscendentals || ScoreBuffer;
         int n = inputs.Experts.Length;
-        using var store = whole is null && !buffered && ScoreCandidatesOnly && KeepCandidates && n <= MaxBoundedExperts && d > ExactSelector.SmallLimit && !ExactSelector.ForceHistogram
+        using var store = whole is null && !buffered && ScoreCandidatesOnly && KeepCandidates && n <= MaxBoundedExperts && ExactSelector.UsesBracketPass(d)
             ? new CandidateStore(n, d, method.Options.Ratio)
             : null;
         if (whole is null)

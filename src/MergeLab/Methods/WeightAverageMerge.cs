@@ -1,5 +1,5 @@
-using TorchSharp;
 using MergeLab.Tensors;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MergeLab.Methods;

@@ -62,7 +62,7 @@ internal static unsafe class ExactSelector
 {
     public const int BlockSize = 16384;
     /// <summary>The most entries a source may have for the small path (every key materialized, no bracket pass).</summary>
-    internal const long SmallLimit = 1 << 17;
+    private const long SmallLimit = 1 << 17;
     private const int SampleRun = 16;
 
     /// <summary>The largest number of entries a source may have (indices must fit in 32 bits).</summary>
@@ -70,6 +70,11 @@ internal static unsafe class ExactSelector
 
     /// <summary>Forces the histogram path (for tests).</summary>
     internal static bool ForceHistogram { get; set; }
+
+    /// <summary>Whether <see cref="Solve"/> over sources of <paramref name="n"/> entries runs the bracket pass
+    /// (so a key source's <see cref="KeySource.FillPacked"/> is called), rather than the small path or the
+    /// forced histogram.</summary>
+    internal static bool UsesBracketPass(long n) => n > SmallLimit && !ForceHistogram;
 
     private static long _bracketMisses;
 
@@ -109,7 +114,7 @@ internal static unsafe class ExactSelector
             return;
         }
 
-        var pending = ForceHistogram ? queries.ToList() : SolveByBracket(queries, n);
+        var pending = UsesBracketPass(n) ? SolveByBracket(queries, n) : queries.ToList();
         foreach (var q in pending)
         {
             SolveByHistogram(q, n);

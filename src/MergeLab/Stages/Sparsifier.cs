@@ -205,16 +205,16 @@ public sealed record KthMagnitudeThreshold : Sparsifier
     {
         using var scope = NewDisposeScope();
         bool whole = Scope == SelectionScope.WholeModel;
+        float? given = whole ? context.WholeModelThreshold : null;
         long k = whole ? 0 : ThresholdRank(taskVector.numel());
-        bool keepsAll = whole ? context.WholeModelThreshold is null : k == 0;
-        if (keepsAll)
+        if (given is null && k == 0)
         {
             return taskVector.clone().MoveToOuterDisposeScope();
         }
 
         // |τ| once, for both the threshold and the mask.
         var magnitudes = taskVector.abs();
-        float threshold = whole ? context.WholeModelThreshold!.Value : MagnitudeThreshold.KthSmallest(magnitudes, k);
+        float threshold = given ?? MagnitudeThreshold.KthSmallest(magnitudes, k);
         using var thresholdScalar = threshold.ToScalar();
         var keep = magnitudes.ge(thresholdScalar);
         return (taskVector * keep).MoveToOuterDisposeScope();

@@ -177,13 +177,13 @@ public class TiesTests
         using var expert = T.Expert(baseModel, 6, .02);
         using var merged = new TiesMerge(new TiesOptions { Density = .3 }).Merge(baseModel, [expert]);
 
+        using var tv = TaskVector.Between(expert, baseModel);
         using var scope = NewDisposeScope();
-        var deltas = baseModel.Names.ToDictionary(name => name, name => expert[name].to(ScalarType.Float32) - baseModel[name].to(ScalarType.Float32));
-        var all = cat(deltas.Values.Select(d => d.flatten()).ToArray()).abs();
+        var all = cat(tv.Deltas.Select(kv => kv.Value.flatten()).ToArray()).abs();
         long n = all.numel();
         long k = n - (long)Math.Floor(n * .3);
         var threshold = all.kthvalue(k, 0, false).values;
-        foreach (var (name, delta) in deltas)
+        foreach (var (name, delta) in tv.Deltas)
         {
             var expected = (baseModel[name].to(ScalarType.Float32) + (delta * delta.abs().ge(threshold))).to(dtype);
             T.BitEqual(merged[name], expected, name);
