@@ -61,10 +61,21 @@ internal static unsafe partial class PcbKernel
         private readonly long _slabFloats;
         private long _used;
 
+        // Set once a slab did not fit: the threads then stop adding to the shared counter.
+        private volatile bool _full;
+
         /// <summary>A store for <paramref name="experts"/> tasks of <paramref name="length"/> entries, whose
         /// arena holds about <paramref name="ratio"/> + 5% of the entries (at most <see cref="MaxKeptArenaBytes"/>).</summary>
         public CandidateStore(int experts, long length, double ratio)
         {
+            // The store indexes its slots by chunk.Start / CandidateChunk.Length, which needs every chunk the
+            // selection and the merge hand it to start at a multiple of that length: their blocks must be
+            // whole numbers of chunks. (Constants: the JIT folds this check away while it holds.)
+            if (ExactSelector.BlockSize % CandidateChunk.Length != 0 || Block % CandidateChunk.Length != 0)
+            {
+                throw new InvalidOperationException("The selection's and the merge's blocks must be whole numbers of candidate chunks.");
+            }
+
             _experts = experts;
             _chunks = (length + CandidateChunk.Length - 1) / CandidateChunk.Length;
             long slots = experts * _chunks;
@@ -138,10 +149,17 @@ internal static unsafe partial class PcbKernel
         {
             if (_slabOwner != this || _slabNext + floats > _slabEnd)
             {
+                if (_full)
+                {
+                    _slabOwner = null;
+                    return -1;
+                }
+
                 long size = Math.Max(floats, _slabFloats);
                 long start = Interlocked.Add(ref _used, size) - size;
                 if (start + size > _capacity)
                 {
+                    _full = true;
                     _slabOwner = null;
                     return -1;
                 }
