@@ -173,12 +173,13 @@ internal static unsafe class FiniteValues
     public static long Checks => Interlocked.Read(ref _checks);
 
     /// <summary>Elements <see cref="IsAllFinite"/> checks at a time with libtorch, so the check's temporary
-    /// (one byte per element) stays small next to the tensor however large the tensor is.</summary>
-    private const long ChunkElements = 1 << 24;
+    /// (one byte per element) stays small next to the tensor however large the tensor is. Settable for tests.</summary>
+    internal static long ChunkElements { get; set; } = 1 << 24;
 
     /// <summary>Whether every entry of <paramref name="t"/> is finite, on any device and for any dtype
     /// (true for integer and boolean tensors): <see cref="AllFinite"/> where it applies, else libtorch's
-    /// <c>isfinite</c> over chunks of the tensor.</summary>
+    /// <c>isfinite</c> over views of at most <see cref="ChunkElements"/> entries of the tensor (never a copy
+    /// of it, whatever its strides).</summary>
     public static bool IsAllFinite(Tensor t)
     {
         if (!t.is_floating_point() && !t.is_complex())
@@ -186,19 +187,44 @@ internal static unsafe class FiniteValues
             return true;
         }
 
-        if (AllFinite(t) is bool known)
+        return AllFinite(t) ?? ChunksAreFinite(t);
+    }
+
+    /// <summary><see cref="IsAllFinite"/> with libtorch, a view of at most <see cref="ChunkElements"/> entries at
+    /// a time: slices of a contiguous or one-dimensional tensor's entries, else blocks of whole rows (or
+    /// single rows, checked the same way, when a row alone is larger).</summary>
+    private static bool ChunksAreFinite(Tensor t)
+    {
+        long n = t.numel();
+        if (n <= ChunkElements)
         {
-            return known;
+            using var scope = NewDisposeScope();
+            return t.isfinite().all().item<bool>();
         }
 
-        using var scope = NewDisposeScope();
-        var flat = t.reshape(-1);
-        long n = flat.shape[0];
-        for (long start = 0; start < n; start += ChunkElements)
+        if (t.dim() == 1 || t.is_contiguous())
         {
-            // Each chunk's temporaries (its flags are a byte per element) go before the next chunk.
-            using var chunk = NewDisposeScope();
-            if (!flat.narrow(0, start, Math.Min(ChunkElements, n - start)).isfinite().all().item<bool>())
+            using var flat = t.dim() == 1 ? t.alias() : t.view(-1);
+            for (long start = 0; start < n; start += ChunkElements)
+            {
+                using var part = flat.narrow(0, start, Math.Min(ChunkElements, n - start));
+                if (!ChunksAreFinite(part))
+                {
+                    return false;
+                }
+            }
+
+            return true;
+        }
+
+        long rows = t.shape[0];
+        long perRow = n / rows;
+        long step = Math.Max(1, ChunkElements / perRow);
+        for (long start = 0; start < rows; start += step)
+        {
+            // A single row larger than a chunk is checked as a tensor of one dimension fewer.
+            using var part = perRow > ChunkElements ? t.select(0, start) : t.narrow(0, start, Math.Min(step, rows - start));
+            if (!ChunksAreFinite(part))
             {
                 return false;
             }

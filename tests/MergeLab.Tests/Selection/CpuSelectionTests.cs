@@ -836,6 +836,50 @@ public class CpuSelectionTests
         Assert.That(FiniteValues.AllFinite(half), Is.Null, "float16 is left to libtorch");
     }
 
+    // The libtorch path (float16, or strides the direct check does not read) checks views of at most
+    // ChunkElements entries: contiguous slices, blocks of whole rows, or single rows larger than a chunk.
+    // A chunk of 7 entries makes every route run on small tensors; each poisoned entry must be found.
+    [Test]
+    public void The_libtorch_finite_check_finds_every_non_finite_entry_chunk_by_chunk()
+    {
+        var saved = FiniteValues.ChunkElements;
+        FiniteValues.ChunkElements = 7;
+        try
+        {
+            using var source = arange(4 * 5 * 6, ScalarType.Float32).reshape(4, 5, 6);
+            var shapes = new Func<Tensor, Tensor>[]
+            {
+                t => t.to(ScalarType.Float16),                          // contiguous: slices of the entries
+                t => t.permute(2, 0, 1),                               // [6, 4, 5]: each row of 20 alone, then its rows
+                t => t.transpose(0, 1).narrow(1, 1, 2),               // [5, 2, 6]: each row of 12 alone, likewise
+                t => t.view(40, 3).narrow(1, 0, 2),                    // [40, 2]: blocks of three rows
+                t => t.view(-1).slice(0, 0, 120, 3),                   // one dimension, stride 3: slices
+            };
+            foreach (var (shape, index) in shapes.Select((f, i) => (f, i)))
+            {
+                using var clean = shape(source.clone());
+                Assert.That(FiniteValues.IsAllFinite(clean), Is.True, $"view {index}");
+                long n = clean.numel();
+                for (long at = 0; at < n; at++)
+                {
+                    using var poisoned = source.clone();
+                    using var view = shape(poisoned);
+                    // The at-th entry of the view in its own order, wherever it lies in memory.
+                    using var flat = view.flatten();
+                    long value = (long)flat[at].to(ScalarType.Float32).item<float>();
+                    using var position = poisoned.view(-1);
+                    position[value] = tensor(float.PositiveInfinity);
+                    using var again = shape(poisoned);
+                    Assert.That(FiniteValues.IsAllFinite(again), Is.False, $"view {index}, entry {at} of {n}");
+                }
+            }
+        }
+        finally
+        {
+            FiniteValues.ChunkElements = saved;
+        }
+    }
+
     [Test]
     public void Pooled_tensors_return_their_memory_when_freed()
     {
