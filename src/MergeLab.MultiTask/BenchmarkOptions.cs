@@ -1,6 +1,4 @@
 using System.Globalization;
-using System.Security.Cryptography;
-using System.Text;
 
 namespace MergeLab.MultiTask;
 
@@ -173,15 +171,8 @@ public sealed record BenchmarkOptions
             PretrainLearningRate, ProbeExamples, ProbeEpochs, ProbeLearningRate, FineTuneExamples, FineTuneEpochs,
             FineTuneLearningRate, FineTuneSgd, FineTuneHead, string.Join(',', BenchmarkTasks.All.Select(t => t.Name)),
         }.Select(o => Convert.ToString(o, CultureInfo.InvariantCulture)));
-        return ShortHash(text);
+        return CacheKeys.Of(text);
     }
-
-    /// <summary>The first 12 hex digits of the SHA-256 of <paramref name="text"/>'s UTF-8 bytes: the
-    /// benchmark's cache keys.</summary>
-    internal static string ShortHash(string text) => ShortHex(SHA256.HashData(Encoding.UTF8.GetBytes(text)));
-
-    /// <summary>The first 12 hex digits of a digest (the benchmark's cache keys and data fingerprint).</summary>
-    internal static string ShortHex(byte[] digest) => Convert.ToHexStringLower(digest)[..12];
 
     private static double[] Grid(double from, double to, double step)
     {

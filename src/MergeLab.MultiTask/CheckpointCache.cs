@@ -23,7 +23,7 @@ internal sealed class CheckpointCache
     /// <param name="log">Told when a cached file cannot be read and is trained again.</param>
     public CheckpointCache(string? root, BenchmarkOptions options, string dataFingerprint, IProgress<string>? log = null)
     {
-        _fingerprint = BenchmarkOptions.ShortHash(options.TrainingFingerprint() + "|" + dataFingerprint);
+        _fingerprint = CacheKeys.Of(options.TrainingFingerprint() + "|" + dataFingerprint);
         _log = log;
         if (root is not null)
         {

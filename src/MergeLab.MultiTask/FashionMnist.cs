@@ -76,7 +76,7 @@ public sealed class FashionMnist
             hash.AppendData(part);
         }
 
-        Fingerprint = BenchmarkOptions.ShortHex(hash.GetHashAndReset());
+        Fingerprint = CacheKeys.Of(hash.GetHashAndReset());
     }
 
     /// <summary>The directory the files were read from.</summary>
