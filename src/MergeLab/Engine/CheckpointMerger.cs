@@ -606,12 +606,20 @@ public static class CheckpointMerger
     /// <see cref="Folder"/> would take its parent: a typo would copy from there, or nothing.</summary>
     private static string SourceFolder(string? path, string role, string hint)
     {
-        if (!string.IsNullOrEmpty(path) && !Directory.Exists(path) && !File.Exists(path))
+        if (string.IsNullOrEmpty(path))
         {
-            throw new MergeException($"{role} '{path}' does not exist{hint}.");
+            return "";
         }
 
-        return Folder(path);
+        string full = Path.GetFullPath(path);
+        if (Directory.Exists(full))
+        {
+            return Path.TrimEndingDirectorySeparator(full);
+        }
+
+        return File.Exists(full)
+            ? Path.TrimEndingDirectorySeparator(Path.GetDirectoryName(full)!)
+            : throw new MergeException($"{role} '{path}' does not exist{hint}.");
     }
 
     /// <summary>The folder of a model path (a folder, or a file in it); empty for none.</summary>
