@@ -339,22 +339,23 @@ public class CheckpointMergerTests
         File.WriteAllText(Path.Combine(expertPath, "tokenizer.json"), "{\"from\": \"donor\"}");
         string output = request.OutputDirectory;
 
-        // A source without a tokenizer would leave the output with none: refused before anything is written.
-        var none = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { TokenizerFilesFrom = dir.Path }));
-        Assert.That(none!.Message, Does.Contain("holds no tokenizer files"));
-        Assert.That(Directory.Exists(output), Is.False);
+        // Each refusal comes before anything is written: no output, no temporary folder beside it.
+        void Refused(CheckpointMergeRequest refused, string message)
+        {
+            var ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(refused));
+            Assert.That(ex!.Message, Does.Contain(message));
+            Assert.That(Directory.Exists(output), Is.False);
+            Assert.That(Directory.GetDirectories(Path.GetDirectoryName(output)!, ".*"), Is.Empty, "no temporary folder left");
+        }
+
+        // A source without a tokenizer would leave the output with none.
+        Refused(request with { TokenizerFilesFrom = dir.Path }, "holds no tokenizer files");
 
         // So would a mistyped folder to copy the other files from.
-        var missing = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { CopyFilesFrom = Path.Combine(dir.Path, "no-such-model") }));
-        Assert.That(missing!.Message, Does.Contain("no-such-model' does not exist"));
-        Assert.That(Directory.Exists(output), Is.False);
-        Assert.That(Directory.GetDirectories(Path.GetDirectoryName(output)!, ".*"), Is.Empty, "no temporary folder left");
+        Refused(request with { CopyFilesFrom = Path.Combine(dir.Path, "no-such-model") }, "no-such-model' does not exist");
 
         // And a mistyped tokenizer source: its parent is the base's folder, which was taken silently instead.
-        var noTokenizer = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { TokenizerFilesFrom = Path.Combine(basePath, "no-such-tokenizer") }));
-        Assert.That(noTokenizer!.Message, Does.Contain("The tokenizer source '").And.Contain("no-such-tokenizer' does not exist"));
-        Assert.That(Directory.Exists(output), Is.False);
-        Assert.That(Directory.GetDirectories(Path.GetDirectoryName(output)!, ".*"), Is.Empty, "no temporary folder left");
+        Refused(request with { TokenizerFilesFrom = Path.Combine(basePath, "no-such-tokenizer") }, $"The tokenizer source '{Path.Combine(basePath, "no-such-tokenizer")}' does not exist");
 
         CheckpointMerger.Merge(request with { TokenizerFilesFrom = expertPath, OutputDType = ScalarType.Float16 });
 
