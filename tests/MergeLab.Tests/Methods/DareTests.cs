@@ -30,14 +30,7 @@ public class DareTests
     {
         // Tensors of 330,000 and 77,777 entries: eleven and three of the kernels' 32,768-entry blocks, so
         // the blocks are split over the threads (a tiny model runs on one thread whatever the count).
-        using var g = new Generator(20);
-        using var baseModel = new StateDict();
-        using (var w = randn([300, 1100], generator: g))
-        {
-            baseModel.Add("w", w.to(ScalarType.BFloat16));
-        }
-
-        baseModel.Add("v", randn([77_777], generator: g));
+        using var baseModel = T.DrawnModel(20, ("w", [300, 1100], ScalarType.BFloat16), ("v", [77_777], ScalarType.Float32));
         using var e1 = T.Expert(baseModel, 21);
         using var e2 = T.Expert(baseModel, 22);
         foreach (var method in new[]

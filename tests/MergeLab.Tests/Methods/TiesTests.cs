@@ -165,15 +165,7 @@ public class TiesTests
     [TestCase(ScalarType.Float32)]
     public void Whole_model_statistic_of_a_large_model_matches_kthvalue(ScalarType dtype)
     {
-        using var baseModel = new StateDict();
-        using (var g = new Generator(5))
-        using (NewDisposeScope())
-        {
-            baseModel.Add("a", randn([300, 1100], generator: g).to(dtype).MoveToOuterDisposeScope());
-            baseModel.Add("b", randn([77_777], generator: g).to(dtype).MoveToOuterDisposeScope());
-            baseModel.Add("c", randn([3, 7], generator: g).to(dtype).MoveToOuterDisposeScope());
-        }
-
+        using var baseModel = T.DrawnModel(5, ("a", [300, 1100], dtype), ("b", [77_777], dtype), ("c", [3, 7], dtype));
         using var expert = T.Expert(baseModel, 6, .02);
         using var merged = new TiesMerge(new TiesOptions { Density = .3 }).Merge(baseModel, [expert]);
 

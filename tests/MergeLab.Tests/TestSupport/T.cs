@@ -105,6 +105,22 @@ internal static class T
         return sd;
     }
 
+    /// <summary>A model of the given tensors, each drawn from N(0, 1) in turn by one generator seeded with
+    /// <paramref name="seed"/> (in float32), then stored in its dtype: the tests' larger models, whose sizes
+    /// decide which kernel paths run.</summary>
+    public static StateDict DrawnModel(long seed, params (string Name, long[] Shape, ScalarType DType)[] tensors)
+    {
+        using var g = new Generator((ulong)seed);
+        var sd = new StateDict();
+        foreach (var (name, shape, dtype) in tensors)
+        {
+            using var drawn = randn(shape, generator: g);
+            sd.Add(name, drawn.to(dtype, copy: true));
+        }
+
+        return sd;
+    }
+
     /// <summary>base + a seeded random delta of the given scale, per tensor.</summary>
     public static StateDict Expert(StateDict baseModel, long seed, double scale = 0.1)
     {
