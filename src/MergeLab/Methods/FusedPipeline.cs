@@ -1362,11 +1362,13 @@ internal static unsafe class FusedPipeline
         /// <summary>
         /// The weighted sum without sign election when every expert's mask is DARE's random one (DARE on
         /// task arithmetic), over the blocks of 2·lanes entries from <paramref name="start"/> (even) to
-        /// <paramref name="end"/>'s last whole block; returns where it stopped. It goes a tile of
-        /// <see cref="RandomTile"/> entries at a time, expert by expert within the tile (the base and the
-        /// sums stay in a small stack buffer), so each expert's generator states, threshold, factor and
-        /// weight stay in registers; each entry still sums the experts in their order, with the general
-        /// loop's operations, so the bits are the same.
+        /// <paramref name="end"/>'s last whole block; returns where it stopped. Block by block, every expert
+        /// in turn, as task arithmetic's loop goes: the sums stay in registers, and each expert's generator
+        /// states are its first block's moved on by one running offset (the states are linear in the index),
+        /// so nothing but the inputs and the output is read or written per block. Each entry sums the experts
+        /// in their order with the general loop's operations, so the bits are the same. (A tile of 1,024
+        /// entries taken expert by expert, with the base and the sums in a stack buffer, took twice as long
+        /// on bfloat16 inputs on an AMD EPYC: 36 against 17 ms at 4096×11008, N = 4.)
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private long RandomRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16)
@@ -1376,62 +1378,49 @@ internal static unsafe class FusedPipeline
             int w = TL.Count;
             int experts = setup->Experts;
             long stop = WholeBlocksEnd(start, end, w);
-            var bse = stackalloc TV[RandomTile / TL.Count];
-            var acc = stackalloc TV[RandomTile / TL.Count];
+            // Per expert: the first block's states (low and high half), the keep threshold, the factor and
+            // the weight, then whether survivors are divided, multiplied or left as they are.
+            var rules = stackalloc TV[5 * experts];
+            var divides = stackalloc bool[experts];
+            var rescales = stackalloc bool[experts];
+            for (int k = 0; k < experts; k++)
+            {
+                var drop = new Drop<TL, TV>(_rules[k], start);
+                rules[5 * k] = drop.Low;
+                rules[(5 * k) + 1] = drop.High;
+                rules[(5 * k) + 2] = drop.Threshold;
+                rules[(5 * k) + 3] = drop.Factor;
+                rules[(5 * k) + 4] = TL.Broadcast(_weights[k]);
+                divides[k] = drop.Divide;
+                rescales[k] = drop.Rescale;
+            }
+
             var zero = TL.Zero;
             var divisor = TL.Broadcast(_plainDivisor);
             var lambda = TL.Broadcast(_lambda);
             var step = TL.BroadcastWord(DropMask.StateStep(2 * w));
+            var moved = zero; // the states' offset from the first block's: (blocks so far)·step, mod 2⁶⁴
             long i = start;
-            while (i < stop)
+            for (; i < stop; i += 2 * w)
             {
-                int vectors = (int)(Math.Min(RandomTile, stop - i) / w);
-                for (int v = 0; v < vectors; v += 2)
-                {
-                    TL.Load(inputs.Base, inputs.BaseIsBf16, i + (v * w), out bse[v], out bse[v + 1]);
-                    acc[v] = zero;
-                    acc[v + 1] = zero;
-                }
-
+                TL.Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+                TV acc0 = zero, acc1 = zero;
                 for (int k = 0; k < experts; k++)
                 {
-                    var drop = new Drop<TL, TV>(_rules[k], i);
-                    RandomExpert<TL, TV>(inputs.Experts[k], inputs.ExpertIsBf16[k], i, vectors, bse, acc, drop, step, TL.Broadcast(_weights[k]));
+                    var rule = rules + (5 * k);
+                    TL.Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
+                    var t0 = Dropped<TL, TV>(TL.Subtract(e0, b0), TL.AdvanceStates(rule[0], moved), rule[2], rule[3], divides[k], rescales[k]);
+                    var t1 = Dropped<TL, TV>(TL.Subtract(e1, b1), TL.AdvanceStates(rule[1], moved), rule[2], rule[3], divides[k], rescales[k]);
+                    acc0 = TL.Add(acc0, TL.Multiply(t0, rule[4]));
+                    acc1 = TL.Add(acc1, TL.Multiply(t1, rule[4]));
                 }
 
-                for (int v = 0; v < vectors; v += 2)
-                {
-                    TL.Store(output, outBf16, i + (v * w),
-                        TL.Add(bse[v], Finish<TL, TV>(setup, acc[v], divisor, lambda)), TL.Add(bse[v + 1], Finish<TL, TV>(setup, acc[v + 1], divisor, lambda)));
-                }
-
-                i += (long)vectors * w;
+                moved = TL.AdvanceStates(moved, step);
+                TL.Store(output, outBf16, i,
+                    TL.Add(b0, Finish<TL, TV>(setup, acc0, divisor, lambda)), TL.Add(b1, Finish<TL, TV>(setup, acc1, divisor, lambda)));
             }
 
             return i;
-        }
-
-        /// <summary>Entries per tile of <see cref="RandomRun"/> (a multiple of 2·lanes at both widths).</summary>
-        private const int RandomTile = 1024;
-
-        /// <summary>One expert's masked, rescaled, weighted τ added to the tile's sums.</summary>
-        [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static void RandomExpert<TL, TV>(nint expert, bool bf16, long i, int vectors, TV* bse, TV* acc, Drop<TL, TV> drop, TV step, TV weight)
-            where TL : struct, ISimdLanes<TV>
-            where TV : unmanaged
-        {
-            int w = TL.Count;
-            var (low, high) = (drop.Low, drop.High);
-            for (int v = 0; v < vectors; v += 2)
-            {
-                TL.Load(expert, bf16, i + (v * w), out var e0, out var e1);
-                var t0 = Dropped<TL, TV>(TL.Subtract(e0, bse[v]), low, drop.Threshold, drop.Factor, drop.Divide, drop.Rescale);
-                var t1 = Dropped<TL, TV>(TL.Subtract(e1, bse[v + 1]), high, drop.Threshold, drop.Factor, drop.Divide, drop.Rescale);
-                low = TL.AdvanceStates(low, step);
-                high = TL.AdvanceStates(high, step);
-                acc[v] = TL.Add(acc[v], TL.Multiply(t0, weight));
-                acc[v + 1] = TL.Add(acc[v + 1], TL.Multiply(t1, weight));
-            }
         }
 
         /// <summary>One expert's random rule at lane width <typeparamref name="TL"/>, from flat index
