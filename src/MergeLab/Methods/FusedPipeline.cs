@@ -673,7 +673,7 @@ internal static unsafe class FusedPipeline
             _rangesOnly = _consensus is null && !_plain
                 && rules.All(r => r.Kind is not RuleKind.Random && r.Factor == 1f && !r.Divide);
             _randomOnly = _consensus is null && rules.All(r => r.Kind == RuleKind.Random);
-            _randomConsensus = _consensus is not null && rules.All(r => r.Kind == RuleKind.Random) && RandomConsensusTile(rules.Length) > 0;
+            _randomConsensus = _consensus is not null && rules.All(r => r.Kind == RuleKind.Random);
             _rowWidth = rules.FirstOrDefault(r => r.Kind == RuleKind.RowWindow)?.Width ?? 0;
         }
 
@@ -1466,20 +1466,15 @@ internal static unsafe class FusedPipeline
             return !rescale ? t : divide ? TL.Divide(t, factor) : TL.Multiply(t, factor);
         }
 
-        /// <summary>Entries per tile of <see cref="RandomConsensusRun"/> for <paramref name="experts"/>
-        /// experts: the tile's task vectors (float32) take at most 32 KiB of stack; 0 when even 32 entries
-        /// would not fit (the general loop then runs).</summary>
-        private static int RandomConsensusTile(int experts) =>
-            experts > 256 ? 0 : Math.Clamp((8192 / experts) & ~31, 32, 512);
-
         /// <summary>
         /// DARE-TIES: every expert's mask is DARE's random one, followed by a sign election, over the blocks
         /// of 2·lanes entries from <paramref name="start"/> (even) to <paramref name="end"/>'s last whole
-        /// block; returns where it stopped. A tile at a time (its base read once into a stack buffer), each
-        /// expert's masked, rescaled (and, when the election is on weighted values, weighted) task vector is computed with its generator states,
-        /// threshold and factor in registers and kept in a stack buffer; then each block's election and
-        /// disjoint aggregation run as in <see cref="LimitRun"/>, at either lane width. Same operations per
-        /// entry as the general loop, so the same bits. Always writes the merge (no sign sum).
+        /// block; returns where it stopped. Block by block, as <see cref="RandomRun"/> goes: each expert's
+        /// masked, rescaled (and, when the election is on weighted values, weighted) task vector goes into a
+        /// block buffer of 2·N vectors (at most <see cref="MaxExperts"/> experts: 8 KiB at 512 bits) as its
+        /// vote is counted, then the block's election and disjoint aggregation run as in
+        /// <see cref="LimitRun"/>, at either lane width. Same operations per entry as the general loop, so the
+        /// same bits. Always writes the merge (no sign sum).
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private long RandomConsensusRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16)
@@ -1488,76 +1483,61 @@ internal static unsafe class FusedPipeline
         {
             int w = TL.Count;
             int experts = setup->Experts;
-            int tile = RandomConsensusTile(experts);
             long stop = WholeBlocksEnd(start, end, w);
-            var tau = stackalloc float[experts * tile];
-            var bse = stackalloc TV[tile / w];
             var block = stackalloc TV[2 * experts];
+            // Per expert: the first block's states (low and high half), the keep threshold and the factor,
+            // then whether survivors are divided, multiplied or left as they are.
+            var rules = stackalloc TV[4 * experts];
+            var divides = stackalloc bool[experts];
+            var rescales = stackalloc bool[experts];
             var weights = stackalloc TV[experts];
             for (int k = 0; k < experts; k++)
             {
+                var drop = new Drop<TL, TV>(_rules[k], start);
+                rules[4 * k] = drop.Low;
+                rules[(4 * k) + 1] = drop.High;
+                rules[(4 * k) + 2] = drop.Threshold;
+                rules[(4 * k) + 3] = drop.Factor;
+                divides[k] = drop.Divide;
+                rescales[k] = drop.Rescale;
                 weights[k] = TL.Broadcast(_weights[k]);
             }
 
             var zero = TL.Zero;
             var lambda = TL.Broadcast(_lambda);
             var step = TL.BroadcastWord(DropMask.StateStep(2 * w));
+            var moved = zero; // the states' offset from the first block's: (blocks so far)·step, mod 2⁶⁴
             var signBit = TL.Broadcast(-0f);
             bool onWeighted = setup->OnWeighted;
             bool bySum = setup->BySum;
             bool fillPositive = Fill > 0;
             long i = start;
-            while (i < stop)
+            for (; i < stop; i += 2 * w)
             {
-                int count = (int)Math.Min(tile, stop - i);
-                for (int j = 0; j < count; j += 2 * w)
-                {
-                    TL.Load(inputs.Base, inputs.BaseIsBf16, i + j, out bse[j / w], out bse[(j / w) + 1]);
-                }
-
+                TL.Load(inputs.Base, inputs.BaseIsBf16, i, out var b0, out var b1);
+                TV score0 = zero, score1 = zero;
                 for (int k = 0; k < experts; k++)
                 {
-                    var drop = new Drop<TL, TV>(_rules[k], i);
-                    var (low, high, threshold, factor) = (drop.Low, drop.High, drop.Threshold, drop.Factor);
-                    bool divide = drop.Divide, rescale = drop.Rescale;
-                    var weight = weights[k];
-                    var row = tau + ((long)k * tile);
-                    for (int j = 0; j < count; j += 2 * w)
+                    var rule = rules + (4 * k);
+                    TaskVectorAt<TL, TV>(inputs, k, i, b0, b1, out var t0, out var t1);
+                    t0 = Dropped<TL, TV>(t0, TL.AdvanceStates(rule[0], moved), rule[2], rule[3], divides[k], rescales[k]);
+                    t1 = Dropped<TL, TV>(t1, TL.AdvanceStates(rule[1], moved), rule[2], rule[3], divides[k], rescales[k]);
+                    if (onWeighted)
                     {
-                        TaskVectorAt<TL, TV>(inputs, k, i + j, bse[j / w], bse[(j / w) + 1], out var t0, out var t1);
-                        t0 = Dropped<TL, TV>(t0, low, threshold, factor, divide, rescale);
-                        t1 = Dropped<TL, TV>(t1, high, threshold, factor, divide, rescale);
-                        low = TL.AdvanceStates(low, step);
-                        high = TL.AdvanceStates(high, step);
-                        if (onWeighted)
-                        {
-                            t0 = TL.Multiply(t0, weight);
-                            t1 = TL.Multiply(t1, weight);
-                        }
-
-                        TL.Store(row, false, j, t0, t1);
-                    }
-                }
-
-                for (int j = 0; j < count; j += 2 * w)
-                {
-                    var (b0, b1) = (bse[j / w], bse[(j / w) + 1]);
-                    TV score0 = zero, score1 = zero;
-                    for (int k = 0; k < experts; k++)
-                    {
-                        TL.Load((nint)(tau + ((long)k * tile)), false, j, out var t0, out var t1);
-                        block[2 * k] = t0;
-                        block[2 * k + 1] = t1;
-                        score0 = TL.Add(score0, Vote<TL, TV>(t0, bySum));
-                        score1 = TL.Add(score1, Vote<TL, TV>(t1, bySum));
+                        t0 = TL.Multiply(t0, weights[k]);
+                        t1 = TL.Multiply(t1, weights[k]);
                     }
 
-                    TL.Store(output, outBf16, i + j,
-                        TL.Add(b0, Agree<TL, TV>(setup, block, 0, Elected<TL, TV>(score0, fillPositive, signBit), weights, lambda)),
-                        TL.Add(b1, Agree<TL, TV>(setup, block, 1, Elected<TL, TV>(score1, fillPositive, signBit), weights, lambda)));
+                    block[2 * k] = t0;
+                    block[(2 * k) + 1] = t1;
+                    score0 = TL.Add(score0, Vote<TL, TV>(t0, bySum));
+                    score1 = TL.Add(score1, Vote<TL, TV>(t1, bySum));
                 }
 
-                i += count;
+                moved = TL.AdvanceStates(moved, step);
+                TL.Store(output, outBf16, i,
+                    TL.Add(b0, Agree<TL, TV>(setup, block, 0, Elected<TL, TV>(score0, fillPositive, signBit), weights, lambda)),
+                    TL.Add(b1, Agree<TL, TV>(setup, block, 1, Elected<TL, TV>(score1, fillPositive, signBit), weights, lambda)));
             }
 
             return i;
