@@ -611,15 +611,15 @@ public static class CheckpointMerger
             return "";
         }
 
-        string full = Path.GetFullPath(path);
-        if (Directory.Exists(full))
+        // Asked of the path as given (an invalid one, e.g. with a NUL, is then "does not exist" too).
+        bool folder = Directory.Exists(path);
+        if (!folder && !File.Exists(path))
         {
-            return Path.TrimEndingDirectorySeparator(full);
+            throw new MergeException($"{role} '{path}' does not exist{hint}.");
         }
 
-        return File.Exists(full)
-            ? Path.TrimEndingDirectorySeparator(Path.GetDirectoryName(full)!)
-            : throw new MergeException($"{role} '{path}' does not exist{hint}.");
+        string full = Path.GetFullPath(path);
+        return Path.TrimEndingDirectorySeparator(folder ? full : Path.GetDirectoryName(full)!);
     }
 
     /// <summary>The folder of a model path (a folder, or a file in it); empty for none.</summary>

@@ -172,9 +172,14 @@ internal static unsafe class FiniteValues
     /// <summary>Tensors checked by <see cref="AllFinite"/> since the process started (for tests).</summary>
     public static long Checks => Interlocked.Read(ref _checks);
 
-    /// <summary>Elements <see cref="IsAllFinite"/> checks at a time with libtorch, so the check's temporary
-    /// (one byte per element) stays small next to the tensor however large the tensor is. Settable for tests.</summary>
-    internal static long ChunkElements { get; set; } = 1 << 24;
+    /// <summary>Elements <see cref="IsAllFinite"/> checks at a time with libtorch, so the check's temporaries
+    /// (libtorch's <c>isfinite</c> makes a few of the chunk's size, of its dtype and boolean) stay small next
+    /// to the tensor however large the tensor is. Positive; settable for tests.</summary>
+    internal static long ChunkElements
+    {
+        get;
+        set => field = value > 0 ? value : throw new ArgumentOutOfRangeException(nameof(value), value, "A chunk holds at least one element.");
+    } = 1 << 24;
 
     /// <summary>Whether every entry of <paramref name="t"/> is finite, on any device and for any dtype
     /// (true for integer and boolean tensors): <see cref="AllFinite"/> where it applies, else libtorch's

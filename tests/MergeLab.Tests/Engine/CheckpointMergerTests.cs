@@ -342,10 +342,10 @@ public class CheckpointMergerTests
         // Each refusal comes before anything is written: no output, no temporary folder beside it.
         void Refused(CheckpointMergeRequest refused, string message)
         {
-            var ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(refused));
+            var ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(refused), message);
             Assert.That(ex!.Message, Does.Contain(message));
-            Assert.That(Directory.Exists(output), Is.False);
-            Assert.That(Directory.GetDirectories(Path.GetDirectoryName(output)!, ".*"), Is.Empty, "no temporary folder left");
+            Assert.That(Directory.Exists(output), Is.False, $"{message}: no output");
+            Assert.That(Directory.GetDirectories(Path.GetDirectoryName(output)!, ".*"), Is.Empty, $"{message}: no temporary folder left");
         }
 
         // A source without a tokenizer would leave the output with none.

@@ -175,7 +175,7 @@ public class FusedKernelTests
     }
 
     /// <summary>
-    /// Up to 64 experts take the kernel (smaller consensus tiles above 16); more take libtorch's operations.
+    /// Up to 64 experts take the kernel; more take libtorch's operations.
     /// From 18 experts on, libtorch's <c>sum(dim: 0)</c> on the CPU adds the experts in groups of 16 and
     /// then the groups' sums, where the kernel adds them in expert order, so the two are compared to within
     /// about ten float32 roundings of the tensor's largest entry (a wrong mask, weight or sign moves an entry by
@@ -386,6 +386,22 @@ public class FusedKernelTests
                 ? new DareMerge(o with { Weights = o.Weights.Take(count).ToArray(), DropRates = o.DropRates?.Take(count).ToArray() })
                 : method,
             own => FusedPipeline.RandomKernel = own);
+
+    /// <summary>The same for 17 and 64 experts (64 is the most the kernel takes), where the loops keep the
+    /// most per-expert constants; the inverse-keep-probability rescale (a division) on task arithmetic and
+    /// mergekit's L1 rescale (a factor per expert) under the election.</summary>
+    [Test]
+    public void Dare_s_own_loops_give_the_general_loops_bits_for_many_experts()
+    {
+        foreach (var method in new MergeMethod[]
+        {
+            new DareMerge(new DareOptions { DropRate = .7, Seed = 3 }),
+            new DareMerge(new DareOptions { DropRate = .5, Seed = 5, Combination = Combination.Ties, Rescale = RescaleNorm.L1 }),
+        })
+        {
+            OwnLoopsGiveTheGeneralLoopsBits([17, 64], _ => method, own => FusedPipeline.RandomKernel = own);
+        }
+    }
 
     /// <summary>Two to four experts whose task vectors lean negative, with ±0 in the base and in the task
     /// vectors, exact opposites (a zero score), equal magnitudes, and a few ∞ and NaN entries; the third

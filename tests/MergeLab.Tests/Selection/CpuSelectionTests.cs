@@ -862,6 +862,7 @@ public class CpuSelectionTests
                 long n = clean.numel();
                 for (long at = 0; at < n; at++)
                 {
+                    using var scope = NewDisposeScope();
                     using var poisoned = source.clone();
                     using var view = shape(poisoned);
                     // The at-th entry of the view in its own order, wherever it lies in memory.

@@ -19,9 +19,11 @@ public class VectorWidthTests
     {
         int bits = Vector<byte>.Count * 8;
         TestContext.Progress.WriteLine($"Vector<T>: {bits} bits; Vector512 accelerated: {Vector512.IsHardwareAccelerated}; AVX-512F: {Avx512F.IsSupported}");
-        if (Environment.GetEnvironmentVariable("DOTNET_MaxVectorTBitWidth") is { Length: > 0 } asked)
+        // The runtime reads the switch as a decimal width and ignores one below 128 (as this test does).
+        if (Environment.GetEnvironmentVariable("DOTNET_MaxVectorTBitWidth") is { Length: > 0 } asked
+            && int.TryParse(asked, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int wanted)
+            && wanted >= 128)
         {
-            int wanted = int.Parse(asked, System.Globalization.CultureInfo.InvariantCulture);
             // At most the width asked for, and at least that or the widest the CPU accelerates, whichever is
             // smaller (a CPU whose 512-bit operations are not "accelerated" may still give Vector<T> 512 bits).
             int widest = Vector512.IsHardwareAccelerated ? 512 : Vector256.IsHardwareAccelerated ? 256 : 128;
