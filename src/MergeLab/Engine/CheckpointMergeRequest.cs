@@ -47,8 +47,9 @@ public sealed record CheckpointMergeRequest
     /// <summary>A model directory whose tokenizer files replace those of <see cref="CopyFilesFrom"/> (a
     /// config's <c>tokenizer_source</c>): every non-weight file there but config.json and
     /// generation_config.json, which still come from <see cref="CopyFilesFrom"/>, as mergekit does. Null
-    /// (default): the tokenizer comes with the other files. A path that does not exist, or holds no tokenizer
-    /// file, is a <see cref="MergeException"/> before anything is written.</summary>
+    /// (default): the tokenizer comes with the other files. A path that does not exist, or, when it is not
+    /// the folder the other files come from, holds no tokenizer file, is a <see cref="MergeException"/> before
+    /// anything is written.</summary>
     public string? TokenizerFilesFrom { get; init; }
 
     /// <summary>The device tensors are merged on; null means the CPU.</summary>

@@ -40,10 +40,9 @@ public static class CheckpointMerger
     /// <summary>The end of the name of the hidden folder an <c>--overwrite</c> merge moves the old output to.</summary>
     private const string MovedAsideSuffix = ".old";
 
-    /// <summary>The hidden sibling folders' common start for <paramref name="output"/> (a full path):
-    /// <c>PARENT/.NAME.mergelab-</c>; a merge writes into that plus a fresh id.</summary>
-    private static string TemporaryPrefix(string output) =>
-        Path.Combine(Path.GetDirectoryName(output)!, $".{Path.GetFileName(output)}.mergelab-");
+    /// <summary>The hidden sibling folders' common name start for <paramref name="output"/> (a full path):
+    /// <c>.NAME.mergelab-</c>; a merge writes into that plus a fresh id, beside the output.</summary>
+    private static string TemporaryName(string output) => $".{Path.GetFileName(output)}.mergelab-";
 
     /// <summary>
     /// The hidden folders beside <paramref name="outputDirectory"/> that merges into it leave behind when
@@ -63,7 +62,7 @@ public static class CheckpointMerger
             return []; // a root folder: no merge writes beside it (CheckOutput refuses it)
         }
 
-        var prefix = Path.GetFileName(TemporaryPrefix(output));
+        var prefix = TemporaryName(output);
         try
         {
             // Compared by name, not as a search pattern: an output named with '*' or '?' must not match
@@ -104,6 +103,10 @@ public static class CheckpointMerger
         ArgumentException.ThrowIfNullOrWhiteSpace(request.OutputDirectory);
         DTypeNames.RequireFloating(request.OutputDType, nameof(request.OutputDType)); // before any pass, not at the first tensor
         var output = Path.TrimEndingDirectorySeparator(Path.GetFullPath(request.OutputDirectory));
+        // The named sources of non-weight files first: overwriting looks into them for links into the output.
+        var sources = new FileSources(
+            request.CopyFilesFrom is { } copyFrom ? SourceFolder(copyFrom, "CopyFilesFrom", " (an empty string copies nothing)") : null,
+            SourceFolder(request.TokenizerFilesFrom, "The tokenizer source", ""));
         CheckOutput(request, output);
         if (request.ReadAhead < 1)
         {
@@ -123,7 +126,7 @@ public static class CheckpointMerger
             var experts = request.Experts.Select(p => Open(p, request, inputs)).ToArray();
             var model = new CheckpointSet(baseCheckpoint, experts, request.Method.RequiresBase) { MapInputs = request.MapInputs, SmallGroupBytes = request.SmallGroupBytes };
             var methods = model.Names.ToDictionary(n => n, n => request.MethodForTensor?.Invoke(n) ?? request.Method, StringComparer.Ordinal);
-            return Run(request, model, methods, output, progress, cancellationToken);
+            return Run(request, model, methods, output, sources, progress, cancellationToken);
         }
         finally
         {
@@ -135,22 +138,20 @@ public static class CheckpointMerger
     }
 
     private static CheckpointMergeResult Run(CheckpointMergeRequest request, CheckpointSet model, Dictionary<string, MergeMethod> methods,
-        string output, IProgress<CheckpointMergeProgress>? progress, CancellationToken ct)
+        string output, FileSources sources, IProgress<CheckpointMergeProgress>? progress, CancellationToken ct)
     {
         var device = request.Device ?? CPU;
 
         // A separate tokenizer source gives every file but config.json and generation_config.json.
-        string filesFrom = request.CopyFilesFrom is { } copyFrom
-            ? SourceFolder(copyFrom, "CopyFilesFrom", " (an empty string copies nothing)")
-            : Folder(request.BaseModel ?? model.Reference.Path);
-        string tokenizerFrom = SourceFolder(request.TokenizerFilesFrom, "The tokenizer source", "");
+        string filesFrom = sources.CopyFrom ?? Folder(request.BaseModel ?? model.Reference.Path);
+        string tokenizerFrom = sources.TokenizerFrom;
         bool separateTokenizer = tokenizerFrom.Length > 0 && !PathCase.Comparer.Equals(tokenizerFrom, filesFrom);
         if (separateTokenizer)
         {
             CheckTokenizerSource(request.TokenizerFilesFrom!, tokenizerFrom);
         }
 
-        string temp = TemporaryPrefix(output) + Guid.NewGuid().ToString("N");
+        string temp = Path.Combine(Path.GetDirectoryName(output)!, TemporaryName(output) + Guid.NewGuid().ToString("N"));
         Directory.CreateDirectory(temp);
         try
         {
@@ -618,8 +619,7 @@ public static class CheckpointMerger
             throw new MergeException($"{role} '{path}' does not exist{hint}.");
         }
 
-        string full = Path.GetFullPath(path);
-        return Path.TrimEndingDirectorySeparator(folder ? full : Path.GetDirectoryName(full)!);
+        return FolderOf(path, folder);
     }
 
     /// <summary>The folder of a model path (a folder, or a file in it); empty for none.</summary>
@@ -630,9 +630,19 @@ public static class CheckpointMerger
             return "";
         }
 
-        string full = Path.GetFullPath(path);
-        return Path.TrimEndingDirectorySeparator(Directory.Exists(full) ? full : Path.GetDirectoryName(full)!);
+        return FolderOf(path, Directory.Exists(path));
     }
+
+    /// <summary><paramref name="path"/>'s full path if it is a folder, else its parent's, without a trailing separator.</summary>
+    private static string FolderOf(string path, bool isFolder)
+    {
+        string full = Path.GetFullPath(path);
+        return Path.TrimEndingDirectorySeparator(isFolder ? full : Path.GetDirectoryName(full)!);
+    }
+
+    /// <summary>The folders a request names for non-weight files, checked (<see cref="SourceFolder"/>):
+    /// <paramref name="CopyFrom"/> null when the request names none, <paramref name="TokenizerFrom"/> empty.</summary>
+    private readonly record struct FileSources(string? CopyFrom, string TokenizerFrom);
 
     /// <summary>An existing output is replaced only when it looks like a merged checkpoint: no subfolders, and
     /// safetensors weights or their index (or nothing at all). A mistyped OUT_DIR such as the working folder

@@ -256,6 +256,12 @@ public class CheckpointMergerTests
         Assert.That(ex!.Message, Does.Contain("already exists").And.Contain("--overwrite"));
         Assert.That(File.Exists(Path.Combine(output, "keep.txt")), Is.True);
 
+        // A mistyped source of the other files is named as such before overwriting looks into it for links
+        // into the output (it looked into the parent, or failed there when that was missing too).
+        var mistyped = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { Overwrite = true, CopyFilesFrom = Path.Combine(dir.Path, "no-such", "model") }));
+        Assert.That(mistyped!.Message, Does.Contain("CopyFilesFrom '").And.Contain("does not exist"));
+        Assert.That(File.Exists(Path.Combine(output, "keep.txt")), Is.True);
+
         CheckpointMerger.Merge(request with { Overwrite = true });
         Assert.That(File.Exists(Path.Combine(output, "keep.txt")), Is.False);
         Assert.That(File.Exists(Path.Combine(output, SafetensorsCheckpoint.SingleFileName)), Is.True);
