@@ -8,8 +8,8 @@ namespace MergeLab.MultiTask;
 internal static class CacheKeys
 {
     /// <summary>The key of <paramref name="text"/>'s UTF-8 bytes.</summary>
-    public static string Of(string text) => Of(SHA256.HashData(Encoding.UTF8.GetBytes(text)));
+    public static string Of(string text) => FromDigest(SHA256.HashData(Encoding.UTF8.GetBytes(text)));
 
-    /// <summary>The key of a finished <paramref name="digest"/>.</summary>
-    public static string Of(byte[] digest) => Convert.ToHexStringLower(digest)[..12];
+    /// <summary>The key of a finished SHA-256 <paramref name="digest"/> (its first 12 hex digits).</summary>
+    public static string FromDigest(byte[] digest) => Convert.ToHexStringLower(digest)[..12];
 }

@@ -76,7 +76,7 @@ public sealed class FashionMnist
             hash.AppendData(part);
         }
 
-        Fingerprint = CacheKeys.Of(hash.GetHashAndReset());
+        Fingerprint = CacheKeys.FromDigest(hash.GetHashAndReset());
     }
 
     /// <summary>The directory the files were read from.</summary>

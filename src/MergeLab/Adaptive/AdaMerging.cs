@@ -401,7 +401,6 @@ public sealed class AdaMerging
             return MeanEntropy(logits);
         }
 
-        ArgumentNullException.ThrowIfNull(logits);
         CheckBatchOfClasses(logits);
         using var scope = NewDisposeScope();
         using var weight = diversityWeight.ToScalar();
@@ -422,6 +421,7 @@ public sealed class AdaMerging
 
     private static void CheckBatchOfClasses(Tensor logits)
     {
+        ArgumentNullException.ThrowIfNull(logits);
         if (logits.dim() != 2)
         {
             throw new ArgumentException(

@@ -213,7 +213,7 @@ public static class Lines
                 using var scope = NewDisposeScope();
                 var b = baseModel[name].to(ScalarType.Float32);
                 using var scale = f.ToScalar();
-                var edited = b + (ft.to(ScalarType.Float32) - b).mul_(scale);
+                var edited = (ft.to(ScalarType.Float32) - b).mul_(scale).add_(b); // b + (ft − b)·f, one temporary fewer
                 result.Add(name, edited.to(ft.dtype).MoveToOuterDisposeScope());
             }
         }

@@ -58,7 +58,7 @@ public static class TiesSelection
                 var group = new TensorGroup(name, zero, deltas.Select(d => d[name]).ToArray());
                 var trimmed = pipeline.SparseTaskVectors(group, statistic);
                 var sign = consensus.ResolveZeros(consensus.RawSign(trimmed), statistic?.MajoritySign);
-                var disagree = SignConsensus.Agreement(trimmed, sign).logical_not();
+                var disagree = SignConsensus.Agreement(trimmed, sign).logical_not_(); // a fresh mask: negated in place
                 for (int t = 0; t < selected.Length; t++)
                 {
                     // The kept entries are τ's own values, in τ's dtype (the selection itself works in float32).

@@ -60,7 +60,6 @@ internal sealed class ResolvedParameters
             : $"{p.Name}: [{string.Join(", ", PerModel[p.Name].Select(v => Text(p, v)))}]"));
 
     private static string Text(ParameterSpec p, double v) => p.IsBoolean ? (v != 0 ? "true" : "false") : Options.Format(v);
-
 }
 
 /// <summary>A merge method as the config knows it: its parameters and how to build it.</summary>

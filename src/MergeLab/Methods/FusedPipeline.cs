@@ -1367,9 +1367,7 @@ internal static unsafe class FusedPipeline
         /// states are its first block's moved on by one running offset (the states are linear in the index),
         /// so besides the inputs and the output a block reads only each expert's constants (a few vectors on
         /// the stack, in the first-level cache) and writes nothing else. Each entry sums the experts
-        /// in their order with the general loop's operations, so the bits are the same. (A tile of 1,024
-        /// entries taken expert by expert, with the base and the sums in a stack buffer, took twice as long
-        /// on bfloat16 inputs on an AMD EPYC: 36 against 17 ms at 4096×11008, N = 4.)
+        /// in their order with the general loop's operations, so the bits are the same.
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private long RandomRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16)
@@ -1379,11 +1377,9 @@ internal static unsafe class FusedPipeline
             int w = TL.Count;
             int experts = setup->Experts;
             long stop = WholeBlocksEnd(start, end, w);
-            var drops = stackalloc TV[4 * experts];
-            var divides = stackalloc bool[experts];
-            var rescales = stackalloc bool[experts];
+            var drops = stackalloc Drop<TL, TV>[experts];
             var weights = stackalloc TV[experts];
-            DropConstants<TL, TV>(start, experts, drops, divides, rescales, weights);
+            DropConstants(start, experts, drops, weights);
 
             var zero = TL.Zero;
             var divisor = TL.Broadcast(_plainDivisor);
@@ -1397,10 +1393,7 @@ internal static unsafe class FusedPipeline
                 TV acc0 = zero, acc1 = zero;
                 for (int k = 0; k < experts; k++)
                 {
-                    var drop = drops + (4 * k);
-                    TL.Load(inputs.Experts[k], inputs.ExpertIsBf16[k], i, out var e0, out var e1);
-                    var t0 = Dropped<TL, TV>(TL.Subtract(e0, b0), TL.AdvanceStates(drop[0], moved), drop[2], drop[3], divides[k], rescales[k]);
-                    var t1 = Dropped<TL, TV>(TL.Subtract(e1, b1), TL.AdvanceStates(drop[1], moved), drop[2], drop[3], divides[k], rescales[k]);
+                    DroppedAt(inputs, k, i, b0, b1, drops[k], moved, out var t0, out var t1);
                     acc0 = TL.Add(acc0, TL.Multiply(t0, weights[k]));
                     acc1 = TL.Add(acc1, TL.Multiply(t1, weights[k]));
                 }
@@ -1413,25 +1406,29 @@ internal static unsafe class FusedPipeline
             return i;
         }
 
-        /// <summary>Each expert's constants for the random loops from flat index <paramref name="start"/>: into
-        /// <paramref name="drops"/>, four vectors per expert (the first block's generator states, low and high
-        /// half, the keep threshold and the factor); whether survivors are divided, or rescaled at all; and
-        /// the weight.</summary>
-        private void DropConstants<TL, TV>(long start, int experts, TV* drops, bool* divides, bool* rescales, TV* weights)
+        /// <summary>Each expert's random rule from flat index <paramref name="start"/> and its broadcast weight,
+        /// for the random loops.</summary>
+        private void DropConstants<TL, TV>(long start, int experts, Drop<TL, TV>* drops, TV* weights)
             where TL : struct, ISimdLanes<TV>
             where TV : unmanaged
         {
             for (int k = 0; k < experts; k++)
             {
-                var drop = new Drop<TL, TV>(_rules[k], start);
-                drops[4 * k] = drop.Low;
-                drops[(4 * k) + 1] = drop.High;
-                drops[(4 * k) + 2] = drop.Threshold;
-                drops[(4 * k) + 3] = drop.Factor;
-                divides[k] = drop.Divide;
-                rescales[k] = drop.Rescale;
+                drops[k] = new Drop<TL, TV>(_rules[k], start);
                 weights[k] = TL.Broadcast(_weights[k]);
             }
+        }
+
+        /// <summary>Expert <paramref name="k"/>'s task vector at the block at <paramref name="i"/>, masked by
+        /// its rule's generator states moved on by <paramref name="moved"/> and rescaled.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static void DroppedAt<TL, TV>(Streams inputs, int k, long i, TV b0, TV b1, in Drop<TL, TV> drop, TV moved, out TV t0, out TV t1)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            TaskVectorAt<TL, TV>(inputs, k, i, b0, b1, out t0, out t1);
+            t0 = Dropped<TL, TV>(t0, TL.AdvanceStates(drop.Low, moved), drop.Threshold, drop.Factor, drop.Divide, drop.Rescale);
+            t1 = Dropped<TL, TV>(t1, TL.AdvanceStates(drop.High, moved), drop.Threshold, drop.Factor, drop.Divide, drop.Rescale);
         }
 
         /// <summary>One expert's random rule at lane width <typeparamref name="TL"/>, from flat index
@@ -1482,11 +1479,10 @@ internal static unsafe class FusedPipeline
         /// of 2·lanes entries from <paramref name="start"/> (even) to <paramref name="end"/>'s last whole
         /// block; returns where it stopped. Block by block, as <see cref="RandomRun"/> goes: each expert's
         /// masked, rescaled (and, when the election is on weighted values, weighted) task vector goes into a
-        /// block buffer of 2·N vectors as its
-        /// vote is counted, then the block's election and disjoint aggregation run as in
-        /// <see cref="LimitRun"/>, at either lane width. Same operations per entry as the general loop, so the
-        /// same bits. Always writes the merge (no sign sum). With <see cref="MaxExperts"/> experts its stack
-        /// buffers take about 28 KiB at 512 bits.
+        /// block buffer of 2·N vectors as its vote is counted, then the block's election and disjoint
+        /// aggregation run as in <see cref="LimitRun"/>, at either lane width. Same operations per entry as
+        /// the general loop, so the same bits. Always writes the merge (no sign sum). With
+        /// <see cref="MaxExperts"/> experts its stack buffers take about 29 KiB at 512 bits.
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private long RandomConsensusRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16)
@@ -1497,11 +1493,9 @@ internal static unsafe class FusedPipeline
             int experts = setup->Experts;
             long stop = WholeBlocksEnd(start, end, w);
             var block = stackalloc TV[2 * experts];
-            var drops = stackalloc TV[4 * experts];
-            var divides = stackalloc bool[experts];
-            var rescales = stackalloc bool[experts];
+            var drops = stackalloc Drop<TL, TV>[experts];
             var weights = stackalloc TV[experts];
-            DropConstants<TL, TV>(start, experts, drops, divides, rescales, weights);
+            DropConstants(start, experts, drops, weights);
 
             var zero = TL.Zero;
             var lambda = TL.Broadcast(_lambda);
@@ -1518,10 +1512,7 @@ internal static unsafe class FusedPipeline
                 TV score0 = zero, score1 = zero;
                 for (int k = 0; k < experts; k++)
                 {
-                    var drop = drops + (4 * k);
-                    TaskVectorAt<TL, TV>(inputs, k, i, b0, b1, out var t0, out var t1);
-                    t0 = Dropped<TL, TV>(t0, TL.AdvanceStates(drop[0], moved), drop[2], drop[3], divides[k], rescales[k]);
-                    t1 = Dropped<TL, TV>(t1, TL.AdvanceStates(drop[1], moved), drop[2], drop[3], divides[k], rescales[k]);
+                    DroppedAt(inputs, k, i, b0, b1, drops[k], moved, out var t0, out var t1);
                     if (onWeighted)
                     {
                         t0 = TL.Multiply(t0, weights[k]);

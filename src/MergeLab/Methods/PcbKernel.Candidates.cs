@@ -323,7 +323,7 @@ internal static unsafe partial class PcbKernel
                         for (int i = 0; i < chunk.Padded; i += 16)
                         {
                             var t = chunk.Tau(expert, i);
-                            var clamped = terms.ClampedMagnitude(t) * FusedPipeline.SignOf<Vector512Lanes, Vector512<float>>(t);
+                            var clamped = terms.SignedClamped(t);
                             var s = chunk.Unpack(i, ref taken);
                             (Vector512.Load(num + i) + (clamped * s)).Store(num + i);
                             (Vector512.Load(den + i) + s).Store(den + i);

@@ -59,10 +59,7 @@ internal static unsafe partial class PcbKernel
         private readonly nint _arena;
         private readonly long _capacity;
         private readonly long _slabFloats;
-        private long _used;
-
-        // Set once a slab did not fit: the threads then stop adding to the shared counter.
-        private volatile bool _full;
+        private long _used; // past _capacity for good once a slab did not fit (a failed add is not undone)
 
         /// <summary>A store for <paramref name="experts"/> tasks of <paramref name="length"/> entries, whose
         /// arena holds about <paramref name="ratio"/> + 5% of the entries (at most <see cref="MaxKeptArenaBytes"/>).</summary>
@@ -127,7 +124,7 @@ internal static unsafe partial class PcbKernel
             for (int j = 0; j < found; j += Lanes)
             {
                 var t = Vector512.Load(packed + j);
-                (terms.ClampedMagnitude(t) * FusedPipeline.SignOf<Vector512Lanes, Vector512<float>>(t)).Store(values + j);
+                terms.SignedClamped(t).Store(values + j);
             }
 
             chunk.Score(found, terms);
@@ -149,8 +146,9 @@ internal static unsafe partial class PcbKernel
         {
             if (_slabOwner != this || _slabNext + floats > _slabEnd)
             {
-                if (_full)
+                if (Volatile.Read(ref _used) > _capacity)
                 {
+                    // Full: every further add would fail too, so the threads stop adding to the counter.
                     _slabOwner = null;
                     return -1;
                 }
@@ -159,7 +157,6 @@ internal static unsafe partial class PcbKernel
                 long start = Interlocked.Add(ref _used, size) - size;
                 if (start + size > _capacity)
                 {
-                    _full = true;
                     _slabOwner = null;
                     return -1;
                 }
@@ -237,7 +234,7 @@ internal static unsafe partial class PcbKernel
 
         // Task a's weights in row 3 + 2a of the scratch, its weighted values in the row after.
         var weights = scratch + (3 * rowFloats);
-        var bits = stackalloc nint[tasks.Length];
+        var bits = stackalloc ushort*[tasks.Length];
         var taken = stackalloc int[tasks.Length];
         long chunk = start / CandidateChunk.Length;
         for (int a = 0; a < tasks.Length; a++)
@@ -255,7 +252,7 @@ internal static unsafe partial class PcbKernel
                 (Vector512.Load(values + j) * s).Store(w + rowFloats + j);
             }
 
-            bits[a] = (nint)kept;
+            bits[a] = kept;
             taken[a] = 0;
         }
 
@@ -266,7 +263,7 @@ internal static unsafe partial class PcbKernel
             var den = Vector512<float>.Zero;
             for (int a = 0; a < tasks.Length; a++)
             {
-                uint set = ((ushort*)bits[a])[i / Lanes];
+                uint set = bits[a][i / Lanes];
                 var mask = Vector512.Equals(Vector512.Create(set) & laneBits, laneBits).AsSingle();
                 var w = weights + (2L * a * rowFloats) + taken[a];
                 num += Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load(w + rowFloats));

@@ -56,8 +56,9 @@ internal static unsafe partial class PcbKernel
         // before the clamp quantiles' selection gives its buffers back, which would otherwise push the
         // store's memory (the pool's least recently returned) out of the pool between two tensors.
         bool buffered = LibTorchTranscendentals || ScoreBuffer;
+        bool candidatesOnly = !buffered && ScoreCandidatesOnly;
         int n = inputs.Experts.Length;
-        using var store = whole is null && !buffered && ScoreCandidatesOnly && KeepCandidates && n <= MaxBoundedExperts && ExactSelector.UsesBracketPass(d)
+        using var store = whole is null && candidatesOnly && KeepCandidates && n <= MaxBoundedExperts && ExactSelector.UsesBracketPass(d)
             ? new CandidateStore(n, d, method.Options.Ratio)
             : null;
         if (whole is null)
@@ -81,7 +82,7 @@ internal static unsafe partial class PcbKernel
         var lambda = method.Options.Lambda;
         var bounds = new Bounds(low, high, threshold, top);
         float? factor = lambda == 1.0 ? null : (float)lambda;
-        return scores is null && ScoreCandidatesOnly
+        return candidatesOnly
             ? MergeCandidates(inputs, bounds, factor, outputType, group.Reference.shape, store)
             : Merge(inputs, bounds, scores, factor, outputType, group.Reference.shape);
     }
@@ -254,7 +255,7 @@ internal static unsafe partial class PcbKernel
                     for (int i = 0; i < block.Padded; i += Vector<float>.Count)
                     {
                         var t = *(Vector<float>*)(tau + i);
-                        var clamped = terms.ClampedMagnitude(t) * FusedPipeline.SignOf<VectorLanes, Vector<float>>(t);
+                        var clamped = terms.SignedClamped(t);
                         var sc = row is null ? ScoreTerms<VectorLanes, Vector<float>>.Score(terms.IntraArgument(t), t * *(Vector<float>*)(block.Total + i)) : *(Vector<float>*)(row + i);
                         var s = range == 0 ? Vector<float>.Zero : Weight<VectorLanes, Vector<float>>(sc, threshold, top, width);
                         *(Vector<float>*)(num + i) += clamped * s;
@@ -327,6 +328,10 @@ internal static unsafe partial class PcbKernel
         /// <summary>|τ̂| = clamp(|τ|, low, high).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public TV ClampedMagnitude(TV t) => TL.MinNative(_high, TL.MaxNative(_low, TL.Abs(t)));
+
+        /// <summary>τ̂ = clamp(|τ|, low, high)·sign(τ), the value a task's weight multiplies.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public TV SignedClamped(TV t) => TL.Multiply(ClampedMagnitude(t), FusedPipeline.SignOf<TL, TV>(t));
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public TV IntraArgument(TV t)

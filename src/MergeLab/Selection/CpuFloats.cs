@@ -209,7 +209,7 @@ internal static unsafe class FiniteValues
 
         if (t.dim() == 1 || t.is_contiguous())
         {
-            using var flat = t.dim() == 1 ? t.alias() : t.view(-1);
+            using var flat = t.view(-1); // a view of the same entries (a 1-D tensor keeps its stride)
             for (long start = 0; start < n; start += ChunkElements)
             {
                 using var part = flat.narrow(0, start, Math.Min(ChunkElements, n - start));
