@@ -420,11 +420,11 @@ public class AdaMergingTests
 
         // Logits with no graph at all (the output detached, no head), and a graph through the heads only:
         // no gradient for any coefficient either way.
-        foreach (var logits in new Func<Tensor, int, Tensor>[] { (o, _) => o.detach(), (o, t) => p.Logits(o.detach(), t) })
+        foreach (var (label, logits) in new (string, Func<Tensor, int, Tensor>)[] { ("detached", (o, _) => o.detach()), ("through the heads only", (o, t) => p.Logits(o.detach(), t)) })
         {
-            var ex = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, p.Batches, logits));
-            Assert.That(ex!.ParamName, Is.EqualTo("taskLogits"));
-            Assert.That(ex.Message, Does.Contain("Task 0's loss does not depend on the module's merged parameters"));
+            var ex = Assert.Throws<ArgumentException>(() => ada.Learn(p.Net, p.Vectors, p.Batches, logits), label);
+            Assert.That(ex!.ParamName, Is.EqualTo("taskLogits"), label);
+            Assert.That(ex.Message, Does.Contain("Task 0's loss does not depend on the module's merged parameters"), label);
         }
         foreach (var (name, value) in p.Net.state_dict())
         {

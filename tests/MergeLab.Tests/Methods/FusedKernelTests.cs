@@ -322,7 +322,7 @@ public class FusedKernelTests
                             foreach (var name in b.Names)
                             {
                                 Assert.That(own[name].dtype, Is.EqualTo(dtype));
-                                Assert.That(own[name].bytes.ToArray(), Is.EqualTo(general[name].bytes.ToArray()), $"{name}, {dtype}, {count} experts, wide {wide}");
+                                T.BitEqual(own[name], general[name], $"{name}, {dtype}, {count} experts, wide {wide}");
                             }
                         }
                         finally
@@ -390,23 +390,20 @@ public class FusedKernelTests
     /// <summary>The same for 17 and 64 experts (64 is the most the kernel takes), where the loops keep the
     /// most per-expert constants; the inverse-keep-probability rescale (a division) on task arithmetic and
     /// mergekit's L1 rescale (a factor per expert) under the election.</summary>
-    [Test]
-    public void Dare_s_own_loops_give_the_general_loops_bits_for_many_experts()
+    [TestCaseSource(nameof(ManyExpertDareMethods))]
+    public void Dare_s_own_loops_give_the_general_loops_bits_for_many_experts(MergeMethod method) =>
+        OwnLoopsGiveTheGeneralLoopsBits([17, 64], _ => method, own => FusedPipeline.RandomKernel = own);
+
+    private static IEnumerable<TestCaseData> ManyExpertDareMethods()
     {
-        foreach (var method in new MergeMethod[]
-        {
-            new DareMerge(new DareOptions { DropRate = .7, Seed = 3 }),
-            new DareMerge(new DareOptions { DropRate = .5, Seed = 5, Combination = Combination.Ties, Rescale = RescaleNorm.L1 }),
-        })
-        {
-            OwnLoopsGiveTheGeneralLoopsBits([17, 64], _ => method, own => FusedPipeline.RandomKernel = own);
-        }
+        yield return Case("dare linear", new DareMerge(new DareOptions { DropRate = .7, Seed = 3 }));
+        yield return Case("dare ties l1", new DareMerge(new DareOptions { DropRate = .5, Seed = 5, Combination = Combination.Ties, Rescale = RescaleNorm.L1 }));
     }
 
-    /// <summary>Two to four experts whose task vectors lean negative, with ±0 in the base and in the task
-    /// vectors, exact opposites (a zero score), equal magnitudes, and a few ∞ and NaN entries; the third
-    /// and fourth repeat or oppose the first two in places, so that every count of agreeing entries and
-    /// zero scores occur.</summary>
+    /// <summary>Two or more experts whose task vectors lean negative, with ±0 in the base and in the task
+    /// vectors, exact opposites (a zero score), equal magnitudes, and a few ∞ and NaN entries; from the
+    /// third on, each repeats or opposes the first two in places, so that every count of agreeing entries
+    /// and zero scores occur.</summary>
     private static (StateDict Base, StateDict[] Experts) SmallModel(ScalarType dtype, int count)
     {
         using var g = new Generator(77);

@@ -154,12 +154,10 @@ public class PcbCandidateTests
             using var step = randn([300, 700], generator: g);
             return b + step.mul_(0.01);
         }).ToArray();
-        bool savedKeep = PcbKernel.KeepCandidates;
         try
         {
-            PcbKernel.KeepCandidates = keep;
-            PcbKernel.CountCandidates = true;
-            PcbKernel.Scored = PcbKernel.Offered = 0;
+            using var keeping = T.Setting(() => PcbKernel.KeepCandidates, v => PcbKernel.KeepCandidates = v, keep);
+            using var counting = Counting();
             var pcb = new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor });
             using var merged = pcb.MergeTensor(new TensorGroup("w", b, list));
             TestContext.Out.WriteLine($"scored {PcbKernel.Scored} of {PcbKernel.Offered}");
@@ -170,8 +168,6 @@ public class PcbCandidateTests
         }
         finally
         {
-            PcbKernel.CountCandidates = false;
-            PcbKernel.KeepCandidates = savedKeep;
             foreach (var e in list)
             {
                 e.Dispose();
@@ -201,11 +197,11 @@ public class PcbCandidateTests
             long d = 512 * 1024;
             foreach (long arena in new[] { savedArena, 300L << 10 })
             {
-                PcbKernel.MaxKeptArenaBytes = arena;
-                PcbKernel.CountCandidates = true;
-                PcbKernel.Scored = PcbKernel.Offered = 0;
-                AssertSameBits(() => pcb.MergeTensor(new TensorGroup("w", b, list)));
-                PcbKernel.CountCandidates = false;
+                using var arenaSize = T.Setting(() => PcbKernel.MaxKeptArenaBytes, v => PcbKernel.MaxKeptArenaBytes = v, arena);
+                using (Counting())
+                {
+                    AssertSameBits(() => pcb.MergeTensor(new TensorGroup("w", b, list)));
+                }
 
                 // Offered counts, in each of AssertSameBits' two candidate runs, the selection of the two
                 // changed tasks (d each: the unchanged task's cutoff is not positive, so its selection computes
@@ -226,8 +222,6 @@ public class PcbCandidateTests
         }
         finally
         {
-            PcbKernel.CountCandidates = false;
-            PcbKernel.MaxKeptArenaBytes = savedArena;
             foreach (var e in list)
             {
                 e.Dispose();
@@ -313,20 +307,12 @@ public class PcbCandidateTests
         try
         {
             var pcb = new PcbMerge(new PcbOptions { Ratio = .2, ClampLow = .01, ClampHigh = .01 });
-            bool previous = PcbKernel.ScoreCandidatesOnly;
-            try
+            using var candidates = pcb.Merge(baseModel, experts);
+            using var fullPasses = T.Setting(() => PcbKernel.ScoreCandidatesOnly, v => PcbKernel.ScoreCandidatesOnly = v, false);
+            using var full = pcb.Merge(baseModel, experts);
+            foreach (var (name, tensor) in full)
             {
-                using var candidates = pcb.Merge(baseModel, experts);
-                PcbKernel.ScoreCandidatesOnly = false;
-                using var full = pcb.Merge(baseModel, experts);
-                foreach (var (name, tensor) in full)
-                {
-                    Assert.That(candidates[name].bytes.ToArray(), Is.EqualTo(tensor.bytes.ToArray()), name);
-                }
-            }
-            finally
-            {
-                PcbKernel.ScoreCandidatesOnly = previous;
+                T.BitEqual(candidates[name], tensor, name);
             }
         }
         finally
@@ -343,23 +329,21 @@ public class PcbCandidateTests
     private static void AssertSameBits(Func<Tensor> merge)
     {
         RequireAvx512();
-        bool previous = PcbKernel.ScoreCandidatesOnly, previousKeep = PcbKernel.KeepCandidates;
-        try
-        {
-            PcbKernel.ScoreCandidatesOnly = true;
-            PcbKernel.KeepCandidates = true;
-            using var kept = merge();
-            PcbKernel.KeepCandidates = false;
-            using var candidates = merge();
-            PcbKernel.ScoreCandidatesOnly = false;
-            using var full = merge();
-            Assert.That(candidates.bytes.ToArray(), Is.EqualTo(full.bytes.ToArray()), "scored again");
-            Assert.That(kept.bytes.ToArray(), Is.EqualTo(full.bytes.ToArray()), "kept");
-        }
-        finally
-        {
-            PcbKernel.ScoreCandidatesOnly = previous;
-            PcbKernel.KeepCandidates = previousKeep;
-        }
+        using var onlyCandidates = T.Setting(() => PcbKernel.ScoreCandidatesOnly, v => PcbKernel.ScoreCandidatesOnly = v, true);
+        using var keeping = T.Setting(() => PcbKernel.KeepCandidates, v => PcbKernel.KeepCandidates = v, true);
+        using var kept = merge();
+        PcbKernel.KeepCandidates = false;
+        using var candidates = merge();
+        PcbKernel.ScoreCandidatesOnly = false;
+        using var full = merge();
+        T.BitEqual(candidates, full, "scored again");
+        T.BitEqual(kept, full, "kept");
+    }
+
+    /// <summary>Counts the candidate passes' entries (from 0) until disposed.</summary>
+    private static IDisposable Counting()
+    {
+        PcbKernel.Scored = PcbKernel.Offered = 0;
+        return T.Setting(() => PcbKernel.CountCandidates, v => PcbKernel.CountCandidates = v, true);
     }
 }

@@ -632,25 +632,17 @@ public class CpuSelectionTests
         using var drawn = Awkward(700_000, 12);
         using var x = drawn.abs();
         using var grid = x.view(700, 1000);
-        Tensor one, oneWindow;
-        float oneKth;
-        using (T.Threads(1))
-        {
-            one = MagnitudeThreshold.TopKMask(x, 140_000);
-            oneWindow = MagnitudeThreshold.RankWindowMask(grid, 600, 900);
-            oneKth = MagnitudeThreshold.KthSmallest(x, 560_000);
-        }
+        using var oneThread = T.Threads(1);
+        using var one = MagnitudeThreshold.TopKMask(x, 140_000);
+        using var oneWindow = MagnitudeThreshold.RankWindowMask(grid, 600, 900);
+        float oneKth = MagnitudeThreshold.KthSmallest(x, 560_000);
 
-        using (one)
-        using (oneWindow)
-        using (T.Threads(2))
-        {
-            using var two = MagnitudeThreshold.TopKMask(x, 140_000);
-            using var twoWindow = MagnitudeThreshold.RankWindowMask(grid, 600, 900);
-            T.BitEqual(two, one);
-            T.BitEqual(twoWindow, oneWindow);
-            Assert.That(MagnitudeThreshold.KthSmallest(x, 560_000), Is.EqualTo(oneKth));
-        }
+        using var twoThreads = T.Threads(2); // disposed first, back to one thread, then to the count before
+        using var two = MagnitudeThreshold.TopKMask(x, 140_000);
+        using var twoWindow = MagnitudeThreshold.RankWindowMask(grid, 600, 900);
+        T.BitEqual(two, one);
+        T.BitEqual(twoWindow, oneWindow);
+        Assert.That(MagnitudeThreshold.KthSmallest(x, 560_000), Is.EqualTo(oneKth));
     }
 
     [Test]
@@ -842,42 +834,30 @@ public class CpuSelectionTests
     [Test]
     public void The_libtorch_finite_check_finds_every_non_finite_entry_chunk_by_chunk()
     {
-        var saved = FiniteValues.ChunkElements;
-        FiniteValues.ChunkElements = 7;
-        try
+        using var chunks = T.Setting(() => FiniteValues.ChunkElements, v => FiniteValues.ChunkElements = v, 7);
+        using var source = arange(4 * 5 * 6, ScalarType.Float32).reshape(4, 5, 6);
+        var shapes = new Func<Tensor, Tensor>[]
         {
-            using var source = arange(4 * 5 * 6, ScalarType.Float32).reshape(4, 5, 6);
-            var shapes = new Func<Tensor, Tensor>[]
+            t => t.to(ScalarType.Float16),                          // contiguous: slices of the entries
+            t => t.permute(2, 0, 1),                               // [6, 4, 5]: each row of 20 alone, then its rows
+            t => t.transpose(0, 1).narrow(1, 1, 2),               // [5, 2, 6]: each row of 12 alone, likewise
+            t => t.view(40, 3).narrow(1, 0, 2),                    // [40, 2]: blocks of three rows
+            t => t.view(-1).slice(0, 0, 120, 3),                   // one dimension, stride 3: slices
+        };
+        foreach (var (shape, index) in shapes.Select((f, i) => (f, i)))
+        {
+            using var copy = source.clone();
+            using var clean = shape(copy);
+            Assert.That(FiniteValues.IsAllFinite(clean), Is.True, $"view {index}");
+            // The source's values are their positions: the view's entries, in its own order, say where each lies.
+            var positions = T.Values(clean);
+            for (int at = 0; at < positions.Length; at++)
             {
-                t => t.to(ScalarType.Float16),                          // contiguous: slices of the entries
-                t => t.permute(2, 0, 1),                               // [6, 4, 5]: each row of 20 alone, then its rows
-                t => t.transpose(0, 1).narrow(1, 1, 2),               // [5, 2, 6]: each row of 12 alone, likewise
-                t => t.view(40, 3).narrow(1, 0, 2),                    // [40, 2]: blocks of three rows
-                t => t.view(-1).slice(0, 0, 120, 3),                   // one dimension, stride 3: slices
-            };
-            foreach (var (shape, index) in shapes.Select((f, i) => (f, i)))
-            {
-                using var clean = shape(source.clone());
-                Assert.That(FiniteValues.IsAllFinite(clean), Is.True, $"view {index}");
-                long n = clean.numel();
-                for (long at = 0; at < n; at++)
-                {
-                    using var scope = NewDisposeScope();
-                    using var poisoned = source.clone();
-                    using var view = shape(poisoned);
-                    // The at-th entry of the view in its own order, wherever it lies in memory.
-                    using var flat = view.flatten();
-                    long value = (long)flat[at].to(ScalarType.Float32).item<float>();
-                    using var position = poisoned.view(-1);
-                    position[value] = tensor(float.PositiveInfinity);
-                    using var again = shape(poisoned);
-                    Assert.That(FiniteValues.IsAllFinite(again), Is.False, $"view {index}, entry {at} of {n}");
-                }
+                using var scope = NewDisposeScope();
+                var poisoned = source.clone();
+                poisoned.view(-1)[(long)positions[at]] = tensor(float.PositiveInfinity);
+                Assert.That(FiniteValues.IsAllFinite(shape(poisoned)), Is.False, $"view {index}, entry {at} of {positions.Length}");
             }
-        }
-        finally
-        {
-            FiniteValues.ChunkElements = saved;
         }
     }
 

@@ -17,7 +17,11 @@ internal static class T
 
     public static Tensor Mat(float[] values, long rows, long cols) => tensor(values, [rows, cols]);
 
-    public static float[] Values(Tensor t) => t.to(ScalarType.Float32).cpu().contiguous().data<float>().ToArray();
+    public static float[] Values(Tensor t)
+    {
+        using var scope = NewDisposeScope();
+        return t.to(ScalarType.Float32).cpu().contiguous().data<float>().ToArray();
+    }
 
     public static void Near(Tensor actual, IEnumerable<double> expected, double tol = Tol)
     {
@@ -135,11 +139,16 @@ internal static class T
 
     /// <summary>Turns MergeLab's CPU kernels on or off until disposed (off: the libtorch formulation,
     /// which other devices run); restores the previous setting.</summary>
-    public static IDisposable CpuKernels(bool enabled)
+    public static IDisposable CpuKernels(bool enabled) =>
+        Setting(() => MagnitudeThreshold.CpuKernelsEnabled, v => MagnitudeThreshold.CpuKernelsEnabled = v, enabled);
+
+    /// <summary>Sets a switch (a static test setting) to <paramref name="value"/> until disposed, then puts
+    /// back the value it had.</summary>
+    public static IDisposable Setting<TValue>(Func<TValue> get, Action<TValue> set, TValue value)
     {
-        bool before = MagnitudeThreshold.CpuKernelsEnabled;
-        MagnitudeThreshold.CpuKernelsEnabled = enabled;
-        return new Restore(() => MagnitudeThreshold.CpuKernelsEnabled = before);
+        var before = get();
+        set(value);
+        return new Restore(() => set(before));
     }
 
     /// <summary><paramref name="f"/>'s result with the CPU kernels off.</summary>
@@ -152,12 +161,7 @@ internal static class T
     }
 
     /// <summary>Sets torch's thread count (which MergeLab's kernels follow) until disposed.</summary>
-    public static IDisposable Threads(int count)
-    {
-        int before = get_num_threads();
-        set_num_threads(count);
-        return new Restore(() => set_num_threads(before));
-    }
+    public static IDisposable Threads(int count) => Setting(get_num_threads, set_num_threads, count);
 
     /// <summary>Asserts that <paramref name="merge"/> gives the same bits on 2 and 3 threads as on 1.</summary>
     public static void SameOnAnyThreadCount(Func<StateDict> merge, string label = "")
