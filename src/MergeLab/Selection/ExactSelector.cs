@@ -168,7 +168,8 @@ internal static unsafe class ExactSelector
     {
         var sources = queries.Select(q => q.Source).Distinct().ToArray();
         var bySource = sources.Select(s => queries.Where(q => q.Source == s).ToArray()).ToArray();
-        CpuParallel.For(sources.Length, s => SetBrackets(sources[s], bySource[s], n));
+        var samples = DrawSamples(sources, n);
+        CpuParallel.For(sources.Length, s => SetBrackets(samples[s], bySource[s], n));
 
         // Below every bracket of a source, a key is only counted, so the source need not compute it exactly.
         var floors = bySource.Select(g => g.Min(q => q.Low)).ToArray();
@@ -841,25 +842,42 @@ internal static unsafe class ExactSelector
         throw new InvalidOperationException("Selection lost a tie: the source changed while it was read.");
     }
 
-    /// <summary>Picks each query's key bracket from a deterministic sample of its source: one run of
-    /// <see cref="SampleRun"/> consecutive entries (a cache line) from each of equal strata, at a
-    /// pseudo-random offset within the stratum so periodic structure (rows, heads) cannot alias.</summary>
-    private static void SetBrackets(KeySource source, SelectionQuery[] queries, long n)
+    /// <summary>A deterministic sample of each source: one run of <see cref="SampleRun"/> consecutive
+    /// entries (a cache line) from each of equal strata, at a pseudo-random offset within the stratum so
+    /// periodic structure (rows, heads) cannot alias. The strata are the same for every source, and each
+    /// run is filled for every source in turn, so sources that compute their keys together (PCB's score
+    /// rows, whose block computes every row at once) or share an input (task vectors of one base) read and
+    /// compute each run once.</summary>
+    private static uint[][] DrawSamples(KeySource[] sources, long n)
     {
         int runs = (int)Math.Clamp(n / (SampleRun * 256), 512, 4096);
-        int sampleCount = runs * SampleRun;
-        var sample = new uint[sampleCount];
         long stride = n / runs;
-        var floats = stackalloc float[2 * SampleRun];
-        fixed (uint* s = sample)
+        var samples = sources.Select(_ => new uint[runs * SampleRun]).ToArray();
+        const int RunsPerTask = 64;
+        CpuParallel.For((runs + RunsPerTask - 1) / RunsPerTask, t =>
         {
-            for (int j = 0; j < runs; j++)
+            var floats = stackalloc float[2 * SampleRun];
+            for (int j = (int)t * RunsPerTask; j < Math.Min(runs, (t + 1) * RunsPerTask); j++)
             {
                 long offset = (long)(MergeLab.Stages.DropMask.SplitMix((ulong)j) % (ulong)(stride - SampleRun + 1));
-                source.Fill(j * stride + offset, SampleRun, s + j * SampleRun, floats);
+                for (int s = 0; s < sources.Length; s++)
+                {
+                    fixed (uint* sample = samples[s])
+                    {
+                        sources[s].Fill(j * stride + offset, SampleRun, sample + j * SampleRun, floats);
+                    }
+                }
             }
-        }
+        });
 
+        return samples;
+    }
+
+    /// <summary>Picks each query's key bracket from <paramref name="sample"/>, its source's
+    /// (<see cref="DrawSamples"/>).</summary>
+    private static void SetBrackets(uint[] sample, SelectionQuery[] queries, long n)
+    {
+        int sampleCount = sample.Length;
         var bounds = new (long Lo, long Hi)[queries.Length];
         for (int i = 0; i < queries.Length; i++)
         {
