@@ -119,8 +119,8 @@ internal static unsafe partial class PcbKernel
         /// <summary>The packed products τ_k·Σ_j τ_j.</summary>
         public float* PackedProducts => Row(3);
 
-        /// <summary>The candidate mask of each vector.</summary>
-        public Vector512<float>* Masks => (Vector512<float>*)Row(4);
+        /// <summary>The candidate bits of each vector (bit j: entry j of the vector).</summary>
+        public ushort* Bits => (ushort*)Row(4);
 
         public float* Numerator => Row(5);
 
@@ -147,33 +147,14 @@ internal static unsafe partial class PcbKernel
         /// <summary>
         /// Packs the entries and products of the candidates of the task whose expert is at
         /// <paramref name="expert"/> into
-        /// <see cref="Packed"/> and <see cref="PackedProducts"/>, records each vector's mask, and returns
-        /// how many there are. <paramref name="level"/> is <see cref="ScoreBound.Level"/> of the cutoff
-        /// (taken once per pass: it is a logarithm).
+        /// <see cref="Packed"/> and <see cref="PackedProducts"/>, records each vector's candidate bits in
+        /// <see cref="Bits"/>, and returns how many there are. <paramref name="level"/> is
+        /// <see cref="ScoreBound.Level"/> of the cutoff (taken once per pass: it is a logarithm).
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public int Pack(float* expert, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, Candidates which, float level)
         {
-            var packed = Packed;
-            var products = PackedProducts;
-            var masks = Masks;
-            var total = Total;
-            var levels = Vector512.Create(level);
-            var bound = new ScoreBound(terms);
-            var fixedMask = which == Candidates.All ? Vector512<float>.AllBitsSet : Vector512<float>.Zero;
-            bool bounded = which == Candidates.Bounded;
-            int found = 0;
-            for (int i = 0; i < Padded; i += Lanes)
-            {
-                var t = Tau(expert, i);
-                var product = t * Vector512.Load(total + i);
-                var mask = bounded ? ~Vector512.LessThan(bound.Of(t, product), levels) : fixedMask; // NaN: a candidate
-                masks[i / Lanes] = mask;
-                Avx512F.Compress(Vector512<float>.Zero, mask, t).Store(packed + found);
-                Avx512F.Compress(Vector512<float>.Zero, mask, product).Store(products + found);
-                found += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(mask));
-            }
-
+            int found = which == Candidates.Bounded ? PackBounded(expert, new ScoreBound(terms), level) : PackAll(expert, which == Candidates.All);
             if (CountCandidates)
             {
                 Interlocked.Add(ref Scored, found);
@@ -181,6 +162,59 @@ internal static unsafe partial class PcbKernel
             }
 
             return found;
+        }
+
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private int PackBounded(float* expert, ScoreBound bound, float level)
+        {
+            var packed = Packed;
+            var products = PackedProducts;
+            var bits = Bits;
+            var total = Total;
+            var bse = Base;
+            var levels = Vector512.Create(level);
+            int found = 0;
+            int vectors = Padded / Lanes;
+            for (int v = 0; v < vectors; v++)
+            {
+                int i = v * Lanes;
+                var t = Vector512.Load(expert + i) - Vector512.Load(bse + i);
+                var product = t * Vector512.Load(total + i);
+                var mask = ~Vector512.LessThan(bound.Of(t, product), levels); // NaN: a candidate
+                uint set = (uint)Vector512.ExtractMostSignificantBits(mask);
+                bits[v] = (ushort)set;
+                Avx512F.Compress(Vector512<float>.Zero, mask, t).Store(packed + found);
+                Avx512F.Compress(Vector512<float>.Zero, mask, product).Store(products + found);
+                found += BitOperations.PopCount(set);
+            }
+
+            return found;
+        }
+
+        /// <summary>Packs every entry (<paramref name="all"/>) or none.</summary>
+        private int PackAll(float* expert, bool all)
+        {
+            var bits = Bits;
+            int vectors = Padded / Lanes;
+            if (!all)
+            {
+                new Span<ushort>(bits, vectors).Clear();
+                return 0;
+            }
+
+            var packed = Packed;
+            var products = PackedProducts;
+            var total = Total;
+            for (int v = 0; v < vectors; v++)
+            {
+                int i = v * Lanes;
+                var t = Tau(expert, i);
+                t.Store(packed + i);
+                (t * Vector512.Load(total + i)).Store(products + i);
+                bits[v] = ushort.MaxValue;
+            }
+
+            return Padded;
         }
 
         /// <summary>Replaces the first <paramref name="found"/> packed task-vector entries by their exact scores.</summary>
@@ -201,9 +235,9 @@ internal static unsafe partial class PcbKernel
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector512<float> Unpack(int i, ref int taken)
         {
-            var mask = Masks[i / Lanes];
-            var values = Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load(Packed + taken));
-            taken += BitOperations.PopCount(Vector512.ExtractMostSignificantBits(mask));
+            uint set = Bits[i / Lanes];
+            var values = Avx512F.Expand(Vector512<float>.Zero, MaskOf(set), Vector512.Load(Packed + taken));
+            taken += BitOperations.PopCount(set);
             return values;
         }
 
@@ -260,6 +294,14 @@ internal static unsafe partial class PcbKernel
             var q = Vector512.MaxNative(Vector512.Create(-1f), Vector512.MinNative(Vector512<float>.One, product));
             return Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(q.AsInt32()), Vector512.Create(1.1920929E-07f), y); // 2^-23
         }
+    }
+
+    /// <summary>The lanes of a 512-bit vector whose bits are set in <paramref name="set"/>, as a mask.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> MaskOf(uint set)
+    {
+        var laneBits = Vector512.Create(1u, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768);
+        return Vector512.Equals(Vector512.Create(set) & laneBits, laneBits).AsSingle();
     }
 
     /// <summary>Which entries of a task a pass with score cutoff <paramref name="cutoff"/> must score, given

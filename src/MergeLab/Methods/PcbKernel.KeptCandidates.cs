@@ -103,7 +103,7 @@ internal static unsafe partial class PcbKernel
         /// <summary>
         /// Scores the <paramref name="found"/> packed candidates of task <paramref name="k"/> in
         /// <paramref name="chunk"/> (<see cref="CandidateChunk.Score"/>, into its packed row), and keeps them
-        /// with clamp(|τ|)·sign(τ) and the chunk's masks, packed at <paramref name="cutoff"/>, if they fit.
+        /// with clamp(|τ|)·sign(τ) and the chunk's candidate bits, packed at <paramref name="cutoff"/>, if they fit.
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void ScoreAndKeep(int k, in CandidateChunk chunk, int found, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, float cutoff)
@@ -129,12 +129,8 @@ internal static unsafe partial class PcbKernel
 
             chunk.Score(found, terms);
             Buffer.MemoryCopy(packed, values + rounded, rounded * sizeof(float), rounded * sizeof(float));
-            var bits = Bits + (index * VectorsPerChunk);
-            var masks = chunk.Masks;
-            for (int i = 0; i < chunk.Padded / Lanes; i++)
-            {
-                bits[i] = (ushort)Vector512.ExtractMostSignificantBits(masks[i]);
-            }
+            long bytes = chunk.Padded / Lanes * sizeof(ushort);
+            Buffer.MemoryCopy(chunk.Bits, Bits + (index * VectorsPerChunk), bytes, bytes);
 
             *slot = new Slot { Offset = offset, Found = found, Cutoff = cutoff, Kept = 1 };
         }
@@ -256,7 +252,6 @@ internal static unsafe partial class PcbKernel
             taken[a] = 0;
         }
 
-        var laneBits = Vector512.Create(1u, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768);
         for (int i = 0; i < padded; i += Lanes)
         {
             var num = Vector512<float>.Zero;
@@ -264,7 +259,7 @@ internal static unsafe partial class PcbKernel
             for (int a = 0; a < tasks.Length; a++)
             {
                 uint set = bits[a][i / Lanes];
-                var mask = Vector512.Equals(Vector512.Create(set) & laneBits, laneBits).AsSingle();
+                var mask = MaskOf(set);
                 var w = weights + (2L * a * rowFloats) + taken[a];
                 num += Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load(w + rowFloats));
                 den += Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load(w));
