@@ -27,6 +27,11 @@ internal static unsafe partial class PcbKernel
     /// merge): 512 MiB, which holds them for 8 experts of 4096×11008 at the default ratio (about 400 MiB).</summary>
     internal static long MaxKeptArenaBytes { get; set; } = 512L << 20;
 
+    /// <summary>The arena size above which the candidates are written with non-temporal stores (16 MiB): an
+    /// arena larger than the caches goes to memory anyway, and such stores spare reading each line first.
+    /// Settable for tests.</summary>
+    internal static long StreamingArenaBytes { get; set; } = 16L << 20;
+
     /// <summary>
     /// The candidates of one tensor's score threshold selection, per task and chunk of
     /// <see cref="CandidateChunk.Length"/> entries: each vector's candidate bits, and, packed in index order,
@@ -59,6 +64,7 @@ internal static unsafe partial class PcbKernel
         private readonly nint _arena;
         private readonly long _capacity;
         private readonly long _slabFloats;
+        private readonly bool _streaming;
         private long _used; // past _capacity for good once a slab did not fit (a failed add is not undone)
 
         /// <summary>A store for <paramref name="experts"/> tasks of <paramref name="length"/> entries, whose
@@ -80,8 +86,10 @@ internal static unsafe partial class PcbKernel
             double share = Math.Min(1, ratio + Margin);
             long wanted = (long)(2 * share * experts * length) + (slots * Lanes);
             _capacity = Math.Max(Lanes, Math.Min(wanted, MaxKeptArenaBytes / sizeof(float)));
-            // Small enough that the threads' last, partly used slabs leave most of the arena to the chunks.
-            _slabFloats = Math.Clamp(_capacity / (16L * CpuParallel.Threads), CandidateChunk.RowFloats, SlabFloats);
+            // Small enough that the threads' last, partly used slabs leave most of the arena to the chunks; whole
+            // vectors, so that every reservation (whole vectors too) starts on a vector of the aligned arena.
+            _slabFloats = (Math.Clamp(_capacity / (16L * CpuParallel.Threads), CandidateChunk.RowFloats, SlabFloats) + Lanes - 1) / Lanes * Lanes;
+            _streaming = _capacity * sizeof(float) > StreamingArenaBytes;
             _table = NativeBufferPool.Rent(slots * (sizeof(Slot) + (VectorsPerChunk * sizeof(ushort))));
             try
             {
@@ -123,16 +131,44 @@ internal static unsafe partial class PcbKernel
             var packed = chunk.Packed;
             for (int j = 0; j < found; j += Lanes)
             {
-                var t = Vector512.Load(packed + j);
-                terms.SignedClamped(t).Store(values + j);
+                Put(terms.SignedClamped(Vector512.Load(packed + j)), values + j);
             }
 
             chunk.Score(found, terms);
-            Buffer.MemoryCopy(packed, values + rounded, rounded * sizeof(float), rounded * sizeof(float));
+            for (int j = 0; j < found; j += Lanes)
+            {
+                Put(Vector512.Load(packed + j), values + rounded + j);
+            }
+
             long bytes = chunk.Padded / Lanes * sizeof(ushort);
             Buffer.MemoryCopy(chunk.Bits, Bits + (index * VectorsPerChunk), bytes, bytes);
 
             *slot = new Slot { Offset = offset, Found = found, Cutoff = cutoff, Kept = 1 };
+        }
+
+        /// <summary>Makes this thread's non-temporal writes visible to the merge, whichever thread reads them
+        /// (they are weakly ordered): called once a thread has kept a run of chunks.</summary>
+        public void Publish()
+        {
+            if (_streaming)
+            {
+                Sse.StoreFence();
+            }
+        }
+
+        /// <summary>Writes <paramref name="value"/> at <paramref name="address"/> in the arena (a whole vector;
+        /// non-temporal for a large arena, see <see cref="Publish"/>).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private void Put(Vector512<float> value, float* address)
+        {
+            if (_streaming)
+            {
+                value.StoreAlignedNonTemporal(address);
+            }
+            else
+            {
+                value.StoreAligned(address);
+            }
         }
 
         /// <summary>The arena offset of <paramref name="floats"/> floats from this thread's slab, a fresh slab
@@ -181,6 +217,30 @@ internal static unsafe partial class PcbKernel
             return true;
         }
 
+        /// <summary>Asks the CPU to load task <paramref name="k"/>'s kept candidates of chunk
+        /// <paramref name="chunk"/> (if kept) into its caches. Each task's candidates are a short run in its
+        /// own part of the arena, too short for the hardware prefetcher to find in time.</summary>
+        public void Prefetch(int k, long chunk)
+        {
+            if (chunk >= _chunks)
+            {
+                return;
+            }
+
+            var slot = Slots + (k * _chunks) + chunk;
+            if (slot->Kept == 0)
+            {
+                return;
+            }
+
+            long bytes = 2L * ((slot->Found + Lanes - 1) / Lanes * Lanes) * sizeof(float);
+            var first = (byte*)((float*)_arena + slot->Offset);
+            for (long offset = 0; offset < bytes; offset += 64)
+            {
+                Sse.Prefetch0(first + offset);
+            }
+        }
+
         /// <summary>Task <paramref name="k"/>'s kept candidates of chunk <paramref name="chunk"/>.</summary>
         public int Kept(int k, long chunk, out float* values, out float* scores, out ushort* bits)
         {
@@ -209,6 +269,9 @@ internal static unsafe partial class PcbKernel
         }
     }
 
+    /// <summary>How many chunks ahead <see cref="MergeKept"/> prefetches the kept candidates.</summary>
+    private const int PrefetchAhead = 2;
+
     /// <summary>The scratch <see cref="MergeKept"/> takes for <paramref name="experts"/> experts, in floats.</summary>
     private static long KeptScratchFloats(int experts) => (3L + (2L * experts)) * CandidateChunk.RowFloats;
 
@@ -236,6 +299,7 @@ internal static unsafe partial class PcbKernel
         for (int a = 0; a < tasks.Length; a++)
         {
             int k = tasks[a];
+            store.Prefetch(k, chunk + PrefetchAhead);
             int found = store.Kept(k, chunk, out var values, out var scores, out var kept);
             var threshold = Vector512.Create(bounds.Threshold[k]);
             var top = Vector512.Create(bounds.Top[k]);

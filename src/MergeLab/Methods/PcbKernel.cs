@@ -514,6 +514,11 @@ internal static unsafe partial class PcbKernel
                 written += chunk.Count;
             }
 
+            if (packed)
+            {
+                store?.Publish();
+            }
+
             return written;
         }
 

@@ -177,11 +177,14 @@ public class PcbCandidateTests
 
     /// <summary>A store too small for every chunk keeps some (the merge takes those from it) and scores
     /// the others again; a task that changes nothing (score range 0, its selection not packed) is left out
-    /// of the kept merge as of the full one. Both with the full passes' bits.</summary>
-    [Test]
-    public void A_store_that_keeps_only_some_chunks_and_an_unchanged_task_keep_the_full_passes_bits()
+    /// of the kept merge as of the full one. Both with the full passes' bits, whether the store writes its
+    /// candidates with plain or non-temporal stores.</summary>
+    [TestCase(false)]
+    [TestCase(true)]
+    public void A_store_that_keeps_only_some_chunks_and_an_unchanged_task_keep_the_full_passes_bits(bool streaming)
     {
         RequireAvx512();
+        using var stores = T.Setting(() => PcbKernel.StreamingArenaBytes, v => PcbKernel.StreamingArenaBytes = v, streaming ? 0 : long.MaxValue);
         using var g = new Generator(97);
         using var b = randn([512, 1024], generator: g);
         var list = Enumerable.Range(0, 3).Select(k =>
