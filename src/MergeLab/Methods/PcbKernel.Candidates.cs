@@ -152,9 +152,24 @@ internal static unsafe partial class PcbKernel
         /// <see cref="ScoreBound.Level"/> of the cutoff (taken once per pass: it is a logarithm).
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public int Pack(float* expert, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, Candidates which, float level)
+        public int Pack(float* expert, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, Candidates which, float level) =>
+            Counted(which == Candidates.Bounded ? PackBounded(new FloatRow(expert), new ScoreBound(terms), level) : PackAll(expert, which == Candidates.All));
+
+        /// <summary><see cref="Pack"/> of the bounded candidates of the task whose expert is
+        /// <paramref name="source"/>, read straight from its memory (bfloat16 widened as it is read) where the
+        /// chunk is whole vectors, else through <see cref="ExpertStaging"/>.</summary>
+        public int PackBounded(CpuFloats source, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, float level)
         {
-            int found = which == Candidates.Bounded ? PackBounded(expert, new ScoreBound(terms), level) : PackAll(expert, which == Candidates.All);
+            if (!source.IsBFloat16 || Count % Lanes != 0)
+            {
+                return Pack(ReadRow(source, ExpertStaging), terms, Candidates.Bounded, level);
+            }
+
+            return Counted(PackBounded(new BFloat16Row((ushort*)source.Pointer + Start), new ScoreBound(terms), level));
+        }
+
+        private int Counted(int found)
+        {
             if (CountCandidates)
             {
                 Interlocked.Add(ref Scored, found);
@@ -165,7 +180,8 @@ internal static unsafe partial class PcbKernel
         }
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private int PackBounded(float* expert, ScoreBound bound, float level)
+        private int PackBounded<TRow>(TRow expert, ScoreBound bound, float level)
+            where TRow : struct, IRow
         {
             var packed = Packed;
             var products = PackedProducts;
@@ -178,7 +194,7 @@ internal static unsafe partial class PcbKernel
             for (int v = 0; v < vectors; v++)
             {
                 int i = v * Lanes;
-                var t = Vector512.Load(expert + i) - Vector512.Load(bse + i);
+                var t = expert.Load(i) - Vector512.Load(bse + i);
                 var product = t * Vector512.Load(total + i);
                 var mask = ~Vector512.LessThan(bound.Of(t, product), levels); // NaN: a candidate
                 uint set = (uint)Vector512.ExtractMostSignificantBits(mask);
@@ -294,6 +310,26 @@ internal static unsafe partial class PcbKernel
             var q = Vector512.MaxNative(Vector512.Create(-1f), Vector512.MinNative(Vector512<float>.One, product));
             return Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(q.AsInt32()), Vector512.Create(1.1920929E-07f), y); // 2^-23
         }
+    }
+
+    /// <summary>A row of one input that a loop reads 16 entries at a time as float32.</summary>
+    private interface IRow
+    {
+        Vector512<float> Load(int i);
+    }
+
+    /// <summary>A float32 row, read in place.</summary>
+    private readonly struct FloatRow(float* first) : IRow
+    {
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Vector512<float> Load(int i) => Vector512.Load(first + i);
+    }
+
+    /// <summary>A bfloat16 row, widened as it is read (the bits shifted into a float32's high half).</summary>
+    private readonly struct BFloat16Row(ushort* first) : IRow
+    {
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Vector512<float> Load(int i) => Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(first + i)), 16).AsSingle();
     }
 
     /// <summary>The lanes of a 512-bit vector whose bits are set in <paramref name="set"/>, as a mask.</summary>

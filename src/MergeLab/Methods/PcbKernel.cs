@@ -380,6 +380,8 @@ internal static unsafe partial class PcbKernel
         // Never 0, which a thread's empty cache holds.
         private readonly long _id = Interlocked.Increment(ref _instances);
 
+        private readonly bool _allBFloat16 = inputs.Base.IsBFloat16 && inputs.Experts.All(e => e.IsBFloat16);
+
         public int Experts => inputs.Experts.Length;
 
         public long Length => inputs.Length;
@@ -475,7 +477,7 @@ internal static unsafe partial class PcbKernel
             for (int offset = 0; offset < count; offset += CandidateChunk.Length)
             {
                 var chunk = new CandidateChunk(start + offset, Math.Min(CandidateChunk.Length, count - offset), sums + offset, sums + stride + offset, scratch);
-                int found = chunk.Pack(chunk.ReadRow(inputs.Experts[k], chunk.ExpertStaging), terms, Candidates.Bounded, level);
+                int found = chunk.PackBounded(inputs.Experts[k], terms, level);
                 if (packed && store is not null)
                 {
                     store.ScoreAndKeep(k, chunk, found, terms, cutoff);
@@ -522,6 +524,34 @@ internal static unsafe partial class PcbKernel
             return written;
         }
 
+        /// <summary>The base and Σ_k τ_k of entries [start, start + count) (whole vectors) of bfloat16 inputs,
+        /// widened as they are read, into <paramref name="bse"/> and <paramref name="total"/>: the values of
+        /// <see cref="CandidateChunk.Read"/>, in the same order, without staging every expert.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private void SumBFloat16(long start, int count, float* bse, float* total)
+        {
+            int n = Experts;
+            var experts = stackalloc ushort*[n];
+            for (int k = 0; k < n; k++)
+            {
+                experts[k] = (ushort*)inputs.Experts[k].Pointer + start;
+            }
+
+            var first = (ushort*)inputs.Base.Pointer + start;
+            for (int i = 0; i < count; i += 16)
+            {
+                var b = new BFloat16Row(first).Load(i);
+                var sum = Vector512<float>.Zero;
+                for (int k = 0; k < n; k++)
+                {
+                    sum += new BFloat16Row(experts[k]).Load(i) - b; // x.sum(0): 0 + τ_0 + τ_1 + …, in expert order
+                }
+
+                b.Store(bse + i);
+                sum.Store(total + i);
+            }
+        }
+
         /// <summary>The base (at the result) and Σ_k τ_k (at the result + <paramref name="stride"/>) of entries
         /// [start, start + count) as float32, zero-padded to whole 512-bit vectors, in this thread's cache; and
         /// scratch for one candidate chunk.</summary>
@@ -536,11 +566,18 @@ internal static unsafe partial class PcbKernel
                 return sums;
             }
 
-            for (int offset = 0; offset < count; offset += CandidateChunk.Length)
+            if (_allBFloat16 && count % 16 == 0)
             {
-                var chunk = CandidateChunk.Read(inputs, start + offset, Math.Min(CandidateChunk.Length, count - offset), scratch);
-                Buffer.MemoryCopy(chunk.Base, sums + offset, chunk.Padded * 4L, chunk.Padded * 4L);
-                Buffer.MemoryCopy(chunk.Total, sums + stride + offset, chunk.Padded * 4L, chunk.Padded * 4L);
+                SumBFloat16(start, count, sums, sums + stride);
+            }
+            else
+            {
+                for (int offset = 0; offset < count; offset += CandidateChunk.Length)
+                {
+                    var chunk = CandidateChunk.Read(inputs, start + offset, Math.Min(CandidateChunk.Length, count - offset), scratch);
+                    Buffer.MemoryCopy(chunk.Base, sums + offset, chunk.Padded * 4L, chunk.Padded * 4L);
+                    Buffer.MemoryCopy(chunk.Total, sums + stride + offset, chunk.Padded * 4L, chunk.Padded * 4L);
+                }
             }
 
             (_sumsOwner, _sumsStart, _sumsCount) = (_id, start, count);
