@@ -189,14 +189,13 @@ internal static unsafe partial class PcbKernel
             var total = Total;
             var bse = Base;
             var levels = Vector512.Create(level);
-            int found = 0;
-            int vectors = Padded / Lanes;
-            for (int v = 0; v < vectors; v++)
+            var (low, high, scale) = bound.Vectors;
+            nint found = 0; // native-sized indices: no sign extension in the loop
+            for (nint i = 0, v = 0; i < Padded; i += Lanes, v++)
             {
-                int i = v * Lanes;
                 var t = expert.Load(i) - Vector512.Load(bse + i);
                 var product = t * Vector512.Load(total + i);
-                var mask = ~Vector512.LessThan(bound.Of(t, product), levels); // NaN: a candidate
+                var mask = ~Vector512.LessThan(ScoreBound.Compute(t, product, low, high, scale), levels); // NaN: a candidate
                 uint set = (uint)Vector512.ExtractMostSignificantBits(mask);
                 bits[v] = (ushort)set;
                 Avx512F.Compress(Vector512<float>.Zero, mask, t).Store(packed + found);
@@ -204,7 +203,7 @@ internal static unsafe partial class PcbKernel
                 found += BitOperations.PopCount(set);
             }
 
-            return found;
+            return (int)found;
         }
 
         /// <summary>Packs every entry (<paramref name="all"/>) or none.</summary>
@@ -285,26 +284,34 @@ internal static unsafe partial class PcbKernel
         public const float MinCutoff = 7.888609e-31f; // 2^-100
 
         private const double Room = 0.0860713320559342 + (1.0 / 1024);
-        private readonly ScoreTerms<Vector512Lanes, Vector512<float>> _terms;
-        private readonly Vector512<float> _low, _scale;
+        private readonly Vector512<float> _low, _high, _scale;
 
         public ScoreBound(in ScoreTerms<Vector512Lanes, Vector512<float>> terms)
         {
-            _terms = terms;
             (float low, float high, int experts) = terms.Parameters;
             _low = Vector512.Create(low);
+            _high = Vector512.Create(high);
             // y = (√(n·log₂e)·minmax)², so one multiplication scales and normalises.
             _scale = Vector512.Create(high - low == 0 ? 0 : (float)(Math.Sqrt(experts * 1.4426950408889634) / ((double)high - low)));
         }
+
+        /// <summary>The clamp bounds and the scale, for a loop that keeps them in registers
+        /// (<see cref="Compute"/>).</summary>
+        public (Vector512<float> Low, Vector512<float> High, Vector512<float> Scale) Vectors => (_low, _high, _scale);
 
         /// <summary>The level below which <see cref="Of"/> proves a score below <paramref name="cutoff"/>
         /// (≥ <see cref="MinCutoff"/>).</summary>
         public static float Level(float cutoff) => cutoff >= MinCutoff ? (float)(Math.Log2(cutoff) + 127 - Room) : float.NegativeInfinity;
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public Vector512<float> Of(Vector512<float> t, Vector512<float> product)
+        public Vector512<float> Of(Vector512<float> t, Vector512<float> product) => Compute(t, product, _low, _high, _scale);
+
+        /// <summary><see cref="Of"/> of a task whose clamp bounds and scale are <see cref="Vectors"/>.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static Vector512<float> Compute(Vector512<float> t, Vector512<float> product, Vector512<float> low, Vector512<float> high, Vector512<float> scale)
         {
-            var u = (_terms.ClampedMagnitude(t) - _low) * _scale;
+            // clamp(|τ|, low, high) as ScoreTerms.ClampedMagnitude computes it.
+            var u = (Vector512.MinNative(high, Vector512.MaxNative(low, Vector512.Abs(t))) - low) * scale;
             var y = Vector512.FusedMultiplyAdd(u, u, product * Vector512<float>.Zero); // NaN where p is NaN or infinite
             // The native min and max return their second operand where either is NaN: NaN stays NaN.
             var q = Vector512.MaxNative(Vector512.Create(-1f), Vector512.MinNative(Vector512<float>.One, product));
@@ -315,21 +322,21 @@ internal static unsafe partial class PcbKernel
     /// <summary>A row of one input that a loop reads 16 entries at a time as float32.</summary>
     private interface IRow
     {
-        Vector512<float> Load(int i);
+        Vector512<float> Load(nint i);
     }
 
     /// <summary>A float32 row, read in place.</summary>
     private readonly struct FloatRow(float* first) : IRow
     {
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public Vector512<float> Load(int i) => Vector512.Load(first + i);
+        public Vector512<float> Load(nint i) => Vector512.Load(first + i);
     }
 
     /// <summary>A bfloat16 row, widened as it is read (the bits shifted into a float32's high half).</summary>
     private readonly struct BFloat16Row(ushort* first) : IRow
     {
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public Vector512<float> Load(int i) => Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(first + i)), 16).AsSingle();
+        public Vector512<float> Load(nint i) => Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(first + i)), 16).AsSingle();
     }
 
     /// <summary>The lanes of a 512-bit vector whose bits are set in <paramref name="set"/>, as a mask.</summary>
