@@ -46,7 +46,7 @@ internal static unsafe partial class PcbKernel
     /// <summary>
     /// One chunk of at most <see cref="Length"/> entries in the calling thread's scratch, for the candidate
     /// passes: the base and each expert as float32 (zero-padded to whole 512-bit vectors), Σ_k τ_k, the
-    /// packed candidates, their masks, and two accumulators.
+    /// packed candidates, their bits, and two accumulators.
     /// </summary>
     private readonly struct CandidateChunk
     {
