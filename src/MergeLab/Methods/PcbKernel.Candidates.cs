@@ -82,20 +82,13 @@ internal static unsafe partial class PcbKernel
             var experts = view.Experts;
             for (int k = 0; k < n; k++)
             {
-                experts[k] = view.ReadRow(inputs.Experts[k], view.Row(9 + k));
+                experts[k] = new FloatRow(view.ReadRow(inputs.Experts[k], view.Row(9 + k)));
             }
 
             var total = view.Total;
             for (int i = 0; i < view.Padded; i += Lanes)
             {
-                var b = Vector512.Load(bse + i);
-                var sum = Vector512<float>.Zero;
-                for (int k = 0; k < n; k++)
-                {
-                    sum += Vector512.Load(experts[k] + i) - b; // x.sum(0): 0 + τ_0 + τ_1 + …, in expert order
-                }
-
-                sum.Store(total + i);
+                TaskVectorSum(experts, n, i, Vector512.Load(bse + i)).Store(total + i);
             }
 
             return view;
@@ -133,12 +126,12 @@ internal static unsafe partial class PcbKernel
         public static long ScratchFloats(int experts) => (experts + 9L) * RowFloats;
 
         /// <summary>Expert <paramref name="k"/>'s entries (in a chunk made by <see cref="Read"/>).</summary>
-        public float* Expert(int k) => Experts[k];
+        public float* Expert(int k) => Experts[k].First;
 
         /// <summary>A row for one expert's entries (in a chunk not made by <see cref="Read"/>).</summary>
         public float* ExpertStaging => Row(8);
 
-        private float** Experts => (float**)Row(8);
+        private FloatRow* Experts => (FloatRow*)Row(8);
 
         /// <summary>τ of entries [i, i + 16), for the expert at <paramref name="expert"/>.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -152,20 +145,20 @@ internal static unsafe partial class PcbKernel
         /// <see cref="ScoreBound.Level"/> of the cutoff (taken once per pass: it is a logarithm).
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        public int Pack(float* expert, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, Candidates which, float level) =>
-            Counted(which == Candidates.Bounded ? PackBounded(new FloatRow(expert), new ScoreBound(terms), level) : PackAll(expert, which == Candidates.All));
+        public int Pack(float* expert, in ScoreBound bound, Candidates which, float level) =>
+            Counted(which == Candidates.Bounded ? PackBounded(new FloatRow(expert), bound, level) : PackAll(expert, which == Candidates.All));
 
         /// <summary><see cref="Pack"/> of the bounded candidates of the task whose expert is
         /// <paramref name="source"/>, read straight from its memory (bfloat16 widened as it is read) where the
         /// chunk is whole vectors, else through <see cref="ExpertStaging"/>.</summary>
-        public int PackBounded(CpuFloats source, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, float level)
+        public int PackBounded(CpuFloats source, in ScoreBound bound, float level)
         {
             if (!source.IsBFloat16 || Count % Lanes != 0)
             {
-                return Pack(ReadRow(source, ExpertStaging), terms, Candidates.Bounded, level);
+                return Pack(ReadRow(source, ExpertStaging), bound, Candidates.Bounded, level);
             }
 
-            return Counted(PackBounded(new BFloat16Row((ushort*)source.Pointer + Start), new ScoreBound(terms), level));
+            return Counted(PackBounded(new BFloat16Row((ushort*)source.Pointer + Start), bound, level));
         }
 
         private int Counted(int found)
@@ -180,7 +173,7 @@ internal static unsafe partial class PcbKernel
         }
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private int PackBounded<TRow>(TRow expert, ScoreBound bound, float level)
+        private int PackBounded<TRow>(TRow expert, in ScoreBound bound, float level)
             where TRow : struct, IRow
         {
             var packed = Packed;
@@ -303,6 +296,8 @@ internal static unsafe partial class PcbKernel
         /// (≥ <see cref="MinCutoff"/>).</summary>
         public static float Level(float cutoff) => cutoff >= MinCutoff ? (float)(Math.Log2(cutoff) + 127 - Room) : float.NegativeInfinity;
 
+        /// <summary>The bound of 16 entries of this task (loops take <see cref="Vectors"/> once and call
+        /// <see cref="Compute"/>).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector512<float> Of(Vector512<float> t, Vector512<float> product) => Compute(t, product, _low, _high, _scale);
 
@@ -310,8 +305,7 @@ internal static unsafe partial class PcbKernel
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public static Vector512<float> Compute(Vector512<float> t, Vector512<float> product, Vector512<float> low, Vector512<float> high, Vector512<float> scale)
         {
-            // clamp(|τ|, low, high) as ScoreTerms.ClampedMagnitude computes it.
-            var u = (Vector512.MinNative(high, Vector512.MaxNative(low, Vector512.Abs(t))) - low) * scale;
+            var u = (ScoreTerms<Vector512Lanes, Vector512<float>>.Clamp(t, low, high) - low) * scale;
             var y = Vector512.FusedMultiplyAdd(u, u, product * Vector512<float>.Zero); // NaN where p is NaN or infinite
             // The native min and max return their second operand where either is NaN: NaN stays NaN.
             var q = Vector512.MaxNative(Vector512.Create(-1f), Vector512.MinNative(Vector512<float>.One, product));
@@ -328,6 +322,8 @@ internal static unsafe partial class PcbKernel
     /// <summary>A float32 row, read in place.</summary>
     private readonly struct FloatRow(float* first) : IRow
     {
+        public float* First => first;
+
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector512<float> Load(nint i) => Vector512.Load(first + i);
     }
@@ -337,6 +333,21 @@ internal static unsafe partial class PcbKernel
     {
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector512<float> Load(nint i) => Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(first + i)), 16).AsSingle();
+    }
+
+    /// <summary>Σ_k τ_k of the 16 entries at <paramref name="i"/> of <paramref name="n"/> experts' rows, whose
+    /// base entries are <paramref name="bse"/>: 0 + τ_0 + τ_1 + …, in expert order, as libtorch's x.sum(0).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> TaskVectorSum<TRow>(TRow* experts, int n, nint i, Vector512<float> bse)
+        where TRow : unmanaged, IRow
+    {
+        var sum = Vector512<float>.Zero;
+        for (int k = 0; k < n; k++)
+        {
+            sum += experts[k].Load(i) - bse;
+        }
+
+        return sum;
     }
 
     /// <summary>The lanes of a 512-bit vector whose bits are set in <paramref name="set"/>, as a mask.</summary>
@@ -371,6 +382,8 @@ internal static unsafe partial class PcbKernel
         return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
         {
             var levels = bounds.Threshold.Select(ScoreBound.Level).ToArray();
+            var termsOf = Enumerable.Range(0, n).Select(k => new ScoreTerms<Vector512Lanes, Vector512<float>>(bounds.Low[k], bounds.High[k], n)).ToArray();
+            var boundOf = termsOf.Select(t => new ScoreBound(t)).ToArray();
             CpuParallel.For(CpuParallel.BlockCount(d, Block), b =>
             {
                 var scratch = (float*)ThreadScratch.Get(floats * sizeof(float));
@@ -393,9 +406,9 @@ internal static unsafe partial class PcbKernel
                         var threshold = Vector512.Create(bounds.Threshold[k]);
                         var top = Vector512.Create(bounds.Top[k]);
                         var width = Vector512.Create(bounds.Top[k] - bounds.Threshold[k]);
-                        var terms = new ScoreTerms<Vector512Lanes, Vector512<float>>(bounds.Low[k], bounds.High[k], n);
+                        ref readonly var terms = ref termsOf[k];
                         var expert = chunk.Expert(k);
-                        int found = chunk.Pack(expert, terms, which[k], levels[k]);
+                        int found = chunk.Pack(expert, boundOf[k], which[k], levels[k]);
                         chunk.Score(found, terms);
                         var packed = chunk.Packed;
                         for (int j = 0; j < found; j += 16)

@@ -327,7 +327,11 @@ internal static unsafe partial class PcbKernel
 
         /// <summary>|τ̂| = clamp(|τ|, low, high).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public TV ClampedMagnitude(TV t) => TL.MinNative(_high, TL.MaxNative(_low, TL.Abs(t)));
+        public TV ClampedMagnitude(TV t) => Clamp(t, _low, _high);
+
+        /// <summary>clamp(|τ|, low, high) for given bounds (the bound loop keeps them in registers).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static TV Clamp(TV t, TV low, TV high) => TL.MinNative(high, TL.MaxNative(low, TL.Abs(t)));
 
         /// <summary>τ̂ = clamp(|τ|, low, high)·sign(τ), the value a task's weight multiplies.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -473,14 +477,16 @@ internal static unsafe partial class PcbKernel
             int written = 0;
             var sums = Sums(start, count, out int stride, out var scratch);
             var terms = new ScoreTerms<Vector512Lanes, Vector512<float>>(low[k], high[k], Experts);
+            var bound = new ScoreBound(terms);
+            var keeping = packed ? store : null; // only a packed fill is the selection's bracket pass
             float level = ScoreBound.Level(cutoff);
             for (int offset = 0; offset < count; offset += CandidateChunk.Length)
             {
                 var chunk = new CandidateChunk(start + offset, Math.Min(CandidateChunk.Length, count - offset), sums + offset, sums + stride + offset, scratch);
-                int found = chunk.PackBounded(inputs.Experts[k], terms, level);
-                if (packed && store is not null)
+                int found = chunk.PackBounded(inputs.Experts[k], bound, level);
+                if (keeping is not null)
                 {
-                    store.ScoreAndKeep(k, chunk, found, terms, cutoff);
+                    keeping.ScoreAndKeep(k, chunk, found, terms, cutoff);
                 }
                 else
                 {
@@ -516,11 +522,7 @@ internal static unsafe partial class PcbKernel
                 written += chunk.Count;
             }
 
-            if (packed)
-            {
-                store?.Publish();
-            }
-
+            keeping?.Publish();
             return written;
         }
 
@@ -531,24 +533,18 @@ internal static unsafe partial class PcbKernel
         private void SumBFloat16(long start, int count, float* bse, float* total)
         {
             int n = Experts;
-            var experts = stackalloc ushort*[n];
+            var experts = stackalloc BFloat16Row[n];
             for (int k = 0; k < n; k++)
             {
-                experts[k] = (ushort*)inputs.Experts[k].Pointer + start;
+                experts[k] = new BFloat16Row((ushort*)inputs.Experts[k].Pointer + start);
             }
 
-            var first = (ushort*)inputs.Base.Pointer + start;
+            var baseRow = new BFloat16Row((ushort*)inputs.Base.Pointer + start);
             for (int i = 0; i < count; i += 16)
             {
-                var b = new BFloat16Row(first).Load(i);
-                var sum = Vector512<float>.Zero;
-                for (int k = 0; k < n; k++)
-                {
-                    sum += new BFloat16Row(experts[k]).Load(i) - b; // x.sum(0): 0 + τ_0 + τ_1 + …, in expert order
-                }
-
+                var b = baseRow.Load(i);
                 b.Store(bse + i);
-                sum.Store(total + i);
+                TaskVectorSum(experts, n, i, b).Store(total + i);
             }
         }
 
