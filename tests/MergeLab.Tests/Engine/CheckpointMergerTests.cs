@@ -72,16 +72,7 @@ public class CheckpointMergerTests
         // and the tensors before each decide them): each merged tensor is placed at its offset's remainder,
         // so all its whole blocks go to the file without the staging copy, with the same bytes.
         using var dir = new TempDirectory();
-        using var g = new Generator(97);
-        using var baseModel = new StateDict();
-        using (var a = randn([3, 1000], generator: g))
-        using (var b = randn([40, 130], generator: g))
-        {
-            baseModel.Add("a.weight", a.to(ScalarType.BFloat16));
-            baseModel.Add("b.weight", b.to(ScalarType.BFloat16));
-        }
-
-        baseModel.Add("c.weight", randn([7, 1003], generator: g));
+        using var baseModel = T.DrawnModel(97, ("a.weight", [3, 1000], ScalarType.BFloat16), ("b.weight", [40, 130], ScalarType.BFloat16), ("c.weight", [7, 1003], ScalarType.Float32));
         using var e1 = T.Expert(baseModel, 98);
         using var e2 = T.Expert(baseModel, 99);
         var method = new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .3 });
@@ -361,7 +352,8 @@ public class CheckpointMergerTests
         Refused(request with { CopyFilesFrom = Path.Combine(dir.Path, "no-such-model") }, "no-such-model' does not exist");
 
         // And a mistyped tokenizer source: its parent is the base's folder, which was taken silently instead.
-        Refused(request with { TokenizerFilesFrom = Path.Combine(basePath, "no-such-tokenizer") }, $"The tokenizer source '{Path.Combine(basePath, "no-such-tokenizer")}' does not exist");
+        string missingTokenizer = Path.Combine(basePath, "no-such-tokenizer");
+        Refused(request with { TokenizerFilesFrom = missingTokenizer }, $"The tokenizer source '{missingTokenizer}' does not exist");
 
         CheckpointMerger.Merge(request with { TokenizerFilesFrom = expertPath, OutputDType = ScalarType.Float16 });
 

@@ -140,6 +140,18 @@ public class PcbCandidateTests
         Assert.That(missed, Is.Zero, "lanes that would be skipped at a cutoff equal to their score");
     }
 
+    /// <summary><paramref name="count"/> experts b + 0.01·N(0, 1), each step drawn from <paramref name="g"/> in
+    /// turn; expert <paramref name="unchanged"/> (if any) is b itself, its step drawn all the same.</summary>
+    private static Tensor[] Experts(Generator g, Tensor b, int count, int unchanged = -1)
+    {
+        using var scale = 0.01.ToScalar();
+        return Enumerable.Range(0, count).Select(k =>
+        {
+            using var step = randn(b.shape, generator: g);
+            return k == unchanged ? b.clone() : b + step.mul_(scale);
+        }).ToArray();
+    }
+
     /// <summary>With the default ratio 0.1, the merge and the selection score about a tenth of the entries
     /// exactly, not all of them; with the selection's candidates kept, the merge scores none.</summary>
     [TestCase(false)]
@@ -149,11 +161,7 @@ public class PcbCandidateTests
         RequireAvx512();
         using var g = new Generator(96);
         using var b = randn([300, 700], generator: g);
-        var list = Enumerable.Range(0, 3).Select(_ =>
-        {
-            using var step = randn([300, 700], generator: g);
-            return b + step.mul_(0.01);
-        }).ToArray();
+        var list = Experts(g, b, 3);
         try
         {
             using var keeping = T.Setting(() => PcbKernel.KeepCandidates, v => PcbKernel.KeepCandidates = v, keep);
@@ -187,12 +195,7 @@ public class PcbCandidateTests
         using var stores = T.Setting(() => PcbKernel.StreamingArenaBytes, v => PcbKernel.StreamingArenaBytes = v, streaming ? 0 : long.MaxValue);
         using var g = new Generator(97);
         using var b = randn([512, 1024], generator: g);
-        var list = Enumerable.Range(0, 3).Select(k =>
-        {
-            using var step = randn([512, 1024], generator: g);
-            using var scale = 0.01.ToScalar();
-            return k == 1 ? b.clone() : b + step.mul_(scale);
-        }).ToArray();
+        var list = Experts(g, b, 3, unchanged: 1);
         long savedArena = PcbKernel.MaxKeptArenaBytes;
         try
         {
