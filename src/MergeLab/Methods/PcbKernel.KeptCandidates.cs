@@ -272,15 +272,16 @@ internal static unsafe partial class PcbKernel
     /// <summary>How many chunks ahead <see cref="MergeKept"/> prefetches the kept candidates.</summary>
     private const int PrefetchAhead = 2;
 
-    /// <summary>The scratch <see cref="MergeKept"/> takes for <paramref name="experts"/> experts, in floats.</summary>
-    private static long KeptScratchFloats(int experts) => (3L + (2L * experts)) * CandidateChunk.RowFloats;
+    /// <summary>The scratch <see cref="MergeKept"/> takes, in floats: the base, the numerators (then the
+    /// results), the denominators, a staging row, and one task's weights and weighted values.</summary>
+    private static long KeptScratchFloats(int experts) => 6L * CandidateChunk.RowFloats;
 
     /// <summary>
     /// Merges the chunk of entries [<paramref name="start"/>, start + <paramref name="count"/>) from the base
     /// and the store's kept candidates of <paramref name="tasks"/> (those with a positive score range; the
-    /// others have every factor 0, as the full merge's Candidates.None): each task's weights and weighted
-    /// values are computed packed, then expanded into place and summed in expert order as the full merge
-    /// sums them.
+    /// others have every factor 0, as the full merge's Candidates.None): task by task, the weights and
+    /// weighted values are computed packed, then expanded into place and added to the sums, so each entry's
+    /// sums take the tasks in expert order, as the full merge's do.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void MergeKept(FusedPipeline.Inputs inputs, CandidateStore store, int[] tasks, Bounds bounds, float? lambda, long start, int count, nint address, bool bf16, float* scratch)
@@ -288,52 +289,56 @@ internal static unsafe partial class PcbKernel
         const int Lanes = 16;
         int padded = (count + Lanes - 1) / Lanes * Lanes;
         long rowFloats = CandidateChunk.RowFloats;
-        var output = scratch + rowFloats;
         var bse = ReadPadded(inputs.Base, start, count, padded, scratch);
-
-        // Task a's weights in row 3 + 2a of the scratch, its weighted values in the row after.
-        var weights = scratch + (3 * rowFloats);
-        var bits = stackalloc ushort*[tasks.Length];
-        var taken = stackalloc int[tasks.Length];
+        var num = scratch + rowFloats;
+        var den = scratch + (2 * rowFloats);
+        var weights = scratch + (4 * rowFloats);
+        var weighted = scratch + (5 * rowFloats);
+        new Span<float>(num, padded).Clear();
+        new Span<float>(den, padded).Clear();
         long chunk = start / CandidateChunk.Length;
-        for (int a = 0; a < tasks.Length; a++)
+        foreach (int k in tasks)
         {
-            int k = tasks[a];
             store.Prefetch(k, chunk + PrefetchAhead);
-            int found = store.Kept(k, chunk, out var values, out var scores, out var kept);
+            int found = store.Kept(k, chunk, out var values, out var scores, out var bits);
             var threshold = Vector512.Create(bounds.Threshold[k]);
             var top = Vector512.Create(bounds.Top[k]);
             var width = Vector512.Create(bounds.Top[k] - bounds.Threshold[k]);
-            var w = weights + (2L * a * rowFloats);
             for (int j = 0; j < found; j += Lanes)
             {
                 var s = Weight<Vector512Lanes, Vector512<float>>(Vector512.Load(scores + j), threshold, top, width);
-                s.Store(w + j);
-                (Vector512.Load(values + j) * s).Store(w + rowFloats + j);
+                s.Store(weights + j);
+                (Vector512.Load(values + j) * s).Store(weighted + j);
             }
 
-            bits[a] = kept;
-            taken[a] = 0;
+            AddExpanded(num, den, weighted, weights, bits, padded);
         }
 
         for (int i = 0; i < padded; i += Lanes)
         {
-            var num = Vector512<float>.Zero;
-            var den = Vector512<float>.Zero;
-            for (int a = 0; a < tasks.Length; a++)
-            {
-                uint set = bits[a][i / Lanes];
-                var mask = MaskOf(set);
-                var w = weights + (2L * a * rowFloats) + taken[a];
-                num += Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load(w + rowFloats));
-                den += Avx512F.Expand(Vector512<float>.Zero, mask, Vector512.Load(w));
-                taken[a] += BitOperations.PopCount(set);
-            }
-
-            Merged<Vector512Lanes, Vector512<float>>(num, den, Vector512.Load(bse + i), lambda).Store(output + i);
+            Merged<Vector512Lanes, Vector512<float>>(Vector512.Load(num + i), Vector512.Load(den + i), Vector512.Load(bse + i), lambda).Store(num + i);
         }
 
-        StorePairs(output, start, count, padded, address, bf16, scratch + (2 * rowFloats));
+        StorePairs(num, start, count, padded, address, bf16, scratch + (3 * rowFloats));
+    }
+
+    /// <summary>Adds one task's packed <paramref name="weighted"/> values and <paramref name="weights"/>, put
+    /// back in place by its candidate <paramref name="bits"/>, to <paramref name="num"/> and
+    /// <paramref name="den"/> (<paramref name="padded"/> entries).</summary>
+    [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
+    private static void AddExpanded(float* num, float* den, float* weighted, float* weights, ushort* bits, nint padded)
+    {
+        const int Lanes = 16;
+        var laneBits = Vector512.Create(1u, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768);
+        nint taken = 0;
+        for (nint i = 0, v = 0; i < padded; i += Lanes, v++)
+        {
+            uint set = bits[v];
+            var mask = Vector512.Equals(Vector512.Create(set) & laneBits, laneBits);
+            (Vector512.Load(num + i) + Avx512F.Expand(Vector512<uint>.Zero, mask, Vector512.Load((uint*)weighted + taken)).AsSingle()).Store(num + i);
+            (Vector512.Load(den + i) + Avx512F.Expand(Vector512<uint>.Zero, mask, Vector512.Load((uint*)weights + taken)).AsSingle()).Store(den + i);
+            taken += BitOperations.PopCount(set);
+        }
     }
 
     /// <summary>Stores a chunk's float32 results (<paramref name="padded"/> of them at <paramref name="values"/>)
