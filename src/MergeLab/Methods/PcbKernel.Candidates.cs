@@ -244,7 +244,7 @@ internal static unsafe partial class PcbKernel
         public Vector512<float> Unpack(int i, ref int taken)
         {
             uint set = Bits[i / Lanes];
-            var values = Avx512F.Expand(Vector512<float>.Zero, MaskOf(set), Vector512.Load(Packed + taken));
+            var values = Expand(MaskOf(set), Packed + taken);
             taken += BitOperations.PopCount(set);
             return values;
         }
@@ -356,13 +356,21 @@ internal static unsafe partial class PcbKernel
         return sum;
     }
 
-    /// <summary>The lanes of a 512-bit vector whose bits are set in <paramref name="set"/>, as a mask.</summary>
+    /// <summary>The lanes of a 512-bit vector whose bits are set in <paramref name="set"/>, as a mask for an
+    /// integer expand (which then takes it straight from the comparison; a float expand had it converted to a
+    /// vector and back).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
-    private static Vector512<float> MaskOf(uint set)
+    private static Vector512<uint> MaskOf(uint set)
     {
         var laneBits = Vector512.Create(1u, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768);
-        return Vector512.Equals(Vector512.Create(set) & laneBits, laneBits).AsSingle();
+        return Vector512.Equals(Vector512.Create(set) & laneBits, laneBits);
     }
+
+    /// <summary>The packed floats at <paramref name="packed"/> put in the lanes of <paramref name="mask"/>
+    /// (<see cref="MaskOf"/>), in order, 0 elsewhere.</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static Vector512<float> Expand(Vector512<uint> mask, float* packed) =>
+        Avx512F.Expand(Vector512<uint>.Zero, mask, Vector512.Load((uint*)packed)).AsSingle();
 
     /// <summary>Which entries of a task a pass with score cutoff <paramref name="cutoff"/> must score, given
     /// the score range's width (<paramref name="range"/>, 1 where it plays no part) and the number of experts.</summary>

@@ -329,14 +329,13 @@ internal static unsafe partial class PcbKernel
     private static void AddExpanded(float* num, float* den, float* weighted, float* weights, ushort* bits, nint padded)
     {
         const int Lanes = 16;
-        var laneBits = Vector512.Create(1u, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768);
         nint taken = 0;
         for (nint i = 0, v = 0; i < padded; i += Lanes, v++)
         {
             uint set = bits[v];
-            var mask = Vector512.Equals(Vector512.Create(set) & laneBits, laneBits);
-            (Vector512.Load(num + i) + Avx512F.Expand(Vector512<uint>.Zero, mask, Vector512.Load((uint*)weighted + taken)).AsSingle()).Store(num + i);
-            (Vector512.Load(den + i) + Avx512F.Expand(Vector512<uint>.Zero, mask, Vector512.Load((uint*)weights + taken)).AsSingle()).Store(den + i);
+            var mask = MaskOf(set);
+            (Vector512.Load(num + i) + Expand(mask, weighted + taken)).Store(num + i);
+            (Vector512.Load(den + i) + Expand(mask, weights + taken)).Store(den + i);
             taken += BitOperations.PopCount(set);
         }
     }
