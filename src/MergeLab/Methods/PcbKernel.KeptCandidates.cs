@@ -272,8 +272,9 @@ internal static unsafe partial class PcbKernel
     /// <summary>How many chunks ahead <see cref="MergeKept"/> prefetches the kept candidates.</summary>
     private const int PrefetchAhead = 2;
 
-    /// <summary>The scratch <see cref="MergeKept"/> takes, in floats: the base, the numerators (then the
-    /// results), the denominators, a staging row, and one task's weights and weighted values.</summary>
+    /// <summary>The scratch <see cref="MergeKept"/> takes, in floats: the base (where it is staged), the
+    /// numerators (then the results), the denominators, a staging row, and one task's weights and weighted
+    /// values.</summary>
     private static long KeptScratchFloats(int experts) => 6L * CandidateChunk.RowFloats;
 
     /// <summary>
@@ -289,7 +290,6 @@ internal static unsafe partial class PcbKernel
         const int Lanes = 16;
         int padded = (count + Lanes - 1) / Lanes * Lanes;
         long rowFloats = CandidateChunk.RowFloats;
-        var bse = ReadPadded(inputs.Base, start, count, padded, scratch);
         var num = scratch + rowFloats;
         var den = scratch + (2 * rowFloats);
         var weights = scratch + (4 * rowFloats);
@@ -314,9 +314,14 @@ internal static unsafe partial class PcbKernel
             AddExpanded(num, den, weighted, weights, bits, padded);
         }
 
-        for (int i = 0; i < padded; i += Lanes)
+        // A whole chunk of a bfloat16 base is widened as it is read, else the base is read (or staged) as float32.
+        if (inputs.Base.IsBFloat16 && count == padded)
         {
-            Merged<Vector512Lanes, Vector512<float>>(Vector512.Load(num + i), Vector512.Load(den + i), Vector512.Load(bse + i), lambda).Store(num + i);
+            AddBase(new BFloat16Row((ushort*)inputs.Base.Pointer + start), num, den, padded, lambda);
+        }
+        else
+        {
+            AddBase(new FloatRow(ReadPadded(inputs.Base, start, count, padded, scratch)), num, den, padded, lambda);
         }
 
         StorePairs(num, start, count, padded, address, bf16, scratch + (3 * rowFloats));
@@ -337,6 +342,17 @@ internal static unsafe partial class PcbKernel
             (Vector512.Load(num + i) + Expand(mask, weighted + taken)).Store(num + i);
             (Vector512.Load(den + i) + Expand(mask, weights + taken)).Store(den + i);
             taken += BitOperations.PopCount(set);
+        }
+    }
+
+    /// <summary>Replaces each of the <paramref name="padded"/> numerators by θ_base + λ·num/max(den, 1e-12).</summary>
+    [MethodImpl(MethodImplOptions.AggressiveInlining)]
+    private static void AddBase<TRow>(TRow bse, float* num, float* den, nint padded, float? lambda)
+        where TRow : struct, IRow
+    {
+        for (nint i = 0; i < padded; i += 16)
+        {
+            Merged<Vector512Lanes, Vector512<float>>(Vector512.Load(num + i), Vector512.Load(den + i), bse.Load(i), lambda).Store(num + i);
         }
     }
 
