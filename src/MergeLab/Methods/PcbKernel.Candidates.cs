@@ -229,13 +229,21 @@ internal static unsafe partial class PcbKernel
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void Score(int found, in ScoreTerms<Vector512Lanes, Vector512<float>> terms)
         {
-            var packed = Packed;
-            var products = PackedProducts;
             for (int j = 0; j < found; j += Lanes)
             {
-                var argument = terms.IntraArgument(Vector512.Load(packed + j));
-                ScoreTerms<Vector512Lanes, Vector512<float>>.Score(argument, Vector512.Load(products + j)).Store(packed + j);
+                _ = ScoreAt(j, terms);
             }
+        }
+
+        /// <summary>Replaces the 16 packed task-vector entries at <paramref name="j"/> by their exact scores,
+        /// and returns them.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public Vector512<float> ScoreAt(int j, in ScoreTerms<Vector512Lanes, Vector512<float>> terms)
+        {
+            var argument = terms.IntraArgument(Vector512.Load(Packed + j));
+            var score = ScoreTerms<Vector512Lanes, Vector512<float>>.Score(argument, Vector512.Load(PackedProducts + j));
+            score.Store(Packed + j);
+            return score;
         }
 
         /// <summary>The packed values of vector <paramref name="i"/> (entries [i, i + 16)) put back in

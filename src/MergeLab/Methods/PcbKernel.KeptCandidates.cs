@@ -132,12 +132,7 @@ internal static unsafe partial class PcbKernel
             for (int j = 0; j < found; j += Lanes)
             {
                 Put(terms.SignedClamped(Vector512.Load(packed + j)), values + j);
-            }
-
-            chunk.Score(found, terms);
-            for (int j = 0; j < found; j += Lanes)
-            {
-                Put(Vector512.Load(packed + j), values + rounded + j);
+                Put(chunk.ScoreAt(j, terms), values + rounded + j);
             }
 
             long bytes = chunk.Padded / Lanes * sizeof(ushort);
