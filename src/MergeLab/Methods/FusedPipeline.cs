@@ -40,10 +40,10 @@ internal static unsafe class FusedPipeline
     /// <see cref="Vector{T}"/> is narrower); false forces <see cref="Vector{T}"/>, for tests.</summary>
     internal static bool UseWideLanes { get; set; } = Vector512.IsHardwareAccelerated && Vector<float>.Count < Vector512<float>.Count;
 
-    /// <summary>Lets two, three or four experts of weight 1 under a sign election take loops of their own
-    /// (<c>Kernel.LimitPairRun</c>, <c>Kernel.LimitSmallRun</c>); false sends them through the general
-    /// one (for tests).</summary>
-    internal static bool SmallCountKernels { get; set; } = true;
+    /// <summary>Lets experts of weight 1 under a sign election take loops of their own (two:
+    /// <c>Kernel.LimitPairRun</c>; three or four: <c>Kernel.LimitSmallRun</c>; more:
+    /// <c>Kernel.LimitManyRun</c>); false sends them through the general one (for tests).</summary>
+    internal static bool UnitWeightKernels { get; set; } = true;
 
     /// <summary>Whether DARE on task arithmetic and DARE-TIES take <c>Kernel.RandomRun</c> and
     /// <c>Kernel.RandomConsensusRun</c> (true, the default) or the general loop; for tests and benchmarks
@@ -877,7 +877,7 @@ internal static unsafe class FusedPipeline
                 {
                     // Runs of blocks where every expert's mask is one key comparison; the one block where a
                     // Top rule's tie index falls goes through the general code below.
-                    int small = SmallRunExperts(setup, signSum);
+                    int small = UnitRunExperts(setup, signSum);
                     i = small == 2
                         ? UseWideLanes
                             ? LimitPairRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16)
@@ -890,6 +890,10 @@ internal static unsafe class FusedPipeline
                         ? UseWideLanes
                             ? LimitSmallRun<Vector512Lanes, Vector512<float>, Four>(setup, inputs, i, end, output, outBf16)
                             : LimitSmallRun<VectorLanes, Vector<float>, Four>(setup, inputs, i, end, output, outBf16)
+                        : small > 4
+                        ? UseWideLanes
+                            ? LimitManyRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16)
+                            : LimitManyRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16)
                         : UseWideLanes
                             ? LimitRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16, signSum)
                             : LimitRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16, signSum);
@@ -1013,12 +1017,12 @@ internal static unsafe class FusedPipeline
         /// before <paramref name="end"/> ends: the bound of every run loop.</summary>
         private static long WholeBlocksEnd(long start, long end, int lanes) => start + (end - start) / (2 * lanes) * (2 * lanes);
 
-        /// <summary>2, 3 or 4 where <see cref="LimitPairRun"/> (2) or <see cref="LimitSmallRun"/> (3, 4)
-        /// computes what <see cref="LimitRun"/> would: that many experts of weight 1, a sign election, and
-        /// the mean of the agreeing entries (as a count, or as the weights' sum, which is the same count
-        /// here); 0 otherwise.</summary>
-        private static int SmallRunExperts(Setup* setup, long* signSum) =>
-            SmallCountKernels && signSum == null && setup->Experts is >= 2 and <= 4 && setup->UnitWeights && setup->Consensus
+        /// <summary>The number of experts where <see cref="LimitPairRun"/> (2), <see cref="LimitSmallRun"/>
+        /// (3, 4) or <see cref="LimitManyRun"/> (more) computes what <see cref="LimitRun"/> would: experts of
+        /// weight 1, a sign election, and the mean of the agreeing entries (as a count, or as the weights'
+        /// sum, which is the same count here); 0 otherwise.</summary>
+        private static int UnitRunExperts(Setup* setup, long* signSum) =>
+            UnitWeightKernels && signSum == null && setup->Experts >= 2 && setup->UnitWeights && setup->Consensus
             && (setup->MeanOfAgreeing || setup->WeightNormalized) ? setup->Experts : 0;
 
         /// <summary>
@@ -1112,6 +1116,83 @@ internal static unsafe class FusedPipeline
             }
 
             return i;
+        }
+
+        /// <summary>
+        /// <see cref="LimitRun"/> for five or more experts of weight 1 with the mean of the agreeing entries
+        /// (TIES on many models), with the same bits: the general loop's flags are resolved before it, the
+        /// experts' pointers are read from the inputs' own arrays, and the products by the unit weights are
+        /// skipped (τ·1 is τ, bit for bit); otherwise the same operations in the same order as
+        /// <see cref="LimitRun"/> and <see cref="Agree"/>. Always writes the merge (no sign sum).
+        /// </summary>
+        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
+        private long LimitManyRun<TL, TV>(Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            int w = TL.Count;
+            int experts = setup->Experts;
+            long stop = WholeBlocksEnd(start, end, w);
+            var limits = stackalloc TV[experts];
+            var tau = stackalloc TV[2 * experts];
+            for (int k = 0; k < experts; k++)
+            {
+                limits[k] = Limit<TL, TV>(k, start, 2 * w, ref stop);
+            }
+
+            var lambda = TL.Broadcast(_lambda);
+            var signBit = TL.Broadcast(-0f);
+            bool bySum = setup->BySum, scale = setup->Scale, fillPositive = Fill > 0;
+            nint* pointers = inputs.Experts;
+            bool* bf16 = inputs.ExpertIsBf16;
+            nint bse = inputs.Base;
+            bool baseBf16 = inputs.BaseIsBf16;
+            long i = start;
+            for (; i < stop; i += 2 * w)
+            {
+                TL.Load(bse, baseBf16, i, out var b0, out var b1);
+                TV score0 = TL.Zero, score1 = TL.Zero;
+                for (int k = 0; k < experts; k++)
+                {
+                    TL.Load(pointers[k], bf16[k], i, out var x0, out var x1);
+                    var t0 = Kept<TL, TV>(TL.Subtract(x0, b0), limits[k]);
+                    var t1 = Kept<TL, TV>(TL.Subtract(x1, b1), limits[k]);
+                    tau[2 * k] = t0;
+                    tau[(2 * k) + 1] = t1;
+                    score0 = TL.Add(score0, Vote<TL, TV>(t0, bySum));
+                    score1 = TL.Add(score1, Vote<TL, TV>(t1, bySum));
+                }
+
+                TL.Store(output, outBf16, i,
+                    TL.Add(b0, ManyMean<TL, TV>(tau, experts, Elected<TL, TV>(score0, fillPositive, signBit), scale, lambda)),
+                    TL.Add(b1, ManyMean<TL, TV>(tau + 1, experts, Elected<TL, TV>(score1, fillPositive, signBit), scale, lambda)));
+            }
+
+            return i;
+        }
+
+        /// <summary>The elected-sign mean of the masked task vectors at <paramref name="tau"/>,
+        /// <paramref name="tau"/> + 2, … (<paramref name="experts"/> of them, weight 1), as <see cref="Agree"/>
+        /// computes it: the agreeing count and sum from 0 up, the division by the count (at least 1), then λ.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV ManyMean<TL, TV>(TV* tau, int experts, TV positiveSign, bool scale, TV lambda)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            var one = TL.One;
+            var agreeing = TL.Zero;
+            var merged = TL.Zero;
+            for (int k = 0; k < experts; k++)
+            {
+                var s = tau[2 * k];
+                var a = AgreeOne<TL, TV>(s, positiveSign);
+                agreeing = TL.Add(agreeing, a);
+                merged = TL.Add(merged, TL.Multiply(s, a));
+            }
+
+            // As in SmallMean: max(count, 1) and "the count, or 1 where it is 0" are the same divisor.
+            merged = TL.Divide(merged, TL.Select(TL.GreaterThan(agreeing, one), agreeing, one));
+            return scale ? TL.Multiply(merged, lambda) : merged;
         }
 
         /// <summary>The elected-sign mean of three or four masked task vectors (<paramref name="v"/> unused

@@ -273,27 +273,28 @@ public class FusedKernelTests
         yield return Case("ties paper dis-mean λ 1", new TiesMerge(new TiesOptions { Density = .6, Lambda = 1 }));
         yield return Case("ties mergekit", new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .2 }));
         yield return Case("ties peft frequency", new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Density = .4, Election = SignElection.Count }));
-        // Per-expert densities for every count the test runs (2 to 4 experts) are given when it runs.
+        // Per-expert densities for every count the test runs (2 to 9 experts) are given when it runs.
         yield return Case("ties drop-all and keep-all", new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Densities = [0, 1] }));
     }
 
     /// <summary><paramref name="method"/> for <paramref name="count"/> experts: per-expert densities
-    /// [0, 1] grow to [0, 1, 0.3] and [0, 1, 0.3, 1], so a drop-all, keep-alls and a top-k mix.</summary>
+    /// [0, 1] grow to [0, 1, 0.3], [0, 1, 0.3, 1], [0, 1, 0.3, 1, 0.3] and so on, so a drop-all, keep-alls
+    /// and top-k mix.</summary>
     private static MergeMethod ForCount(MergeMethod method, int count) =>
         method is TiesMerge { Options.Densities: { Count: 2 } densities } ties && count > 2
-            ? new TiesMerge(ties.Options with { Densities = [.. densities, .. new[] { .3, 1 }.Take(count - 2)] })
+            ? new TiesMerge(ties.Options with { Densities = [.. densities, .. Enumerable.Range(0, count - 2).Select(j => j % 2 == 0 ? .3 : 1)] })
             : method;
 
     /// <summary>
-    /// Two, three or four experts of weight 1 take loops of their own (the task vectors in registers; for
-    /// two, the elected sign read off the score and the division by 1 or 2 as a product). They must give
-    /// the general loop's bits, sign of zero and NaN payload included, at either lane width, on float32
-    /// and bfloat16, with the fill of a zero score positive (mergekit's rule) or negative (the paper's
-    /// majority, here negative).
+    /// Experts of weight 1 take loops of their own (for three or four, the task vectors in registers; for
+    /// two, also the elected sign read off the score and the division by 1 or 2 as a product; for more,
+    /// the general loop's flags resolved before it). They must give the general loop's bits, sign of zero
+    /// and NaN payload included, at either lane width, on float32 and bfloat16, with the fill of a zero
+    /// score positive (mergekit's rule) or negative (the paper's majority, here negative).
     /// </summary>
     [TestCaseSource(nameof(PairMethods))]
-    public void Two_to_four_experts_take_their_own_loops_and_get_the_general_loops_bits(MergeMethod method) =>
-        OwnLoopsGiveTheGeneralLoopsBits([2, 3, 4], count => ForCount(method, count), own => FusedPipeline.SmallCountKernels = own);
+    public void Experts_of_weight_one_take_their_own_loops_and_get_the_general_loops_bits(MergeMethod method) =>
+        OwnLoopsGiveTheGeneralLoopsBits([2, 3, 4, 5, 9], count => ForCount(method, count), own => FusedPipeline.UnitWeightKernels = own);
 
     /// <summary>
     /// For float32 and bfloat16, each of <paramref name="counts"/> experts (<see cref="SmallModel"/>) and
