@@ -380,7 +380,8 @@ internal static unsafe partial class PcbKernel
         // Never 0, which a thread's empty cache holds.
         private readonly long _id = Interlocked.Increment(ref _instances);
 
-        private readonly bool _allBFloat16 = inputs.Base.IsBFloat16 && inputs.Experts.All(e => e.IsBFloat16);
+        /// <summary>True where every input is bfloat16, false where every one is float32, null for a mix.</summary>
+        private readonly bool? _allBFloat16 = inputs.Experts.All(e => e.IsBFloat16 == inputs.Base.IsBFloat16) ? inputs.Base.IsBFloat16 : null;
 
         public int Experts => inputs.Experts.Length;
 
@@ -522,20 +523,15 @@ internal static unsafe partial class PcbKernel
             return written;
         }
 
-        /// <summary>The base and Σ_k τ_k of entries [start, start + count) (whole vectors) of bfloat16 inputs,
-        /// widened as they are read, into <paramref name="bse"/> and <paramref name="total"/>: the values of
-        /// <see cref="CandidateChunk.Read"/>, in the same order, without staging every expert.</summary>
+        /// <summary>The base and Σ_k τ_k of <paramref name="count"/> entries (whole vectors) of the base and
+        /// the experts' rows of one dtype (bfloat16 widened as it is read), into <paramref name="bse"/> and
+        /// <paramref name="total"/>: the values of <see cref="CandidateChunk.Read"/>, in the same order,
+        /// without staging every expert.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private void SumBFloat16(long start, int count, float* bse, float* total)
+        private void SumRows<TRow>(TRow baseRow, TRow* experts, int count, float* bse, float* total)
+            where TRow : unmanaged, IRow
         {
             int n = Experts;
-            var experts = stackalloc BFloat16Row[n];
-            for (int k = 0; k < n; k++)
-            {
-                experts[k] = new BFloat16Row((ushort*)inputs.Experts[k].Pointer + start);
-            }
-
-            var baseRow = new BFloat16Row((ushort*)inputs.Base.Pointer + start);
             for (int i = 0; i < count; i += 16)
             {
                 var b = baseRow.Load(i);
@@ -558,9 +554,26 @@ internal static unsafe partial class PcbKernel
                 return sums;
             }
 
-            if (_allBFloat16 && count % 16 == 0)
+            int n = Experts;
+            if (_allBFloat16 == true && count % 16 == 0)
             {
-                SumBFloat16(start, count, sums, sums + stride);
+                var rows = stackalloc BFloat16Row[n];
+                for (int k = 0; k < n; k++)
+                {
+                    rows[k] = new BFloat16Row((ushort*)inputs.Experts[k].Pointer + start);
+                }
+
+                SumRows(new BFloat16Row((ushort*)inputs.Base.Pointer + start), rows, count, sums, sums + stride);
+            }
+            else if (_allBFloat16 == false && count % 16 == 0)
+            {
+                var rows = stackalloc FloatRow[n];
+                for (int k = 0; k < n; k++)
+                {
+                    rows[k] = new FloatRow((float*)inputs.Experts[k].Pointer + start);
+                }
+
+                SumRows(new FloatRow((float*)inputs.Base.Pointer + start), rows, count, sums, sums + stride);
             }
             else
             {
