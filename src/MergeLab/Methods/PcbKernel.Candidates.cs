@@ -182,13 +182,13 @@ internal static unsafe partial class PcbKernel
             var total = Total;
             var bse = Base;
             var levels = Vector512.Create(level);
-            var (scale, offset, cap) = bound.Vectors;
+            var (low, high, scale) = bound.Vectors;
             nint found = 0, padded = Padded; // native-sized indices: no sign extension in the loop
             for (nint i = 0, v = 0; i < padded; i += Lanes, v++)
             {
                 var t = expert.Load(i) - Vector512.Load(bse + i);
                 var product = t * Vector512.Load(total + i);
-                var mask = ~Vector512.LessThan(ScoreBound.Compute(t, product, scale, offset, cap), levels); // NaN: a candidate
+                var mask = ~Vector512.LessThan(ScoreBound.Compute(t, product, low, high, scale), levels); // NaN: a candidate
                 uint set = (uint)Vector512.ExtractMostSignificantBits(mask);
                 bits[v] = (ushort)set;
                 Avx512F.Compress(Vector512<float>.Zero, mask, t).Store(packed + found);
@@ -271,19 +271,18 @@ internal static unsafe partial class PcbKernel
     /// the score is at most 0 where p ≤ 0 and at most 2^y·q otherwise (the computed tanh(p) is at most
     /// min(p, 1) for p &gt; 0: the series rounds x − |x³|/3 + …, the float64 path a value below both). The
     /// bits of a float q &gt; 0 read as an integer, times 2^-23, are at least log₂q + 127 − 0.0861
-    /// (log₂(1 + m) − m ≤ 0.0861 for m in [0, 1); subnormals too); those of a negative q (or −0) read as a
-    /// negative integer, which times 2^-23 is at most −129 + log₂|q|: below every level for |p| &lt; 2^63
-    /// (a larger |p| only makes the entry a candidate), so the minimum is taken on the bits, as integers.
-    /// So <see cref="Of"/> = y + bits(q)·2^-23 and
+    /// (log₂(1 + m) − m ≤ 0.0861 for m in [0, 1); subnormals too); those of a negative q read as a negative
+    /// integer, which times 2^-23 is at most −129 + log₂|q| (−255 or less for −0 and subnormals): below
+    /// every level for |p| &lt; 2^63, as y ≤ n·log₂e (a larger |p| only makes the entry a candidate), so the
+    /// minimum is taken on the bits, as integers. So <see cref="Of"/> = y + bits(q)·2^-23 and
     /// <see cref="Level"/>(c) = log₂c + 127 − 0.0861 − 2^-10, whose 2^-10 is room for the rounding of y (a
     /// reciprocal here, a division in the score: a few ulp of a ≤ n), of the integer's conversion, of
     /// the exp (about 1 ulp) and of the product, which stays in the normal range for c ≥ 2^-100. NaN where
-    /// τ or p is (or p is infinite), so such an entry is always a candidate. y is taken as
-    /// (min(|τ|·k − low·k, (high − low)·k))² with k = √(n·log₂e)/(high − low): one multiply-add and a
-    /// minimum where the score clamps |τ| at both ends; below low (a ten-thousandth of the entries by
-    /// default) that square is above the score's 0 by at most n·log₂e·(low/(high − low))², still a bound.
-    /// Looser than the score by at most 2^0.087 ≈ 6% elsewhere; about half the instructions of bounding
-    /// exp(a) by a polynomial, as it did before.
+    /// τ or p is (or p is infinite), so such an entry is always a candidate. y is computed as the score
+    /// computes minmax, clamp then subtract then scale, so its rounding stays relative: a multiply-add of |τ|
+    /// and −low·k would err by about k·low·2^-24 absolute, beyond the room once low is hundreds of times
+    /// high − low (clamp shares near one half allow that). Looser than the score by at most 2^0.087 ≈ 6%;
+    /// about half the instructions of bounding exp(a) by a polynomial, as it did before.
     /// </summary>
     internal readonly struct ScoreBound
     {
@@ -291,21 +290,20 @@ internal static unsafe partial class PcbKernel
         public const float MinCutoff = 7.888609e-31f; // 2^-100
 
         private const double Room = 0.0860713320559342 + (1.0 / 1024);
-        private readonly Vector512<float> _scale, _offset, _cap;
+        private readonly Vector512<float> _low, _high, _scale;
 
         public ScoreBound(in ScoreTerms<Vector512Lanes, Vector512<float>> terms)
         {
             (float low, float high, int experts) = terms.Parameters;
-            // y = (√(n·log₂e)·minmax)², so one multiply-add scales and normalises.
-            double scale = high - low == 0 ? 0 : Math.Sqrt(experts * 1.4426950408889634) / ((double)high - low);
-            _scale = Vector512.Create((float)scale);
-            _offset = Vector512.Create((float)(-low * scale));
-            _cap = Vector512.Create((float)(((double)high - low) * scale));
+            _low = Vector512.Create(low);
+            _high = Vector512.Create(high);
+            // y = (√(n·log₂e)·minmax)², so one multiplication scales and normalises.
+            _scale = Vector512.Create(high - low == 0 ? 0 : (float)(Math.Sqrt(experts * 1.4426950408889634) / ((double)high - low)));
         }
 
-        /// <summary>The scale k, the offset −low·k and the cap (high − low)·k, for a loop that keeps them in
-        /// registers (<see cref="Compute"/>).</summary>
-        public (Vector512<float> Scale, Vector512<float> Offset, Vector512<float> Cap) Vectors => (_scale, _offset, _cap);
+        /// <summary>The clamp bounds and the scale, for a loop that keeps them in registers
+        /// (<see cref="Compute"/>).</summary>
+        public (Vector512<float> Low, Vector512<float> High, Vector512<float> Scale) Vectors => (_low, _high, _scale);
 
         /// <summary>The level below which <see cref="Of"/> proves a score below <paramref name="cutoff"/>
         /// (≥ <see cref="MinCutoff"/>).</summary>
@@ -314,13 +312,14 @@ internal static unsafe partial class PcbKernel
         /// <summary>The bound of 16 entries of this task (loops take <see cref="Vectors"/> once and call
         /// <see cref="Compute"/>).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public Vector512<float> Of(Vector512<float> t, Vector512<float> product) => Compute(t, product, _scale, _offset, _cap);
+        public Vector512<float> Of(Vector512<float> t, Vector512<float> product) => Compute(t, product, _low, _high, _scale);
 
-        /// <summary><see cref="Of"/> of a task whose scale, offset and cap are <see cref="Vectors"/>.</summary>
+        /// <summary><see cref="Of"/> of a task whose clamp bounds and scale are <see cref="Vectors"/>.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public static Vector512<float> Compute(Vector512<float> t, Vector512<float> product, Vector512<float> scale, Vector512<float> offset, Vector512<float> cap)
+        public static Vector512<float> Compute(Vector512<float> t, Vector512<float> product, Vector512<float> low, Vector512<float> high, Vector512<float> scale)
         {
-            var u = Vector512.MinNative(cap, Vector512.FusedMultiplyAdd(Vector512.Abs(t), scale, offset)); // NaN stays NaN
+            // The native min and max return their second operand where either is NaN: NaN stays NaN.
+            var u = (Vector512.MinNative(high, Vector512.MaxNative(low, Vector512.Abs(t))) - low) * scale;
             var y = Vector512.FusedMultiplyAdd(u, u, product * Vector512<float>.Zero); // NaN where p is NaN or infinite
             var q = Vector512.Min(product.AsInt32(), Vector512.Create(0x3F800000)); // bits(min(p, 1)) for p ≥ 0; negative for p < 0
             return Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(q), Vector512.Create(1.1920929E-07f), y); // 2^-23
@@ -400,7 +399,7 @@ internal static unsafe partial class PcbKernel
         var which = Enumerable.Range(0, n).Select(k => Which(bounds.Threshold[k], bounds.Top[k] - bounds.Threshold[k], n)).ToArray();
         var kept = which.Contains(Candidates.All) ? null : store;
         var covered = Enumerable.Range(0, n).Where(k => which[k] == Candidates.Bounded).ToArray();
-        long floats = Math.Max(CandidateChunk.ScratchFloats(n), kept is null ? 0 : KeptScratchFloats(n));
+        long floats = Math.Max(CandidateChunk.ScratchFloats(n), kept is null ? 0 : KeptScratchFloats);
         return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
         {
             var levels = bounds.Threshold.Select(ScoreBound.Level).ToArray();

@@ -110,7 +110,7 @@ internal static unsafe partial class PcbKernel
 
         /// <summary>
         /// Scores the <paramref name="found"/> packed candidates of task <paramref name="k"/> in
-        /// <paramref name="chunk"/> (<see cref="CandidateChunk.Score"/>, into its packed row), and keeps them
+        /// <paramref name="chunk"/> (<see cref="CandidateChunk.ScoreAt"/>, into its packed row), and keeps them
         /// with clamp(|τ|)·sign(τ) and the chunk's candidate bits, packed at <paramref name="cutoff"/>, if they fit.
         /// </summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
@@ -270,7 +270,7 @@ internal static unsafe partial class PcbKernel
     /// <summary>The scratch <see cref="MergeKept"/> takes, in floats: the base (where it is staged), the
     /// numerators (then the results), the denominators, a staging row, and one task's weights and weighted
     /// values.</summary>
-    private static long KeptScratchFloats(int experts) => 6L * CandidateChunk.RowFloats;
+    private const long KeptScratchFloats = 6L * CandidateChunk.RowFloats;
 
     /// <summary>
     /// Merges the chunk of entries [<paramref name="start"/>, start + <paramref name="count"/>) from the base

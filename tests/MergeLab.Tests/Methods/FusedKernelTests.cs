@@ -158,8 +158,9 @@ public class FusedKernelTests
     }
 
     /// <summary>Each input's dtype is read separately (a bfloat16 flag per input): a bfloat16 base with
-    /// float32, bfloat16 and float16 experts in every small-count loop (2 to 4 experts) and the general
-    /// one, and float64 models, whose inputs and output the kernel converts.</summary>
+    /// float32, bfloat16 and float16 experts, weighted (the general loop) and of weight 1 (for TIES, the
+    /// unit-weight loops of 2, 3, 4 and 5 experts), and float64 models, whose inputs and output the kernel
+    /// converts.</summary>
     [TestCaseSource(nameof(Methods))]
     public void Fused_kernel_equals_libtorch_on_mixed_and_float64_inputs(MergeMethod method)
     {
@@ -167,6 +168,7 @@ public class FusedKernelTests
         foreach (int n in new[] { 2, 3, 4, 5 })
         {
             Check(method, n, ScalarType.BFloat16, OddShapes, 100 + n, expertTypes: mixed[..n]);
+            Check(method, n, ScalarType.BFloat16, OddShapes, 110 + n, weights: false, expertTypes: mixed[..n]);
         }
 
         Check(method, 3, ScalarType.Float32, AlignedShapes, 106, expertTypes: [ScalarType.BFloat16, ScalarType.Float16, ScalarType.Float32]);

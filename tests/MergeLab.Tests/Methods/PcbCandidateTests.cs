@@ -32,6 +32,7 @@ public class PcbCandidateTests
     [TestCase(8, 0.001f, 3f, 1f)]
     [TestCase(64, 0f, 1f, 0.5f)]
     [TestCase(3, 0.5f, 0.5f, 0.3f)] // constant clamp range: minmax is 0
+    [TestCase(64, 0.5f, 0.502f, 0.502f)] // low 250 times the range: minmax's rounding must stay relative
     public void The_score_bound_keeps_every_entry_whose_score_reaches_the_cutoff(int experts, float low, float high, float scale)
     {
         var random = new Random(experts);
