@@ -275,7 +275,7 @@ public class FusedKernelTests
         yield return Case("ties paper dis-mean λ 1", new TiesMerge(new TiesOptions { Density = .6, Lambda = 1 }));
         yield return Case("ties mergekit", new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Density = .2 }));
         yield return Case("ties peft frequency", new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Density = .4, Election = SignElection.Count }));
-        // Per-expert densities for every count the test runs (2 to 9 experts) are given when it runs.
+        // Per-expert densities for every count the test runs (2 to 64 experts) are given when it runs.
         yield return Case("ties drop-all and keep-all", new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit, Densities = [0, 1] }));
     }
 
@@ -296,7 +296,7 @@ public class FusedKernelTests
     /// </summary>
     [TestCaseSource(nameof(PairMethods))]
     public void Experts_of_weight_one_take_their_own_loops_and_get_the_general_loops_bits(MergeMethod method) =>
-        OwnLoopsGiveTheGeneralLoopsBits([2, 3, 4, 5, 9], count => ForCount(method, count), own => FusedPipeline.UnitWeightKernels = own);
+        OwnLoopsGiveTheGeneralLoopsBits([2, 3, 4, 5, 9, 64], count => ForCount(method, count), own => FusedPipeline.UnitWeightKernels = own);
 
     /// <summary>
     /// For float32 and bfloat16, each of <paramref name="counts"/> experts (<see cref="SmallModel"/>) and
