@@ -1180,7 +1180,21 @@ internal static unsafe class FusedPipeline
             where TV : unmanaged
         {
             var one = TL.One;
-            var agreeing = TL.Zero;
+            var merged = UnitAgreeingSum<TL, TV>(tau, experts, positiveSign, out var agreeing);
+            // As in SmallMean: max(count, 1) and "the count, or 1 where it is 0" are the same divisor.
+            merged = TL.Divide(merged, TL.Select(TL.GreaterThan(agreeing, one), agreeing, one));
+            return scale ? TL.Multiply(merged, lambda) : merged;
+        }
+
+        /// <summary>Σ_k τ_k·a_k and (into <paramref name="agreeing"/>) Σ_k a_k, each from 0 in expert order, of
+        /// the masked task vectors of weight 1 at <paramref name="tau"/>, <paramref name="tau"/> + 2, …, where
+        /// a_k is 1 where τ_k has the elected sign (<see cref="AgreeOne"/>) and 0 elsewhere.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV UnitAgreeingSum<TL, TV>(TV* tau, int experts, TV positiveSign, out TV agreeing)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            agreeing = TL.Zero;
             var merged = TL.Zero;
             for (int k = 0; k < experts; k++)
             {
@@ -1190,9 +1204,7 @@ internal static unsafe class FusedPipeline
                 merged = TL.Add(merged, TL.Multiply(s, a));
             }
 
-            // As in SmallMean: max(count, 1) and "the count, or 1 where it is 0" are the same divisor.
-            merged = TL.Divide(merged, TL.Select(TL.GreaterThan(agreeing, one), agreeing, one));
-            return scale ? TL.Multiply(merged, lambda) : merged;
+            return merged;
         }
 
         /// <summary>The elected-sign mean of three or four masked task vectors (<paramref name="v"/> unused
@@ -1982,26 +1994,27 @@ internal static unsafe class FusedPipeline
         {
             var zero = TL.Zero;
             var one = TL.One;
-            var merged = zero;
-            var agreeing = zero;
             var divisor = zero;
-            bool onWeighted = setup->OnWeighted;
             bool unit = setup->UnitWeights; // s·1 = s and Σ 1·a = Σ a exactly: the products are skipped
-            for (int k = 0; k < setup->Experts; k++)
+            TV merged, agreeing;
+            if (unit)
             {
-                var s = tau[2 * k + half];
-                var a = AgreeOne<TL, TV>(s, positiveSign);
-                agreeing = TL.Add(agreeing, a);
-                if (unit)
+                merged = UnitAgreeingSum<TL, TV>(tau + half, setup->Experts, positiveSign, out agreeing);
+            }
+            else
+            {
+                merged = agreeing = zero;
+                bool onWeighted = setup->OnWeighted;
+                for (int k = 0; k < setup->Experts; k++)
                 {
-                    merged = TL.Add(merged, TL.Multiply(s, a));
-                    continue;
+                    var s = tau[2 * k + half];
+                    var a = AgreeOne<TL, TV>(s, positiveSign);
+                    agreeing = TL.Add(agreeing, a);
+                    var w = weights[k];
+                    var weighted = onWeighted ? s : TL.Multiply(s, w);
+                    merged = TL.Add(merged, TL.Multiply(weighted, a));
+                    divisor = TL.Add(divisor, TL.Multiply(w, a));
                 }
-
-                var w = weights[k];
-                var weighted = onWeighted ? s : TL.Multiply(s, w);
-                merged = TL.Add(merged, TL.Multiply(weighted, a));
-                divisor = TL.Add(divisor, TL.Multiply(w, a));
             }
 
             if (setup->MeanOfAgreeing)
