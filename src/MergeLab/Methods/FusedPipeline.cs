@@ -871,26 +871,26 @@ internal static unsafe class FusedPipeline
             }
 
             bool limitsOnly = _limitsOnly;
+            int unit = limitsOnly ? UnitRunExperts(setup, signSum) : 0;
             for (; i + 2 * w <= end; i += 2 * w)
             {
                 if (limitsOnly)
                 {
                     // Runs of blocks where every expert's mask is one key comparison; the one block where a
                     // Top rule's tie index falls goes through the general code below.
-                    int small = UnitRunExperts(setup, signSum);
-                    i = small == 2
+                    i = unit == 2
                         ? UseWideLanes
                             ? LimitPairRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16)
                             : LimitPairRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16)
-                        : small == 3
+                        : unit == 3
                         ? UseWideLanes
                             ? LimitSmallRun<Vector512Lanes, Vector512<float>, Three>(setup, inputs, i, end, output, outBf16)
                             : LimitSmallRun<VectorLanes, Vector<float>, Three>(setup, inputs, i, end, output, outBf16)
-                        : small == 4
+                        : unit == 4
                         ? UseWideLanes
                             ? LimitSmallRun<Vector512Lanes, Vector512<float>, Four>(setup, inputs, i, end, output, outBf16)
                             : LimitSmallRun<VectorLanes, Vector<float>, Four>(setup, inputs, i, end, output, outBf16)
-                        : small > 4
+                        : unit > 4
                         ? UseWideLanes
                             ? LimitManyRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16)
                             : LimitManyRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16)

@@ -151,15 +151,10 @@ internal static unsafe partial class PcbKernel
         /// <summary><see cref="Pack"/> of the bounded candidates of the task whose expert is
         /// <paramref name="source"/>, read straight from its memory (bfloat16 widened as it is read) where the
         /// chunk is whole vectors, else through <see cref="ExpertStaging"/>.</summary>
-        public int PackBounded(CpuFloats source, in ScoreBound bound, float level)
-        {
-            if (!source.IsBFloat16 || Count % Lanes != 0)
-            {
-                return Pack(ReadRow(source, ExpertStaging), bound, Candidates.Bounded, level);
-            }
-
-            return Counted(PackBounded(new BFloat16Row((ushort*)source.Pointer + Start), bound, level));
-        }
+        public int PackBounded(CpuFloats source, in ScoreBound bound, float level) =>
+            Counted(source.IsBFloat16 && Count % Lanes == 0
+                ? PackBounded(new BFloat16Row((ushort*)source.Pointer + Start), bound, level)
+                : PackBounded(new FloatRow(ReadRow(source, ExpertStaging)), bound, level));
 
         private int Counted(int found)
         {
@@ -319,7 +314,7 @@ internal static unsafe partial class PcbKernel
         public static Vector512<float> Compute(Vector512<float> t, Vector512<float> product, Vector512<float> low, Vector512<float> high, Vector512<float> scale)
         {
             // The native min and max return their second operand where either is NaN: NaN stays NaN.
-            var u = (Vector512.MinNative(high, Vector512.MaxNative(low, Vector512.Abs(t))) - low) * scale;
+            var u = (ScoreTerms<Vector512Lanes, Vector512<float>>.Clamp(t, low, high) - low) * scale;
             var y = Vector512.FusedMultiplyAdd(u, u, product * Vector512<float>.Zero); // NaN where p is NaN or infinite
             var q = Vector512.Min(product.AsInt32(), Vector512.Create(0x3F800000)); // bits(min(p, 1)) for p ≥ 0; negative for p < 0
             return Vector512.FusedMultiplyAdd(Vector512.ConvertToSingle(q), Vector512.Create(1.1920929E-07f), y); // 2^-23
@@ -449,11 +444,7 @@ internal static unsafe partial class PcbKernel
                         }
                     }
 
-                    for (int i = 0; i < chunk.Padded; i += 16)
-                    {
-                        Merged<Vector512Lanes, Vector512<float>>(Vector512.Load(num + i), Vector512.Load(den + i), Vector512.Load(chunk.Base + i), lambda).Store(num + i);
-                    }
-
+                    AddBase(new FloatRow(chunk.Base), num, den, chunk.Padded, lambda);
                     StorePairs(num, chunk.Start, chunk.Count, chunk.Padded, address, bf16, chunk.Staging);
                 }
             });

@@ -327,7 +327,11 @@ internal static unsafe partial class PcbKernel
 
         /// <summary>|τ̂| = clamp(|τ|, low, high).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        public TV ClampedMagnitude(TV t) => TL.MinNative(_high, TL.MaxNative(_low, TL.Abs(t)));
+        public TV ClampedMagnitude(TV t) => Clamp(t, _low, _high);
+
+        /// <summary>clamp(|τ|, low, high) for given bounds (the bound loop keeps them in registers).</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        public static TV Clamp(TV t, TV low, TV high) => TL.MinNative(high, TL.MaxNative(low, TL.Abs(t)));
 
         /// <summary>τ̂ = clamp(|τ|, low, high)·sign(τ), the value a task's weight multiplies.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]

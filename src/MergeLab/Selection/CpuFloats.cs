@@ -207,19 +207,10 @@ internal static unsafe class FiniteValues
             return t.isfinite().all().item<bool>();
         }
 
-        if (t.dim() == 1 || t.is_contiguous())
+        if (t.dim() > 1 && t.is_contiguous())
         {
-            using var flat = t.view(-1); // a view of the same entries (a 1-D tensor keeps its stride)
-            for (long start = 0; start < n; start += ChunkElements)
-            {
-                using var part = flat.narrow(0, start, Math.Min(ChunkElements, n - start));
-                if (!ChunksAreFinite(part))
-                {
-                    return false;
-                }
-            }
-
-            return true;
+            using var flat = t.view(-1); // a view of the same entries, sliced by the rows below (rows of 1)
+            return ChunksAreFinite(flat);
         }
 
         long rows = t.shape[0];

@@ -854,7 +854,7 @@ internal static unsafe class ExactSelector
         long stride = n / runs;
         var samples = sources.Select(_ => new uint[runs * SampleRun]).ToArray();
         const int RunsPerTask = 64;
-        CpuParallel.For((runs + RunsPerTask - 1) / RunsPerTask, t =>
+        CpuParallel.For(CpuParallel.BlockCount(runs, RunsPerTask), t =>
         {
             var floats = stackalloc float[2 * SampleRun];
             for (int j = (int)t * RunsPerTask; j < Math.Min(runs, (t + 1) * RunsPerTask); j++)
