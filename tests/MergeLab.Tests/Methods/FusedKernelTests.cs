@@ -73,12 +73,7 @@ public class FusedKernelTests
     private static (StateDict Base, StateDict[] Experts) Model(int experts, ScalarType dtype, long[][] shapes, long seed, ScalarType[]? expertTypes = null)
     {
         using var g = new Generator((ulong)seed);
-        var b = new StateDict();
-        for (int i = 0; i < shapes.Length; i++)
-        {
-            using var drawn = randn(shapes[i], generator: g);
-            b.Add($"t{i}", drawn.to(dtype, copy: true));
-        }
+        var b = T.DrawnModel(g, shapes.Select((shape, i) => ($"t{i}", shape, dtype)).ToArray());
 
         var list = new StateDict[experts];
         for (int k = 0; k < experts; k++)
@@ -120,7 +115,7 @@ public class FusedKernelTests
             using var reference = T.Libtorch(() => weighted.Merge(b, list));
             foreach (var name in b.Names)
             {
-                string label = $"{method.Name}: {name} {string.Join("x", b[name].shape)}, {experts} experts, {dtype}{(expertTypes is null ? "" : " base, experts " + string.Join("/", expertTypes))}";
+                string label = $"{method.Name}: {name} {string.Join("x", b[name].shape)}, {experts} experts, {dtype}{(expertTypes is null ? "" : " base, experts " + string.Join("/", expertTypes))}{(weights ? "" : ", unit weights")}";
                 (compare ?? T.BitEqual)(fast[name], reference[name], label);
             }
         }

@@ -197,12 +197,12 @@ public class PcbCandidateTests
         using var g = new Generator(97);
         using var b = randn([512, 1024], generator: g);
         var list = Experts(g, b, 3, unchanged: 1);
-        long savedArena = PcbKernel.MaxKeptArenaBytes;
+        long defaultArena = PcbKernel.MaxKeptArenaBytes;
         try
         {
             var pcb = new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor });
             long d = 512 * 1024;
-            foreach (long arena in new[] { savedArena, 300L << 10 })
+            foreach (long arena in new[] { defaultArena, 300L << 10 })
             {
                 using var arenaSize = T.Setting(() => PcbKernel.MaxKeptArenaBytes, v => PcbKernel.MaxKeptArenaBytes = v, arena);
                 using (Counting())
@@ -216,7 +216,7 @@ public class PcbCandidateTests
                 // kept run, three tasks for each entry of a chunk scored again (the full passes pack nothing).
                 TestContext.Out.WriteLine($"arena {arena}: offered {PcbKernel.Offered}");
                 long scoredAgain = PcbKernel.Offered - (2 * d) - (2 * d) - (3 * d);
-                if (arena == savedArena)
+                if (arena == defaultArena)
                 {
                     Assert.That(scoredAgain, Is.Zero, "every chunk kept");
                 }

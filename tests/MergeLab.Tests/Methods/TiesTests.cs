@@ -147,15 +147,24 @@ public class TiesTests
         using var merged = method.Merge(baseModel, [expert]);
 
         using var tv = TaskVector.Between(expert, baseModel);
-        using var all = cat(tv.Deltas.Select(kv => kv.Value.flatten()).ToArray()).abs();
-        long n = all.numel();
-        long k = n - (long)Math.Floor(n * .3);
-        float threshold = all.kthvalue(k, 0, false).values.item<float>();
+        using var kth = Threshold(tv, .3);
+        float threshold = kth.item<float>();
         foreach (var (name, delta) in tv.Deltas)
         {
             using var expected = baseModel[name] + delta * delta.abs().ge(threshold);
             T.Near(merged[name], expected, 1e-6);
         }
+    }
+
+    /// <summary>The whole-model TIES threshold of <paramref name="tv"/> by libtorch: the k-th smallest of all
+    /// its magnitudes, concatenated, with k = n − ⌊n·density⌋.</summary>
+    private static Tensor Threshold(TaskVector tv, double density)
+    {
+        using var scope = NewDisposeScope();
+        var all = cat(tv.Deltas.Select(kv => kv.Value.flatten()).ToArray()).abs();
+        long n = all.numel();
+        long k = n - (long)Math.Floor(n * density);
+        return all.kthvalue(k, 0, false).values.MoveToOuterDisposeScope();
     }
 
     /// <summary>The same on a model large enough for the CPU's bracket selection (over 2¹⁷ magnitudes,
@@ -171,10 +180,7 @@ public class TiesTests
 
         using var tv = TaskVector.Between(expert, baseModel);
         using var scope = NewDisposeScope();
-        var all = cat(tv.Deltas.Select(kv => kv.Value.flatten()).ToArray()).abs();
-        long n = all.numel();
-        long k = n - (long)Math.Floor(n * .3);
-        var threshold = all.kthvalue(k, 0, false).values;
+        var threshold = Threshold(tv, .3);
         foreach (var (name, delta) in tv.Deltas)
         {
             var expected = (baseModel[name].to(ScalarType.Float32) + (delta * delta.abs().ge(threshold))).to(dtype);

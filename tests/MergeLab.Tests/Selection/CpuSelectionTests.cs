@@ -828,14 +828,14 @@ public class CpuSelectionTests
         Assert.That(FiniteValues.AllFinite(half), Is.Null, "float16 is left to libtorch");
     }
 
-    // The libtorch path (float16, or strides the direct check does not read) checks views of at most
-    // ChunkElements entries: contiguous slices, blocks of whole rows, or single rows larger than a chunk.
-    // A chunk of 7 entries makes every route run on small tensors; each poisoned entry must be found.
+    /// <summary>The libtorch path (float16, or strides the direct check does not read) checks views of at
+    /// most ChunkElements entries: contiguous slices, blocks of whole rows, or single rows larger than a
+    /// chunk. A chunk of 7 entries makes every route run on small tensors; each poisoned entry must be found.</summary>
     [Test]
     public void The_libtorch_finite_check_finds_every_non_finite_entry_chunk_by_chunk()
     {
         using var chunks = T.Setting(() => FiniteValues.ChunkElements, v => FiniteValues.ChunkElements = v, 7);
-        using var entries = arange(4 * 5 * 6, ScalarType.Float32);
+        using var entries = tensor(Enumerable.Range(0, 4 * 5 * 6).Select(i => (float)i).ToArray());
         using var source = entries.reshape(4, 5, 6);
         var shapes = new Func<Tensor, Tensor>[]
         {

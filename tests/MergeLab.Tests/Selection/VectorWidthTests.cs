@@ -1,3 +1,4 @@
+using System.Globalization;
 using System.Numerics;
 using System.Runtime.Intrinsics;
 using System.Runtime.Intrinsics.X86;
@@ -21,7 +22,7 @@ public class VectorWidthTests
         TestContext.Progress.WriteLine($"Vector<T>: {bits} bits; Vector512 accelerated: {Vector512.IsHardwareAccelerated}; AVX-512F: {Avx512F.IsSupported}");
         // The runtime reads the switch as a decimal width and ignores one below 128 (as this test does).
         if (Environment.GetEnvironmentVariable("DOTNET_MaxVectorTBitWidth") is { Length: > 0 } asked
-            && int.TryParse(asked, System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int wanted)
+            && int.TryParse(asked, NumberStyles.None, CultureInfo.InvariantCulture, out int wanted)
             && wanted >= 128)
         {
             // At most the width asked for, and at least that or the widest the CPU accelerates, whichever is

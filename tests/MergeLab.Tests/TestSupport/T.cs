@@ -115,6 +115,13 @@ internal static class T
     public static StateDict DrawnModel(long seed, params (string Name, long[] Shape, ScalarType DType)[] tensors)
     {
         using var g = new Generator((ulong)seed);
+        return DrawnModel(g, tensors);
+    }
+
+    /// <summary><see cref="DrawnModel(long, ValueTuple{string, long[], ScalarType}[])"/> drawn from
+    /// <paramref name="g"/>, which goes on to draw whatever the caller draws next.</summary>
+    public static StateDict DrawnModel(Generator g, params (string Name, long[] Shape, ScalarType DType)[] tensors)
+    {
         var sd = new StateDict();
         foreach (var (name, shape, dtype) in tensors)
         {
