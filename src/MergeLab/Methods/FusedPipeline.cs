@@ -1179,11 +1179,20 @@ internal static unsafe class FusedPipeline
             where TL : struct, ISimdLanes<TV>
             where TV : unmanaged
         {
-            var one = TL.One;
             var merged = UnitAgreeingSum<TL, TV>(tau, experts, positiveSign, out var agreeing);
-            // As in SmallMean: max(count, 1) and "the count, or 1 where it is 0" are the same divisor.
-            merged = TL.Divide(merged, TL.Select(TL.GreaterThan(agreeing, one), agreeing, one));
+            merged = DivideByCount<TL, TV>(merged, agreeing);
             return scale ? TL.Multiply(merged, lambda) : merged;
+        }
+
+        /// <summary><paramref name="sum"/> / max(<paramref name="count"/>, 1): the mean of the agreeing entries,
+        /// the sum itself (0) where none agrees.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static TV DivideByCount<TL, TV>(TV sum, TV count)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged
+        {
+            var one = TL.One;
+            return TL.Divide(sum, TL.Select(TL.GreaterThan(count, one), count, one));
         }
 
         /// <summary>Σ_k τ_k·a_k and (into <paramref name="agreeing"/>) Σ_k a_k, each from 0 in expert order, of
@@ -1218,7 +1227,6 @@ internal static unsafe class FusedPipeline
             where TN : struct, IExpertCount
         {
             var zero = TL.Zero;
-            var one = TL.One;
             var score = TL.Add(TL.Add(TL.Add(zero, Vote<TL, TV>(s, bySum)), Vote<TL, TV>(t, bySum)), Vote<TL, TV>(u, bySum));
             if (TN.Four)
             {
@@ -1238,9 +1246,8 @@ internal static unsafe class FusedPipeline
                 merged = TL.Add(merged, TL.Multiply(v, d));
             }
 
-            // The mean of agreeing divides by max(count, 1), the weight-normalised sum by the count or 1
-            // where it is 0: the same divisor for whole counts.
-            merged = TL.Divide(merged, TL.Select(TL.GreaterThan(agreeing, one), agreeing, one));
+            // For unit weights the weight-normalised sum's divisor (the count, or 1 where it is 0) is this one.
+            merged = DivideByCount<TL, TV>(merged, agreeing);
             return scale ? TL.Multiply(merged, lambda) : merged;
         }
 
@@ -2019,7 +2026,7 @@ internal static unsafe class FusedPipeline
 
             if (setup->MeanOfAgreeing)
             {
-                merged = TL.Divide(merged, TL.Select(TL.GreaterThan(agreeing, one), agreeing, one));
+                merged = DivideByCount<TL, TV>(merged, agreeing);
             }
             else if (setup->WeightNormalized)
             {

@@ -153,7 +153,7 @@ internal static unsafe partial class PcbKernel
         /// chunk is whole vectors, else through <see cref="ExpertStaging"/>.</summary>
         public int PackBounded(CpuFloats source, in ScoreBound bound, float level) =>
             Counted(source.IsBFloat16 && Count % Lanes == 0
-                ? PackBounded(new BFloat16Row((ushort*)source.Pointer + Start), bound, level)
+                ? PackBounded(BFloat16Row.At(source, Start), bound, level)
                 : PackBounded(new FloatRow(ReadRow(source, ExpertStaging)), bound, level));
 
         private int Counted(int found)
@@ -169,7 +169,7 @@ internal static unsafe partial class PcbKernel
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private int PackBounded<TRow>(TRow expert, in ScoreBound bound, float level)
-            where TRow : struct, IRow
+            where TRow : struct, IRow<TRow>
         {
             var packed = Packed;
             var products = PackedProducts;
@@ -322,23 +322,33 @@ internal static unsafe partial class PcbKernel
     }
 
     /// <summary>A row of one input that a loop reads 16 entries at a time as float32.</summary>
-    private interface IRow
+    /// <typeparam name="TSelf">The implementing row type.</typeparam>
+    private interface IRow<TSelf>
+        where TSelf : IRow<TSelf>
     {
+        /// <summary>The row of <paramref name="source"/> from entry <paramref name="start"/> on, read in place
+        /// (the source has the row type's dtype).</summary>
+        static abstract TSelf At(CpuFloats source, long start);
+
         Vector512<float> Load(nint i);
     }
 
     /// <summary>A float32 row, read in place.</summary>
-    private readonly struct FloatRow(float* first) : IRow
+    private readonly struct FloatRow(float* first) : IRow<FloatRow>
     {
         public float* First => first;
+
+        public static FloatRow At(CpuFloats source, long start) => new((float*)source.Pointer + start);
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector512<float> Load(nint i) => Vector512.Load(first + i);
     }
 
     /// <summary>A bfloat16 row, widened as it is read (the bits shifted into a float32's high half).</summary>
-    private readonly struct BFloat16Row(ushort* first) : IRow
+    private readonly struct BFloat16Row(ushort* first) : IRow<BFloat16Row>
     {
+        public static BFloat16Row At(CpuFloats source, long start) => new((ushort*)source.Pointer + start);
+
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector512<float> Load(nint i) => Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(first + i)), 16).AsSingle();
     }
@@ -347,7 +357,7 @@ internal static unsafe partial class PcbKernel
     /// base entries are <paramref name="bse"/>: 0 + τ_0 + τ_1 + …, in expert order, as libtorch's x.sum(0).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<float> TaskVectorSum<TRow>(TRow* experts, int n, nint i, Vector512<float> bse)
-        where TRow : unmanaged, IRow
+        where TRow : unmanaged, IRow<TRow>
     {
         var sum = Vector512<float>.Zero;
         for (int k = 0; k < n; k++)

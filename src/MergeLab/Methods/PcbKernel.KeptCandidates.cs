@@ -312,7 +312,7 @@ internal static unsafe partial class PcbKernel
         // A whole chunk of a bfloat16 base is widened as it is read, else the base is read (or staged) as float32.
         if (inputs.Base.IsBFloat16 && count == padded)
         {
-            AddBase(new BFloat16Row((ushort*)inputs.Base.Pointer + start), num, den, padded, lambda);
+            AddBase(BFloat16Row.At(inputs.Base, start), num, den, padded, lambda);
         }
         else
         {
@@ -343,7 +343,7 @@ internal static unsafe partial class PcbKernel
     /// <summary>Replaces each of the <paramref name="padded"/> numerators by θ_base + λ·num/max(den, 1e-12).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void AddBase<TRow>(TRow bse, float* num, float* den, nint padded, float? lambda)
-        where TRow : struct, IRow
+        where TRow : struct, IRow<TRow>
     {
         for (nint i = 0; i < padded; i += 16)
         {

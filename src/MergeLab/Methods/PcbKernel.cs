@@ -527,19 +527,27 @@ internal static unsafe partial class PcbKernel
             return written;
         }
 
-        /// <summary>The base and Σ_k τ_k of <paramref name="count"/> entries (whole vectors) of the base and
-        /// the experts' rows of one dtype (bfloat16 widened as it is read), into <paramref name="bse"/> and
-        /// <paramref name="total"/>: the values of <see cref="CandidateChunk.Read"/>, in the same order,
-        /// without staging every expert.</summary>
+        /// <summary>The base (at <paramref name="sums"/>) and Σ_k τ_k (at sums + <paramref name="stride"/>) of
+        /// entries [start, start + count) (whole vectors), every input read in place as
+        /// <typeparamref name="TRow"/> (bfloat16 widened as it is read): the values of
+        /// <see cref="CandidateChunk.Read"/>, in the same order, without staging every expert.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
-        private void SumRows<TRow>(TRow baseRow, TRow* experts, int count, float* bse, float* total)
-            where TRow : unmanaged, IRow
+        private void SumInPlace<TRow>(long start, int count, float* sums, int stride)
+            where TRow : unmanaged, IRow<TRow>
         {
             int n = Experts;
+            var experts = stackalloc TRow[n];
+            for (int k = 0; k < n; k++)
+            {
+                experts[k] = TRow.At(inputs.Experts[k], start);
+            }
+
+            var baseRow = TRow.At(inputs.Base, start);
+            var total = sums + stride;
             for (int i = 0; i < count; i += 16)
             {
                 var b = baseRow.Load(i);
-                b.Store(bse + i);
+                b.Store(sums + i);
                 TaskVectorSum(experts, n, i, b).Store(total + i);
             }
         }
@@ -558,26 +566,13 @@ internal static unsafe partial class PcbKernel
                 return sums;
             }
 
-            int n = Experts;
             if (_allBFloat16 == true && count % 16 == 0)
             {
-                var rows = stackalloc BFloat16Row[n];
-                for (int k = 0; k < n; k++)
-                {
-                    rows[k] = new BFloat16Row((ushort*)inputs.Experts[k].Pointer + start);
-                }
-
-                SumRows(new BFloat16Row((ushort*)inputs.Base.Pointer + start), rows, count, sums, sums + stride);
+                SumInPlace<BFloat16Row>(start, count, sums, stride);
             }
             else if (_allBFloat16 == false && count % 16 == 0)
             {
-                var rows = stackalloc FloatRow[n];
-                for (int k = 0; k < n; k++)
-                {
-                    rows[k] = new FloatRow((float*)inputs.Experts[k].Pointer + start);
-                }
-
-                SumRows(new FloatRow((float*)inputs.Base.Pointer + start), rows, count, sums, sums + stride);
+                SumInPlace<FloatRow>(start, count, sums, stride);
             }
             else
             {
