@@ -132,9 +132,9 @@ public sealed class BenchmarkResults
         WriteAtomically(path, temporary => File.WriteAllText(temporary, text));
     }
 
-    /// <summary>Lets <paramref name="write"/> create a temporary file beside <paramref name="path"/>, then
-    /// renames it to <paramref name="path"/> (replacing any old file); the temporary file is deleted if
-    /// <paramref name="write"/> fails.</summary>
+    /// <summary>Lets <paramref name="write"/> create a temporary file beside <paramref name="path"/>, flushes
+    /// it to disk, then renames it to <paramref name="path"/> (replacing any old file); the temporary file
+    /// is deleted if <paramref name="write"/> fails.</summary>
     public static void WriteAtomically(string path, Action<string> write)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
@@ -145,6 +145,14 @@ public sealed class BenchmarkResults
         try
         {
             write(temporary);
+
+            // Durable before it becomes visible under its real name, as the checkpoint writer's files are
+            // (the writer may have closed the file without flushing it to disk).
+            using (var written = new FileStream(temporary, FileMode.Open, FileAccess.Write, FileShare.None))
+            {
+                written.Flush(flushToDisk: true);
+            }
+
             File.Move(temporary, path, overwrite: true);
         }
         catch
