@@ -105,9 +105,10 @@ public sealed class BenchmarkData : IDisposable
 #pragma warning disable CA5394
         random.Shuffle(order);
 #pragma warning restore CA5394
+        using var shuffled = tensor(order);
         for (int start = 0; start + batchSize <= order.Length; start += batchSize)
         {
-            using var index = tensor(order.AsSpan(start, batchSize).ToArray());
+            using var index = shuffled.narrow(0, start, batchSize);
             using var raw = _trainImages.index_select(0, index);
             using var labels = _trainLabels.index_select(0, index);
             yield return Batch(task, raw, labels, noise);

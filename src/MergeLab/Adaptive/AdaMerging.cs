@@ -324,7 +324,7 @@ public sealed class AdaMerging
             var clamped = Clamp(raw);
             run.Load(clamped, layerOfName);
             var (entropy, grad) = run.EntropyAndGradient(order, taskLogits, layerOfName, layers.Count, Options.DiversityWeight);
-            if (!double.IsFinite(entropy) || grad.Cast<double>().Any(g => !double.IsFinite(g)))
+            if (!double.IsFinite(entropy) || !AllFinite(grad))
             {
                 throw run.NonFinite(step + 1, entropy, taskVectors, order);
             }
@@ -427,6 +427,20 @@ public sealed class AdaMerging
             throw new ArgumentException(
                 $"The class-balance term needs task logits of shape [batch, classes]; they have shape [{string.Join(", ", logits.shape)}].", nameof(logits));
         }
+    }
+
+    /// <summary>Whether every value is finite (a rectangular array's foreach indexes it: nothing is boxed).</summary>
+    private static bool AllFinite(double[,] values)
+    {
+        foreach (double v in values)
+        {
+            if (!double.IsFinite(v))
+            {
+                return false;
+            }
+        }
+
+        return true;
     }
 
     private double[,] Clamp(double[,] raw)
