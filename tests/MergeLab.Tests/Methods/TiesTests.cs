@@ -63,9 +63,10 @@ public class TiesTests
         T.Near(q, [-.6]);
     }
 
-    /// <summary>The majority that settles a zero sum counts every block of a large tensor: 32,768 entries
-    /// elect −, the next 67,231 elect +, and the last entry's sum is 0, so it takes + (the kernel works
-    /// in blocks of 32,768).</summary>
+    /// <summary>The majority that settles a zero sum counts every block of a large tensor (the kernel sums
+    /// the signs in blocks of 32,768): the first block elects −, the next two +, the last (1,696 entries) −
+    /// but for its last entry, whose sum is 0. The majority (65,536 + against 34,463 −) gives that entry +,
+    /// where the first or the last block alone would give −.</summary>
     [Test]
     public void Paper_zero_sum_majority_counts_every_block_of_a_large_tensor()
     {
@@ -74,16 +75,18 @@ public class TiesTests
         var t2 = new float[n];
         for (int i = 0; i < n; i++)
         {
-            t1[i] = t2[i] = i < 32_768 ? -1 : 1;
+            t1[i] = t2[i] = i < 32_768 || i >= 3 * 32_768 ? -1 : 1;
         }
 
+        t1[n - 1] = 1;
         t2[n - 1] = -1;
         var paper = new TiesMerge(new TiesOptions { Density = 1, Scope = SelectionScope.PerTensor });
         using var merged = T.MergeDeltas(paper, t1, t2);
         var values = T.Values(merged);
         Assert.That(values[n - 1], Is.EqualTo(1f));
         Assert.That(values[0], Is.EqualTo(-1f));
-        Assert.That(values[n - 2], Is.EqualTo(1f));
+        Assert.That(values[(3 * 32_768) - 1], Is.EqualTo(1f));
+        Assert.That(values[n - 2], Is.EqualTo(-1f));
     }
 
     [Test]
