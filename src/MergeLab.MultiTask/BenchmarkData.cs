@@ -105,7 +105,8 @@ public sealed class BenchmarkData : IDisposable
 #pragma warning disable CA5394
         random.Shuffle(order);
 #pragma warning restore CA5394
-        using var shuffled = tensor(order);
+        // Held across the caller's steps, so outside any dispose scope the caller opens per batch.
+        using var shuffled = tensor(order).DetachFromDisposeScope();
         for (int start = 0; start + batchSize <= order.Length; start += batchSize)
         {
             using var index = shuffled.narrow(0, start, batchSize);

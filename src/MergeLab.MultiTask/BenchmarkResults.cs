@@ -124,8 +124,8 @@ public sealed class BenchmarkResults
         return (md, csv);
     }
 
-    /// <summary>Writes <paramref name="text"/> to a temporary file beside <paramref name="path"/>, then
-    /// renames it to <paramref name="path"/> (replacing any old file).</summary>
+    /// <summary>Writes <paramref name="text"/> to a temporary file beside <paramref name="path"/>, flushes it
+    /// to disk, then renames it to <paramref name="path"/> (replacing any old file).</summary>
     public static void WriteAtomically(string path, string text)
     {
         ArgumentNullException.ThrowIfNull(text);
@@ -134,7 +134,7 @@ public sealed class BenchmarkResults
 
     /// <summary>Lets <paramref name="write"/> create a temporary file beside <paramref name="path"/>, flushes
     /// it to disk, then renames it to <paramref name="path"/> (replacing any old file); the temporary file
-    /// is deleted if <paramref name="write"/> fails.</summary>
+    /// is deleted if the write, the flush or the rename fails.</summary>
     public static void WriteAtomically(string path, Action<string> write)
     {
         ArgumentException.ThrowIfNullOrEmpty(path);
@@ -148,7 +148,7 @@ public sealed class BenchmarkResults
 
             // Durable before it becomes visible under its real name, as the checkpoint writer's files are
             // (the writer may have closed the file without flushing it to disk).
-            using (var written = new FileStream(temporary, FileMode.Open, FileAccess.Write, FileShare.None))
+            using (var written = new FileStream(temporary, FileMode.Open, FileAccess.Write, FileShare.Read))
             {
                 written.Flush(flushToDisk: true);
             }

@@ -324,7 +324,7 @@ public sealed class AdaMerging
             var clamped = Clamp(raw);
             run.Load(clamped, layerOfName);
             var (entropy, grad) = run.EntropyAndGradient(order, taskLogits, layerOfName, layers.Count, Options.DiversityWeight);
-            if (!double.IsFinite(entropy) || !AllFinite(grad))
+            if (!double.IsFinite(entropy) || !IsAllFinite(grad))
             {
                 throw run.NonFinite(step + 1, entropy, taskVectors, order);
             }
@@ -430,7 +430,7 @@ public sealed class AdaMerging
     }
 
     /// <summary>Whether every value is finite (a rectangular array's foreach indexes it: nothing is boxed).</summary>
-    private static bool AllFinite(double[,] values)
+    private static bool IsAllFinite(double[,] values)
     {
         foreach (double v in values)
         {

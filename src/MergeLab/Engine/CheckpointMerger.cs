@@ -688,7 +688,8 @@ public static class CheckpointMerger
     /// <paramref name="overwrite"/>, an existing output is first moved aside and deleted only once the new
     /// one is in place, and moved back if that rename fails, so a failure leaves the user's old output under
     /// a hidden name only when moving it back fails too: its own name was taken meanwhile, or the directory
-    /// no longer lets it be renamed (<see cref="FindLeftovers"/> reports it). The first error is thrown.</summary>
+    /// no longer lets it be renamed (<see cref="FindLeftovers"/> reports it). The failed rename's error is
+    /// the one thrown.</summary>
     internal static void MoveIntoPlace(string temp, string output, bool overwrite)
     {
         if (overwrite && Directory.Exists(output))
@@ -708,7 +709,7 @@ public static class CheckpointMerger
                 catch (Exception restore) when (restore is IOException or UnauthorizedAccessException)
                 {
                     // Something took the output's name meanwhile, or access was lost; the old output stays
-                    // beside it, under the temporary name, rather than being deleted.
+                    // beside it, under the moved-aside name, rather than being deleted.
                 }
 
                 throw;

@@ -1185,7 +1185,8 @@ internal static unsafe class FusedPipeline
         }
 
         /// <summary><paramref name="sum"/> / max(<paramref name="count"/>, 1): the mean of the agreeing entries,
-        /// the sum itself (0) where none agrees.</summary>
+        /// the sum itself (0 for finite inputs) where none agrees. For whole counts this is also the
+        /// weight-normalised sum's divisor with unit weights (the count, or 1 where it is 0).</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static TV DivideByCount<TL, TV>(TV sum, TV count)
             where TL : struct, ISimdLanes<TV>
@@ -1246,7 +1247,6 @@ internal static unsafe class FusedPipeline
                 merged = TL.Add(merged, TL.Multiply(v, d));
             }
 
-            // For unit weights the weight-normalised sum's divisor (the count, or 1 where it is 0) is this one.
             merged = DivideByCount<TL, TV>(merged, agreeing);
             return scale ? TL.Multiply(merged, lambda) : merged;
         }

@@ -1,3 +1,4 @@
+using System.Diagnostics;
 using System.Numerics;
 using System.Runtime.CompilerServices;
 using System.Runtime.Intrinsics;
@@ -153,7 +154,7 @@ internal static unsafe partial class PcbKernel
         /// chunk is whole vectors, else through <see cref="ExpertStaging"/>.</summary>
         public int PackBounded(CpuFloats source, in ScoreBound bound, float level) =>
             Counted(source.IsBFloat16 && Count % Lanes == 0
-                ? PackBounded(BFloat16Row.At(source, Start), bound, level)
+                ? PackBounded(BFloat16Row.InPlace(source, Start), bound, level)
                 : PackBounded(new FloatRow(ReadRow(source, ExpertStaging)), bound, level));
 
         private int Counted(int found)
@@ -328,7 +329,7 @@ internal static unsafe partial class PcbKernel
     {
         /// <summary>The row of <paramref name="source"/> from entry <paramref name="start"/> on, read in place
         /// (the source has the row type's dtype).</summary>
-        static abstract TSelf At(CpuFloats source, long start);
+        static abstract TSelf InPlace(CpuFloats source, long start);
 
         Vector512<float> Load(nint i);
     }
@@ -338,7 +339,11 @@ internal static unsafe partial class PcbKernel
     {
         public float* First => first;
 
-        public static FloatRow At(CpuFloats source, long start) => new((float*)source.Pointer + start);
+        public static FloatRow InPlace(CpuFloats source, long start)
+        {
+            Debug.Assert(!source.IsBFloat16, "a float32 row of a bfloat16 source");
+            return new((float*)source.Pointer + start);
+        }
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector512<float> Load(nint i) => Vector512.Load(first + i);
@@ -347,7 +352,11 @@ internal static unsafe partial class PcbKernel
     /// <summary>A bfloat16 row, widened as it is read (the bits shifted into a float32's high half).</summary>
     private readonly struct BFloat16Row(ushort* first) : IRow<BFloat16Row>
     {
-        public static BFloat16Row At(CpuFloats source, long start) => new((ushort*)source.Pointer + start);
+        public static BFloat16Row InPlace(CpuFloats source, long start)
+        {
+            Debug.Assert(source.IsBFloat16, "a bfloat16 row of a float32 source");
+            return new((ushort*)source.Pointer + start);
+        }
 
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         public Vector512<float> Load(nint i) => Avx512F.ShiftLeftLogical(Avx512F.ConvertToVector512UInt32(Vector256.Load(first + i)), 16).AsSingle();

@@ -312,7 +312,7 @@ internal static unsafe partial class PcbKernel
         // A whole chunk of a bfloat16 base is widened as it is read, else the base is read (or staged) as float32.
         if (inputs.Base.IsBFloat16 && count == padded)
         {
-            AddBase(BFloat16Row.At(inputs.Base, start), num, den, padded, lambda);
+            AddBase(BFloat16Row.InPlace(inputs.Base, start), num, den, padded, lambda);
         }
         else
         {

@@ -539,10 +539,10 @@ internal static unsafe partial class PcbKernel
             var experts = stackalloc TRow[n];
             for (int k = 0; k < n; k++)
             {
-                experts[k] = TRow.At(inputs.Experts[k], start);
+                experts[k] = TRow.InPlace(inputs.Experts[k], start);
             }
 
-            var baseRow = TRow.At(inputs.Base, start);
+            var baseRow = TRow.InPlace(inputs.Base, start);
             var total = sums + stride;
             for (int i = 0; i < count; i += 16)
             {

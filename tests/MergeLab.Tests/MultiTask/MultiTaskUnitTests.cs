@@ -56,6 +56,40 @@ public class MultiTaskUnitTests
         Write("t10k-labels-idx1-ubyte", Idx(0x0801, [test], Labels(test)));
     }
 
+    /// <summary>A training loop may open a dispose scope for each step, around the enumerator's MoveNext as
+    /// well: the epoch's shuffled order outlives those scopes, and the batches are the same as without them.</summary>
+    [Test]
+    public void Train_batches_survive_a_dispose_scope_per_step()
+    {
+        WriteDataset(train: 40, test: 5, gzip: false);
+        using var data = new BenchmarkData(FashionMnist.Load(_dir), BenchmarkTasks.All, trainCount: 32, validationCount: 4, testCount: 5, seed: 0);
+        long[] Labels(bool scoped)
+        {
+            using var noise = new Generator(1);
+            using var batches = data.TrainBatches(0, 8, new Random(1), noise).GetEnumerator();
+            var labels = new List<long>();
+            while (true)
+            {
+                using var scope = scoped ? NewDisposeScope() : null;
+                if (!batches.MoveNext())
+                {
+                    return labels.ToArray();
+                }
+
+                var (x, y) = batches.Current;
+                using (x)
+                using (y)
+                {
+                    labels.AddRange(y.to_type(ScalarType.Int64).data<long>().ToArray());
+                }
+            }
+        }
+
+        var plain = Labels(scoped: false);
+        Assert.That(plain, Has.Length.EqualTo(32));
+        Assert.That(Labels(scoped: true), Is.EqualTo(plain));
+    }
+
     [TestCase(true)]
     [TestCase(false)]
     public void The_idx_reader_reads_plain_and_gzipped_files(bool gzip)
