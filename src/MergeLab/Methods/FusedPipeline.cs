@@ -878,25 +878,9 @@ internal static unsafe class FusedPipeline
                 {
                     // Runs of blocks where every expert's mask is one key comparison; the one block where a
                     // Top rule's tie index falls goes through the general code below.
-                    i = unit == 2
-                        ? UseWideLanes
-                            ? LimitPairRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16)
-                            : LimitPairRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16)
-                        : unit == 3
-                        ? UseWideLanes
-                            ? LimitSmallRun<Vector512Lanes, Vector512<float>, Three>(setup, inputs, i, end, output, outBf16)
-                            : LimitSmallRun<VectorLanes, Vector<float>, Three>(setup, inputs, i, end, output, outBf16)
-                        : unit == 4
-                        ? UseWideLanes
-                            ? LimitSmallRun<Vector512Lanes, Vector512<float>, Four>(setup, inputs, i, end, output, outBf16)
-                            : LimitSmallRun<VectorLanes, Vector<float>, Four>(setup, inputs, i, end, output, outBf16)
-                        : unit > 4
-                        ? UseWideLanes
-                            ? LimitManyRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16)
-                            : LimitManyRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16)
-                        : UseWideLanes
-                            ? LimitRun<Vector512Lanes, Vector512<float>>(setup, inputs, i, end, output, outBf16, signSum)
-                            : LimitRun<VectorLanes, Vector<float>>(setup, inputs, i, end, output, outBf16, signSum);
+                    i = UseWideLanes
+                        ? LimitRuns<Vector512Lanes, Vector512<float>>(unit, setup, inputs, i, end, output, outBf16, signSum)
+                        : LimitRuns<VectorLanes, Vector<float>>(unit, setup, inputs, i, end, output, outBf16, signSum);
                     if (i + 2 * w > end)
                     {
                         break;
@@ -980,8 +964,8 @@ internal static unsafe class FusedPipeline
                 for (int k = 0; k < experts; k++)
                 {
                     TaskVectorAt<TL, TV>(inputs, k, i, b0, b1, out var t0, out var t1);
-                    t0 = Masked<TL, TV>(t0, TL.MagnitudeAtLeast(t0, limits[k]));
-                    t1 = Masked<TL, TV>(t1, TL.MagnitudeAtLeast(t1, limits[k]));
+                    t0 = Kept<TL, TV>(t0, limits[k]);
+                    t1 = Kept<TL, TV>(t1, limits[k]);
                     if (onWeighted)
                     {
                         t0 = TL.Multiply(t0, weights[k]);
@@ -1117,6 +1101,19 @@ internal static unsafe class FusedPipeline
 
             return i;
         }
+
+        /// <summary>The run loop for <paramref name="unit"/> experts of weight 1 (<see cref="UnitRunExperts"/>;
+        /// 0 for the general loop) at lane width <typeparamref name="TL"/>; returns where it stopped.</summary>
+        private long LimitRuns<TL, TV>(int unit, Setup* setup, Streams inputs, long start, long end, void* output, bool outBf16, long* signSum)
+            where TL : struct, ISimdLanes<TV>
+            where TV : unmanaged => unit switch
+            {
+                2 => LimitPairRun<TL, TV>(setup, inputs, start, end, output, outBf16),
+                3 => LimitSmallRun<TL, TV, Three>(setup, inputs, start, end, output, outBf16),
+                4 => LimitSmallRun<TL, TV, Four>(setup, inputs, start, end, output, outBf16),
+                > 4 => LimitManyRun<TL, TV>(setup, inputs, start, end, output, outBf16),
+                _ => LimitRun<TL, TV>(setup, inputs, start, end, output, outBf16, signSum),
+            };
 
         /// <summary>
         /// <see cref="LimitRun"/> for five or more experts of weight 1 with the mean of the agreeing entries
@@ -1278,7 +1275,7 @@ internal static unsafe class FusedPipeline
                 ? TL.Select(TL.LessThan(score, TL.Zero), TL.Zero, signBit)
                 : TL.Select(TL.GreaterThan(score, TL.Zero), signBit, TL.Zero);
 
-        /// <summary>τ masked by "magnitude key ≥ limit", as <see cref="LimitRun"/> masks it.</summary>
+        /// <summary>τ masked by "magnitude key ≥ limit": the mask of every run loop with limits.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static TV Kept<TL, TV>(TV t, TV limit)
             where TL : struct, ISimdLanes<TV>

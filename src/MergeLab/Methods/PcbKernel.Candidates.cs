@@ -54,7 +54,6 @@ internal static unsafe partial class PcbKernel
         /// <summary>The most entries a chunk holds (its rows stay in the first-level cache).</summary>
         public const int Length = 1024;
 
-        private const int Lanes = 16;
         /// <summary>The floats of one row of a chunk's scratch (a whole chunk and two vectors of slack).</summary>
         public const int RowFloats = Length + (2 * Lanes);
         private readonly float* _scratch;
@@ -66,7 +65,7 @@ internal static unsafe partial class PcbKernel
         {
             Start = start;
             Count = count;
-            Padded = (count + Lanes - 1) / Lanes * Lanes;
+            Padded = WholeVectors(count);
             _scratch = scratch;
             Base = bse;
             Total = total;
@@ -83,7 +82,7 @@ internal static unsafe partial class PcbKernel
             var experts = view.Experts;
             for (int k = 0; k < n; k++)
             {
-                experts[k] = new FloatRow(view.ReadRow(inputs.Experts[k], view.Row(9 + k)));
+                experts[k] = new Float32Reader(view.ReadRow(inputs.Experts[k], view.Row(9 + k)));
             }
 
             var total = view.Total;
@@ -130,9 +129,9 @@ internal static unsafe partial class PcbKernel
         public float* Expert(int k) => Experts[k].First;
 
         /// <summary>A row for one expert's entries (in a chunk not made by <see cref="Read"/>).</summary>
-        public float* ExpertStaging => Row(8);
+        private float* ExpertStaging => Row(8);
 
-        private FloatRow* Experts => (FloatRow*)Row(8);
+        private Float32Reader* Experts => (Float32Reader*)Row(8);
 
         /// <summary>τ of entries [i, i + 16), for the expert at <paramref name="expert"/>.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
@@ -145,17 +144,16 @@ internal static unsafe partial class PcbKernel
         /// <see cref="Bits"/>, and returns how many there are. <paramref name="level"/> is
         /// <see cref="ScoreBound.Level"/> of the cutoff (taken once per pass: it is a logarithm).
         /// </summary>
-        [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public int Pack(float* expert, in ScoreBound bound, Candidates which, float level) =>
-            Counted(which == Candidates.Bounded ? PackBounded(new FloatRow(expert), bound, level) : PackAll(expert, which == Candidates.All));
+            Counted(which == Candidates.Bounded ? PackBounded(new Float32Reader(expert), bound, level) : PackAll(expert, which == Candidates.All));
 
         /// <summary><see cref="Pack"/> of the bounded candidates of the task whose expert is
         /// <paramref name="source"/>, read straight from its memory (bfloat16 widened as it is read) where the
         /// chunk is whole vectors, else through <see cref="ExpertStaging"/>.</summary>
         public int PackBounded(CpuFloats source, in ScoreBound bound, float level) =>
             Counted(source.IsBFloat16 && Count % Lanes == 0
-                ? PackBounded(BFloat16Row.InPlace(source, Start), bound, level)
-                : PackBounded(new FloatRow(ReadRow(source, ExpertStaging)), bound, level));
+                ? PackBounded(BFloat16Reader.InPlace(source, Start), bound, level)
+                : PackBounded(new Float32Reader(ReadRow(source, ExpertStaging)), bound, level));
 
         private int Counted(int found)
         {
@@ -170,7 +168,7 @@ internal static unsafe partial class PcbKernel
 
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private int PackBounded<TRow>(TRow expert, in ScoreBound bound, float level)
-            where TRow : struct, IRow<TRow>
+            where TRow : struct, IRowReader<TRow>
         {
             var packed = Packed;
             var products = PackedProducts;
@@ -257,7 +255,7 @@ internal static unsafe partial class PcbKernel
 
         /// <summary>This chunk's entries of <paramref name="source"/> as float32 whole vectors: in place for a
         /// whole float32 chunk, else widened or copied into <paramref name="staging"/> and zero-padded.</summary>
-        public float* ReadRow(CpuFloats source, float* staging) => ReadPadded(source, Start, Count, Padded, staging);
+        private float* ReadRow(CpuFloats source, float* staging) => ReadPadded(source, Start, Count, Padded, staging);
     }
 
     /// <summary>
@@ -322,24 +320,25 @@ internal static unsafe partial class PcbKernel
         }
     }
 
-    /// <summary>A row of one input that a loop reads 16 entries at a time as float32.</summary>
-    /// <typeparam name="TSelf">The implementing row type.</typeparam>
-    private interface IRow<TSelf>
-        where TSelf : IRow<TSelf>
+    /// <summary>Reads a row of one input 16 entries at a time as float32 (not to be confused with the
+    /// selection's row element tags, <see cref="MergeLab.Selection.BFloat16Row"/> and its kin).</summary>
+    /// <typeparam name="TSelf">The implementing reader type.</typeparam>
+    private interface IRowReader<TSelf>
+        where TSelf : IRowReader<TSelf>
     {
         /// <summary>The row of <paramref name="source"/> from entry <paramref name="start"/> on, read in place
-        /// (the source has the row type's dtype).</summary>
+        /// (the source has the reader's dtype).</summary>
         static abstract TSelf InPlace(CpuFloats source, long start);
 
         Vector512<float> Load(nint i);
     }
 
-    /// <summary>A float32 row, read in place.</summary>
-    private readonly struct FloatRow(float* first) : IRow<FloatRow>
+    /// <summary>Reads a float32 row in place.</summary>
+    private readonly struct Float32Reader(float* first) : IRowReader<Float32Reader>
     {
         public float* First => first;
 
-        public static FloatRow InPlace(CpuFloats source, long start)
+        public static Float32Reader InPlace(CpuFloats source, long start)
         {
             Debug.Assert(!source.IsBFloat16, "a float32 row of a bfloat16 source");
             return new((float*)source.Pointer + start);
@@ -349,10 +348,10 @@ internal static unsafe partial class PcbKernel
         public Vector512<float> Load(nint i) => Vector512.Load(first + i);
     }
 
-    /// <summary>A bfloat16 row, widened as it is read (the bits shifted into a float32's high half).</summary>
-    private readonly struct BFloat16Row(ushort* first) : IRow<BFloat16Row>
+    /// <summary>Reads a bfloat16 row, widened as it is read (the bits shifted into a float32's high half).</summary>
+    private readonly struct BFloat16Reader(ushort* first) : IRowReader<BFloat16Reader>
     {
-        public static BFloat16Row InPlace(CpuFloats source, long start)
+        public static BFloat16Reader InPlace(CpuFloats source, long start)
         {
             Debug.Assert(source.IsBFloat16, "a bfloat16 row of a float32 source");
             return new((ushort*)source.Pointer + start);
@@ -366,7 +365,7 @@ internal static unsafe partial class PcbKernel
     /// base entries are <paramref name="bse"/>: 0 + τ_0 + τ_1 + …, in expert order, as libtorch's x.sum(0).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static Vector512<float> TaskVectorSum<TRow>(TRow* experts, int n, nint i, Vector512<float> bse)
-        where TRow : unmanaged, IRow<TRow>
+        where TRow : unmanaged, IRowReader<TRow>
     {
         var sum = Vector512<float>.Zero;
         for (int k = 0; k < n; k++)
@@ -413,7 +412,7 @@ internal static unsafe partial class PcbKernel
         var which = Enumerable.Range(0, n).Select(k => Which(bounds.Threshold[k], bounds.Top[k] - bounds.Threshold[k], n)).ToArray();
         var kept = which.Contains(Candidates.All) ? null : store;
         var covered = Enumerable.Range(0, n).Where(k => which[k] == Candidates.Bounded).ToArray();
-        long floats = Math.Max(CandidateChunk.ScratchFloats(n), kept is null ? 0 : KeptScratchFloats);
+        long floats = CandidateChunk.ScratchFloats(n); // (n + 9) rows, more than the kept merge's KeptScratchFloats
         return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
         {
             var levels = bounds.Threshold.Select(ScoreBound.Level).ToArray();
@@ -446,14 +445,14 @@ internal static unsafe partial class PcbKernel
                         int found = chunk.Pack(expert, boundOf[k], which[k], levels[k]);
                         chunk.Score(found, terms);
                         var packed = chunk.Packed;
-                        for (int j = 0; j < found; j += 16)
+                        for (int j = 0; j < found; j += Lanes)
                         {
                             var score = Vector512.Load(packed + j);
                             Weight<Vector512Lanes, Vector512<float>>(score, threshold, top, width).Store(packed + j);
                         }
 
                         int taken = 0;
-                        for (int i = 0; i < chunk.Padded; i += 16)
+                        for (int i = 0; i < chunk.Padded; i += Lanes)
                         {
                             var t = chunk.Tau(expert, i);
                             var clamped = terms.SignedClamped(t);
@@ -463,7 +462,7 @@ internal static unsafe partial class PcbKernel
                         }
                     }
 
-                    AddBase(new FloatRow(chunk.Base), num, den, chunk.Padded, lambda);
+                    AddBase(new Float32Reader(chunk.Base), num, den, chunk.Padded, lambda);
                     StorePairs(num, chunk.Start, chunk.Count, chunk.Padded, address, bf16, chunk.Staging);
                 }
             });

@@ -40,7 +40,6 @@ internal static unsafe partial class PcbKernel
     /// </summary>
     private sealed class CandidateStore : IDisposable
     {
-        private const int Lanes = 16;
         private const int VectorsPerChunk = CandidateChunk.Length / Lanes;
 
         /// <summary>The share of entries the arena holds beyond the kept share. The selection's candidates are
@@ -116,10 +115,10 @@ internal static unsafe partial class PcbKernel
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         public void ScoreAndKeep(int k, in CandidateChunk chunk, int found, in ScoreTerms<Vector512Lanes, Vector512<float>> terms, float cutoff)
         {
-            long index = (k * _chunks) + (chunk.Start / CandidateChunk.Length);
+            long index = Index(k, chunk.Start / CandidateChunk.Length);
             var slot = Slots + index;
             slot->Kept = 0;
-            long rounded = (found + Lanes - 1) / Lanes * Lanes;
+            long rounded = WholeVectors(found);
             long offset = found == 0 ? 0 : Reserve(2 * rounded);
             if (offset < 0)
             {
@@ -202,7 +201,7 @@ internal static unsafe partial class PcbKernel
         {
             foreach (int k in tasks)
             {
-                var slot = Slots + (k * _chunks) + chunk;
+                var slot = Slots + Index(k, chunk);
                 if (slot->Kept == 0 || !(slot->Cutoff <= bounds.Threshold[k]))
                 {
                     return false;
@@ -222,13 +221,13 @@ internal static unsafe partial class PcbKernel
                 return;
             }
 
-            var slot = Slots + (k * _chunks) + chunk;
+            var slot = Slots + Index(k, chunk);
             if (slot->Kept == 0)
             {
                 return;
             }
 
-            long bytes = 2L * ((slot->Found + Lanes - 1) / Lanes * Lanes) * sizeof(float);
+            long bytes = 2L * WholeVectors(slot->Found) * sizeof(float);
             var first = (byte*)((float*)_arena + slot->Offset);
             for (long offset = 0; offset < bytes; offset += 64)
             {
@@ -239,14 +238,18 @@ internal static unsafe partial class PcbKernel
         /// <summary>Task <paramref name="k"/>'s kept candidates of chunk <paramref name="chunk"/>.</summary>
         public int Kept(int k, long chunk, out float* values, out float* scores, out ushort* bits)
         {
-            long index = (k * _chunks) + chunk;
+            long index = Index(k, chunk);
             var slot = Slots + index;
-            long rounded = (slot->Found + Lanes - 1) / Lanes * Lanes;
+            long rounded = WholeVectors(slot->Found);
             values = (float*)_arena + slot->Offset;
             scores = values + rounded;
             bits = Bits + (index * VectorsPerChunk);
             return slot->Found;
         }
+
+        /// <summary>Where task <paramref name="k"/>'s chunk <paramref name="chunk"/> lies in the slot table
+        /// (and, times <see cref="VectorsPerChunk"/>, in the candidate bits).</summary>
+        private long Index(int k, long chunk) => (k * _chunks) + chunk;
 
         public void Dispose()
         {
@@ -282,8 +285,7 @@ internal static unsafe partial class PcbKernel
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void MergeKept(FusedPipeline.Inputs inputs, CandidateStore store, int[] tasks, Bounds bounds, float? lambda, long start, int count, nint address, bool bf16, float* scratch)
     {
-        const int Lanes = 16;
-        int padded = (count + Lanes - 1) / Lanes * Lanes;
+        int padded = WholeVectors(count);
         long rowFloats = CandidateChunk.RowFloats;
         var num = scratch + rowFloats;
         var den = scratch + (2 * rowFloats);
@@ -312,11 +314,11 @@ internal static unsafe partial class PcbKernel
         // A whole chunk of a bfloat16 base is widened as it is read, else the base is read (or staged) as float32.
         if (inputs.Base.IsBFloat16 && count == padded)
         {
-            AddBase(BFloat16Row.InPlace(inputs.Base, start), num, den, padded, lambda);
+            AddBase(BFloat16Reader.InPlace(inputs.Base, start), num, den, padded, lambda);
         }
         else
         {
-            AddBase(new FloatRow(ReadPadded(inputs.Base, start, count, padded, scratch)), num, den, padded, lambda);
+            AddBase(new Float32Reader(ReadPadded(inputs.Base, start, count, padded, scratch)), num, den, padded, lambda);
         }
 
         StorePairs(num, start, count, padded, address, bf16, scratch + (3 * rowFloats));
@@ -328,7 +330,6 @@ internal static unsafe partial class PcbKernel
     [MethodImpl(MethodImplOptions.NoInlining | MethodImplOptions.AggressiveOptimization)]
     private static void AddExpanded(float* num, float* den, float* weighted, float* weights, ushort* bits, nint padded)
     {
-        const int Lanes = 16;
         nint taken = 0;
         for (nint i = 0, v = 0; i < padded; i += Lanes, v++)
         {
@@ -343,9 +344,9 @@ internal static unsafe partial class PcbKernel
     /// <summary>Replaces each of the <paramref name="padded"/> numerators by θ_base + λ·num/max(den, 1e-12).</summary>
     [MethodImpl(MethodImplOptions.AggressiveInlining)]
     private static void AddBase<TRow>(TRow bse, float* num, float* den, nint padded, float? lambda)
-        where TRow : struct, IRow<TRow>
+        where TRow : struct, IRowReader<TRow>
     {
-        for (nint i = 0; i < padded; i += 16)
+        for (nint i = 0; i < padded; i += Lanes)
         {
             Merged<Vector512Lanes, Vector512<float>>(Vector512.Load(num + i), Vector512.Load(den + i), bse.Load(i), lambda).Store(num + i);
         }
@@ -360,7 +361,7 @@ internal static unsafe partial class PcbKernel
         for (int i = 0; i < padded; i += 32)
         {
             var low = Vector512.Load(values + i);
-            var high = i + 16 < padded ? Vector512.Load(values + i + 16) : Vector512<float>.Zero;
+            var high = i + Lanes < padded ? Vector512.Load(values + i + Lanes) : Vector512<float>.Zero;
             if (partial)
             {
                 Vector512Lanes.Store(staging, bf16, i, low, high);

@@ -30,6 +30,12 @@ internal static unsafe partial class PcbKernel
 {
     private const int Block = FusedPipeline.Block;
 
+    /// <summary>float32 lanes of a 512-bit vector, the width of the AVX-512 paths.</summary>
+    private const int Lanes = 16;
+
+    /// <summary><paramref name="count"/> rounded up to whole 512-bit vectors.</summary>
+    private static int WholeVectors(int count) => (count + Lanes - 1) / Lanes * Lanes;
+
     /// <summary>Take exp and tanh from libtorch (the result is then bit-identical to the libtorch
     /// formulation on this machine), for tests.</summary>
     internal static bool LibTorchTranscendentals { get; set; }
@@ -495,7 +501,7 @@ internal static unsafe partial class PcbKernel
                 }
 
                 var scores = chunk.Packed;
-                for (int j = 0; j < found; j += 16)
+                for (int j = 0; j < found; j += Lanes)
                 {
                     FloatKeys.Signed(Vector512.Load(scores + j)).Store((uint*)scores + j);
                 }
@@ -510,7 +516,7 @@ internal static unsafe partial class PcbKernel
                 bool whole = chunk.Padded == chunk.Count;
                 var destination = whole ? keys + offset : (uint*)chunk.Staging;
                 int taken = 0;
-                for (int i = 0; i < chunk.Padded; i += 16)
+                for (int i = 0; i < chunk.Padded; i += Lanes)
                 {
                     chunk.Unpack(i, ref taken).AsUInt32().Store(destination + i);
                 }
@@ -533,7 +539,7 @@ internal static unsafe partial class PcbKernel
         /// <see cref="CandidateChunk.Read"/>, in the same order, without staging every expert.</summary>
         [MethodImpl(MethodImplOptions.AggressiveOptimization)]
         private void SumInPlace<TRow>(long start, int count, float* sums, int stride)
-            where TRow : unmanaged, IRow<TRow>
+            where TRow : unmanaged, IRowReader<TRow>
         {
             int n = Experts;
             var experts = stackalloc TRow[n];
@@ -544,7 +550,7 @@ internal static unsafe partial class PcbKernel
 
             var baseRow = TRow.InPlace(inputs.Base, start);
             var total = sums + stride;
-            for (int i = 0; i < count; i += 16)
+            for (int i = 0; i < count; i += Lanes)
             {
                 var b = baseRow.Load(i);
                 b.Store(sums + i);
@@ -566,13 +572,16 @@ internal static unsafe partial class PcbKernel
                 return sums;
             }
 
-            if (_allBFloat16 == true && count % 16 == 0)
+            if (count % Lanes == 0 && _allBFloat16 is { } bfloat16)
             {
-                SumInPlace<BFloat16Row>(start, count, sums, stride);
-            }
-            else if (_allBFloat16 == false && count % 16 == 0)
-            {
-                SumInPlace<FloatRow>(start, count, sums, stride);
+                if (bfloat16)
+                {
+                    SumInPlace<BFloat16Reader>(start, count, sums, stride);
+                }
+                else
+                {
+                    SumInPlace<Float32Reader>(start, count, sums, stride);
+                }
             }
             else
             {
