@@ -80,7 +80,7 @@ public class MultiTaskUnitTests
                 using (x)
                 using (y)
                 {
-                    labels.AddRange(y.to_type(ScalarType.Int64).data<long>().ToArray());
+                    labels.AddRange(y.data<long>().ToArray());
                 }
             }
         }

@@ -837,7 +837,7 @@ public class CpuSelectionTests
         using var chunks = T.Setting(() => FiniteValues.ChunkElements, v => FiniteValues.ChunkElements = v, 7);
         using var entries = tensor(Enumerable.Range(0, 4 * 5 * 6).Select(i => (float)i).ToArray());
         using var source = entries.reshape(4, 5, 6);
-        var shapes = new Func<Tensor, Tensor>[]
+        var views = new Func<Tensor, Tensor>[]
         {
             t => t.to(ScalarType.Float16),                          // contiguous: slices of the entries
             t => t.permute(2, 0, 1),                               // [6, 4, 5]: each row of 20 alone, then its rows
@@ -845,10 +845,11 @@ public class CpuSelectionTests
             t => t.view(40, 3).narrow(1, 0, 2),                    // [40, 2]: blocks of three rows
             t => t.view(-1).slice(0, 0, 120, 3),                   // one dimension, stride 3: slices
         };
-        for (int index = 0; index < shapes.Length; index++)
+        for (int index = 0; index < views.Length; index++)
         {
-            var shape = shapes[index];
-            using var clean = shape(source);
+            using var viewScope = NewDisposeScope(); // a view's intermediate views too
+            var view = views[index];
+            using var clean = view(source);
             Assert.That(FiniteValues.IsAllFinite(clean), Is.True, $"view {index}");
             // The source's values are their positions: the view's entries, in its own order, say where each lies.
             var positions = T.Values(clean);
@@ -857,7 +858,7 @@ public class CpuSelectionTests
                 using var scope = NewDisposeScope();
                 var poisoned = source.clone();
                 poisoned.view(-1)[(long)positions[at]] = tensor(float.PositiveInfinity);
-                Assert.That(FiniteValues.IsAllFinite(shape(poisoned)), Is.False, $"view {index}, entry {at} of {positions.Length}");
+                Assert.That(FiniteValues.IsAllFinite(view(poisoned)), Is.False, $"view {index}, entry {at} of {positions.Length}");
             }
         }
     }
