@@ -1,3 +1,4 @@
+using System.Buffers;
 using System.Collections.Concurrent;
 using MergeLab.Config;
 using MergeLab.IO;
@@ -40,6 +41,12 @@ public static class CheckpointMerger
     /// <summary>The end of the name of the hidden folder an <c>--overwrite</c> merge moves the old output to.</summary>
     private const string MovedAsideSuffix = ".old";
 
+    /// <summary>The length of a merge's id in its hidden folder's name: a <see cref="Guid"/> in "N" form.</summary>
+    private const int IdLength = 32;
+
+    /// <summary>The characters of a merge's id (<see cref="Guid.ToString(string)"/> with "N" writes lower case).</summary>
+    private static readonly SearchValues<char> HexDigits = SearchValues.Create("0123456789abcdef");
+
     /// <summary>The hidden sibling folders' common name start for <paramref name="output"/> (a full path):
     /// <c>.NAME.mergelab-</c>; a merge writes into that plus a fresh id, beside the output.</summary>
     private static string TemporaryName(string output) => $".{Path.GetFileName(output)}.mergelab-";
@@ -68,7 +75,7 @@ public static class CheckpointMerger
             // Compared by name, not as a search pattern: an output named with '*' or '?' must not match
             // others'. Case as the platform's paths (PathCase), as the search pattern compared it.
             return Directory.EnumerateDirectories(parent)
-                .Where(path => Path.GetFileName(path).StartsWith(prefix, PathCase.Comparison))
+                .Where(path => IsLeftoverName(Path.GetFileName(path), prefix))
                 .Order(StringComparer.Ordinal)
                 .Select(path => new LeftoverFolder(path, path.EndsWith(MovedAsideSuffix, StringComparison.Ordinal))).ToArray();
         }
@@ -76,6 +83,26 @@ public static class CheckpointMerger
         {
             return [];
         }
+    }
+
+    /// <summary>Whether <paramref name="name"/> is <paramref name="prefix"/> followed by a merge's id (32 hex
+    /// digits, <see cref="Guid"/>'s "N" form) and, for a moved-aside output, <see cref="MovedAsideSuffix"/>: the
+    /// prefix alone would also match the folders of an output whose name continues this one's
+    /// (<c>.a.mergelab-</c> starts <c>.a.mergelab-x.mergelab-</c>).</summary>
+    private static bool IsLeftoverName(string name, string prefix)
+    {
+        if (!name.StartsWith(prefix, PathCase.Comparison))
+        {
+            return false;
+        }
+
+        var id = name.AsSpan(prefix.Length);
+        if (id.EndsWith(MovedAsideSuffix, StringComparison.Ordinal))
+        {
+            id = id[..^MovedAsideSuffix.Length];
+        }
+
+        return id.Length == IdLength && !id.ContainsAnyExcept(HexDigits);
     }
 
     /// <summary>Runs the merge described by <paramref name="request"/>.</summary>
