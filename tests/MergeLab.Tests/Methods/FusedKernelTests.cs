@@ -237,19 +237,11 @@ public class FusedKernelTests
     [TestCaseSource(nameof(Methods))]
     public void Fused_kernel_equals_libtorch_at_either_lane_width(MergeMethod method)
     {
-        bool chosen = FusedPipeline.UseWideLanes;
-        try
+        foreach (bool wide in T.LaneWidths)
         {
-            foreach (bool wide in System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? new[] { false, true } : [false])
-            {
-                FusedPipeline.UseWideLanes = wide;
-                Check(method, 3, ScalarType.Float32, OddShapes, 50);
-                Check(method, 5, ScalarType.BFloat16, AlignedShapes, 51);
-            }
-        }
-        finally
-        {
-            FusedPipeline.UseWideLanes = chosen;
+            using var width = T.WideLanes(wide);
+            Check(method, 3, ScalarType.Float32, OddShapes, 50);
+            Check(method, 5, ScalarType.BFloat16, AlignedShapes, 51);
         }
     }
 
@@ -291,53 +283,37 @@ public class FusedKernelTests
     /// </summary>
     [TestCaseSource(nameof(PairMethods))]
     public void Experts_of_weight_one_take_their_own_loops_and_get_the_general_loops_bits(MergeMethod method) =>
-        OwnLoopsGiveTheGeneralLoopsBits([2, 3, 4, 5, 9, 64], count => ForCount(method, count), own => FusedPipeline.UnitWeightKernels = own);
+        OwnLoopsGiveTheGeneralLoopsBits([2, 3, 4, 5, 9, 64], count => ForCount(method, count), own => T.Setting(() => FusedPipeline.UnitWeightKernels, v => FusedPipeline.UnitWeightKernels = v, own));
 
     /// <summary>
     /// For float32 and bfloat16, each of <paramref name="counts"/> experts (<see cref="SmallModel"/>) and
-    /// each lane width: the merge with the loops that <paramref name="ownLoops"/> switches on must give,
-    /// byte for byte, the merge with them off (the general loop).
+    /// each lane width: the merge with the loops of their own must give, byte for byte, the merge with them
+    /// off (the general loop); <paramref name="ownLoops"/> gives the setting that turns them on or off.
     /// </summary>
-    private static void OwnLoopsGiveTheGeneralLoopsBits(int[] counts, Func<int, MergeMethod> methodFor, Action<bool> ownLoops)
+    private static void OwnLoopsGiveTheGeneralLoopsBits(int[] counts, Func<int, MergeMethod> methodFor, Func<bool, IDisposable> ownLoops)
     {
-        bool chosen = FusedPipeline.UseWideLanes;
-        try
+        foreach (var (dtype, count) in new[] { ScalarType.Float32, ScalarType.BFloat16 }.SelectMany(d => counts.Select(c => (d, c))))
         {
-            foreach (var (dtype, count) in new[] { ScalarType.Float32, ScalarType.BFloat16 }.SelectMany(d => counts.Select(c => (d, c))))
+            var (b, list) = SmallModel(dtype, count);
+            var merge = methodFor(count);
+            try
             {
-                var (b, list) = SmallModel(dtype, count);
-                var merge = methodFor(count);
-                try
+                foreach (bool wide in T.LaneWidths)
                 {
-                    foreach (bool wide in System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? new[] { false, true } : [false])
+                    using var width = T.WideLanes(wide);
+                    using var own = merge.Merge(b, list);
+                    using var general = T.With(ownLoops(false), () => merge.Merge(b, list));
+                    foreach (var name in b.Names)
                     {
-                        FusedPipeline.UseWideLanes = wide;
-                        using var own = merge.Merge(b, list);
-                        ownLoops(false);
-                        try
-                        {
-                            using var general = merge.Merge(b, list);
-                            foreach (var name in b.Names)
-                            {
-                                Assert.That(own[name].dtype, Is.EqualTo(dtype));
-                                T.BitEqual(own[name], general[name], $"{name}, {dtype}, {count} experts, wide {wide}");
-                            }
-                        }
-                        finally
-                        {
-                            ownLoops(true);
-                        }
+                        Assert.That(own[name].dtype, Is.EqualTo(dtype));
+                        T.BitEqual(own[name], general[name], $"{name}, {dtype}, {count} experts, wide {wide}");
                     }
                 }
-                finally
-                {
-                    Free(b, list);
-                }
             }
-        }
-        finally
-        {
-            FusedPipeline.UseWideLanes = chosen;
+            finally
+            {
+                Free(b, list);
+            }
         }
     }
 
@@ -383,14 +359,14 @@ public class FusedKernelTests
             count => method is DareMerge { Options: { Weights: not null } o }
                 ? new DareMerge(o with { Weights = o.Weights.Take(count).ToArray(), DropRates = o.DropRates?.Take(count).ToArray() })
                 : method,
-            own => FusedPipeline.RandomKernel = own);
+            own => T.Setting(() => FusedPipeline.RandomKernel, v => FusedPipeline.RandomKernel = v, own));
 
     /// <summary>The same for 17 and 64 experts (64 is the most the kernel takes), where the loops keep the
     /// most per-expert constants; the inverse-keep-probability rescale (a division) on task arithmetic and
     /// mergekit's L1 rescale (a factor per expert) under the election.</summary>
     [TestCaseSource(nameof(ManyExpertDareMethods))]
     public void Dare_s_own_loops_give_the_general_loops_bits_for_many_experts(MergeMethod method) =>
-        OwnLoopsGiveTheGeneralLoopsBits([17, 64], _ => method, own => FusedPipeline.RandomKernel = own);
+        OwnLoopsGiveTheGeneralLoopsBits([17, 64], _ => method, own => T.Setting(() => FusedPipeline.RandomKernel, v => FusedPipeline.RandomKernel = v, own));
 
     private static IEnumerable<TestCaseData> ManyExpertDareMethods()
     {

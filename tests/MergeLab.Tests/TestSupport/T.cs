@@ -149,6 +149,15 @@ internal static class T
     public static IDisposable CpuKernels(bool enabled) =>
         Setting(() => MagnitudeThreshold.CpuKernelsEnabled, v => MagnitudeThreshold.CpuKernelsEnabled = v, enabled);
 
+    /// <summary>The lane widths the fused kernels' loops can run at here: 256-bit, and 512-bit where the CPU
+    /// has it (<see cref="WideLanes"/> picks one).</summary>
+    public static bool[] LaneWidths => System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? [false, true] : [false];
+
+    /// <summary>Runs the fused kernels' loops on 512-bit (<paramref name="wide"/>) or 256-bit vectors until
+    /// disposed; restores the width the CPU picked.</summary>
+    public static IDisposable WideLanes(bool wide) =>
+        Setting(() => FusedPipeline.UseWideLanes, v => FusedPipeline.UseWideLanes = v, wide);
+
     /// <summary>Sets a switch (a static test setting) to <paramref name="value"/> until disposed, then puts
     /// back the value it had.</summary>
     public static IDisposable Setting<TValue>(Func<TValue> get, Action<TValue> set, TValue value)
@@ -159,9 +168,13 @@ internal static class T
     }
 
     /// <summary><paramref name="f"/>'s result with the CPU kernels off.</summary>
-    public static TResult Libtorch<TResult>(Func<TResult> f)
+    public static TResult Libtorch<TResult>(Func<TResult> f) => With(CpuKernels(false), f);
+
+    /// <summary><paramref name="f"/>'s result under <paramref name="setting"/> (from <see cref="Setting"/>),
+    /// which is disposed after it.</summary>
+    public static TResult With<TResult>(IDisposable setting, Func<TResult> f)
     {
-        using (CpuKernels(false))
+        using (setting)
         {
             return f();
         }
