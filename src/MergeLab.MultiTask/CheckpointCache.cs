@@ -21,6 +21,9 @@ internal sealed class CheckpointCache
     /// <param name="dataFingerprint">The data's <see cref="FashionMnist.Fingerprint"/>, the other part: other
     /// images or labels (another <c>--data</c> folder) must not reuse models trained on these.</param>
     /// <param name="log">Told when a cached file cannot be read and is trained again.</param>
+    /// <exception cref="IOException">The cache's folder cannot be created (a file is in its way, a full disk);
+    /// found here, before any model is trained, not when the first one is saved.</exception>
+    /// <exception cref="UnauthorizedAccessException">The cache's folder cannot be created for lack of permission.</exception>
     public CheckpointCache(string? root, BenchmarkOptions options, string dataFingerprint, IProgress<string>? log = null)
     {
         _fingerprint = CacheKeys.Of(options.TrainingFingerprint() + "|" + dataFingerprint);
@@ -28,6 +31,14 @@ internal sealed class CheckpointCache
         if (root is not null)
         {
             _directory = Path.Combine(root, $"{options.Name}-{_fingerprint}");
+            try
+            {
+                System.IO.Directory.CreateDirectory(_directory);
+            }
+            catch (IOException e)
+            {
+                throw new IOException($"The cache folder '{_directory}' cannot be created: {e.Message}", e);
+            }
         }
     }
 
@@ -75,7 +86,7 @@ internal sealed class CheckpointCache
             return;
         }
 
-        System.IO.Directory.CreateDirectory(_directory);
+        System.IO.Directory.CreateDirectory(_directory); // again, in case it was removed while training
         SafetensorsWriter.Write(PathOf(name), tensors, new Dictionary<string, string> { [FingerprintKey] = _fingerprint });
     }
 

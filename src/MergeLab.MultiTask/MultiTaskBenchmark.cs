@@ -40,6 +40,8 @@ public static class MultiTaskBenchmark
     /// <param name="log">Receives one line per step.</param>
     /// <param name="cancellationToken">Checked between batches and steps.</param>
     /// <exception cref="FashionMnistNotFoundException">The dataset is missing; the message says how to install it.</exception>
+    /// <exception cref="IOException">The data cannot be read, or the cache folder (<see cref="BenchmarkOptions.CacheDirectory"/>)
+    /// cannot be created, which is found before any training.</exception>
     public static BenchmarkResults Run(BenchmarkOptions options, string? dataDirectory = null, IProgress<string>? log = null,
         CancellationToken cancellationToken = default)
     {

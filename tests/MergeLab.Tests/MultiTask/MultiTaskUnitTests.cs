@@ -278,6 +278,19 @@ public class MultiTaskUnitTests
     }
 
     [Test]
+    public void A_cache_folder_that_cannot_be_created_fails_at_once_not_at_the_first_save()
+    {
+        string file = Path.Combine(_dir, "a-file");
+        File.WriteAllText(file, "");
+
+        var ex = Assert.Throws<IOException>(() => _ = new CheckpointCache(file, BenchmarkOptions.Quick, "data-a"));
+        Assert.That(ex!.Message, Does.StartWith($"The cache folder '{file}{Path.DirectorySeparatorChar}quick-").And.Contain("cannot be created"));
+        var cache = new CheckpointCache(Path.Combine(_dir, "cache"), BenchmarkOptions.Quick, "data-a");
+        Assert.That(Directory.Exists(cache.Directory), Is.True, "created before anything is saved");
+        Assert.That(new CheckpointCache(null, BenchmarkOptions.Quick, "data-a").Directory, Is.Null);
+    }
+
+    [Test]
     public void A_damaged_cache_file_is_trained_again_not_fatal()
     {
         var messages = new List<string>();
