@@ -589,7 +589,11 @@ public static class CheckpointMerger
                 throw new MergeException($"The output '{output}' holds the input '{input}'; MergeLab never writes over its inputs.");
             }
 
-            RequireNoLinkInto(input!, real, output, realOutput);
+            // A missing input is reported when it is opened; its folder's links are not its own.
+            if (File.Exists(real) || Directory.Exists(real))
+            {
+                RequireNoLinkInto(input!, real, output, realOutput);
+            }
         }
 
         CheckReplaceable(output);

@@ -295,6 +295,11 @@ public class CheckpointMergerTests
         Assert.That(ex!.Message, Does.Contain($"has '{SafetensorsCheckpoint.SingleFileName}' linked into the output"));
         ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = earlier, Experts = [weights] }));
         Assert.That(ex!.Message, Does.Contain("never writes over its inputs"), "an input given as its weights file");
+        // A mistyped input beside that link: missing, which is the error, not its folder's link.
+        string missing = Path.Combine(request.Experts[0], "no-such-expert");
+        var notFound = Assert.Catch<IOException>(() => CheckpointMerger.Merge(request with { OutputDirectory = earlier, Experts = [missing] }));
+        Assert.That(notFound!.Message, Does.Contain("no-such-expert"));
+        Assert.That(File.Exists(Path.Combine(earlier, SafetensorsCheckpoint.SingleFileName)), Is.True, "the earlier output is kept");
         File.Delete(weights);
         File.Move(Path.Combine(earlier, SafetensorsCheckpoint.SingleFileName), weights);
         Directory.Delete(earlier);
