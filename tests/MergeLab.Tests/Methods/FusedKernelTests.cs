@@ -178,6 +178,8 @@ public class FusedKernelTests
     /// about ten float32 roundings of the tensor's largest entry (a wrong mask, weight or sign moves an entry by
     /// about 10⁻²);
     /// <see cref="Kernel_adds_many_experts_in_expert_order"/> checks the kernel's own order bit for bit.
+    /// Past <see cref="FusedPipeline.MaxExperts"/>, the merge is libtorch's own, bit for bit (the kernel's
+    /// expert order would differ).
     /// </summary>
     [TestCase(17)]
     [TestCase(18)]
@@ -196,6 +198,12 @@ public class FusedKernelTests
         {
             Check(method, experts, ScalarType.Float32, [[37, 129], [5]], 110 + experts, compare: (fast, reference, label) =>
             {
+                if (experts > FusedPipeline.MaxExperts)
+                {
+                    T.BitEqual(fast, reference, label);
+                    return;
+                }
+
                 using var scope = NewDisposeScope();
                 float largest = reference.abs().max().item<float>();
                 float error = (fast - reference).abs().max().item<float>();
