@@ -843,15 +843,8 @@ public class PcbKernelTests
     [TestCase(ScalarType.BFloat16, 2, 33, 101, 0.3, 0.05)]
     public void Per_tensor_pcb_with_libtorch_exp_and_tanh_equals_the_original_formulation(ScalarType dtype, int experts, int rows, int cols, double ratio, double clamp)
     {
-        PcbKernel.LibTorchTranscendentals = true;
-        try
-        {
-            Compare(dtype, experts, rows, cols, ratio, clamp, (fast, reference, _) => T.BitEqual(fast, reference));
-        }
-        finally
-        {
-            PcbKernel.LibTorchTranscendentals = false;
-        }
+        using var transcendentals = T.Setting(() => PcbKernel.LibTorchTranscendentals, v => PcbKernel.LibTorchTranscendentals = v, true);
+        Compare(dtype, experts, rows, cols, ratio, clamp, (fast, reference, _) => T.BitEqual(fast, reference));
     }
 
     /// <summary>
@@ -876,28 +869,17 @@ public class PcbKernelTests
             var step = grid ? randint(-2, 3, [rows, cols], generator: g).to(ScalarType.Float32).mul_(1.0 / 64) : randn([rows, cols], generator: g).mul_(0.01);
             return (b.to(ScalarType.Float32) + step).to(dtype).MoveToOuterDisposeScope();
         }).ToArray();
-        try
-        {
-            var pcb = new PcbMerge(new PcbOptions { Ratio = ratio, ClampLow = 0.01, ClampHigh = 0.01, Lambda = .8, Scope = SelectionScope.PerTensor });
-            var group = new TensorGroup("w", b, list);
-            ExactSelector.ForceHistogram = histogram;
-            using var computed = pcb.MergeTensor(group, outputType: ScalarType.Float32);
-            PcbKernel.ScoreBuffer = true;
-            using var buffered = pcb.MergeTensor(group, outputType: ScalarType.Float32);
-            Assert.That(computed.bytes.ToArray(), Is.EqualTo(buffered.bytes.ToArray()));
-            using var finite = computed.isfinite();
-            using var allFinite = finite.all();
-            Assert.That(allFinite.item<bool>(), Is.True);
-        }
-        finally
-        {
-            PcbKernel.ScoreBuffer = false;
-            ExactSelector.ForceHistogram = false;
-            foreach (var e in list)
-            {
-                e.Dispose();
-            }
-        }
+        using var owned = T.DisposingAll(list);
+        var pcb = new PcbMerge(new PcbOptions { Ratio = ratio, ClampLow = 0.01, ClampHigh = 0.01, Lambda = .8, Scope = SelectionScope.PerTensor });
+        var group = new TensorGroup("w", b, list);
+        using var forced = T.Setting(() => ExactSelector.ForceHistogram, v => ExactSelector.ForceHistogram = v, histogram);
+        using var computed = pcb.MergeTensor(group, outputType: ScalarType.Float32);
+        using var buffered = T.With(T.Setting(() => PcbKernel.ScoreBuffer, v => PcbKernel.ScoreBuffer = v, true),
+            () => pcb.MergeTensor(group, outputType: ScalarType.Float32));
+        T.BitEqual(computed, buffered);
+        using var finite = computed.isfinite();
+        using var allFinite = finite.all();
+        Assert.That(allFinite.item<bool>(), Is.True);
     }
 
     /// <summary>Expert 0 pulls against the sum of both, so its scores tanh(τ_0·Στ) are all negative: its
@@ -910,20 +892,11 @@ public class PcbKernelTests
         using var m0 = rand([1001], generator: g).add_(0.5);
         using var m1 = rand([1001], generator: g).add_(0.5);
         var list = new[] { b - (m0 * 0.01), b + (m1 * 0.1) };
-        try
-        {
-            var pcb = new PcbMerge(new PcbOptions { Ratio = 0.5, Scope = SelectionScope.PerTensor });
-            using var fast = pcb.MergeTensor(new TensorGroup("w", b, list));
-            using var reference = Original(pcb, b, list);
-            WithinTwoUlps(fast, reference, b);
-        }
-        finally
-        {
-            foreach (var e in list)
-            {
-                e.Dispose();
-            }
-        }
+        using var owned = T.DisposingAll(list);
+        var pcb = new PcbMerge(new PcbOptions { Ratio = 0.5, Scope = SelectionScope.PerTensor });
+        using var fast = pcb.MergeTensor(new TensorGroup("w", b, list));
+        using var reference = Original(pcb, b, list);
+        WithinTwoUlps(fast, reference, b);
     }
 
     /// <summary>With its own exp and tanh (within 1 ulp, as libtorch's are), the kernel's scores may differ
@@ -956,19 +929,10 @@ public class PcbKernelTests
         using var g = new Generator(90);
         using var b = randn([rows, cols], generator: g).to(dtype);
         var list = Enumerable.Range(0, experts).Select(_ => (b.to(ScalarType.Float32) + randn([rows, cols], generator: g) * 0.01).to(dtype)).ToArray();
-        try
-        {
-            var pcb = new PcbMerge(new PcbOptions { Ratio = ratio, ClampLow = clamp, ClampHigh = clamp, Lambda = .8, Scope = SelectionScope.PerTensor });
-            using var fast = pcb.MergeTensor(new TensorGroup("w", b, list), outputType: output);
-            using var reference = Original(pcb, b, list, output);
-            check(fast, reference, b);
-        }
-        finally
-        {
-            foreach (var e in list)
-            {
-                e.Dispose();
-            }
-        }
+        using var owned = T.DisposingAll(list);
+        var pcb = new PcbMerge(new PcbOptions { Ratio = ratio, ClampLow = clamp, ClampHigh = clamp, Lambda = .8, Scope = SelectionScope.PerTensor });
+        using var fast = pcb.MergeTensor(new TensorGroup("w", b, list), outputType: output);
+        using var reference = Original(pcb, b, list, output);
+        check(fast, reference, b);
     }
 }

@@ -163,25 +163,16 @@ public class PcbCandidateTests
         using var g = new Generator(96);
         using var b = randn([300, 700], generator: g);
         var list = Experts(g, b, 3);
-        try
-        {
-            using var keeping = T.Setting(() => PcbKernel.KeepCandidates, v => PcbKernel.KeepCandidates = v, keep);
-            using var counting = Counting();
-            var pcb = new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor });
-            using var merged = pcb.MergeTensor(new TensorGroup("w", b, list));
-            TestContext.Out.WriteLine($"scored {PcbKernel.Scored} of {PcbKernel.Offered}");
-            Assert.That(PcbKernel.Offered, Is.EqualTo((keep ? 1L : 2L) * 3 * 300 * 700),
-                keep ? "only the selection looks at every entry of every task" : "the selection and the merge both look at every entry of every task");
-            Assert.That(PcbKernel.Scored, Is.LessThan(PcbKernel.Offered / 5));
-            Assert.That(PcbKernel.Scored, Is.GreaterThan(PcbKernel.Offered / 20));
-        }
-        finally
-        {
-            foreach (var e in list)
-            {
-                e.Dispose();
-            }
-        }
+        using var owned = T.DisposingAll(list);
+        using var keeping = T.Setting(() => PcbKernel.KeepCandidates, v => PcbKernel.KeepCandidates = v, keep);
+        using var counting = Counting();
+        var pcb = new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor });
+        using var merged = pcb.MergeTensor(new TensorGroup("w", b, list));
+        TestContext.Out.WriteLine($"scored {PcbKernel.Scored} of {PcbKernel.Offered}");
+        Assert.That(PcbKernel.Offered, Is.EqualTo((keep ? 1L : 2L) * 3 * 300 * 700),
+            keep ? "only the selection looks at every entry of every task" : "the selection and the merge both look at every entry of every task");
+        Assert.That(PcbKernel.Scored, Is.LessThan(PcbKernel.Offered / 5));
+        Assert.That(PcbKernel.Scored, Is.GreaterThan(PcbKernel.Offered / 20));
     }
 
     /// <summary>A store too small for every chunk keeps some (the merge takes those from it) and scores
@@ -198,40 +189,31 @@ public class PcbCandidateTests
         using var b = randn([512, 1024], generator: g);
         var list = Experts(g, b, 3, unchanged: 1);
         long defaultArena = PcbKernel.MaxKeptArenaBytes;
-        try
+        using var owned = T.DisposingAll(list);
+        var pcb = new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor });
+        long d = 512 * 1024;
+        foreach (long arena in new[] { defaultArena, 300L << 10 })
         {
-            var pcb = new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor });
-            long d = 512 * 1024;
-            foreach (long arena in new[] { defaultArena, 300L << 10 })
+            using var arenaSize = T.Setting(() => PcbKernel.MaxKeptArenaBytes, v => PcbKernel.MaxKeptArenaBytes = v, arena);
+            using (Counting())
             {
-                using var arenaSize = T.Setting(() => PcbKernel.MaxKeptArenaBytes, v => PcbKernel.MaxKeptArenaBytes = v, arena);
-                using (Counting())
-                {
-                    AssertSameBits(() => pcb.MergeTensor(new TensorGroup("w", b, list)));
-                }
-
-                // Offered counts, in each of AssertSameBits' two candidate runs, the selection of the two
-                // changed tasks (d each: the unchanged task's cutoff is not positive, so its selection computes
-                // every key without packing); in the run without keeping, the merge's three tasks (3d); in the
-                // kept run, three tasks for each entry of a chunk scored again (the full passes pack nothing).
-                TestContext.Out.WriteLine($"arena {arena}: offered {PcbKernel.Offered}");
-                long scoredAgain = PcbKernel.Offered - (2 * d) - (2 * d) - (3 * d);
-                if (arena == defaultArena)
-                {
-                    Assert.That(scoredAgain, Is.Zero, "every chunk kept");
-                }
-                else
-                {
-                    Assert.That(scoredAgain, Is.GreaterThan(0).And.LessThan(3 * d), "some chunks kept, others scored again");
-                    Assert.That(scoredAgain % (3 * 1024), Is.Zero, "whole chunks of 1,024 entries");
-                }
+                AssertSameBits(() => pcb.MergeTensor(new TensorGroup("w", b, list)));
             }
-        }
-        finally
-        {
-            foreach (var e in list)
+
+            // Offered counts, in each of AssertSameBits' two candidate runs, the selection of the two
+            // changed tasks (d each: the unchanged task's cutoff is not positive, so its selection computes
+            // every key without packing); in the run without keeping, the merge's three tasks (3d); in the
+            // kept run, three tasks for each entry of a chunk scored again (the full passes pack nothing).
+            TestContext.Out.WriteLine($"arena {arena}: offered {PcbKernel.Offered}");
+            long scoredAgain = PcbKernel.Offered - (2 * d) - (2 * d) - (3 * d);
+            if (arena == defaultArena)
             {
-                e.Dispose();
+                Assert.That(scoredAgain, Is.Zero, "every chunk kept");
+            }
+            else
+            {
+                Assert.That(scoredAgain, Is.GreaterThan(0).And.LessThan(3 * d), "some chunks kept, others scored again");
+                Assert.That(scoredAgain % (3 * 1024), Is.Zero, "whole chunks of 1,024 entries");
             }
         }
     }
@@ -269,18 +251,9 @@ public class PcbCandidateTests
 
             return (b.to(ScalarType.Float32) + step).to(dtype).MoveToOuterDisposeScope();
         }).ToArray();
-        try
-        {
-            var pcb = new PcbMerge(new PcbOptions { Ratio = ratio, ClampLow = 0.01, ClampHigh = 0.01, Lambda = .8, Scope = SelectionScope.PerTensor });
-            AssertSameBits(() => pcb.MergeTensor(new TensorGroup("w", b, list), outputType: output));
-        }
-        finally
-        {
-            foreach (var e in list)
-            {
-                e.Dispose();
-            }
-        }
+        using var owned = T.DisposingAll(list);
+        var pcb = new PcbMerge(new PcbOptions { Ratio = ratio, ClampLow = 0.01, ClampHigh = 0.01, Lambda = .8, Scope = SelectionScope.PerTensor });
+        AssertSameBits(() => pcb.MergeTensor(new TensorGroup("w", b, list), outputType: output));
     }
 
     /// <summary>A task whose scores are all negative (its threshold is not positive: every entry is a
@@ -311,23 +284,14 @@ public class PcbCandidateTests
         RequireAvx512();
         using var baseModel = T.RandomModel(44);
         var experts = new[] { T.Expert(baseModel, 45), T.Expert(baseModel, 46), T.Expert(baseModel, 47) };
-        try
+        using var owned = T.DisposingAll(experts);
+        var pcb = new PcbMerge(new PcbOptions { Ratio = .2, ClampLow = .01, ClampHigh = .01 });
+        using var candidates = pcb.Merge(baseModel, experts);
+        using var fullPasses = T.Setting(() => PcbKernel.ScoreCandidatesOnly, v => PcbKernel.ScoreCandidatesOnly = v, false);
+        using var full = pcb.Merge(baseModel, experts);
+        foreach (var (name, tensor) in full)
         {
-            var pcb = new PcbMerge(new PcbOptions { Ratio = .2, ClampLow = .01, ClampHigh = .01 });
-            using var candidates = pcb.Merge(baseModel, experts);
-            using var fullPasses = T.Setting(() => PcbKernel.ScoreCandidatesOnly, v => PcbKernel.ScoreCandidatesOnly = v, false);
-            using var full = pcb.Merge(baseModel, experts);
-            foreach (var (name, tensor) in full)
-            {
-                T.BitEqual(candidates[name], tensor, name);
-            }
-        }
-        finally
-        {
-            foreach (var e in experts)
-            {
-                e.Dispose();
-            }
+            T.BitEqual(candidates[name], tensor, name);
         }
     }
 

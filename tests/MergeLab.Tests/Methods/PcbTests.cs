@@ -63,27 +63,18 @@ public class PcbTests
     {
         using var baseModel = T.RandomModel(40);
         var experts = new[] { T.Expert(baseModel, 41), T.Expert(baseModel, 42), T.Expert(baseModel, 43) };
-        try
-        {
-            var options = new PcbOptions { Ratio = .2, ClampLow = .01, ClampHigh = .01 };
-            using var merged = new PcbMerge(options).Merge(baseModel, experts);
+        using var owned = T.DisposingAll(experts);
+        var options = new PcbOptions { Ratio = .2, ClampLow = .01, ClampHigh = .01 };
+        using var merged = new PcbMerge(options).Merge(baseModel, experts);
 
-            // The same model flattened into one tensor, merged per tensor.
-            using var scope = NewDisposeScope();
-            var flatBase = cat(baseModel.Select(kv => kv.Value.flatten()).ToArray());
-            var flatExperts = experts.Select(e => cat(e.Select(kv => kv.Value.flatten()).ToArray())).ToArray();
-            var perTensor = new PcbMerge(options with { Scope = SelectionScope.PerTensor });
-            var flatMerged = perTensor.MergeTensor(new TensorGroup("all", flatBase, flatExperts));
-            var actual = cat(merged.Select(kv => kv.Value.flatten()).ToArray());
-            T.Near(actual, flatMerged, 1e-6);
-        }
-        finally
-        {
-            foreach (var e in experts)
-            {
-                e.Dispose();
-            }
-        }
+        // The same model flattened into one tensor, merged per tensor.
+        using var scope = NewDisposeScope();
+        var flatBase = cat(baseModel.Select(kv => kv.Value.flatten()).ToArray());
+        var flatExperts = experts.Select(e => cat(e.Select(kv => kv.Value.flatten()).ToArray())).ToArray();
+        var perTensor = new PcbMerge(options with { Scope = SelectionScope.PerTensor });
+        var flatMerged = perTensor.MergeTensor(new TensorGroup("all", flatBase, flatExperts));
+        var actual = cat(merged.Select(kv => kv.Value.flatten()).ToArray());
+        T.Near(actual, flatMerged, 1e-6);
     }
 
     [Test]

@@ -140,14 +140,9 @@ public class CpuSelectionTests
                         var bracket = new SelectionQuery(source, position, descending);
                         ExactSelector.Solve([bracket]);
                         var histogram = new SelectionQuery(source, position, descending);
-                        ExactSelector.ForceHistogram = true;
-                        try
+                        using (T.Setting(() => ExactSelector.ForceHistogram, v => ExactSelector.ForceHistogram = v, true))
                         {
                             ExactSelector.Solve([histogram]);
-                        }
-                        finally
-                        {
-                            ExactSelector.ForceHistogram = false;
                         }
 
                         Assert.That(histogram.Composite, Is.EqualTo(bracket.Composite), $"position {position}, descending {descending}");
@@ -276,19 +271,11 @@ public class CpuSelectionTests
     /// switches set as given (then restored), and returns their composites.</summary>
     private static ulong[] SolveWith(SelectionQuery[] queries, bool wide, bool compress, bool histogram)
     {
-        bool chosen = ExactSelector.WideScan;
-        ExactSelector.WideScan = wide;
-        ExactSelector.PackWithCompress = compress;
-        ExactSelector.ForceHistogram = histogram;
-        try
+        using (T.Setting(() => ExactSelector.WideScan, v => ExactSelector.WideScan = v, wide))
+        using (T.Setting(() => ExactSelector.PackWithCompress, v => ExactSelector.PackWithCompress = v, compress))
+        using (T.Setting(() => ExactSelector.ForceHistogram, v => ExactSelector.ForceHistogram = v, histogram))
         {
             ExactSelector.Solve(queries);
-        }
-        finally
-        {
-            ExactSelector.WideScan = chosen;
-            ExactSelector.PackWithCompress = true;
-            ExactSelector.ForceHistogram = false;
         }
 
         return queries.Select(q => q.Composite).ToArray();

@@ -84,18 +84,10 @@ public class FiniteWitnessTests
             Assert.Ignore("This processor has no 512-bit scan.");
         }
 
-        bool chosen = ExactSelector.WideScan;
-        ExactSelector.WideScan = wide;
-        try
-        {
-            using var witness = FiniteWitness.Begin();
-            using var merged = merge();
-            return inputs.Select(witness.Covers).ToArray();
-        }
-        finally
-        {
-            ExactSelector.WideScan = chosen;
-        }
+        using var width = T.Setting(() => ExactSelector.WideScan, v => ExactSelector.WideScan = v, wide);
+        using var witness = FiniteWitness.Begin();
+        using var merged = merge();
+        return inputs.Select(witness.Covers).ToArray();
     }
 
     [TestCaseSource(nameof(Scans))]

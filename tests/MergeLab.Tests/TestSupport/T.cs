@@ -180,6 +180,15 @@ internal static class T
         }
     }
 
+    /// <summary>Disposes each of <paramref name="items"/> (a test's experts, say) when disposed itself.</summary>
+    public static IDisposable DisposingAll(IEnumerable<IDisposable> items) => new Restore(() =>
+    {
+        foreach (var item in items)
+        {
+            item.Dispose();
+        }
+    });
+
     /// <summary>Sets torch's thread count (which MergeLab's kernels follow) until disposed.</summary>
     public static IDisposable Threads(int count) => Setting(get_num_threads, set_num_threads, count);
 
