@@ -42,6 +42,7 @@ public static class MultiTaskBenchmark
     /// <exception cref="FashionMnistNotFoundException">The dataset is missing; the message says how to install it.</exception>
     /// <exception cref="IOException">The data cannot be read, or the cache folder (<see cref="BenchmarkOptions.CacheDirectory"/>)
     /// cannot be created, which is found before any training.</exception>
+    /// <exception cref="UnauthorizedAccessException">The cache folder cannot be created for lack of permission.</exception>
     public static BenchmarkResults Run(BenchmarkOptions options, string? dataDirectory = null, IProgress<string>? log = null,
         CancellationToken cancellationToken = default)
     {

@@ -391,7 +391,7 @@ public class CheckpointMergerTests
         Directory.CreateDirectory(dir.File($".a.mergelab-x.mergelab-{Id2}.old"));
         Directory.CreateDirectory(dir.File($".a.mergelab-{Id1[1..]}")); // an id a digit short
         Directory.CreateDirectory(dir.File($".a.mergelab-{Id1}0"));
-        Directory.CreateDirectory(dir.File($".a.mergelab-{Id1.ToUpperInvariant()}")); // not Guid's "N" form
+        Directory.CreateDirectory(dir.File($".a.mergelab-{Id1.ToUpperInvariant()}")); // not Guid's "N" form (case-sensitive file systems)
         Directory.CreateDirectory(dir.File($".a.mergelab-{Id1}.older"));
 
         Assert.That(CheckpointMerger.FindLeftovers(dir.File("a")), Is.EqualTo(new[] { new LeftoverFolder(own, false), new LeftoverFolder(movedAside, true) }));

@@ -172,14 +172,14 @@ public class FusedKernelTests
     }
 
     /// <summary>
-    /// Up to 64 experts take the kernel; more take libtorch's operations.
+    /// Up to 64 experts take the fused kernel; more take libtorch's operations.
     /// From 18 experts on, libtorch's <c>sum(dim: 0)</c> on the CPU adds the experts in groups of 16 and
     /// then the groups' sums, where the kernel adds them in expert order, so the two are compared to within
-    /// 10⁻⁶ of the tensor's largest |entry| (at least 1): about eight float32 ulps of that entry, where a
-    /// wrong mask, weight or sign moves an entry by about 10⁻²;
+    /// 10⁻⁶ of the tensor's largest |entry| (at least 1): 8 to 17 float32 ulps of that entry (more when it
+    /// is below 1), where a wrong mask, weight or sign moves an entry by about 10⁻²;
     /// <see cref="Kernel_adds_many_experts_in_expert_order"/> checks the kernel's own order bit for bit.
-    /// Past <see cref="FusedPipeline.MaxExperts"/>, the merge is libtorch's own, bit for bit (the kernel's
-    /// expert order would differ).
+    /// Past <see cref="FusedPipeline.MaxExperts"/> the fused kernel is not used, so the two are the same
+    /// operations and are compared bit for bit (the kernel's expert order would differ).
     /// </summary>
     [TestCase(17)]
     [TestCase(18)]

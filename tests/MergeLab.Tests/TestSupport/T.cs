@@ -149,12 +149,12 @@ internal static class T
     public static IDisposable CpuKernels(bool enabled) =>
         Setting(() => MagnitudeThreshold.CpuKernelsEnabled, v => MagnitudeThreshold.CpuKernelsEnabled = v, enabled);
 
-    /// <summary>The lane widths the fused kernels' loops can run at here: 256-bit, and 512-bit where the CPU
-    /// has it (<see cref="WideLanes"/> picks one).</summary>
+    /// <summary>The lane widths the fused kernels' loops can run at here: <see cref="System.Numerics.Vector{T}"/>'s (false),
+    /// and 512-bit where the CPU has it (true); <see cref="WideLanes"/> picks one.</summary>
     public static bool[] LaneWidths => System.Runtime.Intrinsics.Vector512.IsHardwareAccelerated ? [false, true] : [false];
 
-    /// <summary>Runs the fused kernels' loops on 512-bit (<paramref name="wide"/>) or 256-bit vectors until
-    /// disposed; restores the width the CPU picked.</summary>
+    /// <summary>Runs the fused kernels' loops on 512-bit vectors (<paramref name="wide"/>) or on
+    /// <see cref="System.Numerics.Vector{T}"/>'s until disposed; then restores the previous setting.</summary>
     public static IDisposable WideLanes(bool wide) =>
         Setting(() => FusedPipeline.UseWideLanes, v => FusedPipeline.UseWideLanes = v, wide);
 
@@ -180,14 +180,19 @@ internal static class T
         }
     }
 
-    /// <summary>Disposes each of <paramref name="items"/> (a test's experts, say) when disposed itself.</summary>
-    public static IDisposable DisposingAll(IEnumerable<IDisposable> items) => new Restore(() =>
+    /// <summary>Disposes each of <paramref name="items"/> (a test's experts, say; taken as they are now, not
+    /// enumerated again) when disposed itself.</summary>
+    public static IDisposable DisposingAll(IEnumerable<IDisposable> items)
     {
-        foreach (var item in items)
+        var owned = items.ToArray();
+        return new Restore(() =>
         {
-            item.Dispose();
-        }
-    });
+            foreach (var item in owned)
+            {
+                item.Dispose();
+            }
+        });
+    }
 
     /// <summary>Sets torch's thread count (which MergeLab's kernels follow) until disposed.</summary>
     public static IDisposable Threads(int count) => Setting(get_num_threads, set_num_threads, count);
