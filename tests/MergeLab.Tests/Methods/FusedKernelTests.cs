@@ -92,15 +92,8 @@ public class FusedKernelTests
         return (b, list);
     }
 
-    /// <summary>Disposes a <see cref="Model"/>.</summary>
-    private static void Free(StateDict b, StateDict[] list)
-    {
-        b.Dispose();
-        foreach (var e in list)
-        {
-            e.Dispose();
-        }
-    }
+    /// <summary>Disposes a <see cref="Model"/>'s base and experts when disposed.</summary>
+    private static IDisposable Owned(StateDict b, StateDict[] list) => T.DisposingAll([b, .. list]);
 
     /// <summary>Merges <see cref="Model"/>'s model with the kernel and as libtorch operations and compares
     /// each tensor: bit for bit, or with <paramref name="compare"/> (fast, reference, label).</summary>
@@ -108,20 +101,14 @@ public class FusedKernelTests
         Action<Tensor, Tensor, string>? compare = null)
     {
         var (b, list) = Model(experts, dtype, shapes, seed, expertTypes);
-        try
+        using var owned = Owned(b, list);
+        var weighted = weights ? Weighted(method, experts) : method;
+        using var fast = weighted.Merge(b, list);
+        using var reference = T.Libtorch(() => weighted.Merge(b, list));
+        foreach (var name in b.Names)
         {
-            var weighted = weights ? Weighted(method, experts) : method;
-            using var fast = weighted.Merge(b, list);
-            using var reference = T.Libtorch(() => weighted.Merge(b, list));
-            foreach (var name in b.Names)
-            {
-                string label = $"{method.Name}: {name} {string.Join("x", b[name].shape)}, {experts} experts, {dtype}{(expertTypes is null ? "" : " base, experts " + string.Join("/", expertTypes))}{(weights ? "" : ", unit weights")}";
-                (compare ?? T.BitEqual)(fast[name], reference[name], label);
-            }
-        }
-        finally
-        {
-            Free(b, list);
+            string label = $"{method.Name}: {name} {string.Join("x", b[name].shape)}, {experts} experts, {dtype}{(expertTypes is null ? "" : " base, experts " + string.Join("/", expertTypes))}{(weights ? "" : ", unit weights")}";
+            (compare ?? T.BitEqual)(fast[name], reference[name], label);
         }
     }
 
@@ -219,25 +206,19 @@ public class FusedKernelTests
     public void Kernel_adds_many_experts_in_expert_order(int experts)
     {
         var (b, list) = Model(experts, ScalarType.Float32, [[37, 129]], 120 + experts);
-        try
+        using var owned = Owned(b, list);
+        var weights = Weights(experts);
+        using var merged = new TaskArithmeticMerge(new TaskArithmeticOptions { Weights = weights, Lambda = .3 }).Merge(b, list);
+        using var scope = NewDisposeScope();
+        var sum = zeros_like(b["t0"]);
+        for (int k = 0; k < experts; k++)
         {
-            var weights = Weights(experts);
-            using var merged = new TaskArithmeticMerge(new TaskArithmeticOptions { Weights = weights, Lambda = .3 }).Merge(b, list);
-            using var scope = NewDisposeScope();
-            var sum = zeros_like(b["t0"]);
-            for (int k = 0; k < experts; k++)
-            {
-                using var w = weights[k].ToScalar();
-                sum = sum + (list[k]["t0"] - b["t0"]).mul(w);
-            }
+            using var w = weights[k].ToScalar();
+            sum = sum + (list[k]["t0"] - b["t0"]).mul(w);
+        }
 
-            using var lambda = .3.ToScalar();
-            T.BitEqual(merged["t0"], b["t0"] + sum.mul(lambda));
-        }
-        finally
-        {
-            Free(b, list);
-        }
+        using var lambda = .3.ToScalar();
+        T.BitEqual(merged["t0"], b["t0"] + sum.mul(lambda));
     }
 
     /// <summary>The sign-election loop runs on 512-bit vectors where the CPU has them; both widths must
@@ -304,23 +285,17 @@ public class FusedKernelTests
         {
             var (b, list) = SmallModel(dtype, count);
             var merge = methodFor(count);
-            try
+            using var owned = Owned(b, list);
+            foreach (bool wide in T.LaneWidths)
             {
-                foreach (bool wide in T.LaneWidths)
+                using var width = T.WideLanes(wide);
+                using var own = merge.Merge(b, list);
+                using var general = T.With(ownLoops(false), () => merge.Merge(b, list));
+                foreach (var name in b.Names)
                 {
-                    using var width = T.WideLanes(wide);
-                    using var own = merge.Merge(b, list);
-                    using var general = T.With(ownLoops(false), () => merge.Merge(b, list));
-                    foreach (var name in b.Names)
-                    {
-                        Assert.That(own[name].dtype, Is.EqualTo(dtype));
-                        T.BitEqual(own[name], general[name], $"{name}, {dtype}, {count} experts, wide {wide}");
-                    }
+                    Assert.That(own[name].dtype, Is.EqualTo(dtype));
+                    T.BitEqual(own[name], general[name], $"{name}, {dtype}, {count} experts, wide {wide}");
                 }
-            }
-            finally
-            {
-                Free(b, list);
             }
         }
     }
@@ -461,14 +436,8 @@ public class FusedKernelTests
     public void Fused_kernel_does_not_depend_on_the_thread_count(MergeMethod method)
     {
         var (b, list) = Model(5, ScalarType.BFloat16, [[300, 1100], [77_777]], 50);
-        try
-        {
-            T.SameOnAnyThreadCount(() => method.Merge(b, list));
-        }
-        finally
-        {
-            Free(b, list);
-        }
+        using var owned = Owned(b, list);
+        T.SameOnAnyThreadCount(() => method.Merge(b, list));
     }
 
     /// <summary>Task arithmetic and weight averaging over tensors of several of their loop's 65,536-entry
@@ -750,23 +719,17 @@ public class FusedKernelTests
         var pipeline = ((PipelineMerge)Weighted(method, 7)).Pipeline;
         var merge = new PipelineMerge("under test", pipeline);
         var (b, list) = Model(7, ScalarType.Float32, [[37, 129], [1001]], 70);
-        try
+        using var owned = Owned(b, list);
+        foreach (var name in b.Names)
         {
-            foreach (var name in b.Names)
+            using var merged = merge.MergeTensor(new TensorGroup(name, b[name], list.Select(e => e[name]).ToArray()));
+            var expected = Plain(T.Values(b[name]), list.Select(e => T.Values(e[name])).ToArray(), b[name].shape, pipeline, name);
+            var actual = T.Values(merged);
+            for (int i = 0; i < expected.Length; i++)
             {
-                using var merged = merge.MergeTensor(new TensorGroup(name, b[name], list.Select(e => e[name]).ToArray()));
-                var expected = Plain(T.Values(b[name]), list.Select(e => T.Values(e[name])).ToArray(), b[name].shape, pipeline, name);
-                var actual = T.Values(merged);
-                for (int i = 0; i < expected.Length; i++)
-                {
-                    Assert.That(BitConverter.SingleToInt32Bits(actual[i]), Is.EqualTo(BitConverter.SingleToInt32Bits(expected[i])),
-                        $"{name}[{i}]: {actual[i]} vs {expected[i]}");
-                }
+                Assert.That(BitConverter.SingleToInt32Bits(actual[i]), Is.EqualTo(BitConverter.SingleToInt32Bits(expected[i])),
+                    $"{name}[{i}]: {actual[i]} vs {expected[i]}");
             }
-        }
-        finally
-        {
-            Free(b, list);
         }
     }
 
@@ -774,20 +737,14 @@ public class FusedKernelTests
     public void Bfloat16_results_are_the_float32_results_rounded()
     {
         var (b, list) = Model(3, ScalarType.BFloat16, [[129, 77]], 80);
-        try
+        using var owned = Owned(b, list);
+        foreach (var method in new MergeMethod[] { new TaskArithmeticMerge(), new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit }), new DareMerge() })
         {
-            foreach (var method in new MergeMethod[] { new TaskArithmeticMerge(), new TiesMerge(new TiesOptions { Preset = TiesPreset.Mergekit }), new DareMerge() })
-            {
-                var group = new TensorGroup("t0", b["t0"], list.Select(e => e["t0"]).ToArray());
-                using var wide = method.MergeTensor(group, outputType: ScalarType.Float32);
-                using var narrow = method.MergeTensor(group);
-                using var rounded = wide.to(ScalarType.BFloat16);
-                T.BitEqual(narrow, rounded);
-            }
-        }
-        finally
-        {
-            Free(b, list);
+            var group = new TensorGroup("t0", b["t0"], list.Select(e => e["t0"]).ToArray());
+            using var wide = method.MergeTensor(group, outputType: ScalarType.Float32);
+            using var narrow = method.MergeTensor(group);
+            using var rounded = wide.to(ScalarType.BFloat16);
+            T.BitEqual(narrow, rounded);
         }
     }
 }
