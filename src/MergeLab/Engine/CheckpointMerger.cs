@@ -41,11 +41,16 @@ public static class CheckpointMerger
     /// <summary>The end of the name of the hidden folder an <c>--overwrite</c> merge moves the old output to.</summary>
     private const string MovedAsideSuffix = ".old";
 
-    /// <summary>The length of a merge's id in its hidden folder's name: a <see cref="Guid"/> in "N" form.</summary>
+    /// <summary>The length of a merge's id (<see cref="NewId"/>).</summary>
     private const int IdLength = 32;
 
-    /// <summary>The characters of a merge's id (<see cref="Guid.ToString(string)"/> with "N" writes lower case).</summary>
+    /// <summary>The characters of a merge's id (<see cref="NewId"/>: <see cref="Guid.ToString(string)"/> with "N"
+    /// writes lower case).</summary>
     private static readonly SearchValues<char> HexDigits = SearchValues.Create("0123456789abcdef");
+
+    /// <summary>A fresh id for a merge's hidden folder: a <see cref="Guid"/> in "N" form, <see cref="IdLength"/>
+    /// lower-case hex digits.</summary>
+    private static string NewId() => Guid.NewGuid().ToString("N");
 
     /// <summary>The hidden sibling folders' common name start for <paramref name="output"/> (a full path):
     /// <c>.NAME.mergelab-</c>; a merge writes into that plus a fresh id, beside the output.</summary>
@@ -75,9 +80,10 @@ public static class CheckpointMerger
             // Compared by name, not as a search pattern: an output named with '*' or '?' must not match
             // others'. Case as the platform's paths (PathCase), as the search pattern compared it.
             return Directory.EnumerateDirectories(parent)
-                .Where(path => IsLeftoverName(Path.GetFileName(path), prefix))
-                .Order(StringComparer.Ordinal)
-                .Select(path => new LeftoverFolder(path, path.EndsWith(MovedAsideSuffix, StringComparison.Ordinal))).ToArray();
+                .Select(path => (path, kind: LeftoverKind(Path.GetFileName(path), prefix)))
+                .Where(found => found.kind is not null)
+                .OrderBy(found => found.path, StringComparer.Ordinal)
+                .Select(found => new LeftoverFolder(found.path, found.kind!.Value)).ToArray();
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
@@ -85,24 +91,26 @@ public static class CheckpointMerger
         }
     }
 
-    /// <summary>Whether <paramref name="name"/> is <paramref name="prefix"/> followed by a merge's id (32 hex
-    /// digits, <see cref="Guid"/>'s "N" form) and, for a moved-aside output, <see cref="MovedAsideSuffix"/>: the
-    /// prefix alone would also match the folders of an output whose name continues this one's
-    /// (<c>.a.mergelab-</c> starts <c>.a.mergelab-x.mergelab-</c>).</summary>
-    private static bool IsLeftoverName(string name, string prefix)
+    /// <summary>Whether <paramref name="name"/> is <paramref name="prefix"/> followed by a merge's id
+    /// (<see cref="NewId"/>) and, for a moved-aside output, <see cref="MovedAsideSuffix"/>: null if not, else
+    /// whether it is a moved-aside output (<see cref="LeftoverFolder.IsPreviousOutput"/>). The prefix alone would
+    /// also match the folders of an output whose name continues this one's (<c>.a.mergelab-</c> starts
+    /// <c>.a.mergelab-x.mergelab-</c>).</summary>
+    private static bool? LeftoverKind(string name, string prefix)
     {
         if (!name.StartsWith(prefix, PathCase.Comparison))
         {
-            return false;
+            return null;
         }
 
         var id = name.AsSpan(prefix.Length);
-        if (id.EndsWith(MovedAsideSuffix, StringComparison.Ordinal))
+        bool movedAside = id.EndsWith(MovedAsideSuffix, StringComparison.Ordinal);
+        if (movedAside)
         {
             id = id[..^MovedAsideSuffix.Length];
         }
 
-        return id.Length == IdLength && !id.ContainsAnyExcept(HexDigits);
+        return id.Length == IdLength && !id.ContainsAnyExcept(HexDigits) ? movedAside : null;
     }
 
     /// <summary>Runs the merge described by <paramref name="request"/>.</summary>
@@ -178,7 +186,7 @@ public static class CheckpointMerger
             CheckTokenizerSource(request.TokenizerFilesFrom!, tokenizerFrom);
         }
 
-        string temp = Path.Combine(Path.GetDirectoryName(output)!, TemporaryName(output) + Guid.NewGuid().ToString("N"));
+        string temp = Path.Combine(Path.GetDirectoryName(output)!, TemporaryName(output) + NewId());
         Directory.CreateDirectory(temp);
         try
         {
@@ -589,21 +597,24 @@ public static class CheckpointMerger
                 throw new MergeException($"The output '{output}' holds the input '{input}'; MergeLab never writes over its inputs.");
             }
 
-            // A missing input is reported when it is opened; its folder's links are not its own.
-            if (File.Exists(real) || Directory.Exists(real))
-            {
-                RequireNoLinkInto(input!, real, output, realOutput);
-            }
+            RequireNoLinkInto(input!, real, output, realOutput);
         }
 
         CheckReplaceable(output);
     }
 
     /// <summary>An input's files may be links into the output (a checkpoint assembled from an earlier merge's
-    /// shards, or a cache of blobs): replacing the output would change that input, so it is refused.</summary>
+    /// shards, or a cache of blobs): replacing the output would change that input, so it is refused. An input
+    /// that does not exist has no links (it is reported as missing when it is opened): its parent's are not its own.</summary>
     private static void RequireNoLinkInto(string input, string realInput, string output, string realOutput)
     {
-        foreach (var entry in new DirectoryInfo(Folder(realInput)).EnumerateFileSystemInfos().Where(e => e.LinkTarget is not null))
+        bool isFolder = Directory.Exists(realInput);
+        if (!isFolder && !File.Exists(realInput))
+        {
+            return;
+        }
+
+        foreach (var entry in new DirectoryInfo(FolderOf(realInput, isFolder)).EnumerateFileSystemInfos().Where(e => e.LinkTarget is not null))
         {
             string target;
             try

@@ -87,7 +87,7 @@ internal static unsafe partial class PcbKernel
             _capacity = Math.Max(Lanes, Math.Min(wanted, MaxKeptArenaBytes / sizeof(float)));
             // Small enough that the threads' last, partly used slabs leave most of the arena to the chunks; whole
             // vectors, so that every reservation (whole vectors too) starts on a vector of the aligned arena.
-            _slabFloats = (Math.Clamp(_capacity / (16L * CpuParallel.Threads), CandidateChunk.RowFloats, SlabFloats) + Lanes - 1) / Lanes * Lanes;
+            _slabFloats = WholeVectors(Math.Clamp(_capacity / (16L * CpuParallel.Threads), CandidateChunk.RowFloats, SlabFloats));
             _streaming = _capacity * sizeof(float) > StreamingArenaBytes;
             _table = NativeBufferPool.Rent(slots * (sizeof(Slot) + (VectorsPerChunk * sizeof(ushort))));
             try
@@ -270,17 +270,14 @@ internal static unsafe partial class PcbKernel
     /// <summary>How many chunks ahead <see cref="MergeKept"/> prefetches the kept candidates.</summary>
     private const int PrefetchAhead = 2;
 
-    /// <summary>The scratch <see cref="MergeKept"/> takes, in floats: the base (where it is staged), the
-    /// numerators (then the results), the denominators, a staging row, and one task's weights and weighted
-    /// values.</summary>
-    private const long KeptScratchFloats = 6L * CandidateChunk.RowFloats;
-
     /// <summary>
     /// Merges the chunk of entries [<paramref name="start"/>, start + <paramref name="count"/>) from the base
     /// and the store's kept candidates of <paramref name="tasks"/> (those with a positive score range; the
     /// others have every factor 0, as the full merge's Candidates.None): task by task, the weights and
     /// weighted values are computed packed, then expanded into place and added to the sums, so each entry's
-    /// sums take the tasks in expert order, as the full merge's do.
+    /// sums take the tasks in expert order, as the full merge's do. <paramref name="scratch"/> holds six rows
+    /// of <see cref="CandidateChunk.RowFloats"/>: the base (where it is staged), the numerators (then the
+    /// results), the denominators, a staging row, and one task's weights and weighted values.
     /// </summary>
     [MethodImpl(MethodImplOptions.AggressiveOptimization)]
     private static void MergeKept(FusedPipeline.Inputs inputs, CandidateStore store, int[] tasks, Bounds bounds, float? lambda, long start, int count, nint address, bool bf16, float* scratch)

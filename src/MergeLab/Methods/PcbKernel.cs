@@ -36,6 +36,9 @@ internal static unsafe partial class PcbKernel
     /// <summary><paramref name="count"/> rounded up to whole 512-bit vectors.</summary>
     private static int WholeVectors(int count) => (count + Lanes - 1) / Lanes * Lanes;
 
+    /// <inheritdoc cref="WholeVectors(int)"/>
+    private static long WholeVectors(long count) => (count + Lanes - 1) / Lanes * Lanes;
+
     /// <summary>Take exp and tanh from libtorch (the result is then bit-identical to the libtorch
     /// formulation on this machine), for tests.</summary>
     internal static bool LibTorchTranscendentals { get; set; }
