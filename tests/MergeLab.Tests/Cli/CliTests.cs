@@ -94,10 +94,10 @@ public class CliTests
             dtype: float32
             """);
         string output = dir.File("merged");
-        var leftover = Directory.CreateDirectory(dir.File(".merged.mergelab-0123456789abcdef0123456789abcdef")).FullName;
+        var leftover = Directory.CreateDirectory(dir.File($".merged.mergelab-{T.MergeId}")).FullName;
         File.WriteAllBytes(Path.Combine(leftover, "model-00001-of-00001.safetensors"), new byte[3000]);
-        Directory.CreateDirectory(dir.File(".other.mergelab-0123456789abcdef0123456789abcdef")); // another output's: not named
-        var movedAside = Directory.CreateDirectory(dir.File(".merged.mergelab-fedcba9876543210fedcba9876543210.old")).FullName;
+        Directory.CreateDirectory(dir.File($".other.mergelab-{T.MergeId}")); // another output's: not named
+        var movedAside = Directory.CreateDirectory(dir.File($".merged.mergelab-{T.OtherMergeId}.old")).FullName;
 
         var (exit, _, stderr) = Run("merge", config, output);
 

@@ -375,8 +375,8 @@ public class CheckpointMergerTests
         Assert.That(CheckpointMerger.FindLeftovers(Path.GetPathRoot(Path.GetTempPath())!), Is.Empty, "a root folder has no parent to look in");
 
         using var dir = new TempDirectory();
-        Directory.CreateDirectory(dir.File($".merged.mergelab-{Id1}"));
-        var own = Directory.CreateDirectory(dir.File($".m*.mergelab-{Id2}")).FullName;
+        Directory.CreateDirectory(dir.File($".merged.mergelab-{T.MergeId}"));
+        var own = Directory.CreateDirectory(dir.File($".m*.mergelab-{T.OtherMergeId}")).FullName;
         Assert.That(CheckpointMerger.FindLeftovers(dir.File("m*")), Is.EqualTo(new[] { new LeftoverFolder(own, false) }),
             "'m*' is a name: the folder left for 'merged' is not its");
     }
@@ -385,21 +385,18 @@ public class CheckpointMergerTests
     public void Leftovers_are_the_output_name_and_a_whole_id_not_another_output_that_starts_with_it()
     {
         using var dir = new TempDirectory();
-        var own = Directory.CreateDirectory(dir.File($".a.mergelab-{Id1}")).FullName;
-        var movedAside = Directory.CreateDirectory(dir.File($".a.mergelab-{Id2}.old")).FullName;
-        Directory.CreateDirectory(dir.File($".a.mergelab-x.mergelab-{Id1}")); // the output 'a.mergelab-x''s
-        Directory.CreateDirectory(dir.File($".a.mergelab-x.mergelab-{Id2}.old"));
-        Directory.CreateDirectory(dir.File($".a.mergelab-{Id1[1..]}")); // an id a digit short
-        Directory.CreateDirectory(dir.File($".a.mergelab-{Id1}0"));
-        Directory.CreateDirectory(dir.File($".a.mergelab-{Id1.ToUpperInvariant()}")); // not Guid's "N" form (case-sensitive file systems)
-        Directory.CreateDirectory(dir.File($".a.mergelab-{Id1}.older"));
+        var own = Directory.CreateDirectory(dir.File($".a.mergelab-{T.MergeId}")).FullName;
+        var movedAside = Directory.CreateDirectory(dir.File($".a.mergelab-{T.OtherMergeId}.old")).FullName;
+        Directory.CreateDirectory(dir.File($".a.mergelab-x.mergelab-{T.MergeId}")); // the output 'a.mergelab-x''s
+        Directory.CreateDirectory(dir.File($".a.mergelab-x.mergelab-{T.OtherMergeId}.old"));
+        Directory.CreateDirectory(dir.File($".a.mergelab-{T.MergeId[1..]}")); // an id a digit short
+        Directory.CreateDirectory(dir.File($".a.mergelab-{T.MergeId}0"));
+        Directory.CreateDirectory(dir.File($".a.mergelab-{T.MergeId.ToUpperInvariant()}")); // not Guid's "N" form (case-sensitive file systems)
+        Directory.CreateDirectory(dir.File($".a.mergelab-{T.MergeId}.older"));
 
         Assert.That(CheckpointMerger.FindLeftovers(dir.File("a")), Is.EqualTo(new[] { new LeftoverFolder(own, false), new LeftoverFolder(movedAside, true) }));
         Assert.That(CheckpointMerger.FindLeftovers(dir.File("a.mergelab-x")), Has.Count.EqualTo(2).And.All.Property("Path").Contains(".a.mergelab-x.mergelab-"));
     }
-
-    /// <summary>Merge ids as a merge writes them (<see cref="Guid"/>, "N").</summary>
-    private const string Id1 = "0123456789abcdef0123456789abcdef", Id2 = "fedcba9876543210fedcba9876543210";
 
     private sealed class FailingMethod : MergeMethod
     {

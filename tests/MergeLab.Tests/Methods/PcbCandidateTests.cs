@@ -164,7 +164,7 @@ public class PcbCandidateTests
         using var b = randn([300, 700], generator: g);
         var list = Experts(g, b, 3);
         using var owned = T.DisposingAll(list);
-        using var keeping = T.Setting(() => PcbKernel.KeepCandidates, v => PcbKernel.KeepCandidates = v, keep);
+        using var keeping = KeepCandidates(keep);
         using var counting = Counting();
         var pcb = new PcbMerge(new PcbOptions { Scope = SelectionScope.PerTensor });
         using var merged = pcb.MergeTensor(new TensorGroup("w", b, list));
@@ -239,7 +239,7 @@ public class PcbCandidateTests
     public void Per_tensor_merges_keep_the_full_score_passes_bits(ScalarType dtype, int experts, int rows, int cols, double scale, double ratio, ScalarType output)
     {
         using var g = new Generator(94);
-        using var b = randn([rows, cols], generator: g).to(dtype);
+        using var b = T.Drawn(g, [rows, cols], dtype);
         var list = Enumerable.Range(0, experts).Select(k =>
         {
             using var scope = NewDisposeScope();
@@ -287,7 +287,7 @@ public class PcbCandidateTests
         using var owned = T.DisposingAll(experts);
         var pcb = new PcbMerge(new PcbOptions { Ratio = .2, ClampLow = .01, ClampHigh = .01 });
         using var candidates = pcb.Merge(baseModel, experts);
-        using var fullPasses = T.Setting(() => PcbKernel.ScoreCandidatesOnly, v => PcbKernel.ScoreCandidatesOnly = v, false);
+        using var fullPasses = ScoreCandidatesOnly(false);
         using var full = pcb.Merge(baseModel, experts);
         foreach (var (name, tensor) in full)
         {
@@ -300,8 +300,8 @@ public class PcbCandidateTests
     private static void AssertSameBits(Func<Tensor> merge)
     {
         RequireAvx512();
-        using var onlyCandidates = T.Setting(() => PcbKernel.ScoreCandidatesOnly, v => PcbKernel.ScoreCandidatesOnly = v, true);
-        using var keeping = T.Setting(() => PcbKernel.KeepCandidates, v => PcbKernel.KeepCandidates = v, true);
+        using var onlyCandidates = ScoreCandidatesOnly(true);
+        using var keeping = KeepCandidates(true);
         using var kept = merge();
         PcbKernel.KeepCandidates = false;
         using var candidates = merge();
@@ -310,6 +310,13 @@ public class PcbCandidateTests
         T.BitEqual(candidates, full, "scored again");
         T.BitEqual(kept, full, "kept");
     }
+
+    /// <summary>Keeps the selection's candidates for the merge (<paramref name="on"/>) until disposed.</summary>
+    private static IDisposable KeepCandidates(bool on) => T.Setting(() => PcbKernel.KeepCandidates, v => PcbKernel.KeepCandidates = v, on);
+
+    /// <summary>Scores only the candidates (<paramref name="on"/>), not every entry, until disposed.</summary>
+    private static IDisposable ScoreCandidatesOnly(bool on) =>
+        T.Setting(() => PcbKernel.ScoreCandidatesOnly, v => PcbKernel.ScoreCandidatesOnly = v, on);
 
     /// <summary>Counts the candidate passes' entries (from 0) until disposed.</summary>
     private static IDisposable Counting()

@@ -140,7 +140,7 @@ public class CpuSelectionTests
                         var bracket = new SelectionQuery(source, position, descending);
                         ExactSelector.Solve([bracket]);
                         var histogram = new SelectionQuery(source, position, descending);
-                        using (T.Setting(() => ExactSelector.ForceHistogram, v => ExactSelector.ForceHistogram = v, true))
+                        using (T.ForceHistogram(true))
                         {
                             ExactSelector.Solve([histogram]);
                         }
@@ -271,9 +271,9 @@ public class CpuSelectionTests
     /// switches set as given (then restored), and returns their composites.</summary>
     private static ulong[] SolveWith(SelectionQuery[] queries, bool wide, bool compress, bool histogram)
     {
-        using (T.Setting(() => ExactSelector.WideScan, v => ExactSelector.WideScan = v, wide))
+        using (T.WideScan(wide))
         using (T.Setting(() => ExactSelector.PackWithCompress, v => ExactSelector.PackWithCompress = v, compress))
-        using (T.Setting(() => ExactSelector.ForceHistogram, v => ExactSelector.ForceHistogram = v, histogram))
+        using (T.ForceHistogram(histogram))
         {
             ExactSelector.Solve(queries);
         }
@@ -836,7 +836,7 @@ public class CpuSelectionTests
         {
             using var viewScope = NewDisposeScope(); // a view's intermediate views too
             var view = views[index];
-            using var clean = view(source);
+            var clean = view(source); // in viewScope
             Assert.That(FiniteValues.IsAllFinite(clean), Is.True, $"view {index}");
             // The source's values are their positions: the view's entries, in its own order, say where each lies.
             var positions = T.Values(clean);

@@ -84,7 +84,7 @@ public class FiniteWitnessTests
             Assert.Ignore("This processor has no 512-bit scan.");
         }
 
-        using var width = T.Setting(() => ExactSelector.WideScan, v => ExactSelector.WideScan = v, wide);
+        using var width = T.WideScan(wide);
         using var witness = FiniteWitness.Begin();
         using var merged = merge();
         return inputs.Select(witness.Covers).ToArray();

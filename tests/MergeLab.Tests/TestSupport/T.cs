@@ -125,11 +125,18 @@ internal static class T
         var sd = new StateDict();
         foreach (var (name, shape, dtype) in tensors)
         {
-            using var drawn = randn(shape, generator: g);
-            sd.Add(name, drawn.to(dtype, copy: true));
+            sd.Add(name, Drawn(g, shape, dtype));
         }
 
         return sd;
+    }
+
+    /// <summary>A tensor of <paramref name="shape"/> drawn from N(0, 1) by <paramref name="g"/> in float32,
+    /// then stored in <paramref name="dtype"/> (the float32 draw disposed).</summary>
+    public static Tensor Drawn(Generator g, long[] shape, ScalarType dtype)
+    {
+        using var drawn = randn(shape, generator: g);
+        return drawn.to(dtype, copy: true);
     }
 
     /// <summary>base + a seeded random delta of the given scale, per tensor.</summary>
@@ -157,6 +164,17 @@ internal static class T
     /// <see cref="System.Numerics.Vector{T}"/>'s until disposed; then restores the previous setting.</summary>
     public static IDisposable WideLanes(bool wide) =>
         Setting(() => FusedPipeline.UseWideLanes, v => FusedPipeline.UseWideLanes = v, wide);
+
+    /// <summary>Two merge ids of the form a merge writes into its hidden folders' names (a <see cref="Guid"/>
+    /// in "N" form).</summary>
+    public const string MergeId = "0123456789abcdef0123456789abcdef", OtherMergeId = "fedcba9876543210fedcba9876543210";
+
+    /// <summary>Makes the selector solve by histograms alone (<paramref name="on"/>) until disposed.</summary>
+    public static IDisposable ForceHistogram(bool on) =>
+        Setting(() => ExactSelector.ForceHistogram, v => ExactSelector.ForceHistogram = v, on);
+
+    /// <summary>Runs the selector's scan on 512-bit vectors (<paramref name="wide"/>) or narrower until disposed.</summary>
+    public static IDisposable WideScan(bool wide) => Setting(() => ExactSelector.WideScan, v => ExactSelector.WideScan = v, wide);
 
     /// <summary>Sets a switch (a static test setting) to <paramref name="value"/> until disposed, then puts
     /// back the value it had.</summary>
