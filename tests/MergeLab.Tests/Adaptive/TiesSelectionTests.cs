@@ -14,34 +14,17 @@ public class TiesSelectionTests
     {
         using var baseModel = T.RandomModel(1);
         StateDict[] experts = [T.Expert(baseModel, 2), T.Expert(baseModel, 3), T.Expert(baseModel, 4)];
+        using var ownedExperts = T.DisposingAll(experts);
         var taus = experts.Select(e => TaskVector.Between(e, baseModel)).ToArray();
-        try
+        using var ownedTaus = T.DisposingAll(taus);
+        var selected = TiesSelection.Select(taus, density: 0.3);
+        using var ownedSelected = T.DisposingAll(selected);
+        using var sum = TaskVector.Combine(selected);
+        using var ties = new TiesMerge(new TiesOptions { Density = 0.3, Aggregation = Aggregation.Sum }).Merge(baseModel, experts);
+        using var tiesTau = TaskVector.Between(ties, baseModel);
+        foreach (var name in baseModel.Names)
         {
-            var selected = TiesSelection.Select(taus, density: 0.3);
-            using var sum = TaskVector.Combine(selected);
-            using var ties = new TiesMerge(new TiesOptions { Density = 0.3, Aggregation = Aggregation.Sum }).Merge(baseModel, experts);
-            using var tiesTau = TaskVector.Between(ties, baseModel);
-            foreach (var name in baseModel.Names)
-            {
-                T.Near(sum[name], tiesTau[name], 1e-5);
-            }
-
-            foreach (var s in selected)
-            {
-                s.Dispose();
-            }
-        }
-        finally
-        {
-            foreach (var e in experts)
-            {
-                e.Dispose();
-            }
-
-            foreach (var t in taus)
-            {
-                t.Dispose();
-            }
+            T.Near(sum[name], tiesTau[name], 1e-5);
         }
     }
 
@@ -53,13 +36,10 @@ public class TiesSelectionTests
         using var a = TaskVector.FromDeltas(new StateDict { { "w", tensor(new float[] { 4, -3, 0.5f, 2 }) } });
         using var b = TaskVector.FromDeltas(new StateDict { { "w", tensor(new float[] { -1, -5, 3, 0.1f }) } });
         var selected = TiesSelection.Select([a, b], density: 0.5);
+        using var owned = T.DisposingAll(selected);
         // a trimmed: [4, -3, 0, 2]; b trimmed: [-1, -5, 3, 0]; sums [3, -8, 3, 2] → signs [+, -, +, +].
         T.Near(selected[0]["w"], [4, -3, 0, 2]);
         T.Near(selected[1]["w"], [0, -5, 3, 0]);
-        foreach (var s in selected)
-        {
-            s.Dispose();
-        }
     }
 
     [TestCase(ScalarType.Float64)]
@@ -73,19 +53,10 @@ public class TiesSelectionTests
         using var a = TaskVector.FromDeltas(new StateDict { { "w", tensor(new[] { 4 + fine, -3, 0.5, 2 }).to(dtype) } });
         using var b = TaskVector.FromDeltas(new StateDict { { "w", tensor(new[] { -1, -5 - fine, 3, 0.125 }).to(dtype) } });
         var selected = TiesSelection.Select([a, b], density: 0.5);
-        try
-        {
-            Assert.That(selected.Select(s => s["w"].dtype), Is.All.EqualTo(dtype));
-            Assert.That(selected[0]["w"].to(ScalarType.Float64).data<double>().ToArray(), Is.EqualTo(new[] { 4 + fine, -3, 0, 2 }));
-            Assert.That(selected[1]["w"].to(ScalarType.Float64).data<double>().ToArray(), Is.EqualTo(new[] { 0, -5 - fine, 3, 0 }));
-        }
-        finally
-        {
-            foreach (var s in selected)
-            {
-                s.Dispose();
-            }
-        }
+        using var owned = T.DisposingAll(selected);
+        Assert.That(selected.Select(s => s["w"].dtype), Is.All.EqualTo(dtype));
+        Assert.That(selected[0]["w"].to(ScalarType.Float64).data<double>().ToArray(), Is.EqualTo(new[] { 4 + fine, -3, 0, 2 }));
+        Assert.That(selected[1]["w"].to(ScalarType.Float64).data<double>().ToArray(), Is.EqualTo(new[] { 0, -5 - fine, 3, 0 }));
     }
 
     [Test]

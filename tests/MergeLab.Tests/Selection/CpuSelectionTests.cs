@@ -709,37 +709,28 @@ public class CpuSelectionTests
     [TestCase(true)]
     public void Radix_select_over_large_bfloat16_chunks_equals_kthvalue(bool signedValues)
     {
+        using var scope = NewDisposeScope(); // the chunks and every intermediate
         var chunks = new[] { Awkward(300_000, 13).to(ScalarType.BFloat16), Awkward(70_000, 14), Awkward(5, 15) };
-        try
+        using var all = cat(chunks.Select(c => c.to(ScalarType.Float32)).ToArray());
+        using var values = signedValues ? all.clone() : all.abs();
+        long n = values.numel();
+        var ranks = new long[] { 1, n / 10, n / 2, n - 3, n };
+        var select = new RadixSelect(signedValues);
+        foreach (var c in chunks)
         {
-            using var all = cat(chunks.Select(c => c.to(ScalarType.Float32)).ToArray());
-            using var values = signedValues ? all.clone() : all.abs();
-            long n = values.numel();
-            var ranks = new long[] { 1, n / 10, n / 2, n - 3, n };
-            var select = new RadixSelect(signedValues);
-            foreach (var c in chunks)
-            {
-                select.ObserveCoarse(c);
-            }
-
-            select.EndCoarse(ranks);
-            foreach (var c in chunks)
-            {
-                select.ObserveFine(c);
-            }
-
-            var result = select.EndFine();
-            for (int r = 0; r < ranks.Length; r++)
-            {
-                Assert.That(result[r], Is.EqualTo(values.kthvalue(ranks[r], 0, false).values.item<float>()), $"rank {ranks[r]}");
-            }
+            select.ObserveCoarse(c);
         }
-        finally
+
+        select.EndCoarse(ranks);
+        foreach (var c in chunks)
         {
-            foreach (var c in chunks)
-            {
-                c.Dispose();
-            }
+            select.ObserveFine(c);
+        }
+
+        var result = select.EndFine();
+        for (int r = 0; r < ranks.Length; r++)
+        {
+            Assert.That(result[r], Is.EqualTo(values.kthvalue(ranks[r], 0, false).values.item<float>()), $"rank {ranks[r]}");
         }
     }
 
@@ -748,42 +739,33 @@ public class CpuSelectionTests
     [Test]
     public unsafe void Radix_selects_observed_together_each_get_their_own_values()
     {
+        using var scope = NewDisposeScope(); // the chunks and every intermediate
         var sources = Enumerable.Range(0, 3).Select(s => new[] { Awkward(200_000, 30 + s), Awkward(1_001, 40 + s) }).ToArray();
-        try
+        var chunks = Enumerable.Range(0, 2).Select(c => sources.Select(s => (KeySource)new SignedKeys(new CpuFloats(CpuTensors.Pointer(s[c]), s[c].numel(), bfloat16: false))).ToArray()).ToArray();
+        var selects = sources.Select(_ => new RadixSelect(signed: true)).ToArray();
+        var ranks = new long[][] { [1, 70_000], [100_000, 201_001], [5, 150_000] };
+        foreach (var c in chunks)
         {
-            var chunks = Enumerable.Range(0, 2).Select(c => sources.Select(s => (KeySource)new SignedKeys(new CpuFloats(CpuTensors.Pointer(s[c]), s[c].numel(), bfloat16: false))).ToArray()).ToArray();
-            var selects = sources.Select(_ => new RadixSelect(signed: true)).ToArray();
-            var ranks = new long[][] { [1, 70_000], [100_000, 201_001], [5, 150_000] };
-            foreach (var c in chunks)
-            {
-                RadixSelect.ObserveCoarse(selects, c);
-            }
-
-            for (int s = 0; s < selects.Length; s++)
-            {
-                selects[s].EndCoarse(ranks[s]);
-            }
-
-            foreach (var c in chunks)
-            {
-                RadixSelect.ObserveFine(selects, c);
-            }
-
-            for (int s = 0; s < selects.Length; s++)
-            {
-                using var all = cat(sources[s]);
-                var result = selects[s].EndFine();
-                for (int r = 0; r < ranks[s].Length; r++)
-                {
-                    Assert.That(result[r], Is.EqualTo(all.kthvalue(ranks[s][r], 0, false).values.item<float>()), $"select {s}, rank {ranks[s][r]}");
-                }
-            }
+            RadixSelect.ObserveCoarse(selects, c);
         }
-        finally
+
+        for (int s = 0; s < selects.Length; s++)
         {
-            foreach (var t in sources.SelectMany(s => s))
+            selects[s].EndCoarse(ranks[s]);
+        }
+
+        foreach (var c in chunks)
+        {
+            RadixSelect.ObserveFine(selects, c);
+        }
+
+        for (int s = 0; s < selects.Length; s++)
+        {
+            using var all = cat(sources[s]);
+            var result = selects[s].EndFine();
+            for (int r = 0; r < ranks[s].Length; r++)
             {
-                t.Dispose();
+                Assert.That(result[r], Is.EqualTo(all.kthvalue(ranks[s][r], 0, false).values.item<float>()), $"select {s}, rank {ranks[s][r]}");
             }
         }
     }
