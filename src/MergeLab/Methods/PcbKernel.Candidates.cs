@@ -151,7 +151,7 @@ internal static unsafe partial class PcbKernel
         /// <paramref name="source"/>, read straight from its memory (bfloat16 widened as it is read) where the
         /// chunk is whole vectors, else through <see cref="ExpertStaging"/>.</summary>
         public int PackBounded(CpuFloats source, in ScoreBound bound, float level) =>
-            Counted(source.IsBFloat16 && Count % Lanes == 0
+            Counted(source.IsBFloat16 && IsWholeVectors(Count)
                 ? PackBounded(BFloat16Reader.InPlace(source, Start), bound, level)
                 : PackBounded(new Float32Reader(ReadRow(source, ExpertStaging)), bound, level));
 

@@ -309,7 +309,7 @@ internal static unsafe partial class PcbKernel
         }
 
         // A whole chunk of a bfloat16 base is widened as it is read, else the base is read (or staged) as float32.
-        if (inputs.Base.IsBFloat16 && count == padded)
+        if (inputs.Base.IsBFloat16 && IsWholeVectors(count))
         {
             AddBase(BFloat16Reader.InPlace(inputs.Base, start), num, den, padded, lambda);
         }

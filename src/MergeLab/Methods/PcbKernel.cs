@@ -39,6 +39,10 @@ internal static unsafe partial class PcbKernel
     /// <inheritdoc cref="WholeVectors(int)"/>
     private static long WholeVectors(long count) => (count + Lanes - 1) / Lanes * Lanes;
 
+    /// <summary>Whether <paramref name="count"/> entries are whole 512-bit vectors, so that a chunk of them
+    /// can be read in place (bfloat16 widened as it is read) instead of staged as float32.</summary>
+    private static bool IsWholeVectors(long count) => count % Lanes == 0;
+
     /// <summary>Take exp and tanh from libtorch (the result is then bit-identical to the libtorch
     /// formulation on this machine), for tests.</summary>
     internal static bool LibTorchTranscendentals { get; set; }
@@ -575,7 +579,7 @@ internal static unsafe partial class PcbKernel
                 return sums;
             }
 
-            if (count % Lanes == 0 && _allBFloat16 is { } bfloat16)
+            if (IsWholeVectors(count) && _allBFloat16 is { } bfloat16)
             {
                 if (bfloat16)
                 {
