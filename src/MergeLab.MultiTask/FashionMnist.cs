@@ -171,30 +171,37 @@ public sealed class FashionMnist
     internal static byte[] ReadIdx(string directory, string name, int magic, int[] itemShape)
     {
         var path = Find(directory, name) ?? throw new FashionMnistNotFoundException(FashionMnistNotFoundException.Explain(directory, name));
+        string? problem;
+        byte[]? data;
         try
         {
-            return ReadIdx(path, magic, itemShape);
+            using var file = File.OpenRead(path);
+            using Stream stream = path.EndsWith(".gz", StringComparison.Ordinal) ? new GZipStream(file, CompressionMode.Decompress) : file;
+            data = ReadIdx(stream, magic, itemShape, out problem);
         }
         catch (EndOfStreamException)
         {
             throw new InvalidDataException($"'{path}' is cut short: it ends before the items its header declares.");
         }
-        catch (InvalidDataException e) when (!e.Message.Contains(path, StringComparison.Ordinal))
+        catch (InvalidDataException e)
         {
             throw new InvalidDataException($"'{path}' is not valid: {e.Message}", e); // e.g. corrupt gzip
         }
+
+        return data ?? throw new InvalidDataException($"'{path}' {problem}");
     }
 
-    private static byte[] ReadIdx(string path, int magic, int[] itemShape)
+    /// <summary>The items of the IDX file <paramref name="stream"/> holds, or null with what is wrong with its
+    /// header in <paramref name="problem"/> (a phrase that follows the file's path).</summary>
+    private static byte[]? ReadIdx(Stream stream, int magic, int[] itemShape, out string? problem)
     {
-        using var file = File.OpenRead(path);
-        using Stream stream = path.EndsWith(".gz", StringComparison.Ordinal) ? new GZipStream(file, CompressionMode.Decompress) : file;
         Span<byte> word = stackalloc byte[4];
         stream.ReadExactly(word);
         int actualMagic = BinaryPrimitives.ReadInt32BigEndian(word);
         if (actualMagic != magic)
         {
-            throw new InvalidDataException($"'{path}' is not an IDX file of the expected kind (magic 0x{actualMagic:x8}, expected 0x{magic:x8}).");
+            problem = $"is not an IDX file of the expected kind (magic 0x{actualMagic:x8}, expected 0x{magic:x8}).";
+            return null;
         }
 
         stream.ReadExactly(word);
@@ -206,7 +213,8 @@ public sealed class FashionMnist
             int dim = BinaryPrimitives.ReadInt32BigEndian(word);
             if (dim != expected)
             {
-                throw new InvalidDataException($"'{path}' has items of side {dim}, expected {expected}.");
+                problem = $"has items of side {dim}, expected {expected}.";
+                return null;
             }
 
             itemSize *= dim;
@@ -214,11 +222,13 @@ public sealed class FashionMnist
 
         if (count <= 0 || count * itemSize > int.MaxValue)
         {
-            throw new InvalidDataException($"'{path}' declares {count} items.");
+            problem = $"declares {count} items.";
+            return null;
         }
 
         var data = new byte[count * itemSize];
         stream.ReadExactly(data);
+        problem = null;
         return data;
     }
 }

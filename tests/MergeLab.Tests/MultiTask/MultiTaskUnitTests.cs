@@ -114,8 +114,23 @@ public class MultiTaskUnitTests
     public void A_file_of_the_wrong_kind_is_rejected()
     {
         WriteDataset(train: 3, test: 2, gzip: false);
-        File.WriteAllBytes(Path.Combine(_dir, "train-labels-idx1-ubyte"), Idx(0x0803, [3, 28, 28], new byte[3 * 784]));
-        Assert.Throws<InvalidDataException>(() => FashionMnist.Load(_dir));
+        var path = Path.Combine(_dir, "train-labels-idx1-ubyte");
+        File.WriteAllBytes(path, Idx(0x0803, [3, 28, 28], new byte[3 * 784]));
+        var ex = Assert.Throws<InvalidDataException>(() => FashionMnist.Load(_dir));
+        Assert.That(ex!.Message, Is.EqualTo($"'{path}' is not an IDX file of the expected kind (magic 0x00000803, expected 0x00000801)."));
+    }
+
+    [Test]
+    public void A_corrupt_gzip_file_is_named_with_the_decompressor_s_reason()
+    {
+        WriteDataset(train: 3, test: 2, gzip: true);
+        var path = Path.Combine(_dir, "t10k-images-idx3-ubyte.gz");
+        var bytes = File.ReadAllBytes(path);
+        bytes[2] = 0x07; // the compression method: 8 (deflate) is the only one defined
+        File.WriteAllBytes(path, bytes);
+        var ex = Assert.Throws<InvalidDataException>(() => FashionMnist.Load(_dir));
+        Assert.That(ex!.Message, Does.StartWith($"'{path}' is not valid: "));
+        Assert.That(ex.InnerException, Is.InstanceOf<InvalidDataException>());
     }
 
     [TestCase(true)]
