@@ -2021,14 +2021,13 @@ internal static unsafe class FusedPipeline
                 }
             }
 
-            if (setup->MeanOfAgreeing)
+            if (setup->MeanOfAgreeing || (unit && setup->WeightNormalized))
             {
-                merged = DivideByCount<TL, TV>(merged, agreeing);
+                merged = DivideByCount<TL, TV>(merged, agreeing); // unit weights: their sum is the count
             }
             else if (setup->WeightNormalized)
             {
-                var d = unit ? agreeing : divisor;
-                merged = TL.Divide(merged, TL.Select(TL.EqualTo(d, zero), one, d));
+                merged = TL.Divide(merged, TL.Select(TL.EqualTo(divisor, zero), one, divisor));
             }
 
             return setup->Scale ? TL.Multiply(merged, lambda) : merged;
