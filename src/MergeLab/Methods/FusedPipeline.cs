@@ -1140,6 +1140,10 @@ internal static unsafe class FusedPipeline
             var lambda = TL.Broadcast(_lambda);
             var signBit = TL.Broadcast(-0f);
             bool bySum = setup->BySum, scale = setup->Scale, fillPositive = Fill > 0;
+
+            // The inputs' arrays in locals, read directly rather than through TaskVectorAt: with the helper
+            // the JIT keeps them on the stack and reloads both in every expert's step (checked with
+            // DOTNET_JitDisasm).
             nint* pointers = inputs.Experts;
             bool* bf16 = inputs.ExpertIsBf16;
             nint bse = inputs.Base;
