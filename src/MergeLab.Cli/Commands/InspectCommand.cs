@@ -23,13 +23,7 @@ internal static class InspectCommand
         long elements = infos.Sum(i => i.ElementCount);
         if (ConsoleOutput.Interactive)
         {
-            var table = new Table().AddColumns("tensor", "dtype", "shape", "size");
-            foreach (var i in infos)
-            {
-                table.AddRow(Markup.Escape(i.Name), i.DTypeName, Shape(i.Shape), ConsoleOutput.Bytes(i.ByteLength));
-            }
-
-            AnsiConsole.Write(table);
+            AnsiConsole.Write(TensorTable(infos));
         }
         else
         {
@@ -43,6 +37,19 @@ internal static class InspectCommand
         Console.WriteLine(string.Create(CultureInfo.InvariantCulture,
             $"{infos.Length} tensors ({dtypes}), {elements:N0} parameters, {ConsoleOutput.Bytes(checkpoint.TotalSize)} in {checkpoint.Shards.Count} file(s)"));
         return 0;
+    }
+
+    /// <summary>The terminal's table of <paramref name="infos"/>. Its cells are plain text, not Spectre markup,
+    /// in which a shape such as <c>[4, 2]</c> or a name with brackets would read as a style tag.</summary>
+    internal static Table TensorTable(IEnumerable<SafetensorsTensorInfo> infos)
+    {
+        var table = new Table().AddColumns("tensor", "dtype", "shape", "size");
+        foreach (var i in infos)
+        {
+            table.AddRow(new Text(i.Name), new Text(i.DTypeName), new Text(Shape(i.Shape)), new Text(ConsoleOutput.Bytes(i.ByteLength)));
+        }
+
+        return table;
     }
 
     private static string Shape(long[] shape) => "[" + string.Join(", ", shape) + "]";

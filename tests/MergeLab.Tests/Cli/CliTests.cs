@@ -123,6 +123,28 @@ public class CliTests
     }
 
     [Test]
+    public void Inspect_s_terminal_table_shows_shapes_and_bracketed_names_as_text()
+    {
+        // In a terminal the table is drawn by Spectre, where "[8, 8]" as markup is a malformed style tag.
+        var infos = new[]
+        {
+            new SafetensorsTensorInfo("layers.0.weight", TorchSharp.torch.ScalarType.Float32, [8, 8], 0, 256),
+            new SafetensorsTensorInfo("experts[0].bias", TorchSharp.torch.ScalarType.BFloat16, [3], 256, 6),
+        };
+        using var text = new StringWriter();
+        var console = Spectre.Console.AnsiConsole.Create(new Spectre.Console.AnsiConsoleSettings
+        {
+            Out = new Spectre.Console.AnsiConsoleOutput(text),
+            Ansi = Spectre.Console.AnsiSupport.No,
+            ColorSystem = Spectre.Console.ColorSystemSupport.NoColors,
+        });
+        console.Write(MergeLab.Cli.Commands.InspectCommand.TensorTable(infos));
+        var rows = text.ToString().Split('\n').Select(l => string.Join(' ', l.Split(['│', '|', ' '], StringSplitOptions.RemoveEmptyEntries))).ToArray();
+        Assert.That(rows, Does.Contain("layers.0.weight F32 [8, 8] 256 B"));
+        Assert.That(rows, Does.Contain("experts[0].bias BF16 [3] 6 B"));
+    }
+
+    [Test]
     public void A_bad_config_fails_with_one_line_naming_the_key()
     {
         using var dir = new TempDirectory();
