@@ -28,7 +28,10 @@ public sealed record CheckpointMergeRequest
     /// <summary>The output directory. It must not exist (unless <see cref="Overwrite"/>); its parent must.</summary>
     public required string OutputDirectory { get; init; }
 
-    /// <summary>Replace an existing output directory once the new one is complete. Default false.</summary>
+    /// <summary>Replace an existing output directory once the new one is complete. Default false. Only a folder
+    /// that looks like a merged checkpoint is replaced: no subfolders, only safetensors weights, their index and
+    /// config or tokenizer files, and none of the inputs; any other is refused with a
+    /// <see cref="MergeException"/> naming what it holds.</summary>
     public bool Overwrite { get; init; }
 
     /// <summary>The dtype of every floating-point output tensor; null keeps each base tensor's dtype.</summary>

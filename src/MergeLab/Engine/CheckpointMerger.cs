@@ -686,9 +686,11 @@ public static class CheckpointMerger
     /// <paramref name="CopyFrom"/> null when the request names none, <paramref name="TokenizerFrom"/> empty.</summary>
     private readonly record struct FileSources(string? CopyFrom, string TokenizerFrom);
 
-    /// <summary>An existing output is replaced only when it looks like a merged checkpoint: no subfolders, and
-    /// safetensors weights or their index (or nothing at all). A mistyped OUT_DIR such as the working folder
-    /// or a home directory is refused instead of deleted.</summary>
+    /// <summary>An existing output is replaced only when it looks like a merged checkpoint: no subfolders, only
+    /// files a merge writes (safetensors weights, their index, and the config and tokenizer files of
+    /// <see cref="NonWeightFiles.IsNonWeightFile"/>), and weights or their index among them (or nothing at
+    /// all). A mistyped OUT_DIR such as the working folder, a project folder holding the merge's own YAML
+    /// config, or a home directory is refused instead of deleted.</summary>
     private static void CheckReplaceable(string output)
     {
         var folder = Directory.EnumerateDirectories(output).FirstOrDefault();
@@ -698,13 +700,22 @@ public static class CheckpointMerger
                 + "overwriting replaces only a folder of checkpoint files. Choose another output or remove it yourself.");
         }
 
-        var files = Directory.EnumerateFiles(output).Select(Path.GetFileName).ToArray();
-        if (files.Length > 0 && !files.Any(f => f!.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase)
-                                              || f!.EndsWith(".safetensors.index.json", StringComparison.OrdinalIgnoreCase)))
+        var files = Directory.EnumerateFiles(output).Select(f => Path.GetFileName(f)!).Order(StringComparer.Ordinal).ToArray();
+        if (files.FirstOrDefault(f => !IsWeightFile(f) && !NonWeightFiles.IsNonWeightFile(f)) is { } other)
+        {
+            // A config, notes or code beside old weights: the folder is the user's, not a merge's output.
+            throw new MergeException($"The output '{output}' holds '{other}', which a merge does not write, so it is not a merged checkpoint; "
+                + "overwriting replaces only a folder of checkpoint files. Choose another output or remove it yourself.");
+        }
+
+        if (files.Length > 0 && !files.Any(IsWeightFile))
         {
             throw new MergeException($"The output '{output}' holds no safetensors weights, so it is not a merged checkpoint; "
                 + "overwriting replaces only a folder of checkpoint files. Choose another output or remove it yourself.");
         }
+
+        static bool IsWeightFile(string name) =>
+            name.EndsWith(".safetensors", StringComparison.OrdinalIgnoreCase) || name.EndsWith(".safetensors.index.json", StringComparison.OrdinalIgnoreCase);
     }
 
     /// <summary><paramref name="path"/> made absolute with every symbolic link along it resolved (as far as it exists).</summary>

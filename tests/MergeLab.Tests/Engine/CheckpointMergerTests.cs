@@ -314,6 +314,17 @@ public class CheckpointMergerTests
         ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = other }));
         Assert.That(ex!.Message, Does.Contain("holds no safetensors weights"));
 
+        // Old weights beside a file a merge does not write, such as the merge's own YAML config: the user's folder.
+        string project = Path.Combine(dir.Path, "project");
+        Directory.CreateDirectory(project);
+        File.WriteAllText(Path.Combine(project, "old.safetensors"), "weights");
+        File.WriteAllText(Path.Combine(project, "config.json"), "{}");
+        File.WriteAllText(Path.Combine(project, "merge.yml"), "merge_method: ties");
+        ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = project }));
+        Assert.That(ex!.Message, Does.Contain("holds 'merge.yml', which a merge does not write"));
+        Assert.That(Directory.GetFiles(project).Select(Path.GetFileName), Is.EquivalentTo(new[] { "old.safetensors", "config.json", "merge.yml" }));
+        Directory.Delete(project, recursive: true);
+
         // An integer output dtype is refused before any pass.
         var integer = Assert.Throws<ArgumentException>(() => CheckpointMerger.Merge(request with { OutputDirectory = Path.Combine(dir.Path, "new"), OutputDType = ScalarType.Int32 }));
         Assert.That(integer!.Message, Does.Contain("floating-point"));
