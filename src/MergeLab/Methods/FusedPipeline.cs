@@ -1981,7 +1981,10 @@ internal static unsafe class FusedPipeline
             {
                 var sign = RawSign(setup, tau, half);
                 sign = Vector.ConditionalSelect(Vector.Equals(sign, zero), setup->Fill, sign);
-                return Agree<VectorLanes, Vector<float>>(setup, tau, half, VectorLanes.GreaterThan(sign, zero), setup->Weights, setup->Lambda);
+                // Agree flips τ's sign bit where + is elected, and only that bit: a whole-lane mask would flip the
+                // exponent too and turn a positive subnormal τ into a NaN, which agrees with nothing.
+                var positiveSign = VectorLanes.Select(VectorLanes.GreaterThan(sign, zero), new Vector<float>(-0f), zero);
+                return Agree<VectorLanes, Vector<float>>(setup, tau, half, positiveSign, setup->Weights, setup->Lambda);
             }
 
             if (setup->Scale)

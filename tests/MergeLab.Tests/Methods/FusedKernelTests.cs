@@ -117,6 +117,34 @@ public class FusedKernelTests
     private static readonly long[][] AlignedShapes = [[48, 256], [8192], [2, 3, 128]];
 
     [TestCaseSource(nameof(Methods))]
+    public void Subnormal_task_vector_entries_agree_with_their_sign_as_in_libtorch(MergeMethod method)
+    {
+        // |τ| below float32's smallest normal (1.2e-38): the kernel's agreement test flips τ's sign bit where
+        // + is elected, and flipping more than that bit turns a positive subnormal into a NaN, which agrees
+        // with nothing. Every loop is reached: the unit-weight and weighted ones, and the tail of odd sizes.
+        using var g = new Generator(61);
+        using var zeroBase = new StateDict { { "t0", zeros(37, 129) }, { "t1", zeros(5003) }, { "t2", zeros(3) } };
+        var experts = Enumerable.Range(0, 3).Select(_ => zeroBase.Map(t =>
+        {
+            using var scope = NewDisposeScope();
+            var pick = randint(0, 5, t.shape, generator: g);
+            var magnitude = where(pick < 2, (rand(t.shape, generator: g) * 1e-39) + 1e-45, rand(t.shape, generator: g) + .5);
+            var sign = where(randint(0, 2, t.shape, generator: g) == 0, -ones(t.shape), ones(t.shape));
+            return where(pick == 4, zeros(t.shape), sign * magnitude).MoveToOuterDisposeScope(); // θ = τ: the base is 0
+        })).ToArray();
+        using var owned = T.DisposingAll(experts);
+        foreach (var m in new[] { method, Weighted(method, experts.Length) })
+        {
+            using var fast = m.Merge(zeroBase, experts);
+            using var reference = T.Libtorch(() => m.Merge(zeroBase, experts));
+            foreach (var name in zeroBase.Names)
+            {
+                T.BitEqual(fast[name], reference[name], $"{m.Name}: {name}");
+            }
+        }
+    }
+
+    [TestCaseSource(nameof(Methods))]
     public void Fused_kernel_equals_libtorch_for_up_to_three_experts_on_any_shape(MergeMethod method)
     {
         foreach (int n in new[] { 1, 2, 3 })

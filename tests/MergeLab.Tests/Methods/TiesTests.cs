@@ -44,6 +44,19 @@ public class TiesTests
     }
 
     [Test]
+    public void A_positive_subnormal_entry_agrees_with_an_elected_plus()
+    {
+        // τ1 = 1e-40 (below float32's smallest normal), τ2 = 1: both positive, so the disjoint mean is 0.5 —
+        // in the kernel's tail (8 entries, and the odd 11th of the second case) as in its blocks.
+        var peft = new TiesMerge(new TiesOptions { Preset = TiesPreset.Peft, Density = 1 });
+        using var small = T.MergeDeltas(peft, Enumerable.Repeat(1e-40f, 8).ToArray(), Enumerable.Repeat(1f, 8).ToArray());
+        T.Near(small, Enumerable.Repeat(.5, 8));
+        using var weighted = T.MergeDeltas(new TiesMerge(peft.Options with { Weights = [1, 3] }),
+            Enumerable.Repeat(1e-40f, 4099).ToArray(), Enumerable.Repeat(1f, 4099).ToArray());
+        T.Near(weighted, Enumerable.Repeat(1.5, 4099)); // (1e-40·1 + 1·3) / 2
+    }
+
+    [Test]
     public void Peft_elects_on_the_unweighted_and_mergekit_on_the_weighted_task_vectors()
     {
         // τ = [1] and [−.6] with weights .5 and 1. Unweighted, the sum 1 − .6 elects +, so PEFT keeps the
