@@ -239,9 +239,10 @@ public static class CheckpointMerger
                     Stream(model, device, request.ReadAhead, "merge", 1, name => checkFinite && !Deferred(name), progress, group =>
                     {
                         using var placement = CpuTensors.PlaceResults(writer.FileOffset(group.Name));
+                        var type = model.MergeType(group.Name, request.OutputDType);
                         behind.Add(group.Name, Deferred(group.Name)
-                            ? MergeThenCheck(model, methods[group.Name], group, statistic, request.OutputDType)
-                            : methods[group.Name].MergeTensor(group, statistic, request.OutputDType));
+                            ? MergeThenCheck(model, methods[group.Name], group, statistic, type)
+                            : methods[group.Name].MergeTensor(group, statistic, type));
                     }, ct, Deferred);
                     behind.Complete();
                 }

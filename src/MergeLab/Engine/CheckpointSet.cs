@@ -15,6 +15,10 @@ internal sealed class CheckpointSet
     /// <summary>Every input in read order: the base (when the method uses it), then the experts.</summary>
     private readonly SafetensorsCheckpoint[] _inputs;
 
+    /// <summary>The base model given to a method that merges without one (weight averaging), or null: read only
+    /// for the tensors the merge copies from it.</summary>
+    private readonly SafetensorsCheckpoint? _unmergedBase;
+
     public CheckpointSet(SafetensorsCheckpoint? baseModel, IReadOnlyList<SafetensorsCheckpoint> experts, bool requiresBase)
     {
         if (experts.Count == 0)
@@ -29,34 +33,47 @@ internal sealed class CheckpointSet
 
         Base = requiresBase ? baseModel : null;
         Experts = experts;
-        Reference = Base ?? experts[0];
+        Reference = baseModel ?? experts[0];
         Names = Reference.TensorNames;
         _inputs = (Base is null ? experts : experts.Prepend(Base)).ToArray();
+
+        // A base the method does not merge with still gives the output its names, order and dtypes, and its
+        // tensors that are copied rather than merged (integer and boolean buffers), so it is checked too.
+        _unmergedBase = Base is null ? baseModel : null;
+        var checkedInputs = _unmergedBase is null ? _inputs : _inputs.Append(_unmergedBase).ToArray();
         foreach (var name in Names)
         {
-            var shape = Reference.GetInfo(name).Shape;
-            long bytes = 0;
-            foreach (var c in _inputs)
+            var reference = Reference.GetInfo(name);
+            bool floating = DTypeNames.IsFloating(reference.DType);
+            long bytes = _unmergedBase is not null && !floating ? reference.ByteLength : 0;
+            foreach (var c in checkedInputs)
             {
                 if (!c.TryGetInfo(name, out var info))
                 {
                     throw new MergeException(name, $"'{c.Path}' has no tensor of this name, which '{Reference.Path}' has.");
                 }
 
-                if (!info.Shape.SequenceEqual(shape))
+                if (!info.Shape.SequenceEqual(reference.Shape))
                 {
                     throw new MergeException(name,
-                        $"'{c.Path}' has shape [{string.Join(", ", info.Shape)}] but '{Reference.Path}' has [{string.Join(", ", shape)}].");
+                        $"'{c.Path}' has shape [{string.Join(", ", info.Shape)}] but '{Reference.Path}' has [{string.Join(", ", reference.Shape)}].");
                 }
 
-                bytes += info.ByteLength;
+                if (floating ? !DTypeNames.IsFloating(info.DType) : info.DType != reference.DType)
+                {
+                    throw new MergeException(name,
+                        $"'{c.Path}' has it as {info.DTypeName} but '{Reference.Path}' as {reference.DTypeName}; floating-point tensors are merged "
+                        + "with floating-point ones of any precision, and other tensors (copied, not merged) must have one dtype in every model.");
+                }
+
+                bytes += c == _unmergedBase ? 0 : info.ByteLength;
             }
 
             _bytes[name] = bytes;
             BytesPerPass += bytes;
         }
 
-        foreach (var c in _inputs)
+        foreach (var c in checkedInputs)
         {
             if (c.Count != Names.Count)
             {
@@ -70,7 +87,8 @@ internal sealed class CheckpointSet
 
     public IReadOnlyList<SafetensorsCheckpoint> Experts { get; }
 
-    /// <summary>The checkpoint whose names, order and dtypes the output follows.</summary>
+    /// <summary>The checkpoint whose names, order and dtypes the output follows: the base model when one is
+    /// given (whether or not the method merges with it), else the first expert.</summary>
     public SafetensorsCheckpoint Reference { get; }
 
     public IReadOnlyList<string> Names { get; }
@@ -99,8 +117,16 @@ internal sealed class CheckpointSet
     public PlannedTensor OutputLayout(string name, ScalarType? outputType)
     {
         var info = Reference.GetInfo(name);
-        bool floating = DTypeNames.IsFloating(info.DType);
-        return new PlannedTensor(name, floating ? outputType ?? info.DType : info.DType, info.Shape);
+        return new PlannedTensor(name, MergeType(name, outputType) ?? info.DType, info.Shape);
+    }
+
+    /// <summary>The dtype <paramref name="name"/> is merged into: <paramref name="outputType"/>, else the
+    /// reference's (which the method would not know when it merges without the base); null for a tensor
+    /// that is copied.</summary>
+    public ScalarType? MergeType(string name, ScalarType? outputType)
+    {
+        var type = Reference.GetInfo(name).DType;
+        return DTypeNames.IsFloating(type) ? outputType ?? type : null;
     }
 
     /// <summary>Reads one name's tensors from every input onto <paramref name="device"/>; with
@@ -115,15 +141,18 @@ internal sealed class CheckpointSet
     /// sequential read would, and nothing read is kept.</remarks>
     public LoadedGroup Load(string name, Device device, bool checkFinite = false)
     {
-        var tensors = new Tensor?[_inputs.Length];
-        var finite = new bool?[_inputs.Length];
-        var errors = new Exception?[_inputs.Length];
+        // A tensor copied rather than merged comes from the base, even where the method merges without it.
+        bool withBase = Base is not null || (_unmergedBase is not null && !DTypeNames.IsFloating(Reference.GetInfo(name).DType));
+        var inputs = Base is null && withBase ? _inputs.Prepend(_unmergedBase!).ToArray() : _inputs;
+        var tensors = new Tensor?[inputs.Length];
+        var finite = new bool?[inputs.Length];
+        var errors = new Exception?[inputs.Length];
         bool small = _bytes[name] < SmallGroupBytes;
         void ReadInput(int i)
         {
             try
             {
-                tensors[i] = _inputs[i].ReadTensor(name, device, checkFinite, out finite[i], MapInputs && !small);
+                tensors[i] = inputs[i].ReadTensor(name, device, checkFinite, out finite[i], MapInputs && !small);
             }
             catch (Exception e)
             {
@@ -133,14 +162,14 @@ internal sealed class CheckpointSet
 
         if (small)
         {
-            for (int i = 0; i < _inputs.Length; i++)
+            for (int i = 0; i < inputs.Length; i++)
             {
                 ReadInput(i);
             }
         }
         else
         {
-            Parallel.For(0, _inputs.Length, new ParallelOptions { MaxDegreeOfParallelism = CpuParallel.Threads }, ReadInput);
+            Parallel.For(0, inputs.Length, new ParallelOptions { MaxDegreeOfParallelism = CpuParallel.Threads }, ReadInput);
         }
 
         if (Array.Find(errors, e => e is not null) is { } error)
@@ -154,8 +183,8 @@ internal sealed class CheckpointSet
         }
 
         var read = tensors.Select(t => t!).ToList();
-        var bse = Base is null ? null : read[0];
-        var experts = read.Skip(Base is null ? 0 : 1).ToArray();
+        var bse = withBase ? read[0] : null;
+        var experts = read.Skip(withBase ? 1 : 0).ToArray();
         return new LoadedGroup(new TensorGroup(name, bse, experts), read, finite);
     }
 }
@@ -178,7 +207,7 @@ internal static class FiniteCheck
         int first = 0; // the experts' index among the group's inputs
         if (group.Base is not null)
         {
-            Require(group.Base, group.Name, model.Base!, known(0, group.Base));
+            Require(group.Base, group.Name, model.Reference, known(0, group.Base)); // the base: merged, or its copied tensor
             first = 1;
         }
 

@@ -20,7 +20,9 @@ public sealed record TensorGroup(string Name, Tensor? Base, IReadOnlyList<Tensor
     /// <summary>The first tensor of the group: the base when present, otherwise the first expert.</summary>
     public Tensor Reference => Base ?? Experts[0];
 
-    /// <summary>Checks the group: at least one expert, no null tensor, and all shapes equal.</summary>
+    /// <summary>Checks the group: at least one expert, no null tensor, all shapes equal, and either every tensor
+    /// floating-point (of any precision) or every tensor of the <see cref="Reference"/>'s dtype (a tensor that
+    /// is copied, not merged).</summary>
     /// <exception cref="MergeException">The group is malformed; the message names the tensor.</exception>
     public void Validate(bool requiresBase)
     {
@@ -35,13 +37,21 @@ public sealed record TensorGroup(string Name, Tensor? Base, IReadOnlyList<Tensor
         }
 
         var shape = Reference.shape;
+        bool floating = Reference.is_floating_point();
+        string reference = Base is null ? "expert 0" : "the base";
         for (int k = 0; k < Experts.Count; k++)
         {
             var e = Experts[k] ?? throw new MergeException(Name, $"expert {k} has no tensor.");
             if (!e.shape.SequenceEqual(shape))
             {
                 throw new MergeException(Name,
-                    $"expert {k} has shape [{string.Join(", ", e.shape)}] but {(Base is null ? "expert 0" : "the base")} has [{string.Join(", ", shape)}].");
+                    $"expert {k} has shape [{string.Join(", ", e.shape)}] but {reference} has [{string.Join(", ", shape)}].");
+            }
+
+            if (floating ? !e.is_floating_point() : e.dtype != Reference.dtype)
+            {
+                throw new MergeException(Name, $"expert {k} is {e.dtype} but {reference} is {Reference.dtype}; floating-point tensors are merged "
+                    + "with floating-point ones of any precision, and other tensors (copied, not merged) must have one dtype.");
             }
         }
     }

@@ -66,6 +66,61 @@ public class CheckpointMergerTests
     }
 
     [Test]
+    public void A_base_given_to_weight_averaging_gives_the_output_its_dtypes_and_copied_tensors()
+    {
+        // Weight averaging merges without the base, but the output still follows it, as the library's merge does.
+        using var dir = new TempDirectory();
+        using var baseModel = new StateDict { { "w", tensor(new float[] { 1, 2, 3, 4 }).to(ScalarType.BFloat16) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
+        using var e1 = new StateDict { { "w", tensor(new float[] { 3, 4, 5, 6 }) }, { "ids", tensor(new long[] { 7, 7, 7 }) } };
+        using var e2 = new StateDict { { "w", tensor(new float[] { 5, 6, 7, 9 }) }, { "ids", tensor(new long[] { 8, 8, 8 }) } };
+        var request = new CheckpointMergeRequest
+        {
+            BaseModel = Save(dir, "base", baseModel),
+            Experts = [Save(dir, "e1", e1), Save(dir, "e2", e2)],
+            Method = new WeightAverageMerge(),
+            OutputDirectory = Path.Combine(dir.Path, "out"),
+        };
+        var result = CheckpointMerger.Merge(request);
+        using var expected = new StateDict { { "w", tensor(new float[] { 4, 5, 6, 7.5f }).to(ScalarType.BFloat16) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
+        T.CheckpointHolds(result.OutputDirectory, expected, sameNames: true);
+        using var library = request.Method.Merge(baseModel, [e1, e2]);
+        T.CheckpointHolds(result.OutputDirectory, library);
+    }
+
+    [Test]
+    public void A_tensor_that_is_integer_in_one_model_and_floating_point_in_another_is_refused_before_anything_is_written()
+    {
+        using var dir = new TempDirectory();
+        using var baseModel = new StateDict { { "w", zeros(4) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
+        using var floatIds = new StateDict { { "w", ones(4) }, { "ids", tensor(new float[] { 0, 1, 2 }) } };
+        using var intIds = new StateDict { { "w", ones(4) }, { "ids", tensor(new int[] { 0, 1, 2 }) } };
+        using var floatW = new StateDict { { "w", ones(4).to(ScalarType.Int64) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
+        string basePath = Save(dir, "base", baseModel);
+        string output = Path.Combine(dir.Path, "out");
+        foreach (var (name, expert, message) in new[]
+        {
+            ("float-ids", floatIds, "has it as F32 but"),
+            ("int32-ids", intIds, "has it as I32 but"),
+            ("int-w", floatW, "has it as I64 but"),
+        })
+        {
+            var request = new CheckpointMergeRequest { BaseModel = basePath, Experts = [Save(dir, name, expert)], Method = new TaskArithmeticMerge(), OutputDirectory = output };
+            var ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request), name);
+            Assert.That(ex!.Message, Does.Contain(message).And.Contain(name), name);
+            Assert.That(Directory.Exists(output), Is.False, name);
+        }
+
+        // The library's merge refuses the same groups.
+        using var tensorIds = tensor(new float[] { 0, 1, 2 });
+        var group = new TensorGroup("ids", baseModel["ids"], [tensorIds]);
+        var refused = Assert.Throws<MergeException>(() => new TaskArithmeticMerge().MergeTensor(group).Dispose());
+        Assert.That(refused!.Message, Does.Contain("expert 0 is Float32 but the base is Int64"));
+        var floats = new TensorGroup("w", baseModel["w"], [floatW["w"]]);
+        refused = Assert.Throws<MergeException>(() => new TaskArithmeticMerge().MergeTensor(floats).Dispose());
+        Assert.That(refused!.Message, Does.Contain("expert 0 is Int64 but the base is Float32"));
+    }
+
+    [Test]
     public void Merged_tensors_are_placed_as_in_their_file_and_written_from_their_own_memory()
     {
         // Tensors of several 4 KiB blocks at offsets that are not multiples of 4 KiB (the header's length
