@@ -132,8 +132,9 @@ public static class NonWeightFiles
 
     /// <summary>
     /// Sets the dtype a Hugging Face <c>config.json</c> declares (<c>torch_dtype</c>, and <c>dtype</c>, the
-    /// newer name, where present) to <paramref name="dtype"/>, as mergekit does for its output. A missing
-    /// file, one that is not a JSON object, or one that declares neither key is left as it is.
+    /// newer name, where present) to <paramref name="dtype"/>, as mergekit does for its output; a config that
+    /// declares neither (or only as null) gets <c>torch_dtype</c>, as mergekit's written by transformers
+    /// always has. A missing file, or one that is not a JSON object, is left as it is.
     /// </summary>
     /// <param name="configPath">The config.json to edit in place.</param>
     /// <param name="dtype">The merged weights' dtype.</param>
@@ -163,9 +164,16 @@ public static class NonWeightFiles
 
         string name = DTypeNames.TorchName(dtype);
         bool changed = false;
-        foreach (var key in new[] { "torch_dtype", "dtype" })
+        string[] keys = ["torch_dtype", "dtype"];
+        if (keys.All(key => config[key] is null))
         {
-            if (config[key]?.GetValueKind() == JsonValueKind.String && (string?)config[key] != name)
+            config["torch_dtype"] = null; // absent or null: declared below, at the end of the object
+        }
+
+        foreach (var key in keys)
+        {
+            bool declared = config.ContainsKey(key) && (config[key] is null || config[key]!.GetValueKind() == JsonValueKind.String);
+            if (declared && (string?)config[key] != name)
             {
                 config[key] = name;
                 changed = true;

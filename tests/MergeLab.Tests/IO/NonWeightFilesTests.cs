@@ -58,7 +58,7 @@ public class NonWeightFilesTests
     }
 
     [Test]
-    public void The_config_dtype_is_set_where_declared_and_the_rest_of_the_text_kept()
+    public void The_config_dtype_is_set_where_declared_or_added_and_the_rest_of_the_text_kept()
     {
         using var dir = new TempDirectory();
         string config = dir.File("config.json");
@@ -68,8 +68,16 @@ public class NonWeightFilesTests
         Assert.That(text, Does.Contain("\"torch_dtype\": \"float16\"").And.Contain("\"dtype\": \"float16\"").And.Contain("/home/José/m+<x>"));
         Assert.That(text, Does.Contain("\"layers\": 2"));
 
-        // Left as they are: no dtype key, not an object, not JSON, duplicate keys, no file.
-        foreach (var untouched in new[] { "{\"layers\": 2}", "[1, 2]", "not json", "{\"torch_dtype\": \"bfloat16\", \"torch_dtype\": \"float32\"}" })
+        // No dtype key, or only null: torch_dtype is added, as mergekit's configs always have it.
+        foreach (var undeclared in new[] { "{\"layers\": 2}", "{\"layers\": 2, \"torch_dtype\": null}" })
+        {
+            File.WriteAllText(config, undeclared);
+            NonWeightFiles.SetConfigDType(config, TorchSharp.torch.ScalarType.Float16);
+            Assert.That(File.ReadAllText(config), Is.EqualTo("{\n  \"layers\": 2,\n  \"torch_dtype\": \"float16\"\n}\n"), undeclared);
+        }
+
+        // Left as they are: a dtype that is not a string, not an object, not JSON, duplicate keys, no file.
+        foreach (var untouched in new[] { "{\"torch_dtype\": 16}", "[1, 2]", "not json", "{\"torch_dtype\": \"bfloat16\", \"torch_dtype\": \"float32\"}" })
         {
             File.WriteAllText(config, untouched);
             NonWeightFiles.SetConfigDType(config, TorchSharp.torch.ScalarType.Float16);
