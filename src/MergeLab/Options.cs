@@ -47,6 +47,16 @@ internal static class Options
         return weights.ToArray();
     }
 
+    /// <summary>A per-expert option list, or <paramref name="single"/> for every expert when it is null. An
+    /// empty list is refused: it would otherwise read as "no stage" rather than as a value per expert.</summary>
+    public static IReadOnlyList<T> PerExpert<T>(IReadOnlyList<T>? list, T single, string name, string singleName) =>
+        list switch
+        {
+            null => [single],
+            { Count: 0 } => throw new ArgumentException($"{name} is empty; give one value per expert, or leave it null to use {singleName} for every expert.", name),
+            _ => list,
+        };
+
     /// <summary>Returns <paramref name="value"/>, or throws when it is not one of its enum's named values (a cast
     /// integer): options are checked when set, not where a switch would meet the value.</summary>
     public static T Defined<T>(T value, string name)

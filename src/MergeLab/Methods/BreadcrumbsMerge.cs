@@ -102,7 +102,8 @@ public sealed class BreadcrumbsMerge : PipelineMerge
 
     private static TaskVectorPipeline Build(BreadcrumbsOptions o)
     {
-        var pairs = o.PerExpert ?? [(o.Density, o.Gamma)];
+        var pairs = MergeLab.Options.PerExpert(o.PerExpert, (o.Density, o.Gamma), $"{nameof(BreadcrumbsOptions)}.{nameof(BreadcrumbsOptions.PerExpert)}",
+            $"{nameof(BreadcrumbsOptions.Density)} and {nameof(BreadcrumbsOptions.Gamma)}");
         var sparsifiers = pairs.Select(p => (Sparsifier)new BreadcrumbsMask(p.Density, p.Gamma, o.Variant, o.Rescale)).ToArray();
         return DareMerge.Combine(sparsifiers, $"{nameof(BreadcrumbsOptions)}.{nameof(BreadcrumbsOptions.PerExpert)}", o.Combination,
             o.ConsensusPreset, o.Aggregation, o.Weights, o.Lambda);

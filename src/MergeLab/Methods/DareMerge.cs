@@ -83,7 +83,7 @@ public sealed class DareMerge : PipelineMerge
 
     private static TaskVectorPipeline Build(DareOptions o)
     {
-        var rates = o.DropRates ?? [o.DropRate];
+        var rates = MergeLab.Options.PerExpert(o.DropRates, o.DropRate, $"{nameof(DareOptions)}.{nameof(DareOptions.DropRates)}", nameof(DareOptions.DropRate));
         var sparsifiers = rates.Select((p, k) =>
         {
             MergeLab.Options.RequireInRange(p, $"DropRates[{k}]", 0, 1, maxInclusive: false);

@@ -116,7 +116,7 @@ public sealed class TiesMerge : PipelineMerge
                 "(mergekit's rescale goes with their exact-count trim); the Paper preset does not rescale.");
         }
 
-        var densities = o.Densities ?? [o.Density];
+        var densities = MergeLab.Options.PerExpert(o.Densities, o.Density, $"{nameof(TiesOptions)}.{nameof(TiesOptions.Densities)}", nameof(TiesOptions.Density));
         var sparsifiers = densities.Select((d, k) =>
         {
             MergeLab.Options.RequireInRange(d, $"Densities[{k}]", 0, 1);

@@ -253,6 +253,18 @@ public class ValidationTests
     }
 
     [Test]
+    public void An_empty_per_expert_list_is_refused_when_the_method_is_created()
+    {
+        // Not read as "no trim, no drop, no mask", which would merge as plain task arithmetic.
+        var ex = Assert.Throws<ArgumentException>(() => _ = new TiesMerge(new TiesOptions { Densities = [] }));
+        Assert.That(ex!.Message, Does.Contain("TiesOptions.Densities is empty").And.Contain("leave it null to use Density"));
+        ex = Assert.Throws<ArgumentException>(() => _ = new DareMerge(new DareOptions { DropRates = [] }));
+        Assert.That(ex!.Message, Does.Contain("DareOptions.DropRates is empty").And.Contain("DropRate for every expert"));
+        ex = Assert.Throws<ArgumentException>(() => _ = new BreadcrumbsMerge(new BreadcrumbsOptions { PerExpert = [] }));
+        Assert.That(ex!.Message, Does.Contain("BreadcrumbsOptions.PerExpert is empty").And.Contain("Density and Gamma"));
+    }
+
+    [Test]
     public void An_enum_option_names_its_values_when_refused()
     {
         var ex = Assert.Throws<ArgumentOutOfRangeException>(() => _ = new TiesOptions { Preset = (TiesPreset)4 });
