@@ -451,12 +451,22 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
         return new ParameterCondition(filter, value);
     }
 
-    /// <summary>A mapping's entries by key, in order; keys must be plain strings.</summary>
-    private Dictionary<string, YamlNode> ReadKeys(YamlNode node, string? path)
+    /// <summary>A mapping's entries by key, in order; keys must be plain strings. A YAML merge key,
+    /// <c>&lt;&lt;: *anchor</c> or <c>&lt;&lt;: [*a, *b]</c>, which mergekit's reader (PyYAML's <c>safe_load</c>)
+    /// expands, adds the entries of the mappings it names that the mapping does not give itself, the first
+    /// named mapping winning among them.</summary>
+    private Dictionary<string, YamlNode> ReadKeys(YamlNode node, string? path, int merges = 0)
     {
         var result = new Dictionary<string, YamlNode>(StringComparer.Ordinal);
+        YamlNode? merged = null;
         foreach (var (keyNode, value) in ((YamlMappingNode)node).Children)
         {
+            if (keyNode is YamlScalarNode { Value: "<<", Style: ScalarStyle.Plain or ScalarStyle.Any })
+            {
+                merged = value; // a second one is a duplicate key, which the loader refuses
+                continue;
+            }
+
             if (keyNode is not YamlScalarNode { Value: { } key } || IsNull(keyNode))
             {
                 throw Error(path, "a key must be a name.", Line(keyNode));
@@ -469,6 +479,30 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
             }
 
             Remember(keyPath, keyNode);
+        }
+
+        if (merged is not null)
+        {
+            string mergePath = path is null ? "<<" : $"{path}.<<";
+            IEnumerable<YamlNode> sources = merged switch
+            {
+                YamlMappingNode mapping => [mapping],
+                YamlSequenceNode list when list.Children.All(c => c is YamlMappingNode) => list.Children,
+                _ => throw Error(mergePath, "a merge key takes a mapping or a list of mappings, such as *anchor or [*a, *b].", Line(merged)),
+            };
+            if (merges >= options.MaxDepth)
+            {
+                throw Error(mergePath, $"merge keys name mappings that merge others more than {options.MaxDepth} deep "
+                    + $"({nameof(MergeConfigReadOptions)}.{nameof(MergeConfigReadOptions.MaxDepth)}).", Line(merged));
+            }
+
+            foreach (var source in sources)
+            {
+                foreach (var (key, value) in ReadKeys(source, path, merges + 1))
+                {
+                    result.TryAdd(key, value);
+                }
+            }
         }
 
         return result;

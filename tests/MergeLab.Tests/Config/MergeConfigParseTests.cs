@@ -57,6 +57,34 @@ public class MergeConfigParseTests
     }
 
     [Test]
+    public void Yaml_merge_keys_copy_a_mapping_and_its_own_keys_override_as_in_pyyaml()
+    {
+        // mergekit reads configs with PyYAML's safe_load, which expands "<<: *anchor" (and a list of them).
+        var config = MergeConfig.Parse("""
+            merge_method: ties
+            base_model: base
+            models:
+              - model: m1
+                parameters: &common {weight: 1.0, density: 0.5}
+              - model: m2
+                parameters:
+                  <<: *common
+                  weight: 0.3
+              - &third {model: m3, parameters: {weight: 2}}
+              - <<: [*third]
+                model: m4
+            """);
+        Assert.That(config.Models.Select(m => m.Path), Is.EqualTo(new[] { "m1", "m2", "m3", "m4" }));
+        Assert.That(config.Models[1].Parameters["weight"], Is.EqualTo(new NumberParameter(0.3)));
+        Assert.That(config.Models[1].Parameters["density"], Is.EqualTo(new NumberParameter(0.5)));
+        Assert.That(config.Models[1].Parameters.Keys.Order(), Is.EqualTo(new[] { "density", "weight" }));
+        Assert.That(config.Models[3].Parameters["weight"], Is.EqualTo(new NumberParameter(2)));
+
+        var ex = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("merge_method: linear\nmodels:\n  - model: m1\n    parameters:\n      <<: 5\n"));
+        Assert.That(ex!.Message, Does.Contain("line 5, models[0].parameters.<<: a merge key takes a mapping or a list of mappings"));
+    }
+
+    [Test]
     public void Unknown_parameter_key_is_reported_with_its_path_and_line()
     {
         var ex = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("""
