@@ -183,7 +183,7 @@ public static class CheckpointMerger
         bool separateTokenizer = tokenizerFrom.Length > 0 && !PathCase.Comparer.Equals(tokenizerFrom, filesFrom);
         if (separateTokenizer)
         {
-            CheckTokenizerSource(request.TokenizerFilesFrom!, tokenizerFrom);
+            CheckTokenizerSource(request.TokenizerFilesFrom!, tokenizerFrom, filesFrom);
         }
 
         string temp = Path.Combine(Path.GetDirectoryName(output)!, TemporaryName(output) + NewId());
@@ -636,12 +636,22 @@ public static class CheckpointMerger
 
     /// <summary>A separate tokenizer source must hold a tokenizer: the other model's tokenizer files are left
     /// out, so the output would silently have none.</summary>
-    private static void CheckTokenizerSource(string source, string folder)
+    private static void CheckTokenizerSource(string source, string folder, string filesFrom)
     {
         if (!Directory.EnumerateFiles(folder).Any(NonWeightFiles.IsTokenizerFile))
         {
             throw new MergeException($"The tokenizer source '{source}' holds no tokenizer files (tokenizer.json, "
                 + "tokenizer.model, tokenizer_config.json, vocab.json, …), so the output would have no tokenizer.");
+        }
+
+        // The tokenizer's files are copied and the embeddings kept as they are (mergekit's union or resizing
+        // is not done), so a tokenizer of another vocabulary would not fit the merged weights.
+        if (NonWeightFiles.ConfigVocabSize(folder) is { } theirs && filesFrom.Length > 0
+            && NonWeightFiles.ConfigVocabSize(filesFrom) is { } ours && theirs != ours)
+        {
+            throw new MergeException($"The tokenizer source '{source}' declares vocab_size {theirs} in its config.json, but the "
+                + $"model the output's config.json comes from ('{filesFrom}') declares {ours}; the tokenizer is copied and the "
+                + "embeddings are not resized, so both must have one vocabulary.");
         }
     }
 

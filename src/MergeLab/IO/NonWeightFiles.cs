@@ -188,6 +188,23 @@ public static class NonWeightFiles
         }
     }
 
+    /// <summary>The <c>vocab_size</c> that the <c>config.json</c> of <paramref name="folder"/> declares at its top
+    /// level, or null when it has no such file, the file is not a JSON object, or it declares no whole number
+    /// there.</summary>
+    internal static long? ConfigVocabSize(string folder)
+    {
+        var path = Path.Combine(folder, "config.json");
+        try
+        {
+            return File.Exists(path) && JsonNode.Parse(File.ReadAllText(path)) is JsonObject config
+                && config["vocab_size"] is JsonValue value && value.TryGetValue(out long size) ? size : null;
+        }
+        catch (Exception e) when (e is JsonException or IOException or UnauthorizedAccessException)
+        {
+            return null; // not this check's to report
+        }
+    }
+
     /// <summary>Refuses a symbolic link whose final target is outside <paramref name="directory"/> (or, for a
     /// Hugging Face cache snapshot, outside its repository's <c>blobs/</c> folder).</summary>
     private static void RequireLinkInside(string directory, string file)

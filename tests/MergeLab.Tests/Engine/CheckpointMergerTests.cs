@@ -426,6 +426,12 @@ public class CheckpointMergerTests
         string missingTokenizer = Path.Combine(basePath, "no-such-tokenizer");
         Refused(request with { TokenizerFilesFrom = missingTokenizer }, $"The tokenizer source '{missingTokenizer}' does not exist");
 
+        // A tokenizer of another vocabulary (its config.json says so) would not fit the merged embeddings.
+        File.WriteAllText(Path.Combine(basePath, "config.json"), "{\n  \"model_type\": \"llama\",\n  \"torch_dtype\": \"bfloat16\",\n  \"vocab_size\": 32000\n}\n");
+        File.WriteAllText(Path.Combine(expertPath, "config.json"), "{\"model_type\": \"donor\", \"vocab_size\": 32064}");
+        Refused(request with { TokenizerFilesFrom = expertPath }, "declares vocab_size 32064 in its config.json, but the model");
+        File.WriteAllText(Path.Combine(expertPath, "config.json"), "{\"model_type\": \"donor\", \"vocab_size\": 32000}");
+
         CheckpointMerger.Merge(request with { TokenizerFilesFrom = expertPath, OutputDType = ScalarType.Float16 });
 
         Assert.That(File.ReadAllText(Path.Combine(output, "tokenizer.json")), Does.Contain("donor"));
