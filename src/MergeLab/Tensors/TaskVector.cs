@@ -5,7 +5,8 @@ namespace MergeLab.Tensors;
 
 /// <summary>
 /// A task vector τ = θ_expert − θ_base: the per-tensor difference a fine-tune made to its pretrained
-/// model, stored in float32. Task vectors add, scale, combine and apply back onto a base
+/// model, in float32 when made by <see cref="Between"/> (deltas wrapped by <see cref="FromDeltas"/> keep
+/// their dtypes). Task vectors add, scale, combine and apply back onto a base
 /// (Ilharco et al., "Editing Models with Task Arithmetic", 2023).
 /// </summary>
 /// <remarks>Owns its tensors; dispose it. Operations return new task vectors and never modify their
@@ -14,7 +15,8 @@ public sealed class TaskVector : IDisposable
 {
     private TaskVector(StateDict deltas) => Deltas = deltas;
 
-    /// <summary>The per-tensor deltas (float32), in the base model's name order.</summary>
+    /// <summary>The per-tensor deltas, in the base model's name order: float32 from <see cref="Between"/>, the
+    /// given dtypes from <see cref="FromDeltas"/>.</summary>
     public StateDict Deltas { get; }
 
     /// <summary>The tensor names.</summary>
@@ -23,7 +25,8 @@ public sealed class TaskVector : IDisposable
     /// <summary>The delta of the tensor named <paramref name="name"/>.</summary>
     public Tensor this[string name] => Deltas[name];
 
-    /// <summary>Wraps existing deltas as a task vector and takes ownership of them.</summary>
+    /// <summary>Wraps existing deltas as a task vector and takes ownership of them, in their own dtypes (float64
+    /// deltas keep their precision; <see cref="Combine"/> sums bfloat16 or float16 ones in float32).</summary>
     public static TaskVector FromDeltas(StateDict deltas)
     {
         ArgumentNullException.ThrowIfNull(deltas);
@@ -80,7 +83,8 @@ public sealed class TaskVector : IDisposable
         return Combine([this, other]);
     }
 
-    /// <summary>Σ_k w_k·τ_k over several task vectors (w_k = 1 when <paramref name="weights"/> is null).</summary>
+    /// <summary>Σ_k w_k·τ_k over several task vectors (w_k = 1 when <paramref name="weights"/> is null), summed
+    /// in float32 (float64 when a term is float64) and stored in the first vector's dtype.</summary>
     /// <exception cref="MergeException">Names or shapes disagree.</exception>
     /// <exception cref="ArgumentException">The list is empty or holds null, the weight count differs from the
     /// vector count, or a weight is not finite.</exception>
@@ -95,7 +99,12 @@ public sealed class TaskVector : IDisposable
             foreach (var name in deltas[0].Names)
             {
                 using var scope = NewDisposeScope();
-                sum.Add(name, WeightedSum(deltas.Select(d => d[name]).ToArray(), w).MoveToOuterDisposeScope());
+                var terms = deltas.Select(d => d[name]).ToArray();
+                var type = terms[0].dtype;
+                var work = terms.Any(t => t.dtype == ScalarType.Float64) ? ScalarType.Float64 : ScalarType.Float32;
+                bool widen = terms.Any(t => t.is_floating_point() && t.dtype != work);
+                var result = widen ? WeightedSum(terms.Select(t => t.to(work)).ToArray(), w).to(type) : WeightedSum(terms, w);
+                sum.Add(name, result.MoveToOuterDisposeScope());
             }
         }
         catch

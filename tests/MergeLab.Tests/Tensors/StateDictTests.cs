@@ -126,6 +126,23 @@ public class TaskVectorTests
     }
 
     [Test]
+    public void Wrapped_deltas_keep_their_dtype_and_half_precision_ones_combine_in_float32()
+    {
+        // Thirds of three equal bfloat16 deltas give the delta back; summed in bfloat16, 0.1 came out 0.100586.
+        using var d = new StateDict { { "w", tensor(new[] { 1.0078125f, 3f, 0.1f }).to(ScalarType.BFloat16) } };
+        using var tv = TaskVector.FromDeltas(d.Clone());
+        using var combined = TaskVector.Combine([tv, tv, tv], [1.0 / 3, 1.0 / 3, 1.0 / 3]);
+        T.BitEqual(combined["w"], d["w"]);
+
+        // A float64 delta keeps its own value: 1 + 2^-40 is not a float32.
+        double fine = 1 + Math.Pow(2, -40);
+        using var wide = TaskVector.FromDeltas(new StateDict { { "w", tensor(new[] { fine }) } });
+        using var doubled = TaskVector.Combine([wide, wide]);
+        Assert.That(doubled["w"].dtype, Is.EqualTo(ScalarType.Float64));
+        Assert.That(doubled["w"].item<double>(), Is.EqualTo(2 * fine));
+    }
+
+    [Test]
     public void Disagreeing_names_and_shapes_are_named()
     {
         using var b = new StateDict { { "w", zeros(2) } };
