@@ -1,3 +1,4 @@
+using System.CommandLine;
 using System.Globalization;
 using MergeLab.Config;
 using MergeLab.IO;
@@ -10,6 +11,20 @@ internal static class ConsoleOutput
 {
     /// <summary>True when standard output is a terminal; redirected output gets plain lines.</summary>
     public static bool Interactive => !Console.IsOutputRedirected && AnsiConsole.Profile.Capabilities.Interactive;
+
+    /// <summary><paramref name="argument"/>, refusing an empty value as a parse error that names it (an empty
+    /// path would otherwise reach the library as "the value cannot be an empty string").</summary>
+    public static Argument<string> NonEmpty(Argument<string> argument)
+    {
+        argument.Validators.Add(result =>
+        {
+            if (string.IsNullOrEmpty(result.GetValueOrDefault<string>()))
+            {
+                result.AddError($"{argument.Name} is empty; give a path.");
+            }
+        });
+        return argument;
+    }
 
     public static string Bytes(long bytes)
     {

@@ -10,7 +10,7 @@ internal static class InspectCommand
 {
     public static Command Create()
     {
-        var path = new Argument<string>("PATH") { Description = "A .safetensors file, a checkpoint directory, or a model.safetensors.index.json." };
+        var path = ConsoleOutput.NonEmpty(new Argument<string>("PATH") { Description = "A .safetensors file, a checkpoint directory, or a model.safetensors.index.json." });
         var command = new Command("inspect", "List the tensors of a safetensors file or checkpoint directory, with totals.") { path };
         command.SetAction(parse => ConsoleErrors.Run(() => Inspect(parse.GetValue(path)!)));
         return command;

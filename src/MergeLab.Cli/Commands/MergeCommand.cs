@@ -22,8 +22,8 @@ internal static class MergeCommand
 
     public static Command Create()
     {
-        var config = new Argument<string>("CONFIG") { Description = "A mergekit-style YAML merge config." };
-        var output = new Argument<string>(OutputArgument) { Description = "The output directory; must not exist." };
+        var config = ConsoleOutput.NonEmpty(new Argument<string>("CONFIG") { Description = "A mergekit-style YAML merge config." });
+        var output = ConsoleOutput.NonEmpty(new Argument<string>(OutputArgument) { Description = "The output directory; must not exist." });
         var device = new Option<string>("--device") { Description = "cpu, cuda or cuda:N.", DefaultValueFactory = _ => "cpu" };
         var seed = new Option<long>("--seed") { Description = "Seed for random methods (DARE).", DefaultValueFactory = _ => 0 };
         var shardSize = new Option<string>("--shard-size") { Description = "Maximum output shard size, e.g. 5GB or 500MB.", DefaultValueFactory = _ => "5GB" };

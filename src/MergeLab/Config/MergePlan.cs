@@ -23,7 +23,7 @@ namespace MergeLab.Config;
 /// preset (per-model <c>density</c> 0.2 and <c>weight</c> 1, global <c>lambda</c> 1; whole-model trim).</para>
 /// <para><b>Parameters and defaults</b> are mergekit's (<c>merge_methods/registry.py</c>):
 /// <c>normalize</c> true for linear and ties, false otherwise; <c>rescale</c> (L1) true for DARE, false
-/// otherwise and not supported as true for ties and Breadcrumbs; <c>lambda</c> 1; per model
+/// otherwise (true gives ties and Breadcrumbs mergekit's L1 rescale too); <c>lambda</c> 1; per model
 /// <c>weight</c> (required, as in mergekit), <c>density</c> 1, <c>gamma</c> 0.01 (Breadcrumbs).
 /// <c>int8_mask</c> is accepted and ignored: in mergekit it only sets the dtype of the sign mask, which
 /// is compared as a boolean either way. A model's parameter overrides the global one, which overrides

@@ -145,6 +145,17 @@ public class CliTests
     }
 
     [Test]
+    public void An_empty_path_argument_is_named()
+    {
+        foreach (var (args, name) in new[] { (new[] { "merge", "", "out" }, "CONFIG"), (["merge", "c.yaml", ""], "OUT_DIR"), (["inspect", ""], "PATH") })
+        {
+            var (exit, _, stderr) = Run(args);
+            Assert.That(exit, Is.EqualTo(1), name);
+            Assert.That(stderr, Is.EqualTo($"mergelab: {name} is empty; give a path. See '--help'.{Environment.NewLine}"), name);
+        }
+    }
+
+    [Test]
     public void A_bad_config_fails_with_one_line_naming_the_key()
     {
         using var dir = new TempDirectory();
