@@ -29,37 +29,55 @@ public static class ParameterLayers
     public static int? BlockIndex(string parameterName, int blockCount)
     {
         ArgumentException.ThrowIfNullOrEmpty(parameterName);
-        for (int i = 0; i < blockCount; i++)
+        int? first = null;
+        foreach (int n in NumberedComponents(parameterName))
         {
-            if (parameterName.Contains("." + i.ToString(CultureInfo.InvariantCulture) + ".", StringComparison.Ordinal))
+            if (n < blockCount && (first is null || n < first))
             {
-                return i;
+                first = n;
             }
         }
 
-        return null;
+        return first;
     }
 
     /// <summary>The number of blocks implied by the names: one more than the largest integer n such
     /// that <c>.n.</c> occurs in some name; 0 when no name has a numbered component.</summary>
+    /// <exception cref="ArgumentException">A name numbers a block <see cref="int.MaxValue"/>, so the count
+    /// would not be an <see cref="int"/>.</exception>
     public static int InferBlockCount(IEnumerable<string> parameterNames)
     {
         ArgumentNullException.ThrowIfNull(parameterNames);
         int max = -1;
         foreach (var name in parameterNames)
         {
-            var parts = name.Split('.');
-            // Only interior components count: ".n." needs a dot on both sides.
-            for (int i = 1; i < parts.Length - 1; i++)
+            foreach (int n in NumberedComponents(name))
             {
-                if (int.TryParse(parts[i], NumberStyles.None, CultureInfo.InvariantCulture, out int n) && n > max)
+                if (n == int.MaxValue)
                 {
-                    max = n;
+                    throw new ArgumentException($"'{name}' numbers a block {n}, so the names imply no block count; give it (LinesOptions.BlockCount) or the blocks (BlockOf).", nameof(parameterNames));
                 }
+
+                max = Math.Max(max, n);
             }
         }
 
         return max + 1;
+    }
+
+    /// <summary>Each n such that <c>.n.</c> occurs in <paramref name="name"/>: its interior dot-separated
+    /// components that are an <see cref="int"/> written in decimal without sign or leading zeros.</summary>
+    private static IEnumerable<int> NumberedComponents(string name)
+    {
+        var parts = name.Split('.');
+        for (int i = 1; i < parts.Length - 1; i++)
+        {
+            var part = parts[i];
+            if (int.TryParse(part, NumberStyles.None, CultureInfo.InvariantCulture, out int n) && (part.Length == 1 || part[0] != '0'))
+            {
+                yield return n;
+            }
+        }
     }
 
     /// <summary>Groups <paramref name="names"/> by <paramref name="layerOf"/>, layers in order of first

@@ -106,6 +106,14 @@ public class LinesTests
 
         Assert.That(ParameterLayers.InferBlockCount(["embed.weight", "blocks.0.w", "blocks.11.w", "head.3"]), Is.EqualTo(12));
         Assert.That(ParameterLayers.InferBlockCount(["a.weight", "b.bias"]), Is.EqualTo(0));
+
+        // ".n." as text: "01" is not ".1.", and a block number is looked up, not counted up to.
+        Assert.That(ParameterLayers.BlockIndex("blocks.01.w", 4), Is.Null);
+        Assert.That(ParameterLayers.InferBlockCount(["blocks.01.w", "blocks.0.w"]), Is.EqualTo(1));
+        Assert.That(ParameterLayers.BlockIndex("blocks.2000000000.w", int.MaxValue), Is.EqualTo(2_000_000_000));
+        Assert.That(ParameterLayers.BlockIndex("..3..1.", 4), Is.EqualTo(1), "every interior component, as a substring search finds them");
+        var ex = Assert.Throws<ArgumentException>(() => ParameterLayers.InferBlockCount(["blocks.2147483647.w"]));
+        Assert.That(ex!.Message, Does.Contain("'blocks.2147483647.w' numbers a block 2147483647"));
         Assert.That(ParameterLayers.ModulePrefix("blocks.2.weight"), Is.EqualTo("blocks.2"));
         Assert.That(ParameterLayers.ModulePrefix("scale"), Is.EqualTo("scale"));
     }
