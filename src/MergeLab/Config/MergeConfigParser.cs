@@ -458,12 +458,12 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
     private Dictionary<string, YamlNode> ReadKeys(YamlNode node, string? path, int merges = 0)
     {
         var result = new Dictionary<string, YamlNode>(StringComparer.Ordinal);
-        YamlNode? merged = null;
+        YamlNode? merged = null, mergeKey = null;
         foreach (var (keyNode, value) in ((YamlMappingNode)node).Children)
         {
             if (keyNode is YamlScalarNode { Value: "<<", Style: ScalarStyle.Plain or ScalarStyle.Any })
             {
-                merged = value; // a second one is a duplicate key, which the loader refuses
+                (merged, mergeKey) = (value, keyNode); // a second one is a duplicate key, which the loader refuses
                 continue;
             }
 
@@ -483,17 +483,19 @@ internal sealed class MergeConfigParser(string? sourcePath, MergeConfigReadOptio
 
         if (merged is not null)
         {
+            // Errors give the key's line: an alias's node is the anchored one, lines away.
             string mergePath = path is null ? "<<" : $"{path}.<<";
+            int? line = Line(mergeKey!);
             IEnumerable<YamlNode> sources = merged switch
             {
                 YamlMappingNode mapping => [mapping],
                 YamlSequenceNode list when list.Children.All(c => c is YamlMappingNode) => list.Children,
-                _ => throw Error(mergePath, "a merge key takes a mapping or a list of mappings, such as *anchor or [*a, *b].", Line(merged)),
+                _ => throw Error(mergePath, "a merge key takes a mapping or a list of mappings, such as *anchor or [*a, *b].", line),
             };
             if (merges >= options.MaxDepth)
             {
                 throw Error(mergePath, $"merge keys name mappings that merge others more than {options.MaxDepth} deep "
-                    + $"({nameof(MergeConfigReadOptions)}.{nameof(MergeConfigReadOptions.MaxDepth)}).", Line(merged));
+                    + $"({nameof(MergeConfigReadOptions)}.{nameof(MergeConfigReadOptions.MaxDepth)}).", line);
             }
 
             foreach (var source in sources)

@@ -11,7 +11,9 @@ namespace MergeLab.Engine;
 public sealed record CheckpointMergeRequest
 {
     /// <summary>The base (pretrained) checkpoint: a directory with <c>model.safetensors</c> or a sharded
-    /// index, or a single <c>.safetensors</c> file. Null for base-free methods such as weight averaging.</summary>
+    /// index, or a single <c>.safetensors</c> file. Optional for base-free methods such as weight averaging;
+    /// given, it still sets the output's tensor names, order and dtypes, gives the tensors that are copied
+    /// rather than merged (integer buffers), and must match the experts.</summary>
     public string? BaseModel { get; init; }
 
     /// <summary>The expert checkpoints, in the order the method's per-expert options refer to.</summary>

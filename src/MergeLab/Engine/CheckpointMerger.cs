@@ -645,13 +645,14 @@ public static class CheckpointMerger
         }
 
         // The tokenizer's files are copied and the embeddings kept as they are (mergekit's union or resizing
-        // is not done), so a tokenizer of another vocabulary would not fit the merged weights.
+        // is not done), so a tokenizer from a model of more token rows could give ids past the merged
+        // embeddings. One of fewer fits (vocab_size counts embedding rows, often padded past the tokenizer).
         if (NonWeightFiles.ConfigVocabSize(folder) is { } theirs && filesFrom.Length > 0
-            && NonWeightFiles.ConfigVocabSize(filesFrom) is { } ours && theirs != ours)
+            && NonWeightFiles.ConfigVocabSize(filesFrom) is { } ours && theirs > ours)
         {
             throw new MergeException($"The tokenizer source '{source}' declares vocab_size {theirs} in its config.json, but the "
                 + $"model the output's config.json comes from ('{filesFrom}') declares {ours}; the tokenizer is copied and the "
-                + "embeddings are not resized, so both must have one vocabulary.");
+                + "embeddings are not resized, so its token ids could run past them.");
         }
     }
 
@@ -697,11 +698,15 @@ public static class CheckpointMerger
     /// <paramref name="CopyFrom"/> null when the request names none, <paramref name="TokenizerFrom"/> empty.</summary>
     private readonly record struct FileSources(string? CopyFrom, string TokenizerFrom);
 
+    /// <summary>What file browsers leave in a folder they have shown: not the user's work.</summary>
+    private static readonly string[] FolderViewFiles = [".DS_Store", "Thumbs.db", "desktop.ini"];
+
     /// <summary>An existing output is replaced only when it looks like a merged checkpoint: no subfolders, only
-    /// files a merge writes (safetensors weights, their index, and the config and tokenizer files of
-    /// <see cref="NonWeightFiles.IsNonWeightFile"/>), and weights or their index among them (or nothing at
-    /// all). A mistyped OUT_DIR such as the working folder, a project folder holding the merge's own YAML
-    /// config, or a home directory is refused instead of deleted.</summary>
+    /// files a merge may write (safetensors weights, their index, and the <c>.json</c>, <c>.txt</c>,
+    /// <c>.model</c>, <c>.jinja</c> and <c>.tiktoken</c> files of <see cref="NonWeightFiles.IsNonWeightFile"/>,
+    /// which it copies from the source whatever their names), besides a file browser's own files, and weights or
+    /// their index among them (or nothing at all). A mistyped OUT_DIR such as the working folder, a project
+    /// folder holding the merge's own YAML config, or a home directory is refused instead of deleted.</summary>
     private static void CheckReplaceable(string output)
     {
         var folder = Directory.EnumerateDirectories(output).FirstOrDefault();
@@ -712,7 +717,7 @@ public static class CheckpointMerger
         }
 
         var files = Directory.EnumerateFiles(output).Select(f => Path.GetFileName(f)!).Order(StringComparer.Ordinal).ToArray();
-        if (files.FirstOrDefault(f => !IsWeightFile(f) && !NonWeightFiles.IsNonWeightFile(f)) is { } other)
+        if (files.FirstOrDefault(f => !IsWeightFile(f) && !NonWeightFiles.IsNonWeightFile(f) && !FolderViewFiles.Contains(f, StringComparer.OrdinalIgnoreCase)) is { } other)
         {
             // A config, notes or code beside old weights: the folder is the user's, not a merge's output.
             throw new MergeException($"The output '{output}' holds '{other}', which a merge does not write, so it is not a merged checkpoint; "

@@ -59,11 +59,11 @@ internal sealed class CheckpointSet
                         $"'{c.Path}' has shape [{string.Join(", ", info.Shape)}] but '{Reference.Path}' has [{string.Join(", ", reference.Shape)}].");
                 }
 
-                if (floating ? !DTypeNames.IsFloating(info.DType) : info.DType != reference.DType)
+                if (DTypeNames.IsFloating(info.DType) != floating)
                 {
                     throw new MergeException(name,
-                        $"'{c.Path}' has it as {info.DTypeName} but '{Reference.Path}' as {reference.DTypeName}; floating-point tensors are merged "
-                        + "with floating-point ones of any precision, and other tensors (copied, not merged) must have one dtype in every model.");
+                        $"'{c.Path}' has it as {info.DTypeName} but '{Reference.Path}' as {reference.DTypeName}; a floating-point tensor is merged "
+                        + "with floating-point ones (of any precision), and one that is not is copied, so it is not floating-point in any model.");
                 }
 
                 bytes += c == _unmergedBase ? 0 : info.ByteLength;

@@ -189,14 +189,21 @@ public static class NonWeightFiles
     }
 
     /// <summary>The <c>vocab_size</c> that the <c>config.json</c> of <paramref name="folder"/> declares at its top
-    /// level, or null when it has no such file, the file is not a JSON object, or it declares no whole number
-    /// there.</summary>
+    /// level, or null when it has no such file, the file is empty (as a FIFO or device reports itself, so
+    /// neither is opened), larger than 16 MiB or not a JSON object (duplicate keys included), or it declares
+    /// no whole number there.</summary>
     internal static long? ConfigVocabSize(string folder)
     {
-        var path = Path.Combine(folder, "config.json");
+        var file = new FileInfo(Path.Combine(folder, "config.json"));
         try
         {
-            return File.Exists(path) && JsonNode.Parse(File.ReadAllText(path)) is JsonObject config
+            if (!file.Exists || file.Length is 0 or > 16L << 20) // a FIFO or device reports a size of 0
+            {
+                return null;
+            }
+
+            var options = new JsonDocumentOptions { AllowDuplicateProperties = false };
+            return JsonNode.Parse(File.ReadAllText(file.FullName), documentOptions: options) is JsonObject config
                 && config["vocab_size"] is JsonValue value && value.TryGetValue(out long size) ? size : null;
         }
         catch (Exception e) when (e is JsonException or IOException or UnauthorizedAccessException)

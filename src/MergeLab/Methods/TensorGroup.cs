@@ -21,8 +21,8 @@ public sealed record TensorGroup(string Name, Tensor? Base, IReadOnlyList<Tensor
     public Tensor Reference => Base ?? Experts[0];
 
     /// <summary>Checks the group: at least one expert, no null tensor, all shapes equal, and either every tensor
-    /// floating-point (of any precision) or every tensor of the <see cref="Reference"/>'s dtype (a tensor that
-    /// is copied, not merged).</summary>
+    /// floating-point (of any precision) or none (integer, boolean or complex tensors are copied from the
+    /// <see cref="Reference"/>, not merged).</summary>
     /// <exception cref="MergeException">The group is malformed; the message names the tensor.</exception>
     public void Validate(bool requiresBase)
     {
@@ -48,10 +48,10 @@ public sealed record TensorGroup(string Name, Tensor? Base, IReadOnlyList<Tensor
                     $"expert {k} has shape [{string.Join(", ", e.shape)}] but {reference} has [{string.Join(", ", shape)}].");
             }
 
-            if (floating ? !e.is_floating_point() : e.dtype != Reference.dtype)
+            if (e.is_floating_point() != floating)
             {
-                throw new MergeException(Name, $"expert {k} is {e.dtype} but {reference} is {Reference.dtype}; floating-point tensors are merged "
-                    + "with floating-point ones of any precision, and other tensors (copied, not merged) must have one dtype.");
+                throw new MergeException(Name, $"expert {k} is {e.dtype} but {reference} is {Reference.dtype}; a floating-point tensor is merged "
+                    + "with floating-point ones (of any precision), and one that is not is copied, so it is not floating-point in any model.");
             }
         }
     }

@@ -45,6 +45,13 @@ internal static class StateDictChecks
                 var extra = expert.Names.First(n => !reference.ContainsKey(n));
                 throw new MergeException(extra, $"{self} has this tensor but {referenceLabel} does not.");
             }
+
+            // Before any merging, as the checkpoint engine checks the headers (TensorGroup.Validate's rule).
+            if (reference.FirstOrDefault(p => p.Value.is_floating_point() != expert[p.Key].is_floating_point()) is { Key: { } mixed } pair)
+            {
+                throw new MergeException(mixed, $"{self} has it as {expert[mixed].dtype} but {referenceLabel} as {pair.Value.dtype}; a floating-point "
+                    + "tensor is merged with floating-point ones (of any precision), and one that is not is copied, so it is not floating-point in any model.");
+            }
         }
 
         return reference.Names;

@@ -82,6 +82,8 @@ public class MergeConfigParseTests
 
         var ex = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("merge_method: linear\nmodels:\n  - model: m1\n    parameters:\n      <<: 5\n"));
         Assert.That(ex!.Message, Does.Contain("line 5, models[0].parameters.<<: a merge key takes a mapping or a list of mappings"));
+        ex = Assert.Throws<MergeConfigException>(() => MergeConfig.Parse("merge_method: linear\nparameters: {normalize: &s true}\nmodels:\n  - model: m1\n    parameters:\n      <<: *s\n"));
+        Assert.That(ex!.Message, Does.Contain("line 6, models[0].parameters.<<"), "the merge key's line, not the anchor's");
     }
 
     [Test]

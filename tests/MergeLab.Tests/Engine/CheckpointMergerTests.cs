@@ -88,7 +88,7 @@ public class CheckpointMergerTests
     }
 
     [Test]
-    public void A_tensor_that_is_integer_in_one_model_and_floating_point_in_another_is_refused_before_anything_is_written()
+    public void A_tensor_that_is_floating_point_in_one_model_and_not_in_another_is_refused_before_anything_is_written()
     {
         using var dir = new TempDirectory();
         using var baseModel = new StateDict { { "w", zeros(4) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
@@ -97,12 +97,7 @@ public class CheckpointMergerTests
         using var floatW = new StateDict { { "w", ones(4).to(ScalarType.Int64) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
         string basePath = Save(dir, "base", baseModel);
         string output = Path.Combine(dir.Path, "out");
-        foreach (var (name, expert, message) in new[]
-        {
-            ("float-ids", floatIds, "has it as F32 but"),
-            ("int32-ids", intIds, "has it as I32 but"),
-            ("int-w", floatW, "has it as I64 but"),
-        })
+        foreach (var (name, expert, message) in new[] { ("float-ids", floatIds, "has it as F32 but"), ("int-w", floatW, "has it as I64 but") })
         {
             var request = new CheckpointMergeRequest { BaseModel = basePath, Experts = [Save(dir, name, expert)], Method = new TaskArithmeticMerge(), OutputDirectory = output };
             var ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request), name);
@@ -110,7 +105,15 @@ public class CheckpointMergerTests
             Assert.That(Directory.Exists(output), Is.False, name);
         }
 
-        // The library's merge refuses the same groups.
+        // Integer buffers of two widths are both copied tensors: the base's is taken.
+        var copied = new CheckpointMergeRequest { BaseModel = basePath, Experts = [Save(dir, "int32-ids", intIds)], Method = new TaskArithmeticMerge(), OutputDirectory = output };
+        CheckpointMerger.Merge(copied);
+        using var expected = new StateDict { { "w", ones(4) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
+        T.CheckpointHolds(output, expected, sameNames: true);
+
+        // The library's merges refuse the same tensors: whole state dicts before merging anything, groups one by one.
+        var whole = Assert.Throws<MergeException>(() => new TiesMerge().Merge(baseModel, [floatIds]).Dispose());
+        Assert.That(whole!.Message, Does.Contain("'ids'").And.Contain("expert 0 has it as Float32 but the base model as Int64"));
         using var tensorIds = tensor(new float[] { 0, 1, 2 });
         var group = new TensorGroup("ids", baseModel["ids"], [tensorIds]);
         var refused = Assert.Throws<MergeException>(() => new TaskArithmeticMerge().MergeTensor(group).Dispose());
@@ -375,9 +378,10 @@ public class CheckpointMergerTests
         File.WriteAllText(Path.Combine(project, "old.safetensors"), "weights");
         File.WriteAllText(Path.Combine(project, "config.json"), "{}");
         File.WriteAllText(Path.Combine(project, "merge.yml"), "merge_method: ties");
+        File.WriteAllText(Path.Combine(project, ".DS_Store"), "a file browser's, not the user's");
         ex = Assert.Throws<MergeException>(() => CheckpointMerger.Merge(request with { OutputDirectory = project }));
         Assert.That(ex!.Message, Does.Contain("holds 'merge.yml', which a merge does not write"));
-        Assert.That(Directory.GetFiles(project).Select(Path.GetFileName), Is.EquivalentTo(new[] { "old.safetensors", "config.json", "merge.yml" }));
+        Assert.That(Directory.GetFiles(project).Select(Path.GetFileName), Is.EquivalentTo(new[] { "old.safetensors", "config.json", "merge.yml", ".DS_Store" }));
         Directory.Delete(project, recursive: true);
 
         // An integer output dtype is refused before any pass.
@@ -426,11 +430,15 @@ public class CheckpointMergerTests
         string missingTokenizer = Path.Combine(basePath, "no-such-tokenizer");
         Refused(request with { TokenizerFilesFrom = missingTokenizer }, $"The tokenizer source '{missingTokenizer}' does not exist");
 
-        // A tokenizer of another vocabulary (its config.json says so) would not fit the merged embeddings.
+        // A tokenizer from a model of more token rows (its config.json says so) could give ids past the merged
+        // embeddings; one of fewer fits, and a config.json this check cannot read (a duplicate key) is not its to refuse.
         File.WriteAllText(Path.Combine(basePath, "config.json"), "{\n  \"model_type\": \"llama\",\n  \"torch_dtype\": \"bfloat16\",\n  \"vocab_size\": 32000\n}\n");
         File.WriteAllText(Path.Combine(expertPath, "config.json"), "{\"model_type\": \"donor\", \"vocab_size\": 32064}");
         Refused(request with { TokenizerFilesFrom = expertPath }, "declares vocab_size 32064 in its config.json, but the model");
-        File.WriteAllText(Path.Combine(expertPath, "config.json"), "{\"model_type\": \"donor\", \"vocab_size\": 32000}");
+        File.WriteAllText(Path.Combine(expertPath, "config.json"), "{\"model_type\": \"donor\", \"vocab_size\": 32064, \"vocab_size\": 1}");
+        CheckpointMerger.Merge(request with { TokenizerFilesFrom = expertPath });
+        Directory.Delete(output, recursive: true);
+        File.WriteAllText(Path.Combine(expertPath, "config.json"), "{\"model_type\": \"donor\", \"vocab_size\": 31999}");
 
         CheckpointMerger.Merge(request with { TokenizerFilesFrom = expertPath, OutputDType = ScalarType.Float16 });
 
