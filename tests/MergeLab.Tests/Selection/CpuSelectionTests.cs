@@ -711,27 +711,7 @@ public class CpuSelectionTests
     {
         using var scope = NewDisposeScope(); // the chunks and every intermediate
         var chunks = new[] { Awkward(300_000, 13).to(ScalarType.BFloat16), Awkward(70_000, 14), Awkward(5, 15) };
-        using var all = cat(chunks.Select(c => c.to(ScalarType.Float32)).ToArray());
-        using var values = signedValues ? all.clone() : all.abs();
-        long n = values.numel();
-        var ranks = new long[] { 1, n / 10, n / 2, n - 3, n };
-        var select = new RadixSelect(signedValues);
-        foreach (var c in chunks)
-        {
-            select.ObserveCoarse(c);
-        }
-
-        select.EndCoarse(ranks);
-        foreach (var c in chunks)
-        {
-            select.ObserveFine(c);
-        }
-
-        var result = select.EndFine();
-        for (int r = 0; r < ranks.Length; r++)
-        {
-            Assert.That(result[r], Is.EqualTo(values.kthvalue(ranks[r], 0, false).values.item<float>()), $"rank {ranks[r]}");
-        }
+        T.RadixSelectMatchesKthvalue(chunks, signedValues, n => [1, n / 10, n / 2, n - 3, n]);
     }
 
     /// <summary>Selections observed together, block by block over their own sources (with their own ranks,

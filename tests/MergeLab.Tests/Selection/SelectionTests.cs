@@ -69,27 +69,6 @@ public class SelectionTests
             -zeros(50), // negative zeros
             randint(-3, 3, [2000], generator: g).to(ScalarType.Float32), // heavy ties
         };
-        using var all = cat(chunks);
-        using var values = signedValues ? all.clone() : all.abs();
-        long n = values.numel();
-        var ranks = new long[] { 1, 2, 100, n / 2, n - 1, n };
-        var select = new RadixSelect(signedValues);
-        foreach (var c in chunks)
-        {
-            select.ObserveCoarse(c);
-        }
-
-        select.EndCoarse(ranks);
-        foreach (var c in chunks)
-        {
-            select.ObserveFine(c);
-        }
-
-        var result = select.EndFine();
-        for (int r = 0; r < ranks.Length; r++)
-        {
-            float expected = values.kthvalue(ranks[r], 0, false).values.item<float>();
-            Assert.That(result[r], Is.EqualTo(expected), $"rank {ranks[r]}");
-        }
+        T.RadixSelectMatchesKthvalue(chunks, signedValues, n => [1, 2, 100, n / 2, n - 1, n]);
     }
 }

@@ -17,6 +17,35 @@ internal static class T
 
     public static Tensor Mat(float[] values, long rows, long cols) => tensor(values, [rows, cols]);
 
+    /// <summary>Asserts that a <see cref="RadixSelect"/> over <paramref name="chunks"/> (float32 or bfloat16),
+    /// observed chunk by chunk in both passes, gives libtorch's <c>kthvalue</c> over their concatenation
+    /// (as magnitudes unless <paramref name="signedValues"/>) at each of the 1-based <paramref name="ranks"/>
+    /// of the n values.</summary>
+    public static void RadixSelectMatchesKthvalue(Tensor[] chunks, bool signedValues, Func<long, long[]> ranks)
+    {
+        using var scope = NewDisposeScope();
+        var all = cat(chunks.Select(c => c.to(ScalarType.Float32)).ToArray());
+        var values = signedValues ? all : all.abs();
+        var asked = ranks(values.numel());
+        var select = new RadixSelect(signedValues);
+        foreach (var c in chunks)
+        {
+            select.ObserveCoarse(c);
+        }
+
+        select.EndCoarse(asked);
+        foreach (var c in chunks)
+        {
+            select.ObserveFine(c);
+        }
+
+        var result = select.EndFine();
+        for (int r = 0; r < asked.Length; r++)
+        {
+            Assert.That(result[r], Is.EqualTo(values.kthvalue(asked[r], 0, false).values.item<float>()), $"rank {asked[r]}");
+        }
+    }
+
     public static float[] Values(Tensor t)
     {
         using var scope = NewDisposeScope();
