@@ -52,7 +52,7 @@ public sealed record LinesOptions
     }
 
     /// <summary>The block index (0 … L − 1) of a tensor name, or null for tensors outside the blocks
-    /// (which get α). Null (default): the reference's rule, the first i with <c>.{i}.</c> in the name
+    /// (which get α). Null (default): the reference's rule, the smallest i with <c>.{i}.</c> in the name
     /// (<see cref="ParameterLayers.BlockIndex"/>).</summary>
     public Func<string, int?>? BlockOf { get; init; }
 }

@@ -55,7 +55,7 @@ public static class ParameterLayers
             {
                 if (n == int.MaxValue)
                 {
-                    throw new ArgumentException($"'{name}' numbers a block {n}, so the names imply no block count; give it (LinesOptions.BlockCount) or the blocks (BlockOf).", nameof(parameterNames));
+                    throw new ArgumentException($"'{name}' numbers a block {n}, so the names imply no block count; give the count (LinesOptions.BlockCount).", nameof(parameterNames));
                 }
 
                 max = Math.Max(max, n);

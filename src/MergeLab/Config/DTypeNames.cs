@@ -26,6 +26,10 @@ internal static class DTypeNames
     public static bool IsFloating(ScalarType dtype) =>
         dtype is ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Float32 or ScalarType.Float64;
 
+    /// <summary>Why a tensor that is floating-point in one input and not in another is refused: the end of
+    /// each check's message (the engine's, the state dicts', a tensor group's).</summary>
+    internal const string KindMismatchReason = "a floating-point tensor is merged only with floating-point ones (of any precision).";
+
     /// <summary>The name PyTorch and Hugging Face configs give a floating-point <paramref name="dtype"/> (<c>bfloat16</c>, …).</summary>
     public static string TorchName(ScalarType dtype) => dtype switch
     {

@@ -31,9 +31,10 @@ public sealed record CheckpointMergeRequest
     public required string OutputDirectory { get; init; }
 
     /// <summary>Replace an existing output directory once the new one is complete. Default false. Only a folder
-    /// that looks like a merged checkpoint is replaced: no subfolders, only safetensors weights, their index and
-    /// config or tokenizer files, and none of the inputs; any other is refused with a
-    /// <see cref="MergeException"/> naming what it holds.</summary>
+    /// that looks like a merged checkpoint is replaced: no subfolders, only the files a merge may write
+    /// (safetensors weights, their index, and the <c>.json</c>, <c>.txt</c>, <c>.model</c>, <c>.jinja</c> and
+    /// <c>.tiktoken</c> files it copies) besides a file browser's own, and none of the inputs; any other is
+    /// refused with a <see cref="MergeException"/> naming what it holds.</summary>
     public bool Overwrite { get; init; }
 
     /// <summary>The dtype of every floating-point output tensor; null keeps each base tensor's dtype.</summary>

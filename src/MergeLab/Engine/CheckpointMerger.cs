@@ -178,7 +178,7 @@ public static class CheckpointMerger
         var device = request.Device ?? CPU;
 
         // A separate tokenizer source gives every file but config.json and generation_config.json.
-        string filesFrom = sources.CopyFrom ?? Folder(request.BaseModel ?? model.Reference.Path);
+        string filesFrom = sources.CopyFrom ?? Folder(model.Reference.Path); // the base, else the first expert
         string tokenizerFrom = sources.TokenizerFrom;
         bool separateTokenizer = tokenizerFrom.Length > 0 && !PathCase.Comparer.Equals(tokenizerFrom, filesFrom);
         if (separateTokenizer)
@@ -716,8 +716,9 @@ public static class CheckpointMerger
                 + "overwriting replaces only a folder of checkpoint files. Choose another output or remove it yourself.");
         }
 
-        var files = Directory.EnumerateFiles(output).Select(f => Path.GetFileName(f)!).Order(StringComparer.Ordinal).ToArray();
-        if (files.FirstOrDefault(f => !IsWeightFile(f) && !NonWeightFiles.IsNonWeightFile(f) && !FolderViewFiles.Contains(f, StringComparer.OrdinalIgnoreCase)) is { } other)
+        var files = Directory.EnumerateFiles(output).Select(f => Path.GetFileName(f)!)
+            .Where(f => !FolderViewFiles.Contains(f, StringComparer.OrdinalIgnoreCase)).Order(StringComparer.Ordinal).ToArray();
+        if (files.FirstOrDefault(f => !IsWeightFile(f) && !NonWeightFiles.IsNonWeightFile(f)) is { } other)
         {
             // A config, notes or code beside old weights: the folder is the user's, not a merge's output.
             throw new MergeException($"The output '{output}' holds '{other}', which a merge does not write, so it is not a merged checkpoint; "

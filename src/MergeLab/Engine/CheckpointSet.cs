@@ -10,7 +10,9 @@ namespace MergeLab.Engine;
 /// <summary>The opened inputs of a merge, checked for compatibility from their headers alone.</summary>
 internal sealed class CheckpointSet
 {
-    private readonly Dictionary<string, long> _bytes = new(StringComparer.Ordinal);
+    /// <summary>Each name's input bytes per pass, its reference dtype, and whether that is floating-point
+    /// (merged) or not (copied).</summary>
+    private readonly Dictionary<string, (long Bytes, ScalarType DType, bool Floating)> _tensors = new(StringComparer.Ordinal);
 
     /// <summary>Every input in read order: the base (when the method uses it), then the experts.</summary>
     private readonly SafetensorsCheckpoint[] _inputs;
@@ -18,6 +20,9 @@ internal sealed class CheckpointSet
     /// <summary>The base model given to a method that merges without one (weight averaging), or null: read only
     /// for the tensors the merge copies from it.</summary>
     private readonly SafetensorsCheckpoint? _unmergedBase;
+
+    /// <summary>That base, then <see cref="_inputs"/>: what a copied tensor is read from; null without it.</summary>
+    private readonly SafetensorsCheckpoint[]? _withUnmergedBase;
 
     public CheckpointSet(SafetensorsCheckpoint? baseModel, IReadOnlyList<SafetensorsCheckpoint> experts, bool requiresBase)
     {
@@ -40,12 +45,13 @@ internal sealed class CheckpointSet
         // A base the method does not merge with still gives the output its names, order and dtypes, and its
         // tensors that are copied rather than merged (integer and boolean buffers), so it is checked too.
         _unmergedBase = Base is null ? baseModel : null;
-        var checkedInputs = _unmergedBase is null ? _inputs : _inputs.Append(_unmergedBase).ToArray();
+        _withUnmergedBase = _unmergedBase is null ? null : [_unmergedBase, .. _inputs];
+        var checkedInputs = _withUnmergedBase ?? _inputs;
         foreach (var name in Names)
         {
             var reference = Reference.GetInfo(name);
             bool floating = DTypeNames.IsFloating(reference.DType);
-            long bytes = _unmergedBase is not null && !floating ? reference.ByteLength : 0;
+            long bytes = 0;
             foreach (var c in checkedInputs)
             {
                 if (!c.TryGetInfo(name, out var info))
@@ -62,14 +68,13 @@ internal sealed class CheckpointSet
                 if (DTypeNames.IsFloating(info.DType) != floating)
                 {
                     throw new MergeException(name,
-                        $"'{c.Path}' has it as {info.DTypeName} but '{Reference.Path}' as {reference.DTypeName}; a floating-point tensor is merged "
-                        + "with floating-point ones (of any precision), and one that is not is copied, so it is not floating-point in any model.");
+                        $"'{c.Path}' has it as {info.DTypeName} but '{Reference.Path}' as {reference.DTypeName}; {DTypeNames.KindMismatchReason}");
                 }
 
-                bytes += c == _unmergedBase ? 0 : info.ByteLength;
+                bytes += c != _unmergedBase || !floating ? info.ByteLength : 0; // an unmerged base is read for copied tensors only
             }
 
-            _bytes[name] = bytes;
+            _tensors[name] = (bytes, reference.DType, floating);
             BytesPerPass += bytes;
         }
 
@@ -77,7 +82,7 @@ internal sealed class CheckpointSet
         {
             if (c.Count != Names.Count)
             {
-                var extra = c.TensorNames.First(n => !_bytes.ContainsKey(n));
+                var extra = c.TensorNames.First(n => !_tensors.ContainsKey(n));
                 throw new MergeException(extra, $"'{c.Path}' has this tensor but '{Reference.Path}' does not; the architectures differ.");
             }
         }
@@ -99,7 +104,7 @@ internal sealed class CheckpointSet
     /// (<see cref="CheckpointMergeRequest.MapInputs"/>). Default false.</summary>
     public bool MapInputs { get; init; }
 
-    public long Bytes(string name) => _bytes[name];
+    public long Bytes(string name) => _tensors[name].Bytes;
 
     /// <summary>The default of <see cref="SmallGroupBytes"/>: 256 KiB.</summary>
     public const long DefaultSmallGroupBytes = 256 * 1024;
@@ -125,8 +130,8 @@ internal sealed class CheckpointSet
     /// that is copied.</summary>
     public ScalarType? MergeType(string name, ScalarType? outputType)
     {
-        var type = Reference.GetInfo(name).DType;
-        return DTypeNames.IsFloating(type) ? outputType ?? type : null;
+        var (_, type, floating) = _tensors[name];
+        return floating ? outputType ?? type : null;
     }
 
     /// <summary>Reads one name's tensors from every input onto <paramref name="device"/>; with
@@ -142,12 +147,13 @@ internal sealed class CheckpointSet
     public LoadedGroup Load(string name, Device device, bool checkFinite = false)
     {
         // A tensor copied rather than merged comes from the base, even where the method merges without it.
-        bool withBase = Base is not null || (_unmergedBase is not null && !DTypeNames.IsFloating(Reference.GetInfo(name).DType));
-        var inputs = Base is null && withBase ? _inputs.Prepend(_unmergedBase!).ToArray() : _inputs;
+        var (bytes, _, floating) = _tensors[name];
+        var inputs = _withUnmergedBase is not null && !floating ? _withUnmergedBase : _inputs;
+        bool withBase = Base is not null || inputs == _withUnmergedBase;
         var tensors = new Tensor?[inputs.Length];
         var finite = new bool?[inputs.Length];
         var errors = new Exception?[inputs.Length];
-        bool small = _bytes[name] < SmallGroupBytes;
+        bool small = bytes < SmallGroupBytes;
         void ReadInput(int i)
         {
             try

@@ -133,47 +133,27 @@ public static class NonWeightFiles
     /// <summary>
     /// Sets the dtype a Hugging Face <c>config.json</c> declares (<c>torch_dtype</c>, and <c>dtype</c>, the
     /// newer name, where present) to <paramref name="dtype"/>, as mergekit does for its output; a config that
-    /// declares neither (or only as null) gets <c>torch_dtype</c>, as mergekit's written by transformers
-    /// always has. A missing file, or one that is not a JSON object, is left as it is.
+    /// declares neither with a value gets <c>torch_dtype</c>, as mergekit's written by transformers always has
+    /// (a key declared as null is set too). A file that <see cref="ReadConfig"/> does not read is left as it is.
     /// </summary>
     /// <param name="configPath">The config.json to edit in place.</param>
     /// <param name="dtype">The merged weights' dtype.</param>
     public static void SetConfigDType(string configPath, ScalarType dtype)
     {
         ArgumentNullException.ThrowIfNull(configPath);
-        if (!File.Exists(configPath))
-        {
-            return;
-        }
-
-        JsonObject? config;
-        try
-        {
-            // Duplicate keys are refused here rather than by the first lookup.
-            config = JsonNode.Parse(File.ReadAllText(configPath), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }) as JsonObject;
-        }
-        catch (JsonException)
-        {
-            return;
-        }
-
-        if (config is null)
+        if (ReadConfig(configPath) is not { } config)
         {
             return;
         }
 
         string name = DTypeNames.TorchName(dtype);
         bool changed = false;
-        string[] keys = ["torch_dtype", "dtype"];
-        if (keys.All(key => config[key] is null))
+        foreach (var key in new[] { "torch_dtype", "dtype" })
         {
-            config["torch_dtype"] = null; // absent or null: declared below, at the end of the object
-        }
-
-        foreach (var key in keys)
-        {
-            bool declared = config.ContainsKey(key) && (config[key] is null || config[key]!.GetValueKind() == JsonValueKind.String);
-            if (declared && (string?)config[key] != name)
+            // A key declared as a string or as null is set; torch_dtype is added when neither key has a value.
+            bool declared = config.ContainsKey(key) && config[key]?.GetValueKind() is null or JsonValueKind.String;
+            bool missing = key == "torch_dtype" && config["torch_dtype"] is null && config["dtype"] is null;
+            if ((declared || missing) && (string?)config[key] != name)
             {
                 config[key] = name;
                 changed = true;
@@ -189,26 +169,40 @@ public static class NonWeightFiles
     }
 
     /// <summary>The <c>vocab_size</c> that the <c>config.json</c> of <paramref name="folder"/> declares at its top
-    /// level, or null when it has no such file, the file is empty (as a FIFO or device reports itself, so
-    /// neither is opened), larger than 16 MiB or not a JSON object (duplicate keys included), or it declares
-    /// no whole number there.</summary>
+    /// level as a whole number, or null (also when <see cref="ReadConfig"/> does not read the file, or reading
+    /// it fails).</summary>
     internal static long? ConfigVocabSize(string folder)
     {
-        var file = new FileInfo(Path.Combine(folder, "config.json"));
         try
         {
-            if (!file.Exists || file.Length is 0 or > 16L << 20) // a FIFO or device reports a size of 0
-            {
-                return null;
-            }
-
-            var options = new JsonDocumentOptions { AllowDuplicateProperties = false };
-            return JsonNode.Parse(File.ReadAllText(file.FullName), documentOptions: options) is JsonObject config
+            return ReadConfig(Path.Combine(folder, "config.json")) is { } config
                 && config["vocab_size"] is JsonValue value && value.TryGetValue(out long size) ? size : null;
         }
-        catch (Exception e) when (e is JsonException or IOException or UnauthorizedAccessException)
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
             return null; // not this check's to report
+        }
+    }
+
+    /// <summary>A model's <c>config.json</c> as a JSON object, or null when there is no such file, it is empty
+    /// (as a FIFO or device reports itself, so neither is opened), larger than 16 MiB, not JSON, has duplicate
+    /// keys or is not an object.</summary>
+    private static JsonObject? ReadConfig(string path)
+    {
+        var file = new FileInfo(path);
+        if (!file.Exists || file.Length is 0 or > 16L << 20)
+        {
+            return null;
+        }
+
+        try
+        {
+            // Duplicate keys are refused here rather than by the first lookup.
+            return JsonNode.Parse(File.ReadAllText(path), documentOptions: new JsonDocumentOptions { AllowDuplicateProperties = false }) as JsonObject;
+        }
+        catch (JsonException)
+        {
+            return null;
         }
     }
 

@@ -102,10 +102,11 @@ public sealed class BreadcrumbsMerge : PipelineMerge
 
     private static TaskVectorPipeline Build(BreadcrumbsOptions o)
     {
-        var pairs = MergeLab.Options.PerExpert(o.PerExpert, (o.Density, o.Gamma), $"{nameof(BreadcrumbsOptions)}.{nameof(BreadcrumbsOptions.PerExpert)}",
+        const string source = $"{nameof(BreadcrumbsOptions)}.{nameof(BreadcrumbsOptions.PerExpert)}";
+        var pairs = MergeLab.Options.PerExpert(o.PerExpert, (o.Density, o.Gamma), source,
             $"{nameof(BreadcrumbsOptions.Density)} and {nameof(BreadcrumbsOptions.Gamma)}");
         var sparsifiers = pairs.Select(p => (Sparsifier)new BreadcrumbsMask(p.Density, p.Gamma, o.Variant, o.Rescale)).ToArray();
-        return DareMerge.Combine(sparsifiers, $"{nameof(BreadcrumbsOptions)}.{nameof(BreadcrumbsOptions.PerExpert)}", o.Combination,
+        return DareMerge.Combine(sparsifiers, source, o.Combination,
             o.ConsensusPreset, o.Aggregation, o.Weights, o.Lambda);
     }
 }

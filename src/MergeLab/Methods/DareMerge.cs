@@ -83,13 +83,14 @@ public sealed class DareMerge : PipelineMerge
 
     private static TaskVectorPipeline Build(DareOptions o)
     {
-        var rates = MergeLab.Options.PerExpert(o.DropRates, o.DropRate, $"{nameof(DareOptions)}.{nameof(DareOptions.DropRates)}", nameof(DareOptions.DropRate));
+        const string source = $"{nameof(DareOptions)}.{nameof(DareOptions.DropRates)}";
+        var rates = MergeLab.Options.PerExpert(o.DropRates, o.DropRate, source, nameof(DareOptions.DropRate));
         var sparsifiers = rates.Select((p, k) =>
         {
             MergeLab.Options.RequireInRange(p, $"DropRates[{k}]", 0, 1, maxInclusive: false);
             return (Sparsifier)new RandomDrop(p, o.Rescale, o.Seed);
         }).ToArray();
-        return Combine(sparsifiers, $"{nameof(DareOptions)}.{nameof(DareOptions.DropRates)}", o.Combination, o.ConsensusPreset,
+        return Combine(sparsifiers, source, o.Combination, o.ConsensusPreset,
             o.Aggregation, o.Weights, o.Lambda);
     }
 

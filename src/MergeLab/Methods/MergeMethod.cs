@@ -104,8 +104,8 @@ public abstract class MergeMethod
     /// <param name="progress">Receives the number of tensors merged so far and the total.</param>
     /// <param name="cancellationToken">Checked between tensors.</param>
     /// <returns>A new state dict the caller owns.</returns>
-    /// <exception cref="MergeException">Missing names, shape mismatches, or no experts; the message
-    /// names the tensor and the expert.</exception>
+    /// <exception cref="MergeException">Missing names, shape mismatches, a tensor floating-point in one model
+    /// and not in another, or no experts; the message names the tensor and the expert.</exception>
     /// <exception cref="ArgumentException"><paramref name="outputType"/> is not a floating-point dtype, or a
     /// per-expert option (<c>Weights</c>, <c>Densities</c>, <c>DropRates</c>, Breadcrumbs' <c>PerExpert</c>) has
     /// another length than <paramref name="experts"/>.</exception>

@@ -1,3 +1,4 @@
+using MergeLab.Config;
 using static TorchSharp.torch;
 
 namespace MergeLab.Methods;
@@ -50,8 +51,7 @@ public sealed record TensorGroup(string Name, Tensor? Base, IReadOnlyList<Tensor
 
             if (e.is_floating_point() != floating)
             {
-                throw new MergeException(Name, $"expert {k} is {e.dtype} but {reference} is {Reference.dtype}; a floating-point tensor is merged "
-                    + "with floating-point ones (of any precision), and one that is not is copied, so it is not floating-point in any model.");
+                throw new MergeException(Name, $"expert {k} is {e.dtype} but {reference} is {Reference.dtype}; {DTypeNames.KindMismatchReason}");
             }
         }
     }

@@ -116,7 +116,8 @@ public sealed class TiesMerge : PipelineMerge
                 "(mergekit's rescale goes with their exact-count trim); the Paper preset does not rescale.");
         }
 
-        var densities = MergeLab.Options.PerExpert(o.Densities, o.Density, $"{nameof(TiesOptions)}.{nameof(TiesOptions.Densities)}", nameof(TiesOptions.Density));
+        const string source = $"{nameof(TiesOptions)}.{nameof(TiesOptions.Densities)}";
+        var densities = MergeLab.Options.PerExpert(o.Densities, o.Density, source, nameof(TiesOptions.Density));
         var sparsifiers = densities.Select((d, k) =>
         {
             MergeLab.Options.RequireInRange(d, $"Densities[{k}]", 0, 1);
@@ -126,7 +127,7 @@ public sealed class TiesMerge : PipelineMerge
         return new TaskVectorPipeline
         {
             Sparsifiers = sparsifiers,
-            SparsifierSource = $"{nameof(TiesOptions)}.{nameof(TiesOptions.Densities)}",
+            SparsifierSource = source,
             Weights = o.Weights,
             Consensus = consensus,
             Aggregation = o.Aggregation ?? aggregation,

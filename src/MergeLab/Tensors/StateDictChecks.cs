@@ -1,3 +1,4 @@
+using MergeLab.Config;
 using static TorchSharp.torch;
 
 namespace MergeLab.Tensors;
@@ -6,8 +7,8 @@ namespace MergeLab.Tensors;
 internal static class StateDictChecks
 {
     /// <summary>
-    /// Checks that every expert has exactly the reference's tensor names, with equal shapes, and
-    /// returns the names in the reference's order. The reference is the base when given, otherwise
+    /// Checks that every expert has exactly the reference's tensor names, with equal shapes, each
+    /// floating-point where the reference's is and only there, and returns the names in the reference's order. The reference is the base when given, otherwise
     /// the first expert. <paramref name="label"/> names expert k in messages (default "expert k"), and
     /// <paramref name="baseLabel"/> the base.
     /// </summary>
@@ -49,8 +50,7 @@ internal static class StateDictChecks
             // Before any merging, as the checkpoint engine checks the headers (TensorGroup.Validate's rule).
             if (reference.FirstOrDefault(p => p.Value.is_floating_point() != expert[p.Key].is_floating_point()) is { Key: { } mixed } pair)
             {
-                throw new MergeException(mixed, $"{self} has it as {expert[mixed].dtype} but {referenceLabel} as {pair.Value.dtype}; a floating-point "
-                    + "tensor is merged with floating-point ones (of any precision), and one that is not is copied, so it is not floating-point in any model.");
+                throw new MergeException(mixed, $"{self} has it as {expert[mixed].dtype} but {referenceLabel} as {pair.Value.dtype}; {DTypeNames.KindMismatchReason}");
             }
         }
 

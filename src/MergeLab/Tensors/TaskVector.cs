@@ -35,8 +35,8 @@ public sealed class TaskVector : IDisposable
 
     /// <summary>τ = <paramref name="expert"/> − <paramref name="baseModel"/>, per tensor, in float32.
     /// Integer and boolean tensors (buffers) are skipped.</summary>
-    /// <exception cref="MergeException">A name is missing on one side or the shapes differ; the message
-    /// names the tensor.</exception>
+    /// <exception cref="MergeException">A name is missing on one side, the shapes differ, or a tensor is
+    /// floating-point on one side only; the message names the tensor.</exception>
     public static TaskVector Between(StateDict expert, StateDict baseModel)
     {
         ArgumentNullException.ThrowIfNull(expert);
@@ -76,7 +76,7 @@ public sealed class TaskVector : IDisposable
     }
 
     /// <summary>τ + <paramref name="other"/>, a new task vector.</summary>
-    /// <exception cref="MergeException">Names or shapes disagree; the message names the tensor.</exception>
+    /// <exception cref="MergeException">Names, shapes or floating-point kinds disagree; the message names the tensor.</exception>
     public TaskVector Add(TaskVector other)
     {
         ArgumentNullException.ThrowIfNull(other);
@@ -85,7 +85,7 @@ public sealed class TaskVector : IDisposable
 
     /// <summary>Σ_k w_k·τ_k over several task vectors (w_k = 1 when <paramref name="weights"/> is null), summed
     /// in float32 (float64 when a term is float64) and stored in the first vector's dtype.</summary>
-    /// <exception cref="MergeException">Names or shapes disagree.</exception>
+    /// <exception cref="MergeException">Names, shapes or floating-point kinds disagree.</exception>
     /// <exception cref="ArgumentException">The list is empty or holds null, the weight count differs from the
     /// vector count, or a weight is not finite.</exception>
     public static TaskVector Combine(IReadOnlyList<TaskVector> vectors, IReadOnlyList<double>? weights = null)
@@ -99,11 +99,13 @@ public sealed class TaskVector : IDisposable
             foreach (var name in deltas[0].Names)
             {
                 using var scope = NewDisposeScope();
+                // Of one kind (the check above): floating-point terms are summed in at least float32 (`to` of the
+                // same dtype is the tensor itself, so float32 terms sum as they are).
                 var terms = deltas.Select(d => d[name]).ToArray();
-                var type = terms[0].dtype;
                 var work = terms.Any(t => t.dtype == ScalarType.Float64) ? ScalarType.Float64 : ScalarType.Float32;
-                bool widen = terms.Any(t => t.is_floating_point() && t.dtype != work);
-                var result = widen ? WeightedSum(terms.Select(t => t.to(work)).ToArray(), w).to(type) : WeightedSum(terms, w);
+                var result = terms[0].is_floating_point()
+                    ? WeightedSum(terms.Select(t => t.to(work)).ToArray(), w).to(terms[0].dtype)
+                    : WeightedSum(terms, w);
                 sum.Add(name, result.MoveToOuterDisposeScope());
             }
         }

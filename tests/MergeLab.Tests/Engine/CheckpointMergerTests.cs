@@ -70,7 +70,7 @@ public class CheckpointMergerTests
     {
         // Weight averaging merges without the base, but the output still follows it, as the library's merge does.
         using var dir = new TempDirectory();
-        using var baseModel = new StateDict { { "w", tensor(new float[] { 1, 2, 3, 4 }).to(ScalarType.BFloat16) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
+        using var baseModel = new StateDict { { "w", tensor(new float[] { 1, 2, 3, 4 }, ScalarType.BFloat16) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
         using var e1 = new StateDict { { "w", tensor(new float[] { 3, 4, 5, 6 }) }, { "ids", tensor(new long[] { 7, 7, 7 }) } };
         using var e2 = new StateDict { { "w", tensor(new float[] { 5, 6, 7, 9 }) }, { "ids", tensor(new long[] { 8, 8, 8 }) } };
         var request = new CheckpointMergeRequest
@@ -81,7 +81,7 @@ public class CheckpointMergerTests
             OutputDirectory = Path.Combine(dir.Path, "out"),
         };
         var result = CheckpointMerger.Merge(request);
-        using var expected = new StateDict { { "w", tensor(new float[] { 4, 5, 6, 7.5f }).to(ScalarType.BFloat16) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
+        using var expected = new StateDict { { "w", tensor(new float[] { 4, 5, 6, 7.5f }, ScalarType.BFloat16) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
         T.CheckpointHolds(result.OutputDirectory, expected, sameNames: true);
         using var library = request.Method.Merge(baseModel, [e1, e2]);
         T.CheckpointHolds(result.OutputDirectory, library);
@@ -94,7 +94,7 @@ public class CheckpointMergerTests
         using var baseModel = new StateDict { { "w", zeros(4) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
         using var floatIds = new StateDict { { "w", ones(4) }, { "ids", tensor(new float[] { 0, 1, 2 }) } };
         using var intIds = new StateDict { { "w", ones(4) }, { "ids", tensor(new int[] { 0, 1, 2 }) } };
-        using var floatW = new StateDict { { "w", ones(4).to(ScalarType.Int64) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
+        using var floatW = new StateDict { { "w", ones(4, dtype: ScalarType.Int64) }, { "ids", tensor(new long[] { 0, 1, 2 }) } };
         string basePath = Save(dir, "base", baseModel);
         string output = Path.Combine(dir.Path, "out");
         foreach (var (name, expert, message) in new[] { ("float-ids", floatIds, "has it as F32 but"), ("int-w", floatW, "has it as I64 but") })

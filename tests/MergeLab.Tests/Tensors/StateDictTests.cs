@@ -129,7 +129,7 @@ public class TaskVectorTests
     public void Wrapped_deltas_keep_their_dtype_and_half_precision_ones_combine_in_float32()
     {
         // Thirds of three equal bfloat16 deltas give the delta back; summed in bfloat16, 0.1 came out 0.100586.
-        using var d = new StateDict { { "w", tensor(new[] { 1.0078125f, 3f, 0.1f }).to(ScalarType.BFloat16) } };
+        using var d = new StateDict { { "w", tensor(new[] { 1.0078125f, 3f, 0.1f }, ScalarType.BFloat16) } };
         using var tv = TaskVector.FromDeltas(d.Clone());
         using var combined = TaskVector.Combine([tv, tv, tv], [1.0 / 3, 1.0 / 3, 1.0 / 3]);
         T.BitEqual(combined["w"], d["w"]);
