@@ -800,7 +800,7 @@ internal static unsafe class FusedPipeline
                 PlainDivisor = new Vector<float>(_plainDivisor),
                 Scale = _scale,
                 Lambda = new Vector<float>(_lambda),
-                Fill = new Vector<float>(Fill),
+                FillPositive = Fill > 0,
                 UnitWeights = _unitWeights, // Chunked runs once per row while rows are selected
             };
             for (long i = start; i < end;)
@@ -1923,7 +1923,12 @@ internal static unsafe class FusedPipeline
 
         /// <summary>The elected sign before the zero rule, for half <paramref name="half"/> of the entries.</summary>
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
-        private static Vector<float> RawSign(Setup* setup, Vector<float>* tau, int half)
+        private static Vector<float> RawSign(Setup* setup, Vector<float>* tau, int half) =>
+            SignOf<VectorLanes, Vector<float>>(Score(setup, tau, half));
+
+        /// <summary>The election score (Σ τ or Σ sign τ over the experts) of half <paramref name="half"/> of the entries.</summary>
+        [MethodImpl(MethodImplOptions.AggressiveInlining)]
+        private static Vector<float> Score(Setup* setup, Vector<float>* tau, int half)
         {
             var score = Vector<float>.Zero;
             for (int k = 0; k < setup->Experts; k++)
@@ -1933,7 +1938,7 @@ internal static unsafe class FusedPipeline
                 score += Vote<VectorLanes, Vector<float>>(elect, setup->BySum);
             }
 
-            return SignOf<VectorLanes, Vector<float>>(score);
+            return score;
         }
 
         /// <summary>The plain weighted sum's divisor and λ.</summary>
@@ -1961,9 +1966,7 @@ internal static unsafe class FusedPipeline
         [MethodImpl(MethodImplOptions.AggressiveInlining)]
         private static Vector<float> Merged(Setup* setup, Vector<float>* tau, int half)
         {
-            var zero = Vector<float>.Zero;
-            var one = Vector<float>.One;
-            var merged = zero;
+            var merged = Vector<float>.Zero;
             int experts = setup->Experts;
             if (!setup->Consensus)
             {
@@ -1979,11 +1982,7 @@ internal static unsafe class FusedPipeline
             }
             else
             {
-                var sign = RawSign(setup, tau, half);
-                sign = Vector.ConditionalSelect(Vector.Equals(sign, zero), setup->Fill, sign);
-                // Agree flips τ's sign bit where + is elected, and only that bit: a whole-lane mask would flip the
-                // exponent too and turn a positive subnormal τ into a NaN, which agrees with nothing.
-                var positiveSign = VectorLanes.Select(VectorLanes.GreaterThan(sign, zero), new Vector<float>(-0f), zero);
+                var positiveSign = Elected<VectorLanes, Vector<float>>(Score(setup, tau, half), setup->FillPositive, new Vector<float>(-0f));
                 return Agree<VectorLanes, Vector<float>>(setup, tau, half, positiveSign, setup->Weights, setup->Lambda);
             }
 
@@ -2004,8 +2003,7 @@ internal static unsafe class FusedPipeline
             where TV : unmanaged
         {
             var zero = TL.Zero;
-            var one = TL.One;
-            var divisor = zero;
+            var divisor = zero; // Σ w·a, for weight normalisation with weights other than 1
             bool unit = setup->UnitWeights; // s·1 = s and Σ 1·a = Σ a exactly: the products are skipped
             TV merged, agreeing;
             if (unit)
@@ -2034,7 +2032,7 @@ internal static unsafe class FusedPipeline
             }
             else if (setup->WeightNormalized)
             {
-                merged = TL.Divide(merged, TL.Select(TL.EqualTo(divisor, zero), one, divisor));
+                merged = TL.Divide(merged, TL.Select(TL.EqualTo(divisor, zero), TL.One, divisor));
             }
 
             return setup->Scale ? TL.Multiply(merged, lambda) : merged;
@@ -2050,7 +2048,10 @@ internal static unsafe class FusedPipeline
 
         /// <summary>Every expert's weight is exactly 1.</summary>
         public bool UnitWeights;
-        public Vector<float> PlainDivisor, Lambda, Fill;
+        public Vector<float> PlainDivisor, Lambda;
+
+        /// <summary>A zero (or NaN) election score elects + (<c>Kernel.Elected</c>'s fill).</summary>
+        public bool FillPositive;
     }
 
     /// <summary>The raw input pointers of one kernel call: the base and each expert, float32 or bfloat16.</summary>

@@ -412,7 +412,7 @@ internal static unsafe partial class PcbKernel
         var which = Enumerable.Range(0, n).Select(k => Which(bounds.Threshold[k], bounds.Top[k] - bounds.Threshold[k], n)).ToArray();
         var kept = which.Contains(Candidates.All) ? null : store;
         var covered = Enumerable.Range(0, n).Where(k => which[k] == Candidates.Bounded).ToArray();
-        long floats = CandidateChunk.ScratchFloats(n); // (n + 9) rows, more than the kept merge's six (the base, the numerators, the denominators, a staging row, one task's weights and weighted values)
+        long floats = CandidateChunk.ScratchFloats(n); // (n + 9) rows: more than MergeKept's six
         return CpuTensors.WriteKernelResult(shape, outputType, (address, bf16) =>
         {
             var levels = bounds.Threshold.Select(ScoreBound.Level).ToArray();

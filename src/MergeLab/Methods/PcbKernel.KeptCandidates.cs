@@ -79,7 +79,7 @@ internal static unsafe partial class PcbKernel
             }
 
             _experts = experts;
-            _chunks = (length + CandidateChunk.Length - 1) / CandidateChunk.Length;
+            _chunks = CpuParallel.BlockCount(length, CandidateChunk.Length);
             long slots = experts * _chunks;
             // Two floats per candidate, each chunk's two rows rounded up to whole vectors.
             double share = Math.Min(1, ratio + Margin);
@@ -354,8 +354,8 @@ internal static unsafe partial class PcbKernel
     /// pairs.</summary>
     private static void StorePairs(float* values, long start, int count, int padded, nint address, bool bf16, float* staging)
     {
-        bool partial = count % 32 != 0;
-        for (int i = 0; i < padded; i += 32)
+        bool partial = count % (2 * Lanes) != 0;
+        for (int i = 0; i < padded; i += 2 * Lanes)
         {
             var low = Vector512.Load(values + i);
             var high = i + Lanes < padded ? Vector512.Load(values + i + Lanes) : Vector512<float>.Zero;

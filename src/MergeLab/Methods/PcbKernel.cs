@@ -40,7 +40,7 @@ internal static unsafe partial class PcbKernel
     private static long WholeVectors(long count) => (count + Lanes - 1) / Lanes * Lanes;
 
     /// <summary>Whether <paramref name="count"/> entries are whole 512-bit vectors, so that a chunk of them
-    /// can be read in place (bfloat16 widened as it is read) instead of staged as float32.</summary>
+    /// can be read (bfloat16 widened as it is read) or written in place instead of through a staging row.</summary>
     private static bool IsWholeVectors(long count) => count % Lanes == 0;
 
     /// <summary>Take exp and tanh from libtorch (the result is then bit-identical to the libtorch
@@ -397,8 +397,8 @@ internal static unsafe partial class PcbKernel
         // Never 0, which a thread's empty cache holds.
         private readonly long _id = Interlocked.Increment(ref _instances);
 
-        /// <summary>True where every input is bfloat16, false where every one is float32, null for a mix.</summary>
-        private readonly bool? _allBFloat16 = inputs.Experts.All(e => e.IsBFloat16 == inputs.Base.IsBFloat16) ? inputs.Base.IsBFloat16 : null;
+        /// <summary>Every input has the base's dtype (bfloat16 or float32), so whole chunks are summed in place.</summary>
+        private readonly bool _oneDType = inputs.Experts.All(e => e.IsBFloat16 == inputs.Base.IsBFloat16);
 
         public int Experts => inputs.Experts.Length;
 
@@ -520,7 +520,7 @@ internal static unsafe partial class PcbKernel
                     continue;
                 }
 
-                bool whole = chunk.Padded == chunk.Count;
+                bool whole = IsWholeVectors(chunk.Count);
                 var destination = whole ? keys + offset : (uint*)chunk.Staging;
                 int taken = 0;
                 for (int i = 0; i < chunk.Padded; i += Lanes)
@@ -579,9 +579,9 @@ internal static unsafe partial class PcbKernel
                 return sums;
             }
 
-            if (IsWholeVectors(count) && _allBFloat16 is { } bfloat16)
+            if (IsWholeVectors(count) && _oneDType)
             {
-                if (bfloat16)
+                if (inputs.Base.IsBFloat16)
                 {
                     SumInPlace<BFloat16Reader>(start, count, sums, stride);
                 }

@@ -121,7 +121,8 @@ public class FusedKernelTests
     {
         // |τ| below float32's smallest normal (1.2e-38): the kernel's agreement test flips τ's sign bit where
         // + is elected, and flipping more than that bit turns a positive subnormal into a NaN, which agrees
-        // with nothing. Every loop is reached: the unit-weight and weighted ones, and the tail of odd sizes.
+        // with nothing. Reached: the general loop and the tail of odd sizes (where Merged elects the sign), the
+        // three-expert unit-weight loop and the weighted loops.
         using var g = new Generator(61);
         using var zeroBase = new StateDict { { "t0", zeros(37, 129) }, { "t1", zeros(5003) }, { "t2", zeros(3) } };
         var experts = Enumerable.Range(0, 3).Select(_ => zeroBase.Map(t =>
